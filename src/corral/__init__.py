@@ -1,0 +1,1 @@
+"""Corral: sandboxes for AI agents."""

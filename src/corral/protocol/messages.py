@@ -1,0 +1,74 @@
+"""Names of the agent protocol: operations, events and error codes (standard library only).
+
+Keeping them as ``StrEnum`` members means both sides spell them once; on the wire they are plain strings.
+Event names are shared end to end: agent → server → SDK → CLI all say ``started``, ``stdout``, ``stderr``,
+``exit``, ``result``, ``error``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["CHUNK_SIZE", "PROTOCOL_VERSION", "TERMINAL_EVENTS", "AgentErrorCode", "Event", "Op"]
+
+PROTOCOL_VERSION = 1
+CHUNK_SIZE = 128 * 1024  # file and stdin chunks; large enough to amortise headers, small enough to interleave
+
+
+class Op(StrEnum):
+    """Requests, sent by the client (the server side). Each carries ``id`` and ``op``."""
+
+    HELLO = "hello"
+    PING = "ping"
+    # processes
+    EXEC = "exec"
+    ATTACH = "attach"
+    STDIN = "stdin"
+    SIGNAL = "signal"
+    LIST_PROCESSES = "list_processes"
+    DETACH = "detach"
+    # files
+    READ = "read"
+    WRITE = "write"
+    DATA = "data"  # a chunk of an upload already started by WRITE (same id)
+    LIST = "list"
+    STAT = "stat"
+    MKDIR = "mkdir"
+    REMOVE = "remove"
+    RENAME = "rename"
+    # agent-wide
+    CONFIGURE = "configure"  # late-bound env defaults, set after boot (warm pools)
+
+
+class Event(StrEnum):
+    """Frames sent by the agent. Each answering frame repeats the request ``id``."""
+
+    HELLO = "hello"  # unsolicited, once per connection, before anything else
+    STARTED = "started"
+    STDOUT = "stdout"
+    STDERR = "stderr"
+    CHUNK = "chunk"  # file data, for READ
+    # terminal events: exactly one of these ends each request
+    OK = "ok"
+    EXIT = "exit"
+    ERROR = "error"
+
+
+TERMINAL_EVENTS = frozenset({Event.OK, Event.EXIT, Event.ERROR})
+
+
+class AgentErrorCode(StrEnum):
+    """``code`` of an ``error`` event. The server maps each to a :mod:`corral.errors` class."""
+
+    INVALID = "invalid"  # malformed request
+    UNKNOWN_OP = "unknown_op"
+    NOT_FOUND = "not_found"  # file, directory, process or executable
+    EXISTS = "exists"
+    NOT_A_DIRECTORY = "not_a_directory"
+    IS_A_DIRECTORY = "is_a_directory"
+    PERMISSION_DENIED = "permission_denied"
+    NO_SPACE = "no_space"
+    TOO_LARGE = "too_large"
+    TIMEOUT = "timeout"
+    BUSY = "busy"
+    INTERNAL = "internal"

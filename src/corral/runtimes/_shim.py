@@ -1,0 +1,527 @@
+"""Per-sandbox host supervisor (the containerd-shim / conmon role). Standard library + corral.protocol only.
+
+Run as ``python -I -S _shim.py STATE_DIR`` by a local runtime, in its own session. It reads
+``STATE_DIR/shim.json`` (:class:`ShimSpec` fields), then:
+
+1. listens on ``socket`` (mode 0600) for the host side of the agent protocol;
+2. forks the sandbox command with its stdin/stdout connected to pipes (the agent's stdio) and its stderr to
+   ``sandbox.log``; before exec, the child joins the sandbox's cgroups, enters a private mount namespace and
+   makes the sandbox's mounts there (so they vanish with the sandbox: nothing to leak in the host mount table),
+   and optionally enters a user namespace mapped to an unprivileged uid range;
+3. prints ``ready`` on stdout once the agent's ``hello`` frame arrived (``failed <reason>`` otherwise), which
+   is what the runtime's ``create`` waits for;
+4. relays whole frames between the agent and one client at a time (a new client replaces the old one, and is
+   first sent the agent's cached ``hello``), applying back-pressure instead of buffering without bound;
+5. kills the sandbox at ``deadline`` (changed at run time by the ``shim.deadline`` op) or on SIGTERM,
+   records ``exit.json`` and exits when the sandbox is gone.
+
+Frames whose ``op`` starts with ``shim.`` are answered by the shim itself: ``shim.deadline`` {deadline},
+``shim.status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__":  # run as a script with -I -S: make corral.protocol importable, nothing else
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from corral.protocol.frames import Decoder, Frame, ProtocolError, encode
+
+__all__ = ["Mount", "ShimSpec", "UserNs"]
+
+HIGH_WATER = 4 * 1024 * 1024  # bytes queued towards a slow peer before we stop reading from the other side
+READ_SIZE = 256 * 1024
+
+# --- Linux constants (x86_64 / aarch64 share the generic numbers used here) ------------------------------
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = 0o2000000
+AT_RECURSIVE = 0x8000
+AT_EMPTY_PATH = 0x1000
+AT_FDCWD = -100
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_IDMAP = 0x00100000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mount:
+    """One mount made in the sandbox's private mount namespace, in order.
+
+    kind: ``bind`` (``ro`` honoured), ``overlay`` (``options`` = overlay data), ``tmpfs`` (``options`` =
+    data), ``idmap`` (a recursive, idmapped clone of ``source`` at ``target`` mapped like the user namespace,
+    so files owned by host root appear owned by the sandbox's root).
+    """
+
+    kind: str
+    target: str
+    source: str = "none"
+    options: str = ""
+    ro: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class UserNs:
+    base: int  # host uid/gid that sandbox uid 0 maps to
+    size: int = 65536
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShimSpec:
+    argv: list[str]
+    socket: str
+    env: dict[str, str] = field(default_factory=dict)
+    cgroup_procs: list[str] = field(default_factory=list)  # cgroup.procs files to join before anything else
+    mounts: list[Mount] = field(default_factory=list)  # non-empty ⇒ private mount namespace
+    userns: UserNs | None = None
+    kill_argv: list[str] | None = None  # how to kill the sandbox if SIGKILL to the child is not enough
+    deadline: float | None = None
+
+    def to_json(self) -> str:
+        data = {k: v for k, v in self.__dict__.items()}
+        data["mounts"] = [m.__dict__ for m in self.mounts]
+        data["userns"] = self.userns.__dict__ if self.userns else None
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> ShimSpec:
+        data = json.loads(text)
+        data["mounts"] = [Mount(**m) for m in data.get("mounts", [])]
+        data["userns"] = UserNs(**data["userns"]) if data.get("userns") else None
+        return cls(**data)
+
+
+# --- namespace and mount set-up, run in the forked child before exec ----------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    _check(_libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                       ctypes.c_ulong(flags), data.encode() if data else None), f"mount {target}")
+
+
+def _idmapped_clone(source: str, target: str, userns_fd: int, ro: bool) -> None:
+    fd = _check(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, source.encode(),
+                              OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE), f"open_tree {source}")
+    try:
+        attr = _MountAttr(MOUNT_ATTR_IDMAP | (MOUNT_ATTR_RDONLY if ro else 0), 0, 0, userns_fd)
+        _check(_libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH | AT_RECURSIVE,
+                             ctypes.byref(attr), ctypes.sizeof(attr)), f"mount_setattr {source}")
+        _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+               f"move_mount {target}")
+    finally:
+        os.close(fd)
+
+
+def _write_id_maps(pid: int, userns: UserNs) -> None:
+    Path(f"/proc/{pid}/uid_map").write_text(f"0 {userns.base} {userns.size}\n")
+    Path(f"/proc/{pid}/gid_map").write_text(f"0 {userns.base} {userns.size}\n")
+
+
+def _mapping_userns_fd(userns: UserNs) -> int:
+    """An fd for a user namespace with the sandbox's mapping, used to idmap mounts.
+
+    A throw-away child unshares a user namespace; we write its maps, open its ns file, and let it exit.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(w)
+            _check(_libc.unshare(CLONE_NEWUSER), "unshare(user)")
+            os.read(r, 1)  # wait until the parent has opened our namespace
+        finally:
+            os._exit(0)
+    os.close(r)
+    try:
+        for _ in range(2000):  # the child needs microseconds; bounded so a stuck child cannot hang us
+            if os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user"):
+                break
+            time.sleep(0.0005)
+        _write_id_maps(pid, userns)
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(w)
+        os.waitpid(pid, 0)
+
+
+def _setup_child(spec: ShimSpec, sync_r: int, sync_w: int) -> None:
+    """Everything between fork and exec. Raises on failure; the caller reports it and exits 127."""
+    for procs in spec.cgroup_procs:
+        Path(procs).write_text(str(os.getpid()))
+    if spec.mounts:
+        _check(_libc.unshare(CLONE_NEWNS), "unshare(mount)")
+        _mount("none", "/", None, MS_REC | MS_PRIVATE)
+        userns_fd = _mapping_userns_fd(spec.userns) if spec.userns and any(
+            m.kind == "idmap" for m in spec.mounts) else -1
+        for m in spec.mounts:
+            if m.kind == "bind":
+                _mount(m.source, m.target, None, MS_BIND | MS_REC)
+                if m.ro:
+                    _mount("none", m.target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+            elif m.kind == "overlay":
+                _mount("overlay", m.target, "overlay", 0, m.options)
+            elif m.kind == "tmpfs":
+                _mount("tmpfs", m.target, "tmpfs", MS_NOSUID | MS_NODEV, m.options)
+            elif m.kind == "idmap":
+                if userns_fd < 0:
+                    raise ValueError("idmap mounts need a user namespace")
+                _idmapped_clone(m.source, m.target, userns_fd, m.ro)
+            else:
+                raise ValueError(f"unknown mount kind {m.kind!r}")
+        if userns_fd >= 0:
+            os.close(userns_fd)
+    if spec.userns:
+        _check(_libc.unshare(CLONE_NEWUSER), "unshare(user)")
+        os.write(sync_w, b"u")  # parent writes our uid/gid maps …
+        if os.read(sync_r, 1) != b"m":  # … and tells us it did
+            raise OSError(errno.EPERM, "user namespace mapping was not written")
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+
+
+class _Shim:
+    def __init__(self, state_dir: Path, spec: ShimSpec) -> None:
+        self.state_dir = state_dir
+        self.spec = spec
+        self.deadline = spec.deadline
+        self.sel = selectors.DefaultSelector()
+        self.hello: bytes | None = None
+        self.client: socket.socket | None = None
+        self.client_dec = Decoder()
+        self.agent_dec = Decoder()
+        self.to_agent = bytearray()
+        self.to_client = bytearray()
+        self.child_pid = 0
+        self.exit_reason: str | None = None
+        self.ready_reported = False
+        self._agent_eof = False
+
+    # -- start ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        sock_path = self.spec.socket
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock_path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.listener.bind(sock_path)
+        finally:
+            os.umask(old)
+        self.listener.listen(8)
+        self.listener.setblocking(False)
+
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        p2c_r, p2c_w = os.pipe()  # user-namespace handshake, parent → child
+        c2p_r, c2p_w = os.pipe()  # child → parent ("u" = unshared, "E..." = set-up failed)
+        log_fd = os.open(self.state_dir / "sandbox.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                os.close(p2c_w)
+                os.close(c2p_r)
+                os.setpgid(0, 0)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _setup_child(self.spec, p2c_r, c2p_w)
+                os.dup2(in_r, 0)
+                os.dup2(out_w, 1)
+                os.dup2(log_fd, 2)
+                os.closerange(3, 1 << 16)
+                os.execvpe(self.spec.argv[0], self.spec.argv, {**self.spec.env})
+            except BaseException as exc:  # noqa: BLE001 - report anything, then die
+                with contextlib.suppress(OSError):
+                    os.write(c2p_w, b"E" + str(exc).encode()[:2000])
+            os._exit(127)
+        for fd in (in_r, out_w, p2c_r, c2p_w, log_fd):
+            os.close(fd)
+        self.child_pid = pid
+        if self.spec.userns:
+            msg = os.read(c2p_r, 4096)
+            if msg != b"u":
+                self.report_failed("sandbox set-up failed: " + msg[1:].decode(errors="replace"))
+            else:
+                _write_id_maps(pid, self.spec.userns)
+                os.write(p2c_w, b"m")
+        os.close(p2c_w)
+        self.setup_err_fd = c2p_r
+        os.set_blocking(c2p_r, False)
+        self.agent_in = in_w
+        self.agent_out = out_r
+        os.set_blocking(in_w, False)
+        os.set_blocking(out_r, False)
+        self.sel.register(self.listener, selectors.EVENT_READ, "accept")
+        self.sel.register(out_r, selectors.EVENT_READ, "agent_out")
+        self.sel.register(c2p_r, selectors.EVENT_READ, "setup_err")
+
+    def report(self, line: str) -> None:
+        if self.ready_reported:
+            return
+        self.ready_reported = True
+        with contextlib.suppress(OSError):
+            os.write(1, (line + "\n").encode())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+
+    def report_failed(self, reason: str) -> None:
+        self.report("failed " + reason.replace("\n", " ")[:2000])
+
+    # -- main loop -------------------------------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.kill("terminated"))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        status: int | None = None
+        while status is None:
+            timeout = None if self.deadline is None else max(0.0, self.deadline - time.time())
+            for key, events in self.sel.select(timeout=min(timeout, 1.0) if timeout is not None else 1.0):
+                self.dispatch(key.data, events)
+            if self.deadline is not None and time.time() >= self.deadline and self.exit_reason is None:
+                self.kill("deadline")
+            pid, st = os.waitpid(self.child_pid, os.WNOHANG)
+            if pid:
+                status = st
+        self.finish(status)
+        return 0
+
+    def dispatch(self, what: str, events: int) -> None:
+        if what == "accept":
+            self.accept()
+        elif what == "agent_out":
+            self.read_agent()
+        elif what == "client":
+            if events & selectors.EVENT_READ:
+                self.read_client()
+            if self.client is not None and events & selectors.EVENT_WRITE:
+                self.flush_client()
+        elif what == "agent_in":
+            self.flush_agent()
+        elif what == "setup_err":
+            with contextlib.suppress(BlockingIOError):
+                msg = os.read(self.setup_err_fd, 4096)
+                if msg.startswith(b"E"):
+                    self.report_failed("sandbox set-up failed: " + msg[1:].decode(errors="replace"))
+                self.sel.unregister(self.setup_err_fd)
+                os.close(self.setup_err_fd)
+
+    def accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        self.drop_client()
+        conn.setblocking(False)
+        self.client = conn
+        self.client_dec = Decoder()
+        self.to_client = bytearray(self.hello or b"")
+        self.sel.register(conn, selectors.EVENT_READ | selectors.EVENT_WRITE, "client")
+
+    def drop_client(self) -> None:
+        if self.client is not None:
+            self.sel.unregister(self.client)
+            self.client.close()
+            self.client = None
+            self.to_client.clear()
+            self.update_interest()
+
+    def read_agent(self) -> None:
+        try:
+            data = os.read(self.agent_out, READ_SIZE)
+        except BlockingIOError:
+            return
+        if not data:  # the agent closed stdout: the sandbox is ending; wait for the child to exit
+            self._agent_eof = True
+            self._set(self.agent_out, 0, "agent_out")
+            return
+        try:
+            frames = self.agent_dec.feed(data)
+        except ProtocolError as exc:
+            self.report_failed(f"agent sent an invalid frame: {exc}")
+            self.kill("agent protocol error")
+            return
+        for frame in frames:
+            raw = encode(frame.header, frame.payload)
+            if self.hello is None and frame.get("ev") == "hello":
+                self.hello = raw
+                self.report("ready")
+                if self.client is not None:
+                    self.to_client += raw
+                continue
+            if self.client is not None:  # with no client, frames are dropped: the agent keeps process output
+                self.to_client += raw
+        self.update_interest()
+
+    def read_client(self) -> None:
+        assert self.client is not None
+        try:
+            data = self.client.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.drop_client()  # a partial frame from the old client is discarded with its decoder
+            return
+        try:
+            frames = self.client_dec.feed(data)
+        except ProtocolError:
+            self.drop_client()
+            return
+        for frame in frames:
+            op = frame.get("op")
+            if isinstance(op, str) and op.startswith("shim."):
+                self.to_client += encode(self.shim_op(frame))
+            else:
+                self.to_agent += encode(frame.header, frame.payload)
+        self.update_interest()
+        self.flush_agent()
+
+    def shim_op(self, frame: Frame) -> dict[str, Any]:
+        rid = frame.get("id")
+        if frame.get("op") == "shim.deadline":
+            deadline = frame.get("deadline")
+            if deadline is not None and not isinstance(deadline, (int, float)):
+                return {"id": rid, "ev": "error", "code": "invalid", "message": "deadline must be a number"}
+            self.deadline = float(deadline) if deadline is not None else None
+            return {"id": rid, "ev": "ok", "deadline": self.deadline}
+        if frame.get("op") == "shim.status":
+            return {"id": rid, "ev": "ok", "child_pid": self.child_pid, "deadline": self.deadline}
+        return {"id": rid, "ev": "error", "code": "unknown_op", "message": f"unknown op {frame.get('op')}"}
+
+    def flush_client(self) -> None:
+        if self.client is None or not self.to_client:
+            self.update_interest()
+            return
+        try:
+            n = self.client.send(self.to_client)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.drop_client()
+            return
+        del self.to_client[:n]
+        self.update_interest()
+
+    def flush_agent(self) -> None:
+        if not self.to_agent:
+            self.update_interest()
+            return
+        try:
+            n = os.write(self.agent_in, self.to_agent)
+        except BlockingIOError:
+            n = 0
+        except OSError:  # the agent is gone; its exit will end us
+            self.to_agent.clear()
+            n = 0
+        del self.to_agent[:n]
+        self.update_interest()
+
+    def update_interest(self) -> None:
+        """Back-pressure: stop reading a side while the queue towards the other side is above HIGH_WATER."""
+        want_agent_out = len(self.to_client) < HIGH_WATER
+        self._set(self.agent_out, selectors.EVENT_READ if want_agent_out else 0, "agent_out")
+        self._set(self.agent_in, selectors.EVENT_WRITE if self.to_agent else 0, "agent_in")
+        if self.client is not None:
+            ev = (selectors.EVENT_READ if len(self.to_agent) < HIGH_WATER else 0) | (
+                selectors.EVENT_WRITE if self.to_client else 0)
+            self._set(self.client, ev, "client")
+
+    def _set(self, fileobj: Any, events: int, data: str) -> None:
+        try:
+            key = self.sel.get_key(fileobj)
+        except (KeyError, ValueError):
+            key = None
+        if key is None:
+            if events and not (data == "agent_out" and self._agent_eof):
+                with contextlib.suppress(ValueError, OSError):
+                    self.sel.register(fileobj, events, data)
+            return
+        if events == 0:
+            self.sel.unregister(fileobj)
+        elif key.events != events:
+            self.sel.modify(fileobj, events, data)
+
+    def kill(self, reason: str) -> None:
+        if self.exit_reason is None:
+            self.exit_reason = reason
+        if self.spec.kill_argv:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(self.spec.kill_argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=30, check=False)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.child_pid, signal.SIGKILL)
+
+    def finish(self, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        if not self.ready_reported:
+            tail = b""
+            with contextlib.suppress(OSError):
+                tail = (self.state_dir / "sandbox.log").read_bytes()[-1500:]
+            self.report_failed(f"sandbox exited with code {code} before its agent started: "
+                               + tail.decode(errors="replace"))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.child_pid, signal.SIGKILL)  # stragglers in the sandbox's process group
+        record = {"exit_code": code, "reason": self.exit_reason or ("exited" if code >= 0 else "killed"),
+                  "finished_at": time.time()}
+        tmp = self.state_dir / "exit.json.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.rename(self.state_dir / "exit.json")
+        self.drop_client()
+        with contextlib.suppress(OSError):
+            os.unlink(self.spec.socket)
+
+
+def main() -> int:
+    state_dir = Path(sys.argv[1])
+    spec = ShimSpec.from_json((state_dir / "shim.json").read_text())
+    shim = _Shim(state_dir, spec)
+    try:
+        shim.start()
+    except Exception as exc:  # noqa: BLE001 - report to the runtime, which cleans up
+        shim.report_failed(f"shim could not start: {exc}")
+        return 1
+    return shim.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
