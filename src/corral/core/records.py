@@ -1,0 +1,87 @@
+"""Persistent records: what the core decided about each sandbox and template.
+
+A record is frozen; changes go through ``dataclasses.replace`` and :meth:`Store.put` with the version read,
+so two processes (a CLI call and a server, say) cannot overwrite each other's changes unnoticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral.ids import SandboxId, TenantId
+from corral.models import SandboxInfo, SandboxState, StopReason
+from corral.runtimes.base import Instance, Limits
+
+__all__ = ["LOCAL_TENANT", "SandboxRecord", "TemplateRecord"]
+
+LOCAL_TENANT = TenantId("tn-" + "local" + "a" * 11)  # the single tenant of embedded mode
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxRecord:
+    sandbox_id: SandboxId
+    tenant_id: TenantId
+    isolation: str
+    template: str
+    state: SandboxState
+    limits: Limits
+    created_at: float
+    timeout: float  # seconds of life granted by the last create / set_timeout
+    deadline: float | None  # Unix time; None while paused (remaining time kept in paused_remaining)
+    metadata: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    instance: Instance | None = None
+    stop_reason: StopReason | None = None
+    stopped_at: float | None = None
+    paused_remaining: float | None = None
+    version: int = 0
+
+    def info(self) -> SandboxInfo:
+        return SandboxInfo(
+            sandbox_id=str(self.sandbox_id), template=self.template, isolation=self.isolation,
+            state=self.state, metadata=dict(self.metadata), created_at=self.created_at,
+            expires_at=self.deadline if self.state in (SandboxState.RUNNING, SandboxState.CREATING) else None,
+            stop_reason=self.stop_reason, memory_mb=self.limits.memory_mb, cpus=self.limits.cpus)
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = dataclasses.asdict(self)
+        data["instance"] = json.loads(self.instance.to_json()) if self.instance else None
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SandboxRecord:
+        data = json.loads(text)
+        data["sandbox_id"] = SandboxId(data["sandbox_id"])
+        data["tenant_id"] = TenantId(data["tenant_id"])
+        data["state"] = SandboxState(data["state"])
+        data["limits"] = Limits(**data["limits"])
+        data["stop_reason"] = StopReason(data["stop_reason"]) if data.get("stop_reason") else None
+        data["instance"] = Instance.from_json(json.dumps(data["instance"])) if data.get("instance") else None
+        return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TemplateRecord:
+    """A named root file system sandboxes can start from.
+
+    ``kind`` says where it came from ("host", "directory", "tarball"); ``rootfs`` is the host path of the
+    read-only lower layer the runtimes mount (for "host", a skeleton plus read-only binds).
+    """
+
+    name: str
+    kind: str
+    rootfs: str
+    created_at: float
+    env: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+    version: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TemplateRecord:
+        return cls(**json.loads(text))

@@ -1,0 +1,382 @@
+"""SandboxService: the one place that decides what happens to sandboxes.
+
+It owns the lifecycle (create, kill, timeouts, pause/resume), the agent connections, and the reconcile pass
+(the *reaper*). Adapters (the embedded SDK bridge, the HTTP server, the CLI) only translate to and from it.
+
+- Runtimes arrive through ``runtime_for`` (a name → Runtime function), so the core never imports one.
+- Records are compare-and-swapped through the Store, so several processes (CLI calls, a server) can share a
+  data directory: the loser of a race re-reads and tries again or gives up cleanly.
+- The reaper is level-triggered: each pass compares every live record with its deadline and with what the
+  runtime observes, and repairs the difference. A crash halfway through a pass is repaired by the next one.
+- Each sandbox's shim also holds its hard deadline, so a sandbox dies on time even with no Corral process
+  running at all. Embedded mode therefore needs no background task: records are reconciled when read, and a
+  server runs :meth:`SandboxService.run_reaper` in a task group it owns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+import anyio
+
+from corral.core import files as _files
+from corral.core import processes as _processes
+from corral.core.agent_client import AgentClient
+from corral.core.records import LOCAL_TENANT, SandboxRecord
+from corral.core.settings import Settings
+from corral.core.state import Action, require_state, transition
+from corral.core.store import Store
+from corral.core.templates import TemplateRegistry
+from corral.errors import Conflict, CorralError, InvalidRequest, NotFound, Unsupported
+from corral.ids import SandboxId, TenantId
+from corral.models import EntryInfo, ExecParams, ProcessEvent, ProcessInfo, SandboxInfo, SandboxState, StopReason
+from corral.protocol import Op
+from corral.runtimes.base import Limits, ObservedState, Runtime, SandboxSpec
+
+__all__ = ["CreateRequest", "SandboxService"]
+
+log = logging.getLogger("corral.core.service")
+
+_LIVE = frozenset({SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED})
+ABANDONED_CREATE_AFTER = 300.0  # a record still "creating" this long after creation lost its creator
+
+
+@dataclass(frozen=True, kw_only=True)
+class CreateRequest:
+    template: str | None = None
+    isolation: str | None = None
+    timeout: float | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    memory_mb: int | None = None
+    cpus: float | None = None
+
+
+def _check_str_map(name: str, value: object, *, max_items: int = 64, max_len: int = 1024) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise InvalidRequest(f"{name} must be a mapping of strings to strings")
+    if len(value) > max_items or any(len(k) > 256 or len(v) > max_len for k, v in value.items()):
+        raise InvalidRequest(f"{name} may have at most {max_items} entries, keys up to 256 and values up to "
+                             f"{max_len} characters")
+    return dict(value)
+
+
+class SandboxService:
+    def __init__(self, *, settings: Settings, store: Store, runtime_for: Callable[[str], Runtime],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.templates = TemplateRegistry(store, settings.cache_root)
+        self._runtime_for = runtime_for
+        self._clock = clock
+        self._agents: dict[str, AgentClient] = {}
+        self._agent_locks: dict[str, anyio.Lock] = {}
+        self._wake_reaper = anyio.Event()
+
+    # -- lifetime --------------------------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close agent connections. Sandboxes keep running: they belong to their shims, not to us."""
+        for client in list(self._agents.values()):
+            await client.aclose()
+        self._agents.clear()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    async def create(self, request: CreateRequest, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
+        isolation = request.isolation or self.settings.default_isolation
+        runtime = self._runtime(isolation)
+        timeout = self._check_timeout(request.timeout if request.timeout is not None
+                                      else self.settings.default_timeout)
+        metadata = _check_str_map("metadata", request.metadata)
+        env = _check_str_map("env", request.env, max_items=256, max_len=32768)
+        base = self.settings.default_limits
+        limits = Limits(memory_mb=request.memory_mb or base.memory_mb, cpus=request.cpus or base.cpus,
+                        pids=base.pids, disk_mb=base.disk_mb)
+        template = request.template or self.settings.default_template
+        await runtime.check()
+        rootfs = await self.templates.resolve(template)
+        now = self._clock()
+        record = await self.store.put_sandbox(SandboxRecord(
+            sandbox_id=SandboxId.new(), tenant_id=tenant, isolation=isolation, template=template,
+            state=SandboxState.CREATING, limits=limits, created_at=now, timeout=timeout,
+            deadline=now + timeout, metadata=metadata, env=env), expect_version=None)
+        instance = None
+        try:
+            instance = await runtime.create(SandboxSpec(
+                sandbox_id=record.sandbox_id, rootfs=rootfs, limits=limits, env=env, deadline=record.deadline))
+            record = await self.store.put_sandbox(
+                dataclasses.replace(record, instance=instance), expect_version=record.version)
+            client = await self._agent(record)
+            if env:
+                await client.call(Op.CONFIGURE, {"env": env})
+            record = await self.store.put_sandbox(dataclasses.replace(
+                record, state=transition(record.state, SandboxState.RUNNING)), expect_version=record.version)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._drop_agent(record.sandbox_id)
+                if instance is not None:
+                    try:
+                        await runtime.destroy(instance)
+                    except CorralError:
+                        log.exception("cleanup of failed sandbox %s failed", record.sandbox_id)
+                await self.store.delete_sandbox(record.sandbox_id)
+            raise
+        self._wake_reaper.set()
+        return record.info()
+
+    async def get(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
+        record = await self._reconciled(await self._record(sandbox_id, tenant))
+        return record.info()
+
+    async def list(self, *, tenant: TenantId = LOCAL_TENANT, metadata: dict[str, str] | None = None,
+                   states: frozenset[SandboxState] | None = None) -> list[SandboxInfo]:
+        wanted = states if states is not None else frozenset({SandboxState.RUNNING, SandboxState.PAUSED})
+        records = await self.store.list_sandboxes(tenant_id=tenant, metadata=metadata,
+                                                  states=wanted | _LIVE)
+        out = []
+        for record in records:
+            record = await self._reconciled(record)
+            if record.state in wanted:
+                out.append(record.info())
+        return out
+
+    async def kill(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
+        record = await self._record(sandbox_id, tenant)
+        if record.state is SandboxState.STOPPED:
+            return record.info()
+        return (await self._stop(record, StopReason.KILLED)).info()
+
+    async def set_timeout(self, sandbox_id: str, seconds: float, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
+        """Give the sandbox ``seconds`` more life from now (E2B semantics: not added to the old deadline)."""
+        seconds = self._check_timeout(seconds)
+        record = await self._reconciled(await self._record(sandbox_id, tenant))
+        require_state(record.state, Action.SET_TIMEOUT, SandboxState.RUNNING, SandboxState.PAUSED,
+                      sandbox_id=sandbox_id)
+        if record.state is SandboxState.PAUSED:
+            new = dataclasses.replace(record, timeout=seconds, paused_remaining=seconds)
+        else:
+            deadline = self._clock() + seconds
+            await self._tell_shim_deadline(record, deadline)
+            new = dataclasses.replace(record, timeout=seconds, deadline=deadline)
+        record = await self.store.put_sandbox(new, expect_version=record.version)
+        self._wake_reaper.set()
+        return record.info()
+
+    async def pause(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
+        record = await self._reconciled(await self._record(sandbox_id, tenant))
+        require_state(record.state, Action.PAUSE, SandboxState.RUNNING, sandbox_id=sandbox_id)
+        runtime = self._runtime(record.isolation)
+        if not runtime.capabilities.pause:
+            raise Unsupported(f"{record.isolation} sandboxes cannot be paused")
+        assert record.instance is not None and record.deadline is not None
+        remaining = max(0.0, record.deadline - self._clock())
+        await self._tell_shim_deadline(record, None)  # a paused sandbox's deadline is suspended
+        await runtime.pause(record.instance)
+        record = await self.store.put_sandbox(dataclasses.replace(
+            record, state=transition(record.state, SandboxState.PAUSED), deadline=None,
+            paused_remaining=remaining), expect_version=record.version)
+        return record.info()
+
+    async def resume(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
+        record = await self._record(sandbox_id, tenant)
+        require_state(record.state, Action.RESUME, SandboxState.PAUSED, sandbox_id=sandbox_id)
+        assert record.instance is not None
+        await self._runtime(record.isolation).resume(record.instance)
+        deadline = self._clock() + (record.paused_remaining or 0.0)
+        await self._tell_shim_deadline(record, deadline)
+        record = await self.store.put_sandbox(dataclasses.replace(
+            record, state=transition(record.state, SandboxState.RUNNING), deadline=deadline,
+            paused_remaining=None), expect_version=record.version)
+        self._wake_reaper.set()
+        return record.info()
+
+    # -- processes -------------------------------------------------------------------------------------------
+    async def exec(self, sandbox_id: str, params: ExecParams, *,
+                   tenant: TenantId = LOCAL_TENANT) -> AsyncIterator[ProcessEvent]:
+        if (params.cmd is None) == (params.argv is None):
+            raise InvalidRequest("give exactly one of cmd (a shell command) and argv (a list of arguments)")
+        if params.argv is not None and (not params.argv or not all(isinstance(a, str) for a in params.argv)):
+            raise InvalidRequest("argv must be a non-empty list of strings")
+        if params.timeout is not None and not 0 < params.timeout <= self.settings.max_timeout:
+            raise InvalidRequest(f"a command timeout must be between 0 and {self.settings.max_timeout:g} seconds")
+        client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
+        return _processes.exec_stream(client, params)
+
+    async def attach(self, sandbox_id: str, process_id: str, *,
+                     tenant: TenantId = LOCAL_TENANT) -> AsyncIterator[ProcessEvent]:
+        client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
+        return _processes.attach(client, process_id)
+
+    async def list_processes(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> list[ProcessInfo]:
+        return await _processes.list_processes(await self._running_agent(sandbox_id, tenant, Action.EXEC))
+
+    async def send_stdin(self, sandbox_id: str, process_id: str, data: bytes, *, eof: bool = False,
+                         tenant: TenantId = LOCAL_TENANT) -> None:
+        client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
+        await _processes.send_stdin(client, process_id, data, eof=eof)
+
+    async def signal(self, sandbox_id: str, process_id: str, signal: int, *,
+                     tenant: TenantId = LOCAL_TENANT) -> None:
+        if not isinstance(signal, int) or not 1 <= signal <= 64:
+            raise InvalidRequest("signal must be a signal number from 1 to 64")
+        client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
+        await _processes.send_signal(client, process_id, signal)
+
+    # -- files -----------------------------------------------------------------------------------------------
+    async def read_file(self, sandbox_id: str, path: str, *, user: str | None = None,
+                        tenant: TenantId = LOCAL_TENANT) -> AsyncIterator[bytes]:
+        _files.check_path(path)
+        client = await self._running_agent(sandbox_id, tenant, Action.FILES)
+        return _files.read(client, path, user=user)
+
+    async def write_file(self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes], *,
+                         user: str | None = None, tenant: TenantId = LOCAL_TENANT) -> int:
+        _files.check_path(path, writing=True)
+        client = await self._running_agent(sandbox_id, tenant, Action.FILES)
+        return await _files.write(client, path, chunks, max_bytes=self.settings.max_file_bytes, user=user)
+
+    async def list_dir(self, sandbox_id: str, path: str, *, depth: int = 1, user: str | None = None,
+                       tenant: TenantId = LOCAL_TENANT) -> list[EntryInfo]:
+        client = await self._running_agent(sandbox_id, tenant, Action.FILES)
+        return await _files.list_dir(client, path, depth=depth, user=user)
+
+    async def stat(self, sandbox_id: str, path: str, *, user: str | None = None,
+                   tenant: TenantId = LOCAL_TENANT) -> EntryInfo:
+        return await _files.stat(await self._running_agent(sandbox_id, tenant, Action.FILES), path, user=user)
+
+    async def make_dir(self, sandbox_id: str, path: str, *, user: str | None = None,
+                       tenant: TenantId = LOCAL_TENANT) -> bool:
+        return await _files.make_dir(await self._running_agent(sandbox_id, tenant, Action.FILES), path, user=user)
+
+    async def remove(self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None,
+                     tenant: TenantId = LOCAL_TENANT) -> None:
+        client = await self._running_agent(sandbox_id, tenant, Action.FILES)
+        await _files.remove(client, path, recursive=recursive, user=user)
+
+    async def rename(self, sandbox_id: str, src: str, dst: str, *, overwrite: bool = False,
+                     user: str | None = None, tenant: TenantId = LOCAL_TENANT) -> None:
+        client = await self._running_agent(sandbox_id, tenant, Action.FILES)
+        await _files.rename(client, src, dst, overwrite=overwrite, user=user)
+
+    # -- reconcile -------------------------------------------------------------------------------------------
+    async def reap(self) -> float | None:
+        """One reconcile pass over every live sandbox. Returns the soonest deadline still pending."""
+        soonest: float | None = None
+        for record in await self.store.list_sandboxes(states=_LIVE):
+            try:
+                record = await self._reconciled(record)
+            except Conflict:
+                continue  # another process changed it first; the next pass sees the new version
+            if record.state is SandboxState.RUNNING and record.deadline is not None:
+                soonest = record.deadline if soonest is None else min(soonest, record.deadline)
+        return soonest
+
+    async def run_reaper(self) -> None:
+        """Reconcile forever: at each deadline and every ``reap_interval`` seconds. Run it in a task group."""
+        while True:
+            try:
+                soonest = await self.reap()
+            except CorralError:
+                log.exception("reconcile pass failed; retrying")
+                soonest = None
+            wait = self.settings.reap_interval
+            if soonest is not None:
+                wait = min(wait, max(0.0, soonest - self._clock()) + 0.05)
+            self._wake_reaper = anyio.Event()
+            with anyio.move_on_after(wait):
+                await self._wake_reaper.wait()
+
+    async def _reconciled(self, record: SandboxRecord) -> SandboxRecord:
+        """Bring one record in line with its deadline and with what its runtime observes."""
+        now = self._clock()
+        if record.state is SandboxState.CREATING:
+            if now - record.created_at > ABANDONED_CREATE_AFTER:
+                return await self._stop(record, StopReason.CRASHED)
+            return record
+        if record.state not in _LIVE or record.instance is None:
+            return record
+        if record.state is SandboxState.RUNNING and record.deadline is not None and now >= record.deadline:
+            return await self._stop(record, StopReason.TIMEOUT)
+        observed = await self._runtime(record.isolation).inspect(record.instance)
+        if observed.state in (ObservedState.EXITED, ObservedState.MISSING):
+            reason = StopReason.TIMEOUT if observed.reason == "deadline" else StopReason.CRASHED
+            return await self._stop(record, reason)
+        return record
+
+    async def _stop(self, record: SandboxRecord, reason: StopReason) -> SandboxRecord:
+        await self._drop_agent(record.sandbox_id)
+        if record.instance is not None:
+            with anyio.CancelScope(shield=True):
+                await self._runtime(record.isolation).destroy(record.instance)
+        while True:
+            try:
+                return await self.store.put_sandbox(dataclasses.replace(
+                    record, state=transition(record.state, SandboxState.STOPPED), stop_reason=reason,
+                    stopped_at=self._clock(), deadline=None, paused_remaining=None), expect_version=record.version)
+            except Conflict:
+                fresh = await self.store.get_sandbox(record.sandbox_id)
+                if fresh is None or fresh.state is SandboxState.STOPPED:
+                    return fresh or record
+                record = fresh
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _runtime(self, isolation: str) -> Runtime:
+        return self._runtime_for(isolation)
+
+    def _check_timeout(self, seconds: float) -> float:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= \
+                self.settings.max_timeout:
+            raise InvalidRequest(f"timeout must be between 0 and {self.settings.max_timeout:g} seconds")
+        return float(seconds)
+
+    async def _record(self, sandbox_id: str, tenant: TenantId) -> SandboxRecord:
+        if not SandboxId.is_valid(sandbox_id):
+            raise NotFound(f"sandbox {sandbox_id!r} not found (sandbox ids look like sb-xxxxxxxxxxxxxxxx)")
+        record = await self.store.get_sandbox(SandboxId(sandbox_id))
+        if record is None or record.tenant_id != tenant:  # another tenant's sandbox does not exist for you
+            raise NotFound(f"sandbox {sandbox_id} not found")
+        return record
+
+    async def _running_agent(self, sandbox_id: str, tenant: TenantId, action: Action) -> AgentClient:
+        record = await self._reconciled(await self._record(sandbox_id, tenant))
+        require_state(record.state, action, SandboxState.RUNNING, sandbox_id=sandbox_id)
+        return await self._agent(record)
+
+    async def _agent(self, record: SandboxRecord) -> AgentClient:
+        key = str(record.sandbox_id)
+        lock = self._agent_locks.setdefault(key, anyio.Lock())
+        async with lock:
+            client = self._agents.get(key)
+            if client is not None and not client.closed:
+                return client
+            assert record.instance is not None
+            stream = await self._runtime(record.isolation).connect(record.instance)
+            client = await AgentClient.open(stream, sandbox_id=key)
+            self._agents[key] = client
+            return client
+
+    async def _drop_agent(self, sandbox_id: str) -> None:
+        client = self._agents.pop(str(sandbox_id), None)
+        self._agent_locks.pop(str(sandbox_id), None)
+        if client is not None:
+            await client.aclose()
+
+    async def _tell_shim_deadline(self, record: SandboxRecord, deadline: float | None) -> None:
+        """Move the hard deadline held by the sandbox's shim (local runtimes; others answer unsupported)."""
+        client = await self._agent(record)
+        try:
+            await client.call("shim.deadline", {"deadline": deadline})
+        except Unsupported:
+            log.debug("sandbox %s has no shim deadline; the reaper alone enforces it", record.sandbox_id)

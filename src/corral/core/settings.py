@@ -1,0 +1,68 @@
+"""One frozen Settings object, loaded once at start-up and passed down (DESIGN §6).
+
+Precedence: defaults < ``CORRAL_*`` environment variables < explicit arguments. Nothing else in Corral reads
+the environment after start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from corral.errors import InvalidRequest
+from corral.runtimes.base import Limits
+
+__all__ = ["Settings"]
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "corral"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    data_dir: Path = field(default_factory=_default_data_dir)
+    default_isolation: str = "gvisor"  # the stronger boundary is the default; namespace is opt-in for speed
+    default_template: str = "base"
+    default_timeout: float = 300.0  # seconds a sandbox lives unless told otherwise (E2B's default too)
+    max_timeout: float = 24 * 3600.0
+    default_limits: Limits = field(default_factory=Limits)
+    max_file_bytes: int = 4 * 1024**3  # largest single upload accepted
+    enabled_runtimes: tuple[str, ...] = ("namespace", "gvisor")
+    reap_interval: float = 5.0  # seconds between reconcile passes when no deadline is sooner
+
+    @property
+    def state_root(self) -> Path:
+        return self.data_dir / "sandboxes"
+
+    @property
+    def cache_root(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "corral.db"
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        if env.get("CORRAL_DATA_DIR"):
+            values["data_dir"] = Path(env["CORRAL_DATA_DIR"])
+        if env.get("CORRAL_ISOLATION"):
+            values["default_isolation"] = env["CORRAL_ISOLATION"]
+        if env.get("CORRAL_RUNTIMES"):
+            values["enabled_runtimes"] = tuple(x.strip() for x in env["CORRAL_RUNTIMES"].split(",") if x.strip())
+        for key, name in (("default_timeout", "CORRAL_DEFAULT_TIMEOUT"), ("max_timeout", "CORRAL_MAX_TIMEOUT")):
+            if env.get(name):
+                try:
+                    values[key] = float(env[name])
+                except ValueError as exc:
+                    raise InvalidRequest(f"{name} must be a number of seconds, got {env[name]!r}") from exc
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        return replace(settings, data_dir=settings.data_dir.expanduser().absolute())

@@ -1,0 +1,142 @@
+"""SQLite Store: the embedded default. Shared safely by every process on the host that uses the same file.
+
+Each record is one row holding its JSON plus the columns we filter on. WAL mode lets a CLI call read while a
+server writes; ``BEGIN IMMEDIATE`` makes the version check and the write one atomic step across processes.
+Calls run in a worker thread (sqlite3 is blocking) with one connection per store, guarded by a lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio.to_thread
+
+from corral.core.records import SandboxRecord, TemplateRecord
+from corral.ids import SandboxId, TenantId
+from corral.models import SandboxState
+from corral.store._common import check_version, matches
+
+__all__ = ["SqliteStore"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    version INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sandboxes_tenant_state ON sandboxes (tenant_id, state);
+CREATE TABLE IF NOT EXISTS templates (
+    name TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+"""
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # isolation_level=None: we issue BEGIN ourselves; check_same_thread=False: calls hop worker threads
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def locked() -> T:
+            with self._lock:
+                return fn(self._db)
+
+        return await anyio.to_thread.run_sync(locked)
+
+    # -- sandboxes -----------------------------------------------------------------------------------------
+    async def get_sandbox(self, sandbox_id: SandboxId) -> SandboxRecord | None:
+        row = await self._call(lambda db: db.execute(
+            "SELECT data FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone())
+        return SandboxRecord.from_json(row[0]) if row else None
+
+    async def put_sandbox(self, record: SandboxRecord, *, expect_version: int | None) -> SandboxRecord:
+        def put(db: sqlite3.Connection) -> SandboxRecord:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT version FROM sandboxes WHERE id = ?", (record.sandbox_id,)).fetchone()
+                version = check_version("sandbox", record.sandbox_id, row[0] if row else None, expect_version)
+                new = dataclasses.replace(record, version=version)
+                db.execute(
+                    "INSERT OR REPLACE INTO sandboxes (id, tenant_id, state, created_at, version, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (new.sandbox_id, new.tenant_id, new.state.value, new.created_at, version, new.to_json()))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return new
+
+        return await self._call(put)
+
+    async def list_sandboxes(self, *, tenant_id: TenantId | None = None,
+                             states: frozenset[SandboxState] | None = None,
+                             metadata: Mapping[str, str] | None = None) -> list[SandboxRecord]:
+        query = "SELECT data FROM sandboxes"
+        clauses: list[str] = []
+        args: list[Any] = []
+        if tenant_id is not None:
+            clauses.append("tenant_id = ?")
+            args.append(tenant_id)
+        if states is not None:
+            clauses.append(f"state IN ({','.join('?' * len(states))})")
+            args.extend(s.value for s in states)
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        query += " ORDER BY created_at"
+        rows = await self._call(lambda db: db.execute(query, args).fetchall())
+        records = [SandboxRecord.from_json(r[0]) for r in rows]
+        return [r for r in records if matches(r, tenant_id=None, states=None, metadata=metadata)]
+
+    async def delete_sandbox(self, sandbox_id: SandboxId) -> None:
+        await self._call(lambda db: db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,)))
+
+    # -- templates -----------------------------------------------------------------------------------------
+    async def get_template(self, name: str) -> TemplateRecord | None:
+        row = await self._call(lambda db: db.execute(
+            "SELECT data FROM templates WHERE name = ?", (name,)).fetchone())
+        return TemplateRecord.from_json(row[0]) if row else None
+
+    async def put_template(self, record: TemplateRecord, *, expect_version: int | None) -> TemplateRecord:
+        def put(db: sqlite3.Connection) -> TemplateRecord:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT version FROM templates WHERE name = ?", (record.name,)).fetchone()
+                version = check_version("template", record.name, row[0] if row else None, expect_version)
+                new = dataclasses.replace(record, version=version)
+                db.execute("INSERT OR REPLACE INTO templates (name, version, data) VALUES (?, ?, ?)",
+                           (new.name, version, new.to_json()))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return new
+
+        return await self._call(put)
+
+    async def list_templates(self) -> list[TemplateRecord]:
+        rows = await self._call(lambda db: db.execute("SELECT data FROM templates ORDER BY name").fetchall())
+        return [TemplateRecord.from_json(r[0]) for r in rows]
+
+    async def delete_template(self, name: str) -> None:
+        await self._call(lambda db: db.execute("DELETE FROM templates WHERE name = ?", (name,)))
+
+    async def aclose(self) -> None:
+        await self._call(lambda db: db.close())
+
