@@ -1,0 +1,270 @@
+"""Per-sandbox control groups on cgroup v1 and v2: create, limit, freeze, thaw, kill, remove.
+
+Every sandbox gets ``corral/<sandbox_id>`` below each controller it uses: on v1 one directory per controller
+hierarchy (``memory``, ``pids``, ``cpu``, ``freezer``), on v2 one directory in the unified tree. The shim's
+child joins them (``cgroup.procs``) before it makes any namespace, so bwrap and everything in the sandbox are
+accounted from the first instruction and nothing can move itself out (the sandbox has a cgroup namespace and
+no cgroupfs mount, and its root is not the owner of the host's cgroup files).
+
+Limits and why:
+
+- memory: ``memory.limit_in_bytes`` (v1) / ``memory.max`` (v2), with swap pinned to the same value
+  (``memory.memsw.limit_in_bytes``) or to 0 (``memory.swap.max``), so a sandbox cannot spill into swap. The
+  kernel OOM-kills the biggest process of the sandbox, not the host's.
+- pids: ``pids.max`` counts tasks (threads too); a fork bomb gets EAGAIN there.
+- cpu: CFS bandwidth, ``cpus`` x a 100 ms period (``cpu.cfs_quota_us`` / ``cpu.max``).
+- freezer: pause/resume (``freezer.state`` / ``cgroup.freeze``).
+
+Which version is active is read from ``/proc/self/mountinfo``: v1 when the v1 memory controller is mounted
+(including the "hybrid" layout with an empty cgroup2 at ``/sys/fs/cgroup/unified``), else v2 when the unified
+tree offers the memory and pids controllers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.errors import RuntimeUnavailable
+from corral.runtimes.base import Limits
+
+__all__ = ["V1_CONTROLLERS", "CgroupLayout", "SandboxCgroup", "detect_layout"]
+
+V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+V2_CONTROLLERS = ("memory", "pids", "cpu")
+PARENT = "corral"
+CFS_PERIOD_US = 100_000  # the kernel default period; quota = cpus x period
+_SETTLE_TRIES = 200  # x 5 ms = 1 s at most to see a freeze settle or a cgroup empty after SIGKILL
+_SETTLE_SLEEP = 0.005
+
+
+@dataclass(frozen=True, kw_only=True)
+class CgroupLayout:
+    """Where the controllers are mounted. ``version`` 1: ``roots`` maps controller → hierarchy mount point;
+    version 2: ``roots`` has the single key ``""`` → the unified mount point."""
+
+    version: int
+    roots: dict[str, Path]
+
+
+def _parse_mountinfo(text: str) -> list[tuple[str, Path, str]]:
+    """(fstype, mount point, super options) of every cgroup/cgroup2 mount."""
+    out: list[tuple[str, Path, str]] = []
+    for line in text.splitlines():
+        pre, _, post = line.partition(" - ")
+        fields, tail = pre.split(), post.split()
+        if len(fields) < 5 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
+            continue
+        mount_point = fields[4].replace("\\040", " ")
+        out.append((tail[0], Path(mount_point), tail[2]))
+    return out
+
+
+def detect_layout(mountinfo: str | None = None) -> CgroupLayout:
+    """Find the active cgroup version and its mount points, or say how to get cgroups."""
+    if mountinfo is None:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    mounts = _parse_mountinfo(mountinfo)
+    v1: dict[str, Path] = {}
+    for fstype, mount_point, opts in mounts:
+        if fstype == "cgroup":
+            for opt in opts.split(","):
+                if opt in V1_CONTROLLERS:
+                    v1.setdefault(opt, mount_point)
+    if "memory" in v1:
+        missing = [c for c in V1_CONTROLLERS if c not in v1]
+        if missing:
+            raise RuntimeUnavailable(
+                f"cgroup v1 controllers {', '.join(missing)} are not mounted", details={"missing": missing}
+            )
+        return CgroupLayout(version=1, roots=v1)
+    for fstype, mount_point, _ in mounts:
+        if fstype == "cgroup2":
+            with contextlib.suppress(OSError):
+                available = (mount_point / "cgroup.controllers").read_text().split()
+                if {"memory", "pids"} <= set(available):
+                    return CgroupLayout(version=2, roots={"": mount_point})
+    raise RuntimeUnavailable(
+        "no usable cgroup hierarchy: mount cgroup2 at /sys/fs/cgroup with the memory and pids controllers "
+        "(systemd does this with systemd.unified_cgroup_hierarchy=1)",
+        details={"fix": "mount -t cgroup2 none /sys/fs/cgroup"},
+    )
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:  # one write() per value: cgroupfs parses each write on its own
+        f.write(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxCgroup:
+    """The cgroup directories of one sandbox. Plain data, so it can be rebuilt from :meth:`to_json`."""
+
+    version: int
+    dirs: dict[str, Path]  # v1: controller → directory; v2: "" → directory
+
+    # -- naming and persistence ---------------------------------------------------------------------------
+    @classmethod
+    def for_sandbox(cls, layout: CgroupLayout, name: str) -> SandboxCgroup:
+        return cls(version=layout.version, dirs={c: root / PARENT / name for c, root in layout.roots.items()})
+
+    def to_json(self) -> dict[str, object]:
+        return {"version": self.version, "dirs": {c: str(p) for c, p in self.dirs.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> SandboxCgroup:
+        dirs = data["dirs"]
+        assert isinstance(dirs, dict)
+        return cls(version=int(str(data["version"])), dirs={str(c): Path(p) for c, p in dirs.items()})
+
+    @property
+    def procs_files(self) -> list[str]:
+        """The ``cgroup.procs`` files the sandbox's first process writes itself into."""
+        return [str(d / "cgroup.procs") for d in dict.fromkeys(self.dirs.values())]
+
+    def _dir(self, controller: str) -> Path:
+        return self.dirs[controller] if self.version == 1 else self.dirs[""]
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def create(self, limits: Limits) -> None:
+        """Make the directories and write the limits. Raises OSError; the caller then calls :meth:`remove`."""
+        if self.version == 2:
+            self._enable_v2_controllers()
+        for d in dict.fromkeys(self.dirs.values()):
+            d.mkdir(parents=True, exist_ok=True)
+        memory = limits.memory_mb * 1024 * 1024
+        quota = max(1000, int(limits.cpus * CFS_PERIOD_US))  # the kernel's minimum quota is 1 ms
+        if self.version == 1:
+            mem = self._dir("memory")
+            _write(mem / "memory.limit_in_bytes", str(memory))
+            if (mem / "memory.memsw.limit_in_bytes").exists():  # only with swap accounting
+                _write(mem / "memory.memsw.limit_in_bytes", str(memory))
+            _write(self._dir("pids") / "pids.max", str(limits.pids))
+            _write(self._dir("cpu") / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+            _write(self._dir("cpu") / "cpu.cfs_quota_us", str(quota))
+        else:
+            d = self.dirs[""]
+            _write(d / "memory.max", str(memory))
+            if (d / "memory.swap.max").exists():
+                _write(d / "memory.swap.max", "0")
+            _write(d / "pids.max", str(limits.pids))
+            _write(d / "cpu.max", f"{quota} {CFS_PERIOD_US}")
+
+    def _enable_v2_controllers(self) -> None:
+        """v2 only lets a child use a controller its parent delegates, so delegate down to ``corral/``."""
+        sandbox = self.dirs[""]
+        parent, root = sandbox.parent, sandbox.parent.parent
+        parent.mkdir(exist_ok=True)
+        for d in (root, parent):
+            available = (
+                set((d / "cgroup.controllers").read_text().split())
+                if (d / "cgroup.controllers").exists()
+                else set(V2_CONTROLLERS)
+            )
+            wanted = [c for c in V2_CONTROLLERS if c in available]
+            _write(d / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for d in dict.fromkeys(self.dirs.values()):
+            for sub in _walk_bottom_up(d):
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    found.update(int(p) for p in (sub / "cgroup.procs").read_text().split())
+        return found
+
+    def freeze(self) -> None:
+        """Stop every task of the sandbox; returns once the kernel reports the group frozen."""
+        if self.version == 1:
+            state = self._dir("freezer") / "freezer.state"
+            _write(state, "FROZEN")
+            self._settle(lambda: state.read_text().strip() == "FROZEN")
+        else:
+            _write(self.dirs[""] / "cgroup.freeze", "1")
+            self._settle(lambda: "frozen 1" in (self.dirs[""] / "cgroup.events").read_text())
+
+    def thaw(self) -> None:
+        if self.version == 1:
+            _write(self._dir("freezer") / "freezer.state", "THAWED")
+        else:
+            _write(self.dirs[""] / "cgroup.freeze", "0")
+
+    def frozen(self) -> bool:
+        try:
+            if self.version == 1:
+                return (self._dir("freezer") / "freezer.state").read_text().strip() != "THAWED"
+            return "frozen 1" in (self.dirs[""] / "cgroup.events").read_text()
+        except FileNotFoundError:
+            return False
+
+    def oom_kills(self) -> int:
+        """How many processes the kernel OOM-killed in this sandbox (0 if the kernel does not say)."""
+        name = "memory.oom_control" if self.version == 1 else "memory.events"
+        try:
+            text = (self._dir("memory") / name).read_text()
+        except FileNotFoundError:
+            return 0
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    def kill(self) -> None:
+        """SIGKILL every task. On v1, frozen tasks only die once thawed, so thaw after signalling."""
+        d2 = self.dirs.get("")
+        if d2 is not None and (d2 / "cgroup.kill").exists():
+            with contextlib.suppress(OSError):
+                _write(d2 / "cgroup.kill", "1")
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.thaw()
+
+    def remove(self) -> None:
+        """Kill what is left and remove the directories. Idempotent; raises OSError only if a directory
+        stays busy after every retry."""
+        if not any(d.exists() for d in self.dirs.values()):
+            return
+        for _ in range(_SETTLE_TRIES):
+            self.kill()
+            busy = False
+            for d in dict.fromkeys(self.dirs.values()):
+                for sub in _walk_bottom_up(d):
+                    try:
+                        sub.rmdir()
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                            raise
+                        busy = True
+            if not busy:
+                return
+            time.sleep(_SETTLE_SLEEP)  # dying tasks leave the cgroup asynchronously; bounded by _SETTLE_TRIES
+        raise OSError(errno.EBUSY, f"cgroup of sandbox still busy: {sorted(self.dirs.values())}")
+
+    @staticmethod
+    def _settle(done: object) -> None:
+        assert callable(done)
+        for _ in range(_SETTLE_TRIES):
+            if done():
+                return
+            time.sleep(_SETTLE_SLEEP)  # v1 FREEZING → FROZEN takes about a millisecond; bounded
+        raise OSError(errno.ETIMEDOUT, "the sandbox did not settle in its new freezer state")
+
+
+def _walk_bottom_up(d: Path) -> list[Path]:
+    """``d`` and its sub-cgroups, children first (a cgroup can only be removed once it has none)."""
+    if not d.is_dir():
+        return []
+    out: list[Path] = []
+    for root, dirs, _ in os.walk(d, topdown=False):
+        out.extend(Path(root) / x for x in dirs)
+    out.append(d)
+    return out
