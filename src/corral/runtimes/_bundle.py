@@ -11,7 +11,7 @@ bundle's own dynamic loader and libraries::
 Layout (under ``cache_root/agent-bundle/<hash>``, built once per host and per Corral version):
 
     bin/python3                    the host's Debian CPython (/usr/bin/python3)
-    lib/                           its dynamic loader and every shared library it and its extension modules need
+    lib/                           its dynamic loader and every shared library it and its extensions need
     lib/python3.X/                 the standard library (tests, tkinter, idle, site-packages left out)
     lib/python3.X/corral/          the agent and protocol packages (copied, so the sandbox sees nothing else)
 
@@ -39,8 +39,20 @@ log = logging.getLogger("corral.runtimes.bundle")
 
 MOUNT_POINT = "/.corral"
 HOST_PYTHON = Path("/usr/bin/python3")
-_SKIP_STDLIB = {"test", "tkinter", "idlelib", "turtledemo", "ensurepip", "lib2to3", "site-packages",
-                "dist-packages", "pydoc_data", "config-3.11-x86_64-linux-gnu", "venv", "distutils"}
+_SKIP_STDLIB = {
+    "test",
+    "tkinter",
+    "idlelib",
+    "turtledemo",
+    "ensurepip",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "pydoc_data",
+    "config-3.11-x86_64-linux-gnu",
+    "venv",
+    "distutils",
+}
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # …/corral
 
 
@@ -53,8 +65,17 @@ class AgentBundle:
 
 def agent_argv(bundle: AgentBundle, *, mount_point: str = MOUNT_POINT) -> list[str]:
     """The command that starts the agent inside a sandbox that has ``bundle`` mounted at ``mount_point``."""
-    return [f"{mount_point}/lib/{bundle.loader_name}", "--library-path", f"{mount_point}/lib",
-            f"{mount_point}/bin/python3", "-I", "-S", "-B", "-m", "corral.agent"]
+    return [
+        f"{mount_point}/lib/{bundle.loader_name}",
+        "--library-path",
+        f"{mount_point}/lib",
+        f"{mount_point}/bin/python3",
+        "-I",
+        "-S",
+        "-B",
+        "-m",
+        "corral.agent",
+    ]
 
 
 def _sources_digest(python: Path) -> str:
@@ -69,10 +90,19 @@ def _sources_digest(python: Path) -> str:
 
 
 def _host_stdlib(python: Path) -> tuple[Path, str]:
-    out = subprocess.run(  # noqa: S603 - fixed argv; runs once per bundle build
-        [str(python), "-I", "-S", "-c",
-         "import sys,sysconfig;print(sysconfig.get_paths()['stdlib']);print('%d.%d'%sys.version_info[:2])"],
-        capture_output=True, text=True, check=True, timeout=30)
+    out = subprocess.run(
+        [
+            str(python),
+            "-I",
+            "-S",
+            "-c",
+            "import sys,sysconfig;print(sysconfig.get_paths()['stdlib']);print('%d.%d'%sys.version_info[:2])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     stdlib, version = out.stdout.split()
     return Path(stdlib), version
 
@@ -82,9 +112,10 @@ _LDD_LINE = re.compile(r"^\s*(?:(\S+)\s+=>\s+)?(/\S+)\s+\(0x[0-9a-f]+\)")
 
 def _shared_libs(binaries: list[Path]) -> set[Path]:
     libs: set[Path] = set()
-    for chunk in (binaries[i:i + 50] for i in range(0, len(binaries), 50)):
-        out = subprocess.run(["ldd", *map(str, chunk)], capture_output=True, text=True,  # noqa: S603,S607
-                             check=False, timeout=60)
+    for chunk in (binaries[i : i + 50] for i in range(0, len(binaries), 50)):
+        out = subprocess.run(
+            ["ldd", *map(str, chunk)], capture_output=True, text=True, check=False, timeout=60
+        )
         for line in out.stdout.splitlines():
             m = _LDD_LINE.match(line)
             if m:
@@ -97,7 +128,8 @@ def ensure_bundle(cache_root: Path, python: Path = HOST_PYTHON) -> AgentBundle:
     if not python.exists():
         raise RuntimeUnavailable(
             "the sandbox agent needs the host's Debian Python; install it with: apt-get install python3",
-            details={"install": "apt-get install python3"})
+            details={"install": "apt-get install python3"},
+        )
     digest = _sources_digest(python)
     root = cache_root / "agent-bundle"
     target = root / digest
@@ -141,7 +173,12 @@ def _build(dest: Path, python: Path, stdlib: Path, version: str) -> None:
     corral_pkg.mkdir()
     (corral_pkg / "__init__.py").write_text('"""Agent-side subset of Corral."""\n')
     for sub in ("agent", "protocol"):
-        shutil.copytree(_PACKAGE_ROOT / sub, corral_pkg / sub,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    subprocess.run([str(python), "-I", "-m", "compileall", "-q", str(corral_pkg)],  # noqa: S603
-                   check=True, timeout=120, capture_output=True)
+        shutil.copytree(
+            _PACKAGE_ROOT / sub, corral_pkg / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    subprocess.run(
+        [str(python), "-I", "-m", "compileall", "-q", str(corral_pkg)],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )

@@ -6,8 +6,8 @@ Run as ``python -I -S _shim.py STATE_DIR`` by a local runtime, in its own sessio
 1. listens on ``socket`` (mode 0600) for the host side of the agent protocol;
 2. forks the sandbox command with its stdin/stdout connected to pipes (the agent's stdio) and its stderr to
    ``sandbox.log``; before exec, the child joins the sandbox's cgroups, enters a private mount namespace and
-   makes the sandbox's mounts there (so they vanish with the sandbox: nothing to leak in the host mount table),
-   and optionally enters a user namespace mapped to an unprivileged uid range;
+   makes the sandbox's mounts there (so they vanish with the sandbox: nothing to leak in the host mount
+   table), and optionally enters a user namespace mapped to an unprivileged uid range;
 3. prints ``ready`` on stdout once the agent's ``hello`` frame arrived (``failed <reason>`` otherwise), which
    is what the runtime's ``create`` waits for;
 4. relays whole frames between the agent and one client at a time (a new client replaces the old one, and is
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import selectors
@@ -41,7 +42,7 @@ if __name__ == "__main__":  # run as a script with -I -S: make corral.protocol i
 
 from corral.protocol.frames import Decoder, Frame, ProtocolError, encode
 
-__all__ = ["Mount", "ShimSpec", "UserNs"]
+__all__ = ["FdFile", "Mount", "ShimSpec", "UserNs"]
 
 HIGH_WATER = 4 * 1024 * 1024  # bytes queued towards a slow peer before we stop reading from the other side
 READ_SIZE = 256 * 1024
@@ -92,6 +93,17 @@ class UserNs:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FdFile:
+    """A host file opened read-only as descriptor ``fd`` of the sandbox command (bwrap's ``--seccomp 9``).
+
+    Opened by the shim's child right before exec, after every other descriptor was closed, so nothing else
+    leaks into the sandbox."""
+
+    fd: int
+    path: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class ShimSpec:
     argv: list[str]
     socket: str
@@ -101,11 +113,13 @@ class ShimSpec:
     userns: UserNs | None = None
     kill_argv: list[str] | None = None  # how to kill the sandbox if SIGKILL to the child is not enough
     deadline: float | None = None
+    files: list[FdFile] = field(default_factory=list)  # opened as the given fds of the sandbox command
 
     def to_json(self) -> str:
         data = {k: v for k, v in self.__dict__.items()}
         data["mounts"] = [m.__dict__ for m in self.mounts]
         data["userns"] = self.userns.__dict__ if self.userns else None
+        data["files"] = [f.__dict__ for f in self.files]
         return json.dumps(data)
 
     @classmethod
@@ -113,6 +127,7 @@ class ShimSpec:
         data = json.loads(text)
         data["mounts"] = [Mount(**m) for m in data.get("mounts", [])]
         data["userns"] = UserNs(**data["userns"]) if data.get("userns") else None
+        data["files"] = [FdFile(**f) for f in data.get("files", [])]
         return cls(**data)
 
 
@@ -123,8 +138,12 @@ _libc.syscall.restype = ctypes.c_long
 
 
 class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 def _check(ret: int, what: str) -> int:
@@ -135,19 +154,42 @@ def _check(ret: int, what: str) -> int:
 
 
 def _mount(source: str, target: str, fstype: str | None, flags: int, data: str = "") -> None:
-    _check(_libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
-                       ctypes.c_ulong(flags), data.encode() if data else None), f"mount {target}")
+    _check(
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
 
 
 def _idmapped_clone(source: str, target: str, userns_fd: int, ro: bool) -> None:
-    fd = _check(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, source.encode(),
-                              OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE), f"open_tree {source}")
+    fd = _check(
+        _libc.syscall(
+            SYS_OPEN_TREE, AT_FDCWD, source.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
+        ),
+        f"open_tree {source}",
+    )
     try:
         attr = _MountAttr(MOUNT_ATTR_IDMAP | (MOUNT_ATTR_RDONLY if ro else 0), 0, 0, userns_fd)
-        _check(_libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH | AT_RECURSIVE,
-                             ctypes.byref(attr), ctypes.sizeof(attr)), f"mount_setattr {source}")
-        _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
-               f"move_mount {target}")
+        _check(
+            _libc.syscall(
+                SYS_MOUNT_SETATTR,
+                fd,
+                b"",
+                AT_EMPTY_PATH | AT_RECURSIVE,
+                ctypes.byref(attr),
+                ctypes.sizeof(attr),
+            ),
+            f"mount_setattr {source}",
+        )
+        _check(
+            _libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+            f"move_mount {target}",
+        )
     finally:
         os.close(fd)
 
@@ -191,8 +233,11 @@ def _setup_child(spec: ShimSpec, sync_r: int, sync_w: int) -> None:
     if spec.mounts:
         _check(_libc.unshare(CLONE_NEWNS), "unshare(mount)")
         _mount("none", "/", None, MS_REC | MS_PRIVATE)
-        userns_fd = _mapping_userns_fd(spec.userns) if spec.userns and any(
-            m.kind == "idmap" for m in spec.mounts) else -1
+        userns_fd = (
+            _mapping_userns_fd(spec.userns)
+            if spec.userns and any(m.kind == "idmap" for m in spec.mounts)
+            else -1
+        )
         for m in spec.mounts:
             if m.kind == "bind":
                 _mount(m.source, m.target, None, MS_BIND | MS_REC)
@@ -217,6 +262,49 @@ def _setup_child(spec: ShimSpec, sync_r: int, sync_w: int) -> None:
             raise OSError(errno.EPERM, "user namespace mapping was not written")
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
+
+
+_FD_PARK = 1000  # opened files wait above every fd the child uses until they are moved into place
+
+
+def _open_fd_files(files: list[FdFile]) -> dict[int, int]:
+    """Open ``files`` (target fd → parked fd). Done before the child enters a user namespace, where host
+    root's files (mode 0600 in the state dir) are no longer readable."""
+    parked: dict[int, int] = {}
+    for i, f in enumerate(files):
+        fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+        parked[f.fd] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _FD_PARK + i)
+        os.close(fd)
+    return parked
+
+
+def _install_fds(parked: dict[int, int]) -> None:
+    """Move parked files to their target fds and close every other descriptor above stderr."""
+    for target, fd in parked.items():
+        os.dup2(fd, target)  # dup2'd descriptors are inheritable
+    keep = sorted(t for t in parked if t > 2)
+    low = 3
+    for fd in [*keep, 1 << 16]:
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+
+
+def _kill_cgroups(procs_files: list[str]) -> None:
+    """SIGKILL every task in the sandbox's cgroups, then thaw them: on cgroup v1 a frozen (paused) task only
+    dies once thawed, and killing the shim's child alone would leave a paused sandbox behind."""
+    for procs in procs_files:
+        d = Path(procs).parent
+        with contextlib.suppress(OSError):
+            (d / "cgroup.kill").write_text("1")  # v2, kernel ≥ 5.14
+        with contextlib.suppress(OSError, ValueError):
+            for pid in Path(procs).read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        for name, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+            if (d / name).exists():
+                with contextlib.suppress(OSError):
+                    (d / name).write_text(value)
 
 
 class _Shim:
@@ -262,15 +350,18 @@ class _Shim:
                 os.close(c2p_r)
                 os.setpgid(0, 0)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                extra_fds = _open_fd_files(self.spec.files)  # as host root, before any user namespace
                 _setup_child(self.spec, p2c_r, c2p_w)
                 os.dup2(in_r, 0)
                 os.dup2(out_w, 1)
                 os.dup2(log_fd, 2)
-                os.closerange(3, 1 << 16)
-                os.execvpe(self.spec.argv[0], self.spec.argv, {**self.spec.env})
-            except BaseException as exc:  # noqa: BLE001 - report anything, then die
+                _install_fds(extra_fds)
+                os.execvpe(self.spec.argv[0], self.spec.argv, {**self.spec.env})  # noqa: S606
+            except BaseException as exc:
                 with contextlib.suppress(OSError):
                     os.write(c2p_w, b"E" + str(exc).encode()[:2000])
+                with contextlib.suppress(OSError):  # after closerange the pipe is gone: stderr is the log
+                    os.write(2, f"corral-shim: sandbox set-up failed: {exc}\n".encode())
             os._exit(127)
         for fd in (in_r, out_w, p2c_r, c2p_w, log_fd):
             os.close(fd)
@@ -463,7 +554,8 @@ class _Shim:
         self._set(self.agent_in, selectors.EVENT_WRITE if self.to_agent else 0, "agent_in")
         if self.client is not None:
             ev = (selectors.EVENT_READ if len(self.to_agent) < HIGH_WATER else 0) | (
-                selectors.EVENT_WRITE if self.to_client else 0)
+                selectors.EVENT_WRITE if self.to_client else 0
+            )
             self._set(self.client, ev, "client")
 
     def _set(self, fileobj: Any, events: int, data: str) -> None:
@@ -486,23 +578,36 @@ class _Shim:
             self.exit_reason = reason
         if self.spec.kill_argv:
             with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(self.spec.kill_argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, timeout=30, check=False)
+                subprocess.run(
+                    self.spec.kill_argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    timeout=30,
+                    check=False,
+                )
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.child_pid, signal.SIGKILL)
+        _kill_cgroups(self.spec.cgroup_procs)
 
     def finish(self, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
+        if not self.ready_reported and self.sel.get_map() and self.setup_err_fd in self.sel.get_map():
+            self.dispatch("setup_err", selectors.EVENT_READ)  # a set-up error explains the exit best
         if not self.ready_reported:
             tail = b""
             with contextlib.suppress(OSError):
                 tail = (self.state_dir / "sandbox.log").read_bytes()[-1500:]
-            self.report_failed(f"sandbox exited with code {code} before its agent started: "
-                               + tail.decode(errors="replace"))
+            self.report_failed(
+                f"sandbox exited with code {code} before its agent started: " + tail.decode(errors="replace")
+            )
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.child_pid, signal.SIGKILL)  # stragglers in the sandbox's process group
-        record = {"exit_code": code, "reason": self.exit_reason or ("exited" if code >= 0 else "killed"),
-                  "finished_at": time.time()}
+        record = {
+            "exit_code": code,
+            "reason": self.exit_reason or ("exited" if code >= 0 else "killed"),
+            "finished_at": time.time(),
+        }
         tmp = self.state_dir / "exit.json.tmp"
         tmp.write_text(json.dumps(record))
         tmp.rename(self.state_dir / "exit.json")
@@ -517,7 +622,7 @@ def main() -> int:
     shim = _Shim(state_dir, spec)
     try:
         shim.start()
-    except Exception as exc:  # noqa: BLE001 - report to the runtime, which cleans up
+    except Exception as exc:
         shim.report_failed(f"shim could not start: {exc}")
         return 1
     return shim.run()
