@@ -1,0 +1,477 @@
+"""The ``namespace`` runtime: Linux namespaces through bubblewrap, on the host kernel.
+
+One sandbox is, from the outside in (each layer set up by the shim's child before it execs bwrap, see
+:mod:`corral.runtimes._shim`):
+
+1. **cgroups** (:mod:`._cgroups`): memory, pids, cpu, freezer, joined first so everything below is accounted;
+2. a **private mount namespace** holding the sandbox's mounts, so nothing ever appears in the host's mount
+   table and everything unmounts itself when the sandbox's last process exits: the template layers and binds
+   (host ``/usr``) as **idmapped** read-only mounts, and an **overlayfs** with a per-sandbox upper dir on disk
+   (:mod:`._rootfs`);
+3. a **user namespace** mapping sandbox uids 0..65535 to a host range no other sandbox and no host account
+   uses (:class:`_UidAllocator`): root inside is an unprivileged stranger outside;
+4. **bubblewrap** (no ``--unshare-user``: it runs as uid 0 of that user namespace and keeps its capabilities
+   there) makes pid, ipc, uts, net and cgroup namespaces, pivots into the overlay, mounts a fresh ``/proc``,
+   a minimal ``/dev`` and the agent bundle at ``/.corral`` (read-only), clears the environment, drops the
+   capability bounding set to a Docker-like minimum (no NET_RAW, MKNOD, SYS_ADMIN, …), sets no_new_privs and
+   loads the seccomp filter (:mod:`._seccomp`);
+5. the **agent** (:mod:`corral.agent`) as the sandbox's main process, talking over its stdio to the shim.
+
+Network ``none`` is ``--unshare-net``: a namespace whose only interface is loopback (bwrap brings ``lo`` up).
+
+``/tmp`` is part of the overlay, not a tmpfs: files there count against the sandbox's disk, not its memory
+limit, and they are kept by file-system snapshots like everything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+
+from corral.errors import Conflict, CorralError, RuntimeFailure, RuntimeUnavailable, Timeout
+from corral.runtimes import _proc, _rootfs, _seccomp
+from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
+from corral.runtimes._cgroups import CgroupLayout, SandboxCgroup, detect_layout
+from corral.runtimes._shim import FdFile, Mount, ShimSpec, UserNs
+from corral.runtimes.base import (
+    ByteStream,
+    Capabilities,
+    Instance,
+    Observed,
+    ObservedState,
+    RuntimeConfig,
+    SandboxSpec,
+)
+
+__all__ = ["NamespaceRuntime"]
+
+log = logging.getLogger("corral.runtimes.namespace")
+
+SHIM_SCRIPT = Path(__file__).with_name("_shim.py")
+READY_TIMEOUT = 30.0  # create → agent hello; ~0.1 s normally, generous for a loaded host
+SHIM_STOP_TIMEOUT = 5.0  # SIGTERM → shim gone, before SIGKILL
+SECCOMP_FD = 9
+# capabilities kept inside the sandbox's user namespace (Docker's default set minus NET_RAW and MKNOD)
+SANDBOX_CAPS = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_SETFCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_AUDIT_WRITE",
+)
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
+
+
+class _UidAllocator:
+    """Hands out disjoint 65536-uid host ranges, one per sandbox, across processes.
+
+    Ranges start at ``UID_BASE`` (1e9), far above the ids ``useradd`` and ``/etc/subuid`` hand out, so no
+    sandbox uid is ever a host account. The table is a JSON file under ``state_root``, changed under an
+    ``flock``; a slot whose sandbox no longer has a state directory is reclaimed (its sandbox was destroyed by
+    a process that died before releasing it).
+    """
+
+    UID_BASE = 1_000_000_000
+    RANGE = 65536
+    SLOTS = 16384  # 1e9 + 16384 x 65536 ~ 2.07e9 < 2^31, clear of the 32-bit "-1" uid
+
+    def __init__(self, state_root: Path) -> None:
+        self.state_root = state_root
+        self.table = state_root / "uid-slots.json"
+        self.lock = state_root / "uid-slots.lock"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Any:
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                slots: dict[str, str] = json.loads(self.table.read_text())
+            except FileNotFoundError:
+                slots = {}
+            yield slots
+            tmp = self.table.with_suffix(".tmp")
+            tmp.write_text(json.dumps(slots, sort_keys=True))
+            tmp.rename(self.table)
+        finally:
+            os.close(fd)
+
+    def allocate(self, sandbox_id: str) -> int:
+        with self._locked() as slots:
+            for slot, owner in list(slots.items()):
+                if not (self.state_root / owner).exists():
+                    del slots[slot]
+            for slot in range(self.SLOTS):
+                if str(slot) not in slots:
+                    slots[str(slot)] = sandbox_id
+                    return slot
+        raise CorralError("no free uid range for another sandbox on this host")
+
+    def release(self, slot: int, sandbox_id: str) -> None:
+        with self._locked() as slots:
+            if slots.get(str(slot)) == sandbox_id:
+                del slots[str(slot)]
+
+    @classmethod
+    def base(cls, slot: int) -> int:
+        return cls.UID_BASE + slot * cls.RANGE
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Prepared:
+    state_dir: Path
+    cgroup: SandboxCgroup
+    slot: int
+
+
+class NamespaceRuntime:
+    """bubblewrap + user namespace + seccomp + cgroups + overlayfs. See the module docstring."""
+
+    name: ClassVar[str] = "namespace"
+    capabilities: ClassVar[Capabilities] = Capabilities(pause=True, checkpoint=False, snapshot_fs=True)
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.config = config
+        self._checked: tuple[str, CgroupLayout, bytes] | None = None
+        self._bundle: AgentBundle | None = None
+        self._shims: dict[str, subprocess.Popen[bytes]] = {}  # our own shim children, reaped on destroy
+
+    # -- host check ---------------------------------------------------------------------------------------
+    async def check(self) -> None:
+        await self._host()
+
+    async def _host(self) -> tuple[str, CgroupLayout, bytes]:
+        if self._checked is None:
+            self._checked = await anyio.to_thread.run_sync(_check_host)
+        return self._checked
+
+    # -- create -------------------------------------------------------------------------------------------
+    async def create(self, spec: SandboxSpec) -> Instance:
+        bwrap, layout, program = await self._host()
+        if self._bundle is None:
+            self._bundle = await anyio.to_thread.run_sync(ensure_bundle, self.config.cache_root)
+        bundle = self._bundle
+        state_dir = self.config.state_root / spec.sandbox_id
+        socket_path = state_dir / "agent.sock"
+        if len(str(socket_path)) > MAX_SOCKET_PATH:
+            raise RuntimeUnavailable(
+                "the runtime state directory path is too long for a Unix socket",
+                details={"max": MAX_SOCKET_PATH - len("/sb-…/agent.sock")},
+            )
+        self.config.state_root.mkdir(parents=True, exist_ok=True)
+        try:
+            state_dir.mkdir()
+            state_dir.chmod(0o711)  # bwrap runs as the sandbox's uid and must traverse to fs/
+        except FileExistsError as exc:
+            raise Conflict(f"sandbox {spec.sandbox_id} already exists on this host") from exc
+        cgroup = SandboxCgroup.for_sandbox(layout, spec.sandbox_id)
+        slot: int | None = None
+        shim: subprocess.Popen[bytes] | None = None
+        try:
+            allocator = _UidAllocator(self.config.state_root)
+            slot = await anyio.to_thread.run_sync(allocator.allocate, spec.sandbox_id)
+            base = _UidAllocator.base(slot)
+            shim_spec = await anyio.to_thread.run_sync(
+                _prepare, spec, state_dir, cgroup, base, bwrap, program, bundle
+            )
+            shim = _proc.spawn_detached(
+                [sys.executable, "-I", "-S", str(SHIM_SCRIPT), str(state_dir)],
+                log_path=state_dir / "shim.log",
+            )
+            self._shims[spec.sandbox_id] = shim
+            await _wait_ready(shim, spec.sandbox_id)
+            ticks = _proc.proc_start_ticks(shim.pid)
+            if ticks is None:
+                raise RuntimeFailure("the sandbox supervisor exited right after starting")
+            return Instance(
+                sandbox_id=spec.sandbox_id,
+                runtime=self.name,
+                state_dir=str(state_dir),
+                shim_pid=shim.pid,
+                shim_start_ticks=ticks,
+                socket_path=shim_spec.socket,
+                extra={"cgroup": cgroup.to_json(), "uid_slot": slot, "uid_base": base},
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                ticks = _proc.proc_start_ticks(shim.pid) if shim else None
+                await self._teardown(
+                    spec.sandbox_id, state_dir, cgroup, slot, shim.pid if shim else None, ticks
+                )
+            raise
+
+    # -- operations on a running sandbox ----------------------------------------------------------------
+    async def connect(self, instance: Instance) -> ByteStream:
+        try:
+            return await anyio.connect_unix(instance.socket_path)
+        except OSError as exc:
+            raise RuntimeFailure("the sandbox is not running (its supervisor does not answer)") from exc
+
+    async def pause(self, instance: Instance) -> None:
+        await anyio.to_thread.run_sync(self._cgroup(instance).freeze)
+
+    async def resume(self, instance: Instance) -> None:
+        await anyio.to_thread.run_sync(self._cgroup(instance).thaw)
+
+    async def inspect(self, instance: Instance) -> Observed:
+        return await anyio.to_thread.run_sync(self._inspect, instance)
+
+    def _inspect(self, instance: Instance) -> Observed:
+        state_dir = Path(instance.state_dir)
+        if not state_dir.exists():
+            return Observed(state=ObservedState.MISSING)
+        cgroup = self._cgroup(instance)
+        try:
+            record = json.loads((state_dir / "exit.json").read_text())
+        except (FileNotFoundError, ValueError):
+            record = None
+        if record is None and _shim_alive(instance.shim_pid, instance.shim_start_ticks):
+            return Observed(state=ObservedState.PAUSED if cgroup.frozen() else ObservedState.RUNNING)
+        if record is None:
+            return Observed(state=ObservedState.EXITED, reason="crashed")
+        reason = record.get("reason")
+        if reason in ("exited", "killed") and cgroup.oom_kills() > 0:
+            reason = "oom"
+        return Observed(state=ObservedState.EXITED, exit_code=record.get("exit_code"), reason=reason)
+
+    async def destroy(self, instance: Instance) -> None:
+        extra = instance.extra
+        await self._teardown(
+            instance.sandbox_id,
+            Path(instance.state_dir),
+            self._cgroup(instance),
+            extra.get("uid_slot"),
+            instance.shim_pid,
+            instance.shim_start_ticks,
+        )
+
+    @staticmethod
+    def _cgroup(instance: Instance) -> SandboxCgroup:
+        return SandboxCgroup.from_json(dict(instance.extra["cgroup"]))
+
+    async def _teardown(
+        self,
+        sandbox_id: str,
+        state_dir: Path,
+        cgroup: SandboxCgroup,
+        slot: int | None,
+        shim_pid: int | None,
+        shim_ticks: int | None,
+    ) -> None:
+        """Remove everything a sandbox owns, in dependency order; safe to repeat and to run anywhere."""
+        await anyio.to_thread.run_sync(
+            _teardown_sync, self.config.state_root, sandbox_id, state_dir, cgroup, slot, shim_pid, shim_ticks
+        )
+        shim = self._shims.pop(sandbox_id, None)
+        if shim is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                shim.wait(timeout=0)  # dead by now: collect it so it does not linger as a zombie
+
+
+# -- blocking helpers (run in worker threads) ---------------------------------------------------------------
+
+
+def _check_host() -> tuple[str, CgroupLayout, bytes]:
+    if os.geteuid() != 0:
+        raise RuntimeUnavailable(
+            "the namespace runtime needs root (it maps user namespaces and manages "
+            "cgroups); run the Corral server as root",
+            details={"fix": "run as root"},
+        )
+    bwrap = _proc.require_binary("bwrap")
+    try:
+        max_userns = int(Path("/proc/sys/user/max_user_namespaces").read_text())
+    except (OSError, ValueError):
+        max_userns = 0
+    if max_userns <= 0:
+        raise RuntimeUnavailable(
+            "user namespaces are disabled on this host; enable them with: "
+            "sysctl -w user.max_user_namespaces=15000",
+            details={"fix": "sysctl -w user.max_user_namespaces=15000"},
+        )
+    if "overlay" not in Path("/proc/filesystems").read_text():
+        raise RuntimeUnavailable(
+            "the kernel has no overlayfs; load it with: modprobe overlay", details={"fix": "modprobe overlay"}
+        )
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    if (major, minor) < (5, 19):  # idmapped lower layers of overlayfs
+        raise RuntimeUnavailable(
+            "the namespace runtime needs Linux 5.19 or newer (idmapped overlay layers)",
+            details={"kernel": os.uname().release},
+        )
+    return bwrap, detect_layout(), _seccomp.build_filter()
+
+
+def _prepare(
+    spec: SandboxSpec,
+    state_dir: Path,
+    cgroup: SandboxCgroup,
+    base: int,
+    bwrap: str,
+    program: bytes,
+    bundle: AgentBundle,
+) -> ShimSpec:
+    """Cgroups, writable layer, seccomp program and shim.json for one sandbox (the caller cleans up)."""
+    cgroup.create(spec.limits)
+    dirs = _rootfs.make_layer_dirs(state_dir, spec.rootfs, owner=base)
+    _seccomp.write_filter(state_dir / "seccomp.bpf", program)
+    mounts = [
+        Mount(kind="idmap", source=str(src), target=str(dst), ro=True)
+        for src, dst in zip(spec.rootfs.lower, dirs.lowers, strict=True)
+    ]
+    mounts += [
+        Mount(kind="idmap", source=str(b.source), target=str(dst), ro=True)
+        for b, dst in zip(spec.rootfs.binds, dirs.binds, strict=True)
+    ]
+    bundle_dir = dirs.merged.parent / "bundle"
+    bundle_dir.mkdir(mode=0o700)
+    mounts.append(Mount(kind="idmap", source=str(bundle.path), target=str(bundle_dir), ro=True))
+    mounts.append(Mount(kind="overlay", target=str(dirs.merged), options=_rootfs.overlay_options(dirs)))
+    argv = [
+        bwrap,
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-net",
+        "--unshare-cgroup-try",
+        "--hostname",
+        spec.hostname,
+        "--bind",
+        str(dirs.merged),
+        "/",
+    ]
+    for b, dst in zip(spec.rootfs.binds, dirs.binds, strict=True):
+        argv += ["--ro-bind", str(dst), b.target]
+    argv += [
+        "--ro-bind",
+        str(bundle_dir),
+        MOUNT_POINT,
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--perms",
+        "1777",
+        "--tmpfs",
+        "/dev/shm",
+        "--chdir",
+        "/",
+        "--clearenv",
+    ]
+    env = {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", "HOSTNAME": spec.hostname, **spec.env}
+    for key, value in env.items():
+        argv += ["--setenv", key, value]
+    argv += ["--cap-drop", "ALL"]
+    for cap in SANDBOX_CAPS:
+        argv += ["--cap-add", cap]
+    argv += ["--seccomp", str(SECCOMP_FD), "--", *agent_argv(bundle)]
+    shim_spec = ShimSpec(
+        argv=argv,
+        socket=str(state_dir / "agent.sock"),
+        env={"PATH": SANDBOX_PATH},
+        cgroup_procs=cgroup.procs_files,
+        mounts=mounts,
+        userns=UserNs(base=base),
+        deadline=spec.deadline,
+        files=[FdFile(fd=SECCOMP_FD, path=str(state_dir / "seccomp.bpf"))],
+    )
+    (state_dir / "shim.json").write_text(shim_spec.to_json())
+    return shim_spec
+
+
+async def _wait_ready(shim: subprocess.Popen[bytes], sandbox_id: str) -> None:
+    """Wait for the shim's one status line: ``ready`` or ``failed <reason>``."""
+    assert shim.stdout is not None
+    fd = shim.stdout.fileno()
+    os.set_blocking(fd, False)
+    buf = b""
+    try:
+        with anyio.fail_after(READY_TIMEOUT):
+            while b"\n" not in buf:
+                await anyio.wait_readable(fd)
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                buf += chunk
+    except TimeoutError as exc:
+        raise Timeout(f"the sandbox's agent did not start within {READY_TIMEOUT:g}s") from exc
+    finally:
+        shim.stdout.close()
+    line = buf.decode(errors="replace").strip()
+    if line != "ready":
+        log.error("sandbox %s failed to start: %s", sandbox_id, line or "supervisor exited silently")
+        raise RuntimeFailure("the sandbox failed to start", details={"sandbox_id": sandbox_id})
+
+
+def _shim_alive(pid: int, ticks: int) -> bool:
+    """The recorded shim is still running (same start time, and not a zombie waiting to be reaped)."""
+    if not _proc.pid_alive(pid, ticks):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _teardown_sync(
+    state_root: Path,
+    sandbox_id: str,
+    state_dir: Path,
+    cgroup: SandboxCgroup,
+    slot: int | None,
+    shim_pid: int | None,
+    shim_ticks: int | None,
+) -> None:
+    if shim_pid is not None and shim_ticks is not None and _shim_alive(shim_pid, shim_ticks):
+        _proc.kill_pid(shim_pid, shim_ticks, signal.SIGTERM)  # the shim kills the sandbox and records exit
+        deadline = time.monotonic() + SHIM_STOP_TIMEOUT
+        while _shim_alive(shim_pid, shim_ticks) and time.monotonic() < deadline:
+            time.sleep(0.005)  # bounded: the shim normally exits within milliseconds
+        _proc.kill_pid(shim_pid, shim_ticks, signal.SIGKILL)
+    try:
+        cgroup.remove()  # kills whatever is left: the sandbox's mount namespace dies with its last task
+    except OSError as exc:
+        log.error("sandbox %s: could not remove its cgroups: %s", sandbox_id, exc)
+        raise RuntimeFailure("could not remove the sandbox's cgroups") from exc
+    if state_dir.exists():
+        _refuse_if_mounted(state_dir)
+        shutil.rmtree(state_dir)
+    if slot is not None:
+        _UidAllocator(state_root).release(slot, sandbox_id)
+
+
+def _refuse_if_mounted(path: Path) -> None:
+    """Never ``rm -r`` through a mount (a bound host ``/usr``): the sandbox's mounts live in its own mount
+    namespace, so one showing up here means something is badly wrong, and we stop instead of deleting."""
+    prefix = str(path.resolve()) + "/"
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mount_point = line.split()[4].replace("\\040", " ")
+        if mount_point.startswith(prefix):
+            raise RuntimeFailure(
+                "the sandbox's state directory still has mounts; refusing to delete it",
+                details={"mount": mount_point},
+            )
