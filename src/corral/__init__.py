@@ -1,1 +1,100 @@
-"""Corral: sandboxes for AI agents."""
+"""Corral: sandboxes for AI agents.
+
+    from corral import Sandbox
+    with Sandbox.create(isolation="gvisor") as sbx:
+        print(sbx.commands.run("python3 -c 'print(6*7)'").stdout)
+
+The public surface is exactly ``__all__`` (a test pins it). Names load on first use, so importing a
+submodule (the shim imports ``corral.protocol``) does not pull in the SDK.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "Sandbox": "corral.client._sync.sandbox",
+    "CommandHandle": "corral.client._sync.sandbox",
+    "AsyncSandbox": "corral.client._async.sandbox",
+    "AsyncCommandHandle": "corral.client._async.sandbox",
+    "CommandResult": "corral.models",
+    "EntryInfo": "corral.models",
+    "EventKind": "corral.models",
+    "ProcessEvent": "corral.models",
+    "ProcessInfo": "corral.models",
+    "SandboxInfo": "corral.models",
+    "SandboxState": "corral.models",
+    "CorralError": "corral.errors",
+    "CommandFailed": "corral.errors",
+    "InvalidRequest": "corral.errors",
+    "InvalidState": "corral.errors",
+    "NotFound": "corral.errors",
+    "PermissionDenied": "corral.errors",
+    "ResourceExhausted": "corral.errors",
+    "RuntimeUnavailable": "corral.errors",
+    "Timeout": "corral.errors",
+}
+
+__all__ = [
+    "AsyncCommandHandle",
+    "AsyncSandbox",
+    "CommandFailed",
+    "CommandHandle",
+    "CommandResult",
+    "CorralError",
+    "EntryInfo",
+    "EventKind",
+    "InvalidRequest",
+    "InvalidState",
+    "NotFound",
+    "PermissionDenied",
+    "ProcessEvent",
+    "ProcessInfo",
+    "ResourceExhausted",
+    "RuntimeUnavailable",
+    "Sandbox",
+    "SandboxInfo",
+    "SandboxState",
+    "Timeout",
+]
+assert set(__all__) == set(_EXPORTS)
+
+if TYPE_CHECKING:
+    from corral.client._async.sandbox import AsyncCommandHandle, AsyncSandbox
+    from corral.client._sync.sandbox import CommandHandle, Sandbox
+    from corral.errors import (
+        CommandFailed,
+        CorralError,
+        InvalidRequest,
+        InvalidState,
+        NotFound,
+        PermissionDenied,
+        ResourceExhausted,
+        RuntimeUnavailable,
+        Timeout,
+    )
+    from corral.models import (
+        CommandResult,
+        EntryInfo,
+        EventKind,
+        ProcessEvent,
+        ProcessInfo,
+        SandboxInfo,
+        SandboxState,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'corral' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -42,7 +42,7 @@ __all__ = ["AgentClient", "agent_error"]
 
 log = logging.getLogger("corral.core.agent")
 
-QUEUE_FRAMES = 64  # per request: 64 × 128 KiB chunks = 8 MiB waiting at most
+QUEUE_FRAMES = 64  # per request: 64 x 128 KiB chunks = 8 MiB waiting at most
 STALL_TIMEOUT = 60.0  # a consumer that leaves its full queue untouched this long has abandoned its request
 HELLO_TIMEOUT = 30.0  # the shim replays the cached hello at once; this only guards a wedged shim
 

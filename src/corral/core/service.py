@@ -35,7 +35,15 @@ from corral.core.store import Store
 from corral.core.templates import TemplateRegistry
 from corral.errors import Conflict, CorralError, InvalidRequest, NotFound, Unsupported
 from corral.ids import SandboxId, TenantId
-from corral.models import EntryInfo, ExecParams, ProcessEvent, ProcessInfo, SandboxInfo, SandboxState, StopReason
+from corral.models import (
+    EntryInfo,
+    ExecParams,
+    ProcessEvent,
+    ProcessInfo,
+    SandboxInfo,
+    SandboxState,
+    StopReason,
+)
 from corral.protocol import Op
 from corral.runtimes.base import Limits, ObservedState, Runtime, SandboxSpec
 
@@ -140,7 +148,7 @@ class SandboxService:
         record = await self._reconciled(await self._record(sandbox_id, tenant))
         return record.info()
 
-    async def list(self, *, tenant: TenantId = LOCAL_TENANT, metadata: dict[str, str] | None = None,
+    async def list_sandboxes(self, *, tenant: TenantId = LOCAL_TENANT, metadata: dict[str, str] | None = None,
                    states: frozenset[SandboxState] | None = None) -> list[SandboxInfo]:
         wanted = states if states is not None else frozenset({SandboxState.RUNNING, SandboxState.PAUSED})
         records = await self.store.list_sandboxes(tenant_id=tenant, metadata=metadata,

@@ -1,0 +1,247 @@
+"""Embedded mode: the SDK backed by the in-process core, with no server.
+
+This is the one client module allowed to import the core, the store and the runtime registry (the
+import-linter contract names it). ``AsyncLocalBackend`` calls :class:`SandboxService` directly in the caller's
+event loop. ``LocalBackend`` gives the generated sync SDK the same thing: it runs an ``AsyncLocalBackend`` on an
+event loop in a private thread (an anyio blocking portal) and forwards each call there.
+
+Sandboxes outlive the process: state is in SQLite under the data directory and each sandbox has its own shim,
+so ``Sandbox.connect(id)`` works from another process (another CLI call, say).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+import anyio.to_thread
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from corral.client._async.backend import CreateParams
+from corral.core.service import CreateRequest, SandboxService
+from corral.core.settings import Settings
+from corral.models import EntryInfo, ExecParams, ProcessEvent, ProcessInfo, SandboxInfo, SandboxState
+from corral.runtimes.base import Runtime, RuntimeConfig
+from corral.runtimes.registry import load_runtime
+from corral.store.sqlite import SqliteStore
+
+__all__ = ["AsyncLocalBackend", "LocalBackend", "open_service"]
+
+T = TypeVar("T")
+
+
+def open_service(settings: Settings) -> SandboxService:
+    """Wire a SandboxService for this host: SQLite store, runtimes loaded lazily by name and cached."""
+    config = RuntimeConfig(state_root=settings.state_root, cache_root=settings.cache_root)
+    runtimes: dict[str, Runtime] = {}
+
+    def runtime_for(name: str) -> Runtime:
+        if name not in runtimes:
+            runtimes[name] = load_runtime(name, config, enabled=settings.enabled_runtimes)
+        return runtimes[name]
+
+    return SandboxService(settings=settings, store=SqliteStore(settings.db_path), runtime_for=runtime_for)
+
+
+class AsyncLocalBackend:
+    def __init__(self, service: SandboxService) -> None:
+        self.service = service
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> AsyncLocalBackend:
+        return cls(open_service(Settings.load(**overrides)))
+
+    async def create_sandbox(self, params: CreateParams) -> SandboxInfo:
+        return await self.service.create(CreateRequest(
+            template=params.template, isolation=params.isolation, timeout=params.timeout,
+            metadata=params.metadata, env=params.env, memory_mb=params.memory_mb, cpus=params.cpus))
+
+    async def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        return await self.service.get(sandbox_id)
+
+    async def list_sandboxes(self, *, metadata: dict[str, str] | None = None,
+                             states: frozenset[SandboxState] | None = None) -> list[SandboxInfo]:
+        return await self.service.list_sandboxes(metadata=metadata, states=states)
+
+    async def kill_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        return await self.service.kill(sandbox_id)
+
+    async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
+        return await self.service.set_timeout(sandbox_id, seconds)
+
+    async def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        return await self.service.pause(sandbox_id)
+
+    async def resume_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        return await self.service.resume(sandbox_id)
+
+    async def exec(self, sandbox_id: str, params: ExecParams) -> AsyncIterator[ProcessEvent]:
+        events = await self.service.exec(sandbox_id, params)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    async def attach(self, sandbox_id: str, process_id: str) -> AsyncIterator[ProcessEvent]:
+        events = await self.service.attach(sandbox_id, process_id)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    async def list_processes(self, sandbox_id: str) -> list[ProcessInfo]:
+        return await self.service.list_processes(sandbox_id)
+
+    async def send_stdin(self, sandbox_id: str, process_id: str, data: bytes, *, eof: bool = False) -> None:
+        await self.service.send_stdin(sandbox_id, process_id, data, eof=eof)
+
+    async def signal(self, sandbox_id: str, process_id: str, signal: int) -> None:
+        await self.service.signal(sandbox_id, process_id, signal)
+
+    async def read_file(self, sandbox_id: str, path: str, *, user: str | None = None) -> AsyncIterator[bytes]:
+        chunks = await self.service.read_file(sandbox_id, path, user=user)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    async def write_file(self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes], *,
+                         user: str | None = None) -> int:
+        return await self.service.write_file(sandbox_id, path, chunks, user=user)
+
+    async def list_dir(self, sandbox_id: str, path: str, *, depth: int = 1,
+                       user: str | None = None) -> list[EntryInfo]:
+        return await self.service.list_dir(sandbox_id, path, depth=depth, user=user)
+
+    async def stat(self, sandbox_id: str, path: str, *, user: str | None = None) -> EntryInfo:
+        return await self.service.stat(sandbox_id, path, user=user)
+
+    async def make_dir(self, sandbox_id: str, path: str, *, user: str | None = None) -> bool:
+        return await self.service.make_dir(sandbox_id, path, user=user)
+
+    async def remove(self, sandbox_id: str, path: str, *, recursive: bool = False,
+                     user: str | None = None) -> None:
+        await self.service.remove(sandbox_id, path, recursive=recursive, user=user)
+
+    async def rename(self, sandbox_id: str, src: str, dst: str, *, overwrite: bool = False,
+                     user: str | None = None) -> None:
+        await self.service.rename(sandbox_id, src, dst, overwrite=overwrite, user=user)
+
+    async def aclose(self) -> None:
+        await self.service.aclose()
+        await self.service.store.aclose()
+
+
+class LocalBackend:
+    """Sync face of :class:`AsyncLocalBackend`: every call runs on a private event-loop thread."""
+
+    def __init__(self, make: Callable[[], AsyncLocalBackend]) -> None:
+        self._portal_cm: AbstractContextManager[BlockingPortal] = start_blocking_portal()
+        self._portal = self._portal_cm.__enter__()
+        try:
+            self._backend = self._portal.call(_build, make)
+        except BaseException:
+            self._portal_cm.__exit__(None, None, None)
+            raise
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> LocalBackend:
+        return cls(lambda: AsyncLocalBackend.from_env(**overrides))
+
+    def _iterate(self, make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
+        agen = self._portal.call(_build, make)
+        try:
+            while True:
+                try:
+                    yield self._portal.call(agen.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                self._portal.call(aclose)
+
+    def create_sandbox(self, params: CreateParams) -> SandboxInfo:
+        return self._portal.call(self._backend.create_sandbox, params)
+
+    def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        return self._portal.call(self._backend.get_sandbox, sandbox_id)
+
+    def list_sandboxes(self, *, metadata: dict[str, str] | None = None,
+                       states: frozenset[SandboxState] | None = None) -> list[SandboxInfo]:
+        return self._portal.call(lambda: self._backend.list_sandboxes(metadata=metadata, states=states))
+
+    def kill_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        return self._portal.call(self._backend.kill_sandbox, sandbox_id)
+
+    def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
+        return self._portal.call(self._backend.set_timeout, sandbox_id, seconds)
+
+    def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        return self._portal.call(self._backend.pause_sandbox, sandbox_id)
+
+    def resume_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        return self._portal.call(self._backend.resume_sandbox, sandbox_id)
+
+    def exec(self, sandbox_id: str, params: ExecParams) -> Iterator[ProcessEvent]:
+        return self._iterate(lambda: self._backend.exec(sandbox_id, params))
+
+    def attach(self, sandbox_id: str, process_id: str) -> Iterator[ProcessEvent]:
+        return self._iterate(lambda: self._backend.attach(sandbox_id, process_id))
+
+    def list_processes(self, sandbox_id: str) -> list[ProcessInfo]:
+        return self._portal.call(self._backend.list_processes, sandbox_id)
+
+    def send_stdin(self, sandbox_id: str, process_id: str, data: bytes, *, eof: bool = False) -> None:
+        self._portal.call(lambda: self._backend.send_stdin(sandbox_id, process_id, data, eof=eof))
+
+    def signal(self, sandbox_id: str, process_id: str, signal: int) -> None:
+        self._portal.call(self._backend.signal, sandbox_id, process_id, signal)
+
+    def read_file(self, sandbox_id: str, path: str, *, user: str | None = None) -> Iterator[bytes]:
+        return self._iterate(lambda: self._backend.read_file(sandbox_id, path, user=user))
+
+    def write_file(self, sandbox_id: str, path: str, chunks: Iterable[bytes], *, user: str | None = None) -> int:
+        return self._portal.call(lambda: self._backend.write_file(sandbox_id, path, _aiter(chunks), user=user))
+
+    def list_dir(self, sandbox_id: str, path: str, *, depth: int = 1, user: str | None = None) -> list[EntryInfo]:
+        return self._portal.call(lambda: self._backend.list_dir(sandbox_id, path, depth=depth, user=user))
+
+    def stat(self, sandbox_id: str, path: str, *, user: str | None = None) -> EntryInfo:
+        return self._portal.call(lambda: self._backend.stat(sandbox_id, path, user=user))
+
+    def make_dir(self, sandbox_id: str, path: str, *, user: str | None = None) -> bool:
+        return self._portal.call(lambda: self._backend.make_dir(sandbox_id, path, user=user))
+
+    def remove(self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None) -> None:
+        self._portal.call(lambda: self._backend.remove(sandbox_id, path, recursive=recursive, user=user))
+
+    def rename(self, sandbox_id: str, src: str, dst: str, *, overwrite: bool = False,
+               user: str | None = None) -> None:
+        self._portal.call(lambda: self._backend.rename(sandbox_id, src, dst, overwrite=overwrite, user=user))
+
+    def close(self) -> None:
+        try:
+            self._portal.call(self._backend.aclose)
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+
+
+async def _build(make: Callable[[], T]) -> T:
+    """Construct inside the portal's event loop (anyio primitives bind to the loop that creates them)."""
+    return make()
+
+
+async def _aiter(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
+    """Feed a sync iterable (maybe reading a local file) to the async core without blocking its loop."""
+    iterator = iter(chunks)
+    sentinel = object()
+    while True:
+        chunk = await anyio.to_thread.run_sync(next, iterator, sentinel)
+        if chunk is sentinel:
+            return
+        yield chunk  # type: ignore[misc]

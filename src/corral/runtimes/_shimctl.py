@@ -1,0 +1,134 @@
+"""Host-side control of a sandbox's shim, shared by every shim-based runtime.
+
+Launch (write ``shim.json``, start the shim detached, wait for its one status line), connect to its socket,
+observe it (running / exited with ``exit.json`` / missing) and stop it. The shim itself is
+:mod:`corral.runtimes._shim`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+from anyio.abc import ByteStream
+
+from corral.errors import AgentUnavailable, RuntimeFailure, Timeout
+from corral.runtimes import _proc
+from corral.runtimes._shim import ShimSpec
+from corral.runtimes.base import Observed, ObservedState
+
+__all__ = ["SHIM_SCRIPT", "ShimHandle", "connect", "launch", "observe", "stop"]
+
+log = logging.getLogger("corral.runtimes.shim")
+
+SHIM_SCRIPT = Path(__file__).with_name("_shim.py")
+READY_TIMEOUT = 120.0  # gVisor boots in < 1 s here; a QEMU guest under TCG needs ~12 s; generous for load
+
+
+class ShimHandle:
+    def __init__(self, pid: int, start_ticks: int) -> None:
+        self.pid = pid
+        self.start_ticks = start_ticks
+
+
+async def launch(state_dir: Path, spec: ShimSpec, *, what: str, timeout: float = READY_TIMEOUT) -> ShimHandle:
+    """Start the shim for ``state_dir`` and return once the agent inside said hello.
+
+    On failure the shim is stopped and a RuntimeFailure (client-safe message) is raised; the shim's reason,
+    which may name host paths, goes to the log.
+    """
+    (state_dir / "shim.json").write_text(spec.to_json())
+    proc = _proc.spawn_detached([sys.executable, "-I", "-S", str(SHIM_SCRIPT), str(state_dir)],
+                                log_path=state_dir / "shim.log")
+    ticks = _proc.proc_start_ticks(proc.pid)
+    handle = ShimHandle(proc.pid, ticks or 0)
+    try:
+        line = await _read_status(proc, timeout)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await stop(handle)
+            await anyio.to_thread.run_sync(proc.wait)
+        raise
+    if line != "ready":
+        log.error("%s: shim reported: %s", what, line)
+        with anyio.CancelScope(shield=True):
+            await stop(handle)
+            await anyio.to_thread.run_sync(proc.wait)
+        raise RuntimeFailure(f"could not {what}: the sandbox did not start (see the server log)",
+                             details={"stage": "boot"})
+    # the shim lives on in its own session; we only needed its status line. Nobody waits for it, so
+    # reap it if it exits while we are alive (the subprocess module does that for Popen objects we drop).
+    return handle
+
+
+async def _read_status(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    assert proc.stdout is not None
+    stdout = proc.stdout
+
+    def read() -> bytes:
+        return stdout.readline()
+
+    try:
+        with anyio.fail_after(timeout):
+            raw = await anyio.to_thread.run_sync(read, abandon_on_cancel=True)
+    except TimeoutError as exc:
+        raise Timeout(f"the sandbox did not become ready within {timeout:g} s") from exc
+    finally:
+        stdout.close()
+    return raw.decode(errors="replace").strip() or "failed shim exited without a status"
+
+
+async def connect(socket_path: str) -> ByteStream:
+    try:
+        return await anyio.connect_unix(socket_path)
+    except (FileNotFoundError, ConnectionRefusedError, OSError) as exc:
+        raise AgentUnavailable("the sandbox is not running (its supervisor is gone)") from exc
+
+
+def exit_record(state_dir: Path) -> dict[str, object] | None:
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+        data = json.loads((state_dir / "exit.json").read_text())
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+def observe(state_dir: Path, handle: ShimHandle) -> Observed:
+    """What the host shows of a shim-based sandbox, without talking to it."""
+    record = exit_record(state_dir)
+    if record is not None:
+        code = record.get("exit_code")
+        reason = record.get("reason")
+        return Observed(state=ObservedState.EXITED, exit_code=code if isinstance(code, int) else None,
+                        reason=str(reason) if reason else None)
+    if _proc.pid_alive(handle.pid, handle.start_ticks):
+        return Observed(state=ObservedState.RUNNING)
+    if state_dir.exists():
+        return Observed(state=ObservedState.EXITED, reason="crashed")
+    return Observed(state=ObservedState.MISSING)
+
+
+async def stop(handle: ShimHandle, *, grace: float = 10.0) -> None:
+    """Ask the shim to kill its sandbox and exit (SIGTERM), then SIGKILL it if it takes longer than ``grace``.
+
+    The shim's own kill path stops the sandbox (its kill_argv, then SIGKILL to the process group).
+    """
+    if not _proc.kill_pid(handle.pid, handle.start_ticks, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + grace
+    while _proc.pid_alive(handle.pid, handle.start_ticks):
+        if time.monotonic() > deadline:
+            _proc.kill_pid(handle.pid, handle.start_ticks, signal.SIGKILL)
+            break
+        await anyio.sleep(0.01)  # polling a pid we do not parent; there is no event to wait on
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(handle.pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks; reaps our own child
