@@ -1,0 +1,83 @@
+"""Code that runs outside Corral's venv imports only the standard library (DESIGN §3).
+
+The agent and the protocol run inside sandboxes from the agent bundle, which holds the standard library plus
+corral/agent and corral/protocol and nothing else; the shim runs as ``python -I -S _shim.py`` with only
+corral.protocol importable. import-linter (.importlinter) keeps the rest of Corral out of them, but it cannot
+say "standard library only", so this test reads their imports, including those inside functions.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+CORRAL = SRC / "corral"
+
+# file or package -> the corral packages it may import besides the standard library
+OUTSIDE_THE_VENV = {
+    "agent": ("corral.agent", "corral.protocol"),
+    "protocol": ("corral.protocol",),
+    "runtimes/_shim.py": ("corral.protocol",),
+}
+
+
+def _files(target: str) -> list[Path]:
+    path = CORRAL / target
+    return sorted(path.rglob("*.py")) if path.is_dir() else [path]
+
+
+def _imports(path: Path, src: Path = SRC) -> list[tuple[int, str]]:
+    """(line, absolute name) for every import in the file, at any depth; ``from x import y`` gives x.y."""
+    module = ".".join(path.relative_to(src).with_suffix("").parts)
+    package = module.removesuffix(".__init__") if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, node.module] if node.module else parts)
+            found.extend((node.lineno, base if a.name == "*" else f"{base}.{a.name}") for a in node.names)
+    return sorted(found)
+
+
+def _allowed(name: str, corral_packages: tuple[str, ...]) -> bool:
+    top = name.partition(".")[0]
+    if top == "__future__" or (top in sys.stdlib_module_names and top != "corral"):
+        return True
+    return any(name == p or name.startswith(p + ".") for p in corral_packages)
+
+
+@pytest.mark.parametrize("target", OUTSIDE_THE_VENV, ids=str)
+def test_imports_only_the_standard_library(target: str) -> None:
+    files = _files(target)
+    if not files or not files[0].exists():
+        pytest.skip(f"src/corral/{target} does not exist yet")
+    allowed = OUTSIDE_THE_VENV[target]
+    bad = [
+        f"{path.relative_to(SRC)}:{line}: imports {name}"
+        for path in files
+        for line, name in _imports(path)
+        if not _allowed(name, allowed)
+    ]
+    assert not bad, f"may import only the standard library and {', '.join(allowed)}:\n" + "\n".join(bad)
+
+
+def test_the_checker_sees_forbidden_imports(tmp_path: Path) -> None:
+    # The test above must be able to fail: imports inside functions and relative imports are resolved.
+    pkg = tmp_path / "corral" / "agent"
+    pkg.mkdir(parents=True)
+    bad = pkg / "x.py"
+    bad.write_text(
+        "import os\nfrom . import y\nfrom ..protocol import frames\n\n"
+        "def f():\n    import anyio\n    from corral import errors\n"
+    )
+    names = [name for _, name in _imports(bad, src=tmp_path)]
+    assert names == ["os", "corral.agent.y", "corral.protocol.frames", "anyio", "corral.errors"]
+    assert [n for n in names if not _allowed(n, OUTSIDE_THE_VENV["agent"])] == ["anyio", "corral.errors"]
