@@ -30,10 +30,10 @@ class _PrefixedId(str):
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        cls._pattern = re.compile(rf"^{re.escape(cls.prefix)}[a-z2-7]{{{_RANDOM_LEN}}}$")
+        cls._pattern = re.compile(rf"{re.escape(cls.prefix)}[a-z2-7]{{{_RANDOM_LEN}}}")
 
     def __new__(cls, value: str) -> Self:
-        if not isinstance(value, str) or not cls._pattern.match(value):
+        if not isinstance(value, str) or not cls._pattern.fullmatch(value):
             raise InvalidRequest(
                 f"{value!r} is not a valid {cls.__name__} (expected {cls.prefix} followed by "
                 f"{_RANDOM_LEN} characters a-z/2-7)"
@@ -46,7 +46,7 @@ class _PrefixedId(str):
 
     @classmethod
     def is_valid(cls, value: object) -> bool:
-        return isinstance(value, str) and bool(cls._pattern.match(value))
+        return isinstance(value, str) and bool(cls._pattern.fullmatch(value))
 
 
 class SandboxId(_PrefixedId):

@@ -153,12 +153,6 @@ def test_sdk_only_code_from_a_server_is_not_rebuilt_as_that_class() -> None:
     assert err.message == "exit 1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="known bug in corral.errors.from_wire: the status fallback picks CommandFailed for HTTP 200 and "
-    "calls it with details=, which its __init__ does not accept; from_wire must always return an error",
-)
 def test_error_body_with_status_200_still_gives_an_error() -> None:
     err = from_wire({"error": {"code": "quota_of_the_future", "message": "odd"}}, status=200)
     assert type(err) is CorralError

@@ -105,11 +105,6 @@ def test_non_strings_are_rejected(value: Any) -> None:
         SandboxId(value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug in corral.ids: the pattern ends in `$`, which also matches before a trailing newline, "
-    "so 'sb-…\\n' validates and would reach file names and runsc ids; use re.fullmatch or \\Z",
-)
 def test_trailing_newline_is_rejected() -> None:
     value = SandboxId.new() + "\n"
     assert not SandboxId.is_valid(value)
