@@ -24,6 +24,7 @@ __all__ = [
     "SandboxInfo",
     "SandboxState",
     "StopReason",
+    "TemplateInfo",
 ]
 
 
@@ -188,3 +189,11 @@ class CommandResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TemplateInfo(_Wire):
+    name: str
+    kind: str  # "host", "directory", "tarball"
+    description: str = ""
+    created_at: float = 0.0

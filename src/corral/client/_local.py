@@ -13,15 +13,26 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from corral.client._async.backend import CreateParams
+from corral.core.records import TemplateRecord
 from corral.core.service import CreateRequest, SandboxService
 from corral.core.settings import Settings
-from corral.models import EntryInfo, ExecParams, ProcessEvent, ProcessInfo, SandboxInfo, SandboxState
+from corral.errors import InvalidRequest
+from corral.models import (
+    EntryInfo,
+    ExecParams,
+    ProcessEvent,
+    ProcessInfo,
+    SandboxInfo,
+    SandboxState,
+    TemplateInfo,
+)
 from corral.runtimes.base import Runtime, RuntimeConfig
 from corral.runtimes.registry import load_runtime
 from corral.store.sqlite import SqliteStore
@@ -131,6 +142,23 @@ class AsyncLocalBackend:
                      user: str | None = None) -> None:
         await self.service.rename(sandbox_id, src, dst, overwrite=overwrite, user=user)
 
+    async def list_templates(self) -> list[TemplateInfo]:
+        return [_template_info(t) for t in await self.service.templates.list()]
+
+    async def import_template(self, name: str, *, directory: str | None = None, tarball: str | None = None,
+                              description: str = "") -> TemplateInfo:
+        if (directory is None) == (tarball is None):
+            raise InvalidRequest("give exactly one of a directory or a tarball to import")
+        if directory is not None:
+            record = await self.service.templates.import_directory(name, Path(directory), description=description)
+        else:
+            assert tarball is not None
+            record = await self.service.templates.import_tarball(name, Path(tarball), description=description)
+        return _template_info(record)
+
+    async def delete_template(self, name: str) -> None:
+        await self.service.templates.delete(name)
+
     async def aclose(self) -> None:
         await self.service.aclose()
         await self.service.store.aclose()
@@ -224,11 +252,27 @@ class LocalBackend:
                user: str | None = None) -> None:
         self._portal.call(lambda: self._backend.rename(sandbox_id, src, dst, overwrite=overwrite, user=user))
 
+    def list_templates(self) -> list[TemplateInfo]:
+        return self._portal.call(self._backend.list_templates)
+
+    def import_template(self, name: str, *, directory: str | None = None, tarball: str | None = None,
+                        description: str = "") -> TemplateInfo:
+        return self._portal.call(lambda: self._backend.import_template(
+            name, directory=directory, tarball=tarball, description=description))
+
+    def delete_template(self, name: str) -> None:
+        self._portal.call(self._backend.delete_template, name)
+
     def close(self) -> None:
         try:
             self._portal.call(self._backend.aclose)
         finally:
             self._portal_cm.__exit__(None, None, None)
+
+
+def _template_info(record: TemplateRecord) -> TemplateInfo:
+    return TemplateInfo(name=record.name, kind=record.kind, description=record.description,
+                        created_at=record.created_at)
 
 
 async def _build(make: Callable[[], T]) -> T:

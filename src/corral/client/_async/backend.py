@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Protocol
 
-from corral.models import EntryInfo, ExecParams, ProcessEvent, ProcessInfo, SandboxInfo, SandboxState
+from corral.models import (
+    EntryInfo,
+    ExecParams,
+    ProcessEvent,
+    ProcessInfo,
+    SandboxInfo,
+    SandboxState,
+    TemplateInfo,
+)
 
 __all__ = ["AsyncBackend", "CreateParams", "open_default_backend"]
 
@@ -70,6 +78,13 @@ class AsyncBackend(Protocol):
 
     async def rename(self, sandbox_id: str, src: str, dst: str, *, overwrite: bool = False,
                      user: str | None = None) -> None: ...
+
+    async def list_templates(self) -> list[TemplateInfo]: ...
+
+    async def import_template(self, name: str, *, directory: str | None = None, tarball: str | None = None,
+                              description: str = "") -> TemplateInfo: ...
+
+    async def delete_template(self, name: str) -> None: ...
 
     async def aclose(self) -> None: ...
 

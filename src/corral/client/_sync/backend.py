@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from corral.models import EntryInfo, ExecParams, ProcessEvent, ProcessInfo, SandboxInfo, SandboxState
+from corral.models import EntryInfo, ExecParams, ProcessEvent, ProcessInfo, SandboxInfo, SandboxState, TemplateInfo
 
 __all__ = ["Backend", "CreateParams", "open_default_backend"]
 
@@ -71,6 +71,13 @@ class Backend(Protocol):
 
     def rename(self, sandbox_id: str, src: str, dst: str, *, overwrite: bool = False,
                      user: str | None = None) -> None: ...
+
+    def list_templates(self) -> list[TemplateInfo]: ...
+
+    def import_template(self, name: str, *, directory: str | None = None, tarball: str | None = None,
+                              description: str = "") -> TemplateInfo: ...
+
+    def delete_template(self, name: str) -> None: ...
 
     def close(self) -> None: ...
 

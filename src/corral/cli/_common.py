@@ -1,0 +1,82 @@
+"""Options and helpers shared by several commands."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import click
+
+from corral.cli._output import progress
+from corral.client._sync.sandbox import Sandbox
+from corral.models import ExecParams
+
+__all__ = ["create_options", "exec_options", "exec_params_from", "key_values", "open_sandbox", "sandbox_kwargs"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def key_values(values: tuple[str, ...], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
+        out[key] = value
+    return out
+
+
+def create_options(fn: F) -> F:
+    for decorator in reversed([
+        click.option("--isolation", type=click.Choice(["namespace", "gvisor"]), default=None,
+                     help="Isolation level (default: gvisor, or $CORRAL_ISOLATION)."),
+        click.option("--template", default=None, help="Template to start from (default: base)."),
+        click.option("--timeout", "sandbox_timeout", type=float, default=None,
+                     help="Seconds until the sandbox is killed (default 300)."),
+        click.option("--memory", "memory_mb", type=int, default=None, help="Memory limit in MiB."),
+        click.option("--cpus", type=float, default=None, help="CPU limit (cores)."),
+        click.option("--metadata", "-m", multiple=True, metavar="KEY=VALUE", help="Label the sandbox."),
+        click.option("--sandbox-env", multiple=True, metavar="KEY=VALUE",
+                     help="Environment variable for every process in the sandbox."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def exec_options(fn: F) -> F:
+    for decorator in reversed([
+        click.option("--env", "-e", multiple=True, metavar="KEY=VALUE", help="Environment variable."),
+        click.option("--cwd", default=None, help="Working directory inside the sandbox."),
+        click.option("--user", type=click.Choice(["user", "root"]), default=None,
+                     help="Run as the unprivileged 'user' (default) or as root."),
+        click.option("--command-timeout", type=float, default=None, help="Kill the command after N seconds."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def sandbox_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
+    return {"isolation": opts.get("isolation"), "template": opts.get("template"),
+            "timeout": opts.get("sandbox_timeout"), "memory_mb": opts.get("memory_mb"), "cpus": opts.get("cpus"),
+            "metadata": key_values(opts.get("metadata", ()), "--metadata"),
+            "envs": key_values(opts.get("sandbox_env", ()), "--sandbox-env")}
+
+
+def exec_params_from(command: tuple[str, ...], opts: dict[str, Any]) -> ExecParams:
+    argv = list(command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise click.UsageError("give the command to run after --")
+    return ExecParams(argv=argv, env=key_values(opts.get("env", ()), "--env"), cwd=opts.get("cwd"),
+                      user=opts.get("user"), timeout=opts.get("command_timeout"))
+
+
+@contextlib.contextmanager
+def open_sandbox(opts: dict[str, Any]) -> Iterator[Sandbox]:
+    """A new sandbox for the duration of the block, killed afterwards."""
+    with progress("Starting sandbox…"):
+        sbx = Sandbox.create(**sandbox_kwargs(opts))
+    with sbx:
+        yield sbx
