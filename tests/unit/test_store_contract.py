@@ -1,0 +1,109 @@
+"""One contract, every Store implementation: CAS versions, filters, templates, persistence."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from corral.core.records import LOCAL_TENANT, SandboxRecord, TemplateRecord
+from corral.errors import Conflict
+from corral.ids import SandboxId, TenantId
+from corral.models import SandboxState
+from corral.runtimes.base import Instance, Limits
+from corral.store.memory import MemoryStore
+from corral.store.sqlite import SqliteStore
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MemoryStore | SqliteStore]:
+    s: MemoryStore | SqliteStore = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "c.db")
+    yield s
+    await s.aclose()
+
+
+def record(**kw: object) -> SandboxRecord:
+    base = dict(sandbox_id=SandboxId.new(), tenant_id=LOCAL_TENANT, isolation="fake", template="base",
+                state=SandboxState.RUNNING, limits=Limits(), created_at=time.time(), timeout=60.0,
+                deadline=time.time() + 60)
+    base.update(kw)
+    return SandboxRecord(**base)  # type: ignore[arg-type]
+
+
+async def test_put_new_then_get_round_trips_every_field(store: MemoryStore | SqliteStore) -> None:
+    inst = Instance(sandbox_id=SandboxId.new(), runtime="fake", state_dir="/x", shim_pid=1, shim_start_ticks=2,
+                    socket_path="/x/s", extra={"k": [1, 2]})
+    rec = record(metadata={"a": "1"}, env={"E": "v"}, instance=inst, limits=Limits(memory_mb=64, cpus=0.5))
+    stored = await store.put_sandbox(rec, expect_version=None)
+    assert stored.version == 1
+    got = await store.get_sandbox(rec.sandbox_id)
+    assert got == stored
+
+
+async def test_put_new_twice_conflicts(store: MemoryStore | SqliteStore) -> None:
+    rec = await store.put_sandbox(record(), expect_version=None)
+    with pytest.raises(Conflict):
+        await store.put_sandbox(rec, expect_version=None)
+
+
+async def test_stale_version_conflicts_and_keeps_the_winner(store: MemoryStore | SqliteStore) -> None:
+    rec = await store.put_sandbox(record(), expect_version=None)
+    winner = await store.put_sandbox(dataclasses.replace(rec, state=SandboxState.PAUSED), expect_version=1)
+    assert winner.version == 2
+    with pytest.raises(Conflict):
+        await store.put_sandbox(dataclasses.replace(rec, state=SandboxState.STOPPED), expect_version=1)
+    got = await store.get_sandbox(rec.sandbox_id)
+    assert got is not None and got.state is SandboxState.PAUSED and got.version == 2
+
+
+async def test_list_filters_by_tenant_state_and_metadata(store: MemoryStore | SqliteStore) -> None:
+    other = TenantId.new()
+    a = await store.put_sandbox(record(metadata={"team": "x", "env": "dev"}), expect_version=None)
+    await store.put_sandbox(record(metadata={"team": "y"}), expect_version=None)
+    await store.put_sandbox(record(tenant_id=other, metadata={"team": "x"}), expect_version=None)
+    await store.put_sandbox(record(state=SandboxState.STOPPED, metadata={"team": "x"}), expect_version=None)
+    found = await store.list_sandboxes(tenant_id=LOCAL_TENANT, states=frozenset({SandboxState.RUNNING}),
+                                       metadata={"team": "x"})
+    assert [r.sandbox_id for r in found] == [a.sandbox_id]
+    assert len(await store.list_sandboxes()) == 4
+    assert len(await store.list_sandboxes(tenant_id=other)) == 1
+    assert await store.list_sandboxes(metadata={"team": "x", "env": "prod"}) == []
+
+
+async def test_delete_removes(store: MemoryStore | SqliteStore) -> None:
+    rec = await store.put_sandbox(record(), expect_version=None)
+    await store.delete_sandbox(rec.sandbox_id)
+    assert await store.get_sandbox(rec.sandbox_id) is None
+    await store.delete_sandbox(rec.sandbox_id)  # idempotent
+
+
+async def test_templates_cas_and_listing(store: MemoryStore | SqliteStore) -> None:
+    t = await store.put_template(TemplateRecord(name="py", kind="directory", rootfs="/r", created_at=1.0),
+                                 expect_version=None)
+    assert t.version == 1
+    with pytest.raises(Conflict):
+        await store.put_template(t, expect_version=None)
+    await store.put_template(TemplateRecord(name="a", kind="tarball", rootfs="/t", created_at=2.0),
+                             expect_version=None)
+    assert [x.name for x in await store.list_templates()] == ["a", "py"]
+    await store.delete_template("py")
+    assert await store.get_template("py") is None
+
+
+async def test_sqlite_is_shared_between_connections(tmp_path: Path) -> None:
+    one, two = SqliteStore(tmp_path / "c.db"), SqliteStore(tmp_path / "c.db")
+    try:
+        rec = await one.put_sandbox(record(), expect_version=None)
+        seen = await two.get_sandbox(rec.sandbox_id)
+        assert seen == rec
+        await two.put_sandbox(dataclasses.replace(seen, state=SandboxState.PAUSED), expect_version=1)
+        with pytest.raises(Conflict):
+            await one.put_sandbox(rec, expect_version=1)
+    finally:
+        await one.aclose()
+        await two.aclose()
