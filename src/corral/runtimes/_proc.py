@@ -115,7 +115,17 @@ def proc_start_ticks(pid: int) -> int | None:
 
 
 def pid_alive(pid: int, start_ticks: int) -> bool:
-    return proc_start_ticks(pid) == start_ticks
+    """Whether ``pid`` is still the process that started at ``start_ticks`` and has not exited.
+
+    A zombie (exited, not yet reaped by its parent) counts as gone.
+    """
+    if proc_start_ticks(pid) != start_ticks:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def kill_pid(pid: int, start_ticks: int, sig: int) -> bool:
