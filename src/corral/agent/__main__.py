@@ -1,0 +1,67 @@
+"""``python3 -I -S -B -m corral.agent [--listen unix:PATH | --listen tcp:HOST:PORT]``
+
+Stdio (the default): the protocol runs over stdin/stdout and the agent exits, killing its processes, when stdin
+reaches EOF. The agent moves the protocol to private fds and points fds 0 and 1 at /dev/null and stderr, so no
+stray ``print`` can corrupt the stream and no child inherits it. The ``hello`` is sent first, before the rest of
+the agent is even imported: the runtime's ``create`` waits for it.
+
+Listen: serve any number of connections, concurrently, each with its own ``hello``; processes outlive
+connections (foreground ones are killed with the connection that started them). A unix socket is created mode
+0600, so only root in the sandbox can connect. A TCP listener has no authentication: bind it where only the
+host can reach it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from corral.agent.hello import hello_fields
+from corral.protocol.frames import encode
+
+USAGE = "usage: python -m corral.agent [--listen unix:PATH | --listen tcp:HOST:PORT]"
+
+
+def _stdio_fds() -> tuple[int, int]:
+    rfd = os.dup(0)
+    wfd = os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    return rfd, wfd
+
+
+def main(argv: list[str]) -> int:
+    listen = None
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--listen" and args:
+            listen = args.pop(0)
+        elif arg.startswith("--listen="):
+            listen = arg.split("=", 1)[1]
+        elif arg in ("-h", "--help"):
+            print(USAGE)
+            return 0
+        else:
+            print(USAGE, file=sys.stderr)
+            return 2
+    os.umask(0o022)
+    if listen is None:
+        rfd, wfd = _stdio_fds()
+        hello = encode({"ev": "hello", **hello_fields()})
+        try:
+            os.write(wfd, hello)
+        except OSError:
+            return 1
+        from corral.agent._serve import serve_stdio
+
+        return serve_stdio(rfd, wfd)
+    from corral.agent._serve import serve_listen
+
+    return serve_listen(listen)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

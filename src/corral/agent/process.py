@@ -1,0 +1,466 @@
+"""Processes: spawning, output kept in a ring, streaming to subscribers, reaping, timeouts and signals.
+
+Output model. Each process has one :class:`Ring` holding its stdout and stderr interleaved as read (chunks
+tagged with their stream, addressed by absolute byte offset), at most ``RING_BYTES`` bytes. Every stream that
+shows the output (the ``exec`` request itself, each ``attach``) is a :class:`Subscriber`: a cursor into the
+ring and a :class:`~corral.agent.conn.Producer` on its connection. Replay and live output are then the same
+thing (an ``attach`` with replay starts its cursor at the oldest kept byte), and nothing is copied per
+subscriber.
+
+Back-pressure. When any subscriber falls more than ``LAG_LIMIT`` bytes behind the newest output, the agent stops
+reading the process's pipes; the kernel pipe fills and the process blocks in ``write``, exactly as it would
+writing to a slow terminal. Reading resumes when every subscriber is within half of that. Since
+``LAG_LIMIT`` is far below ``RING_BYTES``, a subscriber never loses output it has not been sent. A process
+nobody watches (background) is read continuously, the ring dropping its oldest bytes (counted as ``dropped``).
+
+Exit. On SIGCHLD the agent reaps with ``waitpid(-1)`` (so it also reaps orphans re-parented to it when it is
+PID 1), drains what the process left in its pipes (bounded), and marks the end of its output. Descendants that
+outlive it and still hold the pipes (``server &``) are read to EOF but their output is discarded, so they never
+get SIGPIPE and never push the process's own output out of the ring. Signals and timeouts go to the process
+group (every process is a session leader), and only while the process is unreaped: after that its pid, hence
+its group id, may belong to someone else.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import signal as _signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from corral.agent.conn import Connection
+from corral.agent.errors import AgentError
+from corral.agent.loop import Loop, Timer, log
+from corral.agent.users import Identity
+from corral.protocol.messages import CHUNK_SIZE, AgentErrorCode
+
+__all__ = ["Process", "ProcessTable", "Ring", "Subscriber"]
+
+RING_BYTES = 8 * 1024 * 1024  # per process, from the spec
+RING_CHUNKS = 64 * 1024  # bounds per-chunk overhead when a process writes a byte at a time to both streams
+COALESCE = 64 * 1024  # consecutive reads of one stream are merged up to this size
+READ_SIZE = 64 * 1024  # one default pipe buffer
+LAG_LIMIT = 1024 * 1024  # a subscriber this far behind pauses reading the pipes (<< RING_BYTES: nothing lost)
+DRAIN_LIMIT = 1024 * 1024  # per pipe, read at exit: what the process left, not an endless grandchild stream
+EXITED_KEPT = 256  # exited processes whose record is kept, from the spec
+EXITED_OUTPUT_BUDGET = 64 * 1024 * 1024  # 256 x 8 MiB would be 2 GiB: older exited rings are released first
+STDIN_LIMIT = 8 * 1024 * 1024  # stdin bytes accepted but not yet taken by the process
+
+
+class Ring:
+    """Interleaved output of one process: chunks ``(start offset, stream, bytes)``, oldest dropped first."""
+
+    __slots__ = ("_data", "_head", "_starts", "_streams", "dropped", "end", "size")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._streams: list[str] = []
+        self._data: list[bytearray] = []
+        self._head = 0  # index of the oldest kept chunk
+        self.end = 0  # absolute offset just past the newest byte
+        self.size = 0  # bytes kept
+        self.dropped = 0  # bytes dropped from the front
+
+    @property
+    def start(self) -> int:
+        return self.end - self.size
+
+    def append(self, stream: str, data: bytes) -> None:
+        n = len(self._data)
+        if n > self._head and self._streams[-1] == stream and len(self._data[-1]) + len(data) <= COALESCE:
+            self._data[-1] += data
+        else:
+            self._starts.append(self.end)
+            self._streams.append(stream)
+            self._data.append(bytearray(data))
+        self.end += len(data)
+        self.size += len(data)
+        while self.size > RING_BYTES or len(self._data) - self._head > RING_CHUNKS:
+            self._drop_head()
+
+    def _drop_head(self) -> None:
+        chunk = self._data[self._head]
+        self.size -= len(chunk)
+        self.dropped += len(chunk)
+        self._data[self._head] = bytearray()
+        self._head += 1
+        if self._head >= 1024 and self._head * 2 >= len(self._data):
+            del self._starts[: self._head], self._streams[: self._head], self._data[: self._head]
+            self._head = 0
+
+    def clear(self) -> None:
+        while self._head < len(self._data):
+            self._drop_head()
+
+    def read(self, pos: int, limit: int, stop: int) -> tuple[str, bytes]:
+        """Up to ``limit`` bytes of one stream from ``pos`` (``start <= pos < min(stop, end)``)."""
+        i = bisect.bisect_right(self._starts, pos, self._head) - 1
+        chunk = self._data[i]
+        off = pos - self._starts[i]
+        n = min(len(chunk) - off, limit, stop - pos)
+        return self._streams[i], bytes(chunk[off : off + n])
+
+
+class Subscriber:
+    """One stream of a process's output to one request (``exec`` or ``attach``) on one connection."""
+
+    __slots__ = ("conn", "pos", "proc", "rid")
+
+    def __init__(self, proc: Process, conn: Connection, rid: str, pos: int) -> None:
+        self.proc = proc
+        self.conn = conn
+        self.rid = rid
+        self.pos = pos
+
+    def produce(self) -> bool:
+        proc = self.proc
+        ring = proc.ring
+        self.pos = max(self.pos, ring.start)
+        stop = ring.end if proc.exit_pos is None else proc.exit_pos
+        if self.pos < stop:
+            stream, data = ring.read(self.pos, CHUNK_SIZE, stop)
+            self.pos += len(data)
+            self.conn.send({"id": self.rid, "ev": stream}, data)
+            proc.subscriber_advanced()
+            return self.pos < stop
+        if proc.exit_pos is not None:
+            self.end({"ev": "exit", **proc.exit_fields()})
+        return False
+
+    def end(self, header: dict[str, Any]) -> None:
+        self.conn.remove_producer(self)
+        self.proc.remove_subscriber(self)
+        self.conn.finish(self.rid, header)
+
+    def cancel(self) -> None:
+        self.proc.remove_subscriber(self)
+
+
+class Process:
+    def __init__(self, table: ProcessTable, process_id: str, popen: subprocess.Popen[bytes], argv: list[str],
+                 *, user: str, cwd: str, tag: str | None, owner: Connection | None) -> None:
+        self.table = table
+        self.process_id = process_id
+        self.popen = popen
+        self.pid = popen.pid
+        self.argv = argv
+        self.user = user
+        self.cwd = cwd
+        self.tag = tag
+        self.owner = owner  # the connection whose closing kills it; None for background/detached
+        self.started_at = time.time()
+        self.ring = Ring()
+        self.subscribers: list[Subscriber] = []
+        self.running = True
+        self.exit_code: int | None = None
+        self.signal: int | None = None
+        self.timed_out = False
+        self.exit_pos: int | None = None
+        self.timer: Timer | None = None
+        self._paused = False
+        self._pipes: dict[int, str] = {}
+        loop = table.loop
+        for f, stream in ((popen.stdout, "stdout"), (popen.stderr, "stderr")):
+            assert f is not None
+            fd = f.fileno()
+            os.set_blocking(fd, False)
+            self._pipes[fd] = stream
+            loop.add_reader(fd, self._reader(fd))
+        self._stdin_fd = -1
+        if popen.stdin is not None:
+            self._stdin_fd = popen.stdin.fileno()
+            os.set_blocking(self._stdin_fd, False)
+        self._stdin_eof = popen.stdin is None
+        self._stdin_queue: deque[tuple[memoryview, bool, Connection, str]] = deque()
+        self._stdin_pending = 0
+
+    # --- output ----------------------------------------------------------------------------------------------
+    def _reader(self, fd: int) -> Callable[[], None]:
+        return lambda: self._on_readable(fd)
+
+    def _on_readable(self, fd: int) -> None:
+        try:
+            data = os.read(fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_pipe(fd)
+            return
+        if self.exit_pos is not None:
+            return  # a descendant that outlived the process: read so it never blocks or gets SIGPIPE
+        self.ring.append(self._pipes[fd], data)
+        self._output_added()
+
+    def _output_added(self) -> None:
+        end = self.ring.end
+        lagging = False
+        for sub in self.subscribers:
+            sub.conn.wake(sub)
+            if end - sub.pos > LAG_LIMIT:
+                lagging = True
+        if lagging and not self._paused and self.exit_pos is None:
+            self._paused = True
+            for fd in self._pipes:
+                self.table.loop.remove_reader(fd)
+
+    def subscriber_advanced(self) -> None:
+        if self._paused:
+            end = self.ring.end
+            if all(end - sub.pos <= LAG_LIMIT // 2 for sub in self.subscribers):
+                self._resume()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            for fd in self._pipes:
+                self.table.loop.add_reader(fd, self._reader(fd))
+
+    def _close_pipe(self, fd: int) -> None:
+        self.table.loop.forget(fd)
+        self._pipes.pop(fd, None)
+        f = self.popen.stdout if self.popen.stdout is not None and self.popen.stdout.fileno() == fd \
+            else self.popen.stderr
+        try:
+            if f is not None:
+                f.close()
+            else:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def add_subscriber(self, conn: Connection, rid: str, pos: int) -> Subscriber:
+        sub = Subscriber(self, conn, rid, pos)
+        self.subscribers.append(sub)
+        conn.add_producer(sub)
+        return sub
+
+    def remove_subscriber(self, sub: Subscriber) -> None:
+        if sub in self.subscribers:
+            self.subscribers.remove(sub)
+            self.subscriber_advanced()
+
+    # --- exit ------------------------------------------------------------------------------------------------
+    def on_exit(self, status: int) -> None:
+        self.running = False
+        code = os.waitstatus_to_exitcode(status)
+        self.popen.returncode = code  # so Popen never tries to reap this pid itself
+        if code < 0:
+            self.signal = -code
+        else:
+            self.exit_code = code
+        if self.timer is not None:
+            self.timer.cancel()
+        for fd in list(self._pipes):
+            drained = 0
+            while drained < DRAIN_LIMIT and fd in self._pipes:
+                try:
+                    data = os.read(fd, READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    self._close_pipe(fd)
+                    break
+                self.ring.append(self._pipes[fd], data)
+                drained += len(data)
+        self.exit_pos = self.ring.end
+        self._resume()
+        self._close_stdin("the process has exited")
+        for sub in list(self.subscribers):
+            sub.conn.wake(sub)
+
+    def exit_fields(self) -> dict[str, Any]:
+        return {"exit_code": self.exit_code, "signal": self.signal, "timed_out": self.timed_out}
+
+    def kill_group(self, sig: int) -> bool:
+        """Signal the process group; False if the process was already reaped."""
+        if not self.running:
+            return False
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        return True
+
+    def on_timeout(self) -> None:
+        if self.running:
+            self.timed_out = True
+            self.kill_group(_signal.SIGKILL)
+
+    def detach(self) -> None:
+        self.owner = None
+        for sub in list(self.subscribers):
+            sub.end({"ev": "ok", "detached": True})
+
+    # --- stdin -----------------------------------------------------------------------------------------------
+    def write_stdin(self, conn: Connection, rid: str, data: bytes, eof: bool) -> None:
+        if self._stdin_eof:
+            why = "was closed" if self.popen.stdin is not None else "was not kept open (exec with stdin:true)"
+            raise AgentError(AgentErrorCode.INVALID, f"stdin of process {self.process_id} {why}")
+        if self._stdin_pending + len(data) > STDIN_LIMIT:
+            raise AgentError(AgentErrorCode.BUSY,
+                             f"process {self.process_id} is not reading its stdin; wait for earlier writes")
+        self._stdin_eof = eof
+        self._stdin_queue.append((memoryview(data), eof, conn, rid))
+        self._stdin_pending += len(data)
+        self._flush_stdin()
+
+    def _flush_stdin(self) -> None:
+        loop = self.table.loop
+        while self._stdin_queue:
+            data, eof, conn, rid = self._stdin_queue[0]
+            if data:
+                try:
+                    n = os.write(self._stdin_fd, data)
+                except (BlockingIOError, InterruptedError):
+                    loop.add_writer(self._stdin_fd, self._flush_stdin)
+                    return
+                except OSError:
+                    self._close_stdin("the process closed its stdin")
+                    return
+                self._stdin_pending -= n
+                if n < len(data):
+                    self._stdin_queue[0] = (data[n:], eof, conn, rid)
+                    continue
+            self._stdin_queue.popleft()
+            conn.finish(rid, {"ev": "ok"})
+            if eof:
+                self._close_stdin("stdin was closed")
+                return
+        loop.remove_writer(self._stdin_fd)
+
+    def _close_stdin(self, reason: str) -> None:
+        self._stdin_eof = True
+        while self._stdin_queue:
+            _, _, conn, rid = self._stdin_queue.popleft()
+            conn.error(rid, AgentErrorCode.INVALID, f"stdin of process {self.process_id}: {reason}")
+        self._stdin_pending = 0
+        if self._stdin_fd >= 0:
+            self.table.loop.forget(self._stdin_fd)
+            assert self.popen.stdin is not None
+            try:
+                self.popen.stdin.close()
+            except OSError:
+                pass
+            self._stdin_fd = -1
+
+    def info(self) -> dict[str, Any]:
+        return {"process_id": self.process_id, "pid": self.pid, "argv": self.argv, "tag": self.tag,
+                "running": self.running, "exit_code": self.exit_code, "signal": self.signal,
+                "started_at": self.started_at, "user": self.user, "cwd": self.cwd}
+
+
+class ProcessTable:
+    """All processes the agent started, by id and pid, plus the records of the recently exited."""
+
+    def __init__(self, loop: Loop) -> None:
+        self.loop = loop
+        self.by_id: dict[str, Process] = {}
+        self.by_pid: dict[int, Process] = {}
+        self._exited: deque[Process] = deque()
+        self.other_children: dict[int, Callable[[int], None]] = {}  # e.g. file workers
+
+    def spawn(self, argv: list[str], *, env: dict[str, str], cwd: str, identity: Identity, stdin: bool,
+              timeout: float | None, tag: str | None, owner: Connection | None) -> Process:
+        kwargs: dict[str, Any] = {}
+        if identity.switch:
+            kwargs = {"user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
+        try:
+            popen = subprocess.Popen(  # noqa: S603 - argv from the client, run as it asked: this is the product
+                argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, cwd=cwd, env=env, start_new_session=True, close_fds=True, bufsize=0,
+                **kwargs)
+        except OSError as exc:
+            raise _spawn_error(exc, argv, cwd, env.get("PATH", "")) from None
+        except (ValueError, subprocess.SubprocessError) as exc:
+            raise AgentError(AgentErrorCode.INVALID, f"cannot start {argv[0]!r}: {exc}") from None
+        process_id = "p-" + os.urandom(6).hex()
+        proc = Process(self, process_id, popen, argv, user=identity.name, cwd=cwd, tag=tag, owner=owner)
+        self.by_id[process_id] = proc
+        self.by_pid[proc.pid] = proc
+        if timeout is not None:
+            proc.timer = self.loop.call_later(timeout, proc.on_timeout)
+        return proc
+
+    def get(self, process_id: object) -> Process:
+        proc = self.by_id.get(process_id) if isinstance(process_id, str) else None
+        if proc is None:
+            raise AgentError(AgentErrorCode.NOT_FOUND, f"no process {process_id!r} in the sandbox")
+        return proc
+
+    def reap(self) -> None:
+        """SIGCHLD: collect every exited child (ours, file workers, orphans when we are PID 1)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            proc = self.by_pid.pop(pid, None)
+            if proc is not None:
+                proc.on_exit(status)
+                self._record_exit(proc)
+                continue
+            other = self.other_children.pop(pid, None)
+            if other is not None:
+                other(status)
+
+    def _record_exit(self, proc: Process) -> None:
+        self._exited.append(proc)
+        while len(self._exited) > EXITED_KEPT:
+            old = self._exited.popleft()
+            self.by_id.pop(old.process_id, None)
+            if not old.subscribers:
+                old.ring.clear()
+        kept = sum(p.ring.size for p in self._exited)
+        for old in self._exited:
+            if kept <= EXITED_OUTPUT_BUDGET:
+                break
+            if not old.subscribers and old.ring.size:
+                kept -= old.ring.size
+                old.ring.clear()
+
+    def connection_closed(self, conn: Connection) -> None:
+        for proc in self.by_pid.values():
+            if proc.owner is conn:
+                log(f"killing {proc.process_id} (pid {proc.pid}): its connection closed")
+                proc.kill_group(_signal.SIGKILL)
+
+    def kill_all(self) -> None:
+        for proc in self.by_pid.values():
+            proc.kill_group(_signal.SIGKILL)
+
+    def listing(self) -> list[dict[str, Any]]:
+        return [proc.info() for proc in self.by_id.values()]
+
+
+def _spawn_error(exc: OSError, argv: list[str], cwd: str, path: str) -> AgentError:
+    import errno
+
+    name = argv[0]
+    if "/" not in name and exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR) and exc.filename != cwd \
+            and not any(os.path.exists(os.path.join(d or ".", name)) for d in path.split(":")):
+        # execvp reports EACCES when some PATH directory is not searchable, even if the command is nowhere
+        return AgentError(AgentErrorCode.NOT_FOUND, f"command {name!r} not found in the sandbox")
+
+    if exc.filename == cwd and exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+        code = {errno.ENOENT: AgentErrorCode.NOT_FOUND, errno.ENOTDIR: AgentErrorCode.NOT_A_DIRECTORY,
+                errno.EACCES: AgentErrorCode.PERMISSION_DENIED}[exc.errno]
+        return AgentError(code, f"cannot use {cwd!r} as the working directory: {exc.strerror}")
+    if exc.errno == errno.ENOENT:
+        return AgentError(AgentErrorCode.NOT_FOUND, f"command {argv[0]!r} not found in the sandbox")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return AgentError(AgentErrorCode.PERMISSION_DENIED, f"cannot execute {argv[0]!r}: {exc.strerror}")
+    if exc.errno in (errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+        return AgentError(AgentErrorCode.BUSY, f"cannot start {argv[0]!r}: {exc.strerror}")
+    return AgentError(AgentErrorCode.INVALID, f"cannot execute {argv[0]!r}: {exc.strerror}")
