@@ -41,6 +41,7 @@ class FakeRuntime:
             raise Conflict(f"sandbox {spec.sandbox_id} already exists") from exc
         home = state_dir / "home"
         home.mkdir()
+        home.chmod(0o1777)  # the agent acts as uid 1000 ("user") by default; this dir stands in for its home
         bootstrap = f"import sys; sys.path.insert(0, {str(_SRC)!r}); import runpy; " \
                     "runpy.run_module('corral.agent', run_name='__main__', alter_sys=True)"
         shim_spec = ShimSpec(

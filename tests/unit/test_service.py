@@ -1,0 +1,219 @@
+"""SandboxService over the fake runtime (real agent, real shim, no isolation): lifecycle, deadlines, errors.
+
+Deadlines are tested by stepping an injected clock, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.core.records import LOCAL_TENANT
+from corral.core.service import CreateRequest, SandboxService
+from corral.core.settings import Settings
+from corral.errors import InvalidRequest, InvalidState, NotFound, RuntimeFailure
+from corral.ids import SandboxId, TenantId
+from corral.models import EventKind, ExecParams, SandboxState, StopReason
+from corral.runtimes import _proc
+from corral.runtimes.base import Instance, Runtime, RuntimeConfig, SandboxSpec
+from corral.runtimes.fake import FakeRuntime
+from corral.store.sqlite import SqliteStore
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    def __init__(self) -> None:
+        import time
+
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FailingRuntime(FakeRuntime):
+    """Boots nothing: create fails the way a broken runtime would."""
+
+    async def create(self, spec: SandboxSpec) -> Instance:
+        raise RuntimeFailure("could not start the sandbox")
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", default_isolation="fake", enabled_runtimes=("fake",))
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make_service(settings: Settings, clock: Clock, runtime_cls: type[FakeRuntime] = FakeRuntime) -> SandboxService:
+    runtime = runtime_cls(RuntimeConfig(state_root=settings.state_root, cache_root=settings.cache_root))
+
+    def runtime_for(name: str) -> Runtime:
+        if name != "fake":
+            raise InvalidRequest(f"unknown isolation {name!r}; choose one of: fake")
+        return runtime
+
+    return SandboxService(settings=settings, store=SqliteStore(settings.db_path), runtime_for=runtime_for,
+                          clock=clock)
+
+
+@pytest.fixture
+async def service(settings: Settings, clock: Clock) -> AsyncIterator[SandboxService]:
+    svc = make_service(settings, clock)
+    yield svc
+    for info in await svc.list_sandboxes():
+        await svc.kill(info.sandbox_id)
+    await svc.aclose()
+    await svc.store.aclose()
+
+
+async def run(svc: SandboxService, sandbox_id: str, cmd: str) -> tuple[str, int | None]:
+    out = []
+    code = None
+    async for ev in await svc.exec(sandbox_id, ExecParams(cmd=cmd)):
+        if ev.kind is EventKind.STDOUT:
+            out.append(ev.data)
+        elif ev.kind is EventKind.EXIT:
+            code = ev.exit_code
+    return b"".join(out).decode(), code
+
+
+def state_dirs(settings: Settings) -> list[str]:
+    return sorted(os.listdir(settings.state_root)) if settings.state_root.exists() else []
+
+
+async def test_create_exec_files_kill(service: SandboxService, settings: Settings) -> None:
+    info = await service.create(CreateRequest(metadata={"team": "a"}, env={"GREETING": "hello"}))
+    assert info.state is SandboxState.RUNNING and info.isolation == "fake"
+    assert await run(service, info.sandbox_id, "echo $GREETING; exit 4") == ("hello\n", 4)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"a,b\n"
+        yield b"1,2\n"
+
+    path = f"{settings.state_root}/{info.sandbox_id}/home/data.csv"
+    # the fake runtime has no root file system of its own: act as root on a host path
+    assert await service.write_file(info.sandbox_id, path, chunks(), user="root") == 8
+    assert b"".join([c async for c in await service.read_file(info.sandbox_id, path, user="root")]) == b"a,b\n1,2\n"
+
+    assert [i.sandbox_id for i in await service.list_sandboxes(metadata={"team": "a"})] == [info.sandbox_id]
+    assert await service.list_sandboxes(metadata={"team": "b"}) == []
+
+    killed = await service.kill(info.sandbox_id)
+    assert killed.state is SandboxState.STOPPED and killed.stop_reason is StopReason.KILLED
+    assert state_dirs(settings) == []
+    assert await service.list_sandboxes() == []
+    with pytest.raises(InvalidState, match="stopped"):
+        await service.exec(info.sandbox_id, ExecParams(cmd="true"))
+    assert (await service.kill(info.sandbox_id)).state is SandboxState.STOPPED  # idempotent
+
+
+async def test_deadline_kills_on_time_and_set_timeout_moves_it(service: SandboxService, clock: Clock,
+                                                                settings: Settings) -> None:
+    info = await service.create(CreateRequest(timeout=60))
+    clock.now += 50
+    await service.reap()
+    assert (await service.get(info.sandbox_id)).state is SandboxState.RUNNING
+    await service.set_timeout(info.sandbox_id, 60)  # 60 s from *now*, not added to the old deadline
+    clock.now += 50
+    await service.reap()
+    assert (await service.get(info.sandbox_id)).state is SandboxState.RUNNING
+    clock.now += 11
+    await service.reap()
+    stopped = await service.get(info.sandbox_id)
+    assert stopped.state is SandboxState.STOPPED and stopped.stop_reason is StopReason.TIMEOUT
+    assert state_dirs(settings) == []
+
+
+async def test_a_dead_sandbox_is_noticed_and_cleaned(service: SandboxService, settings: Settings) -> None:
+    info = await service.create(CreateRequest())
+    record = await service.store.get_sandbox(SandboxId(info.sandbox_id))
+    assert record is not None and record.instance is not None
+    os.kill(record.instance.shim_pid, signal.SIGKILL)  # the supervisor dies (OOM killer, admin, bug)
+    for _ in range(200):
+        if not _proc.pid_alive(record.instance.shim_pid, record.instance.shim_start_ticks):
+            break
+        import anyio
+
+        await anyio.sleep(0.01)
+    gone = await service.get(info.sandbox_id)
+    assert gone.state is SandboxState.STOPPED and gone.stop_reason is StopReason.CRASHED
+    assert state_dirs(settings) == []
+
+
+async def test_bad_input_creates_nothing(service: SandboxService, settings: Settings) -> None:
+    with pytest.raises(InvalidRequest, match="unknown isolation 'quantum'"):
+        await service.create(CreateRequest(isolation="quantum"))
+    with pytest.raises(NotFound, match="template 'nope' not found; available templates: base"):
+        await service.create(CreateRequest(template="nope"))
+    with pytest.raises(InvalidRequest, match="timeout"):
+        await service.create(CreateRequest(timeout=-1))
+    with pytest.raises(InvalidRequest, match="metadata"):
+        await service.create(CreateRequest(metadata={"k": 1}))  # type: ignore[dict-item]
+    assert await service.store.list_sandboxes() == []
+    assert state_dirs(settings) == []
+
+
+async def test_runtime_failure_leaves_no_record(settings: Settings, clock: Clock) -> None:
+    svc = make_service(settings, clock, FailingRuntime)
+    try:
+        with pytest.raises(RuntimeFailure):
+            await svc.create(CreateRequest())
+        assert await svc.store.list_sandboxes() == []
+    finally:
+        await svc.aclose()
+        await svc.store.aclose()
+
+
+async def test_tenants_cannot_see_each_other(service: SandboxService) -> None:
+    info = await service.create(CreateRequest())
+    stranger = TenantId.new()
+    with pytest.raises(NotFound):
+        await service.get(info.sandbox_id, tenant=stranger)
+    with pytest.raises(NotFound):
+        await service.kill(info.sandbox_id, tenant=stranger)
+    assert await service.list_sandboxes(tenant=stranger) == []
+    assert (await service.get(info.sandbox_id, tenant=LOCAL_TENANT)).state is SandboxState.RUNNING
+
+
+async def test_bad_ids_are_not_found(service: SandboxService) -> None:
+    for bad in ("", "sb-", "../../etc", "sb-AAAAAAAAAAAAAAAA", "sb-aaaaaaaaaaaaaaaa\n"):
+        with pytest.raises(NotFound):
+            await service.get(bad)
+
+
+async def test_another_process_reattaches(service: SandboxService, settings: Settings, clock: Clock) -> None:
+    info = await service.create(CreateRequest())
+    bg = [ev async for ev in await service.exec(info.sandbox_id,
+                                                ExecParams(cmd="echo started; sleep 30", background=True))]
+    process_id = bg[0].process_id
+    assert process_id and bg[-1].kind is EventKind.DETACHED
+    other = make_service(settings, clock)  # a second process sharing the data dir, e.g. a CLI call
+    try:
+        assert await run(other, info.sandbox_id, "echo from-other") == ("from-other\n", 0)
+        procs = await other.list_processes(info.sandbox_id)
+        assert any(p.process_id == process_id and p.running for p in procs)
+        replay = []
+        async for ev in await other.attach(info.sandbox_id, process_id):
+            replay.append(ev)
+            if ev.kind is EventKind.STDOUT:
+                break
+        assert b"started\n" in b"".join(e.data for e in replay)
+    finally:
+        await other.aclose()
+        await other.store.aclose()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_shims(settings: Settings) -> Iterator[None]:
+    yield
+    leftovers = state_dirs(settings)
+    assert leftovers == [], f"sandbox state dirs left behind: {leftovers}"
