@@ -82,6 +82,7 @@ def _sources_digest(python: Path) -> str:
     h = hashlib.sha256()
     st = python.resolve().stat()
     h.update(f"{python.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(Path(__file__).read_bytes())  # a change to how the bundle is built makes a new bundle
     for sub in ("agent", "protocol"):
         for f in sorted((_PACKAGE_ROOT / sub).rglob("*.py")):
             h.update(f.relative_to(_PACKAGE_ROOT).as_posix().encode())
@@ -139,6 +140,7 @@ def ensure_bundle(cache_root: Path, python: Path = HOST_PYTHON) -> AgentBundle:
         return AgentBundle(target, version, loader)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; the agent runs processes as uid 1000 that need this interpreter
     try:
         _build(tmp, python, stdlib, version)
         try:
