@@ -171,3 +171,32 @@ async def ns_sandbox(ns_runtime: Any, host_rootfs: Any) -> AsyncIterator[Sandbox
         pytest.skip("the namespace runtime needs root")
     async for make in _sandbox_factory(ns_runtime, host_rootfs):
         yield make
+
+
+# --- gvisor runtime --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def gvisor_runtime(runtime_config: RuntimeConfig) -> Any:
+    from corral.runtimes.gvisor import GVisorRuntime
+
+    return GVisorRuntime(runtime_config)
+
+
+@pytest.fixture
+async def gvisor_sandbox(gvisor_runtime: Any, host_rootfs: Any) -> AsyncIterator[SandboxFactory]:
+    """``await gvisor_sandbox(limits=…, rootfs=…)`` → a running gVisor sandbox; destroyed after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("the gvisor runtime needs root")
+    async for make in _sandbox_factory(gvisor_runtime, host_rootfs):
+        yield make
+
+
+@pytest.fixture(scope="module")
+async def gvisor_module_sandbox(gvisor_runtime: Any, host_rootfs: Any) -> AsyncIterator[SandboxFactory]:
+    """Like ``gvisor_sandbox``, but the sandboxes live until the end of the module, so read-only checks can
+    share one (a gVisor boot costs ~0.4 s). Needs a module-scoped ``anyio_backend`` in the test module."""
+    if os.geteuid() != 0:
+        pytest.skip("the gvisor runtime needs root")
+    async for make in _sandbox_factory(gvisor_runtime, host_rootfs):
+        yield make
