@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -35,10 +36,8 @@ def _listener(address: str) -> socket.socket:
     kind, _, rest = address.partition(":")
     if kind == "unix" and rest:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(rest)
-        except FileNotFoundError:
-            pass
         old = os.umask(0o177)
         try:
             sock.bind(rest)

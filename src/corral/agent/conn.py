@@ -17,6 +17,7 @@ connection only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from collections.abc import Callable
@@ -60,9 +61,13 @@ class Connection:
         self._read_pauses = 0
         self.inflight: set[str] = set()
         self.closed = False
-        os.set_blocking(rfd, False)
-        os.set_blocking(wfd, False)
-        loop.add_reader(rfd, self._on_readable)
+        try:
+            os.set_blocking(rfd, False)
+            os.set_blocking(wfd, False)
+            loop.add_reader(rfd, self._on_readable)
+        except OSError as exc:  # e.g. stdin is a regular file or /dev/null, which epoll refuses
+            reason = f"cannot watch the connection: {exc}"
+            loop.call_soon(lambda: self.close(reason))
 
     # --- input -----------------------------------------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -198,11 +203,9 @@ class Connection:
         for producer in producers:
             try:
                 producer.cancel()
-            except Exception as exc:  # noqa: BLE001 - keep cancelling the others
+            except Exception as exc:  # keep cancelling the others
                 log(f"cancelling a producer failed: {exc!r}")
         for fd in {self.rfd, self.wfd}:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self._on_close(self)

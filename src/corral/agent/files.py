@@ -15,6 +15,7 @@ a directory swapped for a symlink in the meantime cannot redirect a root-owned w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat as st
 from typing import Any
@@ -271,10 +272,8 @@ def op_commit(state: WorkerState, args: dict[str, Any]) -> Reply:
     try:
         os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
     except OSError as exc:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dfd)
-        except OSError:
-            pass
         raise from_oserror(exc, args.get("path")) from None
     finally:
         os.close(dfd)

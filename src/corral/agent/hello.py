@@ -6,10 +6,13 @@ Kept apart and import-light: in stdio mode ``__main__`` sends it before importin
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from corral.agent import AGENT_VERSION
 from corral.protocol.messages import PROTOCOL_VERSION
+
+TYPE_CHECKING = False  # typing is not imported at run time: this module is on the time-to-hello path
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["CAPABILITIES", "hello_fields"]
 

@@ -142,7 +142,7 @@ class Loop:
         """Call ``callback(*args)``; an exception is logged, not raised: it must not stop the agent."""
         try:
             callback(*args)
-        except Exception:  # noqa: BLE001
+        except Exception:
             import traceback
 
             log("internal error:\n" + traceback.format_exc().rstrip())

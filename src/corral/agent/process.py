@@ -24,13 +24,14 @@ its group id, may belong to someone else.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import signal as _signal
 import subprocess
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from corral.agent.conn import Connection
 from corral.agent.errors import AgentError
@@ -162,13 +163,15 @@ class Process:
         self.exit_pos: int | None = None
         self.timer: Timer | None = None
         self._paused = False
-        self._pipes: dict[int, str] = {}
+        self._pipes: dict[int, str] = {}  # open output pipes: fd -> stream name
+        self._files: dict[int, IO[bytes]] = {}  # their file objects, which own the fds
         loop = table.loop
         for f, stream in ((popen.stdout, "stdout"), (popen.stderr, "stderr")):
             assert f is not None
             fd = f.fileno()
             os.set_blocking(fd, False)
             self._pipes[fd] = stream
+            self._files[fd] = f
             loop.add_reader(fd, self._reader(fd))
         self._stdin_fd = -1
         if popen.stdin is not None:
@@ -224,15 +227,10 @@ class Process:
     def _close_pipe(self, fd: int) -> None:
         self.table.loop.forget(fd)
         self._pipes.pop(fd, None)
-        f = self.popen.stdout if self.popen.stdout is not None and self.popen.stdout.fileno() == fd \
-            else self.popen.stderr
-        try:
-            if f is not None:
+        f = self._files.pop(fd, None)
+        if f is not None:
+            with contextlib.suppress(OSError):
                 f.close()
-            else:
-                os.close(fd)
-        except OSError:
-            pass
 
     def add_subscriber(self, conn: Connection, rid: str, pos: int) -> Subscriber:
         sub = Subscriber(self, conn, rid, pos)
@@ -283,10 +281,8 @@ class Process:
         """Signal the process group; False if the process was already reaped."""
         if not self.running:
             return False
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
         return True
 
     def on_timeout(self) -> None:
@@ -345,10 +341,8 @@ class Process:
         if self._stdin_fd >= 0:
             self.table.loop.forget(self._stdin_fd)
             assert self.popen.stdin is not None
-            try:
+            with contextlib.suppress(OSError):
                 self.popen.stdin.close()
-            except OSError:
-                pass
             self._stdin_fd = -1
 
     def info(self) -> dict[str, Any]:
@@ -373,7 +367,7 @@ class ProcessTable:
         if identity.switch:
             kwargs = {"user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
         try:
-            popen = subprocess.Popen(  # noqa: S603 - argv from the client, run as it asked: this is the product
+            popen = subprocess.Popen(
                 argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, cwd=cwd, env=env, start_new_session=True, close_fds=True, bufsize=0,
                 **kwargs)

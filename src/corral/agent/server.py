@@ -146,7 +146,7 @@ class Agent:
             handler(conn, rid, frame)
         except AgentError as exc:
             conn.error(rid, exc.code, exc.message)
-        except Exception as exc:  # noqa: BLE001 - a bug answers one request, it does not stop the agent
+        except Exception as exc:  # a bug answers one request, it does not stop the agent
             import traceback
 
             log(f"internal error in {op}:\n" + traceback.format_exc().rstrip())
@@ -388,7 +388,7 @@ class Agent:
         upload.worker = self._pool(h).submit("open_write", args, upload.opened)
 
     def on_data(self, conn: Connection, frame: Frame) -> None:
-        upload = self.uploads.get((conn, frame.get("id")))  # type: ignore[arg-type]
+        upload = self.uploads.get((conn, frame.get("id")))
         if upload is None:
             return  # the upload already failed (and said so) or never existed: nothing to answer
         if frame.get("abort"):

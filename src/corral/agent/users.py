@@ -16,7 +16,7 @@ import os
 
 from corral.agent.loop import log
 
-__all__ = ["Identity", "Identities", "ensure_user"]
+__all__ = ["Identities", "Identity", "ensure_user"]
 
 USER_NAME = "user"
 USER_ID = 1000

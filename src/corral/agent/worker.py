@@ -51,9 +51,8 @@ class WorkerReply:
     def check(self) -> None:
         """Raise the worker's error, if it answered with one."""
         if not self.fields.get("ok"):
-            code = self.fields.get("code")
             try:
-                code = AgentErrorCode(code)
+                code = AgentErrorCode(str(self.fields.get("code")))
             except ValueError:
                 code = AgentErrorCode.INTERNAL
             raise AgentError(code, str(self.fields.get("message", "file operation failed")))
@@ -73,7 +72,7 @@ class Worker:
                 parent.close()
                 _worker_main(child.detach(), pool.identity)
                 status = 0
-            except BaseException:  # noqa: BLE001
+            except BaseException:
                 import traceback
 
                 traceback.print_exc()
@@ -262,7 +261,7 @@ def _worker_main(fd: int, identity: Identity) -> None:
             except OSError as exc:
                 err = from_oserror(exc, header.get("path"))
                 out = {"ok": False, "code": str(err.code), "message": err.message}
-            except Exception as exc:  # noqa: BLE001 - report, keep serving
+            except Exception as exc:  # report, keep serving
                 out = {"ok": False, "code": "internal", "message": f"{type(exc).__name__}: {exc}"}
             batches = reply.batches if reply is not None else []
             for batch in batches[:-1]:
