@@ -342,11 +342,12 @@ def _leak_check(
     before = {(x.kind, x.key) for x in _leftovers(roots, token)}
     yield
     deadline = time.monotonic() + LEAK_GRACE_SECONDS
-    new = _new_leftovers(before, roots, token)
-    while new and time.monotonic() < deadline:
-        time.sleep(0.1)  # polling with a bound: detached processes cannot be waited on from here
+    while True:
         new = _new_leftovers(before, roots, token)
-    failing = [x for x in new if x.ours or STRICT_LEAKS]
+        failing = [x for x in new if x.ours or STRICT_LEAKS]
+        if not failing or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)  # polling with a bound: detached processes cannot be waited on from here
     others = [x for x in new if x not in failing]
     if others:
         warnings.warn(
