@@ -9,6 +9,7 @@ say "standard library only", so this test reads their imports, including those i
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,3 +82,20 @@ def test_the_checker_sees_forbidden_imports(tmp_path: Path) -> None:
     names = [name for _, name in _imports(bad, src=tmp_path)]
     assert names == ["os", "corral.agent.y", "corral.protocol.frames", "anyio", "corral.errors"]
     assert [n for n in names if not _allowed(n, OUTSIDE_THE_VENV["agent"])] == ["anyio", "corral.errors"]
+
+
+def test_protocol_and_agent_import_without_site_packages() -> None:
+    # The shim runs as `python -I -S _shim.py` with only src/ on the path, and importing corral.protocol runs
+    # corral/__init__.py first: the package root must stay importable without any third-party package
+    # (its SDK exports are lazy).
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import corral.protocol, corral.agent; "
+        "print(sorted(m for m in sys.modules if m.partition('.')[0] not in sys.stdlib_module_names))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, str(SRC)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = ast.literal_eval(done.stdout)
+    allowed = ("__main__", "corral", "corral.protocol", "corral.agent")
+    assert all(m in allowed or m.startswith(allowed[2:]) for m in loaded), loaded
