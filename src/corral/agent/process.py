@@ -127,7 +127,7 @@ class Subscriber:
             self.pos += len(data)
             self.conn.send({"id": self.rid, "ev": stream}, data)
             proc.subscriber_advanced()
-            return self.pos < stop
+            return self.pos < stop or proc.exit_pos is not None  # more output, or the exit frame
         if proc.exit_pos is not None:
             self.end({"ev": "exit", **proc.exit_fields()})
         return False
