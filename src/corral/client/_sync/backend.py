@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from corral.models import EntryInfo, ExecParams, ProcessEvent, ProcessInfo, SandboxInfo, SandboxState, TemplateInfo
+from corral.models import (
+    EntryInfo,
+    ExecParams,
+    ProcessEvent,
+    ProcessInfo,
+    SandboxInfo,
+    SandboxState,
+    TemplateInfo,
+)
 
 __all__ = ["Backend", "CreateParams", "open_default_backend"]
 
