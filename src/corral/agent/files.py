@@ -156,12 +156,14 @@ def op_remove(state: WorkerState, args: dict[str, Any]) -> Reply:
         elif args.get("recursive", False):
             import shutil
 
-            failures: list[str] = []
-            shutil.rmtree(path, onerror=lambda fn, p, exc: failures.append(p))
+            failures: list[tuple[str, BaseException]] = []
+            shutil.rmtree(path, onerror=lambda fn, p, exc: failures.append((p, exc[1])))
             if failures:
-                raise AgentError(AgentErrorCode.PERMISSION_DENIED if os.path.lexists(path)
-                                 else AgentErrorCode.INTERNAL,
-                                 f"{path}: could not remove {len(failures)} entries, e.g. {failures[-1]}")
+                where, exc = failures[0]
+                if isinstance(exc, OSError):
+                    err = from_oserror(exc, where)
+                    raise AgentError(err.code, f"{path}: could not remove everything ({err.message})")
+                raise AgentError(AgentErrorCode.INTERNAL, f"{path}: could not remove {where}")
         else:
             try:
                 os.rmdir(path)

@@ -613,8 +613,15 @@ class Upload:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        conn, rid = self.conn, self.rid
+
+        def answer(reply: WorkerReply | None = None) -> None:
+            if exc is not None:
+                conn.error(rid, exc.code, exc.message)
+
         if self.token is not None and self.worker is not None:
-            self.worker.submit("abort", {"token": self.token}, lambda r: None)
+            # answer once the temp file is gone, so a client that saw the error never sees the temp file
+            self.worker.submit("abort", {"token": self.token}, answer)
             self.token = None
-        if exc is not None:
-            self.conn.error(self.rid, exc.code, exc.message)
+        else:
+            answer()

@@ -21,7 +21,9 @@ processes cannot ptrace it.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
+import select
 import signal
 import socket
 from collections import deque
@@ -171,6 +173,26 @@ class Worker:
         for callback in pending:
             self.pool.loop.run_callback(callback, _died())
 
+    def finish(self, timeout: float) -> None:
+        """Blocking, for shutdown: send the queued requests, close our end, wait for the worker to exit."""
+        if not self.alive:
+            return
+        try:
+            self.sock.setblocking(True)
+            for op, args, _ in self.queue:
+                self.sock.sendall(encode({"op": op, **args}))
+            self.sock.shutdown(socket.SHUT_WR)
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            pidfd = -1
+        if pidfd >= 0:
+            with contextlib.suppress(OSError):
+                select.select([pidfd], [], [], timeout)
+            os.close(pidfd)
+        self.queue.clear()
+        self.current = None
+        self.die("agent stopping")
+
     def reaped(self, status: int) -> None:
         self.die(f"exit status {os.waitstatus_to_exitcode(status)}")
 
@@ -205,9 +227,10 @@ class WorkerPool:
         worker.submit(op, args, callback)
         return worker
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the workers, letting each finish what was sent or queued to it (aborts remove temp files)."""
         for worker in list(self.workers):
-            worker.die("agent stopping")
+            worker.finish(timeout)
 
 
 # --- the worker process ------------------------------------------------------------------------------------
@@ -228,6 +251,13 @@ def _worker_main(fd: int, identity: Identity) -> None:
     os.closerange(3, fd)
     os.closerange(fd + 1, 1 << 20)
     os.set_inheritable(fd, False)
+    # Import what file operations need while still root: the interpreter's files may not be readable by the
+    # identity (they are not when a root-only Python runs the agent, as in tests).
+    import json  # noqa: F401
+    import shutil  # noqa: F401
+
+    from corral.agent import files
+
     if identity.switch and os.geteuid() == 0:
         os.setgroups(list(identity.groups))
         os.setresgid(identity.gid, identity.gid, identity.gid)
@@ -238,15 +268,15 @@ def _worker_main(fd: int, identity: Identity) -> None:
     except OSError:
         os.chdir("/")
 
-    from corral.agent import files
-
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     state = files.WorkerState(identity.home)
     decoder = Decoder()
     while True:
         data = sock.recv(RECV_SIZE)
-        if not data:
+        if not data:  # the agent is gone or stopping: uploads it did not commit must not leave temp files
+            for token in list(state.uploads):
+                files.op_abort(state, {"token": token})
             return
         for frame in decoder.feed(data):
             header = dict(frame.header)

@@ -1,0 +1,170 @@
+"""Background processes, attach (replay then live), detach, and what happens when connections close."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from .conftest import AgentProcess, Client, ListeningAgent, pid_exited
+
+PRINT_WAIT_PRINT = "echo one; read line; echo two $line"
+
+
+def _started(client: Client, rid: str) -> tuple[str, int]:
+    frame = client.next_frame(rid)
+    assert frame.get("ev") == "started", frame.header
+    return frame.header["process_id"], frame.header["pid"]
+
+
+def test_background_answers_started_then_ok(agent: Client) -> None:
+    frames = agent.collect(agent.start("exec", argv=["sleep", "300"], background=True))
+    assert [f.get("ev") for f in frames] == ["started", "ok"]
+    process_id = frames[0].header["process_id"]
+    listing = {p["process_id"]: p for p in agent.ok("list_processes")["processes"]}
+    assert listing[process_id]["running"] is True
+    agent.ok("signal", process_id=process_id, signal=signal.SIGKILL)
+    end = agent.collect(agent.start("attach", process_id=process_id))[-1]
+    assert end.header["signal"] == signal.SIGKILL
+
+
+def test_attach_replays_kept_output_then_streams_live(agent: Client) -> None:
+    rid = agent.start("exec", cmd=PRINT_WAIT_PRINT, stdin=True, background=True)
+    process_id, pid = _started(agent, rid)
+    assert agent.next_frame(rid).get("ev") == "ok"
+    # a first attach sees "one" (live or replayed: it is produced before the process waits for stdin)
+    first = agent.start("attach", process_id=process_id)
+    header = agent.next_frame(first)
+    assert header.get("ev") == "started" and header.header["pid"] == pid and header.header["dropped"] == 0
+    assert agent.next_frame(first).payload == b"one\n"
+    # "one" has been produced, so a second attach must get it from the buffer, before anything live
+    second = agent.start("attach", process_id=process_id, replay=True)
+    assert agent.next_frame(second).get("ev") == "started"
+    replayed = agent.next_frame(second)
+    assert (replayed.get("ev"), replayed.payload) == ("stdout", b"one\n")
+    # a third attach without replay sees only what comes next
+    third = agent.start("attach", process_id=process_id, replay=False)
+    assert agent.next_frame(third).get("ev") == "started"
+    agent.ok("stdin", b"x\n", process_id=process_id)
+    for rid in (first, second, third):
+        frames = agent.collect(rid)
+        assert b"".join(f.payload for f in frames) == b"two x\n"
+        assert frames[-1].header["exit_code"] == 0
+
+
+def test_attach_to_exited_process_replays_then_exits(agent: Client) -> None:
+    result = agent.run(cmd="echo a; echo b >&2; exit 4")
+    frames = agent.collect(agent.start("attach", process_id=result.started.header["process_id"]))
+    assert frames[0].get("ev") == "started"
+    assert [(f.get("ev"), f.payload) for f in frames[1:-1]] == [("stdout", b"a\n"), ("stderr", b"b\n")]
+    assert frames[-1].header["exit_code"] == 4
+
+
+def test_attach_unknown_process(agent: Client) -> None:
+    assert agent.call("attach", process_id="p-000000000000").header["code"] == "not_found"
+
+
+def test_background_output_beyond_the_buffer_is_dropped_and_counted(agent: Client) -> None:
+    size = 12 * 1024 * 1024
+    rid = agent.start("exec", cmd=f"head -c {size} /dev/zero | tr '\\0' x; echo; echo end",
+                      background=True)
+    process_id, _ = _started(agent, rid)
+    agent.next_frame(rid)  # ok
+    # wait for the exit through an attach without replay, then replay everything that was kept
+    assert agent.collect(agent.start("attach", process_id=process_id, replay=False))[-1].get("ev") == "exit"
+    frames = agent.collect(agent.start("attach", process_id=process_id))
+    kept = b"".join(f.payload for f in frames[1:-1])
+    dropped = frames[0].header["dropped"]
+    assert dropped > 0
+    assert len(kept) <= 8 * 1024 * 1024
+    assert dropped + len(kept) == size + len(b"\nend\n")
+    assert kept.endswith(b"x\nend\n")
+
+
+def test_detach_ends_streams_with_ok_and_keeps_the_process(listening: ListeningAgent) -> None:
+    a = listening.connect()
+    rid = a.start("exec", cmd=PRINT_WAIT_PRINT, stdin=True)
+    process_id, _pid = _started(a, rid)
+    assert a.next_frame(rid).payload == b"one\n"
+    attached = a.start("attach", process_id=process_id, replay=False)
+    assert a.next_frame(attached).get("ev") == "started"
+    a.ok("detach", process_id=process_id)
+    assert a.next_frame(rid).get("ev") == "ok"
+    assert a.next_frame(attached).get("ev") == "ok"
+    listening.disconnect(a)
+    # the process survived its connection: finish it from another one
+    b = listening.connect()
+    follow = b.start("attach", process_id=process_id, replay=False)
+    assert b.next_frame(follow).get("ev") == "started"
+    b.ok("stdin", b"later\n", process_id=process_id)
+    frames = b.collect(follow)
+    assert b"".join(f.payload for f in frames) == b"two later\n"
+    assert frames[-1].header["exit_code"] == 0
+
+
+def test_foreground_process_dies_with_its_connection(listening: ListeningAgent) -> None:
+    a = listening.connect()
+    rid = a.start("exec", cmd="sleep 300 & echo $!; wait")
+    process_id, _pid = _started(a, rid)
+    child = int(a.next_frame(rid).payload)
+    b = listening.connect()
+    watch = b.start("attach", process_id=process_id, replay=False)
+    assert b.next_frame(watch).get("ev") == "started"
+    listening.disconnect(a)
+    end = b.collect(watch)[-1]
+    assert end.header["signal"] == signal.SIGKILL
+    assert pid_exited(child)  # the whole group
+
+
+def test_background_process_survives_its_connection(listening: ListeningAgent) -> None:
+    a = listening.connect()
+    rid = a.start("exec", cmd=PRINT_WAIT_PRINT, stdin=True, background=True)
+    process_id, _ = _started(a, rid)
+    a.next_frame(rid)
+    listening.disconnect(a)
+    b = listening.connect()
+    running = {p["process_id"]: p["running"] for p in b.ok("list_processes")["processes"]}
+    assert running[process_id] is True
+    b.ok("stdin", b"z\n", process_id=process_id, eof=True)
+    frames = b.collect(b.start("attach", process_id=process_id))
+    assert b"".join(f.payload for f in frames[1:-1]) == b"one\ntwo z\n"
+
+
+def test_attached_stream_on_another_connection_does_not_own_the_process(listening: ListeningAgent) -> None:
+    a = listening.connect()
+    rid = a.start("exec", cmd=PRINT_WAIT_PRINT, stdin=True)
+    process_id, _ = _started(a, rid)
+    b = listening.connect()
+    watch = b.start("attach", process_id=process_id)
+    assert b.next_frame(watch).get("ev") == "started"
+    listening.disconnect(b)
+    a.ok("stdin", b"y\n", process_id=process_id)
+    frames = a.collect(rid)
+    assert b"".join(f.payload for f in frames) == b"one\ntwo y\n"
+
+
+def test_each_connection_gets_its_own_hello(listening: ListeningAgent) -> None:
+    a, b = listening.connect(), listening.connect()
+    assert a.hello.header == b.hello.header
+    a.ok("ping")
+    b.ok("ping")
+
+
+def test_stdio_eof_stops_the_agent_and_kills_everything(agent_proc: AgentProcess) -> None:
+    client = agent_proc.client()
+    frames = client.collect(client.start("exec", argv=["sleep", "300"], background=True))
+    pid = frames[0].header["pid"]
+    fg = client.start("exec", argv=["sleep", "300"])
+    fg_pid = client.next_frame(fg).header["pid"]
+    assert agent_proc.stop() == 0
+    assert pid_exited(pid) and pid_exited(fg_pid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_termination_signal_stops_the_agent_and_kills_everything(agent_proc: AgentProcess, sig: int) -> None:
+    client = agent_proc.client()
+    frames = client.collect(client.start("exec", argv=["sleep", "300"], background=True))
+    agent_proc.proc.send_signal(sig)
+    client.wait_closed()
+    assert agent_proc.proc.wait(timeout=30) == 0
+    assert pid_exited(frames[0].header["pid"])
