@@ -11,7 +11,7 @@ so ``Sandbox.connect(id)`` works from another process (another CLI call, say).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +23,7 @@ from corral.client._async.backend import CreateParams
 from corral.core.records import TemplateRecord
 from corral.core.service import CreateRequest, SandboxService
 from corral.core.settings import Settings
-from corral.errors import InvalidRequest
+from corral.errors import InvalidRequest, InvalidState
 from corral.models import (
     EntryInfo,
     ExecParams,
@@ -168,6 +168,7 @@ class LocalBackend:
     """Sync face of :class:`AsyncLocalBackend`: every call runs on a private event-loop thread."""
 
     def __init__(self, make: Callable[[], AsyncLocalBackend]) -> None:
+        self._closed = False
         self._portal_cm: AbstractContextManager[BlockingPortal] = start_blocking_portal()
         self._portal = self._portal_cm.__enter__()
         try:
@@ -180,40 +181,45 @@ class LocalBackend:
     def from_env(cls, **overrides: Any) -> LocalBackend:
         return cls(lambda: AsyncLocalBackend.from_env(**overrides))
 
+    def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        if self._closed:
+            raise InvalidState("this client was closed; open a new one, e.g. Sandbox.connect(sandbox_id)")
+        return self._portal.call(fn, *args)
+
     def _iterate(self, make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
-        agen = self._portal.call(_build, make)
+        agen = self._call(_build, make)
         try:
             while True:
                 try:
-                    yield self._portal.call(agen.__anext__)
+                    yield self._call(agen.__anext__)
                 except StopAsyncIteration:
                     return
         finally:
             aclose = getattr(agen, "aclose", None)
             if aclose is not None:
-                self._portal.call(aclose)
+                self._call(aclose)
 
     def create_sandbox(self, params: CreateParams) -> SandboxInfo:
-        return self._portal.call(self._backend.create_sandbox, params)
+        return self._call(self._backend.create_sandbox, params)
 
     def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return self._portal.call(self._backend.get_sandbox, sandbox_id)
+        return self._call(self._backend.get_sandbox, sandbox_id)
 
     def list_sandboxes(self, *, metadata: dict[str, str] | None = None,
                        states: frozenset[SandboxState] | None = None) -> list[SandboxInfo]:
-        return self._portal.call(lambda: self._backend.list_sandboxes(metadata=metadata, states=states))
+        return self._call(lambda: self._backend.list_sandboxes(metadata=metadata, states=states))
 
     def kill_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return self._portal.call(self._backend.kill_sandbox, sandbox_id)
+        return self._call(self._backend.kill_sandbox, sandbox_id)
 
     def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
-        return self._portal.call(self._backend.set_timeout, sandbox_id, seconds)
+        return self._call(self._backend.set_timeout, sandbox_id, seconds)
 
     def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return self._portal.call(self._backend.pause_sandbox, sandbox_id)
+        return self._call(self._backend.pause_sandbox, sandbox_id)
 
     def resume_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return self._portal.call(self._backend.resume_sandbox, sandbox_id)
+        return self._call(self._backend.resume_sandbox, sandbox_id)
 
     def exec(self, sandbox_id: str, params: ExecParams) -> Iterator[ProcessEvent]:
         return self._iterate(lambda: self._backend.exec(sandbox_id, params))
@@ -222,51 +228,54 @@ class LocalBackend:
         return self._iterate(lambda: self._backend.attach(sandbox_id, process_id))
 
     def list_processes(self, sandbox_id: str) -> list[ProcessInfo]:
-        return self._portal.call(self._backend.list_processes, sandbox_id)
+        return self._call(self._backend.list_processes, sandbox_id)
 
     def send_stdin(self, sandbox_id: str, process_id: str, data: bytes, *, eof: bool = False) -> None:
-        self._portal.call(lambda: self._backend.send_stdin(sandbox_id, process_id, data, eof=eof))
+        self._call(lambda: self._backend.send_stdin(sandbox_id, process_id, data, eof=eof))
 
     def signal(self, sandbox_id: str, process_id: str, signal: int) -> None:
-        self._portal.call(self._backend.signal, sandbox_id, process_id, signal)
+        self._call(self._backend.signal, sandbox_id, process_id, signal)
 
     def read_file(self, sandbox_id: str, path: str, *, user: str | None = None) -> Iterator[bytes]:
         return self._iterate(lambda: self._backend.read_file(sandbox_id, path, user=user))
 
     def write_file(self, sandbox_id: str, path: str, chunks: Iterable[bytes], *, user: str | None = None) -> int:
-        return self._portal.call(lambda: self._backend.write_file(sandbox_id, path, _aiter(chunks), user=user))
+        return self._call(lambda: self._backend.write_file(sandbox_id, path, _aiter(chunks), user=user))
 
     def list_dir(self, sandbox_id: str, path: str, *, depth: int = 1, user: str | None = None) -> list[EntryInfo]:
-        return self._portal.call(lambda: self._backend.list_dir(sandbox_id, path, depth=depth, user=user))
+        return self._call(lambda: self._backend.list_dir(sandbox_id, path, depth=depth, user=user))
 
     def stat(self, sandbox_id: str, path: str, *, user: str | None = None) -> EntryInfo:
-        return self._portal.call(lambda: self._backend.stat(sandbox_id, path, user=user))
+        return self._call(lambda: self._backend.stat(sandbox_id, path, user=user))
 
     def make_dir(self, sandbox_id: str, path: str, *, user: str | None = None) -> bool:
-        return self._portal.call(lambda: self._backend.make_dir(sandbox_id, path, user=user))
+        return self._call(lambda: self._backend.make_dir(sandbox_id, path, user=user))
 
     def remove(self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None) -> None:
-        self._portal.call(lambda: self._backend.remove(sandbox_id, path, recursive=recursive, user=user))
+        self._call(lambda: self._backend.remove(sandbox_id, path, recursive=recursive, user=user))
 
     def rename(self, sandbox_id: str, src: str, dst: str, *, overwrite: bool = False,
                user: str | None = None) -> None:
-        self._portal.call(lambda: self._backend.rename(sandbox_id, src, dst, overwrite=overwrite, user=user))
+        self._call(lambda: self._backend.rename(sandbox_id, src, dst, overwrite=overwrite, user=user))
 
     def list_templates(self) -> list[TemplateInfo]:
-        return self._portal.call(self._backend.list_templates)
+        return self._call(self._backend.list_templates)
 
     def import_template(self, name: str, *, directory: str | None = None, tarball: str | None = None,
                         description: str = "") -> TemplateInfo:
-        return self._portal.call(lambda: self._backend.import_template(
+        return self._call(lambda: self._backend.import_template(
             name, directory=directory, tarball=tarball, description=description))
 
     def delete_template(self, name: str) -> None:
-        self._portal.call(self._backend.delete_template, name)
+        self._call(self._backend.delete_template, name)
 
     def close(self) -> None:
+        if self._closed:
+            return
         try:
-            self._portal.call(self._backend.aclose)
+            self._call(self._backend.aclose)
         finally:
+            self._closed = True
             self._portal_cm.__exit__(None, None, None)
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterable, AsyncIterator
 
-from corral.core.agent_client import AgentClient
-from corral.errors import InvalidRequest, PermissionDenied, ResourceExhausted
+from corral.core.agent_client import AgentClient, Request
+from corral.errors import CorralError, InvalidRequest, PermissionDenied, ResourceExhausted
 from corral.models import EntryInfo
 from corral.protocol import CHUNK_SIZE, Event, Op
 
@@ -48,7 +49,7 @@ async def write(client: AgentClient, path: str, chunks: AsyncIterable[bytes], *,
                 piece = chunk[start:start + CHUNK_SIZE]
                 total += len(piece)
                 if total > max_bytes:
-                    await req.send({"op": Op.DATA, "eof": True, "abort": True})
+                    await _abort(req)
                     raise ResourceExhausted(f"file is larger than the {max_bytes} byte upload limit",
                                             details={"limit": max_bytes})
                 await req.send({"op": Op.DATA, "eof": False}, piece)
@@ -57,6 +58,14 @@ async def write(client: AgentClient, path: str, chunks: AsyncIterable[bytes], *,
             if frame.get("ev") == Event.OK:
                 return int(frame.get("bytes", total))
     return total
+
+
+async def _abort(req: Request) -> None:
+    """Cancel an upload and wait until the agent confirms (it removes its temporary file first)."""
+    await req.send({"op": Op.DATA, "eof": True, "abort": True})
+    with contextlib.suppress(CorralError):
+        async for _ in req:
+            pass
 
 
 async def list_dir(client: AgentClient, path: str, *, depth: int = 1, user: str | None = None) -> list[EntryInfo]:

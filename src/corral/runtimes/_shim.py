@@ -94,10 +94,12 @@ class UserNs:
 
 @dataclass(frozen=True, kw_only=True)
 class FdFile:
-    """A host file opened read-only as descriptor ``fd`` of the sandbox command (bwrap's ``--seccomp 9``).
+    """A host file opened as descriptor ``fd`` of the sandbox command (bwrap's ``--seccomp 9``).
 
-    Opened by the shim's child right before exec, after every other descriptor was closed, so nothing else
-    leaks into the sandbox."""
+    Opened by the shim's child after its mounts and before it enters the user namespace (where host root's
+    files are out of reach), and moved into place right before exec, after every other descriptor was
+    closed, so nothing else leaks into the sandbox.
+    """
 
     fd: int
     path: str
@@ -226,8 +228,10 @@ def _mapping_userns_fd(userns: UserNs) -> int:
         os.waitpid(pid, 0)
 
 
-def _setup_child(spec: ShimSpec, sync_r: int, sync_w: int) -> None:
-    """Everything between fork and exec. Raises on failure; the caller reports it and exits 127."""
+def _setup_child(spec: ShimSpec, sync_r: int, sync_w: int) -> dict[int, int]:
+    """Everything between fork and exec. Raises on failure; the caller reports it and exits 127.
+
+    Returns the opened ``spec.files`` (target fd → parked fd) for :func:`_install_fds`."""
     for procs in spec.cgroup_procs:
         Path(procs).write_text(str(os.getpid()))
     if spec.mounts:
@@ -255,6 +259,7 @@ def _setup_child(spec: ShimSpec, sync_r: int, sync_w: int) -> None:
                 raise ValueError(f"unknown mount kind {m.kind!r}")
         if userns_fd >= 0:
             os.close(userns_fd)
+    parked = _open_fd_files(spec.files)
     if spec.userns:
         _check(_libc.unshare(CLONE_NEWUSER), "unshare(user)")
         os.write(sync_w, b"u")  # parent writes our uid/gid maps …
@@ -262,14 +267,14 @@ def _setup_child(spec: ShimSpec, sync_r: int, sync_w: int) -> None:
             raise OSError(errno.EPERM, "user namespace mapping was not written")
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
+    return parked
 
 
 _FD_PARK = 1000  # opened files wait above every fd the child uses until they are moved into place
 
 
 def _open_fd_files(files: list[FdFile]) -> dict[int, int]:
-    """Open ``files`` (target fd → parked fd). Done before the child enters a user namespace, where host
-    root's files (mode 0600 in the state dir) are no longer readable."""
+    """Open ``files`` (target fd → parked fd)."""
     parked: dict[int, int] = {}
     for i, f in enumerate(files):
         fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -307,6 +312,25 @@ def _kill_cgroups(procs_files: list[str]) -> None:
                     (d / name).write_text(value)
 
 
+TERMINAL = frozenset({"ok", "exit", "error"})
+
+
+class _Client:
+    """One host-side connection. Its request ids reach the agent as ``<tag>:<id>`` so clients cannot collide,
+    and the shim knows which foreground processes and uploads each client still owns."""
+
+    __slots__ = ("dec", "execs", "foreground", "out", "sock", "tag", "uploads")
+
+    def __init__(self, sock: socket.socket, tag: str) -> None:
+        self.sock = sock
+        self.tag = tag
+        self.dec = Decoder()
+        self.out = bytearray()
+        self.execs: set[str] = set()  # agent-side ids of foreground execs not yet ended
+        self.foreground: dict[str, str] = {}  # agent-side exec id -> process id, once started
+        self.uploads: set[str] = set()  # agent-side ids of writes not yet ended
+
+
 class _Shim:
     def __init__(self, state_dir: Path, spec: ShimSpec) -> None:
         self.state_dir = state_dir
@@ -314,11 +338,12 @@ class _Shim:
         self.deadline = spec.deadline
         self.sel = selectors.DefaultSelector()
         self.hello: bytes | None = None
-        self.client: socket.socket | None = None
-        self.client_dec = Decoder()
+        self.clients: dict[str, _Client] = {}
+        self.next_client = 0
+        self.next_own_id = 0
+        self.orphan_execs: set[str] = set()  # foreground execs whose client left before they started
         self.agent_dec = Decoder()
         self.to_agent = bytearray()
-        self.to_client = bytearray()
         self.child_pid = 0
         self.exit_reason: str | None = None
         self.ready_reported = False
@@ -350,8 +375,7 @@ class _Shim:
                 os.close(c2p_r)
                 os.setpgid(0, 0)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                extra_fds = _open_fd_files(self.spec.files)  # as host root, before any user namespace
-                _setup_child(self.spec, p2c_r, c2p_w)
+                extra_fds = _setup_child(self.spec, p2c_r, c2p_w)
                 os.dup2(in_r, 0)
                 os.dup2(out_w, 1)
                 os.dup2(log_fd, 2)
@@ -420,11 +444,12 @@ class _Shim:
             self.accept()
         elif what == "agent_out":
             self.read_agent()
-        elif what == "client":
+        elif what.startswith("client:"):
+            tag = what.partition(":")[2]
             if events & selectors.EVENT_READ:
-                self.read_client()
-            if self.client is not None and events & selectors.EVENT_WRITE:
-                self.flush_client()
+                self.read_client(tag)
+            if tag in self.clients and events & selectors.EVENT_WRITE:
+                self.flush_client(tag)
         elif what == "agent_in":
             self.flush_agent()
         elif what == "setup_err":
@@ -440,20 +465,31 @@ class _Shim:
             conn, _ = self.listener.accept()
         except BlockingIOError:
             return
-        self.drop_client()
         conn.setblocking(False)
-        self.client = conn
-        self.client_dec = Decoder()
-        self.to_client = bytearray(self.hello or b"")
-        self.sel.register(conn, selectors.EVENT_READ | selectors.EVENT_WRITE, "client")
+        self.next_client += 1
+        client = _Client(conn, f"c{self.next_client}")
+        client.out += self.hello or b""
+        self.clients[client.tag] = client
+        self.sel.register(conn, selectors.EVENT_READ | selectors.EVENT_WRITE, "client:" + client.tag)
 
-    def drop_client(self) -> None:
-        if self.client is not None:
-            self.sel.unregister(self.client)
-            self.client.close()
-            self.client = None
-            self.to_client.clear()
-            self.update_interest()
+    def drop_client(self, tag: str) -> None:
+        """Forget a client; what it left running in the foreground is killed, its uploads are aborted."""
+        client = self.clients.pop(tag, None)
+        if client is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(client.sock)
+        client.sock.close()
+        for process_id in client.foreground.values():
+            self.to_agent += encode({"id": self.own_id(), "op": "signal", "process_id": process_id, "signal": 9})
+        self.orphan_execs |= client.execs - client.foreground.keys()
+        for aid in client.uploads:
+            self.to_agent += encode({"id": aid, "op": "data", "eof": True, "abort": True})
+        self.update_interest()
+
+    def own_id(self) -> str:
+        self.next_own_id += 1
+        return f"shim:{self.next_own_id}"
 
     def read_agent(self) -> None:
         try:
@@ -471,39 +507,74 @@ class _Shim:
             self.kill("agent protocol error")
             return
         for frame in frames:
-            raw = encode(frame.header, frame.payload)
             if self.hello is None and frame.get("ev") == "hello":
-                self.hello = raw
+                self.hello = encode(frame.header, frame.payload)
                 self.report("ready")
-                if self.client is not None:
-                    self.to_client += raw
+                for client in self.clients.values():
+                    client.out += self.hello
                 continue
-            if self.client is not None:  # with no client, frames are dropped: the agent keeps process output
-                self.to_client += raw
+            self.route_to_client(frame)
         self.update_interest()
 
-    def read_client(self) -> None:
-        assert self.client is not None
+    def route_to_client(self, frame: Frame) -> None:
+        aid = frame.get("id")
+        if not isinstance(aid, str):
+            return
+        tag, _, rid = aid.partition(":")
+        ev = frame.get("ev")
+        if aid in self.orphan_execs:
+            if ev == "started":  # its client is gone: a foreground process nobody watches must not live on
+                self.to_agent += encode({"id": self.own_id(), "op": "signal",
+                                         "process_id": frame.get("process_id"), "signal": 9})
+            if ev in TERMINAL:
+                self.orphan_execs.discard(aid)
+            return
+        client = self.clients.get(tag)
+        if client is None:
+            return  # frames for a client that left (or for the shim's own requests) are dropped
+        if ev == "started" and aid in client.execs:
+            client.foreground[aid] = str(frame.get("process_id"))
+        elif ev in TERMINAL:
+            client.execs.discard(aid)
+            client.foreground.pop(aid, None)
+            client.uploads.discard(aid)
+        client.out += encode({**frame.header, "id": rid}, frame.payload)
+
+    def read_client(self, tag: str) -> None:
+        client = self.clients[tag]
         try:
-            data = self.client.recv(READ_SIZE)
+            data = client.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
         if not data:
-            self.drop_client()  # a partial frame from the old client is discarded with its decoder
+            self.drop_client(tag)  # a partial frame from the client is discarded with its decoder
             return
         try:
-            frames = self.client_dec.feed(data)
+            frames = client.dec.feed(data)
         except ProtocolError:
-            self.drop_client()
+            self.drop_client(tag)
             return
         for frame in frames:
             op = frame.get("op")
+            rid = frame.get("id")
             if isinstance(op, str) and op.startswith("shim."):
-                self.to_client += encode(self.shim_op(frame))
-            else:
-                self.to_agent += encode(frame.header, frame.payload)
+                client.out += encode(self.shim_op(frame))
+                continue
+            if not isinstance(rid, str):
+                client.out += encode({"id": rid, "ev": "error", "code": "invalid",
+                                      "message": "every request needs a string id"})
+                continue
+            aid = f"{tag}:{rid}"
+            if op == "exec" and not frame.get("background"):
+                client.execs.add(aid)
+            elif op == "write":
+                client.uploads.add(aid)
+            elif op == "detach":
+                client.foreground = {k: v for k, v in client.foreground.items()
+                                     if v != frame.get("process_id")}
+            self.to_agent += encode({**frame.header, "id": aid}, frame.payload)
         self.update_interest()
         self.flush_agent()
 
@@ -511,26 +582,26 @@ class _Shim:
         rid = frame.get("id")
         if frame.get("op") == "shim.deadline":
             deadline = frame.get("deadline")
-            if deadline is not None and not isinstance(deadline, (int, float)):
+            if deadline is not None and (not isinstance(deadline, int | float) or isinstance(deadline, bool)):
                 return {"id": rid, "ev": "error", "code": "invalid", "message": "deadline must be a number"}
             self.deadline = float(deadline) if deadline is not None else None
             return {"id": rid, "ev": "ok", "deadline": self.deadline}
         if frame.get("op") == "shim.status":
-            return {"id": rid, "ev": "ok", "child_pid": self.child_pid, "deadline": self.deadline}
+            return {"id": rid, "ev": "ok", "child_pid": self.child_pid, "deadline": self.deadline,
+                    "clients": len(self.clients)}
         return {"id": rid, "ev": "error", "code": "unknown_op", "message": f"unknown op {frame.get('op')}"}
 
-    def flush_client(self) -> None:
-        if self.client is None or not self.to_client:
-            self.update_interest()
-            return
-        try:
-            n = self.client.send(self.to_client)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.drop_client()
-            return
-        del self.to_client[:n]
+    def flush_client(self, tag: str) -> None:
+        client = self.clients[tag]
+        if client.out:
+            try:
+                n = client.sock.send(client.out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.drop_client(tag)
+                return
+            del client.out[:n]
         self.update_interest()
 
     def flush_agent(self) -> None:
@@ -548,15 +619,14 @@ class _Shim:
         self.update_interest()
 
     def update_interest(self) -> None:
-        """Back-pressure: stop reading a side while the queue towards the other side is above HIGH_WATER."""
-        want_agent_out = len(self.to_client) < HIGH_WATER
+        """Back-pressure: stop reading a side while a queue towards the other side is above HIGH_WATER."""
+        want_agent_out = all(len(c.out) < HIGH_WATER for c in self.clients.values())
         self._set(self.agent_out, selectors.EVENT_READ if want_agent_out else 0, "agent_out")
         self._set(self.agent_in, selectors.EVENT_WRITE if self.to_agent else 0, "agent_in")
-        if self.client is not None:
-            ev = (selectors.EVENT_READ if len(self.to_agent) < HIGH_WATER else 0) | (
-                selectors.EVENT_WRITE if self.to_client else 0
-            )
-            self._set(self.client, ev, "client")
+        want_clients = len(self.to_agent) < HIGH_WATER
+        for tag, client in self.clients.items():
+            ev = (selectors.EVENT_READ if want_clients else 0) | (selectors.EVENT_WRITE if client.out else 0)
+            self._set(client.sock, ev, "client:" + tag)
 
     def _set(self, fileobj: Any, events: int, data: str) -> None:
         try:
@@ -611,7 +681,11 @@ class _Shim:
         tmp = self.state_dir / "exit.json.tmp"
         tmp.write_text(json.dumps(record))
         tmp.rename(self.state_dir / "exit.json")
-        self.drop_client()
+        for client in list(self.clients.values()):  # the agent is gone: nothing more will come
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(client.sock)
+            client.sock.close()
+        self.clients.clear()
         with contextlib.suppress(OSError):
             os.unlink(self.spec.socket)
 
