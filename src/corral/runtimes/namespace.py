@@ -64,6 +64,10 @@ SHIM_SCRIPT = Path(__file__).with_name("_shim.py")
 READY_TIMEOUT = 30.0  # create → agent hello; ~0.1 s normally, generous for a loaded host
 SHIM_STOP_TIMEOUT = 5.0  # SIGTERM → shim gone, before SIGKILL
 SECCOMP_FD = 9
+# Where each sandbox's private mount namespace shows its state_dir/fs: bwrap runs as the sandbox's uid,
+# which may not traverse state_root's parents (often mode 0700), so the shim binds fs/ onto this
+# world-traversable, always-empty host directory first, in the private namespace only.
+MOUNT_STAGE = Path("/run/corral/namespace-stage")
 # capabilities kept inside the sandbox's user namespace (Docker's default set minus NET_RAW and MKNOD)
 SANDBOX_CAPS = (
     "CAP_CHOWN",
@@ -320,6 +324,7 @@ def _check_host() -> tuple[str, CgroupLayout, bytes]:
             "the namespace runtime needs Linux 5.19 or newer (idmapped overlay layers)",
             details={"kernel": os.uname().release},
         )
+    MOUNT_STAGE.mkdir(mode=0o755, parents=True, exist_ok=True)
     return bwrap, detect_layout(), _seccomp.build_filter()
 
 
@@ -348,6 +353,8 @@ def _prepare(
     bundle_dir.mkdir(mode=0o700)
     mounts.append(Mount(kind="idmap", source=str(bundle.path), target=str(bundle_dir), ro=True))
     mounts.append(Mount(kind="overlay", target=str(dirs.merged), options=_rootfs.overlay_options(dirs)))
+    mounts.append(Mount(kind="bind", source=str(dirs.merged.parent), target=str(MOUNT_STAGE)))
+    stage = MOUNT_STAGE
     argv = [
         bwrap,
         "--die-with-parent",
@@ -360,14 +367,14 @@ def _prepare(
         "--hostname",
         spec.hostname,
         "--bind",
-        str(dirs.merged),
+        str(stage / "merged"),
         "/",
     ]
-    for b, dst in zip(spec.rootfs.binds, dirs.binds, strict=True):
-        argv += ["--ro-bind", str(dst), b.target]
+    for i, b in enumerate(spec.rootfs.binds):
+        argv += ["--ro-bind", str(stage / f"bind{i}"), b.target]
     argv += [
         "--ro-bind",
-        str(bundle_dir),
+        str(stage / "bundle"),
         MOUNT_POINT,
         "--proc",
         "/proc",
