@@ -161,10 +161,10 @@ def agent_env() -> dict[str, str]:
 class AgentProcess:
     """The agent as a subprocess. Its stderr (the agent log) is kept, and checked for internal errors."""
 
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, prefix: tuple[str, ...] = ()) -> None:
         self.log_path = tmp / f"agent-{os.getpid()}-{id(self)}.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-S", "-m", "corral.agent", *args],
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-S", "-m", "corral.agent", *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      env=agent_env(), cwd="/")
         self.pid = self.proc.pid
@@ -173,12 +173,12 @@ class AgentProcess:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         return Client(self.proc.stdout.fileno(), self.proc.stdin.fileno())
 
-    def rss_kib(self) -> int:
-        """Resident memory of the agent (not its children), from /proc."""
+    def memory_kib(self, field: str = "VmHWM") -> int:
+        """The agent's (not its children's) peak (``VmHWM``) or current (``VmRSS``) resident memory."""
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        raise AssertionError(f"no {field}")
 
     def log_text(self) -> str:
         self.log.flush()
