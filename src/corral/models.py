@@ -15,6 +15,7 @@ from typing import Any, Self
 
 __all__ = [
     "CommandResult",
+    "CreateParams",
     "EntryInfo",
     "EntryType",
     "EventKind",
@@ -89,6 +90,19 @@ class SandboxInfo(_Wire):
             state=SandboxState(info.state),
             stop_reason=StopReason(info.stop_reason) if info.stop_reason else None,
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CreateParams(_Wire):
+    """What to create: every field optional; the server's settings fill in the defaults."""
+
+    template: str | None = None
+    isolation: str | None = None
+    timeout: float | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    memory_mb: int | None = None
+    cpus: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from corral.core.records import LOCAL_TENANT
-from corral.core.service import CreateRequest, SandboxService
+from corral.core.service import SandboxService
 from corral.core.settings import Settings
 from corral.errors import InvalidRequest, InvalidState, NotFound, RuntimeFailure
 from corral.ids import SandboxId, TenantId
-from corral.models import EventKind, ExecParams, SandboxState, StopReason
+from corral.models import CreateParams, EventKind, ExecParams, SandboxState, StopReason
 from corral.runtimes import _proc
 from corral.runtimes.base import Instance, Runtime, RuntimeConfig, SandboxSpec
 from corral.runtimes.fake import FakeRuntime
@@ -91,7 +91,7 @@ def state_dirs(settings: Settings) -> list[str]:
 
 
 async def test_create_exec_files_kill(service: SandboxService, settings: Settings) -> None:
-    info = await service.create(CreateRequest(metadata={"team": "a"}, env={"GREETING": "hello"}))
+    info = await service.create(CreateParams(metadata={"team": "a"}, env={"GREETING": "hello"}))
     assert info.state is SandboxState.RUNNING and info.isolation == "fake"
     assert await run(service, info.sandbox_id, "echo $GREETING; exit 4") == ("hello\n", 4)
 
@@ -118,7 +118,7 @@ async def test_create_exec_files_kill(service: SandboxService, settings: Setting
 
 async def test_deadline_kills_on_time_and_set_timeout_moves_it(service: SandboxService, clock: Clock,
                                                                 settings: Settings) -> None:
-    info = await service.create(CreateRequest(timeout=60))
+    info = await service.create(CreateParams(timeout=60))
     clock.now += 50
     await service.reap()
     assert (await service.get(info.sandbox_id)).state is SandboxState.RUNNING
@@ -134,7 +134,7 @@ async def test_deadline_kills_on_time_and_set_timeout_moves_it(service: SandboxS
 
 
 async def test_a_dead_sandbox_is_noticed_and_cleaned(service: SandboxService, settings: Settings) -> None:
-    info = await service.create(CreateRequest())
+    info = await service.create(CreateParams())
     record = await service.store.get_sandbox(SandboxId(info.sandbox_id))
     assert record is not None and record.instance is not None
     os.kill(record.instance.shim_pid, signal.SIGKILL)  # the supervisor dies (OOM killer, admin, bug)
@@ -151,13 +151,13 @@ async def test_a_dead_sandbox_is_noticed_and_cleaned(service: SandboxService, se
 
 async def test_bad_input_creates_nothing(service: SandboxService, settings: Settings) -> None:
     with pytest.raises(InvalidRequest, match="unknown isolation 'quantum'"):
-        await service.create(CreateRequest(isolation="quantum"))
+        await service.create(CreateParams(isolation="quantum"))
     with pytest.raises(NotFound, match="template 'nope' not found; available templates: base"):
-        await service.create(CreateRequest(template="nope"))
+        await service.create(CreateParams(template="nope"))
     with pytest.raises(InvalidRequest, match="timeout"):
-        await service.create(CreateRequest(timeout=-1))
+        await service.create(CreateParams(timeout=-1))
     with pytest.raises(InvalidRequest, match="metadata"):
-        await service.create(CreateRequest(metadata={"k": 1}))  # type: ignore[dict-item]
+        await service.create(CreateParams(metadata={"k": 1}))  # type: ignore[dict-item]
     assert await service.store.list_sandboxes() == []
     assert state_dirs(settings) == []
 
@@ -166,7 +166,7 @@ async def test_runtime_failure_leaves_no_record(settings: Settings, clock: Clock
     svc = make_service(settings, clock, FailingRuntime)
     try:
         with pytest.raises(RuntimeFailure):
-            await svc.create(CreateRequest())
+            await svc.create(CreateParams())
         assert await svc.store.list_sandboxes() == []
     finally:
         await svc.aclose()
@@ -174,7 +174,7 @@ async def test_runtime_failure_leaves_no_record(settings: Settings, clock: Clock
 
 
 async def test_tenants_cannot_see_each_other(service: SandboxService) -> None:
-    info = await service.create(CreateRequest())
+    info = await service.create(CreateParams())
     stranger = TenantId.new()
     with pytest.raises(NotFound):
         await service.get(info.sandbox_id, tenant=stranger)
@@ -191,7 +191,7 @@ async def test_bad_ids_are_not_found(service: SandboxService) -> None:
 
 
 async def test_another_process_reattaches(service: SandboxService, settings: Settings, clock: Clock) -> None:
-    info = await service.create(CreateRequest())
+    info = await service.create(CreateParams())
     bg = [ev async for ev in await service.exec(info.sandbox_id,
                                                 ExecParams(cmd="echo started; sleep 30", background=True))]
     process_id = bg[0].process_id

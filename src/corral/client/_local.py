@@ -19,12 +19,12 @@ from typing import Any, TypeVar
 import anyio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from corral.client._async.backend import CreateParams
 from corral.core.records import TemplateRecord
-from corral.core.service import CreateRequest, SandboxService
+from corral.core.service import SandboxService
 from corral.core.settings import Settings
 from corral.errors import InvalidRequest, InvalidState
 from corral.models import (
+    CreateParams,
     EntryInfo,
     ExecParams,
     ProcessEvent,
@@ -64,9 +64,7 @@ class AsyncLocalBackend:
         return cls(open_service(Settings.load(**overrides)))
 
     async def create_sandbox(self, params: CreateParams) -> SandboxInfo:
-        return await self.service.create(CreateRequest(
-            template=params.template, isolation=params.isolation, timeout=params.timeout,
-            metadata=params.metadata, env=params.env, memory_mb=params.memory_mb, cpus=params.cpus))
+        return await self.service.create(params)
 
     async def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return await self.service.get(sandbox_id)

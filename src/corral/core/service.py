@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
@@ -36,6 +35,7 @@ from corral.core.templates import TemplateRegistry
 from corral.errors import Conflict, CorralError, InvalidRequest, NotFound, Unsupported
 from corral.ids import SandboxId, TenantId
 from corral.models import (
+    CreateParams,
     EntryInfo,
     ExecParams,
     ProcessEvent,
@@ -47,23 +47,12 @@ from corral.models import (
 from corral.protocol import Op
 from corral.runtimes.base import Limits, ObservedState, Runtime, SandboxSpec
 
-__all__ = ["CreateRequest", "SandboxService"]
+__all__ = ["SandboxService"]
 
 log = logging.getLogger("corral.core.service")
 
 _LIVE = frozenset({SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED})
 ABANDONED_CREATE_AFTER = 300.0  # a record still "creating" this long after creation lost its creator
-
-
-@dataclass(frozen=True, kw_only=True)
-class CreateRequest:
-    template: str | None = None
-    isolation: str | None = None
-    timeout: float | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
-    memory_mb: int | None = None
-    cpus: float | None = None
 
 
 def _check_str_map(name: str, value: object, *, max_items: int = 64, max_len: int = 1024) -> dict[str, str]:
@@ -102,7 +91,7 @@ class SandboxService:
         self._agents.clear()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    async def create(self, request: CreateRequest, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
+    async def create(self, request: CreateParams, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
         isolation = request.isolation or self.settings.default_isolation
         runtime = self._runtime(isolation)
         timeout = self._check_timeout(request.timeout if request.timeout is not None

@@ -88,7 +88,7 @@ def spawn_detached(argv: Sequence[str], *, log_path: Path, env: Mapping[str, str
     /dev/null. All other fds are closed.
     """
     with open(log_path, "ab") as logf:
-        return subprocess.Popen(  # noqa: ASYNC220 - returns at once; the caller waits on the pipe
+        return subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

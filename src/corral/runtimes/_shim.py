@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,9 @@ class Mount:
 
     kind: ``bind`` (``ro`` honoured), ``overlay`` (``options`` = overlay data), ``tmpfs`` (``options`` =
     data), ``idmap`` (a recursive, idmapped clone of ``source`` at ``target`` mapped like the user namespace,
-    so files owned by host root appear owned by the sandbox's root).
+    so files owned by host root appear owned by the sandbox's root), ``loop`` (the image file ``source``
+    attached to a free loop device that detaches itself once unmounted, mounted as ``fstype`` with
+    ``options``: a size-capped file system, e.g. for a sandbox's writable layer).
     """
 
     kind: str
@@ -84,6 +87,7 @@ class Mount:
     source: str = "none"
     options: str = ""
     ro: bool = False
+    fstype: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +135,24 @@ class ShimSpec:
         data["userns"] = UserNs(**data["userns"]) if data.get("userns") else None
         data["files"] = [FdFile(**f) for f in data.get("files", [])]
         return cls(**data)
+
+
+@contextlib.contextmanager
+def unix_path(path: str) -> Iterator[str]:
+    """A name for the Unix socket ``path`` that fits AF_UNIX's 108-byte limit.
+
+    Long paths (a deep data directory) are reached through ``/proc/self/fd/<dir fd>/<name>``, which the kernel
+    resolves to the same directory; the fd is closed when the block ends.
+    """
+    if len(os.fsencode(path)) < 100:
+        yield path
+        return
+    directory, _, name = path.rpartition("/")
+    fd = os.open(directory or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)
 
 
 # --- namespace and mount set-up, run in the forked child before exec ----------------------------------------
@@ -196,6 +218,53 @@ def _idmapped_clone(source: str, target: str, userns_fd: int, ro: bool) -> None:
         os.close(fd)
 
 
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LO_FLAGS_AUTOCLEAR = 4
+LOOP_MAJOR = 7
+
+
+class _LoopConfig(ctypes.Structure):  # struct loop_config, with struct loop_info64 inlined
+    _fields_ = [("fd", ctypes.c_uint32), ("block_size", ctypes.c_uint32),
+                ("lo_device", ctypes.c_uint64), ("lo_inode", ctypes.c_uint64), ("lo_rdevice", ctypes.c_uint64),
+                ("lo_offset", ctypes.c_uint64), ("lo_sizelimit", ctypes.c_uint64), ("lo_number", ctypes.c_uint32),
+                ("lo_encrypt_type", ctypes.c_uint32), ("lo_encrypt_key_size", ctypes.c_uint32),
+                ("lo_flags", ctypes.c_uint32), ("lo_file_name", ctypes.c_char * 64),
+                ("lo_crypt_name", ctypes.c_char * 64), ("lo_encrypt_key", ctypes.c_char * 32),
+                ("lo_init", ctypes.c_uint64 * 2), ("reserved", ctypes.c_uint64 * 8)]
+
+
+def _mount_loop(m: Mount) -> None:
+    """Attach ``m.source`` to a free loop device (autoclear) and mount it. The device goes away by itself when
+    the mount does, i.e. when the sandbox's mount namespace dies: there is no detach step to forget."""
+    backing = os.open(m.source, os.O_RDWR | os.O_CLOEXEC)
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for _ in range(64):  # another process may take the free device between GET_FREE and CONFIGURE
+            n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+            path = f"/dev/loop{n}"
+            if not os.path.exists(path):  # a static /dev (containers) only has the first few nodes
+                with contextlib.suppress(FileExistsError):
+                    os.mknod(path, 0o660 | 0o060000, os.makedev(LOOP_MAJOR, n))
+            dev = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                config = _LoopConfig(fd=backing, lo_flags=LO_FLAGS_AUTOCLEAR)
+                try:
+                    fcntl.ioctl(dev, LOOP_CONFIGURE, bytes(config))
+                except OSError as exc:
+                    if exc.errno == errno.EBUSY:
+                        continue
+                    raise
+                _mount(path, m.target, m.fstype, MS_NOSUID | MS_NODEV | (MS_RDONLY if m.ro else 0), m.options)
+                return
+            finally:
+                os.close(dev)  # the mount holds the device now (or nothing does, and autoclear frees it)
+        raise OSError(errno.EBUSY, "no free loop device")
+    finally:
+        os.close(ctl)
+        os.close(backing)
+
+
 def _write_id_maps(pid: int, userns: UserNs) -> None:
     Path(f"/proc/{pid}/uid_map").write_text(f"0 {userns.base} {userns.size}\n")
     Path(f"/proc/{pid}/gid_map").write_text(f"0 {userns.base} {userns.size}\n")
@@ -251,6 +320,8 @@ def _setup_child(spec: ShimSpec, sync_r: int, sync_w: int) -> dict[int, int]:
                 _mount("overlay", m.target, "overlay", 0, m.options)
             elif m.kind == "tmpfs":
                 _mount("tmpfs", m.target, "tmpfs", MS_NOSUID | MS_NODEV, m.options)
+            elif m.kind == "loop":
+                _mount_loop(m)
             elif m.kind == "idmap":
                 if userns_fd < 0:
                     raise ValueError("idmap mounts need a user namespace")
@@ -357,7 +428,8 @@ class _Shim:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            self.listener.bind(sock_path)
+            with unix_path(sock_path) as usable:
+                self.listener.bind(usable)
         finally:
             os.umask(old)
         self.listener.listen(8)

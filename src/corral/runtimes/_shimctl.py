@@ -23,7 +23,7 @@ from anyio.abc import ByteStream
 
 from corral.errors import AgentUnavailable, RuntimeFailure, Timeout
 from corral.runtimes import _proc
-from corral.runtimes._shim import ShimSpec
+from corral.runtimes._shim import ShimSpec, unix_path
 from corral.runtimes.base import Observed, ObservedState
 
 __all__ = ["SHIM_SCRIPT", "ShimHandle", "connect", "launch", "observe", "stop"]
@@ -89,7 +89,8 @@ async def _read_status(proc: subprocess.Popen[bytes], timeout: float) -> str:
 
 async def connect(socket_path: str) -> ByteStream:
     try:
-        return await anyio.connect_unix(socket_path)
+        with unix_path(socket_path) as usable:
+            return await anyio.connect_unix(usable)
     except (FileNotFoundError, ConnectionRefusedError, OSError) as exc:
         raise AgentUnavailable("the sandbox is not running (its supervisor is gone)") from exc
 

@@ -24,6 +24,7 @@ from corral.store._common import check_version, matches
 __all__ = ["SqliteStore"]
 
 T = TypeVar("T")
+R = TypeVar("R", SandboxRecord, TemplateRecord)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -66,17 +67,17 @@ class SqliteStore:
             "SELECT data FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone())
         return SandboxRecord.from_json(row[0]) if row else None
 
-    async def put_sandbox(self, record: SandboxRecord, *, expect_version: int | None) -> SandboxRecord:
-        def put(db: sqlite3.Connection) -> SandboxRecord:
+    async def _cas(self, record: R, *, kind: str, key: str, version_sql: str, expect_version: int | None,
+                   write: Callable[[sqlite3.Connection, R], None]) -> R:
+        """Compare-and-swap in one immediate transaction, so it is atomic across processes too."""
+
+        def put(db: sqlite3.Connection) -> R:
             db.execute("BEGIN IMMEDIATE")
             try:
-                row = db.execute("SELECT version FROM sandboxes WHERE id = ?", (record.sandbox_id,)).fetchone()
-                version = check_version("sandbox", record.sandbox_id, row[0] if row else None, expect_version)
-                new = dataclasses.replace(record, version=version)
-                db.execute(
-                    "INSERT OR REPLACE INTO sandboxes (id, tenant_id, state, created_at, version, data) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (new.sandbox_id, new.tenant_id, new.state.value, new.created_at, version, new.to_json()))
+                row = db.execute(version_sql, (key,)).fetchone()
+                new = dataclasses.replace(
+                    record, version=check_version(kind, key, row[0] if row else None, expect_version))
+                write(db, new)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -84,6 +85,15 @@ class SqliteStore:
             return new
 
         return await self._call(put)
+
+    async def put_sandbox(self, record: SandboxRecord, *, expect_version: int | None) -> SandboxRecord:
+        def write(db: sqlite3.Connection, new: SandboxRecord) -> None:
+            db.execute("INSERT OR REPLACE INTO sandboxes (id, tenant_id, state, created_at, version, data) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (new.sandbox_id, new.tenant_id, new.state.value,
+                                                     new.created_at, new.version, new.to_json()))
+
+        return await self._cas(record, kind="sandbox", key=record.sandbox_id, expect_version=expect_version,
+                               version_sql="SELECT version FROM sandboxes WHERE id = ?", write=write)
 
     async def list_sandboxes(self, *, tenant_id: TenantId | None = None,
                              states: frozenset[SandboxState] | None = None,
@@ -114,21 +124,12 @@ class SqliteStore:
         return TemplateRecord.from_json(row[0]) if row else None
 
     async def put_template(self, record: TemplateRecord, *, expect_version: int | None) -> TemplateRecord:
-        def put(db: sqlite3.Connection) -> TemplateRecord:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                row = db.execute("SELECT version FROM templates WHERE name = ?", (record.name,)).fetchone()
-                version = check_version("template", record.name, row[0] if row else None, expect_version)
-                new = dataclasses.replace(record, version=version)
-                db.execute("INSERT OR REPLACE INTO templates (name, version, data) VALUES (?, ?, ?)",
-                           (new.name, version, new.to_json()))
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return new
+        def write(db: sqlite3.Connection, new: TemplateRecord) -> None:
+            db.execute("INSERT OR REPLACE INTO templates (name, version, data) VALUES (?, ?, ?)",
+                       (new.name, new.version, new.to_json()))
 
-        return await self._call(put)
+        return await self._cas(record, kind="template", key=record.name, expect_version=expect_version,
+                               version_sql="SELECT version FROM templates WHERE name = ?", write=write)
 
     async def list_templates(self) -> list[TemplateRecord]:
         rows = await self._call(lambda db: db.execute("SELECT data FROM templates ORDER BY name").fetchall())

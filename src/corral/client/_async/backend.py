@@ -10,6 +10,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import Protocol
 
 from corral.models import (
+    CreateParams,
     EntryInfo,
     ExecParams,
     ProcessEvent,
@@ -19,20 +20,7 @@ from corral.models import (
     TemplateInfo,
 )
 
-__all__ = ["AsyncBackend", "CreateParams", "open_default_backend"]
-
-from dataclasses import dataclass, field
-
-
-@dataclass(frozen=True, kw_only=True)
-class CreateParams:
-    template: str | None = None
-    isolation: str | None = None
-    timeout: float | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
-    memory_mb: int | None = None
-    cpus: float | None = None
+__all__ = ["AsyncBackend", "open_default_backend"]
 
 
 class AsyncBackend(Protocol):

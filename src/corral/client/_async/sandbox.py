@@ -16,10 +16,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from corral.client._async.backend import AsyncBackend, CreateParams, open_default_backend
+from corral.client._async.backend import AsyncBackend, open_default_backend
 from corral.errors import CommandFailed, NotFound
 from corral.models import (
     CommandResult,
+    CreateParams,
     EntryInfo,
     EventKind,
     ExecParams,

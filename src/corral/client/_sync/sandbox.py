@@ -17,10 +17,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from corral.client._sync.backend import Backend, CreateParams, open_default_backend
+from corral.client._sync.backend import Backend, open_default_backend
 from corral.errors import CommandFailed, NotFound
 from corral.models import (
     CommandResult,
+    CreateParams,
     EntryInfo,
     EventKind,
     ExecParams,
