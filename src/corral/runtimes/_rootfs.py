@@ -36,6 +36,7 @@ __all__ = [
     "LayerDirs",
     "ensure_host_template",
     "make_layer_dirs",
+    "mkfs_argv",
     "overlay_options",
     "rootfs_from_directory",
     "rootfs_from_tarball",
@@ -43,6 +44,7 @@ __all__ = [
 
 TEMPLATE_VERSION = 1  # bump when the skeleton below changes, so hosts rebuild it
 SANDBOX_USER_UID = 1000
+MIN_DISK_MB = 16  # ext4's journal and metadata take a few MiB; below this a quota would be mostly overhead
 HOST_ETC = Path("/etc")
 
 # host /etc entries copied into the template (files, symlinks or whole directories); nothing else is
@@ -280,13 +282,24 @@ class LayerDirs:
     upper: Path
     work: Path
     merged: Path
+    # with a disk quota: upper and work live on a size-capped ext4 image loop-mounted at ``disk`` (in the
+    # sandbox's private mount namespace only), built by :func:`mkfs_argv` from ``seed``
+    image: Path | None = None
+    disk: Path | None = None
+    seed: Path | None = None
 
 
-def make_layer_dirs(state_dir: Path, rootfs: RootfsSpec, *, owner: int) -> LayerDirs:
+def make_layer_dirs(
+    state_dir: Path, rootfs: RootfsSpec, *, owner: int, disk_mb: int | None = None
+) -> LayerDirs:
     """Create the directories of a sandbox's writable layer.
 
     ``upper`` is owned by ``owner`` (the host uid of the sandbox's root) because overlayfs shows the upper
     directory's owner and mode on the merged root; ``work`` is overlayfs-private.
+
+    With ``disk_mb`` the writable layer gets its own file system of that size (a sparse ext4 image, so a
+    full sandbox gets ENOSPC instead of filling the host's disk): ``upper``/``work`` are first made in
+    ``seed``, which :func:`mkfs_argv` copies into the image; the runtime mounts the image at ``disk``.
     """
     for layer in rootfs.lower:
         if not layer.is_dir():
@@ -294,23 +307,44 @@ def make_layer_dirs(state_dir: Path, rootfs: RootfsSpec, *, owner: int) -> Layer
                 "a layer of the sandbox's root file system does not exist", details={"layer": layer.name}
             )
     fs = state_dir / "fs"
+    layer = fs / "disk" if disk_mb else fs
     dirs = LayerDirs(
         lowers=tuple(fs / f"lower{i}" for i in range(len(rootfs.lower))),
         binds=tuple(fs / f"bind{i}" for i in range(len(rootfs.binds))),
-        upper=fs / "upper",
-        work=fs / "work",
+        upper=layer / "upper",
+        work=layer / "work",
         merged=fs / "merged",
+        image=state_dir / "disk.img" if disk_mb else None,
+        disk=layer if disk_mb else None,
+        seed=fs / "seed" if disk_mb else None,
     )
     fs.mkdir()
     fs.chmod(0o711)  # traversed by bwrap, which runs as the sandbox's root (an unprivileged host uid)
-    for d in (*dirs.lowers, *dirs.binds, dirs.work, dirs.merged):
+    for d in (*dirs.lowers, *dirs.binds, dirs.merged):
         d.mkdir(mode=0o700)
-    dirs.upper.mkdir(mode=0o755)
+    base = dirs.seed or fs
+    if dirs.seed is not None and dirs.disk is not None and dirs.image is not None:
+        dirs.seed.mkdir(mode=0o700)
+        dirs.disk.mkdir(mode=0o700)
+        with open(dirs.image, "wb") as f:  # sparse: blocks are allocated as the sandbox writes
+            f.truncate(max(disk_mb or 0, MIN_DISK_MB) * 1024 * 1024)
+    (base / "work").mkdir(mode=0o700)
+    upper = base / "upper"
+    upper.mkdir(mode=0o755)
     top = rootfs.lower[0].stat() if rootfs.lower else None
     if top is not None:  # the merged root looks like the template's root
-        dirs.upper.chmod(stat.S_IMODE(top.st_mode))
-    os.chown(dirs.upper, owner + (top.st_uid if top else 0), owner + (top.st_gid if top else 0))
+        upper.chmod(stat.S_IMODE(top.st_mode))
+    os.chown(upper, owner + (top.st_uid if top else 0), owner + (top.st_gid if top else 0))
     return dirs
+
+
+def mkfs_argv(dirs: LayerDirs) -> list[str]:
+    """The command that formats ``dirs.image`` as ext4 holding ``seed`` (the empty upper and work dirs).
+
+    No reserved blocks (``-m 0``): the sandbox's root should get the whole quota.
+    """
+    assert dirs.image is not None and dirs.seed is not None
+    return ["mkfs.ext4", "-q", "-F", "-m", "0", "-d", str(dirs.seed), str(dirs.image)]
 
 
 def _escape(path: Path) -> str:

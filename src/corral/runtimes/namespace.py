@@ -36,13 +36,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
 
 from corral.errors import Conflict, CorralError, RuntimeFailure, RuntimeUnavailable, Timeout
-from corral.runtimes import _proc, _rootfs, _seccomp
+from corral.runtimes import _proc, _rootfs, _seccomp, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
 from corral.runtimes._cgroups import CgroupLayout, SandboxCgroup, detect_layout
 from corral.runtimes._shim import FdFile, Mount, ShimSpec, UserNs
@@ -84,7 +85,6 @@ SANDBOX_CAPS = (
     "CAP_AUDIT_WRITE",
 )
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 
 
 class _UidAllocator:
@@ -177,12 +177,6 @@ class NamespaceRuntime:
             self._bundle = await anyio.to_thread.run_sync(ensure_bundle, self.config.cache_root)
         bundle = self._bundle
         state_dir = self.config.state_root / spec.sandbox_id
-        socket_path = state_dir / "agent.sock"
-        if len(str(socket_path)) > MAX_SOCKET_PATH:
-            raise RuntimeUnavailable(
-                "the runtime state directory path is too long for a Unix socket",
-                details={"max": MAX_SOCKET_PATH - len("/sb-…/agent.sock")},
-            )
         self.config.state_root.mkdir(parents=True, exist_ok=True)
         try:
             state_dir.mkdir()
@@ -227,10 +221,7 @@ class NamespaceRuntime:
 
     # -- operations on a running sandbox ----------------------------------------------------------------
     async def connect(self, instance: Instance) -> ByteStream:
-        try:
-            return await anyio.connect_unix(instance.socket_path)
-        except OSError as exc:
-            raise RuntimeFailure("the sandbox is not running (its supervisor does not answer)") from exc
+        return await _shimctl.connect(instance.socket_path)  # handles socket paths longer than sun_path
 
     async def pause(self, instance: Instance) -> None:
         await anyio.to_thread.run_sync(self._cgroup(instance).freeze)
@@ -339,7 +330,18 @@ def _prepare(
 ) -> ShimSpec:
     """Cgroups, writable layer, seccomp program and shim.json for one sandbox (the caller cleans up)."""
     cgroup.create(spec.limits)
-    dirs = _rootfs.make_layer_dirs(state_dir, spec.rootfs, owner=base)
+    disk_mb = spec.limits.disk_mb
+    if disk_mb is not None and not Path("/dev/loop-control").exists():
+        raise RuntimeUnavailable(
+            "disk quotas need loop devices; load the driver with: modprobe loop",
+            details={"fix": "modprobe loop"},
+        )
+    dirs = _rootfs.make_layer_dirs(state_dir, spec.rootfs, owner=base, disk_mb=disk_mb)
+    if dirs.image is not None and dirs.disk is not None and dirs.seed is not None:
+        _proc.require_binary("mkfs.ext4")
+        argv = _rootfs.mkfs_argv(dirs)
+        anyio.from_thread.run(partial(_proc.run, argv, timeout=60, what="format the sandbox's disk"))
+        shutil.rmtree(dirs.seed)
     _seccomp.write_filter(state_dir / "seccomp.bpf", program)
     mounts = [
         Mount(kind="idmap", source=str(src), target=str(dst), ro=True)
@@ -352,6 +354,8 @@ def _prepare(
     bundle_dir = dirs.merged.parent / "bundle"
     bundle_dir.mkdir(mode=0o700)
     mounts.append(Mount(kind="idmap", source=str(bundle.path), target=str(bundle_dir), ro=True))
+    if dirs.image is not None and dirs.disk is not None:  # the writable layer's own, size-capped fs
+        mounts.append(Mount(kind="loop", source=str(dirs.image), target=str(dirs.disk), fstype="ext4"))
     mounts.append(Mount(kind="overlay", target=str(dirs.merged), options=_rootfs.overlay_options(dirs)))
     mounts.append(Mount(kind="bind", source=str(dirs.merged.parent), target=str(MOUNT_STAGE)))
     stage = MOUNT_STAGE
@@ -465,10 +469,28 @@ def _teardown_sync(
         log.error("sandbox %s: could not remove its cgroups: %s", sandbox_id, exc)
         raise RuntimeFailure("could not remove the sandbox's cgroups") from exc
     if state_dir.exists():
+        _wait_loop_released(state_dir)
         _refuse_if_mounted(state_dir)
         shutil.rmtree(state_dir)
     if slot is not None:
         _UidAllocator(state_root).release(slot, sandbox_id)
+
+
+def _wait_loop_released(state_dir: Path) -> None:
+    """A disk-quota sandbox's loop device detaches itself (autoclear) once its mount namespace is gone; the
+    kernel may finish that just after the last task exits. Wait for it, briefly, so nothing is left."""
+    image = str(state_dir / "disk.img")
+    if not Path(image).exists():
+        return
+    for _ in range(400):  # x 5 ms = 2 s at most; normally it is already gone
+        backing = []
+        for f in Path("/sys/block").glob("loop*/loop/backing_file"):
+            with contextlib.suppress(OSError):
+                backing.append(f.read_text().strip())
+        if image not in backing:
+            return
+        time.sleep(0.005)
+    log.warning("a loop device still uses %s after the sandbox ended", image)
 
 
 def _refuse_if_mounted(path: Path) -> None:
