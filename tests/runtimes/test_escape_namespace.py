@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from corral.errors import CorralError
 from corral.runtimes._cgroups import SandboxCgroup
 from corral.runtimes.base import Limits
 
@@ -247,28 +248,42 @@ async def test_sandboxes_cannot_see_each_other(ns_sandbox) -> None:
 async def test_limits_hold_and_the_host_stays_responsive(ns_sandbox) -> None:
     sb = await ns_sandbox(limits=Limits(memory_mb=128, pids=64))
     cgroup = SandboxCgroup.from_json(dict(sb.instance.extra["cgroup"]))
+    # forks until pids.max stops it, holds every pid until told to stop on stdin, then reaps its children
+    # itself, so the pids are free again when its exit event arrives
     fork_bomb = (
-        "import os, time\n"
+        "import os, signal, sys, time\n"
+        "kids = []\n"
         "while True:\n"
         "    try:\n"
-        "        if os.fork() == 0:\n"
-        "            bytearray(1024 * 1024); time.sleep(300); os._exit(0)\n"
+        "        pid = os.fork()\n"
         "    except BlockingIOError:\n"
-        "        print('saturated', flush=True); time.sleep(300)\n"
+        "        break\n"
+        "    if pid == 0:\n"
+        "        bytearray(1024 * 1024); time.sleep(300); os._exit(0)\n"
+        "    kids.append(pid)\n"
+        "print('saturated', len(kids), flush=True)\n"
+        "sys.stdin.read()\n"
+        "for pid in kids: os.kill(pid, signal.SIGKILL)\n"
+        "for pid in kids: os.waitpid(pid, 0)\n"
     )
-    async with sb.client.request("exec", {"argv": ["python3", "-c", fork_bomb], "user": "root"}) as req:
-        async for frame in req:
-            if frame.get("ev") == "started":
-                process_id = frame.get("process_id")
-            if frame.get("ev") == "stdout":
-                break  # the bomb hit pids.max
+    request = {"argv": ["python3", "-c", fork_bomb], "user": "root", "stdin": True}
+    async with sb.client.request("exec", request) as req:
+        frames = aiter(req)
+        started = await anext(frames)
+        assert started.get("ev") == "started"
+        saturated = await anext(frames)
+        assert saturated.payload.startswith(b"saturated")  # the bomb hit pids.max
         current = int((cgroup.dirs["pids"] / "pids.current").read_text())
         assert current <= 64
+        with pytest.raises(CorralError):  # the sandbox has no pid left to start anything with
+            await sb.run(["true"])
         with anyio.fail_after(10):  # the host is still responsive
             done = await anyio.run_process(["true"])
         assert done.returncode == 0
-        # the sandbox has no pid left to run pkill with; the agent signals the bomb's process group
-        await sb.client.call("signal", {"process_id": process_id, "signal": 9})
+        await sb.client.call("stdin", {"process_id": started.get("process_id"), "eof": True})
+        async for frame in frames:
+            if frame.get("ev") == "exit":
+                assert frame.get("exit_code") == 0
     assert (await sb.run(["echo", "ok"])).stdout == b"ok\n"
     memory = await sb.run(["python3", "-c", "x = bytearray(512 * 1024 * 1024)"])
     assert memory.signal == 9 or memory.exit_code in (137, -9)  # OOM-killed at 128 MiB

@@ -150,6 +150,22 @@ async def test_cpu_quota_throttles(ns_sandbox) -> None:
     assert cpu_seconds < 0.4  # 0.1 CPU for 0.6 s of wall time is ~0.06 s; unthrottled it would be ~0.6 s
 
 
+@pytest.mark.root
+@pytest.mark.bwrap
+@pytest.mark.anyio
+async def test_disk_quota_gives_enospc_not_a_full_host(ns_sandbox) -> None:
+    sb = await ns_sandbox(limits=Limits(disk_mb=32))
+    fill = await sb.run("dd if=/dev/zero of=/tmp/big bs=1M count=64 2>&1; sync; df -m / | tail -1")
+    assert b"No space left on device" in fill.stdout, fill
+    assert not (sb.state_dir / "fs" / "upper").exists()  # the layer lives on the image, not the host dir
+    image = sb.state_dir / "disk.img"
+    assert image.stat().st_blocks * 512 <= 40 * 1024 * 1024  # sparse, capped near the quota
+    again = await sb.run("rm /tmp/big && echo ok > /tmp/small && cat /tmp/small")
+    assert again.stdout == b"ok\n"  # space is back once the file is gone
+    owner = await sb.run("stat -c %u:%g /tmp/small && stat -c %U / ")
+    assert owner.out.split() == ["0:0", "root"]
+
+
 # --- pause / resume ----------------------------------------------------------------------------------------
 
 
