@@ -17,11 +17,13 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import anyio.from_thread
 import pytest
 
 from corral.core import files
@@ -387,6 +389,51 @@ async def test_agent_that_never_starts_cleans_up(gvisor_runtime, host_rootfs, mo
         await gvisor_runtime.create(SandboxSpec(sandbox_id=sid, rootfs=host_rootfs))
     message = str(err.value)
     assert str(gvisor_runtime.config.state_root) not in message and "runsc" not in message
+    assert _state_entries(gvisor_runtime) == before
+    assert not _cgroup_dirs(sid)
+    assert not _host_processes_naming(str(gvisor_runtime.config.state_root / sid))
+    assert _mounts() == mounts
+
+
+@real
+async def test_failure_after_boot_tears_the_running_sandbox_down(
+    gvisor_runtime, host_rootfs, monkeypatch
+) -> None:
+    """A check that fails once runsc and the agent are up must still leave nothing behind."""
+
+    def refuse(sandbox_id: str, limits: Limits) -> None:
+        assert _host_processes_naming(str(gvisor_runtime.config.state_root / sandbox_id))  # it was running
+        raise RuntimeFailure("could not apply the sandbox's memory limit")
+
+    monkeypatch.setattr(gvisor_mod, "_verify_limits", refuse)
+    before, mounts = _state_entries(gvisor_runtime), _mounts()
+    sid = SandboxId.new()
+    with pytest.raises(RuntimeFailure):
+        await gvisor_runtime.create(SandboxSpec(sandbox_id=sid, rootfs=host_rootfs))
+    assert _state_entries(gvisor_runtime) == before
+    assert not _cgroup_dirs(sid)
+    assert not _host_processes_naming(str(gvisor_runtime.config.state_root / sid))
+    assert _mounts() == mounts
+
+
+@real
+async def test_cancelled_create_leaves_nothing(gvisor_runtime, host_rootfs, monkeypatch) -> None:
+    """Cancel create() once runsc and the agent are up (its last step is held until the cancel is issued)."""
+    booted, release = anyio.Event(), threading.Event()
+
+    def hold(sandbox_id: str, limits: Limits) -> None:  # runs in create's worker thread
+        anyio.from_thread.run_sync(booted.set)
+        release.wait(30)
+
+    monkeypatch.setattr(gvisor_mod, "_verify_limits", hold)
+    before, mounts = _state_entries(gvisor_runtime), _mounts()
+    sid = SandboxId.new()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(gvisor_runtime.create, SandboxSpec(sandbox_id=sid, rootfs=host_rootfs))
+        await booted.wait()
+        assert _host_processes_naming(str(gvisor_runtime.config.state_root / sid))  # it is running
+        tg.cancel_scope.cancel()
+        release.set()
     assert _state_entries(gvisor_runtime) == before
     assert not _cgroup_dirs(sid)
     assert not _host_processes_naming(str(gvisor_runtime.config.state_root / sid))
