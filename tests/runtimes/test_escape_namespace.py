@@ -192,8 +192,11 @@ async def test_mount_tools_fail(ns_sandbox) -> None:
 
 async def test_capabilities_and_no_new_privs(ns_sandbox) -> None:
     sb = await ns_sandbox()
-    status = _results((await sb.run("grep -E '^(CapEff|CapPrm|NoNewPrivs|Seccomp):' /proc/self/status")).out)
+    status = _results(
+        (await sb.run("grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status")).out
+    )
     cap_eff = int(status["CapEff:"], 16)
+    assert int(status["CapBnd:"], 16) == cap_eff  # nothing outside the kept set can ever come back
     for bit, name in (
         (21, "SYS_ADMIN"),
         (13, "NET_RAW"),

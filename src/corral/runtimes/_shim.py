@@ -94,6 +94,9 @@ class Mount:
 class UserNs:
     base: int  # host uid/gid that sandbox uid 0 maps to
     size: int = 65536
+    # capabilities left in the bounding set once inside (None: all). The command still starts with every
+    # capability of the namespace (they are made inheritable first), but nothing it execs can regain the others.
+    bounding_caps: list[int] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,13 +228,24 @@ LOOP_MAJOR = 7
 
 
 class _LoopConfig(ctypes.Structure):  # struct loop_config, with struct loop_info64 inlined
-    _fields_ = [("fd", ctypes.c_uint32), ("block_size", ctypes.c_uint32),
-                ("lo_device", ctypes.c_uint64), ("lo_inode", ctypes.c_uint64), ("lo_rdevice", ctypes.c_uint64),
-                ("lo_offset", ctypes.c_uint64), ("lo_sizelimit", ctypes.c_uint64), ("lo_number", ctypes.c_uint32),
-                ("lo_encrypt_type", ctypes.c_uint32), ("lo_encrypt_key_size", ctypes.c_uint32),
-                ("lo_flags", ctypes.c_uint32), ("lo_file_name", ctypes.c_char * 64),
-                ("lo_crypt_name", ctypes.c_char * 64), ("lo_encrypt_key", ctypes.c_char * 32),
-                ("lo_init", ctypes.c_uint64 * 2), ("reserved", ctypes.c_uint64 * 8)]
+    _fields_ = [
+        ("fd", ctypes.c_uint32),
+        ("block_size", ctypes.c_uint32),
+        ("lo_device", ctypes.c_uint64),
+        ("lo_inode", ctypes.c_uint64),
+        ("lo_rdevice", ctypes.c_uint64),
+        ("lo_offset", ctypes.c_uint64),
+        ("lo_sizelimit", ctypes.c_uint64),
+        ("lo_number", ctypes.c_uint32),
+        ("lo_encrypt_type", ctypes.c_uint32),
+        ("lo_encrypt_key_size", ctypes.c_uint32),
+        ("lo_flags", ctypes.c_uint32),
+        ("lo_file_name", ctypes.c_char * 64),
+        ("lo_crypt_name", ctypes.c_char * 64),
+        ("lo_encrypt_key", ctypes.c_char * 32),
+        ("lo_init", ctypes.c_uint64 * 2),
+        ("reserved", ctypes.c_uint64 * 8),
+    ]
 
 
 def _mount_loop(m: Mount) -> None:
@@ -338,7 +352,31 @@ def _setup_child(spec: ShimSpec, sync_r: int, sync_w: int) -> dict[int, int]:
             raise OSError(errno.EPERM, "user namespace mapping was not written")
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
+        if spec.userns.bounding_caps is not None:
+            _limit_bounding_set(spec.userns.bounding_caps)
     return parked
+
+
+PR_CAPBSET_DROP = 24
+SYS_CAPGET, SYS_CAPSET = 125, 126
+_CAP_VERSION_3 = 0x20080522
+
+
+def _limit_bounding_set(keep: list[int]) -> None:
+    """Drop every capability not in ``keep`` from the bounding set, after making all held ones inheritable.
+
+    A uid-0 exec gets (inheritable | bounding), so the next program (bwrap) still gets everything it needs
+    to build the sandbox, while any later exec by uid 0 inside can only get ``keep`` back.
+    """
+    header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two __user_cap_data_struct {effective, permitted, inheritable}
+    _check(_libc.syscall(SYS_CAPGET, header, data), "capget")
+    data[2], data[5] = data[1], data[4]
+    _check(_libc.syscall(SYS_CAPSET, header, data), "capset")
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in range(last + 1):
+        if cap not in keep:
+            _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap}")
 
 
 _FD_PARK = 1000  # opened files wait above every fd the child uses until they are moved into place
@@ -553,7 +591,9 @@ class _Shim:
             self.sel.unregister(client.sock)
         client.sock.close()
         for process_id in client.foreground.values():
-            self.to_agent += encode({"id": self.own_id(), "op": "signal", "process_id": process_id, "signal": 9})
+            self.to_agent += encode(
+                {"id": self.own_id(), "op": "signal", "process_id": process_id, "signal": 9}
+            )
         self.orphan_execs |= client.execs - client.foreground.keys()
         for aid in client.uploads:
             self.to_agent += encode({"id": aid, "op": "data", "eof": True, "abort": True})
@@ -596,8 +636,9 @@ class _Shim:
         ev = frame.get("ev")
         if aid in self.orphan_execs:
             if ev == "started":  # its client is gone: a foreground process nobody watches must not live on
-                self.to_agent += encode({"id": self.own_id(), "op": "signal",
-                                         "process_id": frame.get("process_id"), "signal": 9})
+                self.to_agent += encode(
+                    {"id": self.own_id(), "op": "signal", "process_id": frame.get("process_id"), "signal": 9}
+                )
             if ev in TERMINAL:
                 self.orphan_execs.discard(aid)
             return
@@ -635,8 +676,14 @@ class _Shim:
                 client.out += encode(self.shim_op(frame))
                 continue
             if not isinstance(rid, str):
-                client.out += encode({"id": rid, "ev": "error", "code": "invalid",
-                                      "message": "every request needs a string id"})
+                client.out += encode(
+                    {
+                        "id": rid,
+                        "ev": "error",
+                        "code": "invalid",
+                        "message": "every request needs a string id",
+                    }
+                )
                 continue
             aid = f"{tag}:{rid}"
             if op == "exec" and not frame.get("background"):
@@ -644,8 +691,9 @@ class _Shim:
             elif op == "write":
                 client.uploads.add(aid)
             elif op == "detach":
-                client.foreground = {k: v for k, v in client.foreground.items()
-                                     if v != frame.get("process_id")}
+                client.foreground = {
+                    k: v for k, v in client.foreground.items() if v != frame.get("process_id")
+                }
             self.to_agent += encode({**frame.header, "id": aid}, frame.payload)
         self.update_interest()
         self.flush_agent()
@@ -659,8 +707,13 @@ class _Shim:
             self.deadline = float(deadline) if deadline is not None else None
             return {"id": rid, "ev": "ok", "deadline": self.deadline}
         if frame.get("op") == "shim.status":
-            return {"id": rid, "ev": "ok", "child_pid": self.child_pid, "deadline": self.deadline,
-                    "clients": len(self.clients)}
+            return {
+                "id": rid,
+                "ev": "ok",
+                "child_pid": self.child_pid,
+                "deadline": self.deadline,
+                "clients": len(self.clients),
+            }
         return {"id": rid, "ev": "error", "code": "unknown_op", "message": f"unknown op {frame.get('op')}"}
 
     def flush_client(self, tag: str) -> None:

@@ -70,20 +70,20 @@ SECCOMP_FD = 9
 # world-traversable, always-empty host directory first, in the private namespace only.
 MOUNT_STAGE = Path("/run/corral/namespace-stage")
 # capabilities kept inside the sandbox's user namespace (Docker's default set minus NET_RAW and MKNOD)
-SANDBOX_CAPS = (
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_SETFCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_AUDIT_WRITE",
-)
+SANDBOX_CAPS = {  # name -> number (linux/capability.h)
+    "CAP_CHOWN": 0,
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_FOWNER": 3,
+    "CAP_FSETID": 4,
+    "CAP_KILL": 5,
+    "CAP_SETGID": 6,
+    "CAP_SETUID": 7,
+    "CAP_SETPCAP": 8,
+    "CAP_NET_BIND_SERVICE": 10,
+    "CAP_SYS_CHROOT": 18,
+    "CAP_AUDIT_WRITE": 29,
+    "CAP_SETFCAP": 31,
+}
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -405,7 +405,7 @@ def _prepare(
         env={"PATH": SANDBOX_PATH},
         cgroup_procs=cgroup.procs_files,
         mounts=mounts,
-        userns=UserNs(base=base),
+        userns=UserNs(base=base, bounding_caps=sorted(SANDBOX_CAPS.values())),
         deadline=spec.deadline,
         files=[FdFile(fd=SECCOMP_FD, path=str(state_dir / "seccomp.bpf"))],
     )
