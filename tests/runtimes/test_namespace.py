@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -286,6 +287,73 @@ async def test_deadline_kills_the_sandbox(ns_runtime, host_rootfs, nothing_left)
     finally:
         await ns_runtime.destroy(instance)
     nothing_left(instance)
+
+
+@pytest.mark.root
+@pytest.mark.bwrap
+@pytest.mark.anyio
+async def test_destroy_from_another_process(ns_runtime, host_rootfs, nothing_left) -> None:
+    instance = await ns_runtime.create(SandboxSpec(sandbox_id=SandboxId.new(), rootfs=host_rootfs))
+    script = (
+        "import anyio, sys\n"
+        "from pathlib import Path\n"
+        "from corral.runtimes.base import Instance, RuntimeConfig\n"
+        "from corral.runtimes.namespace import NamespaceRuntime\n"
+        "rt = NamespaceRuntime(RuntimeConfig(state_root=Path(sys.argv[1]), cache_root=Path(sys.argv[2])))\n"
+        "anyio.run(rt.destroy, Instance.from_json(sys.argv[3]))\n"
+    )
+    config = ns_runtime.config
+    argv = [sys.executable, "-c", script, str(config.state_root), str(config.cache_root), instance.to_json()]
+    try:
+        done = await anyio.run_process(argv, check=False)
+        assert done.returncode == 0, done.stderr
+        assert (await ns_runtime.inspect(instance)).state is ObservedState.MISSING
+    finally:
+        await ns_runtime.destroy(instance)  # here it finds nothing left to do
+    nothing_left(instance)
+
+
+@pytest.mark.root
+@pytest.mark.bwrap
+@pytest.mark.anyio
+async def test_parallel_creates_get_disjoint_uid_ranges(ns_sandbox) -> None:
+    handles = []
+
+    async def make() -> None:
+        handles.append(await ns_sandbox())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(make)
+    bases = {h.instance.extra["uid_base"] for h in handles}
+    assert len(bases) == 4
+    for h in handles:
+        assert (await h.run("cat /proc/self/uid_map")).out.split()[1] == str(h.instance.extra["uid_base"])
+
+
+def test_uid_allocator_reclaims_and_releases(tmp_path: Path) -> None:
+    from corral.runtimes.namespace import _UidAllocator
+
+    alloc = _UidAllocator(tmp_path)
+    for name in ("sb-a", "sb-b", "sb-c", "sb-d", "sb-e"):  # a slot is held while its state dir exists
+        (tmp_path / name).mkdir()
+    assert [alloc.allocate("sb-a"), alloc.allocate("sb-b")] == [0, 1]
+    alloc.release(0, "sb-b")  # not its slot: ignored
+    assert alloc.allocate("sb-c") == 2
+    alloc.release(0, "sb-a")
+    assert alloc.allocate("sb-d") == 0
+    (tmp_path / "sb-b").rmdir()  # a sandbox whose destroyer died before releasing its slot
+    assert alloc.allocate("sb-e") == 1
+    assert _UidAllocator.base(1) - _UidAllocator.base(0) == 65536 and _UidAllocator.base(0) >= 100_000
+
+
+def test_check_explains_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from corral.errors import RuntimeUnavailable
+    from corral.runtimes import namespace
+
+    monkeypatch.setattr(namespace.os, "geteuid", lambda: 1000)
+    with pytest.raises(RuntimeUnavailable, match="needs root"):
+        namespace._check_host()
 
 
 # --- non-Python root file systems ------------------------------------------------------------------------
