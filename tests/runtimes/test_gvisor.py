@@ -282,6 +282,16 @@ async def test_cpu_quota_throttles(gvisor_sandbox) -> None:
     assert int(stat["nr_throttled"]) > 0
 
 
+@real
+async def test_disk_quota_gives_enospc(gvisor_sandbox) -> None:
+    sb = await gvisor_sandbox(limits=Limits(disk_mb=32))
+    fill = await sb.run("dd if=/dev/zero of=/root/big bs=1M count=64 2>&1; echo rc=$?")
+    assert "No space left on device" in fill.out and "rc=0" not in fill.out, fill
+    image = Path(sb.instance.state_dir) / "disk.img"
+    assert image.stat().st_blocks * 512 < 40 * 1024 * 1024  # the host paid at most the quota (sparse image)
+    assert (await sb.run("rm /root/big && echo ok > /root/small && cat /root/small")).out == "ok\n"
+
+
 # --- pause / resume ----------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,8 @@ One sandbox, from the outside in:
    ~1.8 s (``wait`` polls), and stdio pipes are the agent transport that survives ``runsc checkpoint`` /
    ``restore`` (research/runtimes.md §2.1), which a later ``restore`` start mode reuses as is;
 2. before exec, the shim's child enters a **private mount namespace** and mounts the per-sandbox
-   **overlayfs** there (template layers read-only, the upper dir on disk under the state dir). runsc serves
+   **overlayfs** there (template layers read-only, the upper dir on disk under the state dir; with
+   ``Limits.disk_mb`` on a loop-mounted ext4 image of that size, so a full disk is ENOSPC). runsc serves
    that merged dir as the sandbox's writable root, so writes land in the upper dir, visible to the host for
    file-system snapshots, and the mount vanishes with the sandbox: nothing enters the host's mount table;
 3. ``runsc`` with **one set of global flags**, stored in the :class:`Instance` and reused by every later
@@ -30,7 +31,6 @@ Known limits (runsc 0.0~20221219, Debian 12): ``statx()`` with ``AT_NO_AUTOMOUNT
 Debian 12's ``ls``/``stat``/``mount`` fail on every path (runsc 20240729 from bookworm-backports fixes it;
 pass ``runsc=`` to use another binary). An OOM kill ends the whole sandbox and is reported as an exit with
 code 137, not as ``reason="oom"`` (runsc removes the cgroup, and its counters, on its way out).
-``Limits.disk_mb`` is not enforced (the upper dir is a plain host directory).
 """
 
 from __future__ import annotations
@@ -42,20 +42,22 @@ import logging
 import os
 import shutil
 import signal
-import stat
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from corral.errors import Conflict, InvalidRequest, RuntimeFailure, RuntimeUnavailable
-from corral.runtimes import _oci, _proc, _shimctl
+from corral.errors import Conflict, RuntimeFailure, RuntimeUnavailable
+from corral.runtimes import _oci, _proc, _rootfs, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
 from corral.runtimes._cgroups import SandboxCgroup
-from corral.runtimes._rootfs import LayerDirs, overlay_options
+from corral.runtimes._rootfs import LayerDirs
 from corral.runtimes._shim import Mount, ShimSpec
 from corral.runtimes.base import (
     ByteStream,
@@ -64,7 +66,6 @@ from corral.runtimes.base import (
     Limits,
     Observed,
     ObservedState,
-    RootfsSpec,
     RuntimeConfig,
     SandboxSpec,
 )
@@ -233,7 +234,7 @@ def _status(stdout: bytes) -> str | None:
 def _prepare(spec: SandboxSpec, state_dir: Path, bundle: AgentBundle, flags: list[str]) -> ShimSpec:
     """Writable layer, OCI bundle and shim spec for one sandbox (the caller cleans up on failure)."""
     _refuse_existing_cgroups(spec.sandbox_id)
-    layers = _make_layer_dirs(state_dir, spec.rootfs)
+    layers = _make_layer_dirs(state_dir, spec)
     (state_dir / "runsc").mkdir(mode=0o700)
     (state_dir / "logs").mkdir(mode=0o700)
     mounts = [_oci.bind_mount(b.source, b.target) for b in spec.rootfs.binds]
@@ -257,7 +258,14 @@ def _prepare(spec: SandboxSpec, state_dir: Path, bundle: AgentBundle, flags: lis
         argv=[*flags, "run", f"--bundle={bundle_dir}", container_id],
         socket=str(state_dir / "agent.sock"),
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        mounts=[Mount(kind="overlay", target=str(layers.merged), options=overlay_options(layers))],
+        mounts=[
+            *(
+                [Mount(kind="loop", source=str(layers.image), target=str(layers.disk), fstype="ext4")]
+                if layers.image is not None and layers.disk is not None
+                else []
+            ),
+            Mount(kind="overlay", target=str(layers.merged), options=_rootfs.overlay_options(layers)),
+        ],
         kill_argv=[*flags, "kill", container_id, "KILL"],  # the shim's deadline/SIGTERM path
         deadline=spec.deadline,
     )
@@ -281,27 +289,22 @@ def _check_host(runsc_override: str | None) -> str:
     return runsc
 
 
-def _make_layer_dirs(state_dir: Path, rootfs: RootfsSpec) -> LayerDirs:
-    """upper/work/merged under ``state_dir/fs``. No user namespace here (the sentry is the boundary), so the
-    template's layers are used directly as lower dirs and the upper dir copies the template root's owner and
-    mode (overlayfs shows them on the merged root)."""
-    for layer in rootfs.lower:
-        if not layer.is_dir():
-            raise InvalidRequest(
-                "a layer of the sandbox's root file system does not exist", details={"layer": layer.name}
-            )
-    fs = state_dir / "fs"
-    dirs = LayerDirs(
-        lowers=rootfs.lower, binds=(), upper=fs / "upper", work=fs / "work", merged=fs / "merged"
-    )
-    fs.mkdir(mode=0o700)
-    for d in (dirs.upper, dirs.work, dirs.merged):
-        d.mkdir(mode=0o755)
-    if rootfs.lower:
-        top = rootfs.lower[0].stat()
-        dirs.upper.chmod(stat.S_IMODE(top.st_mode))
-        os.chown(dirs.upper, top.st_uid, top.st_gid)
-    return dirs
+def _make_layer_dirs(state_dir: Path, spec: SandboxSpec) -> LayerDirs:
+    """The writable layer (:func:`._rootfs.make_layer_dirs`, owner 0: no user namespace here, the sentry is
+    the boundary). The template's layers are the overlay's lower dirs directly (no idmapped copies). With
+    ``disk_mb`` the upper dir lives on a size-capped ext4 image, formatted here, that the shim loop-mounts in
+    its private mount namespace: a full sandbox gets ENOSPC instead of filling the host's disk."""
+    if spec.limits.disk_mb is not None and not Path("/dev/loop-control").exists():
+        raise RuntimeUnavailable(
+            "disk quotas need loop devices; load the driver with: modprobe loop",
+            details={"fix": "modprobe loop"},
+        )
+    dirs = _rootfs.make_layer_dirs(state_dir, spec.rootfs, owner=0, disk_mb=spec.limits.disk_mb)
+    if dirs.image is not None and dirs.seed is not None:
+        argv = [_proc.require_binary("mkfs.ext4"), *_rootfs.mkfs_argv(dirs)[1:]]
+        anyio.from_thread.run(partial(_proc.run, argv, timeout=60, what="format the sandbox's disk"))
+        shutil.rmtree(dirs.seed)
+    return replace(dirs, lowers=spec.rootfs.lower)
 
 
 def _cgroup(sandbox_id: str) -> SandboxCgroup:
@@ -424,9 +427,25 @@ def _teardown(sandbox_id: str, state_dir: Path, shim_pid: int | None, shim_ticks
     except OSError as exc:
         log.error("sandbox %s: could not remove its cgroups: %s", sandbox_id, exc)
         raise RuntimeFailure("could not remove the sandbox's cgroups") from exc
+    _wait_loop_released(state_dir / "disk.img")
     if state_dir.exists():
         _refuse_if_mounted(state_dir)
         shutil.rmtree(state_dir)
+
+
+def _wait_loop_released(image: Path) -> None:
+    """A disk-quota sandbox's loop device detaches itself (autoclear) once the shim child's mount namespace is
+    gone, which the kernel finishes shortly after the last process exits."""
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        in_use = False
+        for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+            with contextlib.suppress(OSError):
+                in_use = in_use or backing.read_text().strip() == str(image)
+        if not in_use:
+            return
+        time.sleep(_POLL)  # bounded; loop detach has no event we can wait on
+    log.warning("a loop device still uses %s after the sandbox ended", image)
 
 
 def _refuse_if_mounted(path: Path) -> None:
