@@ -13,6 +13,8 @@ from corral.agent.users import ensure_user
 
 __all__ = ["serve_listen", "serve_stdio"]
 
+ACCEPT_BACKOFF = 0.1  # seconds without accepting after a resource error (e.g. EMFILE), instead of a busy loop
+
 
 def _agent() -> tuple[Loop, Agent]:
     loop = Loop()
@@ -36,13 +38,17 @@ def _listener(address: str) -> socket.socket:
     kind, _, rest = address.partition(":")
     if kind == "unix" and rest:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bind under a temporary name and rename once listening: whoever sees the path can connect at once.
+        tmp = f"{rest}.{os.getpid()}.tmp"
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(rest)
+            os.unlink(tmp)
         old = os.umask(0o177)
         try:
-            sock.bind(rest)
+            sock.bind(tmp)
         finally:
             os.umask(old)
+        sock.listen(64)
+        os.rename(tmp, rest)  # replaces a stale socket from an earlier run
     elif kind == "tcp" and rest:
         host, _, port = rest.rpartition(":")
         host = host.strip("[]")
@@ -50,9 +56,9 @@ def _listener(address: str) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, int(port)))
+        sock.listen(64)
     else:
         raise SystemExit(f"--listen wants unix:PATH or tcp:HOST:PORT, not {address!r}")
-    sock.listen(64)
     sock.setblocking(False)
     return sock
 
@@ -70,8 +76,12 @@ def serve_listen(address: str) -> int:
                 conn, peer = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # ECONNABORTED (e.g. after a gVisor restore), EMFILE: keep serving
-                log(f"accept failed: {exc}")
+            except ConnectionAbortedError:  # the peer gave up (or a gVisor restore broke it): next one
+                continue
+            except OSError as exc:  # EMFILE, ENOBUFS, ...: keep serving, but do not spin on a ready socket
+                log(f"accept failed: {exc}; pausing accept for {ACCEPT_BACKOFF}s")
+                loop.remove_reader(sock.fileno())
+                loop.call_later(ACCEPT_BACKOFF, lambda: loop.add_reader(sock.fileno(), accept))
                 return
             serial += 1
             if conn.family != socket.AF_UNIX:

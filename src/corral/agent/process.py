@@ -447,6 +447,10 @@ def _spawn_error(exc: OSError, argv: list[str], cwd: str, path: str) -> AgentErr
         # execvp reports EACCES when some PATH directory is not searchable, even if the command is nowhere
         return AgentError(AgentErrorCode.NOT_FOUND, f"command {name!r} not found in the sandbox")
 
+    if exc.filename == cwd and exc.errno in (errno.EPERM, errno.EINVAL):
+        # Popen reports failures before exec (setsid, setgroups, setresgid, setresuid) as if from chdir
+        return AgentError(AgentErrorCode.PERMISSION_DENIED,
+                          f"cannot start {name!r} as the requested user: {exc.strerror}")
     if exc.filename == cwd and exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
         code = {errno.ENOENT: AgentErrorCode.NOT_FOUND, errno.ENOTDIR: AgentErrorCode.NOT_A_DIRECTORY,
                 errno.EACCES: AgentErrorCode.PERMISSION_DENIED}[exc.errno]
