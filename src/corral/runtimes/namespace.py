@@ -358,47 +358,7 @@ def _prepare(
         mounts.append(Mount(kind="loop", source=str(dirs.image), target=str(dirs.disk), fstype="ext4"))
     mounts.append(Mount(kind="overlay", target=str(dirs.merged), options=_rootfs.overlay_options(dirs)))
     mounts.append(Mount(kind="bind", source=str(dirs.merged.parent), target=str(MOUNT_STAGE)))
-    stage = MOUNT_STAGE
-    argv = [
-        bwrap,
-        "--die-with-parent",
-        "--new-session",
-        "--unshare-pid",
-        "--unshare-ipc",
-        "--unshare-uts",
-        "--unshare-net",
-        "--unshare-cgroup-try",
-        "--hostname",
-        spec.hostname,
-        "--bind",
-        str(stage / "merged"),
-        "/",
-    ]
-    for i, b in enumerate(spec.rootfs.binds):
-        argv += ["--ro-bind", str(stage / f"bind{i}"), b.target]
-    argv += [
-        "--ro-bind",
-        str(stage / "bundle"),
-        MOUNT_POINT,
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--perms",
-        "1777",
-        "--tmpfs",
-        "/dev/shm",
-        "--chdir",
-        "/",
-        "--clearenv",
-    ]
-    env = {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", "HOSTNAME": spec.hostname, **spec.env}
-    for key, value in env.items():
-        argv += ["--setenv", key, value]
-    argv += ["--cap-drop", "ALL"]
-    for cap in SANDBOX_CAPS:
-        argv += ["--cap-add", cap]
-    argv += ["--seccomp", str(SECCOMP_FD), "--", *agent_argv(bundle)]
+    argv = _bwrap_argv(spec, bwrap, bundle)
     shim_spec = ShimSpec(
         argv=argv,
         socket=str(state_dir / "agent.sock"),
@@ -411,6 +371,46 @@ def _prepare(
     )
     (state_dir / "shim.json").write_text(shim_spec.to_json())
     return shim_spec
+
+
+# namespaces and process set-up; the user namespace is the shim's, so no --unshare-user
+_BWRAP_SETUP = [
+    "--die-with-parent",
+    "--new-session",
+    "--unshare-pid",
+    "--unshare-ipc",
+    "--unshare-uts",
+    "--unshare-net",
+    "--unshare-cgroup-try",
+]
+_BWRAP_FS = [
+    "--proc",
+    "/proc",
+    "--dev",
+    "/dev",
+    "--perms",
+    "1777",
+    "--tmpfs",
+    "/dev/shm",
+    "--chdir",
+    "/",
+    "--clearenv",
+]
+
+
+def _bwrap_argv(spec: SandboxSpec, bwrap: str, bundle: AgentBundle) -> list[str]:
+    """bwrap's command line; every source path is below MOUNT_STAGE (see its comment)."""
+    argv = [bwrap, *_BWRAP_SETUP, "--hostname", spec.hostname, "--bind", str(MOUNT_STAGE / "merged"), "/"]
+    for i, b in enumerate(spec.rootfs.binds):
+        argv += ["--ro-bind", str(MOUNT_STAGE / f"bind{i}"), b.target]
+    argv += ["--ro-bind", str(MOUNT_STAGE / "bundle"), MOUNT_POINT, *_BWRAP_FS]
+    env = {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", "HOSTNAME": spec.hostname, **spec.env}
+    for key, value in env.items():
+        argv += ["--setenv", key, value]
+    argv += ["--cap-drop", "ALL"]
+    for cap in SANDBOX_CAPS:
+        argv += ["--cap-add", cap]
+    return [*argv, "--seccomp", str(SECCOMP_FD), "--", *agent_argv(bundle)]
 
 
 async def _wait_ready(shim: subprocess.Popen[bytes], sandbox_id: str) -> None:
