@@ -253,6 +253,37 @@ async def test_bwrap_failure_cleans_up(ns_runtime, host_rootfs) -> None:
     assert _mounts() == mounts
 
 
+@pytest.mark.parametrize("after", [0.0, 0.01, 0.03, 0.06, 0.1])
+@pytest.mark.root
+@pytest.mark.bwrap
+@pytest.mark.anyio
+async def test_cancelled_create_cleans_up(ns_runtime, host_rootfs, after: float) -> None:
+    """Cancelled at some point of its way (cgroups, layer dirs, shim start, agent boot): nothing stays."""
+    await ns_runtime.check()
+    before, mounts = _state_entries(ns_runtime), _mounts()
+    sid = SandboxId.new()
+    with anyio.move_on_after(after):
+        instance = await ns_runtime.create(SandboxSpec(sandbox_id=sid, rootfs=host_rootfs))
+        await ns_runtime.destroy(instance)  # finished before the deadline: clean up normally
+    assert _state_entries(ns_runtime) == before
+    assert not _cgroup_dirs(sid)
+    assert _mounts() == mounts
+    assert not [p for p in _shim_processes() if sid in p]
+
+
+def _shim_processes() -> list[str]:
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "_shim.py" in cmdline:
+                out.append(cmdline)
+    return out
+
+
 @pytest.mark.root
 @pytest.mark.bwrap
 @pytest.mark.anyio
