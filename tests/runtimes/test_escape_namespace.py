@@ -294,3 +294,24 @@ async def test_limits_hold_and_the_host_stays_responsive(ns_sandbox) -> None:
     assert usage <= 128 * 1024 * 1024
     with anyio.fail_after(10):
         assert (await anyio.run_process(["true"])).returncode == 0
+
+
+async def test_other_host_users_cannot_read_a_sandbox(ns_sandbox) -> None:
+    sb = await ns_sandbox(env={"API_KEY": "s3cret"})
+    await sb.run("echo private > /tmp/mine && chmod 644 /tmp/mine")
+    # the state dir is closed to others whatever its parents allow (the test data dir is 0700 already)
+    assert _mode(str(sb.state_dir)) == 0o700 and _mode(str(sb.state_dir / "shim.json")) == 0o600
+    for path in (sb.upper / "tmp" / "mine", sb.state_dir / "shim.json", sb.state_dir / "shim.log"):
+        done = await anyio.run_process(["cat", str(path)], user=65534, group=65534, check=False)
+        assert done.returncode != 0 and b"Permission denied" in done.stderr, path
+
+
+async def test_loopback_works_inside(ns_sandbox) -> None:
+    sb = await ns_sandbox()
+    serve_and_dial = (
+        "import socket\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "c = socket.create_connection(s.getsockname()); a, _ = s.accept()\n"
+        "c.sendall(b'ping'); print(a.recv(4).decode())\n"
+    )
+    assert (await sb.run(["python3", "-c", serve_and_dial])).out == "ping\n"

@@ -179,8 +179,9 @@ class NamespaceRuntime:
         state_dir = self.config.state_root / spec.sandbox_id
         self.config.state_root.mkdir(parents=True, exist_ok=True)
         try:
-            state_dir.mkdir()
-            state_dir.chmod(0o711)  # bwrap runs as the sandbox's uid and must traverse to fs/
+            # private: env values, logs and the sandbox's files are below it (bwrap never walks it: it
+            # reaches fs/ through MOUNT_STAGE)
+            state_dir.mkdir(mode=0o700)
         except FileExistsError as exc:
             raise Conflict(f"sandbox {spec.sandbox_id} already exists on this host") from exc
         cgroup = SandboxCgroup.for_sandbox(layout, spec.sandbox_id)
@@ -369,7 +370,8 @@ def _prepare(
         deadline=spec.deadline,
         files=[FdFile(fd=SECCOMP_FD, path=str(state_dir / "seccomp.bpf"))],
     )
-    (state_dir / "shim.json").write_text(shim_spec.to_json())
+    _write_private(state_dir / "shim.json", shim_spec.to_json())  # holds spec.env, which may be secret
+    _write_private(state_dir / "shim.log", "")  # the shim appends to it; create it private
     return shim_spec
 
 
@@ -411,6 +413,12 @@ def _bwrap_argv(spec: SandboxSpec, bwrap: str, bundle: AgentBundle) -> list[str]
     for cap in SANDBOX_CAPS:
         argv += ["--cap-add", cap]
     return [*argv, "--seccomp", str(SECCOMP_FD), "--", *agent_argv(bundle)]
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 async def _wait_ready(shim: subprocess.Popen[bytes], sandbox_id: str) -> None:
