@@ -1,7 +1,7 @@
 """Processes: spawning, output kept in a ring, streaming to subscribers, reaping, timeouts and signals.
 
-Output model. Each process has one :class:`Ring` holding its stdout and stderr interleaved as read (chunks
-tagged with their stream, addressed by absolute byte offset), at most ``RING_BYTES`` bytes. Every stream that
+Output model. Each process has one :class:`~corral.agent.ring.Ring` holding its stdout and stderr interleaved
+as read (addressed by absolute byte offset), at most ``RING_BYTES`` bytes. Every stream that
 shows the output (the ``exec`` request itself, each ``attach``) is a :class:`Subscriber`: a cursor into the
 ring and a :class:`~corral.agent.conn.Producer` on its connection. Replay and live output are then the same
 thing (an ``attach`` with replay starts its cursor at the oldest kept byte), and nothing is copied per
@@ -23,7 +23,6 @@ its group id, may belong to someone else.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import os
 import signal as _signal
@@ -36,74 +35,18 @@ from typing import IO, Any
 from corral.agent.conn import Connection
 from corral.agent.errors import AgentError
 from corral.agent.loop import Loop, Timer, log
+from corral.agent.ring import Ring
 from corral.agent.users import Identity
 from corral.protocol.messages import CHUNK_SIZE, AgentErrorCode
 
-__all__ = ["Process", "ProcessTable", "Ring", "Subscriber"]
+__all__ = ["Process", "ProcessTable", "Subscriber"]
 
-RING_BYTES = 8 * 1024 * 1024  # per process, from the spec
-RING_CHUNKS = 64 * 1024  # bounds per-chunk overhead when a process writes a byte at a time to both streams
-COALESCE = 64 * 1024  # consecutive reads of one stream are merged up to this size
 READ_SIZE = 64 * 1024  # one default pipe buffer
 LAG_LIMIT = 1024 * 1024  # a subscriber this far behind pauses reading the pipes (<< RING_BYTES: nothing lost)
 DRAIN_LIMIT = 1024 * 1024  # per pipe, read at exit: what the process left, not an endless grandchild stream
 EXITED_KEPT = 256  # exited processes whose record is kept, from the spec
 EXITED_OUTPUT_BUDGET = 64 * 1024 * 1024  # 256 x 8 MiB would be 2 GiB: older exited rings are released first
 STDIN_LIMIT = 8 * 1024 * 1024  # stdin bytes accepted but not yet taken by the process
-
-
-class Ring:
-    """Interleaved output of one process: chunks ``(start offset, stream, bytes)``, oldest dropped first."""
-
-    __slots__ = ("_data", "_head", "_starts", "_streams", "dropped", "end", "size")
-
-    def __init__(self) -> None:
-        self._starts: list[int] = []
-        self._streams: list[str] = []
-        self._data: list[bytearray] = []
-        self._head = 0  # index of the oldest kept chunk
-        self.end = 0  # absolute offset just past the newest byte
-        self.size = 0  # bytes kept
-        self.dropped = 0  # bytes dropped from the front
-
-    @property
-    def start(self) -> int:
-        return self.end - self.size
-
-    def append(self, stream: str, data: bytes) -> None:
-        n = len(self._data)
-        if n > self._head and self._streams[-1] == stream and len(self._data[-1]) + len(data) <= COALESCE:
-            self._data[-1] += data
-        else:
-            self._starts.append(self.end)
-            self._streams.append(stream)
-            self._data.append(bytearray(data))
-        self.end += len(data)
-        self.size += len(data)
-        while self.size > RING_BYTES or len(self._data) - self._head > RING_CHUNKS:
-            self._drop_head()
-
-    def _drop_head(self) -> None:
-        chunk = self._data[self._head]
-        self.size -= len(chunk)
-        self.dropped += len(chunk)
-        self._data[self._head] = bytearray()
-        self._head += 1
-        if self._head >= 1024 and self._head * 2 >= len(self._data):
-            del self._starts[: self._head], self._streams[: self._head], self._data[: self._head]
-            self._head = 0
-
-    def clear(self) -> None:
-        while self._head < len(self._data):
-            self._drop_head()
-
-    def read(self, pos: int, limit: int, stop: int) -> tuple[str, bytes]:
-        """Up to ``limit`` bytes of one stream from ``pos`` (``start <= pos < min(stop, end)``)."""
-        i = bisect.bisect_right(self._starts, pos, self._head) - 1
-        chunk = self._data[i]
-        off = pos - self._starts[i]
-        n = min(len(chunk) - off, limit, stop - pos)
-        return self._streams[i], bytes(chunk[off : off + n])
 
 
 class Subscriber:
