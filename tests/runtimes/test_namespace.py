@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from corral.errors import CorralError, InvalidRequest, RuntimeFailure
+from corral.errors import CorralError, InvalidRequest, InvalidState, RuntimeFailure
 from corral.ids import SandboxId
 from corral.runtimes import _cgroups, _rootfs, _seccomp
 from corral.runtimes.base import Bind, Limits, ObservedState, RootfsSpec, SandboxSpec
@@ -50,6 +50,8 @@ async def test_create_exec_inspect_destroy(ns_sandbox, nothing_left) -> None:
     nothing_left(sb.instance)
     assert _mounts() == mounts_before
     await sb.runtime.destroy(sb.instance)  # idempotent
+    with pytest.raises(InvalidState):
+        await sb.runtime.pause(sb.instance)
 
 
 @pytest.mark.root

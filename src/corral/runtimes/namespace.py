@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 import anyio
 
-from corral.errors import Conflict, CorralError, RuntimeFailure, RuntimeUnavailable, Timeout
+from corral.errors import Conflict, CorralError, InvalidState, RuntimeFailure, RuntimeUnavailable, Timeout
 from corral.runtimes import _proc, _rootfs, _seccomp, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
 from corral.runtimes._cgroups import CgroupLayout, SandboxCgroup, detect_layout
@@ -225,10 +225,20 @@ class NamespaceRuntime:
         return await _shimctl.connect(instance.socket_path)  # handles socket paths longer than sun_path
 
     async def pause(self, instance: Instance) -> None:
-        await anyio.to_thread.run_sync(self._cgroup(instance).freeze)
+        await self._freezer(instance, freeze=True)
 
     async def resume(self, instance: Instance) -> None:
-        await anyio.to_thread.run_sync(self._cgroup(instance).thaw)
+        await self._freezer(instance, freeze=False)
+
+    async def _freezer(self, instance: Instance, *, freeze: bool) -> None:
+        cgroup = self._cgroup(instance)
+        try:
+            await anyio.to_thread.run_sync(cgroup.freeze if freeze else cgroup.thaw)
+        except FileNotFoundError as exc:  # destroyed meanwhile (or by another process)
+            raise InvalidState("the sandbox is no longer on this host") from exc
+        except OSError as exc:
+            log.error("sandbox %s: freezer failed: %s", instance.sandbox_id, exc)
+            raise RuntimeFailure(f"could not {'pause' if freeze else 'resume'} the sandbox") from exc
 
     async def inspect(self, instance: Instance) -> Observed:
         return await anyio.to_thread.run_sync(self._inspect, instance)
