@@ -81,6 +81,14 @@ def _mode(path: str) -> int:
     return Path(path).stat().st_mode & 0o777
 
 
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def _results(text: str) -> dict[str, str]:
     return dict(line.split(None, 1) for line in text.splitlines() if line.strip())
 
@@ -315,3 +323,28 @@ async def test_loopback_works_inside(ns_sandbox) -> None:
         "c.sendall(b'ping'); print(a.recv(4).decode())\n"
     )
     assert (await sb.run(["python3", "-c", serve_and_dial])).out == "ping\n"
+
+
+async def test_kill_all_reaches_only_the_sandbox(ns_sandbox) -> None:
+    async with await anyio.open_process(["sleep", "300"]) as host_sleep:
+        try:
+            sb = await ns_sandbox()
+            # kill(-1): every process the caller may signal; inside, that is the sandbox, agent included
+            with pytest.raises(CorralError):  # the agent dies with the rest of the sandbox
+                await sb.run(["kill", "-9", "-1"], timeout=10)
+            assert _running(host_sleep.pid)  # the host's processes were out of reach
+        finally:
+            host_sleep.kill()
+
+
+async def test_host_abstract_sockets_are_out_of_reach(ns_sandbox) -> None:
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind("\0corral-host-escape-test")
+        server.listen()
+        server.setblocking(False)
+        sb = await ns_sandbox()
+        dial = "import socket\nsocket.socket(socket.AF_UNIX).connect('\\0corral-host-escape-test')\n"
+        result = await sb.run(["python3", "-c", dial])
+        assert result.exit_code != 0 and b"ConnectionRefusedError" in result.stderr
+        with pytest.raises(BlockingIOError):
+            server.accept()
