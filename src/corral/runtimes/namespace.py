@@ -6,15 +6,18 @@ One sandbox is, from the outside in (each layer set up by the shim's child befor
 1. **cgroups** (:mod:`._cgroups`): memory, pids, cpu, freezer, joined first so everything below is accounted;
 2. a **private mount namespace** holding the sandbox's mounts, so nothing ever appears in the host's mount
    table and everything unmounts itself when the sandbox's last process exits: the template layers and binds
-   (host ``/usr``) as **idmapped** read-only mounts, and an **overlayfs** with a per-sandbox upper dir on disk
-   (:mod:`._rootfs`);
+   (host ``/usr``) and the agent bundle as **idmapped** read-only mounts (host root's files appear owned by
+   the sandbox's root), and an **overlayfs** with a per-sandbox upper dir on disk (:mod:`._rootfs`), or on a
+   loop-mounted ext4 image of ``disk_mb`` when the sandbox has a disk quota;
 3. a **user namespace** mapping sandbox uids 0..65535 to a host range no other sandbox and no host account
-   uses (:class:`_UidAllocator`): root inside is an unprivileged stranger outside;
+   uses (:class:`_UidAllocator`): root inside is an unprivileged stranger outside. The shim also trims the
+   capability bounding set there to :data:`SANDBOX_CAPS` (bwrap 0.8 leaves it full when run as uid 0);
 4. **bubblewrap** (no ``--unshare-user``: it runs as uid 0 of that user namespace and keeps its capabilities
    there) makes pid, ipc, uts, net and cgroup namespaces, pivots into the overlay, mounts a fresh ``/proc``,
-   a minimal ``/dev`` and the agent bundle at ``/.corral`` (read-only), clears the environment, drops the
-   capability bounding set to a Docker-like minimum (no NET_RAW, MKNOD, SYS_ADMIN, …), sets no_new_privs and
-   loads the seccomp filter (:mod:`._seccomp`);
+   a minimal ``/dev`` and the agent bundle at ``/.corral`` (read-only), clears the environment, keeps only
+   :data:`SANDBOX_CAPS` (Docker's default set minus NET_RAW and MKNOD; no SYS_ADMIN), sets no_new_privs and
+   loads the seccomp filter (:mod:`._seccomp`). bwrap reaches the mounts through :data:`MOUNT_STAGE`, so
+   the state dir stays private to root;
 5. the **agent** (:mod:`corral.agent`) as the sandbox's main process, talking over its stdio to the shim.
 
 Network ``none`` is ``--unshare-net``: a namespace whose only interface is loopback (bwrap brings ``lo`` up).
