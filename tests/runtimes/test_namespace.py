@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -537,6 +538,39 @@ def test_rootfs_tarball_refuses_escapes(tmp_path: Path, member: tarfile.TarInfo)
     with pytest.raises(InvalidRequest):
         _rootfs.rootfs_from_tarball(tarball, tmp_path / "cache")
     assert not (tmp_path / "escape").exists() and not list((tmp_path / "cache" / "rootfs").glob("[!.]*"))
+
+
+@pytest.mark.root
+def test_host_template_copies_no_secrets(tmp_path: Path) -> None:
+    spec = _rootfs.ensure_host_template(tmp_path)
+    etc = spec.lower[0] / "etc"
+    users = [line.split(":")[0] for line in (etc / "passwd").read_text().splitlines()]
+    assert users == ["root", "user", "nobody"]
+    assert "$" not in (etc / "shadow").read_text()  # no password hashes, the host's or any
+    for secret in ("ssh", "machine-id", "gshadow", "ssl/private", "apt", "sudoers", "hostname-"):
+        assert not (etc / secret).exists(), secret
+    assert (spec.lower[0] / "home" / "user").stat().st_uid == 1000
+    assert (spec.lower[0] / "tmp").stat().st_mode & 0o7777 == 0o1777
+    assert [b.target for b in spec.binds][:1] == ["/usr"]
+    assert _rootfs.ensure_host_template(tmp_path) == spec  # built once
+
+
+@pytest.mark.root
+def test_teardown_never_deletes_through_a_mount(tmp_path: Path) -> None:
+    from corral.runtimes import namespace
+
+    state_dir = tmp_path / "sb-aaaaaaaaaaaaaaaa"
+    target = state_dir / "fs" / "merged"
+    target.mkdir(parents=True)
+    cgroup = _cgroups.SandboxCgroup(version=1, dirs={"pids": tmp_path / "no-such-cgroup"})
+    subprocess.run(["mount", "-t", "tmpfs", "corral-test", str(target)], check=True)
+    try:
+        (target / "precious").write_text("keep me")
+        with pytest.raises(RuntimeFailure):
+            namespace._teardown_sync(tmp_path, "sb-aaaaaaaaaaaaaaaa", state_dir, cgroup, None, None, None)
+        assert (target / "precious").read_text() == "keep me"
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
 
 
 def test_overlay_options_escape_separators(tmp_path: Path) -> None:
