@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -388,6 +389,37 @@ def test_check_explains_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(namespace.os, "geteuid", lambda: 1000)
     with pytest.raises(RuntimeUnavailable, match="needs root"):
         namespace._check_host()
+
+
+@pytest.mark.root
+@pytest.mark.bwrap
+@pytest.mark.anyio
+async def test_a_killed_shim_takes_the_sandbox_with_it(ns_sandbox) -> None:
+    sb = await ns_sandbox()
+    stream = await sb.runtime.connect(sb.instance)
+    cgroup = _cgroups.SandboxCgroup.from_json(dict(sb.instance.extra["cgroup"]))
+    assert len(cgroup.pids()) >= 2  # bwrap and the agent
+    os.kill(sb.instance.shim_pid, signal.SIGKILL)  # the supervisor crashes
+    with anyio.fail_after(10):
+        while True:  # its socket closes when it dies
+            try:
+                await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                break
+    await stream.aclose()
+    observed = await sb.runtime.inspect(sb.instance)
+    assert observed.state is ObservedState.EXITED and observed.reason == "crashed"
+    # bwrap's --die-with-parent: nothing of the sandbox outlives its shim (destroy would also kill leftovers)
+    with anyio.fail_after(10):
+        for pid in cgroup.pids():  # a pidfd becomes readable when its process exits
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            try:
+                await anyio.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
 
 
 # --- non-Python root file systems ------------------------------------------------------------------------
