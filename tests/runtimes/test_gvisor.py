@@ -501,14 +501,9 @@ def _runsc_version() -> str:
     return match.group(1) if match else ""
 
 
-@pytest.mark.xfail(
-    condition=_runsc_version().startswith("0.0~20221219") if shutil.which("runsc") else False,
-    reason="runsc 20221219 answers statx(AT_NO_AUTOMOUNT) with EINVAL, so Debian 12's ls/stat fail; "
-    "runsc 20240729 (bookworm-backports) fixes it",
-    strict=True,
-)
 @real
 async def test_coreutils_stat_works(shared) -> None:
+    """Debian 12's ls/stat use statx(AT_NO_AUTOMOUNT); runsc 20221219 failed it with EINVAL (we need >= 20240729)."""
     result = await shared.run("ls / && stat -c %a /tmp")
     assert result.exit_code == 0, result
 

@@ -68,6 +68,8 @@ AT_EMPTY_PATH = 0x1000
 AT_FDCWD = -100
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_IDMAP = 0x00100000
 
 
@@ -191,6 +193,14 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str =
         ),
         f"mount {target}",
     )
+
+
+def _read_only_recursive(target: str) -> None:
+    """Make ``target`` and every mount below it read-only, nosuid and nodev (a plain remount only covers the
+    top mount of a recursive bind)."""
+    attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, target.encode(), AT_RECURSIVE,
+                         ctypes.byref(attr), ctypes.sizeof(attr)), f"mount_setattr {target}")
 
 
 def _idmapped_clone(source: str, target: str, userns_fd: int, ro: bool) -> None:
@@ -329,7 +339,7 @@ def _setup_child(spec: ShimSpec, sync_r: int, sync_w: int) -> dict[int, int]:
             if m.kind == "bind":
                 _mount(m.source, m.target, None, MS_BIND | MS_REC)
                 if m.ro:
-                    _mount("none", m.target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+                    _read_only_recursive(m.target)
             elif m.kind == "overlay":
                 _mount("overlay", m.target, "overlay", 0, m.options)
             elif m.kind == "tmpfs":

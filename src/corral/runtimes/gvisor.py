@@ -237,8 +237,20 @@ def _prepare(spec: SandboxSpec, state_dir: Path, bundle: AgentBundle, flags: lis
     layers = _make_layer_dirs(state_dir, spec)
     (state_dir / "runsc").mkdir(mode=0o700)
     (state_dir / "logs").mkdir(mode=0o700)
-    mounts = [_oci.bind_mount(b.source, b.target) for b in spec.rootfs.binds]
-    mounts.append(_oci.bind_mount(bundle.path, MOUNT_POINT))
+    # Host paths the sandbox sees (template binds such as /usr, the agent bundle) are first bound READ-ONLY at
+    # the kernel level in the shim's private mount namespace, and runsc is handed those staged mounts. gVisor's
+    # own "ro" is not enough: runsc 20240729 refuses creating files on a read-only bind but let open(O_TRUNC)
+    # of an existing one truncate the host file (tests/runtimes/test_escape_gvisor.py). With the kernel
+    # enforcing it, a sentry bug cannot write to the host through these paths.
+    staged: list[Mount] = []
+    mounts = []
+    for index, (source, target) in enumerate(
+        [*((b.source, b.target) for b in spec.rootfs.binds), (bundle.path, MOUNT_POINT)]
+    ):
+        stage = state_dir / "ro" / str(index)
+        stage.mkdir(parents=True)
+        staged.append(Mount(kind="bind", source=str(source), target=str(stage), ro=True))
+        mounts.append(_oci.bind_mount(stage, target))
     config = _oci.build_config(
         args=agent_argv(bundle),
         root=layers.merged,
@@ -265,6 +277,7 @@ def _prepare(spec: SandboxSpec, state_dir: Path, bundle: AgentBundle, flags: lis
                 else []
             ),
             Mount(kind="overlay", target=str(layers.merged), options=_rootfs.overlay_options(layers)),
+            *staged,
         ],
         kill_argv=[*flags, "kill", container_id, "KILL"],  # the shim's deadline/SIGTERM path
         deadline=spec.deadline,
