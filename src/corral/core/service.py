@@ -347,7 +347,17 @@ class SandboxService:
         return record
 
     async def _running_agent(self, sandbox_id: str, tenant: TenantId, action: Action) -> AgentClient:
-        record = await self._reconciled(await self._record(sandbox_id, tenant))
+        """The agent of a running sandbox, on the hot path of every command and file operation.
+
+        A full reconcile asks the runtime (``runsc state`` costs ~30 ms), so it runs only when there is no live
+        agent connection or the deadline has passed: a sandbox that dies closes its connection, and the next
+        call reconciles.
+        """
+        record = await self._record(sandbox_id, tenant)
+        live = self._agents.get(str(record.sandbox_id))
+        expired = record.deadline is not None and self._clock() >= record.deadline
+        if live is None or live.closed or expired or record.state is not SandboxState.RUNNING:
+            record = await self._reconciled(record)
         require_state(record.state, action, SandboxState.RUNNING, sandbox_id=sandbox_id)
         return await self._agent(record)
 

@@ -21,6 +21,7 @@ variable is needed (``-I`` ignores them anyway).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -78,7 +79,9 @@ def agent_argv(bundle: AgentBundle, *, mount_point: str = MOUNT_POINT) -> list[s
     ]
 
 
+@functools.cache
 def _sources_digest(python: Path) -> str:
+    """Per process: the agent sources do not change under a running Corral (tests rebuild in new processes)."""
     h = hashlib.sha256()
     st = python.resolve().stat()
     h.update(f"{python.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -90,6 +93,7 @@ def _sources_digest(python: Path) -> str:
     return h.hexdigest()[:16]
 
 
+@functools.cache
 def _host_stdlib(python: Path) -> tuple[Path, str]:
     out = subprocess.run(
         [
