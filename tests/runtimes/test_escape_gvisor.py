@@ -241,7 +241,10 @@ async def test_kernel_level_syscalls_are_refused(shared) -> None:
     answers = _results((await shared.run(["python3", "-c", _SYSCALLS, target])).out)
     assert len(answers) == 14, answers
     assert answers["mount"] == "EPERM"
-    assert {k: v for k, v in answers.items() if v == "OK"} == {}
+    # process_vm_readv targets a process of this same sandbox (``target`` above): runsc >= 20240729 implements
+    # it inside the sentry, as Linux allows root to read its own processes. It never reaches a host process.
+    allowed_inside = {"process_vm_readv"}
+    assert {k: v for k, v in answers.items() if v == "OK" and k not in allowed_inside} == {}
     # the sentry, not the host kernel, answered: it does not even implement module loading
     assert answers["init_module"] in ("ENOSYS", "EPERM") and answers["finit_module"] in ("ENOSYS", "EPERM")
     assert (await shared.run(["uname", "-r"])).out.strip() != os.uname().release

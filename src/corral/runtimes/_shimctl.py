@@ -46,7 +46,9 @@ async def launch(state_dir: Path, spec: ShimSpec, *, what: str, timeout: float =
     On failure the shim is stopped and a RuntimeFailure (client-safe message) is raised; the shim's reason,
     which may name host paths, goes to the log.
     """
-    (state_dir / "shim.json").write_text(spec.to_json())
+    fd = os.open(state_dir / "shim.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # env may be secret
+    with os.fdopen(fd, "w") as out:
+        out.write(spec.to_json())
     proc = _proc.spawn_detached([sys.executable, "-I", "-S", str(SHIM_SCRIPT), str(state_dir)],
                                 log_path=state_dir / "shim.log")
     ticks = _proc.proc_start_ticks(proc.pid)
@@ -71,20 +73,24 @@ async def launch(state_dir: Path, spec: ShimSpec, *, what: str, timeout: float =
 
 
 async def _read_status(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """The shim's one status line, read as the pipe becomes readable (no thread)."""
     assert proc.stdout is not None
-    stdout = proc.stdout
-
-    def read() -> bytes:
-        return stdout.readline()
-
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    buf = b""
     try:
         with anyio.fail_after(timeout):
-            raw = await anyio.to_thread.run_sync(read, abandon_on_cancel=True)
+            while b"\n" not in buf:
+                await anyio.wait_readable(fd)
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                buf += chunk
     except TimeoutError as exc:
         raise Timeout(f"the sandbox did not become ready within {timeout:g} s") from exc
     finally:
-        stdout.close()
-    return raw.decode(errors="replace").strip() or "failed shim exited without a status"
+        proc.stdout.close()
+    return buf.decode(errors="replace").strip() or "failed shim exited without a status"
 
 
 async def connect(socket_path: str) -> ByteStream:

@@ -35,8 +35,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -45,7 +43,7 @@ from typing import Any, ClassVar
 
 import anyio
 
-from corral.errors import Conflict, CorralError, InvalidState, RuntimeFailure, RuntimeUnavailable, Timeout
+from corral.errors import Conflict, CorralError, InvalidState, RuntimeFailure, RuntimeUnavailable
 from corral.runtimes import _proc, _rootfs, _seccomp, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
 from corral.runtimes._cgroups import CgroupLayout, SandboxCgroup, detect_layout
@@ -64,7 +62,6 @@ __all__ = ["NamespaceRuntime"]
 
 log = logging.getLogger("corral.runtimes.namespace")
 
-SHIM_SCRIPT = Path(__file__).with_name("_shim.py")
 READY_TIMEOUT = 30.0  # create → agent hello; ~0.1 s normally, generous for a loaded host
 SHIM_STOP_TIMEOUT = 5.0  # SIGTERM → shim gone, before SIGKILL
 SECCOMP_FD = 9
@@ -162,7 +159,6 @@ class NamespaceRuntime:
         self.config = config
         self._checked: tuple[str, CgroupLayout, bytes] | None = None
         self._bundle: AgentBundle | None = None
-        self._shims: dict[str, subprocess.Popen[bytes]] = {}  # our own shim children, reaped on destroy
 
     # -- host check ---------------------------------------------------------------------------------------
     async def check(self) -> None:
@@ -189,7 +185,7 @@ class NamespaceRuntime:
             raise Conflict(f"sandbox {spec.sandbox_id} already exists on this host") from exc
         cgroup = SandboxCgroup.for_sandbox(layout, spec.sandbox_id)
         slot: int | None = None
-        shim: subprocess.Popen[bytes] | None = None
+        shim: _shimctl.ShimHandle | None = None
         try:
             allocator = _UidAllocator(self.config.state_root)
             slot = await anyio.to_thread.run_sync(allocator.allocate, spec.sandbox_id)
@@ -197,29 +193,27 @@ class NamespaceRuntime:
             shim_spec = await anyio.to_thread.run_sync(
                 _prepare, spec, state_dir, cgroup, base, bwrap, program, bundle
             )
-            shim = _proc.spawn_detached(
-                [sys.executable, "-I", "-S", str(SHIM_SCRIPT), str(state_dir)],
-                log_path=state_dir / "shim.log",
+            shim = await _shimctl.launch(
+                state_dir, shim_spec, what="start the namespace sandbox", timeout=READY_TIMEOUT
             )
-            self._shims[spec.sandbox_id] = shim
-            await _wait_ready(shim, spec.sandbox_id)
-            ticks = _proc.proc_start_ticks(shim.pid)
-            if ticks is None:
-                raise RuntimeFailure("the sandbox supervisor exited right after starting")
             return Instance(
                 sandbox_id=spec.sandbox_id,
                 runtime=self.name,
                 state_dir=str(state_dir),
                 shim_pid=shim.pid,
-                shim_start_ticks=ticks,
+                shim_start_ticks=shim.start_ticks,
                 socket_path=shim_spec.socket,
                 extra={"cgroup": cgroup.to_json(), "uid_slot": slot, "uid_base": base},
             )
         except BaseException:
             with anyio.CancelScope(shield=True):
-                ticks = _proc.proc_start_ticks(shim.pid) if shim else None
                 await self._teardown(
-                    spec.sandbox_id, state_dir, cgroup, slot, shim.pid if shim else None, ticks
+                    spec.sandbox_id,
+                    state_dir,
+                    cgroup,
+                    slot,
+                    shim.pid if shim else None,
+                    shim.start_ticks if shim else None,
                 )
             raise
 
@@ -255,7 +249,7 @@ class NamespaceRuntime:
             record = json.loads((state_dir / "exit.json").read_text())
         except (FileNotFoundError, ValueError):
             record = None
-        if record is None and _shim_alive(instance.shim_pid, instance.shim_start_ticks):
+        if record is None and _proc.pid_alive(instance.shim_pid, instance.shim_start_ticks):
             return Observed(state=ObservedState.PAUSED if cgroup.frozen() else ObservedState.RUNNING)
         if record is None:
             return Observed(state=ObservedState.EXITED, reason="crashed")
@@ -292,10 +286,6 @@ class NamespaceRuntime:
         await anyio.to_thread.run_sync(
             _teardown_sync, self.config.state_root, sandbox_id, state_dir, cgroup, slot, shim_pid, shim_ticks
         )
-        shim = self._shims.pop(sandbox_id, None)
-        if shim is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                shim.wait(timeout=0)  # dead by now: collect it so it does not linger as a zombie
 
 
 # -- blocking helpers (run in worker threads) ---------------------------------------------------------------
@@ -434,41 +424,6 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-async def _wait_ready(shim: subprocess.Popen[bytes], sandbox_id: str) -> None:
-    """Wait for the shim's one status line: ``ready`` or ``failed <reason>``."""
-    assert shim.stdout is not None
-    fd = shim.stdout.fileno()
-    os.set_blocking(fd, False)
-    buf = b""
-    try:
-        with anyio.fail_after(READY_TIMEOUT):
-            while b"\n" not in buf:
-                await anyio.wait_readable(fd)
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    break
-                buf += chunk
-    except TimeoutError as exc:
-        raise Timeout(f"the sandbox's agent did not start within {READY_TIMEOUT:g}s") from exc
-    finally:
-        shim.stdout.close()
-    line = buf.decode(errors="replace").strip()
-    if line != "ready":
-        log.error("sandbox %s failed to start: %s", sandbox_id, line or "supervisor exited silently")
-        raise RuntimeFailure("the sandbox failed to start", details={"sandbox_id": sandbox_id})
-
-
-def _shim_alive(pid: int, ticks: int) -> bool:
-    """The recorded shim is still running (same start time, and not a zombie waiting to be reaped)."""
-    if not _proc.pid_alive(pid, ticks):
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 def _teardown_sync(
     state_root: Path,
     sandbox_id: str,
@@ -478,10 +433,10 @@ def _teardown_sync(
     shim_pid: int | None,
     shim_ticks: int | None,
 ) -> None:
-    if shim_pid is not None and shim_ticks is not None and _shim_alive(shim_pid, shim_ticks):
+    if shim_pid is not None and shim_ticks is not None and _proc.pid_alive(shim_pid, shim_ticks):
         _proc.kill_pid(shim_pid, shim_ticks, signal.SIGTERM)  # the shim kills the sandbox and records exit
         deadline = time.monotonic() + SHIM_STOP_TIMEOUT
-        while _shim_alive(shim_pid, shim_ticks) and time.monotonic() < deadline:
+        while _proc.pid_alive(shim_pid, shim_ticks) and time.monotonic() < deadline:
             time.sleep(0.005)  # bounded: the shim normally exits within milliseconds
         _proc.kill_pid(shim_pid, shim_ticks, signal.SIGKILL)
     try:
