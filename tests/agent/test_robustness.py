@@ -167,3 +167,60 @@ def test_agent_survives_a_killed_file_worker(agent: Client, agent_proc: AgentPro
     while agent.call("stat", path=str(shared_dir / "a")).get("ev") != "ok":
         assert time.monotonic() < deadline
     assert agent.read_file(str(shared_dir / "a")) == b"1"
+
+
+def test_client_that_does_not_read_answers_is_paused_not_buffered(agent_proc: AgentProcess) -> None:
+    """Requests whose answers are not read: the agent stops reading requests instead of queueing answers."""
+    client = agent_proc.client()
+    request = b'{"id":"h","op":"hello"}\n'  # 24 bytes in, ~300 bytes out
+    n = 500_000  # ~150 MiB of answers if every request were read while none is answered
+    stream = request * n
+    sent = 0
+    os.set_blocking(client.wfd, False)
+    try:
+        while sent < len(stream):
+            # The one timed wait: "the agent stopped reading" is an absence, with no event to wait on.
+            _, writable, _ = select.select([], [client.wfd], [], 2.0)
+            if not writable:
+                break
+            try:
+                sent += os.write(client.wfd, stream[sent:sent + 65536])
+            except BlockingIOError:
+                continue
+    finally:
+        os.set_blocking(client.wfd, True)
+    assert sent < len(stream), "the agent read every request without its answers being read"
+    assert agent_proc.memory_kib() < RSS_LIMIT_KIB
+    for _ in range(sent // len(request)):  # reading the answers lets the agent read the requests again
+        assert client.next_frame("h").get("ev") == "ok"
+    if sent % len(request):
+        client.send_raw(request[sent % len(request):])
+        assert client.next_frame("h").get("ev") == "ok"
+    client.ok("ping")
+
+
+def test_oversized_answers_become_errors(agent: Client) -> None:
+    frame = agent.call("x" * 60_000)
+    assert frame.header["code"] == "unknown_op" and len(frame.header["message"]) < 200
+
+
+def test_no_fd_leaks(agent: Client, agent_proc: AgentProcess, shared_dir: Path) -> None:
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{agent_proc.pid}/fd"))
+
+    agent.write_file(str(shared_dir / "warm"), b"x")  # start the file workers
+    agent.read_file(str(shared_dir / "warm"))
+    before = fds()
+    for i in range(20):
+        agent.run(cmd="echo out; echo err >&2", user="root")
+        rid = agent.start("exec", argv=["cat"], stdin=True)
+        process_id = agent.next_frame(rid).header["process_id"]
+        agent.ok("stdin", b"x", process_id=process_id, eof=True)
+        agent.collect(rid)
+        agent.collect(agent.start("attach", process_id=process_id))
+        agent.write_file(str(shared_dir / f"f{i}"), b"data")
+        assert agent.read_file(str(shared_dir / f"f{i}")) == b"data"
+        agent.call("read", path=str(shared_dir / "missing"))
+        agent.write_file(str(shared_dir / "missing-dir/f"), b"x", parents=False)
+        agent.ok("list", path=str(shared_dir))
+    assert fds() == before

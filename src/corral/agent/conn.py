@@ -7,6 +7,10 @@ the peer has drained it below ``LOW_WATER``. So a slow client costs at most ~1 M
 cost of slowness moves to the source: a process whose output nobody consumes stops being read (see
 ``process``), a file read simply pauses.
 
+Answers that are not produced on demand (``ok``, ``error``, ``started``) are always queued; if a client sends
+requests without reading their answers and the queue passes ``INPUT_PAUSE``, the connection stops reading
+requests until it drains, so that client cannot grow the agent's memory either.
+
 Frames are written whole by this one object, so frames of concurrent requests interleave but never tear. A frame
 is written at once when the queue is empty (no extra loop iteration on the latency path), and otherwise queued
 and flushed with ``writev`` when the fd becomes writable.
@@ -30,6 +34,7 @@ __all__ = ["HIGH_WATER", "LOW_WATER", "Connection", "Producer"]
 
 HIGH_WATER = 1024 * 1024  # queued bytes above which producers stop: ~8 chunks, enough to keep a pipe full
 LOW_WATER = 256 * 1024  # resume producers once the peer took most of it, so wake-ups are not per-frame
+INPUT_PAUSE = 4 * 1024 * 1024  # answers queued (beyond what producers add) before we stop reading requests
 READ_SIZE = 256 * 1024
 IOV_MAX = 64
 
@@ -59,6 +64,7 @@ class Connection:
         self._producers: set[Producer] = set()
         self._pumping = False
         self._read_pauses = 0
+        self._paused_for_output = False
         self.inflight: set[str] = set()
         self.closed = False
         try:
@@ -105,7 +111,14 @@ class Connection:
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         if self.closed:
             return
-        data = encode(header, payload)
+        try:
+            data = encode(header, payload)
+        except ProtocolError as exc:  # a bug, or a value the client chose that made the header too long
+            log(f"dropping an oversized {header.get('ev')!r} frame: {exc}")
+            if header.get("ev") not in ("ok", "exit", "error"):
+                return
+            data = encode({"id": header.get("id"), "ev": "error", "code": "too_large",
+                           "message": "the answer does not fit in one frame"})
         if not self._out:
             try:
                 n = os.write(self.wfd, data)
@@ -122,6 +135,10 @@ class Connection:
             return
         self._out.append(memoryview(data))
         self.queued += len(data)
+        if self.queued > INPUT_PAUSE and not self._paused_for_output:
+            # A client that sends requests but does not read the answers: stop reading its requests.
+            self._paused_for_output = True
+            self.pause_reading()
 
     def finish(self, rid: str, header: dict[str, Any], payload: bytes = b"") -> None:
         """Send the terminal frame of request ``rid``."""
@@ -155,8 +172,12 @@ class Connection:
                 n = 0
         if not self._out:
             self.loop.remove_writer(self.wfd)
-        if self.queued < LOW_WATER and self._ready:
-            self.pump()
+        if self.queued < LOW_WATER:
+            if self._paused_for_output:
+                self._paused_for_output = False
+                self.resume_reading()
+            if self._ready:
+                self.pump()
 
     # --- producers -------------------------------------------------------------------------------------------
     def add_producer(self, producer: Producer) -> None:

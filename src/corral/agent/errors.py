@@ -11,7 +11,7 @@ import errno
 
 from corral.protocol.messages import AgentErrorCode
 
-__all__ = ["AgentError", "from_oserror"]
+__all__ = ["AgentError", "from_oserror", "short_repr"]
 
 
 class AgentError(Exception):
@@ -55,3 +55,9 @@ def from_oserror(exc: OSError, path: str | None = None) -> AgentError:
         reason = "directory not empty"
     message = f"{path}: {reason}" if path is not None else reason
     return AgentError(code, message)
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr`` of a client-supplied value, cut short: error frames must stay far below the header limit."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -88,13 +88,15 @@ def op_list(state: WorkerState, args: dict[str, Any]) -> Reply:
     depth = args.get("depth", 1)
     entries: list[dict[str, Any]] = []
 
-    def walk(directory: str, level: int, top: bool) -> None:
+    stack = [(path, 1)]  # iterative: a deep tree must not hit Python's recursion limit
+    while stack:
+        directory, level = stack.pop()
         try:
             it = os.scandir(directory)
         except OSError as exc:
-            if top:
+            if directory == path:
                 raise from_oserror(exc, path) from None
-            return  # an unreadable subdirectory is listed, its contents are not
+            continue  # an unreadable subdirectory is listed, its contents are not
         with it:
             for de in it:
                 if len(entries) >= MAX_ENTRIES:
@@ -106,9 +108,7 @@ def op_list(state: WorkerState, args: dict[str, Any]) -> Reply:
                     continue
                 entries.append(entry(de.path, de.name, s))
                 if level < depth and st.S_ISDIR(s.st_mode):
-                    walk(de.path, level + 1, False)
-
-    walk(path, 1, True)
+                    stack.append((de.path, level + 1))
     entries.sort(key=lambda e: e["path"])
     batches: list[bytes] = []
     batch: list[bytes] = []
@@ -247,19 +247,30 @@ def op_open_write(state: WorkerState, args: dict[str, Any]) -> Reply:
                 raise AgentError(AgentErrorCode.IS_A_DIRECTORY, f"{path}: is a directory")
         except FileNotFoundError:
             pass
+        flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY
         if args.get("append", False):
             try:
-                fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY, mode,
-                             dir_fd=dfd)
+                try:  # a new file gets the requested mode; an existing one keeps its own
+                    fd = os.open(name, flags | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dfd)
+                    os.fchmod(fd, mode)
+                except FileExistsError:
+                    fd = os.open(name, flags | os.O_APPEND, dir_fd=dfd)
             except OSError as exc:
                 raise from_oserror(exc, path) from None
             os.close(dfd)
             return Reply({"token": None}, fd=fd)
         tmp = f".{name[:200]}.{os.urandom(4).hex()}.corral-upload"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOCTTY, 0o600,
-                         dir_fd=dfd)
+            fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dfd)
         except OSError as exc:
+            raise from_oserror(exc, path) from None
+        try:
+            # As the identity, so the kernel applies its rules (a setgid bit for a group the user is not in is
+            # dropped); the agent then writes through the fd, whatever the mode.
+            os.fchmod(fd, mode)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(tmp, dir_fd=dfd)
             raise from_oserror(exc, path) from None
     except BaseException:
         os.close(dfd)

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from corral.agent.conn import Connection
-from corral.agent.errors import AgentError
+from corral.agent.errors import AgentError, short_repr
 from corral.agent.loop import Loop, Timer, log
 from corral.agent.ring import Ring
 from corral.agent.users import Identity
@@ -329,7 +329,7 @@ class ProcessTable:
     def get(self, process_id: object) -> Process:
         proc = self.by_id.get(process_id) if isinstance(process_id, str) else None
         if proc is None:
-            raise AgentError(AgentErrorCode.NOT_FOUND, f"no process {process_id!r} in the sandbox")
+            raise AgentError(AgentErrorCode.NOT_FOUND, f"no process {short_repr(process_id)} in the sandbox")
         return proc
 
     def reap(self) -> None:
@@ -405,3 +405,4 @@ def _spawn_error(exc: OSError, argv: list[str], cwd: str, path: str) -> AgentErr
     if exc.errno in (errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM):
         return AgentError(AgentErrorCode.BUSY, f"cannot start {argv[0]!r}: {exc.strerror}")
     return AgentError(AgentErrorCode.INVALID, f"cannot execute {argv[0]!r}: {exc.strerror}")
+

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from corral.agent.conn import Connection
-from corral.agent.errors import AgentError, from_oserror
+from corral.agent.errors import AgentError, from_oserror, short_repr
 from corral.agent.hello import hello_fields
 from corral.agent.loop import Loop, log
 from corral.agent.process import ProcessTable
@@ -139,7 +139,7 @@ class Agent:
             return
         handler = self.handlers.get(op) if isinstance(op, str) else None
         if handler is None:
-            conn.error(rid, AgentErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+            conn.error(rid, AgentErrorCode.UNKNOWN_OP, f"unknown op {short_repr(op)}")
             return
         conn.inflight.add(rid)
         try:
@@ -180,7 +180,7 @@ class Agent:
     def _identity(self, name: object) -> Identity:
         identity = self.identities.get(name)
         if identity is None:
-            raise _invalid(f"user must be 'root' or 'user', not {name!r}")
+            raise _invalid(f"user must be 'root' or 'user', not {short_repr(name)}")
         return identity
 
     # --- processes -------------------------------------------------------------------------------------------
@@ -570,8 +570,6 @@ class Upload:
         assert self.fd is not None
         fd, self.fd = self.fd, None
         try:
-            if self.token is not None:
-                os.fchmod(fd, self.mode)
             os.close(fd)
         except OSError as exc:
             self.fail(from_oserror(exc, self.path))
