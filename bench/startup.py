@@ -59,9 +59,33 @@ def host_subprocess() -> None:
 
 
 def bare_bwrap() -> None:
-    subprocess.run(["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
-                    "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin",
-                    "--proc", "/proc", "--dev", "/dev", "/usr/bin/echo", "hi"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            "bwrap",
+            "--unshare-all",
+            "--die-with-parent",
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            "--symlink",
+            "usr/lib",
+            "/lib",
+            "--symlink",
+            "usr/lib64",
+            "/lib64",
+            "--symlink",
+            "usr/bin",
+            "/bin",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "/usr/bin/echo",
+            "hi",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 class BareRunsc:
@@ -76,20 +100,39 @@ class BareRunsc:
             (rootfs / link).symlink_to(f"usr/{link}")
         config = {
             "ociVersion": "1.0.2",
-            "process": {"args": ["/usr/bin/echo", "hi"], "cwd": "/", "env": ["PATH=/usr/bin:/bin"],
-                        "user": {"uid": 0, "gid": 0}},
+            "process": {
+                "args": ["/usr/bin/echo", "hi"],
+                "cwd": "/",
+                "env": ["PATH=/usr/bin:/bin"],
+                "user": {"uid": 0, "gid": 0},
+            },
             "root": {"path": str(rootfs), "readonly": True},
             "hostname": "bench",
-            "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
-                       {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]}],
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]},
+            ],
             "linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")]},
         }
         (self.dir / "config.json").write_text(json.dumps(config))
 
     def __call__(self) -> None:
         root = self.dir / f"state-{uuid.uuid4().hex[:8]}"
-        subprocess.run(["runsc", "--root", str(root), "--network=none", "--platform=ptrace", "run", "--bundle",
-                        str(self.dir), uuid.uuid4().hex], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                "runsc",
+                "--root",
+                str(root),
+                "--network=none",
+                "--platform=ptrace",
+                "run",
+                "--bundle",
+                str(self.dir),
+                uuid.uuid4().hex,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
     def close(self) -> None:
@@ -127,7 +170,9 @@ def row(name: str, samples: list[float]) -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--isolation", action="append", choices=["namespace", "gvisor"])
     args = parser.parse_args()
@@ -152,10 +197,14 @@ def main() -> int:
         first = row("create → first output", corral_create_to_first_output(iso, runs))
         exec_rt = row("exec round trip (echo hi)", corral_exec(iso, runs))
         base = baseline[iso]
-        print(f"  ratio create→first output / bare {'bwrap' if iso == 'namespace' else 'runsc'}: "
-              f"p50 {first[0] / base[0]:.2f}x  p95 {first[1] / base[1]:.2f}x   (target ≤ {targets[iso]}x)")
-        print(f"  ratio exec round trip / host subprocess:     "
-              f"p50 {exec_rt[0] / host[0]:.2f}x  p95 {exec_rt[1] / host[1]:.2f}x   (target ≤ 3x)")
+        print(
+            f"  ratio create→first output / bare {'bwrap' if iso == 'namespace' else 'runsc'}: "
+            f"p50 {first[0] / base[0]:.2f}x  p95 {first[1] / base[1]:.2f}x   (target ≤ {targets[iso]}x)"
+        )
+        print(
+            f"  ratio exec round trip / host subprocess:     "
+            f"p50 {exec_rt[0] / host[0]:.2f}x  p95 {exec_rt[1] / host[1]:.2f}x   (target ≤ 3x)"
+        )
     return 0
 
 

@@ -169,6 +169,12 @@ def from_wire(body: dict[str, Any], *, status: int = 500) -> CorralError:
     details = err.get("details") if isinstance(err.get("details"), dict) else {}
     cls = _BY_CODE.get(code)
     if cls is None or cls is CommandFailed:  # CommandFailed is raised by the SDK itself, never sent
-        cls = next((c for c in _BY_CODE.values() if c.status == status and c.__bases__[0] is CorralError
-                    and c is not CommandFailed), CorralError)
+        cls = next(
+            (
+                c
+                for c in _BY_CODE.values()
+                if c.status == status and c.__bases__[0] is CorralError and c is not CommandFailed
+            ),
+            CorralError,
+        )
     return cls(message, details=details)

@@ -38,7 +38,9 @@ async def run_command(client: AgentClient, params: ExecParams) -> tuple[bytes, b
     raise AssertionError("the command's event stream ended without an exit event")
 
 
-async def check_runtime(make_runtime: Callable[[], Runtime], *, rootfs: RootfsSpec, timeout: float = 120) -> None:
+async def check_runtime(
+    make_runtime: Callable[[], Runtime], *, rootfs: RootfsSpec, timeout: float = 120
+) -> None:
     """Run the conformance checks; raises AssertionError naming the first property that does not hold."""
     runtime = make_runtime()
     await runtime.check()
@@ -58,9 +60,12 @@ async def check_runtime(make_runtime: Callable[[], Runtime], *, rootfs: RootfsSp
     finally:
         await runtime.destroy(instance)
     observed = await runtime.inspect(instance)
-    assert observed.state in (ObservedState.MISSING, ObservedState.EXITED), \
+    assert observed.state in (ObservedState.MISSING, ObservedState.EXITED), (
         f"a destroyed sandbox is still {observed.state}"
-    assert not await anyio.Path(instance.state_dir).exists(), "destroy left the sandbox's state directory behind"
+    )
+    assert not await anyio.Path(instance.state_dir).exists(), (
+        "destroy left the sandbox's state directory behind"
+    )
     await runtime.destroy(instance)  # idempotent: a second destroy is a no-op, not an error
 
 

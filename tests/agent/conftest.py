@@ -118,7 +118,7 @@ class Client:
     def write_file(self, path: str, data: bytes, chunk: int = 128 * 1024, **fields: Any) -> Frame:
         rid = self.start("write", path=path, **fields)
         for i in range(0, len(data), chunk):
-            self.send({"id": rid, "op": "data", "eof": False}, data[i:i + chunk])
+            self.send({"id": rid, "op": "data", "eof": False}, data[i : i + chunk])
         self.send({"id": rid, "op": "data", "eof": True})
         frames = self.collect(rid)
         assert len(frames) == 1
@@ -164,9 +164,14 @@ class AgentProcess:
     def __init__(self, tmp: Path, *args: str, prefix: tuple[str, ...] = ()) -> None:
         self.log_path = tmp / f"agent-{os.getpid()}-{id(self)}.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-S", "-m", "corral.agent", *args],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     env=agent_env(), cwd="/")
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-S", "-m", "corral.agent", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=agent_env(),
+            cwd="/",
+        )
         self.pid = self.proc.pid
 
     def client(self) -> Client:

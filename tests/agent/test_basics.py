@@ -23,7 +23,8 @@ def test_hello_is_sent_first_and_describes_the_agent(agent: Client, agent_proc: 
 def test_hello_op_answers_the_same_fields(agent: Client) -> None:
     answer = agent.ok("hello", version=PROTOCOL_VERSION)
     assert {k: answer[k] for k in ("version", "capabilities", "agent", "pid")} == {
-        k: agent.hello.header[k] for k in ("version", "capabilities", "agent", "pid")}
+        k: agent.hello.header[k] for k in ("version", "capabilities", "agent", "pid")
+    }
 
 
 def test_ping(agent: Client) -> None:
@@ -58,20 +59,23 @@ def test_duplicate_inflight_id_is_invalid(agent: Client) -> None:
     assert agent.next_frame("same").get("ev") == "ok"
 
 
-@pytest.mark.parametrize("fields", [
-    {},  # neither argv nor cmd
-    {"argv": ["true"], "cmd": "true"},
-    {"argv": []},
-    {"argv": "true"},
-    {"argv": ["true", 3]},
-    {"cmd": 5},
-    {"argv": ["true"], "user": "nobody"},
-    {"argv": ["true"], "env": {"A": 1}},
-    {"argv": ["true"], "env": ["A=1"]},
-    {"argv": ["true"], "timeout": -1},
-    {"argv": ["true"], "timeout": "soon"},
-    {"argv": ["true"], "cwd": 3},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},  # neither argv nor cmd
+        {"argv": ["true"], "cmd": "true"},
+        {"argv": []},
+        {"argv": "true"},
+        {"argv": ["true", 3]},
+        {"cmd": 5},
+        {"argv": ["true"], "user": "nobody"},
+        {"argv": ["true"], "env": {"A": 1}},
+        {"argv": ["true"], "env": ["A=1"]},
+        {"argv": ["true"], "timeout": -1},
+        {"argv": ["true"], "timeout": "soon"},
+        {"argv": ["true"], "cwd": 3},
+    ],
+)
 def test_malformed_exec_is_invalid(agent: Client, fields: dict[str, object]) -> None:
     frame = agent.call("exec", **fields)
     assert frame.header["ev"] == "error", frame.header

@@ -16,8 +16,13 @@ def test_echo(agent: Client) -> None:
     assert result.started.header["process_id"].startswith("p-")
     assert isinstance(result.started.header["pid"], int)
     assert result.stdout == b"hi\n" and result.stderr == b""
-    assert result.end.header == {"id": result.end.header["id"], "ev": "exit", "exit_code": 0, "signal": None,
-                                 "timed_out": False}
+    assert result.end.header == {
+        "id": result.end.header["id"],
+        "ev": "exit",
+        "exit_code": 0,
+        "signal": None,
+        "timed_out": False,
+    }
 
 
 def test_frames_in_order_started_output_exit(agent: Client) -> None:

@@ -44,8 +44,9 @@ def test_read_empty_file(agent: Client, shared_dir: Path) -> None:
     assert [f.get("ev") for f in frames] == ["ok"] and frames[0].header["bytes"] == 0
 
 
-@pytest.mark.parametrize(("name", "code"), [("missing", "not_found"), (".", "is_a_directory"),
-                                            ("file/below", "not_a_directory")])
+@pytest.mark.parametrize(
+    ("name", "code"), [("missing", "not_found"), (".", "is_a_directory"), ("file/below", "not_a_directory")]
+)
 def test_read_errors(agent: Client, shared_dir: Path, name: str, code: str) -> None:
     (shared_dir / "file").write_bytes(b"x")
     frame = agent.call("read", path=str(shared_dir / name))
@@ -155,8 +156,16 @@ def test_stat(agent: Client, shared_dir: Path) -> None:
     os.chmod(path, 0o640)
     entry = agent.ok("stat", path=str(path))["entry"]
     st = os.stat(path)
-    assert entry == {"name": "f", "path": str(path), "type": "file", "size": 5, "mode": 0o640,
-                     "mtime": st.st_mtime, "uid": st.st_uid, "gid": st.st_gid}
+    assert entry == {
+        "name": "f",
+        "path": str(path),
+        "type": "file",
+        "size": 5,
+        "mode": 0o640,
+        "mtime": st.st_mtime,
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+    }
     os.symlink("f", shared_dir / "link")
     link = agent.ok("stat", path=str(shared_dir / "link"))["entry"]
     assert link["type"] == "symlink" and link["target"] == "f"
@@ -245,7 +254,10 @@ def test_rename(agent: Client, shared_dir: Path) -> None:
     assert (shared_dir / "b").read_bytes() == b"A" and not (shared_dir / "a").exists()
     agent.ok("rename", src=str(shared_dir / "b"), dst=str(shared_dir / "c"))
     assert (shared_dir / "c").read_bytes() == b"A"
-    assert agent.call("rename", src=str(shared_dir / "zz"), dst=str(shared_dir / "y")).header["code"] == "not_found"
+    assert (
+        agent.call("rename", src=str(shared_dir / "zz"), dst=str(shared_dir / "y")).header["code"]
+        == "not_found"
+    )
 
 
 def test_rename_across_file_systems(agent: Client, shared_dir: Path) -> None:

@@ -69,8 +69,7 @@ def test_attach_unknown_process(agent: Client) -> None:
 
 def test_background_output_beyond_the_buffer_is_dropped_and_counted(agent: Client) -> None:
     size = 12 * 1024 * 1024
-    rid = agent.start("exec", cmd=f"head -c {size} /dev/zero | tr '\\0' x; echo; echo end",
-                      background=True)
+    rid = agent.start("exec", cmd=f"head -c {size} /dev/zero | tr '\\0' x; echo; echo end", background=True)
     process_id, _ = _started(agent, rid)
     agent.next_frame(rid)  # ok
     # wait for the exit through an attach without replay, then replay everything that was kept
@@ -171,7 +170,6 @@ def test_termination_signal_stops_the_agent_and_kills_everything(agent_proc: Age
     client.wait_closed()
     assert agent_proc.proc.wait(timeout=30) == 0
     assert pid_exited(frames[0].header["pid"])
-
 
 
 def test_tcp_listener_serves_concurrent_connections(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ class Model:
                 self.start += 1
 
     def _segments(self) -> int:
-        kept = self.streams[self.start:]
+        kept = self.streams[self.start :]
         return sum(1 for i, s in enumerate(kept) if i == 0 or kept[i - 1] != s)
 
 
@@ -42,14 +42,21 @@ def _read_all(ring: Ring, pos: int, limit: int) -> list[tuple[str, bytes]]:
     return out
 
 
-ops = st.lists(st.tuples(st.sampled_from(["stdout", "stderr"]), st.binary(min_size=1, max_size=300)),
-               max_size=40)
+ops = st.lists(
+    st.tuples(st.sampled_from(["stdout", "stderr"]), st.binary(min_size=1, max_size=300)), max_size=40
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(ops=ops, limit=st.integers(min_value=1, max_value=700), max_segments=st.integers(min_value=1, max_value=6),
-       read_limit=st.integers(min_value=1, max_value=200))
-def test_ring_matches_model(ops: list[tuple[str, bytes]], limit: int, max_segments: int, read_limit: int) -> None:
+@given(
+    ops=ops,
+    limit=st.integers(min_value=1, max_value=700),
+    max_segments=st.integers(min_value=1, max_value=6),
+    read_limit=st.integers(min_value=1, max_value=200),
+)
+def test_ring_matches_model(
+    ops: list[tuple[str, bytes]], limit: int, max_segments: int, read_limit: int
+) -> None:
     ring = Ring(limit=limit, max_segments=max_segments)
     model = Model(limit, max_segments)
     for stream, data in ops:
@@ -58,8 +65,8 @@ def test_ring_matches_model(ops: list[tuple[str, bytes]], limit: int, max_segmen
         assert (ring.start, ring.end, ring.dropped) == (model.start, len(model.data), model.start)
         assert ring.size <= limit
         pieces = _read_all(ring, ring.start, read_limit)
-        assert b"".join(d for _, d in pieces) == bytes(model.data[model.start:])
-        assert [s for s, d in pieces for _ in d] == model.streams[model.start:]
+        assert b"".join(d for _, d in pieces) == bytes(model.data[model.start :])
+        assert [s for s, d in pieces for _ in d] == model.streams[model.start :]
         assert all(len(d) <= read_limit for _, d in pieces)
 
 
@@ -67,10 +74,10 @@ def test_grows_to_the_limit_and_wraps() -> None:
     ring = Ring()
     payload = os.urandom(20 * 1024 * 1024)
     for i in range(0, len(payload), 65536):
-        ring.append("stdout", payload[i:i + 65536])
+        ring.append("stdout", payload[i : i + 65536])
     assert ring.size == 8 * 1024 * 1024 and ring.dropped == 12 * 1024 * 1024
     got = b"".join(d for _, d in _read_all(ring, ring.start, 128 * 1024))
-    assert got == payload[-8 * 1024 * 1024:]
+    assert got == payload[-8 * 1024 * 1024 :]
 
 
 def test_clear_releases_and_keeps_counting() -> None:

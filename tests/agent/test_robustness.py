@@ -22,7 +22,9 @@ def _pattern(i: int) -> bytes:
 
 
 @pytest.mark.slow
-def test_streamed_write_and_read_of_256_mib_keep_the_agent_small(agent_proc: AgentProcess, shared_dir: Path) -> None:
+def test_streamed_write_and_read_of_256_mib_keep_the_agent_small(
+    agent_proc: AgentProcess, shared_dir: Path
+) -> None:
     client = agent_proc.client()
     path = shared_dir / "big.bin"
     chunks = 256 * MIB // len(_pattern(0))
@@ -77,7 +79,9 @@ def test_unbounded_output_to_a_stalled_client_is_back_pressured(agent_proc: Agen
 
 def test_unwatched_background_output_is_bounded_by_the_ring(agent_proc: AgentProcess) -> None:
     client = agent_proc.client()
-    frames = client.collect(client.start("exec", cmd="head -c 300000000 /dev/zero", background=True, user="root"))
+    frames = client.collect(
+        client.start("exec", cmd="head -c 300000000 /dev/zero", background=True, user="root")
+    )
     process_id = frames[0].header["process_id"]
     end = client.collect(client.start("attach", process_id=process_id, replay=False))[-1]
     assert end.header["exit_code"] == 0
@@ -87,7 +91,7 @@ def test_unwatched_background_output_is_bounded_by_the_ring(agent_proc: AgentPro
 
 
 def test_tiny_interleaved_writes_do_not_blow_up_bookkeeping(agent: Client, agent_proc: AgentProcess) -> None:
-    code = ("import os\nfor i in range(200000):\n    os.write(1 + (i & 1), b'x')\n")
+    code = "import os\nfor i in range(200000):\n    os.write(1 + (i & 1), b'x')\n"
     total, end = _drain(agent, agent.start("exec", argv=["/usr/bin/python3", "-c", code], user="root"))
     assert total == 200000 and end["exit_code"] == 0
     assert agent_proc.memory_kib() < RSS_LIMIT_KIB
@@ -156,9 +160,13 @@ def test_reaps_orphans_as_pid_1(tmp_path: Path) -> None:
     assert "Traceback" not in log, log
 
 
-def test_agent_survives_a_killed_file_worker(agent: Client, agent_proc: AgentProcess, shared_dir: Path) -> None:
+def test_agent_survives_a_killed_file_worker(
+    agent: Client, agent_proc: AgentProcess, shared_dir: Path
+) -> None:
     agent.write_file(str(shared_dir / "a"), b"1")
-    workers = [int(p) for p in Path(f"/proc/{agent_proc.pid}/task/{agent_proc.pid}/children").read_text().split()]
+    workers = [
+        int(p) for p in Path(f"/proc/{agent_proc.pid}/task/{agent_proc.pid}/children").read_text().split()
+    ]
     assert workers
     for pid in workers:
         os.kill(pid, 9)
@@ -184,7 +192,7 @@ def test_client_that_does_not_read_answers_is_paused_not_buffered(agent_proc: Ag
             if not writable:
                 break
             try:
-                sent += os.write(client.wfd, stream[sent:sent + 65536])
+                sent += os.write(client.wfd, stream[sent : sent + 65536])
             except BlockingIOError:
                 continue
     finally:
@@ -194,7 +202,7 @@ def test_client_that_does_not_read_answers_is_paused_not_buffered(agent_proc: Ag
     for _ in range(sent // len(request)):  # reading the answers lets the agent read the requests again
         assert client.next_frame("h").get("ev") == "ok"
     if sent % len(request):
-        client.send_raw(request[sent % len(request):])
+        client.send_raw(request[sent % len(request) :])
         assert client.next_frame("h").get("ev") == "ok"
     client.ok("ping")
 

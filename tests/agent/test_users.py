@@ -41,8 +41,11 @@ def test_creates_user_group_and_home(tmp_path: Path) -> None:
 
 
 def test_existing_uid_1000_account_is_reused(tmp_path: Path) -> None:
-    root = _root(tmp_path, "root:x:0:0::/root:/bin/sh\nnode:x:1000:1000::/home/node:/bin/bash\n",
-                 "root:x:0:\nnode:x:1000:\ndocker:x:999:node\n")
+    root = _root(
+        tmp_path,
+        "root:x:0:0::/root:/bin/sh\nnode:x:1000:1000::/home/node:/bin/bash\n",
+        "root:x:0:\nnode:x:1000:\ndocker:x:999:node\n",
+    )
     ids = ensure_user(str(root))
     assert (ids.user.login, ids.user.uid, ids.user.home) == ("node", 1000, "/home/node")
     assert ids.user.groups == (999,)
@@ -54,12 +57,22 @@ def test_existing_uid_1000_account_is_reused(tmp_path: Path) -> None:
 def test_read_only_root_falls_back_to_uid_1000_in_tmp(tmp_path: Path) -> None:
     """On a read-only file system (EROFS, which even root cannot bypass) the agent still gets a ``user``."""
     root = _root(tmp_path, "root:x:0:0::/root:/bin/sh\n")
-    code = ("import sys; from corral.agent.users import ensure_user; u = ensure_user(sys.argv[1]).user; "
-            "print(u.uid, u.gid, u.home)")
-    script = (f"mount --bind {root} {root} && mount -o remount,bind,ro {root} && "
-              f"{sys.executable} -c '{code}' {root}")
-    out = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True,
-                         env=agent_env(), check=True, timeout=60)
+    code = (
+        "import sys; from corral.agent.users import ensure_user; u = ensure_user(sys.argv[1]).user; "
+        "print(u.uid, u.gid, u.home)"
+    )
+    script = (
+        f"mount --bind {root} {root} && mount -o remount,bind,ro {root} && "
+        f"{sys.executable} -c '{code}' {root}"
+    )
+    out = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env=agent_env(),
+        check=True,
+        timeout=60,
+    )
     assert out.stdout.split() == ["1000", "1000", "/tmp"]
     assert "user" not in (root / "etc/passwd").read_text()
 

@@ -13,9 +13,17 @@ import pytest
 pytestmark = [pytest.mark.root, pytest.mark.bwrap]
 
 
-def corral(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "corral.cli.main", *args], input=input, capture_output=True,
-                          timeout=timeout, env={**os.environ, "NO_COLOR": "1"}, check=False)
+def corral(
+    *args: str, input: bytes | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "corral.cli.main", *args],
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        env={**os.environ, "NO_COLOR": "1"},
+        check=False,
+    )
 
 
 def test_run_streams_output_and_returns_the_exit_code() -> None:
@@ -60,22 +68,38 @@ def test_sandbox_lifecycle_and_files(tmp_path: Path) -> None:
         assert corral("files", "get", sid, "/tmp/stdin.txt", str(tmp_path / "out")).returncode == 0
         assert (tmp_path / "out").read_bytes() == b"from stdin"
         entries = json.loads(corral("files", "ls", sid, "/home/user", "--json").stdout)
-        assert {"path": "/home/user/in.txt", "size": 9} in [{k: e[k] for k in ("path", "size")} for e in entries]
+        assert {"path": "/home/user/in.txt", "size": 9} in [
+            {k: e[k] for k in ("path", "size")} for e in entries
+        ]
     finally:
         killed = corral("sandbox", "kill", sid)
     assert killed.returncode == 0 and killed.stdout == f"killed {sid}\n".encode()
     assert json.loads(corral("sandbox", "list", "-m", "owner=cli-test", "--json").stdout) == []
 
 
-@pytest.mark.parametrize(("args", "code", "message"), [
-    (("sandbox", "exec", "sb-aaaaaaaaaaaaaaaa", "--", "true"), 1, b"error: sandbox sb-aaaaaaaaaaaaaaaa not found"),
-    (("sandbox", "kill", "not-an-id"), 1, b"error: sandbox 'not-an-id' not found"),
-    (("run", "--isolation", "namespace", "--", "no-such-program"), 1, b"no-such-program"),
-    (("run", "--isolation", "quantum", "--", "true"), 2, b"'quantum' is not one of"),
-    (("run", "--isolation", "namespace", "--template", "nope", "--", "true"), 1,
-     b"error: template 'nope' not found; available templates: base"),
-    (("sandbox", "create", "--isolation", "namespace", "-m", "novalue"), 2, b"'novalue' is not KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (
+            ("sandbox", "exec", "sb-aaaaaaaaaaaaaaaa", "--", "true"),
+            1,
+            b"error: sandbox sb-aaaaaaaaaaaaaaaa not found",
+        ),
+        (("sandbox", "kill", "not-an-id"), 1, b"error: sandbox 'not-an-id' not found"),
+        (("run", "--isolation", "namespace", "--", "no-such-program"), 1, b"no-such-program"),
+        (("run", "--isolation", "quantum", "--", "true"), 2, b"'quantum' is not one of"),
+        (
+            ("run", "--isolation", "namespace", "--template", "nope", "--", "true"),
+            1,
+            b"error: template 'nope' not found; available templates: base",
+        ),
+        (
+            ("sandbox", "create", "--isolation", "namespace", "-m", "novalue"),
+            2,
+            b"'novalue' is not KEY=VALUE",
+        ),
+    ],
+)
 def test_errors_are_one_clear_line(args: tuple[str, ...], code: int, message: bytes) -> None:
     before = corral("sandbox", "list", "--json").stdout
     done = corral(*args)
@@ -101,8 +125,17 @@ def test_template_import_directory_without_python(tmp_path: Path) -> None:
     name = f"bb-{os.getpid()}"
     assert corral("template", "import", name, "--dir", str(root)).returncode == 0
     try:
-        done = corral("run", "--isolation", "namespace", "--template", name, "--", "sh", "-c",
-                      "echo from busybox; ls /usr/bin/python3 2>&1")
+        done = corral(
+            "run",
+            "--isolation",
+            "namespace",
+            "--template",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "echo from busybox; ls /usr/bin/python3 2>&1",
+        )
         assert done.stdout.startswith(b"from busybox\n"), done.stderr
         assert b"No such file" in done.stdout  # this image really has no Python: the agent brought its own
     finally:

@@ -25,8 +25,9 @@ async def test_gvisor_conforms(runtime_config: RuntimeConfig, host_rootfs: Rootf
     await check_runtime(lambda: GVisorRuntime(runtime_config), rootfs=host_rootfs)
 
 
-async def test_the_suite_fails_a_runtime_without_isolation(runtime_config: RuntimeConfig,
-                                                           host_rootfs: RootfsSpec) -> None:
+async def test_the_suite_fails_a_runtime_without_isolation(
+    runtime_config: RuntimeConfig, host_rootfs: RootfsSpec
+) -> None:
     """check_runtime can fail: the fake runtime runs on the host's network, and the suite says so."""
     with pytest.raises(AssertionError, match="a sandbox without network has interfaces"):
         await check_runtime(lambda: FakeRuntime(runtime_config), rootfs=host_rootfs)

@@ -59,20 +59,23 @@ def test_encode_limits() -> None:
     assert len(encode({}, b"x" * MAX_PAYLOAD)) > MAX_PAYLOAD
 
 
-@pytest.mark.parametrize("data", [
-    b"not json\n",
-    b"[1,2]\n",
-    b'"string"\n',
-    b"\xff\xfe\n",
-    b'{"size":-1}\n',
-    b'{"size":"3"}\n',
-    b'{"size":true}\n',
-    b'{"size":1.5}\n',
-    b'{"size":%d}\n' % (MAX_PAYLOAD + 1),
-    b"[" * 60000 + b"\n",  # nesting deep enough to exhaust the JSON parser's recursion
-    b"{" + b" " * (MAX_HEADER + 1),  # no newline within the limit
-    b'{"a":"' + b"x" * (MAX_HEADER + 10) + b'"}\n',  # newline present but past the limit
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not json\n",
+        b"[1,2]\n",
+        b'"string"\n',
+        b"\xff\xfe\n",
+        b'{"size":-1}\n',
+        b'{"size":"3"}\n',
+        b'{"size":true}\n',
+        b'{"size":1.5}\n',
+        b'{"size":%d}\n' % (MAX_PAYLOAD + 1),
+        b"[" * 60000 + b"\n",  # nesting deep enough to exhaust the JSON parser's recursion
+        b"{" + b" " * (MAX_HEADER + 1),  # no newline within the limit
+        b'{"a":"' + b"x" * (MAX_HEADER + 10) + b'"}\n',  # newline present but past the limit
+    ],
+)
 def test_invalid_streams_raise_protocol_error(data: bytes) -> None:
     with pytest.raises(ProtocolError):
         Decoder().feed(data)
@@ -88,7 +91,9 @@ def test_header_of_exactly_the_limit_is_accepted() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=10,
 )
 headers = st.dictionaries(st.text(max_size=10).filter(lambda k: k != "size"), json_values, max_size=5)
@@ -97,8 +102,9 @@ frames = st.lists(st.tuples(headers, st.binary(max_size=300)), max_size=8)
 
 @settings(max_examples=300, deadline=None)
 @given(frames=frames, cuts=st.lists(st.integers(min_value=0), max_size=20))
-def test_any_split_of_a_stream_decodes_to_the_same_frames(frames: list[tuple[dict[str, object], bytes]],
-                                                          cuts: list[int]) -> None:
+def test_any_split_of_a_stream_decodes_to_the_same_frames(
+    frames: list[tuple[dict[str, object], bytes]], cuts: list[int]
+) -> None:
     stream = b"".join(encode(h, p) for h, p in frames)
     expected = [Frame({**h, "size": len(p)} if p else h, p) for h, p in frames]
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
@@ -117,7 +123,7 @@ def test_byte_at_a_time(frames: list[tuple[dict[str, object], bytes]]) -> None:
     decoder = Decoder()
     got: list[Frame] = []
     for i in range(len(stream)):
-        got += decoder.feed(stream[i:i + 1])
+        got += decoder.feed(stream[i : i + 1])
     assert [f.payload for f in got] == [p for _, p in frames]
 
 
@@ -135,10 +141,14 @@ def test_random_bytes_raise_only_protocol_error(chunks: list[bytes]) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(prefix=frames, garbage=st.binary(min_size=1, max_size=100).map(lambda b: b"\n" + b),
-       junk_first=st.booleans())
-def test_garbage_after_valid_frames(prefix: list[tuple[dict[str, object], bytes]], garbage: bytes,
-                                    junk_first: bool) -> None:
+@given(
+    prefix=frames,
+    garbage=st.binary(min_size=1, max_size=100).map(lambda b: b"\n" + b),
+    junk_first=st.booleans(),
+)
+def test_garbage_after_valid_frames(
+    prefix: list[tuple[dict[str, object], bytes]], garbage: bytes, junk_first: bool
+) -> None:
     stream = b"".join(encode(h, p) for h, p in prefix)
     decoder = Decoder()
     assert len(decoder.feed(stream)) == len(prefix)
@@ -148,8 +158,9 @@ def test_garbage_after_valid_frames(prefix: list[tuple[dict[str, object], bytes]
 
 @settings(max_examples=200, deadline=None)
 @given(frames=frames.filter(bool), data=st.data())
-def test_mutated_streams_raise_only_protocol_error(frames: list[tuple[dict[str, object], bytes]],
-                                                   data: st.DataObject) -> None:
+def test_mutated_streams_raise_only_protocol_error(
+    frames: list[tuple[dict[str, object], bytes]], data: st.DataObject
+) -> None:
     """Valid streams with bytes flipped, inserted or removed: near-misses reach deeper into the decoder."""
     stream = bytearray(b"".join(encode(h, p) for h, p in frames))
     for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
@@ -158,7 +169,9 @@ def test_mutated_streams_raise_only_protocol_error(frames: list[tuple[dict[str, 
         if action == "flip":
             stream[at] = data.draw(st.integers(min_value=0, max_value=255))
         elif action == "insert":
-            stream[at:at] = data.draw(st.sampled_from([b"\n", b"{", b'"size":', b"9999999999", b"-", b"\xff"]))
+            stream[at:at] = data.draw(
+                st.sampled_from([b"\n", b"{", b'"size":', b"9999999999", b"-", b"\xff"])
+            )
         elif len(stream) > 1:
             del stream[at]
     decoder = Decoder()

@@ -53,7 +53,9 @@ def clock() -> Clock:
     return Clock()
 
 
-def make_service(settings: Settings, clock: Clock, runtime_cls: type[FakeRuntime] = FakeRuntime) -> SandboxService:
+def make_service(
+    settings: Settings, clock: Clock, runtime_cls: type[FakeRuntime] = FakeRuntime
+) -> SandboxService:
     runtime = runtime_cls(RuntimeConfig(state_root=settings.state_root, cache_root=settings.cache_root))
 
     def runtime_for(name: str) -> Runtime:
@@ -61,8 +63,9 @@ def make_service(settings: Settings, clock: Clock, runtime_cls: type[FakeRuntime
             raise InvalidRequest(f"unknown isolation {name!r}; choose one of: fake")
         return runtime
 
-    return SandboxService(settings=settings, store=SqliteStore(settings.db_path), runtime_for=runtime_for,
-                          clock=clock)
+    return SandboxService(
+        settings=settings, store=SqliteStore(settings.db_path), runtime_for=runtime_for, clock=clock
+    )
 
 
 @pytest.fixture
@@ -102,7 +105,10 @@ async def test_create_exec_files_kill(service: SandboxService, settings: Setting
     path = f"{settings.state_root}/{info.sandbox_id}/home/data.csv"
     # the fake runtime has no root file system of its own: act as root on a host path
     assert await service.write_file(info.sandbox_id, path, chunks(), user="root") == 8
-    assert b"".join([c async for c in await service.read_file(info.sandbox_id, path, user="root")]) == b"a,b\n1,2\n"
+    assert (
+        b"".join([c async for c in await service.read_file(info.sandbox_id, path, user="root")])
+        == b"a,b\n1,2\n"
+    )
 
     assert [i.sandbox_id for i in await service.list_sandboxes(metadata={"team": "a"})] == [info.sandbox_id]
     assert await service.list_sandboxes(metadata={"team": "b"}) == []
@@ -116,8 +122,9 @@ async def test_create_exec_files_kill(service: SandboxService, settings: Setting
     assert (await service.kill(info.sandbox_id)).state is SandboxState.STOPPED  # idempotent
 
 
-async def test_deadline_kills_on_time_and_set_timeout_moves_it(service: SandboxService, clock: Clock,
-                                                                settings: Settings) -> None:
+async def test_deadline_kills_on_time_and_set_timeout_moves_it(
+    service: SandboxService, clock: Clock, settings: Settings
+) -> None:
     info = await service.create(CreateParams(timeout=60))
     clock.now += 50
     await service.reap()
@@ -192,8 +199,12 @@ async def test_bad_ids_are_not_found(service: SandboxService) -> None:
 
 async def test_another_process_reattaches(service: SandboxService, settings: Settings, clock: Clock) -> None:
     info = await service.create(CreateParams())
-    bg = [ev async for ev in await service.exec(info.sandbox_id,
-                                                ExecParams(cmd="echo started; sleep 30", background=True))]
+    bg = [
+        ev
+        async for ev in await service.exec(
+            info.sandbox_id, ExecParams(cmd="echo started; sleep 30", background=True)
+        )
+    ]
     process_id = bg[0].process_id
     assert process_id and bg[-1].kind is EventKind.DETACHED
     other = make_service(settings, clock)  # a second process sharing the data dir, e.g. a CLI call

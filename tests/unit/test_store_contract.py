@@ -22,22 +22,39 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(params=["memory", "sqlite"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MemoryStore | SqliteStore]:
-    s: MemoryStore | SqliteStore = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "c.db")
+    s: MemoryStore | SqliteStore = (
+        MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "c.db")
+    )
     yield s
     await s.aclose()
 
 
 def record(**kw: object) -> SandboxRecord:
-    base = dict(sandbox_id=SandboxId.new(), tenant_id=LOCAL_TENANT, isolation="fake", template="base",
-                state=SandboxState.RUNNING, limits=Limits(), created_at=time.time(), timeout=60.0,
-                deadline=time.time() + 60)
+    base = dict(
+        sandbox_id=SandboxId.new(),
+        tenant_id=LOCAL_TENANT,
+        isolation="fake",
+        template="base",
+        state=SandboxState.RUNNING,
+        limits=Limits(),
+        created_at=time.time(),
+        timeout=60.0,
+        deadline=time.time() + 60,
+    )
     base.update(kw)
     return SandboxRecord(**base)  # type: ignore[arg-type]
 
 
 async def test_put_new_then_get_round_trips_every_field(store: MemoryStore | SqliteStore) -> None:
-    inst = Instance(sandbox_id=SandboxId.new(), runtime="fake", state_dir="/x", shim_pid=1, shim_start_ticks=2,
-                    socket_path="/x/s", extra={"k": [1, 2]})
+    inst = Instance(
+        sandbox_id=SandboxId.new(),
+        runtime="fake",
+        state_dir="/x",
+        shim_pid=1,
+        shim_start_ticks=2,
+        socket_path="/x/s",
+        extra={"k": [1, 2]},
+    )
     rec = record(metadata={"a": "1"}, env={"E": "v"}, instance=inst, limits=Limits(memory_mb=64, cpus=0.5))
     stored = await store.put_sandbox(rec, expect_version=None)
     assert stored.version == 1
@@ -67,8 +84,9 @@ async def test_list_filters_by_tenant_state_and_metadata(store: MemoryStore | Sq
     await store.put_sandbox(record(metadata={"team": "y"}), expect_version=None)
     await store.put_sandbox(record(tenant_id=other, metadata={"team": "x"}), expect_version=None)
     await store.put_sandbox(record(state=SandboxState.STOPPED, metadata={"team": "x"}), expect_version=None)
-    found = await store.list_sandboxes(tenant_id=LOCAL_TENANT, states=frozenset({SandboxState.RUNNING}),
-                                       metadata={"team": "x"})
+    found = await store.list_sandboxes(
+        tenant_id=LOCAL_TENANT, states=frozenset({SandboxState.RUNNING}), metadata={"team": "x"}
+    )
     assert [r.sandbox_id for r in found] == [a.sandbox_id]
     assert len(await store.list_sandboxes()) == 4
     assert len(await store.list_sandboxes(tenant_id=other)) == 1
@@ -83,13 +101,15 @@ async def test_delete_removes(store: MemoryStore | SqliteStore) -> None:
 
 
 async def test_templates_cas_and_listing(store: MemoryStore | SqliteStore) -> None:
-    t = await store.put_template(TemplateRecord(name="py", kind="directory", rootfs="/r", created_at=1.0),
-                                 expect_version=None)
+    t = await store.put_template(
+        TemplateRecord(name="py", kind="directory", rootfs="/r", created_at=1.0), expect_version=None
+    )
     assert t.version == 1
     with pytest.raises(Conflict):
         await store.put_template(t, expect_version=None)
-    await store.put_template(TemplateRecord(name="a", kind="tarball", rootfs="/t", created_at=2.0),
-                             expect_version=None)
+    await store.put_template(
+        TemplateRecord(name="a", kind="tarball", rootfs="/t", created_at=2.0), expect_version=None
+    )
     assert [x.name for x in await store.list_templates()] == ["a", "py"]
     await store.delete_template("py")
     assert await store.get_template("py") is None

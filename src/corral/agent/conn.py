@@ -48,9 +48,15 @@ class Producer(Protocol):
 
 
 class Connection:
-    def __init__(self, loop: Loop, rfd: int, wfd: int, name: str,
-                 on_frame: Callable[[Connection, Frame], None],
-                 on_close: Callable[[Connection], None]) -> None:
+    def __init__(
+        self,
+        loop: Loop,
+        rfd: int,
+        wfd: int,
+        name: str,
+        on_frame: Callable[[Connection, Frame], None],
+        on_close: Callable[[Connection], None],
+    ) -> None:
         self.loop = loop
         self.rfd = rfd
         self.wfd = wfd
@@ -117,8 +123,14 @@ class Connection:
             log(f"dropping an oversized {header.get('ev')!r} frame: {exc}")
             if header.get("ev") not in ("ok", "exit", "error"):
                 return
-            data = encode({"id": header.get("id"), "ev": "error", "code": "too_large",
-                           "message": "the answer does not fit in one frame"})
+            data = encode(
+                {
+                    "id": header.get("id"),
+                    "ev": "error",
+                    "code": "too_large",
+                    "message": "the answer does not fit in one frame",
+                }
+            )
         if not self._out:
             try:
                 n = os.write(self.wfd, data)

@@ -32,7 +32,9 @@ BATCH_BYTES = 3 * 1024 * 1024  # JSON bytes per worker reply frame (under the 4 
 class Reply:
     __slots__ = ("batches", "fd", "fields")
 
-    def __init__(self, fields: dict[str, Any], *, fd: int | None = None, batches: list[bytes] | None = None) -> None:
+    def __init__(
+        self, fields: dict[str, Any], *, fd: int | None = None, batches: list[bytes] | None = None
+    ) -> None:
         self.fields = fields
         self.fd = fd
         self.batches = batches or []
@@ -62,8 +64,16 @@ def _kind(mode: int) -> str:
 
 
 def entry(path: str, name: str, s: os.stat_result) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": name, "path": path, "type": _kind(s.st_mode), "size": s.st_size,
-                           "mode": st.S_IMODE(s.st_mode), "mtime": s.st_mtime, "uid": s.st_uid, "gid": s.st_gid}
+    out: dict[str, Any] = {
+        "name": name,
+        "path": path,
+        "type": _kind(s.st_mode),
+        "size": s.st_size,
+        "mode": st.S_IMODE(s.st_mode),
+        "mtime": s.st_mtime,
+        "uid": s.st_uid,
+        "gid": s.st_gid,
+    }
     if st.S_ISLNK(s.st_mode):
         try:
             out["target"] = os.readlink(path)
@@ -100,8 +110,10 @@ def op_list(state: WorkerState, args: dict[str, Any]) -> Reply:
         with it:
             for de in it:
                 if len(entries) >= MAX_ENTRIES:
-                    raise AgentError(AgentErrorCode.TOO_LARGE,
-                                     f"{path}: more than {MAX_ENTRIES} entries; list a smaller depth or subtree")
+                    raise AgentError(
+                        AgentErrorCode.TOO_LARGE,
+                        f"{path}: more than {MAX_ENTRIES} entries; list a smaller depth or subtree",
+                    )
                 try:
                     s = de.stat(follow_symlinks=False)
                 except OSError:
@@ -169,8 +181,9 @@ def op_remove(state: WorkerState, args: dict[str, Any]) -> Reply:
                 os.rmdir(path)
             except OSError as exc:
                 if exc.errno == 39:  # ENOTEMPTY
-                    raise AgentError(AgentErrorCode.INVALID,
-                                     f"{path}: directory not empty (use recursive to remove it)") from None
+                    raise AgentError(
+                        AgentErrorCode.INVALID, f"{path}: directory not empty (use recursive to remove it)"
+                    ) from None
                 raise
     except OSError as exc:
         raise from_oserror(exc, path) from None

@@ -19,11 +19,29 @@ __all__ = ["CAPABILITIES", "hello_fields"]
 # Ops, plus optional features a client may probe for: "list.stream" (``list`` with ``stream:true`` sends
 # ``chunk`` frames with ``entries``), "write.abort" (``data`` with ``abort:true`` cancels an upload).
 CAPABILITIES = (
-    "exec", "attach", "detach", "stdin", "signal", "list_processes", "configure",
-    "read", "write", "list", "stat", "mkdir", "remove", "rename", "list.stream", "write.abort",
+    "exec",
+    "attach",
+    "detach",
+    "stdin",
+    "signal",
+    "list_processes",
+    "configure",
+    "read",
+    "write",
+    "list",
+    "stat",
+    "mkdir",
+    "remove",
+    "rename",
+    "list.stream",
+    "write.abort",
 )
 
 
 def hello_fields() -> dict[str, Any]:
-    return {"version": PROTOCOL_VERSION, "capabilities": list(CAPABILITIES),
-            "agent": f"corral-agent/{AGENT_VERSION}", "pid": os.getpid()}
+    return {
+        "version": PROTOCOL_VERSION,
+        "capabilities": list(CAPABILITIES),
+        "agent": f"corral-agent/{AGENT_VERSION}",
+        "pid": os.getpid(),
+    }

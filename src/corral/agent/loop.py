@@ -67,7 +67,8 @@ class Loop:
     # --- fds -------------------------------------------------------------------------------------------------
     def _update(self, fd: int) -> None:
         mask = (selectors.EVENT_READ if fd in self._readers else 0) | (
-            selectors.EVENT_WRITE if fd in self._writers else 0)
+            selectors.EVENT_WRITE if fd in self._writers else 0
+        )
         try:
             key: selectors.SelectorKey | None = self._sel.get_key(fd)
         except KeyError:

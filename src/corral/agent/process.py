@@ -85,8 +85,18 @@ class Subscriber:
 
 
 class Process:
-    def __init__(self, table: ProcessTable, process_id: str, popen: subprocess.Popen[bytes], argv: list[str],
-                 *, user: str, cwd: str, tag: str | None, owner: Connection | None) -> None:
+    def __init__(
+        self,
+        table: ProcessTable,
+        process_id: str,
+        popen: subprocess.Popen[bytes],
+        argv: list[str],
+        *,
+        user: str,
+        cwd: str,
+        tag: str | None,
+        owner: Connection | None,
+    ) -> None:
         self.table = table
         self.process_id = process_id
         self.popen = popen
@@ -244,8 +254,10 @@ class Process:
             why = "was closed" if self.popen.stdin is not None else "was not kept open (exec with stdin:true)"
             raise AgentError(AgentErrorCode.INVALID, f"stdin of process {self.process_id} {why}")
         if self._stdin_pending + len(data) > STDIN_LIMIT:
-            raise AgentError(AgentErrorCode.BUSY,
-                             f"process {self.process_id} is not reading its stdin; wait for earlier writes")
+            raise AgentError(
+                AgentErrorCode.BUSY,
+                f"process {self.process_id} is not reading its stdin; wait for earlier writes",
+            )
         self._stdin_eof = eof
         self._stdin_queue.append((memoryview(data), eof, conn, rid))
         self._stdin_pending += len(data)
@@ -289,9 +301,18 @@ class Process:
             self._stdin_fd = -1
 
     def info(self) -> dict[str, Any]:
-        return {"process_id": self.process_id, "pid": self.pid, "argv": self.argv, "tag": self.tag,
-                "running": self.running, "exit_code": self.exit_code, "signal": self.signal,
-                "started_at": self.started_at, "user": self.user, "cwd": self.cwd}
+        return {
+            "process_id": self.process_id,
+            "pid": self.pid,
+            "argv": self.argv,
+            "tag": self.tag,
+            "running": self.running,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "started_at": self.started_at,
+            "user": self.user,
+            "cwd": self.cwd,
+        }
 
 
 class ProcessTable:
@@ -304,16 +325,34 @@ class ProcessTable:
         self._exited: deque[Process] = deque()
         self.other_children: dict[int, Callable[[int], None]] = {}  # e.g. file workers
 
-    def spawn(self, argv: list[str], *, env: dict[str, str], cwd: str, identity: Identity, stdin: bool,
-              timeout: float | None, tag: str | None, owner: Connection | None) -> Process:
+    def spawn(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str],
+        cwd: str,
+        identity: Identity,
+        stdin: bool,
+        timeout: float | None,
+        tag: str | None,
+        owner: Connection | None,
+    ) -> Process:
         kwargs: dict[str, Any] = {}
         if identity.switch:
             kwargs = {"user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
         try:
             popen = subprocess.Popen(
-                argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, cwd=cwd, env=env, start_new_session=True, close_fds=True, bufsize=0,
-                **kwargs)
+                argv,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+                bufsize=0,
+                **kwargs,
+            )
         except OSError as exc:
             raise _spawn_error(exc, argv, cwd, env.get("PATH", "")) from None
         except (ValueError, subprocess.SubprocessError) as exc:
@@ -385,18 +424,26 @@ def _spawn_error(exc: OSError, argv: list[str], cwd: str, path: str) -> AgentErr
     import errno
 
     name = argv[0]
-    if "/" not in name and exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR) and exc.filename != cwd \
-            and not any(os.path.exists(os.path.join(d or ".", name)) for d in path.split(":")):
+    if (
+        "/" not in name
+        and exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR)
+        and exc.filename != cwd
+        and not any(os.path.exists(os.path.join(d or ".", name)) for d in path.split(":"))
+    ):
         # execvp reports EACCES when some PATH directory is not searchable, even if the command is nowhere
         return AgentError(AgentErrorCode.NOT_FOUND, f"command {name!r} not found in the sandbox")
 
     if exc.filename == cwd and exc.errno in (errno.EPERM, errno.EINVAL):
         # Popen reports failures before exec (setsid, setgroups, setresgid, setresuid) as if from chdir
-        return AgentError(AgentErrorCode.PERMISSION_DENIED,
-                          f"cannot start {name!r} as the requested user: {exc.strerror}")
+        return AgentError(
+            AgentErrorCode.PERMISSION_DENIED, f"cannot start {name!r} as the requested user: {exc.strerror}"
+        )
     if exc.filename == cwd and exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
-        code = {errno.ENOENT: AgentErrorCode.NOT_FOUND, errno.ENOTDIR: AgentErrorCode.NOT_A_DIRECTORY,
-                errno.EACCES: AgentErrorCode.PERMISSION_DENIED}[exc.errno]
+        code = {
+            errno.ENOENT: AgentErrorCode.NOT_FOUND,
+            errno.ENOTDIR: AgentErrorCode.NOT_A_DIRECTORY,
+            errno.EACCES: AgentErrorCode.PERMISSION_DENIED,
+        }[exc.errno]
         return AgentError(code, f"cannot use {cwd!r} as the working directory: {exc.strerror}")
     if exc.errno == errno.ENOENT:
         return AgentError(AgentErrorCode.NOT_FOUND, f"command {argv[0]!r} not found in the sandbox")
@@ -405,4 +452,3 @@ def _spawn_error(exc: OSError, argv: list[str], cwd: str, path: str) -> AgentErr
     if exc.errno in (errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM):
         return AgentError(AgentErrorCode.BUSY, f"cannot start {argv[0]!r}: {exc.strerror}")
     return AgentError(AgentErrorCode.INVALID, f"cannot execute {argv[0]!r}: {exc.strerror}")
-

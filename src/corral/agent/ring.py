@@ -37,8 +37,18 @@ def _mapping(size: int) -> mmap.mmap:
 
 
 class Ring:
-    __slots__ = ("_buf", "_cap", "_head", "_limit", "_max_segments", "_seg_starts", "_seg_streams", "dropped",
-                 "end", "start")
+    __slots__ = (
+        "_buf",
+        "_cap",
+        "_head",
+        "_limit",
+        "_max_segments",
+        "_seg_starts",
+        "_seg_streams",
+        "dropped",
+        "end",
+        "start",
+    )
 
     def __init__(self, limit: int = RING_BYTES, max_segments: int = RING_SEGMENTS) -> None:
         self._limit = limit

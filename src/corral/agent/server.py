@@ -60,8 +60,13 @@ def _str_dict(value: Any, key: str) -> dict[str, str | None]:
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(
-            isinstance(k, str) and k and "=" not in k and "\x00" not in k
-            and (v is None or (isinstance(v, str) and "\x00" not in v)) for k, v in value.items()):
+        isinstance(k, str)
+        and k
+        and "=" not in k
+        and "\x00" not in k
+        and (v is None or (isinstance(v, str) and "\x00" not in v))
+        for k, v in value.items()
+    ):
         raise _invalid(f"{key!r} must map variable names to strings")
     return value
 
@@ -81,11 +86,22 @@ class Agent:
         self.default_cwd: str | None = None
         self.on_stop: Callable[[], None] = loop.stop
         self.handlers: dict[str, Handler] = {
-            Op.HELLO: self.op_hello, Op.PING: self.op_ping, Op.CONFIGURE: self.op_configure,
-            Op.EXEC: self.op_exec, Op.ATTACH: self.op_attach, Op.DETACH: self.op_detach,
-            Op.STDIN: self.op_stdin, Op.SIGNAL: self.op_signal, Op.LIST_PROCESSES: self.op_list_processes,
-            Op.READ: self.op_read, Op.WRITE: self.op_write, Op.LIST: self.op_list, Op.STAT: self.op_stat,
-            Op.MKDIR: self.op_mkdir, Op.REMOVE: self.op_remove, Op.RENAME: self.op_rename,
+            Op.HELLO: self.op_hello,
+            Op.PING: self.op_ping,
+            Op.CONFIGURE: self.op_configure,
+            Op.EXEC: self.op_exec,
+            Op.ATTACH: self.op_attach,
+            Op.DETACH: self.op_detach,
+            Op.STDIN: self.op_stdin,
+            Op.SIGNAL: self.op_signal,
+            Op.LIST_PROCESSES: self.op_list_processes,
+            Op.READ: self.op_read,
+            Op.WRITE: self.op_write,
+            Op.LIST: self.op_list,
+            Op.STAT: self.op_stat,
+            Op.MKDIR: self.op_mkdir,
+            Op.REMOVE: self.op_remove,
+            Op.RENAME: self.op_rename,
         }
         loop.add_signal_handler(signal.SIGCHLD, self.processes.reap)
         loop.add_signal_handler(signal.SIGTERM, lambda: self.shutdown("SIGTERM"))
@@ -93,8 +109,15 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
 
     # --- connections -----------------------------------------------------------------------------------------
-    def connect(self, rfd: int, wfd: int, name: str, *, send_hello: bool = True,
-                on_close: Callable[[Connection], None] | None = None) -> Connection:
+    def connect(
+        self,
+        rfd: int,
+        wfd: int,
+        name: str,
+        *,
+        send_hello: bool = True,
+        on_close: Callable[[Connection], None] | None = None,
+    ) -> Connection:
         def closed(conn: Connection) -> None:
             self._connection_closed(conn)
             if on_close is not None:
@@ -130,12 +153,24 @@ class Agent:
             self.on_data(conn, frame)
             return
         if not isinstance(rid, str):
-            conn.send({"id": rid, "ev": "error", "code": AgentErrorCode.INVALID,
-                       "message": "a request needs a string 'id'"})
+            conn.send(
+                {
+                    "id": rid,
+                    "ev": "error",
+                    "code": AgentErrorCode.INVALID,
+                    "message": "a request needs a string 'id'",
+                }
+            )
             return
         if rid in conn.inflight:
-            conn.send({"id": rid, "ev": "error", "code": AgentErrorCode.INVALID,
-                       "message": f"request id {rid!r} is already in flight on this connection"})
+            conn.send(
+                {
+                    "id": rid,
+                    "ev": "error",
+                    "code": AgentErrorCode.INVALID,
+                    "message": f"request id {rid!r} is already in flight on this connection",
+                }
+            )
             return
         handler = self.handlers.get(op) if isinstance(op, str) else None
         if handler is None:
@@ -197,8 +232,11 @@ class Agent:
             else:
                 env[key] = value
         if argv is not None:
-            if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and "\x00" not in a
-                                                                 for a in argv):
+            if (
+                not isinstance(argv, list)
+                or not argv
+                or not all(isinstance(a, str) and "\x00" not in a for a in argv)
+            ):
                 raise _invalid("'argv' must be a non-empty list of strings")
         else:
             if not isinstance(cmd, str) or "\x00" in cmd:
@@ -216,9 +254,16 @@ class Agent:
             raise _invalid("'timeout' must be a positive number of seconds")
         background = bool(_opt(h, "background", bool, False))
         tag = _opt(h, "tag", str)
-        proc = self.processes.spawn(argv, env=env, cwd=cwd, identity=identity,
-                                    stdin=bool(_opt(h, "stdin", bool, False)), timeout=timeout, tag=tag,
-                                    owner=None if background else conn)
+        proc = self.processes.spawn(
+            argv,
+            env=env,
+            cwd=cwd,
+            identity=identity,
+            stdin=bool(_opt(h, "stdin", bool, False)),
+            timeout=timeout,
+            tag=tag,
+            owner=None if background else conn,
+        )
         conn.send({"id": rid, "ev": "started", "process_id": proc.process_id, "pid": proc.pid})
         if background:
             conn.finish(rid, {"ev": "ok", "process_id": proc.process_id, "pid": proc.pid})
@@ -230,8 +275,15 @@ class Agent:
         replay = bool(_opt(frame.header, "replay", bool, True))
         ring = proc.ring
         pos = ring.start if replay else (ring.end if proc.exit_pos is None else proc.exit_pos)
-        conn.send({"id": rid, "ev": "started", "process_id": proc.process_id, "pid": proc.pid,
-                   "dropped": ring.dropped})
+        conn.send(
+            {
+                "id": rid,
+                "ev": "started",
+                "process_id": proc.process_id,
+                "pid": proc.pid,
+                "dropped": ring.dropped,
+            }
+        )
         proc.add_subscriber(conn, rid, pos)
 
     def op_detach(self, conn: Connection, rid: str, frame: Frame) -> None:
@@ -277,8 +329,15 @@ class Agent:
     def _worker_forked(self, worker: Worker) -> None:
         self.processes.other_children[worker.pid] = worker.reaped
 
-    def _file_call(self, conn: Connection, rid: str, h: dict[str, Any], op: str, args: dict[str, Any],
-                   answer: Callable[[WorkerReply], dict[str, Any]]) -> Worker:
+    def _file_call(
+        self,
+        conn: Connection,
+        rid: str,
+        h: dict[str, Any],
+        op: str,
+        args: dict[str, Any],
+        answer: Callable[[WorkerReply], dict[str, Any]],
+    ) -> Worker:
         def done(reply: WorkerReply) -> None:
             if reply.fd is not None:
                 os.close(reply.fd)
@@ -313,8 +372,11 @@ class Agent:
 
     def op_rename(self, conn: Connection, rid: str, frame: Frame) -> None:
         h = frame.header
-        args = {"src": _path(h, "src"), "dst": _path(h, "dst"),
-                "overwrite": bool(_opt(h, "overwrite", bool, False))}
+        args = {
+            "src": _path(h, "src"),
+            "dst": _path(h, "dst"),
+            "overwrite": bool(_opt(h, "overwrite", bool, False)),
+        }
         self._file_call(conn, rid, h, "rename", args, lambda r: {})
 
     def op_list(self, conn: Connection, rid: str, frame: Frame) -> None:
@@ -331,9 +393,11 @@ class Agent:
             try:
                 reply.check()
                 if not stream and sum(len(b) for b in reply.batches) > HEADER_ROOM:
-                    raise AgentError(AgentErrorCode.TOO_LARGE,
-                                     f"{path}: {reply.fields.get('count')} entries do not fit in one answer; "
-                                     "list a smaller depth or subtree, or pass stream:true")
+                    raise AgentError(
+                        AgentErrorCode.TOO_LARGE,
+                        f"{path}: {reply.fields.get('count')} entries do not fit in one answer; "
+                        "list a smaller depth or subtree, or pass stream:true",
+                    )
                 entries: list[Any] = []
                 for batch in reply.batches:
                     entries.extend(json.loads(batch))
@@ -381,8 +445,12 @@ class Agent:
         h = frame.header
         path = _path(h)
         mode = _opt(h, "mode", int, 0o644) & 0o7777
-        args = {"path": path, "mode": mode, "append": bool(_opt(h, "append", bool, False)),
-                "parents": bool(_opt(h, "parents", bool, True))}
+        args = {
+            "path": path,
+            "mode": mode,
+            "append": bool(_opt(h, "append", bool, False)),
+            "parents": bool(_opt(h, "parents", bool, True)),
+        }
         upload = Upload(self, conn, rid, path, mode, args["append"])
         self.uploads[(conn, rid)] = upload
         upload.worker = self._pool(h).submit("open_write", args, upload.opened)
@@ -417,7 +485,9 @@ class FileReader:
 
     __slots__ = ("conn", "fd", "path", "pos", "remaining", "rid", "sent")
 
-    def __init__(self, conn: Connection, rid: str, path: str, fd: int, offset: int, length: int | None) -> None:
+    def __init__(
+        self, conn: Connection, rid: str, path: str, fd: int, offset: int, length: int | None
+    ) -> None:
         self.conn = conn
         self.rid = rid
         self.path = path

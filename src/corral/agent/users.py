@@ -27,8 +27,18 @@ class Identity:
 
     __slots__ = ("gid", "groups", "home", "login", "name", "shell", "switch", "uid")
 
-    def __init__(self, *, name: str, login: str, uid: int, gid: int, home: str, shell: str,
-                 groups: tuple[int, ...] = (), switch: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        login: str,
+        uid: int,
+        gid: int,
+        home: str,
+        shell: str,
+        groups: tuple[int, ...] = (),
+        switch: bool = True,
+    ) -> None:
         self.name = name  # "root" or "user", as in requests
         self.login = login  # the account name in /etc/passwd
         self.uid = uid
@@ -148,7 +158,8 @@ def ensure_user(root: str = "/") -> Identities:
         login = os.environ.get("USER") or str(uid)
         return Identities(
             root=Identity(name="root", login=login, uid=uid, gid=gid, home=home, shell=shell, switch=False),
-            user=Identity(name="user", login=login, uid=uid, gid=gid, home=home, shell=shell, switch=False))
+            user=Identity(name="user", login=login, uid=uid, gid=gid, home=home, shell=shell, switch=False),
+        )
     found = _find_user(root) or _create_user(root, shell)
     if found is None:
         login, uid, gid, home = USER_NAME, USER_ID, USER_ID, "/tmp"
@@ -159,5 +170,7 @@ def ensure_user(root: str = "/") -> Identities:
         groups = _supplementary(root, login, gid)
     user = Identity(name="user", login=login, uid=uid, gid=gid, home=home, shell=shell, groups=groups)
     root_home = "/root" if os.path.isdir(root + "root") else "/"
-    return Identities(user=user, root=Identity(name="root", login="root", uid=0, gid=0, home=root_home,
-                                               shell=shell, switch=False))
+    return Identities(
+        user=user,
+        root=Identity(name="root", login="root", uid=0, gid=0, home=root_home, shell=shell, switch=False),
+    )

@@ -108,7 +108,9 @@ class Worker:
         while self.queue and self.current is None and self.alive:
             op, args, callback = self.queue.popleft()
             try:
-                self.sock.sendall(encode({"op": op, **args}))  # requests are small; the socket buffer holds them
+                self.sock.sendall(
+                    encode({"op": op, **args})
+                )  # requests are small; the socket buffer holds them
             except OSError as exc:
                 self.die(f"send failed: {exc}")
                 callback(_died())
@@ -198,8 +200,15 @@ class Worker:
 
 
 def _died() -> WorkerReply:
-    return WorkerReply({"ok": False, "code": AgentErrorCode.INTERNAL,
-                        "message": "the file worker stopped during the operation"}, [], None)
+    return WorkerReply(
+        {
+            "ok": False,
+            "code": AgentErrorCode.INTERNAL,
+            "message": "the file worker stopped during the operation",
+        },
+        [],
+        None,
+    )
 
 
 class WorkerPool:
@@ -248,8 +257,14 @@ def _worker_main(fd: int, identity: Identity) -> None:
         fd2 = os.dup(fd)
         os.close(fd)
         fd = fd2
-    os.closerange(3, fd)
-    os.closerange(fd + 1, 1 << 20)
+    try:  # the fds actually open: closerange up to a high limit is a loop of close() where close_range is missing
+        inherited = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        inherited = list(range(3, 65536))
+    for other in inherited:
+        if other > 2 and other != fd:
+            with contextlib.suppress(OSError):
+                os.close(other)
     os.set_inheritable(fd, False)
     # Import what file operations need while still root: the interpreter's files may not be readable by the
     # identity (they are not when a root-only Python runs the agent, as in tests).

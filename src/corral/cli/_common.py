@@ -12,7 +12,14 @@ from corral.cli._output import progress
 from corral.client._sync.sandbox import Sandbox
 from corral.models import ExecParams
 
-__all__ = ["create_options", "exec_options", "exec_params_from", "key_values", "open_sandbox", "sandbox_kwargs"]
+__all__ = [
+    "create_options",
+    "exec_options",
+    "exec_params_from",
+    "key_values",
+    "open_sandbox",
+    "sandbox_kwargs",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,39 +35,67 @@ def key_values(values: tuple[str, ...], what: str) -> dict[str, str]:
 
 
 def create_options(fn: F) -> F:
-    for decorator in reversed([
-        click.option("--isolation", type=click.Choice(["namespace", "gvisor"]), default=None,
-                     help="Isolation level (default: gvisor, or $CORRAL_ISOLATION)."),
-        click.option("--template", default=None, help="Template to start from (default: base)."),
-        click.option("--timeout", "sandbox_timeout", type=float, default=None,
-                     help="Seconds until the sandbox is killed (default 300)."),
-        click.option("--memory", "memory_mb", type=int, default=None, help="Memory limit in MiB."),
-        click.option("--cpus", type=float, default=None, help="CPU limit (cores)."),
-        click.option("--metadata", "-m", multiple=True, metavar="KEY=VALUE", help="Label the sandbox."),
-        click.option("--sandbox-env", multiple=True, metavar="KEY=VALUE",
-                     help="Environment variable for every process in the sandbox."),
-    ]):
+    for decorator in reversed(
+        [
+            click.option(
+                "--isolation",
+                type=click.Choice(["namespace", "gvisor"]),
+                default=None,
+                help="Isolation level (default: gvisor, or $CORRAL_ISOLATION).",
+            ),
+            click.option("--template", default=None, help="Template to start from (default: base)."),
+            click.option(
+                "--timeout",
+                "sandbox_timeout",
+                type=float,
+                default=None,
+                help="Seconds until the sandbox is killed (default 300).",
+            ),
+            click.option("--memory", "memory_mb", type=int, default=None, help="Memory limit in MiB."),
+            click.option("--cpus", type=float, default=None, help="CPU limit (cores)."),
+            click.option("--metadata", "-m", multiple=True, metavar="KEY=VALUE", help="Label the sandbox."),
+            click.option(
+                "--sandbox-env",
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="Environment variable for every process in the sandbox.",
+            ),
+        ]
+    ):
         fn = decorator(fn)
     return fn
 
 
 def exec_options(fn: F) -> F:
-    for decorator in reversed([
-        click.option("--env", "-e", multiple=True, metavar="KEY=VALUE", help="Environment variable."),
-        click.option("--cwd", default=None, help="Working directory inside the sandbox."),
-        click.option("--user", type=click.Choice(["user", "root"]), default=None,
-                     help="Run as the unprivileged 'user' (default) or as root."),
-        click.option("--command-timeout", type=float, default=None, help="Kill the command after N seconds."),
-    ]):
+    for decorator in reversed(
+        [
+            click.option("--env", "-e", multiple=True, metavar="KEY=VALUE", help="Environment variable."),
+            click.option("--cwd", default=None, help="Working directory inside the sandbox."),
+            click.option(
+                "--user",
+                type=click.Choice(["user", "root"]),
+                default=None,
+                help="Run as the unprivileged 'user' (default) or as root.",
+            ),
+            click.option(
+                "--command-timeout", type=float, default=None, help="Kill the command after N seconds."
+            ),
+        ]
+    ):
         fn = decorator(fn)
     return fn
 
 
 def sandbox_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
-    return {"isolation": opts.get("isolation"), "template": opts.get("template"),
-            "timeout": opts.get("sandbox_timeout"), "memory_mb": opts.get("memory_mb"), "cpus": opts.get("cpus"),
-            "metadata": key_values(opts.get("metadata", ()), "--metadata"),
-            "envs": key_values(opts.get("sandbox_env", ()), "--sandbox-env")}
+    return {
+        "isolation": opts.get("isolation"),
+        "template": opts.get("template"),
+        "timeout": opts.get("sandbox_timeout"),
+        "memory_mb": opts.get("memory_mb"),
+        "cpus": opts.get("cpus"),
+        "metadata": key_values(opts.get("metadata", ()), "--metadata"),
+        "envs": key_values(opts.get("sandbox_env", ()), "--sandbox-env"),
+    }
 
 
 def exec_params_from(command: tuple[str, ...], opts: dict[str, Any]) -> ExecParams:
@@ -69,8 +104,13 @@ def exec_params_from(command: tuple[str, ...], opts: dict[str, Any]) -> ExecPara
         argv = argv[1:]
     if not argv:
         raise click.UsageError("give the command to run after --")
-    return ExecParams(argv=argv, env=key_values(opts.get("env", ()), "--env"), cwd=opts.get("cwd"),
-                      user=opts.get("user"), timeout=opts.get("command_timeout"))
+    return ExecParams(
+        argv=argv,
+        env=key_values(opts.get("env", ()), "--env"),
+        cwd=opts.get("cwd"),
+        user=opts.get("user"),
+        timeout=opts.get("command_timeout"),
+    )
 
 
 @contextlib.contextmanager

@@ -45,16 +45,25 @@ def _demo_one(console: Console, isolation: str) -> bool:
     created = time.monotonic() - start
     ok = True
     with sbx:
-        rows: list[tuple[str, str]] = [("sandbox", sbx.sandbox_id),
-                                       ("create → ready", f"{created * 1000:.0f} ms (the first run builds caches)")]
+        rows: list[tuple[str, str]] = [
+            ("sandbox", sbx.sandbox_id),
+            ("create → ready", f"{created * 1000:.0f} ms (the first run builds caches)"),
+        ]
         t0 = time.monotonic()
         result = sbx.commands.run("python3 -c 'print(6*7)'")
-        rows.append(("python3 -c 'print(6*7)'", f"{result.stdout.strip()!r} exit={result.exit_code} "
-                                                   f"({(time.monotonic() - t0) * 1000:.0f} ms)"))
+        rows.append(
+            (
+                "python3 -c 'print(6*7)'",
+                f"{result.stdout.strip()!r} exit={result.exit_code} "
+                f"({(time.monotonic() - t0) * 1000:.0f} ms)",
+            )
+        )
         ok &= result.stdout == "42\n" and result.exit_code == 0
         sbx.files.write("/tmp/data.csv", b"a,b\n1,2\n")
         back = sbx.files.read("/tmp/data.csv")
-        rows.append(("files.write + files.read", "round trip ok" if back == b"a,b\n1,2\n" else f"MISMATCH {back!r}"))
+        rows.append(
+            ("files.write + files.read", "round trip ok" if back == b"a,b\n1,2\n" else f"MISMATCH {back!r}")
+        )
         ok &= back == b"a,b\n1,2\n"
         who = sbx.commands.run("id -u; uname -r; hostname")
         uid, kernel, host = [*who.stdout.split(), "?", "?", "?"][:3]

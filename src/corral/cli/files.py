@@ -66,6 +66,16 @@ def ls(sandbox_id: str, path: str, depth: int, as_json: bool) -> None:
     if as_json:
         emit_json(entries)
         return
-    table(["TYPE", "MODE", "SIZE", "MODIFIED", "PATH"],
-          [[e.type.value, oct(e.mode)[2:], str(e.size), time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime)),
-            e.path + (f" -> {e.target}" if e.target else "")] for e in entries])
+    table(
+        ["TYPE", "MODE", "SIZE", "MODIFIED", "PATH"],
+        [
+            [
+                e.type.value,
+                oct(e.mode)[2:],
+                str(e.size),
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime)),
+                e.path + (f" -> {e.target}" if e.target else ""),
+            ]
+            for e in entries
+        ],
+    )

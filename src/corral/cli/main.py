@@ -29,8 +29,11 @@ __all__ = ["cli", "main"]
 def cli(ctx: click.Context, debug: bool) -> None:
     """Corral: sandboxes for AI agents (namespaces, gVisor) on this host."""
     ctx.obj = {"debug": debug}
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -46,19 +49,35 @@ def run(command: tuple[str, ...], as_json: bool, **opts: Any) -> None:
     params = exec_params_from(command, opts)
     with open_sandbox(opts) as sbx:
         if as_json:
-            result = sbx.commands.run(params.argv or [], envs=params.env, cwd=params.cwd, user=params.user,
-                                      timeout=params.timeout)
+            result = sbx.commands.run(
+                params.argv or [], envs=params.env, cwd=params.cwd, user=params.user, timeout=params.timeout
+            )
             emit_json({"sandbox_id": sbx.sandbox_id, **result.__dict__})
             code = result.exit_code if result.exit_code is not None else 1
         else:
-            code = exit_status(stream_events(sbx.commands.stream(
-                params.argv or [], envs=params.env, cwd=params.cwd, user=params.user, timeout=params.timeout)))
+            code = exit_status(
+                stream_events(
+                    sbx.commands.stream(
+                        params.argv or [],
+                        envs=params.env,
+                        cwd=params.cwd,
+                        user=params.user,
+                        timeout=params.timeout,
+                    )
+                )
+            )
     sys.exit(code)
 
 
 @cli.command()
-@click.option("--isolation", "isolations", multiple=True, default=("namespace", "gvisor"), show_default=True,
-              help="Isolation levels to demonstrate.")
+@click.option(
+    "--isolation",
+    "isolations",
+    multiple=True,
+    default=("namespace", "gvisor"),
+    show_default=True,
+    help="Isolation levels to demonstrate.",
+)
 def demo(isolations: tuple[str, ...]) -> None:
     """Create a sandbox per isolation level, run code and move files in and out, and print what happened."""
     from corral.cli.demo import run_demo

@@ -82,8 +82,17 @@ def exec_(sandbox_id: str, command: tuple[str, ...], **opts: Any) -> None:
     params = exec_params_from(command, opts)
     sbx = Sandbox.connect(sandbox_id)
     try:
-        code = exit_status(stream_events(sbx.commands.stream(
-            params.argv or [], envs=params.env, cwd=params.cwd, user=params.user, timeout=params.timeout)))
+        code = exit_status(
+            stream_events(
+                sbx.commands.stream(
+                    params.argv or [],
+                    envs=params.env,
+                    cwd=params.cwd,
+                    user=params.user,
+                    timeout=params.timeout,
+                )
+            )
+        )
     finally:
         sbx.close()
     sys.exit(code)

@@ -28,7 +28,9 @@ def list_(as_json: bool) -> None:
 
 @template.command(name="import")
 @click.argument("name")
-@click.option("--dir", "directory", type=click.Path(exists=True, file_okay=False), help="A root file system tree.")
+@click.option(
+    "--dir", "directory", type=click.Path(exists=True, file_okay=False), help="A root file system tree."
+)
 @click.option("--tar", "tarball", type=click.Path(exists=True, dir_okay=False), help="A tar archive of one.")
 @click.option("--description", default="")
 def import_(name: str, directory: str | None, tarball: str | None, description: str) -> None:

@@ -69,8 +69,9 @@ class AsyncLocalBackend:
     async def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return await self.service.get(sandbox_id)
 
-    async def list_sandboxes(self, *, metadata: dict[str, str] | None = None,
-                             states: frozenset[SandboxState] | None = None) -> list[SandboxInfo]:
+    async def list_sandboxes(
+        self, *, metadata: dict[str, str] | None = None, states: frozenset[SandboxState] | None = None
+    ) -> list[SandboxInfo]:
         return await self.service.list_sandboxes(metadata=metadata, states=states)
 
     async def kill_sandbox(self, sandbox_id: str) -> SandboxInfo:
@@ -118,12 +119,14 @@ class AsyncLocalBackend:
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
 
-    async def write_file(self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes], *,
-                         user: str | None = None) -> int:
+    async def write_file(
+        self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes], *, user: str | None = None
+    ) -> int:
         return await self.service.write_file(sandbox_id, path, chunks, user=user)
 
-    async def list_dir(self, sandbox_id: str, path: str, *, depth: int = 1,
-                       user: str | None = None) -> list[EntryInfo]:
+    async def list_dir(
+        self, sandbox_id: str, path: str, *, depth: int = 1, user: str | None = None
+    ) -> list[EntryInfo]:
         return await self.service.list_dir(sandbox_id, path, depth=depth, user=user)
 
     async def stat(self, sandbox_id: str, path: str, *, user: str | None = None) -> EntryInfo:
@@ -132,23 +135,28 @@ class AsyncLocalBackend:
     async def make_dir(self, sandbox_id: str, path: str, *, user: str | None = None) -> bool:
         return await self.service.make_dir(sandbox_id, path, user=user)
 
-    async def remove(self, sandbox_id: str, path: str, *, recursive: bool = False,
-                     user: str | None = None) -> None:
+    async def remove(
+        self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> None:
         await self.service.remove(sandbox_id, path, recursive=recursive, user=user)
 
-    async def rename(self, sandbox_id: str, src: str, dst: str, *, overwrite: bool = False,
-                     user: str | None = None) -> None:
+    async def rename(
+        self, sandbox_id: str, src: str, dst: str, *, overwrite: bool = False, user: str | None = None
+    ) -> None:
         await self.service.rename(sandbox_id, src, dst, overwrite=overwrite, user=user)
 
     async def list_templates(self) -> list[TemplateInfo]:
         return [_template_info(t) for t in await self.service.templates.list()]
 
-    async def import_template(self, name: str, *, directory: str | None = None, tarball: str | None = None,
-                              description: str = "") -> TemplateInfo:
+    async def import_template(
+        self, name: str, *, directory: str | None = None, tarball: str | None = None, description: str = ""
+    ) -> TemplateInfo:
         if (directory is None) == (tarball is None):
             raise InvalidRequest("give exactly one of a directory or a tarball to import")
         if directory is not None:
-            record = await self.service.templates.import_directory(name, Path(directory), description=description)
+            record = await self.service.templates.import_directory(
+                name, Path(directory), description=description
+            )
         else:
             assert tarball is not None
             record = await self.service.templates.import_tarball(name, Path(tarball), description=description)
@@ -203,8 +211,9 @@ class LocalBackend:
     def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return self._call(self._backend.get_sandbox, sandbox_id)
 
-    def list_sandboxes(self, *, metadata: dict[str, str] | None = None,
-                       states: frozenset[SandboxState] | None = None) -> list[SandboxInfo]:
+    def list_sandboxes(
+        self, *, metadata: dict[str, str] | None = None, states: frozenset[SandboxState] | None = None
+    ) -> list[SandboxInfo]:
         return self._call(lambda: self._backend.list_sandboxes(metadata=metadata, states=states))
 
     def kill_sandbox(self, sandbox_id: str) -> SandboxInfo:
@@ -237,10 +246,14 @@ class LocalBackend:
     def read_file(self, sandbox_id: str, path: str, *, user: str | None = None) -> Iterator[bytes]:
         return self._iterate(lambda: self._backend.read_file(sandbox_id, path, user=user))
 
-    def write_file(self, sandbox_id: str, path: str, chunks: Iterable[bytes], *, user: str | None = None) -> int:
+    def write_file(
+        self, sandbox_id: str, path: str, chunks: Iterable[bytes], *, user: str | None = None
+    ) -> int:
         return self._call(lambda: self._backend.write_file(sandbox_id, path, _aiter(chunks), user=user))
 
-    def list_dir(self, sandbox_id: str, path: str, *, depth: int = 1, user: str | None = None) -> list[EntryInfo]:
+    def list_dir(
+        self, sandbox_id: str, path: str, *, depth: int = 1, user: str | None = None
+    ) -> list[EntryInfo]:
         return self._call(lambda: self._backend.list_dir(sandbox_id, path, depth=depth, user=user))
 
     def stat(self, sandbox_id: str, path: str, *, user: str | None = None) -> EntryInfo:
@@ -252,17 +265,22 @@ class LocalBackend:
     def remove(self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None) -> None:
         self._call(lambda: self._backend.remove(sandbox_id, path, recursive=recursive, user=user))
 
-    def rename(self, sandbox_id: str, src: str, dst: str, *, overwrite: bool = False,
-               user: str | None = None) -> None:
+    def rename(
+        self, sandbox_id: str, src: str, dst: str, *, overwrite: bool = False, user: str | None = None
+    ) -> None:
         self._call(lambda: self._backend.rename(sandbox_id, src, dst, overwrite=overwrite, user=user))
 
     def list_templates(self) -> list[TemplateInfo]:
         return self._call(self._backend.list_templates)
 
-    def import_template(self, name: str, *, directory: str | None = None, tarball: str | None = None,
-                        description: str = "") -> TemplateInfo:
-        return self._call(lambda: self._backend.import_template(
-            name, directory=directory, tarball=tarball, description=description))
+    def import_template(
+        self, name: str, *, directory: str | None = None, tarball: str | None = None, description: str = ""
+    ) -> TemplateInfo:
+        return self._call(
+            lambda: self._backend.import_template(
+                name, directory=directory, tarball=tarball, description=description
+            )
+        )
 
     def delete_template(self, name: str) -> None:
         self._call(self._backend.delete_template, name)
@@ -278,8 +296,9 @@ class LocalBackend:
 
 
 def _template_info(record: TemplateRecord) -> TemplateInfo:
-    return TemplateInfo(name=record.name, kind=record.kind, description=record.description,
-                        created_at=record.created_at)
+    return TemplateInfo(
+        name=record.name, kind=record.kind, description=record.description, created_at=record.created_at
+    )
 
 
 async def _build(make: Callable[[], T]) -> T:

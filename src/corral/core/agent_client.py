@@ -97,8 +97,10 @@ class AgentClient:
                 hello = await client._read_hello()
             version = hello.get("version")
             if version != PROTOCOL_VERSION:
-                raise AgentUnavailable(f"the sandbox agent speaks protocol version {version}, "
-                                       f"this Corral speaks {PROTOCOL_VERSION}")
+                raise AgentUnavailable(
+                    f"the sandbox agent speaks protocol version {version}, "
+                    f"this Corral speaks {PROTOCOL_VERSION}"
+                )
         except BaseException:
             await stream.aclose()
             raise
@@ -145,12 +147,20 @@ class AgentClient:
         try:
             data = await self._stream.receive()
             frames = self._decoder.feed(data)
-        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError, OSError,
-                ProtocolError) as exc:
+        except (
+            anyio.EndOfStream,
+            anyio.ClosedResourceError,
+            anyio.BrokenResourceError,
+            OSError,
+            ProtocolError,
+        ) as exc:
             log.info("sandbox %s: agent connection ended: %r", self.sandbox_id, exc)
-            self._fail(AgentUnavailable(
-                "the sandbox's agent stopped responding (the sandbox may have been killed, timed out, "
-                "or run out of memory)"))
+            self._fail(
+                AgentUnavailable(
+                    "the sandbox's agent stopped responding (the sandbox may have been killed, timed out, "
+                    "or run out of memory)"
+                )
+            )
             return
         for frame in frames:
             rid = frame.get("id")
@@ -186,8 +196,9 @@ class AgentClient:
                 raise AgentUnavailable("the sandbox's agent connection broke") from exc
 
     @asynccontextmanager
-    async def request(self, op: str, fields: Mapping[str, Any] | None = None,
-                      payload: bytes = b"") -> AsyncIterator[Request]:
+    async def request(
+        self, op: str, fields: Mapping[str, Any] | None = None, payload: bytes = b""
+    ) -> AsyncIterator[Request]:
         """Start a request; iterate the returned :class:`Request` for its frames.
 
         Leaving the block abandons the request (later frames for it are dropped).
@@ -204,8 +215,14 @@ class AgentClient:
             if queue is not None:
                 queue.space.set()
 
-    async def call(self, op: str, fields: Mapping[str, Any] | None = None, payload: bytes = b"",
-                   *, timeout: float | None = 60.0) -> dict[str, Any]:
+    async def call(
+        self,
+        op: str,
+        fields: Mapping[str, Any] | None = None,
+        payload: bytes = b"",
+        *,
+        timeout: float | None = 60.0,
+    ) -> dict[str, Any]:
         """A request whose answer is a single terminal frame; returns that frame's header."""
         with anyio.fail_after(timeout if timeout is not None else math.inf):
             async with self.request(op, fields, payload) as req:

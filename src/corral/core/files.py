@@ -34,8 +34,15 @@ async def read(client: AgentClient, path: str, *, user: str | None = None) -> As
                 yield frame.payload
 
 
-async def write(client: AgentClient, path: str, chunks: AsyncIterable[bytes], *, max_bytes: int,
-                user: str | None = None, mode: int | None = None) -> int:
+async def write(
+    client: AgentClient,
+    path: str,
+    chunks: AsyncIterable[bytes],
+    *,
+    max_bytes: int,
+    user: str | None = None,
+    mode: int | None = None,
+) -> int:
     """Upload ``chunks`` to ``path`` (atomically replaced on success). Returns the bytes written."""
     fields: dict[str, object] = {"path": check_path(path, writing=True), "parents": True}
     if user:
@@ -46,12 +53,13 @@ async def write(client: AgentClient, path: str, chunks: AsyncIterable[bytes], *,
     async with client.request(Op.WRITE, fields) as req:
         async for chunk in chunks:
             for start in range(0, len(chunk), CHUNK_SIZE):
-                piece = chunk[start:start + CHUNK_SIZE]
+                piece = chunk[start : start + CHUNK_SIZE]
                 total += len(piece)
                 if total > max_bytes:
                     await _abort(req)
-                    raise ResourceExhausted(f"file is larger than the {max_bytes} byte upload limit",
-                                            details={"limit": max_bytes})
+                    raise ResourceExhausted(
+                        f"file is larger than the {max_bytes} byte upload limit", details={"limit": max_bytes}
+                    )
                 await req.send({"op": Op.DATA, "eof": False}, piece)
         await req.send({"op": Op.DATA, "eof": True})
         async for frame in req:
@@ -68,7 +76,9 @@ async def _abort(req: Request) -> None:
             pass
 
 
-async def list_dir(client: AgentClient, path: str, *, depth: int = 1, user: str | None = None) -> list[EntryInfo]:
+async def list_dir(
+    client: AgentClient, path: str, *, depth: int = 1, user: str | None = None
+) -> list[EntryInfo]:
     if not 1 <= depth <= 32:
         raise InvalidRequest("depth must be between 1 and 32")
     answer = await client.call(Op.LIST, {"path": check_path(path), "depth": depth, **_user(user)})
@@ -86,13 +96,23 @@ async def make_dir(client: AgentClient, path: str, *, user: str | None = None) -
 
 
 async def remove(client: AgentClient, path: str, *, recursive: bool = False, user: str | None = None) -> None:
-    await client.call(Op.REMOVE, {"path": check_path(path, writing=True), "recursive": recursive, **_user(user)})
+    await client.call(
+        Op.REMOVE, {"path": check_path(path, writing=True), "recursive": recursive, **_user(user)}
+    )
 
 
-async def rename(client: AgentClient, src: str, dst: str, *, overwrite: bool = False,
-                 user: str | None = None) -> None:
-    await client.call(Op.RENAME, {"src": check_path(src, writing=True), "dst": check_path(dst, writing=True),
-                                  "overwrite": overwrite, **_user(user)})
+async def rename(
+    client: AgentClient, src: str, dst: str, *, overwrite: bool = False, user: str | None = None
+) -> None:
+    await client.call(
+        Op.RENAME,
+        {
+            "src": check_path(src, writing=True),
+            "dst": check_path(dst, writing=True),
+            "overwrite": overwrite,
+            **_user(user),
+        },
+    )
 
 
 def _user(user: str | None) -> dict[str, str]:

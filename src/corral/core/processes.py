@@ -18,21 +18,33 @@ from corral.protocol import Event, Frame, Op
 
 __all__ = ["attach", "exec_stream", "list_processes", "send_signal", "send_stdin"]
 
-_KINDS = {Event.STARTED: EventKind.STARTED, Event.STDOUT: EventKind.STDOUT, Event.STDERR: EventKind.STDERR,
-          Event.EXIT: EventKind.EXIT, Event.OK: EventKind.DETACHED}
+_KINDS = {
+    Event.STARTED: EventKind.STARTED,
+    Event.STDOUT: EventKind.STDOUT,
+    Event.STDERR: EventKind.STDERR,
+    Event.EXIT: EventKind.EXIT,
+    Event.OK: EventKind.DETACHED,
+}
 
 
 def _event(frame: Frame, process_id: str | None) -> ProcessEvent | None:
     kind = _KINDS.get(frame.get("ev"))
     if kind is None:
         return None
-    return ProcessEvent(kind=kind, data=frame.payload, process_id=frame.get("process_id") or process_id,
-                        pid=frame.get("pid"), exit_code=frame.get("exit_code"), signal=frame.get("signal"),
-                        timed_out=bool(frame.get("timed_out", False)))
+    return ProcessEvent(
+        kind=kind,
+        data=frame.payload,
+        process_id=frame.get("process_id") or process_id,
+        pid=frame.get("pid"),
+        exit_code=frame.get("exit_code"),
+        signal=frame.get("signal"),
+        timed_out=bool(frame.get("timed_out", False)),
+    )
 
 
-async def _stream(client: AgentClient, op: Op, fields: dict[str, Any],
-                  *, kill_if_abandoned: bool) -> AsyncIterator[ProcessEvent]:
+async def _stream(
+    client: AgentClient, op: Op, fields: dict[str, Any], *, kill_if_abandoned: bool
+) -> AsyncIterator[ProcessEvent]:
     process_id: str | None = fields.get("process_id")
     finished = False
     try:

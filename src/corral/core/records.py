@@ -41,10 +41,17 @@ class SandboxRecord:
 
     def info(self) -> SandboxInfo:
         return SandboxInfo(
-            sandbox_id=str(self.sandbox_id), template=self.template, isolation=self.isolation,
-            state=self.state, metadata=dict(self.metadata), created_at=self.created_at,
+            sandbox_id=str(self.sandbox_id),
+            template=self.template,
+            isolation=self.isolation,
+            state=self.state,
+            metadata=dict(self.metadata),
+            created_at=self.created_at,
             expires_at=self.deadline if self.state in (SandboxState.RUNNING, SandboxState.CREATING) else None,
-            stop_reason=self.stop_reason, memory_mb=self.limits.memory_mb, cpus=self.limits.cpus)
+            stop_reason=self.stop_reason,
+            memory_mb=self.limits.memory_mb,
+            cpus=self.limits.cpus,
+        )
 
     def to_json(self) -> str:
         data: dict[str, Any] = dataclasses.asdict(self)

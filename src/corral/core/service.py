@@ -56,17 +56,27 @@ ABANDONED_CREATE_AFTER = 300.0  # a record still "creating" this long after crea
 
 
 def _check_str_map(name: str, value: object, *, max_items: int = 64, max_len: int = 1024) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
         raise InvalidRequest(f"{name} must be a mapping of strings to strings")
     if len(value) > max_items or any(len(k) > 256 or len(v) > max_len for k, v in value.items()):
-        raise InvalidRequest(f"{name} may have at most {max_items} entries, keys up to 256 and values up to "
-                             f"{max_len} characters")
+        raise InvalidRequest(
+            f"{name} may have at most {max_items} entries, keys up to 256 and values up to "
+            f"{max_len} characters"
+        )
     return dict(value)
 
 
 class SandboxService:
-    def __init__(self, *, settings: Settings, store: Store, runtime_for: Callable[[str], Runtime],
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        runtime_for: Callable[[str], Runtime],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.templates = TemplateRegistry(store, settings.cache_root)
@@ -80,8 +90,9 @@ class SandboxService:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -94,32 +105,59 @@ class SandboxService:
     async def create(self, request: CreateParams, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
         isolation = request.isolation or self.settings.default_isolation
         runtime = self._runtime(isolation)
-        timeout = self._check_timeout(request.timeout if request.timeout is not None
-                                      else self.settings.default_timeout)
+        timeout = self._check_timeout(
+            request.timeout if request.timeout is not None else self.settings.default_timeout
+        )
         metadata = _check_str_map("metadata", request.metadata)
         env = _check_str_map("env", request.env, max_items=256, max_len=32768)
         base = self.settings.default_limits
-        limits = Limits(memory_mb=request.memory_mb or base.memory_mb, cpus=request.cpus or base.cpus,
-                        pids=base.pids, disk_mb=base.disk_mb)
+        limits = Limits(
+            memory_mb=request.memory_mb or base.memory_mb,
+            cpus=request.cpus or base.cpus,
+            pids=base.pids,
+            disk_mb=base.disk_mb,
+        )
         template = request.template or self.settings.default_template
         await runtime.check()
         rootfs = await self.templates.resolve(template)
         now = self._clock()
-        record = await self.store.put_sandbox(SandboxRecord(
-            sandbox_id=SandboxId.new(), tenant_id=tenant, isolation=isolation, template=template,
-            state=SandboxState.CREATING, limits=limits, created_at=now, timeout=timeout,
-            deadline=now + timeout, metadata=metadata, env=env), expect_version=None)
+        record = await self.store.put_sandbox(
+            SandboxRecord(
+                sandbox_id=SandboxId.new(),
+                tenant_id=tenant,
+                isolation=isolation,
+                template=template,
+                state=SandboxState.CREATING,
+                limits=limits,
+                created_at=now,
+                timeout=timeout,
+                deadline=now + timeout,
+                metadata=metadata,
+                env=env,
+            ),
+            expect_version=None,
+        )
         instance = None
         try:
-            instance = await runtime.create(SandboxSpec(
-                sandbox_id=record.sandbox_id, rootfs=rootfs, limits=limits, env=env, deadline=record.deadline))
+            instance = await runtime.create(
+                SandboxSpec(
+                    sandbox_id=record.sandbox_id,
+                    rootfs=rootfs,
+                    limits=limits,
+                    env=env,
+                    deadline=record.deadline,
+                )
+            )
             record = await self.store.put_sandbox(
-                dataclasses.replace(record, instance=instance), expect_version=record.version)
+                dataclasses.replace(record, instance=instance), expect_version=record.version
+            )
             client = await self._agent(record)
             if env:
                 await client.call(Op.CONFIGURE, {"env": env})
-            record = await self.store.put_sandbox(dataclasses.replace(
-                record, state=transition(record.state, SandboxState.RUNNING)), expect_version=record.version)
+            record = await self.store.put_sandbox(
+                dataclasses.replace(record, state=transition(record.state, SandboxState.RUNNING)),
+                expect_version=record.version,
+            )
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._drop_agent(record.sandbox_id)
@@ -137,11 +175,15 @@ class SandboxService:
         record = await self._reconciled(await self._record(sandbox_id, tenant))
         return record.info()
 
-    async def list_sandboxes(self, *, tenant: TenantId = LOCAL_TENANT, metadata: dict[str, str] | None = None,
-                   states: frozenset[SandboxState] | None = None) -> list[SandboxInfo]:
+    async def list_sandboxes(
+        self,
+        *,
+        tenant: TenantId = LOCAL_TENANT,
+        metadata: dict[str, str] | None = None,
+        states: frozenset[SandboxState] | None = None,
+    ) -> list[SandboxInfo]:
         wanted = states if states is not None else frozenset({SandboxState.RUNNING, SandboxState.PAUSED})
-        records = await self.store.list_sandboxes(tenant_id=tenant, metadata=metadata,
-                                                  states=wanted | _LIVE)
+        records = await self.store.list_sandboxes(tenant_id=tenant, metadata=metadata, states=wanted | _LIVE)
         out = []
         for record in records:
             record = await self._reconciled(record)
@@ -155,12 +197,15 @@ class SandboxService:
             return record.info()
         return (await self._stop(record, StopReason.KILLED)).info()
 
-    async def set_timeout(self, sandbox_id: str, seconds: float, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
+    async def set_timeout(
+        self, sandbox_id: str, seconds: float, *, tenant: TenantId = LOCAL_TENANT
+    ) -> SandboxInfo:
         """Give the sandbox ``seconds`` more life from now (E2B semantics: not added to the old deadline)."""
         seconds = self._check_timeout(seconds)
         record = await self._reconciled(await self._record(sandbox_id, tenant))
-        require_state(record.state, Action.SET_TIMEOUT, SandboxState.RUNNING, SandboxState.PAUSED,
-                      sandbox_id=sandbox_id)
+        require_state(
+            record.state, Action.SET_TIMEOUT, SandboxState.RUNNING, SandboxState.PAUSED, sandbox_id=sandbox_id
+        )
         if record.state is SandboxState.PAUSED:
             new = dataclasses.replace(record, timeout=seconds, paused_remaining=seconds)
         else:
@@ -181,9 +226,15 @@ class SandboxService:
         remaining = max(0.0, record.deadline - self._clock())
         await self._tell_shim_deadline(record, None)  # a paused sandbox's deadline is suspended
         await runtime.pause(record.instance)
-        record = await self.store.put_sandbox(dataclasses.replace(
-            record, state=transition(record.state, SandboxState.PAUSED), deadline=None,
-            paused_remaining=remaining), expect_version=record.version)
+        record = await self.store.put_sandbox(
+            dataclasses.replace(
+                record,
+                state=transition(record.state, SandboxState.PAUSED),
+                deadline=None,
+                paused_remaining=remaining,
+            ),
+            expect_version=record.version,
+        )
         return record.info()
 
     async def resume(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
@@ -193,77 +244,129 @@ class SandboxService:
         await self._runtime(record.isolation).resume(record.instance)
         deadline = self._clock() + (record.paused_remaining or 0.0)
         await self._tell_shim_deadline(record, deadline)
-        record = await self.store.put_sandbox(dataclasses.replace(
-            record, state=transition(record.state, SandboxState.RUNNING), deadline=deadline,
-            paused_remaining=None), expect_version=record.version)
+        record = await self.store.put_sandbox(
+            dataclasses.replace(
+                record,
+                state=transition(record.state, SandboxState.RUNNING),
+                deadline=deadline,
+                paused_remaining=None,
+            ),
+            expect_version=record.version,
+        )
         self._wake_reaper.set()
         return record.info()
 
     # -- processes -------------------------------------------------------------------------------------------
-    async def exec(self, sandbox_id: str, params: ExecParams, *,
-                   tenant: TenantId = LOCAL_TENANT) -> AsyncIterator[ProcessEvent]:
+    async def exec(
+        self, sandbox_id: str, params: ExecParams, *, tenant: TenantId = LOCAL_TENANT
+    ) -> AsyncIterator[ProcessEvent]:
         if (params.cmd is None) == (params.argv is None):
             raise InvalidRequest("give exactly one of cmd (a shell command) and argv (a list of arguments)")
         if params.argv is not None and (not params.argv or not all(isinstance(a, str) for a in params.argv)):
             raise InvalidRequest("argv must be a non-empty list of strings")
         if params.timeout is not None and not 0 < params.timeout <= self.settings.max_timeout:
-            raise InvalidRequest(f"a command timeout must be between 0 and {self.settings.max_timeout:g} seconds")
+            raise InvalidRequest(
+                f"a command timeout must be between 0 and {self.settings.max_timeout:g} seconds"
+            )
         client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
         return _processes.exec_stream(client, params)
 
-    async def attach(self, sandbox_id: str, process_id: str, *,
-                     tenant: TenantId = LOCAL_TENANT) -> AsyncIterator[ProcessEvent]:
+    async def attach(
+        self, sandbox_id: str, process_id: str, *, tenant: TenantId = LOCAL_TENANT
+    ) -> AsyncIterator[ProcessEvent]:
         client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
         return _processes.attach(client, process_id)
 
     async def list_processes(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> list[ProcessInfo]:
         return await _processes.list_processes(await self._running_agent(sandbox_id, tenant, Action.EXEC))
 
-    async def send_stdin(self, sandbox_id: str, process_id: str, data: bytes, *, eof: bool = False,
-                         tenant: TenantId = LOCAL_TENANT) -> None:
+    async def send_stdin(
+        self,
+        sandbox_id: str,
+        process_id: str,
+        data: bytes,
+        *,
+        eof: bool = False,
+        tenant: TenantId = LOCAL_TENANT,
+    ) -> None:
         client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
         await _processes.send_stdin(client, process_id, data, eof=eof)
 
-    async def signal(self, sandbox_id: str, process_id: str, signal: int, *,
-                     tenant: TenantId = LOCAL_TENANT) -> None:
+    async def signal(
+        self, sandbox_id: str, process_id: str, signal: int, *, tenant: TenantId = LOCAL_TENANT
+    ) -> None:
         if not isinstance(signal, int) or not 1 <= signal <= 64:
             raise InvalidRequest("signal must be a signal number from 1 to 64")
         client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
         await _processes.send_signal(client, process_id, signal)
 
     # -- files -----------------------------------------------------------------------------------------------
-    async def read_file(self, sandbox_id: str, path: str, *, user: str | None = None,
-                        tenant: TenantId = LOCAL_TENANT) -> AsyncIterator[bytes]:
+    async def read_file(
+        self, sandbox_id: str, path: str, *, user: str | None = None, tenant: TenantId = LOCAL_TENANT
+    ) -> AsyncIterator[bytes]:
         _files.check_path(path)
         client = await self._running_agent(sandbox_id, tenant, Action.FILES)
         return _files.read(client, path, user=user)
 
-    async def write_file(self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes], *,
-                         user: str | None = None, tenant: TenantId = LOCAL_TENANT) -> int:
+    async def write_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        user: str | None = None,
+        tenant: TenantId = LOCAL_TENANT,
+    ) -> int:
         _files.check_path(path, writing=True)
         client = await self._running_agent(sandbox_id, tenant, Action.FILES)
         return await _files.write(client, path, chunks, max_bytes=self.settings.max_file_bytes, user=user)
 
-    async def list_dir(self, sandbox_id: str, path: str, *, depth: int = 1, user: str | None = None,
-                       tenant: TenantId = LOCAL_TENANT) -> list[EntryInfo]:
+    async def list_dir(
+        self,
+        sandbox_id: str,
+        path: str,
+        *,
+        depth: int = 1,
+        user: str | None = None,
+        tenant: TenantId = LOCAL_TENANT,
+    ) -> list[EntryInfo]:
         client = await self._running_agent(sandbox_id, tenant, Action.FILES)
         return await _files.list_dir(client, path, depth=depth, user=user)
 
-    async def stat(self, sandbox_id: str, path: str, *, user: str | None = None,
-                   tenant: TenantId = LOCAL_TENANT) -> EntryInfo:
+    async def stat(
+        self, sandbox_id: str, path: str, *, user: str | None = None, tenant: TenantId = LOCAL_TENANT
+    ) -> EntryInfo:
         return await _files.stat(await self._running_agent(sandbox_id, tenant, Action.FILES), path, user=user)
 
-    async def make_dir(self, sandbox_id: str, path: str, *, user: str | None = None,
-                       tenant: TenantId = LOCAL_TENANT) -> bool:
-        return await _files.make_dir(await self._running_agent(sandbox_id, tenant, Action.FILES), path, user=user)
+    async def make_dir(
+        self, sandbox_id: str, path: str, *, user: str | None = None, tenant: TenantId = LOCAL_TENANT
+    ) -> bool:
+        return await _files.make_dir(
+            await self._running_agent(sandbox_id, tenant, Action.FILES), path, user=user
+        )
 
-    async def remove(self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None,
-                     tenant: TenantId = LOCAL_TENANT) -> None:
+    async def remove(
+        self,
+        sandbox_id: str,
+        path: str,
+        *,
+        recursive: bool = False,
+        user: str | None = None,
+        tenant: TenantId = LOCAL_TENANT,
+    ) -> None:
         client = await self._running_agent(sandbox_id, tenant, Action.FILES)
         await _files.remove(client, path, recursive=recursive, user=user)
 
-    async def rename(self, sandbox_id: str, src: str, dst: str, *, overwrite: bool = False,
-                     user: str | None = None, tenant: TenantId = LOCAL_TENANT) -> None:
+    async def rename(
+        self,
+        sandbox_id: str,
+        src: str,
+        dst: str,
+        *,
+        overwrite: bool = False,
+        user: str | None = None,
+        tenant: TenantId = LOCAL_TENANT,
+    ) -> None:
         client = await self._running_agent(sandbox_id, tenant, Action.FILES)
         await _files.rename(client, src, dst, overwrite=overwrite, user=user)
 
@@ -319,9 +422,17 @@ class SandboxService:
                 await self._runtime(record.isolation).destroy(record.instance)
         while True:
             try:
-                return await self.store.put_sandbox(dataclasses.replace(
-                    record, state=transition(record.state, SandboxState.STOPPED), stop_reason=reason,
-                    stopped_at=self._clock(), deadline=None, paused_remaining=None), expect_version=record.version)
+                return await self.store.put_sandbox(
+                    dataclasses.replace(
+                        record,
+                        state=transition(record.state, SandboxState.STOPPED),
+                        stop_reason=reason,
+                        stopped_at=self._clock(),
+                        deadline=None,
+                        paused_remaining=None,
+                    ),
+                    expect_version=record.version,
+                )
             except Conflict:
                 fresh = await self.store.get_sandbox(record.sandbox_id)
                 if fresh is None or fresh.state is SandboxState.STOPPED:
@@ -333,8 +444,11 @@ class SandboxService:
         return self._runtime_for(isolation)
 
     def _check_timeout(self, seconds: float) -> float:
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= \
-                self.settings.max_timeout:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not 0 < seconds <= self.settings.max_timeout
+        ):
             raise InvalidRequest(f"timeout must be between 0 and {self.settings.max_timeout:g} seconds")
         return float(seconds)
 

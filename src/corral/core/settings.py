@@ -56,8 +56,13 @@ class Settings:
         if env.get("CORRAL_ISOLATION"):
             values["default_isolation"] = env["CORRAL_ISOLATION"]
         if env.get("CORRAL_RUNTIMES"):
-            values["enabled_runtimes"] = tuple(x.strip() for x in env["CORRAL_RUNTIMES"].split(",") if x.strip())
-        for key, name in (("default_timeout", "CORRAL_DEFAULT_TIMEOUT"), ("max_timeout", "CORRAL_MAX_TIMEOUT")):
+            values["enabled_runtimes"] = tuple(
+                x.strip() for x in env["CORRAL_RUNTIMES"].split(",") if x.strip()
+            )
+        for key, name in (
+            ("default_timeout", "CORRAL_DEFAULT_TIMEOUT"),
+            ("max_timeout", "CORRAL_MAX_TIMEOUT"),
+        ):
             if env.get(name):
                 try:
                     values[key] = float(env[name])

@@ -28,8 +28,10 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 def check_template_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise InvalidRequest(f"template name {name!r} is not valid: use 1-63 characters a-z, 0-9, '.', '_', '-', "
-                             "starting with a letter or digit")
+        raise InvalidRequest(
+            f"template name {name!r} is not valid: use 1-63 characters a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit"
+        )
     return name
 
 
@@ -46,13 +48,20 @@ class TemplateRegistry:
         record = await self._store.get_template(name)
         if record is None:
             names = [BASE_TEMPLATE] + [t.name for t in await self._store.list_templates()]
-            raise NotFound(f"template {name!r} not found; available templates: {', '.join(names)}",
-                           details={"available": names})
+            raise NotFound(
+                f"template {name!r} not found; available templates: {', '.join(names)}",
+                details={"available": names},
+            )
         return _rootfs.rootfs_from_directory(Path(record.rootfs))
 
     async def list(self) -> list[TemplateRecord]:
-        base = TemplateRecord(name=BASE_TEMPLATE, kind="host", rootfs="", created_at=0.0,
-                              description="the host's /usr read-only under a clean /etc and home")
+        base = TemplateRecord(
+            name=BASE_TEMPLATE,
+            kind="host",
+            rootfs="",
+            created_at=0.0,
+            description="the host's /usr read-only under a clean /etc and home",
+        )
         return [base, *await self._store.list_templates()]
 
     async def import_directory(self, name: str, path: Path, *, description: str = "") -> TemplateRecord:
@@ -60,16 +69,30 @@ class TemplateRegistry:
         await self._check_new(name)
         rootfs = await anyio.to_thread.run_sync(_rootfs.rootfs_from_directory, path)
         return await self._store.put_template(
-            TemplateRecord(name=name, kind="directory", rootfs=str(rootfs.lower[0]), created_at=time.time(),
-                           description=description), expect_version=None)
+            TemplateRecord(
+                name=name,
+                kind="directory",
+                rootfs=str(rootfs.lower[0]),
+                created_at=time.time(),
+                description=description,
+            ),
+            expect_version=None,
+        )
 
     async def import_tarball(self, name: str, path: Path, *, description: str = "") -> TemplateRecord:
         """Unpack a tarball (safely: no absolute paths, no escapes, no devices) into the template cache."""
         await self._check_new(name)
         rootfs = await anyio.to_thread.run_sync(_rootfs.rootfs_from_tarball, path, self._cache_root)
         return await self._store.put_template(
-            TemplateRecord(name=name, kind="tarball", rootfs=str(rootfs.lower[0]), created_at=time.time(),
-                           description=description), expect_version=None)
+            TemplateRecord(
+                name=name,
+                kind="tarball",
+                rootfs=str(rootfs.lower[0]),
+                created_at=time.time(),
+                description=description,
+            ),
+            expect_version=None,
+        )
 
     async def delete(self, name: str) -> None:
         check_template_name(name)

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_HEADER", "MAX_PAYLOAD", "Decoder", "Frame", "ProtocolError", "encode"]
 
-MAX_HEADER = 64 * 1024  # headers carry argv, env and paths; 64 KiB leaves room without letting a peer hog memory
+MAX_HEADER = (
+    64 * 1024
+)  # headers carry argv, env and paths; 64 KiB leaves room without letting a peer hog memory
 MAX_PAYLOAD = 4 * 1024 * 1024  # senders chunk at 64-256 KiB; 4 MiB bounds a hostile peer's single frame
 
 

@@ -43,8 +43,10 @@ def require_binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         hint = _INSTALL_HINTS.get(name, f"install {name}")
-        raise RuntimeUnavailable(f"{name} is not installed on this host; install it with: {hint}",
-                                 details={"binary": name, "install": hint})
+        raise RuntimeUnavailable(
+            f"{name} is not installed on this host; install it with: {hint}",
+            details={"binary": name, "install": hint},
+        )
     return path
 
 
@@ -64,8 +66,9 @@ async def run(
     """
     try:
         with anyio.fail_after(timeout):
-            done = await anyio.run_process(list(argv), input=input, check=False,
-                                           env=dict(env) if env is not None else None)
+            done = await anyio.run_process(
+                list(argv), input=input, check=False, env=dict(env) if env is not None else None
+            )
     except TimeoutError as exc:
         log.error("host command timed out after %ss: %s", timeout, argv)
         raise Timeout(f"timed out trying to {what} (after {timeout:g}s)") from exc
@@ -74,14 +77,19 @@ async def run(
         raise RuntimeFailure(f"could not {what}") from exc
     result = ProcResult(returncode=done.returncode, stdout=done.stdout, stderr=done.stderr)
     if check and done.returncode != 0:
-        log.error("host command failed (rc=%s): %s\n%s", done.returncode, argv,
-                  done.stderr.decode(errors="replace")[-4000:])
+        log.error(
+            "host command failed (rc=%s): %s\n%s",
+            done.returncode,
+            argv,
+            done.stderr.decode(errors="replace")[-4000:],
+        )
         raise RuntimeFailure(f"could not {what}", details={"exit_code": done.returncode})
     return result
 
 
-def spawn_detached(argv: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None,
-                   pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+def spawn_detached(
+    argv: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None, pass_fds: Sequence[int] = ()
+) -> subprocess.Popen[bytes]:
     """Start a long-lived helper (a shim) in its own session, so it outlives its creator.
 
     Its stdout is a pipe the caller reads a readiness line from; stderr goes to ``log_path``; stdin is
@@ -110,7 +118,7 @@ def proc_start_ticks(pid: int) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     # the comm field may contain spaces and parentheses; fields after the last ')' are fixed
-    rest = stat[stat.rindex(")") + 2:].split()
+    rest = stat[stat.rindex(")") + 2 :].split()
     return int(rest[19])
 
 

@@ -199,8 +199,17 @@ def _read_only_recursive(target: str) -> None:
     """Make ``target`` and every mount below it read-only, nosuid and nodev (a plain remount only covers the
     top mount of a recursive bind)."""
     attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
-    _check(_libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, target.encode(), AT_RECURSIVE,
-                         ctypes.byref(attr), ctypes.sizeof(attr)), f"mount_setattr {target}")
+    _check(
+        _libc.syscall(
+            SYS_MOUNT_SETATTR,
+            AT_FDCWD,
+            target.encode(),
+            AT_RECURSIVE,
+            ctypes.byref(attr),
+            ctypes.sizeof(attr),
+        ),
+        f"mount_setattr {target}",
+    )
 
 
 def _idmapped_clone(source: str, target: str, userns_fd: int, ro: bool) -> None:

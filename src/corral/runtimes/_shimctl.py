@@ -49,8 +49,9 @@ async def launch(state_dir: Path, spec: ShimSpec, *, what: str, timeout: float =
     fd = os.open(state_dir / "shim.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # env may be secret
     with os.fdopen(fd, "w") as out:
         out.write(spec.to_json())
-    proc = _proc.spawn_detached([sys.executable, "-I", "-S", str(SHIM_SCRIPT), str(state_dir)],
-                                log_path=state_dir / "shim.log")
+    proc = _proc.spawn_detached(
+        [sys.executable, "-I", "-S", str(SHIM_SCRIPT), str(state_dir)], log_path=state_dir / "shim.log"
+    )
     ticks = _proc.proc_start_ticks(proc.pid)
     handle = ShimHandle(proc.pid, ticks or 0)
     try:
@@ -65,8 +66,9 @@ async def launch(state_dir: Path, spec: ShimSpec, *, what: str, timeout: float =
         with anyio.CancelScope(shield=True):
             await stop(handle)
             await anyio.to_thread.run_sync(proc.wait)
-        raise RuntimeFailure(f"could not {what}: the sandbox did not start (see the server log)",
-                             details={"stage": "boot"})
+        raise RuntimeFailure(
+            f"could not {what}: the sandbox did not start (see the server log)", details={"stage": "boot"}
+        )
     # the shim lives on in its own session; we only needed its status line. Nobody waits for it, so
     # reap it if it exits while we are alive (the subprocess module does that for Popen objects we drop).
     return handle
@@ -115,8 +117,11 @@ def observe(state_dir: Path, handle: ShimHandle) -> Observed:
     if record is not None:
         code = record.get("exit_code")
         reason = record.get("reason")
-        return Observed(state=ObservedState.EXITED, exit_code=code if isinstance(code, int) else None,
-                        reason=str(reason) if reason else None)
+        return Observed(
+            state=ObservedState.EXITED,
+            exit_code=code if isinstance(code, int) else None,
+            reason=str(reason) if reason else None,
+        )
     if _proc.pid_alive(handle.pid, handle.start_ticks):
         return Observed(state=ObservedState.RUNNING)
     if state_dir.exists():

@@ -42,20 +42,29 @@ class FakeRuntime:
         home = state_dir / "home"
         home.mkdir()
         home.chmod(0o1777)  # the agent acts as uid 1000 ("user") by default; this dir stands in for its home
-        bootstrap = f"import sys; sys.path.insert(0, {str(_SRC)!r}); import runpy; " \
-                    "runpy.run_module('corral.agent', run_name='__main__', alter_sys=True)"
+        bootstrap = (
+            f"import sys; sys.path.insert(0, {str(_SRC)!r}); import runpy; "
+            "runpy.run_module('corral.agent', run_name='__main__', alter_sys=True)"
+        )
         shim_spec = ShimSpec(
             argv=[sys.executable, "-I", "-S", "-c", bootstrap],
             socket=str(state_dir / "agent.sock"),
             env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "CORRAL_AGENT_HOME": str(home)},
-            deadline=spec.deadline)
+            deadline=spec.deadline,
+        )
         try:
             handle = await _shimctl.launch(state_dir, shim_spec, what="start the fake sandbox")
         except BaseException:
             await anyio.to_thread.run_sync(shutil.rmtree, state_dir, True)
             raise
-        return Instance(sandbox_id=spec.sandbox_id, runtime=self.name, state_dir=str(state_dir),
-                        shim_pid=handle.pid, shim_start_ticks=handle.start_ticks, socket_path=shim_spec.socket)
+        return Instance(
+            sandbox_id=spec.sandbox_id,
+            runtime=self.name,
+            state_dir=str(state_dir),
+            shim_pid=handle.pid,
+            shim_start_ticks=handle.start_ticks,
+            socket_path=shim_spec.socket,
+        )
 
     async def connect(self, instance: Instance) -> ByteStream:
         return await _shimctl.connect(instance.socket_path)
@@ -76,4 +85,3 @@ class FakeRuntime:
 
 def _handle(instance: Instance) -> _shimctl.ShimHandle:
     return _shimctl.ShimHandle(instance.shim_pid, instance.shim_start_ticks)
-

@@ -24,8 +24,9 @@ RUNTIMES: dict[str, str] = {
 def load_runtime(name: str, config: RuntimeConfig, *, enabled: tuple[str, ...] | None = None) -> Runtime:
     choices = [n for n in RUNTIMES if enabled is None or n in enabled]
     if name not in choices:
-        raise InvalidRequest(f"unknown isolation {name!r}; choose one of: {', '.join(choices)}",
-                             details={"choices": choices})
+        raise InvalidRequest(
+            f"unknown isolation {name!r}; choose one of: {', '.join(choices)}", details={"choices": choices}
+        )
     module_name, _, attr = RUNTIMES[name].partition(":")
     cls = getattr(importlib.import_module(module_name), attr)
     return cast(Runtime, cls(config))

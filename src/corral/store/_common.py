@@ -12,8 +12,13 @@ from corral.models import SandboxState
 __all__ = ["check_version", "matches"]
 
 
-def matches(record: SandboxRecord, *, tenant_id: TenantId | None, states: frozenset[SandboxState] | None,
-            metadata: Mapping[str, str] | None) -> bool:
+def matches(
+    record: SandboxRecord,
+    *,
+    tenant_id: TenantId | None,
+    states: frozenset[SandboxState] | None,
+    metadata: Mapping[str, str] | None,
+) -> bool:
     if tenant_id is not None and record.tenant_id != tenant_id:
         return False
     if states is not None and record.state not in states:
@@ -26,6 +31,8 @@ def check_version(kind: str, key: str, stored: int | None, expect_version: int |
     if stored != expect_version:
         if expect_version is None:
             raise Conflict(f"{kind} {key} already exists")
-        raise Conflict(f"{kind} {key} was changed concurrently; retry the operation",
-                       details={"expected_version": expect_version, "version": stored})
+        raise Conflict(
+            f"{kind} {key} was changed concurrently; retry the operation",
+            details={"expected_version": expect_version, "version": stored},
+        )
     return (stored or 0) + 1

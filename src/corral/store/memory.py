@@ -28,11 +28,18 @@ class MemoryStore:
         self._sandboxes[record.sandbox_id] = new
         return new
 
-    async def list_sandboxes(self, *, tenant_id: TenantId | None = None,
-                             states: frozenset[SandboxState] | None = None,
-                             metadata: Mapping[str, str] | None = None) -> list[SandboxRecord]:
-        found = [r for r in self._sandboxes.values()
-                 if matches(r, tenant_id=tenant_id, states=states, metadata=metadata)]
+    async def list_sandboxes(
+        self,
+        *,
+        tenant_id: TenantId | None = None,
+        states: frozenset[SandboxState] | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> list[SandboxRecord]:
+        found = [
+            r
+            for r in self._sandboxes.values()
+            if matches(r, tenant_id=tenant_id, states=states, metadata=metadata)
+        ]
         return sorted(found, key=lambda r: r.created_at)
 
     async def delete_sandbox(self, sandbox_id: SandboxId) -> None:

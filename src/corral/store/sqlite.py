@@ -63,12 +63,21 @@ class SqliteStore:
 
     # -- sandboxes -----------------------------------------------------------------------------------------
     async def get_sandbox(self, sandbox_id: SandboxId) -> SandboxRecord | None:
-        row = await self._call(lambda db: db.execute(
-            "SELECT data FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone())
+        row = await self._call(
+            lambda db: db.execute("SELECT data FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
+        )
         return SandboxRecord.from_json(row[0]) if row else None
 
-    async def _cas(self, record: R, *, kind: str, key: str, version_sql: str, expect_version: int | None,
-                   write: Callable[[sqlite3.Connection, R], None]) -> R:
+    async def _cas(
+        self,
+        record: R,
+        *,
+        kind: str,
+        key: str,
+        version_sql: str,
+        expect_version: int | None,
+        write: Callable[[sqlite3.Connection, R], None],
+    ) -> R:
         """Compare-and-swap in one immediate transaction, so it is atomic across processes too."""
 
         def put(db: sqlite3.Connection) -> R:
@@ -76,7 +85,8 @@ class SqliteStore:
             try:
                 row = db.execute(version_sql, (key,)).fetchone()
                 new = dataclasses.replace(
-                    record, version=check_version(kind, key, row[0] if row else None, expect_version))
+                    record, version=check_version(kind, key, row[0] if row else None, expect_version)
+                )
                 write(db, new)
             except BaseException:
                 db.execute("ROLLBACK")
@@ -88,16 +98,28 @@ class SqliteStore:
 
     async def put_sandbox(self, record: SandboxRecord, *, expect_version: int | None) -> SandboxRecord:
         def write(db: sqlite3.Connection, new: SandboxRecord) -> None:
-            db.execute("INSERT OR REPLACE INTO sandboxes (id, tenant_id, state, created_at, version, data) "
-                       "VALUES (?, ?, ?, ?, ?, ?)", (new.sandbox_id, new.tenant_id, new.state.value,
-                                                     new.created_at, new.version, new.to_json()))
+            db.execute(
+                "INSERT OR REPLACE INTO sandboxes (id, tenant_id, state, created_at, version, data) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (new.sandbox_id, new.tenant_id, new.state.value, new.created_at, new.version, new.to_json()),
+            )
 
-        return await self._cas(record, kind="sandbox", key=record.sandbox_id, expect_version=expect_version,
-                               version_sql="SELECT version FROM sandboxes WHERE id = ?", write=write)
+        return await self._cas(
+            record,
+            kind="sandbox",
+            key=record.sandbox_id,
+            expect_version=expect_version,
+            version_sql="SELECT version FROM sandboxes WHERE id = ?",
+            write=write,
+        )
 
-    async def list_sandboxes(self, *, tenant_id: TenantId | None = None,
-                             states: frozenset[SandboxState] | None = None,
-                             metadata: Mapping[str, str] | None = None) -> list[SandboxRecord]:
+    async def list_sandboxes(
+        self,
+        *,
+        tenant_id: TenantId | None = None,
+        states: frozenset[SandboxState] | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> list[SandboxRecord]:
         query = "SELECT data FROM sandboxes"
         clauses: list[str] = []
         args: list[Any] = []
@@ -119,17 +141,26 @@ class SqliteStore:
 
     # -- templates -----------------------------------------------------------------------------------------
     async def get_template(self, name: str) -> TemplateRecord | None:
-        row = await self._call(lambda db: db.execute(
-            "SELECT data FROM templates WHERE name = ?", (name,)).fetchone())
+        row = await self._call(
+            lambda db: db.execute("SELECT data FROM templates WHERE name = ?", (name,)).fetchone()
+        )
         return TemplateRecord.from_json(row[0]) if row else None
 
     async def put_template(self, record: TemplateRecord, *, expect_version: int | None) -> TemplateRecord:
         def write(db: sqlite3.Connection, new: TemplateRecord) -> None:
-            db.execute("INSERT OR REPLACE INTO templates (name, version, data) VALUES (?, ?, ?)",
-                       (new.name, new.version, new.to_json()))
+            db.execute(
+                "INSERT OR REPLACE INTO templates (name, version, data) VALUES (?, ?, ?)",
+                (new.name, new.version, new.to_json()),
+            )
 
-        return await self._cas(record, kind="template", key=record.name, expect_version=expect_version,
-                               version_sql="SELECT version FROM templates WHERE name = ?", write=write)
+        return await self._cas(
+            record,
+            kind="template",
+            key=record.name,
+            expect_version=expect_version,
+            version_sql="SELECT version FROM templates WHERE name = ?",
+            write=write,
+        )
 
     async def list_templates(self) -> list[TemplateRecord]:
         rows = await self._call(lambda db: db.execute("SELECT data FROM templates ORDER BY name").fetchall())
@@ -140,4 +171,3 @@ class SqliteStore:
 
     async def aclose(self) -> None:
         await self._call(lambda db: db.close())
-

@@ -38,15 +38,34 @@ DEFAULT_COMMAND_TIMEOUT = 60.0  # seconds; pass timeout=None for no limit
 OutputCallback = Callable[[str], object]
 
 
-def _exec_params(cmd: str | list[str], *, envs: dict[str, str] | None, cwd: str | None, user: str | None,
-                 timeout: float | None, stdin: bool, background: bool, tag: str | None) -> ExecParams:
+def _exec_params(
+    cmd: str | list[str],
+    *,
+    envs: dict[str, str] | None,
+    cwd: str | None,
+    user: str | None,
+    timeout: float | None,
+    stdin: bool,
+    background: bool,
+    tag: str | None,
+) -> ExecParams:
     argv = list(cmd) if isinstance(cmd, list | tuple) else None
-    return ExecParams(cmd=cmd if isinstance(cmd, str) else None, argv=argv, env=dict(envs or {}), cwd=cwd,
-                      user=user, timeout=timeout, stdin=stdin, background=background, tag=tag)
+    return ExecParams(
+        cmd=cmd if isinstance(cmd, str) else None,
+        argv=argv,
+        env=dict(envs or {}),
+        cwd=cwd,
+        user=user,
+        timeout=timeout,
+        stdin=stdin,
+        background=background,
+        tag=tag,
+    )
 
 
-async def _collect(events: AsyncIterator[ProcessEvent], on_stdout: OutputCallback | None,
-                   on_stderr: OutputCallback | None) -> CommandResult:
+async def _collect(
+    events: AsyncIterator[ProcessEvent], on_stdout: OutputCallback | None, on_stderr: OutputCallback | None
+) -> CommandResult:
     out: list[bytes] = []
     err: list[bytes] = []
     process_id = None
@@ -62,19 +81,37 @@ async def _collect(events: AsyncIterator[ProcessEvent], on_stdout: OutputCallbac
             if on_stderr is not None:
                 on_stderr(event.text)
         elif event.kind is EventKind.EXIT:
-            return CommandResult(stdout=b"".join(out).decode(errors="replace"),
-                                 stderr=b"".join(err).decode(errors="replace"), exit_code=event.exit_code,
-                                 signal=event.signal, timed_out=event.timed_out, process_id=process_id)
-    return CommandResult(stdout=b"".join(out).decode(errors="replace"),
-                         stderr=b"".join(err).decode(errors="replace"), exit_code=None, process_id=process_id)
+            return CommandResult(
+                stdout=b"".join(out).decode(errors="replace"),
+                stderr=b"".join(err).decode(errors="replace"),
+                exit_code=event.exit_code,
+                signal=event.signal,
+                timed_out=event.timed_out,
+                process_id=process_id,
+            )
+    return CommandResult(
+        stdout=b"".join(out).decode(errors="replace"),
+        stderr=b"".join(err).decode(errors="replace"),
+        exit_code=None,
+        process_id=process_id,
+    )
 
 
 def _check(result: CommandResult, what: str) -> CommandResult:
     if result.exit_code != 0:
-        reason = ("timed out" if result.timed_out else
-                  f"was killed by signal {result.signal}" if result.signal else f"exited with {result.exit_code}")
-        raise CommandFailed(f"command {what!r} {reason}", exit_code=result.exit_code if result.exit_code is not None
-                            else -1, stdout=result.stdout, stderr=result.stderr)
+        reason = (
+            "timed out"
+            if result.timed_out
+            else f"was killed by signal {result.signal}"
+            if result.signal
+            else f"exited with {result.exit_code}"
+        )
+        raise CommandFailed(
+            f"command {what!r} {reason}",
+            exit_code=result.exit_code if result.exit_code is not None else -1,
+            stdout=result.stdout,
+            stderr=result.stderr,
+        )
     return result
 
 
@@ -91,14 +128,20 @@ class AsyncCommandHandle:
         """Output kept so far, then live output, ending with the ``exit`` event."""
         return self._backend.attach(self.sandbox_id, self.process_id)
 
-    async def wait(self, *, on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None,
-                   check: bool = False) -> CommandResult:
+    async def wait(
+        self,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        check: bool = False,
+    ) -> CommandResult:
         result = await _collect(self.events(), on_stdout, on_stderr)
         return _check(result, self.process_id) if check else result
 
     async def send_stdin(self, data: bytes | str) -> None:
-        await self._backend.send_stdin(self.sandbox_id, self.process_id,
-                                       data.encode() if isinstance(data, str) else data)
+        await self._backend.send_stdin(
+            self.sandbox_id, self.process_id, data.encode() if isinstance(data, str) else data
+        )
 
     async def close_stdin(self) -> None:
         await self._backend.send_stdin(self.sandbox_id, self.process_id, b"", eof=True)
@@ -115,36 +158,62 @@ class AsyncCommands:
         self._backend = backend
         self._sandbox_id = sandbox_id
 
-    async def run(self, cmd: str | list[str], *, envs: dict[str, str] | None = None, cwd: str | None = None,
-                  user: str | None = None, timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
-                  on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None,
-                  check: bool = False) -> CommandResult:
+    async def run(
+        self,
+        cmd: str | list[str],
+        *,
+        envs: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        check: bool = False,
+    ) -> CommandResult:
         """Run a command to completion. A string runs through ``/bin/sh -c``; a list is exec'd directly.
 
         A non-zero exit code is a result (``result.exit_code``), not an error, unless ``check=True``.
         """
-        params = _exec_params(cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, stdin=False,
-                              background=False, tag=None)
+        params = _exec_params(
+            cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, stdin=False, background=False, tag=None
+        )
         result = await _collect(self._backend.exec(self._sandbox_id, params), on_stdout, on_stderr)
         return _check(result, cmd if isinstance(cmd, str) else " ".join(cmd)) if check else result
 
-    def stream(self, cmd: str | list[str], *, envs: dict[str, str] | None = None, cwd: str | None = None,
-               user: str | None = None, timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
-               stdin: bool = False) -> AsyncIterator[ProcessEvent]:
+    def stream(
+        self,
+        cmd: str | list[str],
+        *,
+        envs: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        stdin: bool = False,
+    ) -> AsyncIterator[ProcessEvent]:
         """Run a command and yield its events as they happen: started, stdout/stderr chunks, exit.
 
         Stopping the iteration early kills the command.
         """
-        params = _exec_params(cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, stdin=stdin,
-                              background=False, tag=None)
+        params = _exec_params(
+            cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, stdin=stdin, background=False, tag=None
+        )
         return self._backend.exec(self._sandbox_id, params)
 
-    async def start(self, cmd: str | list[str], *, envs: dict[str, str] | None = None, cwd: str | None = None,
-                    user: str | None = None, timeout: float | None = None, stdin: bool = False,
-                    tag: str | None = None) -> AsyncCommandHandle:
+    async def start(
+        self,
+        cmd: str | list[str],
+        *,
+        envs: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+        tag: str | None = None,
+    ) -> AsyncCommandHandle:
         """Start a background command and return its handle at once; its output is kept for re-attach."""
-        params = _exec_params(cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, stdin=stdin,
-                              background=True, tag=tag)
+        params = _exec_params(
+            cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, stdin=stdin, background=True, tag=tag
+        )
         handle = None
         async for event in self._backend.exec(self._sandbox_id, params):  # started, then detached
             if event.kind is EventKind.STARTED and event.process_id:
@@ -166,13 +235,14 @@ class AsyncCommands:
         await self._backend.signal(self._sandbox_id, process_id, int(_signal.SIGKILL))
 
     async def send_stdin(self, process_id: str, data: bytes | str) -> None:
-        await self._backend.send_stdin(self._sandbox_id, process_id,
-                                       data.encode() if isinstance(data, str) else data)
+        await self._backend.send_stdin(
+            self._sandbox_id, process_id, data.encode() if isinstance(data, str) else data
+        )
 
 
 async def _bytes_chunks(data: bytes) -> AsyncIterator[bytes]:
     for start in range(0, len(data), CHUNK):
-        yield data[start:start + CHUNK]
+        yield data[start : start + CHUNK]
     if not data:
         yield b""
 
@@ -206,8 +276,9 @@ class AsyncFiles:
         """The file's content in chunks, for files too large to hold in memory."""
         return self._backend.read_file(self._sandbox_id, path, user=user)
 
-    async def write(self, path: str, data: bytes | str | IO[bytes] | AsyncIterable[bytes], *,
-                    user: str | None = None) -> int:
+    async def write(
+        self, path: str, data: bytes | str | IO[bytes] | AsyncIterable[bytes], *, user: str | None = None
+    ) -> int:
         """Write (atomically replace) a file; parent directories are created. Returns the bytes written."""
         if isinstance(data, str):
             chunks: AsyncIterable[bytes] = _bytes_chunks(data.encode())
@@ -220,9 +291,13 @@ class AsyncFiles:
         return await self._backend.write_file(self._sandbox_id, path, chunks, user=user)
 
     async def upload(self, local_path: str | os.PathLike[str], path: str, *, user: str | None = None) -> int:
-        return await self._backend.write_file(self._sandbox_id, path, _path_chunks(Path(local_path)), user=user)
+        return await self._backend.write_file(
+            self._sandbox_id, path, _path_chunks(Path(local_path)), user=user
+        )
 
-    async def download(self, path: str, local_path: str | os.PathLike[str], *, user: str | None = None) -> int:
+    async def download(
+        self, path: str, local_path: str | os.PathLike[str], *, user: str | None = None
+    ) -> int:
         total = 0
         with open(local_path, "wb") as out:  # noqa: ASYNC230 - as in _path_chunks
             async for chunk in self._backend.read_file(self._sandbox_id, path, user=user):
@@ -265,10 +340,18 @@ class AsyncSandbox:
         self.files = AsyncFiles(backend, info.sandbox_id)
 
     @classmethod
-    async def create(cls, template: str | None = None, *, isolation: str | None = None,
-                     timeout: float | None = None, metadata: dict[str, str] | None = None,
-                     envs: dict[str, str] | None = None, memory_mb: int | None = None, cpus: float | None = None,
-                     backend: AsyncBackend | None = None) -> AsyncSandbox:
+    async def create(
+        cls,
+        template: str | None = None,
+        *,
+        isolation: str | None = None,
+        timeout: float | None = None,
+        metadata: dict[str, str] | None = None,
+        envs: dict[str, str] | None = None,
+        memory_mb: int | None = None,
+        cpus: float | None = None,
+        backend: AsyncBackend | None = None,
+    ) -> AsyncSandbox:
         """Create a sandbox and wait until it is ready.
 
         ``isolation``: "namespace" (fast, shared kernel) or "gvisor" (user-space kernel). ``timeout``: seconds
@@ -277,9 +360,17 @@ class AsyncSandbox:
         owns = backend is None
         backend = backend or open_default_backend()
         try:
-            info = await backend.create_sandbox(CreateParams(
-                template=template, isolation=isolation, timeout=timeout, metadata=dict(metadata or {}),
-                env=dict(envs or {}), memory_mb=memory_mb, cpus=cpus))
+            info = await backend.create_sandbox(
+                CreateParams(
+                    template=template,
+                    isolation=isolation,
+                    timeout=timeout,
+                    metadata=dict(metadata or {}),
+                    env=dict(envs or {}),
+                    memory_mb=memory_mb,
+                    cpus=cpus,
+                )
+            )
         except BaseException:
             if owns:
                 await backend.aclose()
@@ -302,8 +393,13 @@ class AsyncSandbox:
         return cls(info, backend, owns_backend=owns)
 
     @classmethod
-    async def list(cls, *, metadata: dict[str, str] | None = None, include_stopped: bool = False,
-                   backend: AsyncBackend | None = None) -> list[SandboxInfo]:
+    async def list(
+        cls,
+        *,
+        metadata: dict[str, str] | None = None,
+        include_stopped: bool = False,
+        backend: AsyncBackend | None = None,
+    ) -> list[SandboxInfo]:
         owns = backend is None
         backend = backend or open_default_backend()
         try:
@@ -341,8 +437,9 @@ class AsyncSandbox:
     async def __aenter__(self) -> AsyncSandbox:
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             await self.kill()
         finally:

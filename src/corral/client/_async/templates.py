@@ -20,11 +20,15 @@ class AsyncTemplates:
     async def list(self) -> list[TemplateInfo]:
         return await self._backend.list_templates()
 
-    async def import_directory(self, name: str, path: str | os.PathLike[str], *, description: str = "") -> TemplateInfo:
+    async def import_directory(
+        self, name: str, path: str | os.PathLike[str], *, description: str = ""
+    ) -> TemplateInfo:
         """Use a directory as a root file system, in place (it must not change while sandboxes use it)."""
         return await self._backend.import_template(name, directory=os.fspath(path), description=description)
 
-    async def import_tarball(self, name: str, path: str | os.PathLike[str], *, description: str = "") -> TemplateInfo:
+    async def import_tarball(
+        self, name: str, path: str | os.PathLike[str], *, description: str = ""
+    ) -> TemplateInfo:
         """Unpack a tar archive (safely) into the template store."""
         return await self._backend.import_template(name, tarball=os.fspath(path), description=description)
 

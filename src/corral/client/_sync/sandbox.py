@@ -39,15 +39,34 @@ DEFAULT_COMMAND_TIMEOUT = 60.0  # seconds; pass timeout=None for no limit
 OutputCallback = Callable[[str], object]
 
 
-def _exec_params(cmd: str | list[str], *, envs: dict[str, str] | None, cwd: str | None, user: str | None,
-                 timeout: float | None, stdin: bool, background: bool, tag: str | None) -> ExecParams:
+def _exec_params(
+    cmd: str | list[str],
+    *,
+    envs: dict[str, str] | None,
+    cwd: str | None,
+    user: str | None,
+    timeout: float | None,
+    stdin: bool,
+    background: bool,
+    tag: str | None,
+) -> ExecParams:
     argv = list(cmd) if isinstance(cmd, list | tuple) else None
-    return ExecParams(cmd=cmd if isinstance(cmd, str) else None, argv=argv, env=dict(envs or {}), cwd=cwd,
-                      user=user, timeout=timeout, stdin=stdin, background=background, tag=tag)
+    return ExecParams(
+        cmd=cmd if isinstance(cmd, str) else None,
+        argv=argv,
+        env=dict(envs or {}),
+        cwd=cwd,
+        user=user,
+        timeout=timeout,
+        stdin=stdin,
+        background=background,
+        tag=tag,
+    )
 
 
-def _collect(events: Iterator[ProcessEvent], on_stdout: OutputCallback | None,
-                   on_stderr: OutputCallback | None) -> CommandResult:
+def _collect(
+    events: Iterator[ProcessEvent], on_stdout: OutputCallback | None, on_stderr: OutputCallback | None
+) -> CommandResult:
     out: list[bytes] = []
     err: list[bytes] = []
     process_id = None
@@ -63,19 +82,37 @@ def _collect(events: Iterator[ProcessEvent], on_stdout: OutputCallback | None,
             if on_stderr is not None:
                 on_stderr(event.text)
         elif event.kind is EventKind.EXIT:
-            return CommandResult(stdout=b"".join(out).decode(errors="replace"),
-                                 stderr=b"".join(err).decode(errors="replace"), exit_code=event.exit_code,
-                                 signal=event.signal, timed_out=event.timed_out, process_id=process_id)
-    return CommandResult(stdout=b"".join(out).decode(errors="replace"),
-                         stderr=b"".join(err).decode(errors="replace"), exit_code=None, process_id=process_id)
+            return CommandResult(
+                stdout=b"".join(out).decode(errors="replace"),
+                stderr=b"".join(err).decode(errors="replace"),
+                exit_code=event.exit_code,
+                signal=event.signal,
+                timed_out=event.timed_out,
+                process_id=process_id,
+            )
+    return CommandResult(
+        stdout=b"".join(out).decode(errors="replace"),
+        stderr=b"".join(err).decode(errors="replace"),
+        exit_code=None,
+        process_id=process_id,
+    )
 
 
 def _check(result: CommandResult, what: str) -> CommandResult:
     if result.exit_code != 0:
-        reason = ("timed out" if result.timed_out else
-                  f"was killed by signal {result.signal}" if result.signal else f"exited with {result.exit_code}")
-        raise CommandFailed(f"command {what!r} {reason}", exit_code=result.exit_code if result.exit_code is not None
-                            else -1, stdout=result.stdout, stderr=result.stderr)
+        reason = (
+            "timed out"
+            if result.timed_out
+            else f"was killed by signal {result.signal}"
+            if result.signal
+            else f"exited with {result.exit_code}"
+        )
+        raise CommandFailed(
+            f"command {what!r} {reason}",
+            exit_code=result.exit_code if result.exit_code is not None else -1,
+            stdout=result.stdout,
+            stderr=result.stderr,
+        )
     return result
 
 
@@ -92,14 +129,20 @@ class CommandHandle:
         """Output kept so far, then live output, ending with the ``exit`` event."""
         return self._backend.attach(self.sandbox_id, self.process_id)
 
-    def wait(self, *, on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None,
-                   check: bool = False) -> CommandResult:
+    def wait(
+        self,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        check: bool = False,
+    ) -> CommandResult:
         result = _collect(self.events(), on_stdout, on_stderr)
         return _check(result, self.process_id) if check else result
 
     def send_stdin(self, data: bytes | str) -> None:
-        self._backend.send_stdin(self.sandbox_id, self.process_id,
-                                       data.encode() if isinstance(data, str) else data)
+        self._backend.send_stdin(
+            self.sandbox_id, self.process_id, data.encode() if isinstance(data, str) else data
+        )
 
     def close_stdin(self) -> None:
         self._backend.send_stdin(self.sandbox_id, self.process_id, b"", eof=True)
@@ -116,36 +159,62 @@ class Commands:
         self._backend = backend
         self._sandbox_id = sandbox_id
 
-    def run(self, cmd: str | list[str], *, envs: dict[str, str] | None = None, cwd: str | None = None,
-                  user: str | None = None, timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
-                  on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None,
-                  check: bool = False) -> CommandResult:
+    def run(
+        self,
+        cmd: str | list[str],
+        *,
+        envs: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        check: bool = False,
+    ) -> CommandResult:
         """Run a command to completion. A string runs through ``/bin/sh -c``; a list is exec'd directly.
 
         A non-zero exit code is a result (``result.exit_code``), not an error, unless ``check=True``.
         """
-        params = _exec_params(cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, stdin=False,
-                              background=False, tag=None)
+        params = _exec_params(
+            cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, stdin=False, background=False, tag=None
+        )
         result = _collect(self._backend.exec(self._sandbox_id, params), on_stdout, on_stderr)
         return _check(result, cmd if isinstance(cmd, str) else " ".join(cmd)) if check else result
 
-    def stream(self, cmd: str | list[str], *, envs: dict[str, str] | None = None, cwd: str | None = None,
-               user: str | None = None, timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
-               stdin: bool = False) -> Iterator[ProcessEvent]:
+    def stream(
+        self,
+        cmd: str | list[str],
+        *,
+        envs: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        stdin: bool = False,
+    ) -> Iterator[ProcessEvent]:
         """Run a command and yield its events as they happen: started, stdout/stderr chunks, exit.
 
         Stopping the iteration early kills the command.
         """
-        params = _exec_params(cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, stdin=stdin,
-                              background=False, tag=None)
+        params = _exec_params(
+            cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, stdin=stdin, background=False, tag=None
+        )
         return self._backend.exec(self._sandbox_id, params)
 
-    def start(self, cmd: str | list[str], *, envs: dict[str, str] | None = None, cwd: str | None = None,
-                    user: str | None = None, timeout: float | None = None, stdin: bool = False,
-                    tag: str | None = None) -> CommandHandle:
+    def start(
+        self,
+        cmd: str | list[str],
+        *,
+        envs: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+        tag: str | None = None,
+    ) -> CommandHandle:
         """Start a background command and return its handle at once; its output is kept for re-attach."""
-        params = _exec_params(cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, stdin=stdin,
-                              background=True, tag=tag)
+        params = _exec_params(
+            cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, stdin=stdin, background=True, tag=tag
+        )
         handle = None
         for event in self._backend.exec(self._sandbox_id, params):  # started, then detached
             if event.kind is EventKind.STARTED and event.process_id:
@@ -167,13 +236,14 @@ class Commands:
         self._backend.signal(self._sandbox_id, process_id, int(_signal.SIGKILL))
 
     def send_stdin(self, process_id: str, data: bytes | str) -> None:
-        self._backend.send_stdin(self._sandbox_id, process_id,
-                                       data.encode() if isinstance(data, str) else data)
+        self._backend.send_stdin(
+            self._sandbox_id, process_id, data.encode() if isinstance(data, str) else data
+        )
 
 
 def _bytes_chunks(data: bytes) -> Iterator[bytes]:
     for start in range(0, len(data), CHUNK):
-        yield data[start:start + CHUNK]
+        yield data[start : start + CHUNK]
     if not data:
         yield b""
 
@@ -207,8 +277,9 @@ class Files:
         """The file's content in chunks, for files too large to hold in memory."""
         return self._backend.read_file(self._sandbox_id, path, user=user)
 
-    def write(self, path: str, data: bytes | str | IO[bytes] | Iterable[bytes], *,
-                    user: str | None = None) -> int:
+    def write(
+        self, path: str, data: bytes | str | IO[bytes] | Iterable[bytes], *, user: str | None = None
+    ) -> int:
         """Write (atomically replace) a file; parent directories are created. Returns the bytes written."""
         if isinstance(data, str):
             chunks: Iterable[bytes] = _bytes_chunks(data.encode())
@@ -221,9 +292,13 @@ class Files:
         return self._backend.write_file(self._sandbox_id, path, chunks, user=user)
 
     def upload(self, local_path: str | os.PathLike[str], path: str, *, user: str | None = None) -> int:
-        return self._backend.write_file(self._sandbox_id, path, _path_chunks(Path(local_path)), user=user)
+        return self._backend.write_file(
+            self._sandbox_id, path, _path_chunks(Path(local_path)), user=user
+        )
 
-    def download(self, path: str, local_path: str | os.PathLike[str], *, user: str | None = None) -> int:
+    def download(
+        self, path: str, local_path: str | os.PathLike[str], *, user: str | None = None
+    ) -> int:
         total = 0
         with open(local_path, "wb") as out:  # noqa: ASYNC230 - as in _path_chunks
             for chunk in self._backend.read_file(self._sandbox_id, path, user=user):
@@ -266,10 +341,18 @@ class Sandbox:
         self.files = Files(backend, info.sandbox_id)
 
     @classmethod
-    def create(cls, template: str | None = None, *, isolation: str | None = None,
-                     timeout: float | None = None, metadata: dict[str, str] | None = None,
-                     envs: dict[str, str] | None = None, memory_mb: int | None = None, cpus: float | None = None,
-                     backend: Backend | None = None) -> Sandbox:
+    def create(
+        cls,
+        template: str | None = None,
+        *,
+        isolation: str | None = None,
+        timeout: float | None = None,
+        metadata: dict[str, str] | None = None,
+        envs: dict[str, str] | None = None,
+        memory_mb: int | None = None,
+        cpus: float | None = None,
+        backend: Backend | None = None,
+    ) -> Sandbox:
         """Create a sandbox and wait until it is ready.
 
         ``isolation``: "namespace" (fast, shared kernel) or "gvisor" (user-space kernel). ``timeout``: seconds
@@ -278,9 +361,17 @@ class Sandbox:
         owns = backend is None
         backend = backend or open_default_backend()
         try:
-            info = backend.create_sandbox(CreateParams(
-                template=template, isolation=isolation, timeout=timeout, metadata=dict(metadata or {}),
-                env=dict(envs or {}), memory_mb=memory_mb, cpus=cpus))
+            info = backend.create_sandbox(
+                CreateParams(
+                    template=template,
+                    isolation=isolation,
+                    timeout=timeout,
+                    metadata=dict(metadata or {}),
+                    env=dict(envs or {}),
+                    memory_mb=memory_mb,
+                    cpus=cpus,
+                )
+            )
         except BaseException:
             if owns:
                 backend.close()
@@ -303,8 +394,13 @@ class Sandbox:
         return cls(info, backend, owns_backend=owns)
 
     @classmethod
-    def list(cls, *, metadata: dict[str, str] | None = None, include_stopped: bool = False,
-                   backend: Backend | None = None) -> list[SandboxInfo]:
+    def list(
+        cls,
+        *,
+        metadata: dict[str, str] | None = None,
+        include_stopped: bool = False,
+        backend: Backend | None = None,
+    ) -> list[SandboxInfo]:
         owns = backend is None
         backend = backend or open_default_backend()
         try:
@@ -342,8 +438,9 @@ class Sandbox:
     def __enter__(self) -> Sandbox:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             self.kill()
         finally:

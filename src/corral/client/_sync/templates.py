@@ -21,11 +21,15 @@ class Templates:
     def list(self) -> list[TemplateInfo]:
         return self._backend.list_templates()
 
-    def import_directory(self, name: str, path: str | os.PathLike[str], *, description: str = "") -> TemplateInfo:
+    def import_directory(
+        self, name: str, path: str | os.PathLike[str], *, description: str = ""
+    ) -> TemplateInfo:
         """Use a directory as a root file system, in place (it must not change while sandboxes use it)."""
         return self._backend.import_template(name, directory=os.fspath(path), description=description)
 
-    def import_tarball(self, name: str, path: str | os.PathLike[str], *, description: str = "") -> TemplateInfo:
+    def import_tarball(
+        self, name: str, path: str | os.PathLike[str], *, description: str = ""
+    ) -> TemplateInfo:
         """Unpack a tar archive (safely) into the template store."""
         return self._backend.import_template(name, tarball=os.fspath(path), description=description)
 
