@@ -578,14 +578,26 @@ class Upload:
         self.eof = False
         self.written = 0
         self.done = False
+        self.opening = True  # the worker has not answered open_write yet
+        self.deferred: AgentError | None = None  # an error to answer once the worker has opened and aborted
 
     def opened(self, reply: WorkerReply) -> None:
+        self.opening = False
         if self.done:  # failed or the connection closed while the worker was opening
             if reply.fd is not None:
                 os.close(reply.fd)
             token = reply.fields.get("token")
-            if token and self.worker is not None:
-                self.worker.submit("abort", {"token": token}, lambda r: None)
+            error, self.deferred = self.deferred, None
+            conn, rid = self.conn, self.rid
+
+            def answer(_: WorkerReply | None = None) -> None:
+                if error is not None:
+                    conn.error(rid, error.code, error.message)
+
+            if token and reply.fields.get("ok") and self.worker is not None:
+                self.worker.submit("abort", {"token": token}, answer)
+            else:
+                answer()
             return
         try:
             reply.check()
@@ -681,6 +693,9 @@ class Upload:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        if self.opening:  # the temp file may be being created: answer after opened() has removed it
+            self.deferred = exc
+            return
         conn, rid = self.conn, self.rid
 
         def answer(reply: WorkerReply | None = None) -> None:
