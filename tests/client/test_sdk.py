@@ -208,3 +208,10 @@ async def test_async_surface() -> None:
         assert (await job.wait()).signal == signal.SIGKILL
         assert box.sandbox_id in {i.sandbox_id for i in await AsyncSandbox.list()}
     assert box.sandbox_id not in {i.sandbox_id for i in await AsyncSandbox.list()}
+
+
+def test_listing_a_large_directory(sbx: Sandbox) -> None:
+    """More entries than one protocol header can hold: the listing streams."""
+    sbx.commands.run("mkdir -p /tmp/many && cd /tmp/many && for i in $(seq 1 1500); do : > f$i; done")
+    names = {e.name for e in sbx.files.list("/tmp/many")}
+    assert len(names) == 1500 and "f1" in names and "f1500" in names

@@ -12,7 +12,8 @@ from corral.protocol import CHUNK_SIZE, Event, Op
 
 __all__ = ["check_path", "list_dir", "make_dir", "read", "remove", "rename", "stat", "write"]
 
-RESERVED = "/.corral"  # the agent bundle lives here, read-only
+RESERVED = "/.corral"
+MAX_LIST_ENTRIES = 100_000  # one answer's worth; beyond it a caller should page by directory  # the agent bundle lives here, read-only
 
 
 def check_path(path: object, *, writing: bool = False) -> str:
@@ -81,8 +82,17 @@ async def list_dir(
 ) -> list[EntryInfo]:
     if not 1 <= depth <= 32:
         raise InvalidRequest("depth must be between 1 and 32")
-    answer = await client.call(Op.LIST, {"path": check_path(path), "depth": depth, **_user(user)})
-    return [EntryInfo.from_wire(e) for e in answer.get("entries", [])]
+    entries: list[EntryInfo] = []
+    # stream: the agent sends the listing in ``chunk`` frames (one header could not hold a large directory)
+    fields = {"path": check_path(path), "depth": depth, "stream": True, **_user(user)}
+    async with client.request(Op.LIST, fields) as req:
+        async for frame in req:
+            if len(entries) > MAX_LIST_ENTRIES:
+                raise ResourceExhausted(
+                    f"{path} has more than {MAX_LIST_ENTRIES} entries at depth {depth}; list less at a time"
+                )
+            entries.extend(EntryInfo.from_wire(e) for e in frame.get("entries", []))
+    return entries
 
 
 async def stat(client: AgentClient, path: str, *, user: str | None = None) -> EntryInfo:

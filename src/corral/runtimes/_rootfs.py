@@ -19,6 +19,7 @@ apt credentials, TLS private keys) are never copied.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import shutil
@@ -27,6 +28,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from corral.errors import InvalidRequest
 from corral.runtimes.base import Bind, RootfsSpec
@@ -234,7 +236,7 @@ def rootfs_from_tarball(path: Path, cache_root: Path) -> RootfsSpec:
         tmp.chmod(0o755)
         try:
             with tarfile.open(path) as tar:
-                tar.extractall(tmp, filter=_rootfs_filter, numeric_owner=True)  # noqa: S202 - filtered
+                _safe_extract(tar, tmp)
         except (tarfile.TarError, OSError) as exc:
             raise InvalidRequest(
                 f"the root file system tarball cannot be unpacked safely: {exc}",
@@ -250,27 +252,68 @@ def rootfs_from_tarball(path: Path, cache_root: Path) -> RootfsSpec:
     return RootfsSpec(lower=(target,))
 
 
-def _rootfs_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
-    """The stdlib ``data`` filter's safety checks, adapted to a root file system.
+class UnsafeMember(tarfile.TarError):
+    """A tarball member that would land, or point, outside the tree being unpacked."""
 
-    ``data`` rejects absolute symlinks and drops ownership and directory modes, all of which a rootfs
-    needs (``/etc/alternatives`` links, ``/tmp`` 1777, ``/home/user`` owned by 1000). So: run ``data`` on a
-    copy whose absolute link target is rewritten relative to the tree (so "inside the tree" is still
-    enforced), then put the link target, ownership and permission bits (minus setuid/setgid) back.
+
+def _inside(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+def _rootfs_member(member: tarfile.TarInfo, root: str) -> tarfile.TarInfo | None:
+    """A copy of ``member`` that is safe to unpack under ``root``, or None to skip it.
+
+    Written out rather than using the stdlib ``data`` filter: that needs Python >= 3.11.4 (Debian 12 has
+    3.11.2), and it drops what a root file system needs (absolute symlinks such as /etc/alternatives,
+    ownership, /tmp's 1777). Rules: devices and FIFOs are skipped; a member, a hard link's target and a
+    symlink's target (absolute ones taken relative to the tree) must resolve inside ``root``; setuid and
+    setgid bits are dropped; numeric ownership is kept (it is the in-sandbox ownership).
     """
     if member.isdev() or member.isfifo():
         return None
-    probe = member
-    if member.issym() and member.linkname.startswith("/"):
-        rel = os.path.relpath(member.linkname, "/" + os.path.dirname(member.name.lstrip("/")))
-        probe = member.replace(linkname=rel, deep=False)
-    safe = tarfile.data_filter(probe, dest)
-    safe = safe.replace(
-        linkname=member.linkname, uid=member.uid, gid=member.gid, uname="", gname="", deep=False
-    )
+    if member.name.startswith("/") or os.path.isabs(member.name):
+        raise UnsafeMember(f"member {member.name!r} has an absolute path")
+    where = os.path.realpath(os.path.join(root, member.name))
+    if not _inside(root, where):
+        raise UnsafeMember(f"member {member.name!r} would be written outside the tree")
+    if member.issym():
+        base = root if member.linkname.startswith("/") else os.path.dirname(where)
+        target = os.path.realpath(os.path.join(base, member.linkname.lstrip("/")))
+        if not _inside(root, target):
+            raise UnsafeMember(f"symlink {member.name!r} points outside the tree")
+    elif member.islnk():
+        target = os.path.realpath(os.path.join(root, member.linkname))
+        if not _inside(root, target):
+            raise UnsafeMember(f"hard link {member.name!r} points outside the tree")
+    safe = copy.copy(member)
+    safe.uname = safe.gname = ""
     if not member.issym():  # symlink modes mean nothing; setuid/setgid never survive
-        safe = safe.replace(mode=member.mode & 0o1777 & ~(stat.S_ISUID | stat.S_ISGID), deep=False)
+        safe.mode = member.mode & 0o1777 & ~(stat.S_ISUID | stat.S_ISGID)
     return safe
+
+
+# members were checked by _rootfs_member; where tarfile has extraction filters (3.11.4+, and "data" becomes the
+# default in 3.14), say so, or it would drop the absolute symlinks and ownership a root file system needs
+_TRUSTED: dict[str, Any] = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+
+
+def _safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Unpack every safe member; directory modes are applied last so read-only directories can be filled."""
+    root = os.path.realpath(dest)
+    directories: list[tarfile.TarInfo] = []
+    for member in tar:
+        safe = _rootfs_member(member, root)
+        if safe is None:
+            continue
+        if safe.isdir():
+            directories.append(safe)
+            safe = copy.copy(safe)
+            safe.mode |= 0o700
+        tar.extract(safe, root, set_attrs=not safe.isdir(), numeric_owner=True, **_TRUSTED)
+    for directory in sorted(directories, key=lambda d: d.name, reverse=True):
+        path = os.path.join(root, directory.name)
+        os.chown(path, directory.uid, directory.gid, follow_symlinks=False)
+        os.chmod(path, directory.mode)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -519,6 +519,8 @@ class _Shim:
         for fd in (in_r, out_w, p2c_r, c2p_w, log_fd):
             os.close(fd)
         self.child_pid = pid
+        if self.exit_reason is not None:  # SIGTERM arrived while we were forking
+            self.kill(self.exit_reason)
         if self.spec.userns:
             msg = os.read(c2p_r, 4096)
             if msg != b"u":
@@ -799,6 +801,8 @@ class _Shim:
     def kill(self, reason: str) -> None:
         if self.exit_reason is None:
             self.exit_reason = reason
+        if self.child_pid == 0:  # asked before the sandbox was forked: start() kills it once it exists
+            return
         if self.spec.kill_argv:
             with contextlib.suppress(OSError, subprocess.SubprocessError):
                 subprocess.run(
@@ -847,6 +851,8 @@ def main() -> int:
     state_dir = Path(sys.argv[1])
     spec = ShimSpec.from_json((state_dir / "shim.json").read_text())
     shim = _Shim(state_dir, spec)
+    # handled from the first instruction on: a SIGTERM during start() must still take the sandbox down
+    signal.signal(signal.SIGTERM, lambda *_: shim.kill("terminated"))
     try:
         shim.start()
     except Exception as exc:

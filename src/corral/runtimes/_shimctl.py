@@ -26,7 +26,7 @@ from corral.runtimes import _proc
 from corral.runtimes._shim import ShimSpec, unix_path
 from corral.runtimes.base import Observed, ObservedState
 
-__all__ = ["SHIM_SCRIPT", "ShimHandle", "connect", "launch", "observe", "stop"]
+__all__ = ["SHIM_SCRIPT", "ShimHandle", "connect", "launch", "observe", "spawn", "stop", "wait_ready"]
 
 log = logging.getLogger("corral.runtimes.shim")
 
@@ -35,16 +35,17 @@ READY_TIMEOUT = 120.0  # gVisor boots in < 1 s here; a QEMU guest under TCG need
 
 
 class ShimHandle:
-    def __init__(self, pid: int, start_ticks: int) -> None:
+    def __init__(self, pid: int, start_ticks: int, proc: subprocess.Popen[bytes] | None = None) -> None:
         self.pid = pid
         self.start_ticks = start_ticks
+        self.proc = proc  # set when this process started the shim (and so must reap it)
 
 
-async def launch(state_dir: Path, spec: ShimSpec, *, what: str, timeout: float = READY_TIMEOUT) -> ShimHandle:
-    """Start the shim for ``state_dir`` and return once the agent inside said hello.
+def spawn(state_dir: Path, spec: ShimSpec) -> ShimHandle:
+    """Start the shim for ``state_dir``; returns at once. Follow with :func:`wait_ready`.
 
-    On failure the shim is stopped and a RuntimeFailure (client-safe message) is raised; the shim's reason,
-    which may name host paths, goes to the log.
+    Callers with their own clean-up keep the handle from this point on, so a create cancelled while the
+    sandbox boots still knows which shim (and so which sandbox processes) to wait for.
     """
     fd = os.open(state_dir / "shim.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # env may be secret
     with os.fdopen(fd, "w") as out:
@@ -52,8 +53,18 @@ async def launch(state_dir: Path, spec: ShimSpec, *, what: str, timeout: float =
     proc = _proc.spawn_detached(
         [sys.executable, "-I", "-S", str(SHIM_SCRIPT), str(state_dir)], log_path=state_dir / "shim.log"
     )
-    ticks = _proc.proc_start_ticks(proc.pid)
-    handle = ShimHandle(proc.pid, ticks or 0)
+    return ShimHandle(proc.pid, _proc.proc_start_ticks(proc.pid) or 0, proc)
+
+
+async def wait_ready(handle: ShimHandle, *, what: str, timeout: float = READY_TIMEOUT) -> None:
+    """Return once the agent inside said hello.
+
+    On failure or cancellation the shim is stopped (which kills its sandbox) before the error propagates, and
+    a RuntimeFailure with a client-safe message is raised; the shim's reason, which may name host paths, goes
+    to the log.
+    """
+    assert handle.proc is not None, "wait_ready needs a handle from spawn()"
+    proc = handle.proc
     try:
         line = await _read_status(proc, timeout)
     except BaseException:
@@ -69,8 +80,12 @@ async def launch(state_dir: Path, spec: ShimSpec, *, what: str, timeout: float =
         raise RuntimeFailure(
             f"could not {what}: the sandbox did not start (see the server log)", details={"stage": "boot"}
         )
-    # the shim lives on in its own session; we only needed its status line. Nobody waits for it, so
-    # reap it if it exits while we are alive (the subprocess module does that for Popen objects we drop).
+
+
+async def launch(state_dir: Path, spec: ShimSpec, *, what: str, timeout: float = READY_TIMEOUT) -> ShimHandle:
+    """:func:`spawn` then :func:`wait_ready`."""
+    handle = spawn(state_dir, spec)
+    await wait_ready(handle, what=what, timeout=timeout)
     return handle
 
 
