@@ -399,6 +399,7 @@ async def test_a_killed_shim_takes_the_sandbox_with_it(ns_sandbox) -> None:
     stream = await sb.runtime.connect(sb.instance)
     cgroup = _cgroups.SandboxCgroup.from_json(dict(sb.instance.extra["cgroup"]))
     assert len(cgroup.pids()) >= 2  # bwrap and the agent
+    shim_fd = os.pidfd_open(sb.instance.shim_pid)
     os.kill(sb.instance.shim_pid, signal.SIGKILL)  # the supervisor crashes
     with anyio.fail_after(10):
         while True:  # its socket closes when it dies
@@ -406,6 +407,9 @@ async def test_a_killed_shim_takes_the_sandbox_with_it(ns_sandbox) -> None:
                 await stream.receive()
             except (anyio.EndOfStream, anyio.BrokenResourceError):
                 break
+        # the socket closes while the shim is still exiting; its pidfd turns readable once it has exited
+        await anyio.wait_readable(shim_fd)
+    os.close(shim_fd)
     await stream.aclose()
     observed = await sb.runtime.inspect(sb.instance)
     assert observed.state is ObservedState.EXITED and observed.reason == "crashed"
