@@ -10,6 +10,7 @@ import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from corral.core.records import LOCAL_TENANT
@@ -18,7 +19,6 @@ from corral.core.settings import Settings
 from corral.errors import InvalidRequest, InvalidState, NotFound, RuntimeFailure
 from corral.ids import SandboxId, TenantId
 from corral.models import CreateParams, EventKind, ExecParams, SandboxState, StopReason
-from corral.runtimes import _proc
 from corral.runtimes.base import Instance, Runtime, RuntimeConfig, SandboxSpec
 from corral.runtimes.fake import FakeRuntime
 from corral.store.sqlite import SqliteStore
@@ -144,13 +144,11 @@ async def test_a_dead_sandbox_is_noticed_and_cleaned(service: SandboxService, se
     info = await service.create(CreateParams())
     record = await service.store.get_sandbox(SandboxId(info.sandbox_id))
     assert record is not None and record.instance is not None
+    shim_fd = os.pidfd_open(record.instance.shim_pid)
     os.kill(record.instance.shim_pid, signal.SIGKILL)  # the supervisor dies (OOM killer, admin, bug)
-    for _ in range(200):
-        if not _proc.pid_alive(record.instance.shim_pid, record.instance.shim_start_ticks):
-            break
-        import anyio
-
-        await anyio.sleep(0.01)
+    with anyio.fail_after(10):
+        await anyio.wait_readable(shim_fd)  # readable once the process has exited
+    os.close(shim_fd)
     gone = await service.get(info.sandbox_id)
     assert gone.state is SandboxState.STOPPED and gone.stop_reason is StopReason.CRASHED
     assert state_dirs(settings) == []

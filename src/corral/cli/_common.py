@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-from corral.cli._output import progress
+from corral.cli._output import exit_status, progress, stream_events
 from corral.client._sync.sandbox import Sandbox
 from corral.models import ExecParams
 
@@ -120,3 +120,11 @@ def open_sandbox(opts: dict[str, Any]) -> Iterator[Sandbox]:
         sbx = Sandbox.create(**sandbox_kwargs(opts))
     with sbx:
         yield sbx
+
+
+def stream_command(sbx: Sandbox, params: ExecParams) -> int:
+    """Run ``params`` in ``sbx`` with its output copied to ours as it comes; returns the shell-style status."""
+    events = sbx.commands.stream(
+        params.argv or [], envs=params.env, cwd=params.cwd, user=params.user, timeout=params.timeout
+    )
+    return exit_status(stream_events(events))

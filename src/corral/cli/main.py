@@ -15,8 +15,8 @@ import click
 from corral.cli import files as files_cmd
 from corral.cli import sandbox as sandbox_cmd
 from corral.cli import templates as templates_cmd
-from corral.cli._common import create_options, exec_options, exec_params_from, open_sandbox
-from corral.cli._output import emit_json, err_console, exit_status, stream_events
+from corral.cli._common import create_options, exec_options, exec_params_from, open_sandbox, stream_command
+from corral.cli._output import emit_json, err_console
 from corral.errors import CorralError
 
 __all__ = ["cli", "main"]
@@ -55,17 +55,7 @@ def run(command: tuple[str, ...], as_json: bool, **opts: Any) -> None:
             emit_json({"sandbox_id": sbx.sandbox_id, **result.__dict__})
             code = result.exit_code if result.exit_code is not None else 1
         else:
-            code = exit_status(
-                stream_events(
-                    sbx.commands.stream(
-                        params.argv or [],
-                        envs=params.env,
-                        cwd=params.cwd,
-                        user=params.user,
-                        timeout=params.timeout,
-                    )
-                )
-            )
+            code = stream_command(sbx, params)
     sys.exit(code)
 
 

@@ -8,8 +8,15 @@ from typing import Any
 
 import click
 
-from corral.cli._common import create_options, exec_options, exec_params_from, key_values, sandbox_kwargs
-from corral.cli._output import emit_json, exit_status, progress, stream_events, table
+from corral.cli._common import (
+    create_options,
+    exec_options,
+    exec_params_from,
+    key_values,
+    sandbox_kwargs,
+    stream_command,
+)
+from corral.cli._output import emit_json, progress, table
 from corral.client._sync.sandbox import Sandbox
 from corral.models import SandboxInfo
 
@@ -82,17 +89,7 @@ def exec_(sandbox_id: str, command: tuple[str, ...], **opts: Any) -> None:
     params = exec_params_from(command, opts)
     sbx = Sandbox.connect(sandbox_id)
     try:
-        code = exit_status(
-            stream_events(
-                sbx.commands.stream(
-                    params.argv or [],
-                    envs=params.env,
-                    cwd=params.cwd,
-                    user=params.user,
-                    timeout=params.timeout,
-                )
-            )
-        )
+        code = stream_command(sbx, params)
     finally:
         sbx.close()
     sys.exit(code)

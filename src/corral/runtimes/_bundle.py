@@ -27,12 +27,12 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sysconfig
 import tempfile
 from pathlib import Path
 
 from corral.errors import RuntimeUnavailable
+from corral.runtimes import _proc
 
 __all__ = ["MOUNT_POINT", "AgentBundle", "agent_argv", "ensure_bundle"]
 
@@ -95,7 +95,7 @@ def _sources_digest(python: Path) -> str:
 
 @functools.cache
 def _host_stdlib(python: Path) -> tuple[Path, str]:
-    out = subprocess.run(
+    out = _proc.run_blocking(
         [
             str(python),
             "-I",
@@ -103,12 +103,10 @@ def _host_stdlib(python: Path) -> tuple[Path, str]:
             "-c",
             "import sys,sysconfig;print(sysconfig.get_paths()['stdlib']);print('%d.%d'%sys.version_info[:2])",
         ],
-        capture_output=True,
-        text=True,
-        check=True,
         timeout=30,
+        what="locate the host Python's standard library",
     )
-    stdlib, version = out.stdout.split()
+    stdlib, version = out.stdout.decode().split()
     return Path(stdlib), version
 
 
@@ -118,10 +116,10 @@ _LDD_LINE = re.compile(r"^\s*(?:(\S+)\s+=>\s+)?(/\S+)\s+\(0x[0-9a-f]+\)")
 def _shared_libs(binaries: list[Path]) -> set[Path]:
     libs: set[Path] = set()
     for chunk in (binaries[i : i + 50] for i in range(0, len(binaries), 50)):
-        out = subprocess.run(
-            ["ldd", *map(str, chunk)], capture_output=True, text=True, check=False, timeout=60
+        out = _proc.run_blocking(
+            ["ldd", *map(str, chunk)], timeout=60, what="list the agent's shared libraries", check=False
         )
-        for line in out.stdout.splitlines():
+        for line in out.stdout.decode(errors="replace").splitlines():
             m = _LDD_LINE.match(line)
             if m:
                 libs.add(Path(m.group(2)))
@@ -182,9 +180,6 @@ def _build(dest: Path, python: Path, stdlib: Path, version: str) -> None:
         shutil.copytree(
             _PACKAGE_ROOT / sub, corral_pkg / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
-    subprocess.run(
-        [str(python), "-I", "-m", "compileall", "-q", str(corral_pkg)],
-        check=True,
-        timeout=120,
-        capture_output=True,
+    _proc.run_blocking(
+        [str(python), "-I", "-m", "compileall", "-q", str(corral_pkg)], timeout=120, what="compile the agent"
     )

@@ -19,7 +19,7 @@ import anyio
 
 from corral.errors import RuntimeFailure, RuntimeUnavailable, Timeout
 
-__all__ = ["ProcResult", "proc_start_ticks", "require_binary", "run", "spawn_detached"]
+__all__ = ["ProcResult", "proc_start_ticks", "require_binary", "run", "run_blocking", "spawn_detached"]
 
 log = logging.getLogger("corral.runtimes.proc")
 
@@ -85,6 +85,29 @@ async def run(
         )
         raise RuntimeFailure(f"could not {what}", details={"exit_code": done.returncode})
     return result
+
+
+def run_blocking(argv: Sequence[str], *, timeout: float, what: str, check: bool = True) -> ProcResult:
+    """:func:`run` for code already in a worker thread (building the agent bundle). Same errors."""
+    try:
+        done = subprocess.run(
+            list(argv), capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired as exc:
+        log.error("host command timed out after %ss: %s", timeout, argv)
+        raise Timeout(f"timed out trying to {what} (after {timeout:g}s)") from exc
+    except FileNotFoundError as exc:
+        require_binary(argv[0])
+        raise RuntimeFailure(f"could not {what}") from exc
+    if check and done.returncode != 0:
+        log.error(
+            "host command failed (rc=%s): %s\n%s",
+            done.returncode,
+            argv,
+            done.stderr.decode(errors="replace")[-4000:],
+        )
+        raise RuntimeFailure(f"could not {what}", details={"exit_code": done.returncode})
+    return ProcResult(returncode=done.returncode, stdout=done.stdout, stderr=done.stderr)
 
 
 def spawn_detached(
