@@ -117,6 +117,10 @@ def _missing_requirements(item: pytest.Item) -> list[str]:
     missing = []
     if item.get_closest_marker("root") is not None and os.geteuid() != 0:
         missing.append("needs root (run the tests as root, as CI does)")
+    if item.get_closest_marker("postgres") is not None and _postgres_bin() is None:
+        missing.append(
+            "PostgreSQL server not installed (Debian package postgresql); run scripts/install-host-deps"
+        )
     for marker, (binary, package) in BINARY_MARKERS.items():
         if item.get_closest_marker(marker) is not None and shutil.which(binary) is None:
             missing.append(
@@ -134,6 +138,84 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if IN_CI:
         pytest.fail(f"{reason} [CI=true: a missing test requirement is a failure, not a skip]", pytrace=False)
     pytest.skip(reason)
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------------------
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private PostgreSQL cluster for this session, on a Unix socket in its own directory.
+
+    Returns a libpq URL for the ``postgres`` database (tests create their own databases). The server runs as
+    the ``postgres`` user when we are root (PostgreSQL refuses to run as root) and is stopped at the end.
+    """
+    import subprocess
+
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed")
+    base = Path(tempfile.mkdtemp(prefix="corral-pg-", dir=_temp_parent()))
+    data, sock = base / "data", base / "sock"
+    sock.mkdir()
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+        shutil.chown(sock, "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "corral", "--no-sync"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    options = f"-c listen_addresses='' -k {sock} -c fsync=off -c max_connections=200"
+    subprocess.run(
+        [
+            *run_as,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-w",
+            "-l",
+            str(base / "log"),
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    try:
+        yield f"postgresql://corral@/postgres?host={sock}"
+    finally:
+        subprocess.run(
+            [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database on the session's PostgreSQL server, dropped after the test."""
+    import psycopg
+
+    name = "t_" + secrets.token_hex(6)
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield postgres_server.replace("/postgres?", f"/{name}?")
+    finally:
+        with psycopg.connect(postgres_server, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 # --- leak check -------------------------------------------------------------------------------------------

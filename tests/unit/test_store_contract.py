@@ -9,22 +9,30 @@ from pathlib import Path
 
 import pytest
 
+from corral.core.audit import GENESIS, AuditAction, AuditDraft, verify
+from corral.core.auth import ApiKeyRecord, Quotas, TenantRecord
 from corral.core.records import LOCAL_TENANT, SandboxRecord, TemplateRecord
+from corral.core.store import Store
 from corral.errors import Conflict
-from corral.ids import SandboxId, TenantId
+from corral.ids import KeyId, SandboxId, TenantId
 from corral.models import SandboxState
 from corral.runtimes.base import Instance, Limits
 from corral.store.memory import MemoryStore
+from corral.store.postgres import PostgresStore
 from corral.store.sqlite import SqliteStore
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MemoryStore | SqliteStore]:
-    s: MemoryStore | SqliteStore = (
-        MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "c.db")
-    )
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store
+    if request.param == "memory":
+        s = MemoryStore()
+    elif request.param == "sqlite":
+        s = SqliteStore(tmp_path / "c.db")
+    else:
+        s = PostgresStore(request.getfixturevalue("postgres_url"))
     yield s
     await s.aclose()
 
@@ -45,7 +53,7 @@ def record(**kw: object) -> SandboxRecord:
     return SandboxRecord(**base)  # type: ignore[arg-type]
 
 
-async def test_put_new_then_get_round_trips_every_field(store: MemoryStore | SqliteStore) -> None:
+async def test_put_new_then_get_round_trips_every_field(store: Store) -> None:
     inst = Instance(
         sandbox_id=SandboxId.new(),
         runtime="fake",
@@ -62,13 +70,13 @@ async def test_put_new_then_get_round_trips_every_field(store: MemoryStore | Sql
     assert got == stored
 
 
-async def test_put_new_twice_conflicts(store: MemoryStore | SqliteStore) -> None:
+async def test_put_new_twice_conflicts(store: Store) -> None:
     rec = await store.put_sandbox(record(), expect_version=None)
     with pytest.raises(Conflict):
         await store.put_sandbox(rec, expect_version=None)
 
 
-async def test_stale_version_conflicts_and_keeps_the_winner(store: MemoryStore | SqliteStore) -> None:
+async def test_stale_version_conflicts_and_keeps_the_winner(store: Store) -> None:
     rec = await store.put_sandbox(record(), expect_version=None)
     winner = await store.put_sandbox(dataclasses.replace(rec, state=SandboxState.PAUSED), expect_version=1)
     assert winner.version == 2
@@ -78,7 +86,7 @@ async def test_stale_version_conflicts_and_keeps_the_winner(store: MemoryStore |
     assert got is not None and got.state is SandboxState.PAUSED and got.version == 2
 
 
-async def test_list_filters_by_tenant_state_and_metadata(store: MemoryStore | SqliteStore) -> None:
+async def test_list_filters_by_tenant_state_and_metadata(store: Store) -> None:
     other = TenantId.new()
     a = await store.put_sandbox(record(metadata={"team": "x", "env": "dev"}), expect_version=None)
     await store.put_sandbox(record(metadata={"team": "y"}), expect_version=None)
@@ -93,14 +101,14 @@ async def test_list_filters_by_tenant_state_and_metadata(store: MemoryStore | Sq
     assert await store.list_sandboxes(metadata={"team": "x", "env": "prod"}) == []
 
 
-async def test_delete_removes(store: MemoryStore | SqliteStore) -> None:
+async def test_delete_removes(store: Store) -> None:
     rec = await store.put_sandbox(record(), expect_version=None)
     await store.delete_sandbox(rec.sandbox_id)
     assert await store.get_sandbox(rec.sandbox_id) is None
     await store.delete_sandbox(rec.sandbox_id)  # idempotent
 
 
-async def test_templates_cas_and_listing(store: MemoryStore | SqliteStore) -> None:
+async def test_templates_cas_and_listing(store: Store) -> None:
     t = await store.put_template(
         TemplateRecord(name="py", kind="directory", rootfs="/r", created_at=1.0), expect_version=None
     )
@@ -127,3 +135,72 @@ async def test_sqlite_is_shared_between_connections(tmp_path: Path) -> None:
     finally:
         await one.aclose()
         await two.aclose()
+
+
+# -- tenants, keys, audit -----------------------------------------------------------------------------------
+
+
+async def test_tenants_cas_unique_names_and_quotas_round_trip(store: Store) -> None:
+    t = TenantRecord(tenant_id=TenantId.new(), name="acme", created_at=1.0, quotas=Quotas(max_sandboxes=3))
+    stored = await store.put_tenant(t, expect_version=None)
+    assert stored.version == 1
+    assert await store.get_tenant(t.tenant_id) == stored
+    assert await store.get_tenant_by_name("acme") == stored
+    with pytest.raises(Conflict):  # same name, other id
+        await store.put_tenant(
+            TenantRecord(tenant_id=TenantId.new(), name="acme", created_at=2.0), expect_version=None
+        )
+    updated = await store.put_tenant(
+        dataclasses.replace(stored, quotas=Quotas(max_memory_mb=512, max_timeout=60.0)), expect_version=1
+    )
+    assert (await store.get_tenant(t.tenant_id)) == updated and updated.quotas.max_memory_mb == 512
+    with pytest.raises(Conflict):
+        await store.put_tenant(stored, expect_version=1)
+    assert [x.name for x in await store.list_tenants()] == ["acme"]
+
+
+async def test_keys_round_trip_revoke_and_filter_by_tenant(store: Store) -> None:
+    tenant = TenantId.new()
+    k1 = ApiKeyRecord(key_id=KeyId.new(), tenant_id=tenant, secret_sha256="a" * 64, created_at=1.0, name="ci")
+    admin = ApiKeyRecord(key_id=KeyId.new(), tenant_id=None, secret_sha256="b" * 64, created_at=2.0)
+    await store.put_key(k1)
+    await store.put_key(admin)
+    assert await store.get_key(k1.key_id) == k1
+    assert (await store.get_key(admin.key_id)) == admin and admin.admin
+    assert await store.list_keys(tenant_id=tenant) == [k1]
+    assert len(await store.list_keys()) == 2
+    revoked = dataclasses.replace(k1, revoked_at=5.0)
+    await store.put_key(revoked)
+    assert await store.get_key(k1.key_id) == revoked
+
+
+async def test_audit_appends_a_verifiable_chain(store: Store) -> None:
+    for i in range(5):
+        await store.append_audit(
+            AuditDraft(
+                at=1000.0 + i / 3,
+                action=AuditAction.PROCESS_EXIT,
+                tenant_id="tn-x",
+                sandbox_id=None,
+                details={"i": i, "argv": ["echo", "é"]},
+            )
+        )
+    entries = await store.audit_entries()
+    assert [e.seq for e in entries] == [1, 2, 3, 4, 5]
+    assert entries[0].prev_hash == GENESIS and entries[1].prev_hash == entries[0].hash
+    assert [e.seq for e in await store.audit_entries(after_seq=3, limit=1)] == [4]
+    result = await verify(store)
+    assert result.ok and result.entries == 5 and result.head_hash == entries[-1].hash
+
+
+async def test_concurrent_audit_appends_keep_one_chain(store: Store) -> None:
+    import anyio
+
+    async def append(i: int) -> None:
+        await store.append_audit(AuditDraft(at=float(i), action=AuditAction.FILE_WRITE, details={"i": i}))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(append, i)
+    result = await verify(store)
+    assert result.ok and result.entries == 20

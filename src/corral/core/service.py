@@ -27,6 +27,8 @@ import anyio
 from corral.core import files as _files
 from corral.core import processes as _processes
 from corral.core.agent_client import AgentClient
+from corral.core.audit import AuditAction, AuditLog
+from corral.core.auth import Quotas, check_quota, check_timeout_quota
 from corral.core.records import LOCAL_TENANT, SandboxRecord
 from corral.core.settings import Settings
 from corral.core.state import Action, require_state, transition
@@ -37,6 +39,7 @@ from corral.ids import SandboxId, TenantId
 from corral.models import (
     CreateParams,
     EntryInfo,
+    EventKind,
     ExecParams,
     ProcessEvent,
     ProcessInfo,
@@ -85,6 +88,8 @@ class SandboxService:
         self._agents: dict[str, AgentClient] = {}
         self._agent_locks: dict[str, anyio.Lock] = {}
         self._wake_reaper = anyio.Event()
+        self.audit = AuditLog(store, clock=clock)
+        self._quota_locks: dict[str, anyio.Lock] = {}
 
     # -- lifetime --------------------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -120,23 +125,27 @@ class SandboxService:
         template = request.template or self.settings.default_template
         await runtime.check()
         rootfs = await self.templates.resolve(template)
-        now = self._clock()
-        record = await self.store.put_sandbox(
-            SandboxRecord(
-                sandbox_id=SandboxId.new(),
-                tenant_id=tenant,
-                isolation=isolation,
-                template=template,
-                state=SandboxState.CREATING,
-                limits=limits,
-                created_at=now,
-                timeout=timeout,
-                deadline=now + timeout,
-                metadata=metadata,
-                env=env,
-            ),
-            expect_version=None,
-        )
+        # The quota check and the insert of the "creating" record are one step per tenant, so concurrent
+        # creates in this process cannot together pass a limit that each alone respects.
+        async with self._quota_locks.setdefault(str(tenant), anyio.Lock()):
+            await self._check_quota(tenant, memory_mb=limits.memory_mb, timeout=timeout)
+            now = self._clock()
+            record = await self.store.put_sandbox(
+                SandboxRecord(
+                    sandbox_id=SandboxId.new(),
+                    tenant_id=tenant,
+                    isolation=isolation,
+                    template=template,
+                    state=SandboxState.CREATING,
+                    limits=limits,
+                    created_at=now,
+                    timeout=timeout,
+                    deadline=now + timeout,
+                    metadata=metadata,
+                    env=env,
+                ),
+                expect_version=None,
+            )
         instance = None
         try:
             instance = await runtime.create(
@@ -169,6 +178,15 @@ class SandboxService:
                 await self.store.delete_sandbox(record.sandbox_id)
             raise
         self._wake_reaper.set()
+        await self.audit.record(
+            AuditAction.SANDBOX_CREATE,
+            tenant_id=tenant,
+            sandbox_id=record.sandbox_id,
+            template=template,
+            isolation=isolation,
+            memory_mb=limits.memory_mb,
+            timeout=timeout,
+        )
         return record.info()
 
     async def get(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
@@ -195,13 +213,16 @@ class SandboxService:
         record = await self._record(sandbox_id, tenant)
         if record.state is SandboxState.STOPPED:
             return record.info()
-        return (await self._stop(record, StopReason.KILLED)).info()
+        stopped = await self._stop(record, StopReason.KILLED)
+        await self.audit.record(AuditAction.SANDBOX_KILL, tenant_id=tenant, sandbox_id=record.sandbox_id)
+        return stopped.info()
 
     async def set_timeout(
         self, sandbox_id: str, seconds: float, *, tenant: TenantId = LOCAL_TENANT
     ) -> SandboxInfo:
         """Give the sandbox ``seconds`` more life from now (E2B semantics: not added to the old deadline)."""
         seconds = self._check_timeout(seconds)
+        check_timeout_quota(await self._quotas(tenant), seconds, tenant=await self._tenant_name(tenant))
         record = await self._reconciled(await self._record(sandbox_id, tenant))
         require_state(
             record.state, Action.SET_TIMEOUT, SandboxState.RUNNING, SandboxState.PAUSED, sandbox_id=sandbox_id
@@ -269,7 +290,38 @@ class SandboxService:
                 f"a command timeout must be between 0 and {self.settings.max_timeout:g} seconds"
             )
         client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
-        return _processes.exec_stream(client, params)
+        await self.audit.record(
+            AuditAction.PROCESS_START,
+            tenant_id=tenant,
+            sandbox_id=sandbox_id,
+            argv=params.argv,
+            cmd=params.cmd,
+            user=params.user,
+            cwd=params.cwd,
+            background=params.background,
+        )
+        return self._audited_exits(_processes.exec_stream(client, params), tenant, sandbox_id)
+
+    async def _audited_exits(
+        self, events: AsyncIterator[ProcessEvent], tenant: TenantId, sandbox_id: str
+    ) -> AsyncIterator[ProcessEvent]:
+        """Pass events through; record each process exit (code, signal, timed out) in the audit log."""
+        try:
+            async for event in events:
+                if event.kind is EventKind.EXIT:
+                    with anyio.CancelScope(shield=True):
+                        await self.audit.record(
+                            AuditAction.PROCESS_EXIT,
+                            tenant_id=tenant,
+                            sandbox_id=sandbox_id,
+                            process_id=event.process_id,
+                            exit_code=event.exit_code,
+                            signal=event.signal,
+                            timed_out=event.timed_out,
+                        )
+                yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
 
     async def attach(
         self, sandbox_id: str, process_id: str, *, tenant: TenantId = LOCAL_TENANT
@@ -319,7 +371,16 @@ class SandboxService:
     ) -> int:
         _files.check_path(path, writing=True)
         client = await self._running_agent(sandbox_id, tenant, Action.FILES)
-        return await _files.write(client, path, chunks, max_bytes=self.settings.max_file_bytes, user=user)
+        written = await _files.write(client, path, chunks, max_bytes=self.settings.max_file_bytes, user=user)
+        await self.audit.record(
+            AuditAction.FILE_WRITE,
+            tenant_id=tenant,
+            sandbox_id=sandbox_id,
+            path=path,
+            bytes=written,
+            user=user,
+        )
+        return written
 
     async def list_dir(
         self,
@@ -416,6 +477,12 @@ class SandboxService:
         return record
 
     async def _stop(self, record: SandboxRecord, reason: StopReason) -> SandboxRecord:
+        if reason is not StopReason.KILLED:  # a kill is recorded by kill(), with who asked
+            await self.audit.record(
+                AuditAction.SANDBOX_EXPIRE if reason is StopReason.TIMEOUT else AuditAction.SANDBOX_CRASH,
+                tenant_id=record.tenant_id,
+                sandbox_id=record.sandbox_id,
+            )
         await self._drop_agent(record.sandbox_id)
         if record.instance is not None:
             with anyio.CancelScope(shield=True):
@@ -451,6 +518,28 @@ class SandboxService:
         ):
             raise InvalidRequest(f"timeout must be between 0 and {self.settings.max_timeout:g} seconds")
         return float(seconds)
+
+    async def _quotas(self, tenant: TenantId) -> Quotas:
+        record = await self.store.get_tenant(tenant)
+        return record.quotas if record is not None else Quotas()  # the embedded tenant has none
+
+    async def _tenant_name(self, tenant: TenantId) -> str:
+        record = await self.store.get_tenant(tenant)
+        return record.name if record is not None else str(tenant)
+
+    async def _check_quota(self, tenant: TenantId, *, memory_mb: int, timeout: float) -> None:
+        quotas = await self._quotas(tenant)
+        if quotas == Quotas():
+            return
+        live = await self.store.list_sandboxes(tenant_id=tenant, states=_LIVE)
+        check_quota(
+            quotas,
+            live_count=len(live),
+            live_memory_mb=sum(r.limits.memory_mb for r in live),
+            memory_mb=memory_mb,
+            timeout=timeout,
+            tenant=await self._tenant_name(tenant),
+        )
 
     async def _record(self, sandbox_id: str, tenant: TenantId) -> SandboxRecord:
         if not SandboxId.is_valid(sandbox_id):

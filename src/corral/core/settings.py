@@ -34,6 +34,12 @@ class Settings:
     max_file_bytes: int = 4 * 1024**3  # largest single upload accepted
     enabled_runtimes: tuple[str, ...] = ("namespace", "gvisor")
     reap_interval: float = 5.0  # seconds between reconcile passes when no deadline is sooner
+    database_url: str | None = None  # postgresql://… for a server that must not lose state; None = SQLite
+    # server (corral serve)
+    host: str = "127.0.0.1"  # loopback unless told otherwise: exposing the API is a deliberate choice
+    port: int = 8700
+    admin_key: str | None = None  # CORRAL_ADMIN_KEY: a bootstrap admin token accepted besides stored keys
+    max_request_bytes: int = 1024 * 1024  # JSON bodies; file uploads stream and are bounded by max_file_bytes
 
     @property
     def state_root(self) -> Path:
@@ -55,6 +61,19 @@ class Settings:
             values["data_dir"] = Path(env["CORRAL_DATA_DIR"])
         if env.get("CORRAL_ISOLATION"):
             values["default_isolation"] = env["CORRAL_ISOLATION"]
+        if env.get("CORRAL_DATABASE_URL"):
+            values["database_url"] = env["CORRAL_DATABASE_URL"]
+        if env.get("CORRAL_HOST"):
+            values["host"] = env["CORRAL_HOST"]
+        if env.get("CORRAL_PORT"):
+            try:
+                values["port"] = int(env["CORRAL_PORT"])
+            except ValueError as exc:
+                raise InvalidRequest(
+                    f"CORRAL_PORT must be a port number, got {env['CORRAL_PORT']!r}"
+                ) from exc
+        if env.get("CORRAL_ADMIN_KEY"):
+            values["admin_key"] = env["CORRAL_ADMIN_KEY"]
         if env.get("CORRAL_RUNTIMES"):
             values["enabled_runtimes"] = tuple(
                 x.strip() for x in env["CORRAL_RUNTIMES"].split(",") if x.strip()

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from corral.core.audit import AuditStore
+from corral.core.auth import AuthStore
 from corral.core.records import SandboxRecord, TemplateRecord
 from corral.ids import SandboxId, TenantId
 from corral.models import SandboxState
@@ -17,7 +19,7 @@ from corral.models import SandboxState
 __all__ = ["Store"]
 
 
-class Store(Protocol):
+class Store(AuthStore, AuditStore, Protocol):
     async def get_sandbox(self, sandbox_id: SandboxId) -> SandboxRecord | None: ...
 
     async def put_sandbox(self, record: SandboxRecord, *, expect_version: int | None) -> SandboxRecord:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from corral.core.audit import GENESIS, AuditDraft, AuditEntry, seal
+from corral.core.auth import ApiKeyRecord, TenantRecord
 from corral.core.records import SandboxRecord, TemplateRecord
-from corral.ids import SandboxId, TenantId
+from corral.errors import Conflict
+from corral.ids import KeyId, SandboxId, TenantId
 from corral.models import SandboxState
 from corral.store._common import check_version, matches
 
@@ -17,6 +20,9 @@ class MemoryStore:
     def __init__(self) -> None:
         self._sandboxes: dict[str, SandboxRecord] = {}
         self._templates: dict[str, TemplateRecord] = {}
+        self._tenants: dict[str, TenantRecord] = {}
+        self._keys: dict[str, ApiKeyRecord] = {}
+        self._audit: list[AuditEntry] = []
 
     async def get_sandbox(self, sandbox_id: SandboxId) -> SandboxRecord | None:
         return self._sandboxes.get(sandbox_id)
@@ -63,3 +69,43 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         return None
+
+    # -- tenants and keys ------------------------------------------------------------------------------------
+    async def get_tenant(self, tenant_id: TenantId) -> TenantRecord | None:
+        return self._tenants.get(tenant_id)
+
+    async def get_tenant_by_name(self, name: str) -> TenantRecord | None:
+        return next((t for t in self._tenants.values() if t.name == name), None)
+
+    async def put_tenant(self, record: TenantRecord, *, expect_version: int | None) -> TenantRecord:
+        old = self._tenants.get(record.tenant_id)
+        version = check_version("tenant", record.tenant_id, old.version if old else None, expect_version)
+        same_name = await self.get_tenant_by_name(record.name)
+        if same_name is not None and same_name.tenant_id != record.tenant_id:
+            raise Conflict(f"tenant {record.name!r} already exists")
+        new = dataclasses.replace(record, version=version)
+        self._tenants[record.tenant_id] = new
+        return new
+
+    async def list_tenants(self) -> list[TenantRecord]:
+        return sorted(self._tenants.values(), key=lambda t: t.name)
+
+    async def get_key(self, key_id: KeyId) -> ApiKeyRecord | None:
+        return self._keys.get(key_id)
+
+    async def put_key(self, record: ApiKeyRecord) -> None:
+        self._keys[record.key_id] = record
+
+    async def list_keys(self, *, tenant_id: TenantId | None = None) -> list[ApiKeyRecord]:
+        keys = sorted(self._keys.values(), key=lambda k: k.key_id)
+        return keys if tenant_id is None else [k for k in keys if k.tenant_id == tenant_id]
+
+    # -- audit ---------------------------------------------------------------------------------------------
+    async def append_audit(self, draft: AuditDraft) -> AuditEntry:
+        head = self._audit[-1] if self._audit else None
+        entry = seal(draft, seq=head.seq + 1 if head else 1, prev_hash=head.hash if head else GENESIS)
+        self._audit.append(entry)
+        return entry
+
+    async def audit_entries(self, *, after_seq: int = 0, limit: int = 1000) -> list[AuditEntry]:
+        return [e for e in self._audit if e.seq > after_seq][:limit]

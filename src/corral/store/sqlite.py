@@ -16,15 +16,18 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
+from corral.core.audit import GENESIS, AuditDraft, AuditEntry, seal
+from corral.core.auth import ApiKeyRecord, TenantRecord
 from corral.core.records import SandboxRecord, TemplateRecord
-from corral.ids import SandboxId, TenantId
+from corral.errors import Conflict
+from corral.ids import KeyId, SandboxId, TenantId
 from corral.models import SandboxState
 from corral.store._common import check_version, matches
 
 __all__ = ["SqliteStore"]
 
 T = TypeVar("T")
-R = TypeVar("R", SandboxRecord, TemplateRecord)
+R = TypeVar("R", SandboxRecord, TemplateRecord, TenantRecord)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -43,6 +46,31 @@ CREATE TABLE IF NOT EXISTS templates (
 );
 """
 
+# Tenants, API keys and the audit log (core/auth.py, core/audit.py). The audit table refuses UPDATE and DELETE:
+# entries are only ever appended, and the hash chain shows any change made by going around these triggers.
+_AUTH_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    version INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT,
+    data TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    hash TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
 
 class SqliteStore:
     def __init__(self, path: Path) -> None:
@@ -53,6 +81,7 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._db.executescript(_AUTH_SCHEMA)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def locked() -> T:
@@ -168,6 +197,94 @@ class SqliteStore:
 
     async def delete_template(self, name: str) -> None:
         await self._call(lambda db: db.execute("DELETE FROM templates WHERE name = ?", (name,)))
+
+    # -- tenants and keys ------------------------------------------------------------------------------------
+    async def get_tenant(self, tenant_id: TenantId) -> TenantRecord | None:
+        row = await self._call(
+            lambda db: db.execute("SELECT data FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
+        )
+        return TenantRecord.from_json(row[0]) if row else None
+
+    async def get_tenant_by_name(self, name: str) -> TenantRecord | None:
+        row = await self._call(
+            lambda db: db.execute("SELECT data FROM tenants WHERE name = ?", (name,)).fetchone()
+        )
+        return TenantRecord.from_json(row[0]) if row else None
+
+    async def put_tenant(self, record: TenantRecord, *, expect_version: int | None) -> TenantRecord:
+        def write(db: sqlite3.Connection, new: TenantRecord) -> None:
+            try:
+                db.execute(
+                    "INSERT INTO tenants (id, name, version, data) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
+                    "SET name = excluded.name, version = excluded.version, data = excluded.data",
+                    (new.tenant_id, new.name, new.version, new.to_json()),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"tenant {new.name!r} already exists") from exc
+
+        return await self._cas(
+            record,
+            kind="tenant",
+            key=record.tenant_id,
+            expect_version=expect_version,
+            version_sql="SELECT version FROM tenants WHERE id = ?",
+            write=write,
+        )
+
+    async def list_tenants(self) -> list[TenantRecord]:
+        rows = await self._call(lambda db: db.execute("SELECT data FROM tenants ORDER BY name").fetchall())
+        return [TenantRecord.from_json(r[0]) for r in rows]
+
+    async def get_key(self, key_id: KeyId) -> ApiKeyRecord | None:
+        row = await self._call(
+            lambda db: db.execute("SELECT data FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        )
+        return ApiKeyRecord.from_json(row[0]) if row else None
+
+    async def put_key(self, record: ApiKeyRecord) -> None:
+        await self._call(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO api_keys (id, tenant_id, data) VALUES (?, ?, ?)",
+                (record.key_id, record.tenant_id, record.to_json()),
+            )
+        )
+
+    async def list_keys(self, *, tenant_id: TenantId | None = None) -> list[ApiKeyRecord]:
+        def query(db: sqlite3.Connection) -> list[Any]:
+            if tenant_id is None:
+                return db.execute("SELECT data FROM api_keys ORDER BY id").fetchall()
+            return db.execute(
+                "SELECT data FROM api_keys WHERE tenant_id = ? ORDER BY id", (tenant_id,)
+            ).fetchall()
+
+        return [ApiKeyRecord.from_json(r[0]) for r in await self._call(query)]
+
+    # -- audit ---------------------------------------------------------------------------------------------
+    async def append_audit(self, draft: AuditDraft) -> AuditEntry:
+        def append(db: sqlite3.Connection) -> AuditEntry:
+            db.execute("BEGIN IMMEDIATE")  # the head read and the insert are one step, across processes too
+            try:
+                head = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                entry = seal(draft, seq=head[0] + 1 if head else 1, prev_hash=head[1] if head else GENESIS)
+                db.execute(
+                    "INSERT INTO audit (seq, hash, data) VALUES (?, ?, ?)",
+                    (entry.seq, entry.hash, entry.to_json()),
+                )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return entry
+
+        return await self._call(append)
+
+    async def audit_entries(self, *, after_seq: int = 0, limit: int = 1000) -> list[AuditEntry]:
+        rows = await self._call(
+            lambda db: db.execute(
+                "SELECT data FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+            ).fetchall()
+        )
+        return [AuditEntry.from_json(r[0]) for r in rows]
 
     async def aclose(self) -> None:
         await self._call(lambda db: db.close())
