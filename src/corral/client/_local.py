@@ -33,26 +33,11 @@ from corral.models import (
     SandboxState,
     TemplateInfo,
 )
-from corral.runtimes.base import Runtime, RuntimeConfig
-from corral.runtimes.registry import load_runtime
-from corral.store.sqlite import SqliteStore
+from corral.store import open_service
 
 __all__ = ["AsyncLocalBackend", "LocalBackend", "open_service"]
 
 T = TypeVar("T")
-
-
-def open_service(settings: Settings) -> SandboxService:
-    """Wire a SandboxService for this host: SQLite store, runtimes loaded lazily by name and cached."""
-    config = RuntimeConfig(state_root=settings.state_root, cache_root=settings.cache_root)
-    runtimes: dict[str, Runtime] = {}
-
-    def runtime_for(name: str) -> Runtime:
-        if name not in runtimes:
-            runtimes[name] = load_runtime(name, config, enabled=settings.enabled_runtimes)
-        return runtimes[name]
-
-    return SandboxService(settings=settings, store=SqliteStore(settings.db_path), runtime_for=runtime_for)
 
 
 class AsyncLocalBackend:

@@ -123,8 +123,10 @@ class VerifyResult:
     problem: str = ""
 
 
-async def iter_entries(store: AuditStore, *, page: int = 1000) -> AsyncIterator[AuditEntry]:
-    after = 0
+async def iter_entries(
+    store: AuditStore, *, after_seq: int = 0, page: int = 1000
+) -> AsyncIterator[AuditEntry]:
+    after = after_seq
     while True:
         batch = await store.audit_entries(after_seq=after, limit=page)
         for entry in batch:

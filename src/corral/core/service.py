@@ -431,6 +431,17 @@ class SandboxService:
         client = await self._running_agent(sandbox_id, tenant, Action.FILES)
         await _files.rename(client, src, dst, overwrite=overwrite, user=user)
 
+    async def usable_runtimes(self) -> list[str]:
+        """The enabled runtimes whose host requirements are met right now (for readiness probes)."""
+        usable = []
+        for name in self.settings.enabled_runtimes:
+            try:
+                await self._runtime(name).check()
+            except CorralError:
+                continue
+            usable.append(name)
+        return usable
+
     # -- reconcile -------------------------------------------------------------------------------------------
     async def reap(self) -> float | None:
         """One reconcile pass over every live sandbox. Returns the soonest deadline still pending."""

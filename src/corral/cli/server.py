@@ -1,0 +1,281 @@
+"""``corral serve`` and the admin commands of the host that runs it: tenants, keys, audit.
+
+The admin commands work on the server's store directly (the same data directory or ``CORRAL_DATABASE_URL``),
+like ``kubeadm token create``: whoever can read the store on the server host is an administrator anyway, and
+it bootstraps the first keys before any exist. The same operations are in the REST API for admin keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import click
+
+from corral.cli._output import emit_json, err_console, table
+from corral.core.audit import AuditAction, AuditLog, iter_entries, verify
+from corral.core.auth import AuthService, Quotas
+from corral.core.settings import Settings
+from corral.core.store import Store
+from corral.store import open_store
+
+__all__ = ["audit", "keys", "serve", "tenants"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Admin:
+    store: Store
+    auth: AuthService
+    log: AuditLog
+
+
+def _with_auth(fn: Callable[[_Admin], Awaitable[T]]) -> T:
+    async def go() -> T:
+        store = open_store(Settings.load())
+        try:
+            return await fn(_Admin(store, AuthService(store), AuditLog(store, clock=time.time)))
+        finally:
+            await store.aclose()
+
+    return anyio.run(go)
+
+
+@click.command()
+@click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1, or CORRAL_HOST].")
+@click.option("--port", type=int, default=None, help="Port [default: 8700, or CORRAL_PORT].")
+@click.option("--database-url", default=None, help="postgresql://… instead of the embedded SQLite store.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(host: str | None, port: int | None, database_url: str | None, log_level: str) -> None:
+    """Run the Corral API server (REST, NDJSON and WebSocket streams, /metrics, /healthz, /readyz)."""
+    import uvicorn
+
+    from corral.server.app import create_app
+    from corral.server.logs import configure_json_logging
+
+    settings = Settings.load(host=host, port=port, database_url=database_url)
+    configure_json_logging(getattr(logging, log_level.upper()))
+    app = create_app(settings)
+    err_console.print(
+        f"corral: serving on http://{settings.host}:{settings.port} (data: {settings.data_dir}); "
+        "point clients at it with CORRAL_URL and CORRAL_API_KEY"
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        ws_max_size=8 * 1024 * 1024,
+    )
+
+
+# -- tenants ---------------------------------------------------------------------------------------------------
+
+
+def _quota_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--max-timeout", type=float, help="Longest sandbox lifetime, seconds.")(fn)
+    fn = click.option("--max-memory-mb", type=int, help="Total memory of live sandboxes, MiB.")(fn)
+    return click.option("--max-sandboxes", type=int, help="Live sandboxes at once.")(fn)
+
+
+@click.group()
+def tenants() -> None:
+    """Tenants and their quotas (on the server host)."""
+
+
+@tenants.command("create")
+@click.argument("name")
+@_quota_options
+@click.option("--json", "as_json", is_flag=True)
+def tenants_create(
+    name: str, max_sandboxes: int | None, max_memory_mb: int | None, max_timeout: float | None, as_json: bool
+) -> None:
+    """Create tenant NAME."""
+    quotas = Quotas(max_sandboxes=max_sandboxes, max_memory_mb=max_memory_mb, max_timeout=max_timeout)
+
+    async def go(a: _Admin) -> Any:
+        auth, log = a.auth, a.log
+        record = await auth.create_tenant(name, quotas=quotas)
+        await log.record(AuditAction.TENANT_CREATE, tenant_id=record.tenant_id, name=name, by="cli")
+        return record
+
+    record = _with_auth(go)
+    emit_json(record.to_wire()) if as_json else click.echo(
+        f"created tenant {record.name} ({record.tenant_id})"
+    )
+
+
+@tenants.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def tenants_list(as_json: bool) -> None:
+    """List tenants and their quotas."""
+
+    async def go(a: _Admin) -> Any:
+        auth = a.auth
+        return await auth.store.list_tenants()
+
+    records = _with_auth(go)
+    if as_json:
+        emit_json([r.to_wire() for r in records])
+        return
+
+    def q(v: object) -> str:
+        return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+    table(
+        ["NAME", "ID", "MAX SANDBOXES", "MAX MEMORY MB", "MAX TIMEOUT S"],
+        [
+            [
+                r.name,
+                r.tenant_id,
+                q(r.quotas.max_sandboxes),
+                q(r.quotas.max_memory_mb),
+                q(r.quotas.max_timeout),
+            ]
+            for r in records
+        ],
+    )
+
+
+@tenants.command("set-quotas")
+@click.argument("name")
+@_quota_options
+def tenants_set_quotas(
+    name: str, max_sandboxes: int | None, max_memory_mb: int | None, max_timeout: float | None
+) -> None:
+    """Replace the quotas of tenant NAME (an option left out means unlimited)."""
+    quotas = Quotas(max_sandboxes=max_sandboxes, max_memory_mb=max_memory_mb, max_timeout=max_timeout)
+
+    async def go(a: _Admin) -> Any:
+        auth = a.auth
+        return await auth.set_quotas(name, quotas)
+
+    record = _with_auth(go)
+    click.echo(f"tenant {record.name}: {record.quotas.to_wire()}")
+
+
+# -- keys ------------------------------------------------------------------------------------------------------
+
+
+@click.group()
+def keys() -> None:
+    """API keys (on the server host). Keys are shown once and stored hashed."""
+
+
+@keys.command("create")
+@click.option("--tenant", help="Tenant name; created (without quotas) if it does not exist.")
+@click.option("--admin", is_flag=True, help="An admin key: manages tenants, keys and the audit log.")
+@click.option("--name", default="", help="A label for the key.")
+def keys_create(tenant: str | None, admin: bool, name: str) -> None:
+    """Create an API key; the key itself is printed on the last line, once."""
+    if admin == (tenant is not None):
+        raise click.UsageError("give either --tenant NAME or --admin")
+
+    async def go(a: _Admin) -> Any:
+        auth, log = a.auth, a.log
+        if tenant is not None and await auth.store.get_tenant_by_name(tenant) is None:
+            record = await auth.create_tenant(tenant)
+            await log.record(AuditAction.TENANT_CREATE, tenant_id=record.tenant_id, name=tenant, by="cli")
+            err_console.print(f"created tenant {tenant} (no quotas; see corral tenants set-quotas)")
+        new = await auth.create_key(tenant=tenant, name=name)
+        await log.record(
+            AuditAction.KEY_CREATE, tenant_id=new.record.tenant_id, key_id=new.record.key_id, by="cli"
+        )
+        return new
+
+    new = _with_auth(go)
+    who = "admin" if admin else f"tenant {tenant}"
+    err_console.print(f"created key {new.record.key_id} for {who}; it is shown only now:")
+    click.echo(new.token)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def keys_list(as_json: bool) -> None:
+    """List keys (never their secrets)."""
+
+    async def go(a: _Admin) -> Any:
+        auth = a.auth
+        names = {t.tenant_id: t.name for t in await auth.store.list_tenants()}
+        return names, await auth.store.list_keys()
+
+    names, records = _with_auth(go)
+    if as_json:
+        emit_json([r.to_wire() for r in records])
+        return
+    table(
+        ["KEY", "TENANT", "NAME", "REVOKED"],
+        [
+            [
+                r.key_id,
+                "(admin)" if r.admin else names.get(r.tenant_id, str(r.tenant_id)),
+                r.name,
+                "yes" if r.revoked_at else "",
+            ]
+            for r in records
+        ],
+    )
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke key KEY_ID at once."""
+
+    async def go(a: _Admin) -> Any:
+        auth, log = a.auth, a.log
+        record = await auth.revoke_key(key_id)
+        await log.record(AuditAction.KEY_REVOKE, tenant_id=record.tenant_id, key_id=record.key_id, by="cli")
+        return record
+
+    _with_auth(go)
+    click.echo(f"revoked {key_id}")
+
+
+# -- audit -----------------------------------------------------------------------------------------------------
+
+
+@click.group()
+def audit() -> None:
+    """The append-only, hash-chained audit log."""
+
+
+@audit.command("verify")
+def audit_verify() -> None:
+    """Check every link of the hash chain; exit 1 naming the first bad entry."""
+
+    async def go(a: _Admin) -> Any:
+        return await verify(a.store)
+
+    result = _with_auth(go)
+    if result.ok:
+        click.echo(f"audit log intact: {result.entries} entries, head {result.head_hash}")
+        return
+    err_console.print(
+        f"[bold red]audit log TAMPERED:[/bold red] entry {result.first_bad_seq}: {result.problem} "
+        f"({result.entries} entries before it verify)"
+    )
+    sys.exit(1)
+
+
+@audit.command("export")
+@click.option("--after", type=int, default=0, help="Only entries after this sequence number.")
+def audit_export(after: int) -> None:
+    """Print the audit log as JSON lines."""
+
+    async def go(a: _Admin) -> int:
+        count = 0
+        async for entry in iter_entries(a.store, after_seq=after):
+            click.echo(entry.to_json())
+            count += 1
+        return count
+
+    _with_auth(go)

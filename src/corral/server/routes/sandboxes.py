@@ -1,0 +1,99 @@
+"""Sandboxes: create, get, list (metadata filters, pagination), kill, timeout, pause, resume."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from corral.errors import InvalidRequest
+from corral.models import SandboxInfo, SandboxState
+from corral.server.app import State, TenantCaller
+from corral.server.schemas import CreateSandboxBody, TimeoutBody
+
+router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
+
+MAX_PAGE = 1000
+
+
+@router.post("", status_code=201, summary="Create a sandbox")
+async def create(body: CreateSandboxBody, state: State, tenant: TenantCaller) -> dict[str, Any]:
+    params = body.params()
+    started = time.perf_counter()
+    info = await state.service.create(params, tenant=tenant)
+    state.metrics.create_seconds.labels(info.isolation).observe(time.perf_counter() - started)
+    return info.to_wire()
+
+
+def _metadata_filter(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"metadata filter {pair!r} must look like key=value")
+        out[key] = value
+    return out
+
+
+def _cursor(info: SandboxInfo) -> str:
+    return base64.urlsafe_b64encode(f"{info.created_at!r}|{info.sandbox_id}".encode()).decode()
+
+
+def _after(cursor: str) -> tuple[float, str]:
+    try:
+        created, _, sandbox_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return float(created), sandbox_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest("cursor is not one this server returned; start again without it") from exc
+
+
+@router.get("", summary="List sandboxes (oldest first), filtered by metadata and state, one page at a time")
+async def list_sandboxes(
+    state: State,
+    tenant: TenantCaller,
+    metadata: Annotated[list[str], Query(description="key=value; repeat to require several")] = [],  # noqa: B006
+    state_: Annotated[list[SandboxState], Query(alias="state")] = [],  # noqa: B006
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> dict[str, Any]:
+    found = await state.service.list_sandboxes(
+        tenant=tenant, metadata=_metadata_filter(metadata), states=frozenset(state_) if state_ else None
+    )
+    found.sort(key=lambda i: (i.created_at, i.sandbox_id))
+    if cursor is not None:
+        after = _after(cursor)
+        found = [i for i in found if (i.created_at, i.sandbox_id) > after]
+    page = found[:limit]
+    return {
+        "sandboxes": [i.to_wire() for i in page],
+        "next_cursor": _cursor(page[-1]) if len(found) > limit else None,
+    }
+
+
+@router.get("/{sandbox_id}", summary="Get one sandbox")
+async def get(sandbox_id: str, state: State, tenant: TenantCaller) -> dict[str, Any]:
+    return (await state.service.get(sandbox_id, tenant=tenant)).to_wire()
+
+
+@router.delete("/{sandbox_id}", summary="Kill a sandbox (idempotent)")
+async def kill(sandbox_id: str, state: State, tenant: TenantCaller) -> dict[str, Any]:
+    return (await state.service.kill(sandbox_id, tenant=tenant)).to_wire()
+
+
+@router.post("/{sandbox_id}/timeout", summary="Give the sandbox this many seconds more life, from now")
+async def set_timeout(
+    sandbox_id: str, body: TimeoutBody, state: State, tenant: TenantCaller
+) -> dict[str, Any]:
+    return (await state.service.set_timeout(sandbox_id, body.timeout, tenant=tenant)).to_wire()
+
+
+@router.post("/{sandbox_id}/pause", summary="Pause (its deadline is suspended)")
+async def pause(sandbox_id: str, state: State, tenant: TenantCaller) -> dict[str, Any]:
+    return (await state.service.pause(sandbox_id, tenant=tenant)).to_wire()
+
+
+@router.post("/{sandbox_id}/resume", summary="Resume a paused sandbox")
+async def resume(sandbox_id: str, state: State, tenant: TenantCaller) -> dict[str, Any]:
+    return (await state.service.resume(sandbox_id, tenant=tenant)).to_wire()

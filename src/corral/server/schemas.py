@@ -1,0 +1,104 @@
+"""Request bodies of the REST API: strict (unknown fields, wrong types and oversized values are 400s).
+
+Responses reuse the wire dataclasses of :mod:`corral.models`, so the server and the SDK agree by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from corral.models import CreateParams, ExecParams
+
+__all__ = [
+    "CreateSandboxBody",
+    "ExecBody",
+    "KeyBody",
+    "MakeDirBody",
+    "QuotasBody",
+    "RenameBody",
+    "SignalBody",
+    "TenantBody",
+    "TimeoutBody",
+]
+
+Name = Annotated[str, Field(min_length=1, max_length=128)]
+Path = Annotated[str, Field(min_length=1, max_length=4096)]
+StrMap = dict[Annotated[str, Field(max_length=256)], Annotated[str, Field(max_length=32768)]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CreateSandboxBody(_Strict):
+    template: Name | None = None
+    isolation: Name | None = None
+    timeout: Annotated[float, Field(gt=0)] | None = None
+    metadata: StrMap = Field(default_factory=dict)
+    env: StrMap = Field(default_factory=dict)
+    memory_mb: Annotated[int, Field(ge=16, le=1024 * 1024)] | None = None
+    cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
+
+    def params(self) -> CreateParams:
+        return CreateParams(**self.model_dump())
+
+
+class ExecBody(_Strict):
+    cmd: Annotated[str, Field(min_length=1, max_length=131072)] | None = None
+    argv: (
+        Annotated[list[Annotated[str, Field(max_length=131072)]], Field(min_length=1, max_length=4096)] | None
+    ) = None
+    env: StrMap = Field(default_factory=dict)
+    cwd: Path | None = None
+    user: Name | None = None
+    timeout: Annotated[float, Field(gt=0)] | None = None
+    stdin: bool = False
+    background: bool = False
+    tag: Name | None = None
+
+    def params(self) -> ExecParams:
+        return ExecParams(**self.model_dump())
+
+
+class TimeoutBody(_Strict):
+    timeout: Annotated[float, Field(gt=0)]
+
+
+class SignalBody(_Strict):
+    signal: Annotated[int, Field(ge=1, le=64)]
+
+
+class MakeDirBody(_Strict):
+    path: Path
+    user: Name | None = None
+
+
+class RenameBody(_Strict):
+    src: Path
+    dst: Path
+    overwrite: bool = False
+    user: Name | None = None
+
+
+class QuotasBody(_Strict):
+    max_sandboxes: Annotated[int, Field(gt=0)] | None = None
+    max_memory_mb: Annotated[int, Field(gt=0)] | None = None
+    max_timeout: Annotated[float, Field(gt=0)] | None = None
+
+
+class TenantBody(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=63)]
+    quotas: QuotasBody = Field(default_factory=QuotasBody)
+
+
+class KeyBody(_Strict):
+    name: Annotated[str, Field(max_length=128)] = ""
+
+
+def dump(value: Any) -> Any:
+    """A wire dataclass (or list of them) as JSON-ready data."""
+    if isinstance(value, list):
+        return [dump(v) for v in value]
+    return value.to_wire() if hasattr(value, "to_wire") else value
