@@ -144,7 +144,8 @@ class ProcessEvent(_Wire):
         return self.data.decode(errors="replace")
 
     def to_wire(self) -> dict[str, Any]:
-        out = {k: v for k, v in super().to_wire().items() if v not in (None, False, b"")}
+        # Identity, not equality: exit_code 0 == False must stay in.
+        out = {k: v for k, v in super().to_wire().items() if v is not None and v is not False and v != b""}
         if self.data:
             out["data"] = self.data.decode("latin-1")  # JSON transports; raw framing elsewhere
         return out

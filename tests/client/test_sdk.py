@@ -1,4 +1,5 @@
-"""The SDK surface, sync and async, in embedded mode on the real namespace runtime.
+"""The SDK surface, sync and async, on the real namespace runtime, in BOTH modes: embedded (no server) and
+remote (``corral serve`` in a subprocess, reached through CORRAL_URL/CORRAL_API_KEY, as users do).
 
 The same calls work on gVisor (tests/runtimes/test_conformance.py checks the runtime side); namespace keeps
 this suite fast.
@@ -31,8 +32,21 @@ pytestmark = [pytest.mark.root, pytest.mark.bwrap]
 ISO = "namespace"
 
 
+@pytest.fixture(scope="module", params=["embedded", "remote"], autouse=True)
+def mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs once per mode; remote mode only changes the environment, like a user would."""
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "remote":
+            server = request.getfixturevalue("corral_server")
+            mp.setenv("CORRAL_URL", server.url)
+            mp.setenv("CORRAL_API_KEY", server.api_key)
+        else:
+            mp.delenv("CORRAL_URL", raising=False)
+        yield request.param
+
+
 @pytest.fixture(scope="module")
-def sbx() -> Iterator[Sandbox]:
+def sbx(mode: str) -> Iterator[Sandbox]:
     with Sandbox.create(isolation=ISO, metadata={"suite": "sdk"}, timeout=600) as sandbox:
         yield sandbox
 
@@ -138,7 +152,11 @@ def test_file_errors(sbx: Sandbox) -> None:
         sbx.files.read("bad\x00path")
 
 
-def test_file_too_large_is_refused_and_nothing_is_left() -> None:
+def test_file_too_large_is_refused_and_nothing_is_left(mode: str) -> None:
+    if mode == "remote":
+        pytest.skip(
+            "needs a server with a small max_file_bytes: tests/server/test_api.py checks that over HTTP"
+        )
     backend = LocalBackend.from_env(max_file_bytes=1000)
     try:
         box = Sandbox.create(isolation=ISO, backend=backend)

@@ -91,12 +91,9 @@ def open_default_backend() -> AsyncBackend:
 
     config = ClientConfig.from_env()
     if config.url:
-        from corral.errors import Unsupported
+        from corral.client._async.remote import AsyncRemoteBackend
 
-        raise Unsupported(
-            "remote mode (CORRAL_URL) needs the Corral server API, which this version does not "
-            "include yet; unset CORRAL_URL to use embedded mode"
-        )
+        return AsyncRemoteBackend(config.url, api_key=config.api_key)
     from corral.client._local import AsyncLocalBackend
 
     return AsyncLocalBackend.from_env()

@@ -92,12 +92,9 @@ def open_default_backend() -> Backend:
 
     config = ClientConfig.from_env()
     if config.url:
-        from corral.errors import Unsupported
+        from corral.client._sync.remote import RemoteBackend
 
-        raise Unsupported(
-            "remote mode (CORRAL_URL) needs the Corral server API, which this version does not "
-            "include yet; unset CORRAL_URL to use embedded mode"
-        )
+        return RemoteBackend(config.url, api_key=config.api_key)
     from corral.client._local import LocalBackend
 
     return LocalBackend.from_env()

@@ -17,7 +17,9 @@ from corral.server.schemas import ExecBody, SignalBody
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}/processes", tags=["processes"])
 
-_STREAM_DOC: dict[int | str, dict[str, Any]] = {200: {"content": {NDJSON: {}}, "description": "One JSON process event per line"}}
+_STREAM_DOC: dict[int | str, dict[str, Any]] = {
+    200: {"content": {NDJSON: {}}, "description": "One JSON process event per line"}
+}
 MAX_STDIN_CHUNK = 4 * 1024 * 1024
 
 
