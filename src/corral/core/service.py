@@ -34,7 +34,7 @@ from corral.core.settings import Settings
 from corral.core.state import Action, require_state, transition
 from corral.core.store import Store
 from corral.core.templates import TemplateRegistry
-from corral.errors import Conflict, CorralError, InvalidRequest, NotFound, Unsupported
+from corral.errors import Conflict, CorralError, InvalidRequest, NotFound, RuntimeFailure, Timeout, Unsupported
 from corral.ids import SandboxId, TenantId
 from corral.models import (
     CreateParams,
@@ -167,7 +167,7 @@ class SandboxService:
                 dataclasses.replace(record, state=transition(record.state, SandboxState.RUNNING)),
                 expect_version=record.version,
             )
-        except BaseException:
+        except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._drop_agent(record.sandbox_id)
                 if instance is not None:
@@ -176,6 +176,11 @@ class SandboxService:
                     except CorralError:
                         log.exception("cleanup of failed sandbox %s failed", record.sandbox_id)
                 await self.store.delete_sandbox(record.sandbox_id)
+            if isinstance(exc, RuntimeFailure) and record.deadline and self._clock() >= record.deadline:
+                raise Timeout(  # its shim ended it at the deadline while it was still booting
+                    f"the sandbox's timeout ({timeout:g} s) ran out before it finished starting; "
+                    "give it a longer timeout"
+                ) from exc
             raise
         self._wake_reaper.set()
         await self.audit.record(
