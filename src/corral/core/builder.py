@@ -148,10 +148,15 @@ async def build_template(
                 BuildEvent(kind=BuildEventKind.DONE, message=params.name, total_steps=len(params.steps))
             )
 
-    async with anyio.create_task_group() as tg, receive:
-        tg.start_soon(produce)
-        async for event in receive:
-            yield event
+    try:
+        async with anyio.create_task_group() as tg, receive:
+            tg.start_soon(produce)
+            async for event in receive:
+                yield event
+    except BaseExceptionGroup as group:  # the producer's own error, not a group of one
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from group.exceptions[0].__cause__
+        raise
 
 
 class _NoSteps:

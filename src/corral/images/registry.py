@@ -11,8 +11,9 @@ Credentials never go on a command line (other host users can read it): username/
 private, temporary ``auth.json`` passed as ``--src-authfile``. A registry bearer token (``--src-registry-token``)
 is the exception skopeo forces; prefer username/password where the registry offers both.
 
-Plain ``http://`` is allowed for loopback registries (``127.0.0.1``, ``localhost``, ``[::1]``) or with an
-explicit ``insecure=True``: anything else must be HTTPS with a verified certificate.
+Plain ``http://`` is allowed for loopback registries (``127.0.0.1``, ``localhost``, ``[::1]``; as with docker,
+they may speak HTTP without saying ``http://``) or with an explicit ``insecure=True``: anything else must be
+HTTPS with a verified certificate.
 
 Pulls into the layout are serialised by a lock file (skopeo rewrites ``index.json``). Errors are classified
 from skopeo's stderr into Corral's typed errors; the raw text (it names host paths) goes to the log only.
@@ -193,7 +194,7 @@ def pull(
             argv += ["--src-authfile", str(_authfile(Path(private), ref, credentials))]
         else:
             argv += ["--src-no-creds"]
-        if ref.plain_http or insecure:
+        if ref.plain_http or insecure or ref.loopback:  # loopback: docker's default insecure range too
             argv += ["--src-tls-verify=false"]
         # HOME/XDG point at the private dir: no host docker/containers config or credentials leak in
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": private, "XDG_RUNTIME_DIR": private}
