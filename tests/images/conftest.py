@@ -36,16 +36,23 @@ class Registry:
     user: str | None = None
     password: str | None = None
 
-    def blob_gets(self, repo: str) -> int:
-        """How many layer/config blobs were downloaded (GET, not HEAD) from ``repo`` so far."""
-        pattern = re.compile(rf'"GET /v2/{re.escape(repo)}/blobs/sha256:[0-9a-f]+ HTTP/1\.1" 200')
-        return sum(1 for line in list(self.log) if pattern.search(line))
+    def blob_gets(self, repo: str, digests: set[str] | None = None) -> int:
+        """How many blobs (of ``digests``, "sha256:…", or any) were downloaded (GET, not HEAD) from ``repo``."""
+        uri = re.compile(rf'http\.request\.uri="/v2/{re.escape(repo)}/blobs/(sha256:[0-9a-f]{{64}})"')
+        count = 0
+        for line in list(self.log):
+            m = uri.search(line)
+            if m and "http.request.method=GET" in line and "http.response.status=200" in line:
+                count += digests is None or m[1] in digests
+        return count
 
     def push(self, layout: Path, ref: str, repo_tag: str) -> str:
         argv = ["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"]
         if self.user:
             argv += ["--dest-creds", f"{self.user}:{self.password}"]
-        subprocess.run([*argv, f"oci:{layout}:{ref}", f"docker://{self.host}/{repo_tag}"], check=True, timeout=60)
+        subprocess.run(
+            [*argv, f"oci:{layout}:{ref}", f"docker://{self.host}/{repo_tag}"], check=True, timeout=60
+        )
         return f"{self.host}/{repo_tag}"
 
 
@@ -57,7 +64,9 @@ def _free_port() -> int:
 
 def _start(tmp: Path, *, htpasswd: Path | None = None) -> Iterator[Registry]:
     if shutil.which(REGISTRY_BIN) is None:
-        pytest.fail("docker-registry is not installed (Debian package docker-registry); run scripts/install-host-deps")
+        pytest.fail(
+            "docker-registry is not installed (Debian package docker-registry); run scripts/install-host-deps"
+        )
     port = _free_port()
     storage = tmp / "storage"
     storage.mkdir(parents=True)
@@ -118,7 +127,21 @@ def _busybox_tree(root: Path) -> None:
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "tmp").chmod(0o1777)
     shutil.copy2(busybox, root / "bin" / "busybox")
-    for applet in ("sh", "ls", "cat", "echo", "id", "stat", "test", "touch", "rm", "sync", "sleep", "pwd", "env"):
+    for applet in (
+        "sh",
+        "ls",
+        "cat",
+        "echo",
+        "id",
+        "stat",
+        "test",
+        "touch",
+        "rm",
+        "sync",
+        "sleep",
+        "pwd",
+        "env",
+    ):
         (root / "bin" / applet).symlink_to("busybox")
     (root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n")
     (root / "etc" / "group").write_text("root:x:0:\nuser:x:1000:\n")
@@ -141,7 +164,9 @@ def _build_busybox(registry: Registry, tmp: Path, repo_tag: str) -> str:
     run("new", "--image", f"{layout}:t")
     run("unpack", "--image", f"{layout}:t", str(bundle))
     _busybox_tree(bundle / "rootfs")
-    run("repack", "--refresh-bundle", "--image", f"{layout}:t", str(bundle))  # refreshed: the next diffs on it
+    run(
+        "repack", "--refresh-bundle", "--image", f"{layout}:t", str(bundle)
+    )  # refreshed: the next diffs on it
     rootfs = bundle / "rootfs"
     (rootfs / "etc" / "gone").unlink()
     (rootfs / "bin" / "data").write_text("linked\n")
@@ -199,7 +224,9 @@ def write_layout(dest: Path, layers: list[bytes], ref: str = "t") -> Path:
     descs, diff_ids = [], []
     for raw in layers:
         diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
-        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **blob(gzip.compress(raw, mtime=0))})
+        descs.append(
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **blob(gzip.compress(raw, mtime=0))}
+        )
     config = {
         "architecture": "amd64",
         "os": "linux",
@@ -209,7 +236,10 @@ def write_layout(dest: Path, layers: list[bytes], ref: str = "t") -> Path:
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **blob(json.dumps(config).encode())},
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            **blob(json.dumps(config).encode()),
+        },
         "layers": descs,
     }
     mdesc = {

@@ -183,9 +183,7 @@ class GVisorRuntime:
         fs = Path(instance.state_dir) / "fs"
         if (fs / "disk").exists() or not (fs / "upper").is_dir():
             raise InvalidRequest("only sandboxes without a disk quota can be saved as a layer")
-        await anyio.to_thread.run_sync(
-            partial(_rootfs.export_upper, fs / "upper", dest, id_base=0)
-        )
+        await anyio.to_thread.run_sync(partial(_rootfs.export_upper, fs / "upper", dest, id_base=0))
 
     async def inspect(self, instance: Instance) -> Observed:
         observed = await anyio.to_thread.run_sync(_observe, instance)
