@@ -237,3 +237,29 @@ async def test_start_and_ready_commands(service: SandboxService, busybox_image: 
     finally:
         await service.kill(info.sandbox_id)
     await service.templates.delete("bb-svc")
+
+
+@pytest.mark.slow  # ~85 s on this machine (debootstrap --variant=minbase bookworm from the apt mirror)
+@pytest.mark.bwrap
+async def test_debootstrap_template(service: SandboxService) -> None:
+    events = await build(
+        service,
+        BuildParams(
+            name="deb", source="debootstrap:bookworm", steps=["echo hi > /hello"], isolation="namespace"
+        ),
+    )
+    assert [e.cached for e in layer_events(events)] == [False, False]
+    info = await service.create(CreateParams(template="deb", isolation="namespace"))
+    try:
+        assert await run(service, info.sandbox_id, "cat /hello /etc/debian_version | head -1") == (0, "hi\n")
+        assert (await run(service, info.sandbox_id, "dpkg -s coreutils | grep -c installed"))[
+            1
+        ].strip() == "1"
+    finally:
+        await service.kill(info.sandbox_id)
+    again = await build(
+        service, BuildParams(name="deb2", source="debootstrap:bookworm", steps=["echo hi > /hello"])
+    )
+    assert [e.cached for e in layer_events(again)] == [True, True]
+    for name in ("deb", "deb2"):
+        await service.templates.delete(name)
