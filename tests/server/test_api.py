@@ -235,7 +235,8 @@ def test_bad_input_gets_4xx_never_5xx(alice: Tenant, box: str) -> None:
 
 
 def test_an_expired_sandbox_answers_invalid_state(alice: Tenant) -> None:
-    sandbox_id = create(alice, timeout=3)["sandbox_id"]
+    sandbox_id = create(alice, timeout=60)["sandbox_id"]
+    assert alice.http.post(f"/v1/sandboxes/{sandbox_id}/timeout", json={"timeout": 1}).status_code == 200
     deadline = time.monotonic() + 30
     while (info := alice.http.get(f"/v1/sandboxes/{sandbox_id}").json())["state"] != "stopped":
         assert time.monotonic() < deadline, info

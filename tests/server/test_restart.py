@@ -102,7 +102,8 @@ def test_kill_9_and_restart_keeps_running_sandboxes_and_reaps_expired_ones(
         keep = c.post(
             "/v1/sandboxes", json={"isolation": "namespace", "timeout": 600, "metadata": {"k": "v"}}
         ).json()
-        short = c.post("/v1/sandboxes", json={"isolation": "namespace", "timeout": 4}).json()
+        short = c.post("/v1/sandboxes", json={"isolation": "namespace", "timeout": 60}).json()
+        assert c.post(f"/v1/sandboxes/{short['sandbox_id']}/timeout", json={"timeout": 3}).status_code == 200
         job = c.post(
             f"/v1/sandboxes/{keep['sandbox_id']}/processes",
             json={"cmd": "echo kept; sleep 600", "background": True},

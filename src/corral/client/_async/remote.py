@@ -27,6 +27,8 @@ from corral.client._core import (
 )
 from corral.errors import InvalidState
 from corral.models import (
+    BuildEvent,
+    BuildParams,
     CreateParams,
     EntryInfo,
     ExecParams,
@@ -75,12 +77,17 @@ class AsyncRemoteBackend:
         except httpx.TransportError as exc:
             raise transport_error(self.url, exc) from exc
 
-    async def _events(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[ProcessEvent]:
+    async def _lines(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+        """The JSON objects of an NDJSON response, as they arrive."""
         async with self._stream(method, path, **kwargs) as response:
             async for line in response.aiter_lines():
                 data = line_event(line)
                 if data is not None:
-                    yield ProcessEvent.from_wire(data)
+                    yield data
+
+    async def _events(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[ProcessEvent]:
+        async for data in self._lines(method, path, **kwargs):
+            yield ProcessEvent.from_wire(data)
 
     # -- sandboxes -------------------------------------------------------------------------------------------
     async def create_sandbox(self, params: CreateParams) -> SandboxInfo:
@@ -217,6 +224,12 @@ class AsyncRemoteBackend:
 
     async def delete_template(self, name: str) -> None:
         await self._request("DELETE", f"/v1/templates/{name}")
+
+    async def build_template(self, params: BuildParams) -> AsyncIterator[BuildEvent]:
+        """Build on the server (admin key): progress events stream back as NDJSON."""
+        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        async for data in self._lines("POST", "/v1/templates/build", json=body):
+            yield BuildEvent.from_wire(data)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -28,6 +28,8 @@ from corral.client._core import (
 )
 from corral.errors import InvalidState
 from corral.models import (
+    BuildEvent,
+    BuildParams,
     CreateParams,
     EntryInfo,
     ExecParams,
@@ -76,12 +78,17 @@ class RemoteBackend:
         except httpx.TransportError as exc:
             raise transport_error(self.url, exc) from exc
 
-    def _events(self, method: str, path: str, **kwargs: Any) -> Iterator[ProcessEvent]:
+    def _lines(self, method: str, path: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        """The JSON objects of an NDJSON response, as they arrive."""
         with self._stream(method, path, **kwargs) as response:
             for line in response.iter_lines():
                 data = line_event(line)
                 if data is not None:
-                    yield ProcessEvent.from_wire(data)
+                    yield data
+
+    def _events(self, method: str, path: str, **kwargs: Any) -> Iterator[ProcessEvent]:
+        for data in self._lines(method, path, **kwargs):
+            yield ProcessEvent.from_wire(data)
 
     # -- sandboxes -------------------------------------------------------------------------------------------
     def create_sandbox(self, params: CreateParams) -> SandboxInfo:
@@ -218,6 +225,12 @@ class RemoteBackend:
 
     def delete_template(self, name: str) -> None:
         self._request("DELETE", f"/v1/templates/{name}")
+
+    def build_template(self, params: BuildParams) -> Iterator[BuildEvent]:
+        """Build on the server (admin key): progress events stream back as NDJSON."""
+        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        for data in self._lines("POST", "/v1/templates/build", json=body):
+            yield BuildEvent.from_wire(data)
 
     def close(self) -> None:
         self._http.close()

@@ -6,11 +6,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
+from fastapi.responses import StreamingResponse
 from pydantic import Field
 
 from corral.core.records import TemplateRecord
 from corral.errors import InvalidRequest
+from corral.models import BuildParams
 from corral.server.app import Caller, State, _principal
+from corral.server.routes._stream import NDJSON, ndjson_response, prefetched
 from corral.server.schemas import _Strict
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
@@ -52,6 +55,39 @@ async def import_template(body: ImportBody, state: State, _: Caller) -> dict[str
         assert body.tarball is not None
         record = await registry.import_tarball(body.name, Path(body.tarball), description=body.description)
     return template_wire(record)
+
+
+class BuildBody(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=63)]
+    source: Annotated[str, Field(min_length=1, max_length=4096)]
+    steps: Annotated[list[Annotated[str, Field(max_length=131072)]], Field(max_length=256)] = Field(
+        default_factory=list
+    )
+    env: dict[Annotated[str, Field(max_length=256)], Annotated[str, Field(max_length=32768)]] = Field(
+        default_factory=dict
+    )
+    workdir: Annotated[str, Field(max_length=4096)] | None = None
+    user: Annotated[str, Field(max_length=64)] | None = None
+    start_cmd: Annotated[str, Field(max_length=131072)] | None = None
+    ready_cmd: Annotated[str, Field(max_length=131072)] | None = None
+    registry_username: Annotated[str, Field(max_length=256)] | None = None
+    registry_password: Annotated[str, Field(max_length=4096)] | None = None
+    registry_token: Annotated[str, Field(max_length=16384)] | None = None
+    insecure_registry: bool = False
+    isolation: Annotated[str, Field(max_length=64)] | None = None
+    description: Annotated[str, Field(max_length=1024)] = ""
+
+
+@router.post(
+    "/build",
+    summary="Build a template from an image, directory, tarball or debootstrap, plus steps (admin); "
+    "progress streams as NDJSON",
+    responses={200: {"content": {NDJSON: {}}}},
+)
+async def build_template(body: BuildBody, state: State, _: Caller) -> StreamingResponse:
+    # Admin only: a source may be a path on the server host, and templates are shared by every tenant.
+    events = await prefetched(await state.service.build_template(BuildParams(**body.model_dump())))
+    return ndjson_response(events, lambda e: e.to_wire())
 
 
 @router.delete("/{name}", status_code=204, summary="Delete a template (admin)")
