@@ -10,11 +10,14 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import Protocol
 
 from corral.models import (
+    CodeContext,
+    CodeEvent,
     CreateParams,
     EntryInfo,
     ExecParams,
     ProcessEvent,
     ProcessInfo,
+    RunCodeParams,
     SandboxInfo,
     SandboxState,
     TemplateInfo,
@@ -83,6 +86,23 @@ class AsyncBackend(Protocol):
     async def delete_template(self, name: str) -> None: ...
 
     async def aclose(self) -> None: ...
+
+    # code interpreter (stateful Python/JavaScript/Bash contexts)
+    def run_code(self, sandbox_id: str, params: RunCodeParams) -> AsyncIterator[CodeEvent]: ...
+
+    async def create_code_context(
+        self, sandbox_id: str, *, language: str | None = None, cwd: str | None = None
+    ) -> CodeContext: ...
+
+    async def list_code_contexts(self, sandbox_id: str) -> list[CodeContext]: ...
+
+    async def restart_code_context(self, sandbox_id: str, context_id: str) -> None: ...
+
+    async def remove_code_context(self, sandbox_id: str, context_id: str) -> None: ...
+
+    async def interrupt_code_context(self, sandbox_id: str, context_id: str) -> None: ...
+
+    async def build_code_interpreter_template(self, name: str = "code-interpreter") -> TemplateInfo: ...
 
 
 def open_default_backend() -> AsyncBackend:

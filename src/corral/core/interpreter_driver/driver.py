@@ -7,7 +7,7 @@ a background process through the agent. It speaks JSON lines: requests on stdin,
 Request  ``{"id": str, "op": str, ...}``. Answer lines repeat ``id`` and carry ``ev``. Every request ends with
 exactly one terminal line: ``ok`` (fields depend on the op), ``fail`` (``code``, ``message``) or, for
 ``execute``, ``end`` (``timed_out``). An ``execute`` first streams ``stdout``/``stderr`` (``text``),
-``result`` (``result``: MIME fields), ``error`` (``name``, ``value``, ``traceback``) and ``execution_count``.
+``context`` (the context it runs in), ``result`` (``result``: MIME fields), ``error`` (``name``, ``value``, ``traceback``) and ``execution_count``.
 
 Contexts: ``python`` is a real IPython kernel (ipykernel via jupyter_client, imported only when a Python
 context is made, so JavaScript and Bash work in sandboxes without Jupyter); ``javascript`` is a persistent
@@ -38,8 +38,17 @@ import traceback
 
 LOCK_PATH = "/tmp/.corral-interpreter.lock"
 HERE = os.path.dirname(os.path.abspath(__file__))
-LANGUAGES = {"python": "python", "py": "python", "python3": "python", "javascript": "javascript",
-             "js": "javascript", "node": "javascript", "bash": "bash", "sh": "bash", "shell": "bash"}
+LANGUAGES = {
+    "python": "python",
+    "py": "python",
+    "python3": "python",
+    "javascript": "javascript",
+    "js": "javascript",
+    "node": "javascript",
+    "bash": "bash",
+    "sh": "bash",
+    "shell": "bash",
+}
 INTERRUPT_GRACE = 10.0  # seconds a context gets to finish its cell after SIGINT before it is restarted
 MAX_CODE = 4 << 20
 
@@ -64,9 +73,17 @@ class Fail(Exception):
 # --- results ----------------------------------------------------------------------------------------------
 
 _MIME_FIELDS = {
-    "text/plain": "text", "text/html": "html", "text/markdown": "markdown", "image/svg+xml": "svg",
-    "image/png": "png", "image/jpeg": "jpeg", "application/pdf": "pdf", "text/latex": "latex",
-    "application/json": "json", "application/javascript": "javascript", "e2b/data": "data",
+    "text/plain": "text",
+    "text/html": "html",
+    "text/markdown": "markdown",
+    "image/svg+xml": "svg",
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "application/pdf": "pdf",
+    "text/latex": "latex",
+    "application/json": "json",
+    "application/javascript": "javascript",
+    "e2b/data": "data",
     "e2b/chart": "chart",
 }
 
@@ -119,8 +136,11 @@ class PythonContext:
         try:
             from jupyter_client.manager import KernelManager
         except ImportError:
-            raise Fail("unsupported", "this sandbox has no Jupyter kernel for Python; create it from the "
-                       "code-interpreter template (corral template build-code-interpreter)") from None
+            raise Fail(
+                "unsupported",
+                "this sandbox has no Jupyter kernel for Python; create it from the "
+                "code-interpreter template (corral template build-code-interpreter)",
+            ) from None
         self.cwd = cwd
         self.km = KernelManager(kernel_name="python3")
         self.kc = None
@@ -129,8 +149,13 @@ class PythonContext:
     def _start(self):
         env = dict(os.environ)
         env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-        self.km.start_kernel(cwd=self.cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             stdin=subprocess.DEVNULL)
+        self.km.start_kernel(
+            cwd=self.cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
         self.kc = self.km.blocking_client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=120)
@@ -165,10 +190,16 @@ class PythonContext:
             if kind == "stream":
                 emit(rid, "stdout" if content.get("name") == "stdout" else "stderr", text=content["text"])
             elif kind in ("execute_result", "display_data"):
-                emit(rid, "result", result=result_from_mime(content.get("data", {}), kind == "execute_result"))
+                emit(
+                    rid, "result", result=result_from_mime(content.get("data", {}), kind == "execute_result")
+                )
             elif kind == "error":
-                ctl.error(rid, content.get("ename", ""), content.get("evalue", ""),
-                          "\n".join(content.get("traceback", [])))
+                ctl.error(
+                    rid,
+                    content.get("ename", ""),
+                    content.get("evalue", ""),
+                    "\n".join(content.get("traceback", [])),
+                )
             elif kind == "execute_input":
                 emit(rid, "execution_count", execution_count=content.get("execution_count"))
             elif _idle(msg):
@@ -220,8 +251,14 @@ class PipeContext:
         ctl_r, ctl_w = os.pipe()
         env = dict(os.environ, CORRAL_CTL_FD=str(ctl_w))
         self.proc = subprocess.Popen(
-            self.argv(), cwd=self.cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, pass_fds=(ctl_w,), start_new_session=True,
+            self.argv(),
+            cwd=self.cwd,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(ctl_w,),
+            start_new_session=True,
         )
         os.close(ctl_w)
         self.ctl = os.fdopen(ctl_r, "rb", buffering=0)
@@ -248,8 +285,13 @@ class PipeContext:
             if ctl.check(self):
                 return
             if self.proc.poll() is not None:
-                emit(rid, "error", name="ContextDied", value=f"the {self.language} process exited "
-                     f"({self.proc.returncode}); restart the context", traceback="")
+                emit(
+                    rid,
+                    "error",
+                    name="ContextDied",
+                    value=f"the {self.language} process exited ({self.proc.returncode}); restart the context",
+                    traceback="",
+                )
                 return
             for key, _ in self.sel.select(0.2):
                 if key.data == "ctl":
@@ -485,8 +527,13 @@ class Driver:
         except Fail as exc:
             emit(rid, "fail", code=exc.code, message=exc.message)
         except Exception as exc:  # report, keep serving the other contexts
-            emit(rid, "fail", code="internal", message=f"{type(exc).__name__}: {exc}",
-                 traceback=traceback.format_exc())
+            emit(
+                rid,
+                "fail",
+                code="internal",
+                message=f"{type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc(),
+            )
 
     def execute(self, rid, req):
         code = req.get("code")
@@ -497,6 +544,7 @@ class Driver:
         else:
             entry = self.default(req.get("language"))
         timeout = req.get("timeout")
+        emit(rid, "context", context=entry.info())
         with entry.lock:
             ctl = Control(timeout if isinstance(timeout, (int, float)) and timeout > 0 else None)
             entry.running = ctl
@@ -505,12 +553,22 @@ class Driver:
             finally:
                 entry.running = None
             if ctl.given_up:  # the cell ignored SIGINT: only a restart gets the context back
-                emit(rid, "error", name="TimeoutError" if ctl.timed_out else "KeyboardInterrupt",
-                     value="the cell did not stop when interrupted; the context was restarted", traceback="")
+                emit(
+                    rid,
+                    "error",
+                    name="TimeoutError" if ctl.timed_out else "KeyboardInterrupt",
+                    value="the cell did not stop when interrupted; the context was restarted",
+                    traceback="",
+                )
                 entry.ctx.restart()
             elif ctl.timed_out:
-                emit(rid, "error", name="TimeoutError",
-                     value=f"execution timed out after {timeout:g} s and was interrupted", traceback="")
+                emit(
+                    rid,
+                    "error",
+                    name="TimeoutError",
+                    value=f"execution timed out after {timeout:g} s and was interrupted",
+                    traceback="",
+                )
         emit(rid, "end", timed_out=ctl.timed_out)
 
 
