@@ -70,7 +70,7 @@ async def build_code_interpreter_template(
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     root = cache_root / "templates"
     layer = root / f"code-interpreter-{digest}"
-    if not layer.is_dir():
+    if not await anyio.Path(layer).is_dir():
         await _build(layer, root, version)
     return await templates.register_layer(
         name,
@@ -80,10 +80,8 @@ async def build_code_interpreter_template(
 
 
 async def _build(layer: Path, root: Path, version: str) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix=".build-ci-", dir=root)))
+    tmp = await anyio.to_thread.run_sync(_make_build_dir, root)
     try:
-        tmp.chmod(0o755)
         await _proc.run(
             [
                 sys.executable,
@@ -104,19 +102,31 @@ async def _build(layer: Path, root: Path, version: str) -> None:
             timeout=PIP_TIMEOUT,
             what="install the code interpreter's Python packages (pip)",
         )
-        major_minor = ".".join(version.split(".")[:2])
-        etc = tmp / "etc" / f"python{major_minor}"
-        etc.mkdir(parents=True)
-        debian_hook = Path("/etc") / f"python{major_minor}" / "sitecustomize.py"
-        text = debian_hook.read_text() + "\n" if debian_hook.is_file() else ""
-        (etc / "sitecustomize.py").write_text(text + _SITECUSTOMIZE.format(site=SITE_DIR))
-        for path in (tmp / "opt", tmp / "opt" / "corral", tmp / "etc", etc):
-            path.chmod(0o755)
-        try:
-            tmp.rename(layer)
-        except OSError:  # another process built it first
-            await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
+        await anyio.to_thread.run_sync(_finish, tmp, layer, version)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
         raise
+
+
+def _make_build_dir(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-ci-", dir=root))
+    tmp.chmod(0o755)
+    return tmp
+
+
+def _finish(tmp: Path, layer: Path, version: str) -> None:
+    """Add the sitecustomize hook and move the finished layer into place (atomically)."""
+    major_minor = ".".join(version.split(".")[:2])
+    etc = tmp / "etc" / f"python{major_minor}"
+    etc.mkdir(parents=True)
+    debian_hook = Path("/etc") / f"python{major_minor}" / "sitecustomize.py"
+    text = debian_hook.read_text() + "\n" if debian_hook.is_file() else ""
+    (etc / "sitecustomize.py").write_text(text + _SITECUSTOMIZE.format(site=SITE_DIR))
+    for path in (tmp / "opt", tmp / "opt" / "corral", tmp / "etc", etc):
+        path.chmod(0o755)
+    try:
+        tmp.rename(layer)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -22,6 +22,7 @@ connection); a cell's ``timeout`` interrupts it inside the sandbox. Either way t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -293,11 +294,9 @@ async def run_code(client: AgentClient, fields: dict[str, Any]) -> AsyncIterator
             yield event
     finally:
         if not finished and context_id is not None and not client.closed:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                try:
-                    await interrupt_context(client, context_id)
-                except CorralError:
-                    pass  # the context or the sandbox is gone: nothing left to interrupt
+            # a context or sandbox that is gone needs no interrupt
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10), contextlib.suppress(CorralError):
+                await interrupt_context(client, context_id)
 
 
 def _event(message: dict[str, Any]) -> CodeEvent | None:

@@ -23,6 +23,7 @@ interpreter, and the host treats every line as untrusted anyway.
 Only one driver runs per sandbox: it holds an flock on LOCK_PATH; a second one exits with status 3.
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -272,10 +273,8 @@ class PipeContext:
         self.count = 0
 
     def interrupt(self):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGINT)
-        except ProcessLookupError:
-            pass
 
     def execute(self, rid, code, ctl):
         self.count += 1
@@ -338,10 +337,8 @@ class PipeContext:
         self._start()
 
     def close(self):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait()
         self.sel.close()
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr, self.ctl):
@@ -539,10 +536,8 @@ class Driver:
         code = req.get("code")
         if not isinstance(code, str) or len(code) > MAX_CODE:
             raise Fail("invalid", "code must be a string of at most 4 MiB")
-        if req.get("context_id"):
-            entry = self.entry(req["context_id"])
-        else:
-            entry = self.default(req.get("language"))
+        cid = req.get("context_id")
+        entry = self.entry(cid) if cid else self.default(req.get("language"))
         timeout = req.get("timeout")
         emit(rid, "context", context=entry.info())
         with entry.lock:
@@ -574,7 +569,7 @@ class Driver:
 
 def main():
     global _out
-    lock = open(LOCK_PATH, "a")
+    lock = open(LOCK_PATH, "a")  # noqa: SIM115 - held open (and locked) for the driver's whole life
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
