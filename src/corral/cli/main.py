@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from corral.cli import code as code_cmd
 from corral.cli import files as files_cmd
 from corral.cli import sandbox as sandbox_cmd
 from corral.cli import templates as templates_cmd
@@ -78,6 +79,8 @@ def demo(isolations: tuple[str, ...]) -> None:
 cli.add_command(sandbox_cmd.sandbox)
 cli.add_command(files_cmd.files)
 cli.add_command(templates_cmd.template)
+cli.add_command(code_cmd.run_code)
+templates_cmd.template.add_command(code_cmd.build_code_interpreter)
 
 
 def main(argv: list[str] | None = None) -> None:
