@@ -206,3 +206,46 @@ def test_contexts_outlive_the_client(sbx: Sandbox) -> None:
         assert other.run_code("shared").text == "'across clients'"
     finally:
         other.close()
+
+
+def test_garbage_on_the_driver_channel_is_ignored(sbx: Sandbox) -> None:
+    """Code in the sandbox may reach the driver's answer pipe (same uid); the host must shrug it off.
+
+    (On namespace sandboxes opening another process's fd through /proc is refused; where it is allowed the
+    garbage reaches the host's line parser, which must ignore it and keep answering.)
+    """
+    forged = r"""
+import os
+drv = os.getppid()
+written = 0
+for fd in os.listdir(f'/proc/{drv}/fd'):
+    if fd != '0' and os.readlink(f'/proc/{drv}/fd/{fd}').startswith('pipe:'):
+        try:
+            with open(f'/proc/{drv}/fd/{fd}', 'wb') as w:
+                w.write(b'not json\n{"id": "x", "ev": "end"}\n[1,2]\n' + b'A' * (1 << 20) + b'\n')
+                written += 1
+        except PermissionError:
+            pass
+written
+"""
+    execution = sbx.run_code(forged)
+    assert execution.error is None and execution.text is not None and execution.text.isdigit()
+    assert sbx.run_code("6 * 7").text == "42"
+
+
+def test_cli_run_code_saves_figures(sbx: Sandbox, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from corral.cli.main import cli
+
+    runner = CliRunner()
+    code = "import matplotlib.pyplot as plt\nplt.plot([2, 1])\nplt.show()\nprint('drawn')"
+    done = runner.invoke(cli, ["run-code", "--sandbox", sbx.sandbox_id, "--save-dir", str(tmp_path), code])
+    assert done.exit_code == 0, done.output
+    assert "drawn" in done.output and "png saved to" in done.output
+    assert (tmp_path / "result-0.png").read_bytes().startswith(PNG_SIGNATURE)
+    failed = runner.invoke(
+        cli,
+        ["run-code", "--sandbox", sbx.sandbox_id, "-l", "bash", "exit_code_is() { return 3; }; exit_code_is"],
+    )
+    assert failed.exit_code == 1
