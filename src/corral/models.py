@@ -17,14 +17,23 @@ __all__ = [
     "BuildEvent",
     "BuildEventKind",
     "BuildParams",
+    "CodeContext",
+    "CodeEvent",
+    "CodeEventKind",
     "CommandResult",
     "CreateParams",
     "EntryInfo",
     "EntryType",
     "EventKind",
     "ExecParams",
+    "Execution",
+    "ExecutionError",
+    "Logs",
+    "OutputMessage",
     "ProcessEvent",
     "ProcessInfo",
+    "Result",
+    "RunCodeParams",
     "SandboxInfo",
     "SandboxState",
     "StopReason",
@@ -267,3 +276,144 @@ class BuildEvent(_Wire):
     def from_wire(cls, data: Mapping[str, Any]) -> BuildEvent:
         event = super().from_wire(data)
         return dataclasses.replace(event, kind=BuildEventKind(event.kind))
+
+
+# --- code interpreter (names and shapes of the e2b-code-interpreter SDK) ------------------------------------
+
+
+class CodeEventKind(StrEnum):
+    """What a running cell reports, in order: output and results as they happen, then ``end``."""
+
+    STDOUT = "stdout"
+    STDERR = "stderr"
+    RESULT = "result"
+    ERROR = "error"
+    EXECUTION_COUNT = "execution_count"
+    END = "end"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CodeContext(_Wire):
+    """A stateful interpreter (a kernel) of one language; variables live as long as it does."""
+
+    id: str
+    language: str  # "python", "javascript" or "bash"
+    cwd: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result(_Wire):
+    """One rich output of a cell: the value of its last expression (``is_main_result``) or a ``display()``.
+
+    Each field is one MIME representation; binary ones (``png``, ``jpeg``, ``pdf``) are base64 text as in
+    Jupyter. ``data`` is structured data (a pandas DataFrame as ``{"columns", "index", "data"}``); MIME types
+    without a field of their own are in ``extra``.
+    """
+
+    text: str | None = None
+    html: str | None = None
+    markdown: str | None = None
+    svg: str | None = None
+    png: str | None = None
+    jpeg: str | None = None
+    pdf: str | None = None
+    latex: str | None = None
+    json: Any = None
+    javascript: str | None = None
+    data: Any = None
+    chart: Any = None
+    is_main_result: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def formats(self) -> list[str]:
+        """The representations this result has (``"png"``, ``"html"``, …, and the ``extra`` MIME types)."""
+        names = [f.name for f in dataclasses.fields(self) if f.name not in ("is_main_result", "extra")]
+        return [n for n in names if getattr(self, n) is not None] + list(self.extra)
+
+    def __str__(self) -> str:
+        return self.text or ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutionError(_Wire):
+    """An error raised by a cell: the exception's class name, its message, and the formatted traceback."""
+
+    name: str
+    value: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputMessage:
+    """A piece of a cell's stdout or stderr, as given to ``on_stdout``/``on_stderr``."""
+
+    line: str
+    timestamp: float = 0.0
+    error: bool = False
+
+    def __str__(self) -> str:
+        return self.line
+
+
+@dataclass(frozen=True, kw_only=True)
+class Logs:
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Execution:
+    """Everything one ``run_code`` produced. ``error`` is set when the cell raised (or timed out)."""
+
+    results: list[Result] = field(default_factory=list)
+    logs: Logs = field(default_factory=Logs)
+    error: ExecutionError | None = None
+    execution_count: int | None = None
+    timed_out: bool = False
+
+    @property
+    def text(self) -> str | None:
+        """The text of the main result (the last expression's value), if there is one."""
+        for result in self.results:
+            if result.is_main_result:
+                return result.text
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunCodeParams(_Wire):
+    """A cell to run: in ``context_id``, or in the default context of ``language`` (python if neither)."""
+
+    code: str
+    language: str | None = None
+    context_id: str | None = None
+    envs: dict[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CodeEvent(_Wire):
+    """One event of a running cell, the same from the sandbox's driver to the SDK (and over HTTP as JSON)."""
+
+    kind: CodeEventKind
+    text: str = ""
+    result: Result | None = None
+    error: ExecutionError | None = None
+    execution_count: int | None = None
+    timed_out: bool = False
+    timestamp: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {k: v for k, v in super().to_wire().items() if v is not None and v is not False and v != ""}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> CodeEvent:
+        event = super().from_wire(data)
+        result = data.get("result")
+        error = data.get("error")
+        return dataclasses.replace(
+            event,
+            kind=CodeEventKind(event.kind),
+            result=Result.from_wire(result) if isinstance(result, Mapping) else None,
+            error=ExecutionError.from_wire(error) if isinstance(error, Mapping) else None,
+        )

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from corral.cli import code as code_cmd
 from corral.cli import files as files_cmd
 from corral.cli import sandbox as sandbox_cmd
 from corral.cli import server as server_cmd
@@ -83,6 +84,8 @@ cli.add_command(server_cmd.serve)
 cli.add_command(server_cmd.tenants)
 cli.add_command(server_cmd.keys)
 cli.add_command(server_cmd.audit)
+cli.add_command(code_cmd.run_code)
+templates_cmd.template.add_command(code_cmd.build_code_interpreter)
 
 
 def main(argv: list[str] | None = None) -> None:

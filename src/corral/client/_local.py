@@ -29,11 +29,14 @@ from corral.errors import InvalidRequest, InvalidState
 from corral.models import (
     BuildEvent,
     BuildParams,
+    CodeContext,
+    CodeEvent,
     CreateParams,
     EntryInfo,
     ExecParams,
     ProcessEvent,
     ProcessInfo,
+    RunCodeParams,
     SandboxInfo,
     SandboxState,
     TemplateInfo,
@@ -162,6 +165,39 @@ class AsyncLocalBackend:
                 yield event
         finally:
             await events.aclose()  # type: ignore[attr-defined]
+
+    async def run_code(self, sandbox_id: str, params: RunCodeParams) -> AsyncIterator[CodeEvent]:
+        events = await self.service.run_code(sandbox_id, params)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    async def create_code_context(
+        self, sandbox_id: str, *, language: str | None = None, cwd: str | None = None
+    ) -> CodeContext:
+        return await self.service.create_code_context(sandbox_id, language=language, cwd=cwd)
+
+    async def list_code_contexts(self, sandbox_id: str) -> list[CodeContext]:
+        return await self.service.list_code_contexts(sandbox_id)
+
+    async def restart_code_context(self, sandbox_id: str, context_id: str) -> None:
+        await self.service.restart_code_context(sandbox_id, context_id)
+
+    async def remove_code_context(self, sandbox_id: str, context_id: str) -> None:
+        await self.service.remove_code_context(sandbox_id, context_id)
+
+    async def interrupt_code_context(self, sandbox_id: str, context_id: str) -> None:
+        await self.service.interrupt_code_context(sandbox_id, context_id)
+
+    async def build_code_interpreter_template(self, name: str = "code-interpreter") -> TemplateInfo:
+        from corral.core.code_template import build_code_interpreter_template
+
+        record = await build_code_interpreter_template(
+            self.service.templates, self.service.settings.cache_root, name=name
+        )
+        return _template_info(record)
 
     async def aclose(self) -> None:
         await self.service.aclose()
@@ -304,6 +340,29 @@ class LocalBackend:
                 future.cancel()
             with contextlib.suppress(concurrent.futures.CancelledError):
                 future.result()
+
+    def run_code(self, sandbox_id: str, params: RunCodeParams) -> Iterator[CodeEvent]:
+        return self._iterate(lambda: self._backend.run_code(sandbox_id, params))
+
+    def create_code_context(
+        self, sandbox_id: str, *, language: str | None = None, cwd: str | None = None
+    ) -> CodeContext:
+        return self._call(lambda: self._backend.create_code_context(sandbox_id, language=language, cwd=cwd))
+
+    def list_code_contexts(self, sandbox_id: str) -> list[CodeContext]:
+        return self._call(self._backend.list_code_contexts, sandbox_id)
+
+    def restart_code_context(self, sandbox_id: str, context_id: str) -> None:
+        self._call(self._backend.restart_code_context, sandbox_id, context_id)
+
+    def remove_code_context(self, sandbox_id: str, context_id: str) -> None:
+        self._call(self._backend.remove_code_context, sandbox_id, context_id)
+
+    def interrupt_code_context(self, sandbox_id: str, context_id: str) -> None:
+        self._call(self._backend.interrupt_code_context, sandbox_id, context_id)
+
+    def build_code_interpreter_template(self, name: str = "code-interpreter") -> TemplateInfo:
+        return self._call(self._backend.build_code_interpreter_template, name)
 
     def close(self) -> None:
         if self._closed:

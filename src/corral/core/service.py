@@ -26,6 +26,7 @@ import anyio
 
 from corral.core import builder as _builder
 from corral.core import files as _files
+from corral.core import interpreter as _interpreter
 from corral.core import processes as _processes
 from corral.core.agent_client import AgentClient
 from corral.core.audit import AuditAction, AuditLog
@@ -48,12 +49,15 @@ from corral.ids import SandboxId, TenantId
 from corral.models import (
     BuildEvent,
     BuildParams,
+    CodeContext,
+    CodeEvent,
     CreateParams,
     EntryInfo,
     EventKind,
     ExecParams,
     ProcessEvent,
     ProcessInfo,
+    RunCodeParams,
     SandboxInfo,
     SandboxState,
     StopReason,
@@ -468,6 +472,48 @@ class SandboxService:
                 continue
             usable.append(name)
         return usable
+
+    # -- code interpreter (logic in core/interpreter.py) ---------------------------------------------------
+    async def run_code(
+        self, sandbox_id: str, params: RunCodeParams, *, tenant: TenantId = LOCAL_TENANT
+    ) -> AsyncIterator[CodeEvent]:
+        fields = _interpreter.check_run_params(params, max_timeout=self.settings.max_timeout)
+        client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
+        return _interpreter.run_code(client, fields)
+
+    async def create_code_context(
+        self,
+        sandbox_id: str,
+        *,
+        language: str | None = None,
+        cwd: str | None = None,
+        tenant: TenantId = LOCAL_TENANT,
+    ) -> CodeContext:
+        client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
+        return await _interpreter.create_context(client, language=language, cwd=cwd)
+
+    async def list_code_contexts(
+        self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT
+    ) -> list[CodeContext]:
+        return await _interpreter.list_contexts(await self._running_agent(sandbox_id, tenant, Action.EXEC))
+
+    async def restart_code_context(
+        self, sandbox_id: str, context_id: str, *, tenant: TenantId = LOCAL_TENANT
+    ) -> None:
+        client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
+        await _interpreter.restart_context(client, context_id)
+
+    async def remove_code_context(
+        self, sandbox_id: str, context_id: str, *, tenant: TenantId = LOCAL_TENANT
+    ) -> None:
+        client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
+        await _interpreter.remove_context(client, context_id)
+
+    async def interrupt_code_context(
+        self, sandbox_id: str, context_id: str, *, tenant: TenantId = LOCAL_TENANT
+    ) -> None:
+        client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
+        await _interpreter.interrupt_context(client, context_id)
 
     # -- reconcile -------------------------------------------------------------------------------------------
     async def reap(self) -> float | None:

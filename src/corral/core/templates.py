@@ -25,9 +25,10 @@ from corral.images import rootfs as _rootfs
 from corral.images.layers import LayerStore
 from corral.runtimes.base import RootfsSpec
 
-__all__ = ["BASE_TEMPLATE", "TemplateRegistry"]
+__all__ = ["BASE_TEMPLATE", "LAYER_KIND", "TemplateRegistry"]
 
 BASE_TEMPLATE = "base"
+LAYER_KIND = "base-layer"  # a directory layered on top of ``base`` (the code-interpreter template)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
@@ -59,6 +60,9 @@ class TemplateRegistry:
                 f"template {name!r} not found; available templates: {', '.join(names)}",
                 details={"available": names},
             )
+        if record.kind == LAYER_KIND:
+            base = await anyio.to_thread.run_sync(_rootfs.ensure_host_template, self._cache_root)
+            return RootfsSpec(lower=(Path(record.rootfs), *base.lower), binds=base.binds)
         if record.layers:
             layers = tuple(Path(p) for p in record.layers)
             if not await anyio.to_thread.run_sync(lambda: all(p.is_dir() for p in layers)):
@@ -111,6 +115,21 @@ class TemplateRegistry:
                 description=description,
             ),
             expect_version=None,
+        )
+
+    async def register_layer(self, name: str, layer: Path, *, description: str = "") -> TemplateRecord:
+        """Register (or re-point) ``name`` to a layer over ``base``; idempotent for builders."""
+        check_template_name(name)
+        if name == BASE_TEMPLATE:
+            raise InvalidRequest("the built-in base template cannot be replaced")
+        existing = await self._store.get_template(name)
+        if existing is not None and existing.kind == LAYER_KIND and existing.rootfs == str(layer):
+            return existing
+        return await self._store.put_template(
+            TemplateRecord(
+                name=name, kind=LAYER_KIND, rootfs=str(layer), created_at=time.time(), description=description
+            ),
+            expect_version=existing.version if existing is not None else None,
         )
 
     async def delete(self, name: str) -> None:

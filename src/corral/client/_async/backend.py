@@ -12,11 +12,14 @@ from typing import Protocol
 from corral.models import (
     BuildEvent,
     BuildParams,
+    CodeContext,
+    CodeEvent,
     CreateParams,
     EntryInfo,
     ExecParams,
     ProcessEvent,
     ProcessInfo,
+    RunCodeParams,
     SandboxInfo,
     SandboxState,
     TemplateInfo,
@@ -87,6 +90,23 @@ class AsyncBackend(Protocol):
     def build_template(self, params: BuildParams) -> AsyncIterator[BuildEvent]: ...
 
     async def aclose(self) -> None: ...
+
+    # code interpreter (stateful Python/JavaScript/Bash contexts)
+    def run_code(self, sandbox_id: str, params: RunCodeParams) -> AsyncIterator[CodeEvent]: ...
+
+    async def create_code_context(
+        self, sandbox_id: str, *, language: str | None = None, cwd: str | None = None
+    ) -> CodeContext: ...
+
+    async def list_code_contexts(self, sandbox_id: str) -> list[CodeContext]: ...
+
+    async def restart_code_context(self, sandbox_id: str, context_id: str) -> None: ...
+
+    async def remove_code_context(self, sandbox_id: str, context_id: str) -> None: ...
+
+    async def interrupt_code_context(self, sandbox_id: str, context_id: str) -> None: ...
+
+    async def build_code_interpreter_template(self, name: str = "code-interpreter") -> TemplateInfo: ...
 
 
 def open_default_backend() -> AsyncBackend:

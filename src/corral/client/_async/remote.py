@@ -29,11 +29,14 @@ from corral.errors import InvalidState
 from corral.models import (
     BuildEvent,
     BuildParams,
+    CodeContext,
+    CodeEvent,
     CreateParams,
     EntryInfo,
     ExecParams,
     ProcessEvent,
     ProcessInfo,
+    RunCodeParams,
     SandboxInfo,
     SandboxState,
     TemplateInfo,
@@ -230,6 +233,37 @@ class AsyncRemoteBackend:
         body = {k: v for k, v in params.to_wire().items() if v is not None}
         async for data in self._lines("POST", "/v1/templates/build", json=body):
             yield BuildEvent.from_wire(data)
+
+    # -- code interpreter ------------------------------------------------------------------------------------
+    async def run_code(self, sandbox_id: str, params: RunCodeParams) -> AsyncIterator[CodeEvent]:
+        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        async for data in self._lines("POST", sandbox_path(sandbox_id, "code", "execute"), json=body):
+            yield CodeEvent.from_wire(data)
+
+    async def create_code_context(
+        self, sandbox_id: str, *, language: str | None = None, cwd: str | None = None
+    ) -> CodeContext:
+        body = _q(language=language, cwd=cwd)
+        return CodeContext.from_wire(
+            await self._json("POST", sandbox_path(sandbox_id, "code", "contexts"), json=body)
+        )
+
+    async def list_code_contexts(self, sandbox_id: str) -> list[CodeContext]:
+        data = await self._json("GET", sandbox_path(sandbox_id, "code", "contexts"))
+        return [CodeContext.from_wire(c) for c in data["contexts"]]
+
+    async def restart_code_context(self, sandbox_id: str, context_id: str) -> None:
+        await self._request("POST", sandbox_path(sandbox_id, "code", "contexts", context_id, "restart"))
+
+    async def remove_code_context(self, sandbox_id: str, context_id: str) -> None:
+        await self._request("DELETE", sandbox_path(sandbox_id, "code", "contexts", context_id))
+
+    async def interrupt_code_context(self, sandbox_id: str, context_id: str) -> None:
+        await self._request("POST", sandbox_path(sandbox_id, "code", "contexts", context_id, "interrupt"))
+
+    async def build_code_interpreter_template(self, name: str = "code-interpreter") -> TemplateInfo:
+        data = await self._json("POST", "/v1/templates/code-interpreter", json={"name": name})
+        return TemplateInfo.from_wire(data)
 
     async def aclose(self) -> None:
         await self._http.aclose()

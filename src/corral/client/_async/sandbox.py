@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import IO
 
 from corral.client._async.backend import AsyncBackend, open_default_backend
+from corral.client._async.code import AsyncCodeInterpreter
 from corral.errors import CommandFailed, NotFound
 from corral.models import (
     CommandResult,
@@ -328,7 +329,7 @@ class AsyncFiles:
         await self._backend.rename(self._sandbox_id, src, dst, overwrite=overwrite, user=user)
 
 
-class AsyncSandbox:
+class AsyncSandbox(AsyncCodeInterpreter):
     """A sandbox. ``async with await AsyncSandbox.create() as sbx:`` kills it when the block ends."""
 
     def __init__(self, info: SandboxInfo, backend: AsyncBackend, *, owns_backend: bool) -> None:

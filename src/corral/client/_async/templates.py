@@ -35,6 +35,10 @@ class AsyncTemplates:
         """Unpack a tar archive (safely) into the template store."""
         return await self._backend.import_template(name, tarball=os.fspath(path), description=description)
 
+    async def build_code_interpreter(self, name: str = "code-interpreter") -> TemplateInfo:
+        """Build (once; cached) the template with Jupyter kernels, pandas and matplotlib, and register it."""
+        return await self._backend.build_code_interpreter_template(name)
+
     async def delete(self, name: str) -> None:
         await self._backend.delete_template(name)
 

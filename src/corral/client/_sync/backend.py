@@ -13,11 +13,14 @@ from typing import Protocol
 from corral.models import (
     BuildEvent,
     BuildParams,
+    CodeContext,
+    CodeEvent,
     CreateParams,
     EntryInfo,
     ExecParams,
     ProcessEvent,
     ProcessInfo,
+    RunCodeParams,
     SandboxInfo,
     SandboxState,
     TemplateInfo,
@@ -88,6 +91,23 @@ class Backend(Protocol):
     def build_template(self, params: BuildParams) -> Iterator[BuildEvent]: ...
 
     def close(self) -> None: ...
+
+    # code interpreter (stateful Python/JavaScript/Bash contexts)
+    def run_code(self, sandbox_id: str, params: RunCodeParams) -> Iterator[CodeEvent]: ...
+
+    def create_code_context(
+        self, sandbox_id: str, *, language: str | None = None, cwd: str | None = None
+    ) -> CodeContext: ...
+
+    def list_code_contexts(self, sandbox_id: str) -> list[CodeContext]: ...
+
+    def restart_code_context(self, sandbox_id: str, context_id: str) -> None: ...
+
+    def remove_code_context(self, sandbox_id: str, context_id: str) -> None: ...
+
+    def interrupt_code_context(self, sandbox_id: str, context_id: str) -> None: ...
+
+    def build_code_interpreter_template(self, name: str = "code-interpreter") -> TemplateInfo: ...
 
 
 def open_default_backend() -> Backend:

@@ -30,11 +30,14 @@ from corral.errors import InvalidState
 from corral.models import (
     BuildEvent,
     BuildParams,
+    CodeContext,
+    CodeEvent,
     CreateParams,
     EntryInfo,
     ExecParams,
     ProcessEvent,
     ProcessInfo,
+    RunCodeParams,
     SandboxInfo,
     SandboxState,
     TemplateInfo,
@@ -231,6 +234,37 @@ class RemoteBackend:
         body = {k: v for k, v in params.to_wire().items() if v is not None}
         for data in self._lines("POST", "/v1/templates/build", json=body):
             yield BuildEvent.from_wire(data)
+
+    # -- code interpreter ------------------------------------------------------------------------------------
+    def run_code(self, sandbox_id: str, params: RunCodeParams) -> Iterator[CodeEvent]:
+        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        for data in self._lines("POST", sandbox_path(sandbox_id, "code", "execute"), json=body):
+            yield CodeEvent.from_wire(data)
+
+    def create_code_context(
+        self, sandbox_id: str, *, language: str | None = None, cwd: str | None = None
+    ) -> CodeContext:
+        body = _q(language=language, cwd=cwd)
+        return CodeContext.from_wire(
+            self._json("POST", sandbox_path(sandbox_id, "code", "contexts"), json=body)
+        )
+
+    def list_code_contexts(self, sandbox_id: str) -> list[CodeContext]:
+        data = self._json("GET", sandbox_path(sandbox_id, "code", "contexts"))
+        return [CodeContext.from_wire(c) for c in data["contexts"]]
+
+    def restart_code_context(self, sandbox_id: str, context_id: str) -> None:
+        self._request("POST", sandbox_path(sandbox_id, "code", "contexts", context_id, "restart"))
+
+    def remove_code_context(self, sandbox_id: str, context_id: str) -> None:
+        self._request("DELETE", sandbox_path(sandbox_id, "code", "contexts", context_id))
+
+    def interrupt_code_context(self, sandbox_id: str, context_id: str) -> None:
+        self._request("POST", sandbox_path(sandbox_id, "code", "contexts", context_id, "interrupt"))
+
+    def build_code_interpreter_template(self, name: str = "code-interpreter") -> TemplateInfo:
+        data = self._json("POST", "/v1/templates/code-interpreter", json={"name": name})
+        return TemplateInfo.from_wire(data)
 
     def close(self) -> None:
         self._http.close()

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import IO
 
 from corral.client._sync.backend import Backend, open_default_backend
+from corral.client._sync.code import CodeInterpreter
 from corral.errors import CommandFailed, NotFound
 from corral.models import (
     CommandResult,
@@ -329,7 +330,7 @@ class Files:
         self._backend.rename(self._sandbox_id, src, dst, overwrite=overwrite, user=user)
 
 
-class Sandbox:
+class Sandbox(CodeInterpreter):
     """A sandbox. ``async with await AsyncSandbox.create() as sbx:`` kills it when the block ends."""
 
     def __init__(self, info: SandboxInfo, backend: Backend, *, owns_backend: bool) -> None:

@@ -36,6 +36,10 @@ class Templates:
         """Unpack a tar archive (safely) into the template store."""
         return self._backend.import_template(name, tarball=os.fspath(path), description=description)
 
+    def build_code_interpreter(self, name: str = "code-interpreter") -> TemplateInfo:
+        """Build (once; cached) the template with Jupyter kernels, pandas and matplotlib, and register it."""
+        return self._backend.build_code_interpreter_template(name)
+
     def delete(self, name: str) -> None:
         self._backend.delete_template(name)
 
