@@ -85,6 +85,10 @@ class TemplateRecord:
     env: dict[str, str] = field(default_factory=dict)
     description: str = ""
     version: int = 0
+    # kind "snapshot" (core.snapshots): ``rootfs`` is the captured layer, stacked on the template ``parent``;
+    # ``memory`` is a runtime's memory image of the sandbox (None: file system only)
+    parent: str | None = None
+    memory: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -26,6 +26,7 @@ import anyio
 
 from corral.core import files as _files
 from corral.core import processes as _processes
+from corral.core import snapshots as _snapshots
 from corral.core.agent_client import AgentClient
 from corral.core.records import LOCAL_TENANT, SandboxRecord
 from corral.core.settings import Settings
@@ -43,9 +44,10 @@ from corral.models import (
     SandboxInfo,
     SandboxState,
     StopReason,
+    TemplateInfo,
 )
 from corral.protocol import Op
-from corral.runtimes.base import Limits, ObservedState, Runtime, SandboxSpec
+from corral.runtimes.base import Limits, ObservedState, Runtime, SandboxSpec, Snapshot
 
 __all__ = ["SandboxService"]
 
@@ -102,7 +104,10 @@ class SandboxService:
         self._agents.clear()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    async def create(self, request: CreateParams, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
+    async def create(
+        self, request: CreateParams, *, tenant: TenantId = LOCAL_TENANT, start_from: Snapshot | None = None
+    ) -> SandboxInfo:
+        """Create a sandbox; ``start_from`` (forks) seeds its writable layer and, if captured, its memory."""
         isolation = request.isolation or self.settings.default_isolation
         runtime = self._runtime(isolation)
         timeout = self._check_timeout(
@@ -120,6 +125,10 @@ class SandboxService:
         template = request.template or self.settings.default_template
         await runtime.check()
         rootfs = await self.templates.resolve(template)
+        # a snapshot template with memory restores instead of booting, where the runtime can restore
+        memory = await self.templates.memory(template) if runtime.capabilities.checkpoint else None
+        if start_from is not None:
+            memory = start_from.memory if runtime.capabilities.checkpoint else None
         now = self._clock()
         record = await self.store.put_sandbox(
             SandboxRecord(
@@ -146,6 +155,8 @@ class SandboxService:
                     limits=limits,
                     env=env,
                     deadline=record.deadline,
+                    upper_seed=start_from.layer if start_from is not None else None,
+                    restore_from=memory,
                 )
             )
             record = await self.store.put_sandbox(
@@ -225,7 +236,12 @@ class SandboxService:
         assert record.instance is not None and record.deadline is not None
         remaining = max(0.0, record.deadline - self._clock())
         await self._tell_shim_deadline(record, None)  # a paused sandbox's deadline is suspended
-        await runtime.pause(record.instance)
+        try:
+            await runtime.pause(record.instance)
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # still running: its deadline must hold again
+                await self._tell_shim_deadline(record, record.deadline)
+            raise
         record = await self.store.put_sandbox(
             dataclasses.replace(
                 record,
@@ -501,3 +517,16 @@ class SandboxService:
             await client.call("shim.deadline", {"deadline": deadline})
         except Unsupported:
             log.debug("sandbox %s has no shim deadline; the reaper alone enforces it", record.sandbox_id)
+
+    # -- snapshots and forks (core.snapshots) ----------------------------------------------------------------
+    async def snapshot(
+        self, sandbox_id: str, name: str, *, description: str = "", tenant: TenantId = LOCAL_TENANT
+    ) -> TemplateInfo:
+        """Capture a running sandbox (files, and memory where the runtime can) as the template ``name``."""
+        return await _snapshots.snapshot(self, sandbox_id, name, description=description, tenant=tenant)
+
+    async def fork(
+        self, sandbox_id: str, count: int = 1, *, tenant: TenantId = LOCAL_TENANT
+    ) -> list[SandboxInfo]:
+        """``count`` independent copies of a running sandbox (with memory where the runtime can)."""
+        return await _snapshots.fork(self, sandbox_id, count, tenant=tenant)

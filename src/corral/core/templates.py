@@ -9,7 +9,9 @@ writes to its own copy-on-write layer.
 from __future__ import annotations
 
 import re
+import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio.to_thread
@@ -52,7 +54,20 @@ class TemplateRegistry:
                 f"template {name!r} not found; available templates: {', '.join(names)}",
                 details={"available": names},
             )
+        if record.kind == "snapshot" and record.parent is not None:  # its layer on top of its parent's
+            parent = await self.resolve(record.parent)
+            return RootfsSpec(lower=(Path(record.rootfs), *parent.lower), binds=parent.binds)
         return _rootfs.rootfs_from_directory(Path(record.rootfs))
+
+    async def memory(self, name: str) -> Path | None:
+        """The memory image a snapshot template holds, if any."""
+        record = None if name == BASE_TEMPLATE else await self._store.get_template(name)
+        return Path(record.memory) if record is not None and record.memory else None
+
+    async def add(self, record: TemplateRecord) -> TemplateRecord:
+        """Register a template built elsewhere (a snapshot); Conflict if the name is taken."""
+        await self._check_new(record.name)
+        return await self._store.put_template(record, expect_version=None)
 
     async def list(self) -> list[TemplateRecord]:
         base = TemplateRecord(
@@ -98,9 +113,24 @@ class TemplateRegistry:
         check_template_name(name)
         if name == BASE_TEMPLATE:
             raise InvalidRequest("the built-in base template cannot be deleted")
-        if await self._store.get_template(name) is None:
+        record = await self._store.get_template(name)
+        if record is None:
             raise NotFound(f"template {name!r} not found")
+        children = [t.name for t in await self._store.list_templates() if t.parent == name]
+        if children:
+            raise Conflict(
+                f"template {name!r} is the base of snapshots {', '.join(children)}; delete those first",
+                details={"snapshots": children},
+            )
         await self._store.delete_template(name)
+        if record.kind == "snapshot":  # its files are ours (under the cache); other kinds may be the user's
+            await anyio.to_thread.run_sync(
+                partial(shutil.rmtree, Path(record.rootfs).parent, ignore_errors=True)
+            )
+
+    async def check_new(self, name: str) -> None:
+        """Raise unless ``name`` is a valid name no template has."""
+        await self._check_new(name)
 
     async def _check_new(self, name: str) -> None:
         check_template_name(name)

@@ -41,7 +41,7 @@ def _shift_owners(root: Path, delta: int) -> None:
         for name in [dirpath, *(os.path.join(dirpath, n) for n in (*dirnames, *filenames))]:
             st = os.lstat(name)
             uid, gid = st.st_uid + delta, st.st_gid + delta
-            if not (0 <= uid and 0 <= gid):
+            if min(uid, gid) < 0:
                 raise RuntimeFailure("the sandbox's files have owners outside its user namespace")
             os.lchown(name, uid, gid)
             if not os.path.islink(name):  # chown clears set-id bits; put them back
@@ -49,7 +49,9 @@ def _shift_owners(root: Path, delta: int) -> None:
 
 
 def capture(upper: Path, dest: Path, *, base: int = 0) -> None:
-    """Copy a sandbox's upper dir to ``dest`` as a template layer (owners shifted from host to inside ids)."""
+    """Copy a sandbox's upper dir to ``dest`` as a template layer (owners shifted from host to inside ids);
+    ``dest``'s parent is made (private) if needed."""
+    dest.parent.mkdir(mode=0o700, exist_ok=True)
     copy_tree(upper, dest)
     if base:
         _shift_owners(dest, -base)

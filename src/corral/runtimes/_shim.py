@@ -861,7 +861,12 @@ class _Shim:
         and routed first, so the byte stream to each client continues seamlessly after ``shim.restore``.
         """
         if not self.spec.checkpoint_argv or not self.spec.restore_argv:
-            return {"id": rid, "ev": "error", "code": "unknown_op", "message": "this sandbox cannot checkpoint"}
+            return {
+                "id": rid,
+                "ev": "error",
+                "code": "unknown_op",
+                "message": "this sandbox cannot checkpoint",
+            }
         if self.paused or self.child_pid <= 0 or self.exit_reason is not None or self.ping_id is not None:
             return {"id": rid, "ev": "error", "code": "busy", "message": "the sandbox is not running"}
         try:

@@ -172,7 +172,9 @@ async def stop(handle: ShimHandle, *, grace: float = 10.0) -> None:
         os.waitpid(handle.pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks; reaps our own child
 
 
-async def call(socket_path: str, op: str, *, what: str, timeout: float, **fields: object) -> dict[str, object]:
+async def call(
+    socket_path: str, op: str, *, what: str, timeout: float, **fields: object
+) -> dict[str, object]:
     """Send one ``shim.*`` request on a connection of its own and return the shim's answer header.
 
     The runtime's own line to the shim (checkpoint, restore): it does not disturb the core's agent

@@ -182,7 +182,10 @@ class GVisorRuntime:
         if not await anyio.to_thread.run_sync(_trim_logs, Path(instance.state_dir)):
             raise RuntimeFailure("could not pause the gVisor sandbox: the sandbox no longer exists")
         await _shimctl.call(
-            instance.socket_path, "shim.checkpoint", what="pause the gVisor sandbox", timeout=CHECKPOINT_TIMEOUT
+            instance.socket_path,
+            "shim.checkpoint",
+            what="pause the gVisor sandbox",
+            timeout=CHECKPOINT_TIMEOUT,
         )
 
     async def resume(self, instance: Instance) -> None:
@@ -316,7 +319,13 @@ def _prepare(spec: SandboxSpec, state_dir: Path, bundle: AgentBundle, flags: lis
     images = state_dir / CHECKPOINT_DIR
     restore = [*flags, "restore", f"--image-path={images}", f"--bundle={bundle_dir}", container_id]
     if spec.restore_from is not None:
-        argv = [*flags, "restore", f"--image-path={spec.restore_from}", f"--bundle={bundle_dir}", container_id]
+        argv = [
+            *flags,
+            "restore",
+            f"--image-path={spec.restore_from}",
+            f"--bundle={bundle_dir}",
+            container_id,
+        ]
     else:
         argv = [*flags, "run", f"--bundle={bundle_dir}", container_id]
     return ShimSpec(
@@ -487,6 +496,8 @@ def _teardown(sandbox_id: str, state_dir: Path, shim_pid: int | None, shim_ticks
     3. Remove the cgroups (runsc removes them only on a clean exit), then the state dir.
     """
     _kill_processes(state_dir / "runsc")
+    if shim_pid is not None and shim_ticks is not None and (state_dir / "paused").exists():
+        _proc.kill_pid(shim_pid, shim_ticks, signal.SIGTERM)  # paused: no child whose exit would end the shim
     if shim_pid is not None and shim_ticks is not None:
         deadline = time.monotonic() + STOP_TIMEOUT
         while _proc.pid_alive(shim_pid, shim_ticks) and time.monotonic() < deadline:
