@@ -80,6 +80,12 @@ class AsyncLocalBackend:
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
         return await self.service.set_timeout(sandbox_id, seconds)
 
+    async def snapshot_sandbox(self, sandbox_id: str, name: str, *, description: str = "") -> TemplateInfo:
+        return await self.service.snapshot(sandbox_id, name, description=description)
+
+    async def fork_sandbox(self, sandbox_id: str, count: int) -> list[SandboxInfo]:
+        return await self.service.fork(sandbox_id, count)
+
     async def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return await self.service.pause(sandbox_id)
 
@@ -285,6 +291,12 @@ class LocalBackend:
     def delete_template(self, name: str) -> None:
         self._call(self._backend.delete_template, name)
 
+    def snapshot_sandbox(self, sandbox_id: str, name: str, *, description: str = "") -> TemplateInfo:
+        return self._call(lambda: self._backend.snapshot_sandbox(sandbox_id, name, description=description))
+
+    def fork_sandbox(self, sandbox_id: str, count: int) -> list[SandboxInfo]:
+        return self._call(self._backend.fork_sandbox, sandbox_id, count)
+
     def close(self) -> None:
         if self._closed:
             return
@@ -297,7 +309,11 @@ class LocalBackend:
 
 def _template_info(record: TemplateRecord) -> TemplateInfo:
     return TemplateInfo(
-        name=record.name, kind=record.kind, description=record.description, created_at=record.created_at
+        name=record.name,
+        kind=record.kind,
+        description=record.description,
+        created_at=record.created_at,
+        memory=record.memory is not None,
     )
 
 

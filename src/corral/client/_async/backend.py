@@ -84,6 +84,13 @@ class AsyncBackend(Protocol):
 
     async def aclose(self) -> None: ...
 
+    # snapshots and forks (added after the first release: keep at the end)
+    async def snapshot_sandbox(
+        self, sandbox_id: str, name: str, *, description: str = ""
+    ) -> TemplateInfo: ...
+
+    async def fork_sandbox(self, sandbox_id: str, count: int) -> list[SandboxInfo]: ...
+
 
 def open_default_backend() -> AsyncBackend:
     """Embedded mode unless ``CORRAL_URL`` points at a server."""
