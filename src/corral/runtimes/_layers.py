@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from corral.errors import RuntimeFailure
@@ -40,6 +41,8 @@ def _shift_owners(root: Path, delta: int) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [dirpath, *(os.path.join(dirpath, n) for n in (*dirnames, *filenames))]:
             st = os.lstat(name)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                continue  # a whiteout: overlayfs makes it as the mounter (host root) and ignores its owner
             uid, gid = st.st_uid + delta, st.st_gid + delta
             if min(uid, gid) < 0:
                 raise RuntimeFailure("the sandbox's files have owners outside its user namespace")

@@ -181,6 +181,8 @@ class GVisorRuntime:
         dir and the sandbox stops (no CPU, no memory). The shim stays, holding the clients' connections."""
         if not await anyio.to_thread.run_sync(_trim_logs, Path(instance.state_dir)):
             raise RuntimeFailure("could not pause the gVisor sandbox: the sandbox no longer exists")
+        # runsc will not overwrite an image: drop the previous pause's (its restore finished long ago)
+        await anyio.to_thread.run_sync(_clear_dir, Path(instance.state_dir) / CHECKPOINT_DIR)
         await _shimctl.call(
             instance.socket_path,
             "shim.checkpoint",
@@ -258,6 +260,11 @@ def _observe(instance: Instance) -> Observed:
     if observed.state is ObservedState.RUNNING and (state_dir / "paused").exists():
         return Observed(state=ObservedState.PAUSED)
     return observed
+
+
+def _clear_dir(path: Path) -> None:
+    for item in path.iterdir():
+        item.unlink()
 
 
 def _capture(state_dir: Path, dest: Path) -> None:
