@@ -134,7 +134,7 @@ def test_pause_resume_keeps_memory_files_and_deadline(iso: str, backend: LocalBa
     state_dir = _instance_dir(backend, box.sandbox_id)
     cpu_before = _cpu_seconds_of(state_dir, box.sandbox_id)
     time.sleep(1.0)  # a measurement window (not a wait for state): the measurement must see the burner
-    assert _cpu_seconds_of(state_dir, box.sandbox_id) - cpu_before > 0.3
+    assert _cpu_seconds_of(state_dir, box.sandbox_id) - cpu_before > 0.1  # 2 shared cores: often ~0.3
     box.pause()
     info = box.get_info()
     assert info.state is SandboxState.PAUSED and info.expires_at is None
@@ -207,7 +207,9 @@ def test_snapshot_then_create_from_it(iso: str, backend: LocalBackend, made: lis
             assert again == token and now >= count
             _advanced(child, now)
         else:
-            assert child.commands.run("test -e /tmp/probe && pgrep -f probe.py").exit_code == 1
+            # files only: the probe's output file came along, the probe process did not
+            assert child.commands.run("test -e /tmp/probe").exit_code == 0
+            assert child.commands.run("pgrep -f '[p]robe.py'").exit_code == 1
         with pytest.raises(Exception) as busy:  # the parent of a live template chain cannot be deleted
             backend.delete_template("base")
         assert busy.type.__name__ in ("InvalidRequest", "Conflict")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from corral.errors import RuntimeFailure
@@ -38,17 +39,21 @@ def copy_tree(src: Path, dst: Path) -> None:
 
 def _shift_owners(root: Path, delta: int) -> None:
     """Add ``delta`` to every owner below ``root`` (and of root), refusing ids outside the sandbox's range."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [dirpath, *(os.path.join(dirpath, n) for n in (*dirnames, *filenames))]:
-            st = os.lstat(name)
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                continue  # a whiteout: overlayfs makes it as the mounter (host root) and ignores its owner
-            uid, gid = st.st_uid + delta, st.st_gid + delta
-            if min(uid, gid) < 0:
-                raise RuntimeFailure("the sandbox's files have owners outside its user namespace")
-            os.lchown(name, uid, gid)
-            if not os.path.islink(name):  # chown clears set-id bits; put them back
-                os.chmod(name, st.st_mode & 0o7777)
+    def entries() -> Iterator[str]:  # each path once (os.walk lists a directory in its parent and as itself)
+        yield str(root)
+        for dirpath, dirnames, filenames in os.walk(root):
+            yield from (os.path.join(dirpath, n) for n in (*dirnames, *filenames))
+
+    for name in entries():
+        st = os.lstat(name)
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            continue  # a whiteout: overlayfs makes it as the mounter (host root) and ignores its owner
+        uid, gid = st.st_uid + delta, st.st_gid + delta
+        if min(uid, gid) < 0:
+            raise RuntimeFailure("the sandbox's files have owners outside its user namespace")
+        os.lchown(name, uid, gid)
+        if not stat.S_ISLNK(st.st_mode):  # chown clears set-id bits; put them back
+            os.chmod(name, st.st_mode & 0o7777)
 
 
 def capture(upper: Path, dest: Path, *, base: int = 0) -> None:

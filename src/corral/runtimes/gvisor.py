@@ -195,6 +195,7 @@ class GVisorRuntime:
         # runsc applies NO limits to a cgroup that already exists (see _refuse_existing_cgroups); the old
         # one is empty now (its processes are gone) and is removed before the restore makes it again
         await anyio.to_thread.run_sync(_cgroup(instance.sandbox_id).remove)
+        await anyio.to_thread.run_sync(_forget_stopped_container, Path(instance.state_dir) / "runsc")
         await _shimctl.call(
             instance.socket_path, "shim.restore", what="resume the gVisor sandbox", timeout=CHECKPOINT_TIMEOUT
         )
@@ -260,6 +261,16 @@ def _observe(instance: Instance) -> Observed:
     if observed.state is ObservedState.RUNNING and (state_dir / "paused").exists():
         return Observed(state=ObservedState.PAUSED)
     return observed
+
+
+def _forget_stopped_container(runsc_root: Path) -> None:
+    """runsc keeps a *restored* container's state as "stopped" after its checkpoint (a `run` one is deleted)
+    and then refuses to restore it again. Nothing of the sandbox runs while it is paused, so its private
+    --root is dropped instead of spending a `runsc delete` (1-2 s here)."""
+    if _sandbox_processes(runsc_root):
+        raise RuntimeFailure("could not resume the gVisor sandbox: it is still running")
+    for item in runsc_root.iterdir():
+        shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
 
 
 def _clear_dir(path: Path) -> None:
