@@ -125,7 +125,9 @@ def _cpu_seconds_of(state_dir: Path, sandbox_id: str) -> float:
 # --- pause / resume ----------------------------------------------------------------------------------------
 
 
-def test_pause_resume_keeps_memory_files_and_deadline(iso: str, backend: LocalBackend, made: list[Sandbox]) -> None:
+def test_pause_resume_keeps_memory_files_and_deadline(
+    iso: str, backend: LocalBackend, made: list[Sandbox]
+) -> None:
     box = Sandbox.create(isolation=iso, timeout=600, backend=backend)
     made.append(box)
     token, count = _start_probe(box)
@@ -149,9 +151,7 @@ def test_pause_resume_keeps_memory_files_and_deadline(iso: str, backend: LocalBa
         box.commands.run("true")
 
     # resume from another process, as a restarted server would
-    code = (
-        "import sys; from corral import Sandbox; s = Sandbox.connect(sys.argv[1]); s.resume(); s.close()"
-    )
+    code = "import sys; from corral import Sandbox; s = Sandbox.connect(sys.argv[1]); s.resume(); s.close()"
     subprocess.run([sys.executable, "-c", code, box.sandbox_id], check=True, timeout=120)
     info = box.get_info()
     assert info.state is SandboxState.RUNNING

@@ -39,6 +39,7 @@ def copy_tree(src: Path, dst: Path) -> None:
 
 def _shift_owners(root: Path, delta: int) -> None:
     """Add ``delta`` to every owner below ``root`` (and of root), refusing ids outside the sandbox's range."""
+
     def entries() -> Iterator[str]:  # each path once (os.walk lists a directory in its parent and as itself)
         yield str(root)
         for dirpath, dirnames, filenames in os.walk(root):
