@@ -14,6 +14,9 @@ from enum import StrEnum
 from typing import Any, Self
 
 __all__ = [
+    "BuildEvent",
+    "BuildEventKind",
+    "BuildParams",
     "CommandResult",
     "CreateParams",
     "EntryInfo",
@@ -212,3 +215,55 @@ class TemplateInfo(_Wire):
     description: str = ""
     created_at: float = 0.0
     memory: bool = False  # a snapshot that also holds memory: sandboxes of it resume where it was taken
+
+
+# --- template builds (appended; see corral.images) ------------------------------------------------------
+
+
+class BuildEventKind(StrEnum):
+    """Progress of a template build, in order: pull (the manifest), layer (one per layer, cached or made),
+    step (a --run step starts), log (its output), done (the template exists)."""
+
+    PULL = "pull"
+    LAYER = "layer"
+    STEP = "step"
+    LOG = "log"
+    DONE = "done"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildParams(_Wire):
+    """What to build a template from. ``source`` is an image reference (``127.0.0.1:5000/app:1``,
+    ``http://127.0.0.1:5000/app``), a local directory or tarball path (starting with ``/`` or ``.``), or
+    ``debootstrap:SUITE``. ``steps`` are shell commands run in order, with no network, on top of it."""
+
+    name: str
+    source: str
+    steps: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    user: str | None = None  # "root" or "user"; default: the image's (root when it names none)
+    start_cmd: str | None = None
+    ready_cmd: str | None = None
+    registry_username: str | None = None
+    registry_password: str | None = None
+    registry_token: str | None = None
+    insecure_registry: bool = False
+    isolation: str | None = None  # which runtime runs the steps
+    description: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildEvent(_Wire):
+    kind: BuildEventKind
+    message: str = ""
+    layer: str | None = None  # the layer's store key (sha256-…, step-…)
+    cached: bool = False  # the layer was already in the store: nothing pulled, unpacked or run
+    step: int | None = None  # 1-based index of the --run step
+    total_steps: int = 0
+    data: str = ""  # LOG: a chunk of the step's output
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> BuildEvent:
+        event = super().from_wire(data)
+        return dataclasses.replace(event, kind=BuildEventKind(event.kind))

@@ -17,8 +17,8 @@ import pytest
 
 from corral.core.agent_client import AgentClient
 from corral.ids import SandboxId
+from corral.images.rootfs import ensure_host_template
 from corral.runtimes import _proc
-from corral.runtimes._rootfs import ensure_host_template
 from corral.runtimes.base import Instance, Runtime, RuntimeConfig, SandboxSpec
 
 

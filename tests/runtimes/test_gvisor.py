@@ -29,7 +29,8 @@ import pytest
 from corral.core import files
 from corral.errors import Conflict, CorralError, InvalidRequest, RuntimeFailure, RuntimeUnavailable
 from corral.ids import SandboxId
-from corral.runtimes import _oci, _rootfs
+from corral.images import rootfs as _images_rootfs
+from corral.runtimes import _oci
 from corral.runtimes import gvisor as gvisor_mod
 from corral.runtimes.base import Instance, Limits, ObservedState, RootfsSpec, SandboxSpec
 
@@ -485,7 +486,7 @@ def _busybox_rootfs(dest: Path) -> Path:
 @real
 @pytest.mark.busybox
 async def test_busybox_rootfs_without_python(gvisor_sandbox, tmp_path: Path) -> None:
-    rootfs = _rootfs.rootfs_from_directory(_busybox_rootfs(tmp_path / "bb"))
+    rootfs = _images_rootfs.rootfs_from_directory(_busybox_rootfs(tmp_path / "bb"))
     sb = await gvisor_sandbox(rootfs=rootfs)
     result = await sb.run("echo hi; ls /; test -e /usr/bin/python3 || echo no-python")
     assert result.exit_code == 0, result

@@ -21,6 +21,8 @@ import pytest
 
 from corral.errors import CorralError, InvalidRequest, InvalidState, RuntimeFailure
 from corral.ids import SandboxId
+from corral.images import rootfs as _images_rootfs
+from corral.images.layers import LayerStore
 from corral.runtimes import _cgroups, _rootfs, _seccomp
 from corral.runtimes.base import Bind, Limits, ObservedState, RootfsSpec, SandboxSpec
 
@@ -448,7 +450,7 @@ def _busybox_rootfs(dest: Path) -> Path:
 @pytest.mark.busybox
 @pytest.mark.anyio
 async def test_busybox_rootfs_without_python(ns_sandbox, tmp_path: Path) -> None:
-    rootfs = _rootfs.rootfs_from_directory(_busybox_rootfs(tmp_path / "bb"))
+    rootfs = _images_rootfs.rootfs_from_directory(_busybox_rootfs(tmp_path / "bb"))
     sb = await ns_sandbox(rootfs=rootfs)
     result = await sb.run("echo hi; ls /; test -e /usr/bin/python3 || echo no-python")
     assert result.exit_code == 0
@@ -545,14 +547,15 @@ def test_rootfs_tarball_keeps_what_a_rootfs_needs(tmp_path: Path) -> None:
             ]
         )
     )
-    spec = _rootfs.rootfs_from_tarball(tarball, tmp_path / "cache")
-    root = spec.lower[0]
+    made = _images_rootfs.tarball_layer(tarball, LayerStore(tmp_path / "cache"))
+    root = made.path
     assert (root / "tmp").stat().st_mode & 0o7777 == 0o1777
     assert (root / "home/user").stat().st_uid == 1000
     assert (root / "bin/tool").stat().st_mode & 0o7777 == 0o755  # setuid dropped
     assert os.readlink(root / "etc/alt") == "/bin/tool"  # absolute links are the rootfs's own
     assert not (root / "dev/null").exists()  # device nodes skipped
-    assert _rootfs.rootfs_from_tarball(tarball, tmp_path / "cache") == spec  # cached by digest
+    again = _images_rootfs.tarball_layer(tarball, LayerStore(tmp_path / "cache"))
+    assert again.path == root and made.created and not again.created  # cached by digest
 
 
 @pytest.mark.parametrize(
@@ -572,13 +575,13 @@ def test_rootfs_tarball_refuses_escapes(tmp_path: Path, member: tarfile.TarInfo)
         members.append((_info("etc/passwd"), b"pwned"))
     tarball.write_bytes(_tar(members))
     with pytest.raises(InvalidRequest):
-        _rootfs.rootfs_from_tarball(tarball, tmp_path / "cache")
-    assert not (tmp_path / "escape").exists() and not list((tmp_path / "cache" / "rootfs").glob("[!.]*"))
+        _images_rootfs.tarball_layer(tarball, LayerStore(tmp_path / "cache"))
+    assert not (tmp_path / "escape").exists() and not list((tmp_path / "cache").glob("*"))
 
 
 @pytest.mark.root
 def test_host_template_copies_no_secrets(tmp_path: Path) -> None:
-    spec = _rootfs.ensure_host_template(tmp_path)
+    spec = _images_rootfs.ensure_host_template(tmp_path)
     etc = spec.lower[0] / "etc"
     users = [line.split(":")[0] for line in (etc / "passwd").read_text().splitlines()]
     assert users == ["root", "user", "nobody"]
@@ -588,7 +591,7 @@ def test_host_template_copies_no_secrets(tmp_path: Path) -> None:
     assert (spec.lower[0] / "home" / "user").stat().st_uid == 1000
     assert (spec.lower[0] / "tmp").stat().st_mode & 0o7777 == 0o1777
     assert [b.target for b in spec.binds][:1] == ["/usr"]
-    assert _rootfs.ensure_host_template(tmp_path) == spec  # built once
+    assert _images_rootfs.ensure_host_template(tmp_path) == spec  # built once
 
 
 @pytest.mark.root

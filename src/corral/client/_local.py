@@ -11,6 +11,9 @@ so ``Sandbox.connect(id)`` works from another process (another CLI call, say).
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import queue
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -24,6 +27,8 @@ from corral.core.service import SandboxService
 from corral.core.settings import Settings
 from corral.errors import InvalidRequest, InvalidState
 from corral.models import (
+    BuildEvent,
+    BuildParams,
     CreateParams,
     EntryInfo,
     ExecParams,
@@ -171,6 +176,14 @@ class AsyncLocalBackend:
     async def delete_template(self, name: str) -> None:
         await self.service.templates.delete(name)
 
+    async def build_template(self, params: BuildParams) -> AsyncIterator[BuildEvent]:
+        events = await self.service.build_template(params)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
     async def aclose(self) -> None:
         await self.service.aclose()
         await self.service.store.aclose()
@@ -296,6 +309,28 @@ class LocalBackend:
 
     def fork_sandbox(self, sandbox_id: str, count: int) -> list[SandboxInfo]:
         return self._call(self._backend.fork_sandbox, sandbox_id, count)
+
+    def build_template(self, params: BuildParams) -> Iterator[BuildEvent]:
+        """The whole build runs as ONE task on the loop thread (it owns a task group, which must be entered
+        and left by the same task); events cross to this thread through a queue as they happen."""
+        events: queue.Queue[BuildEvent | None] = queue.Queue()
+
+        async def run() -> None:
+            try:
+                async for event in self._backend.build_template(params):
+                    events.put(event)
+            finally:
+                events.put(None)
+
+        future = self._portal.start_task_soon(run)
+        try:
+            while (event := events.get()) is not None:
+                yield event
+        finally:
+            if not future.done():
+                future.cancel()
+            with contextlib.suppress(concurrent.futures.CancelledError):
+                future.result()
 
     def close(self) -> None:
         if self._closed:

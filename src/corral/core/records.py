@@ -89,6 +89,11 @@ class TemplateRecord:
     # ``memory`` is a runtime's memory image of the sandbox (None: file system only)
     parent: str | None = None
     memory: str | None = None
+    # built templates (corral.images): every read-only layer, topmost first (``rootfs`` is then the top one),
+    # their layer-store keys, and what sandboxes start with (workdir, user, cmd, start_cmd, ready_cmd)
+    layers: list[str] = field(default_factory=list)
+    layer_keys: list[str] = field(default_factory=list)
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -24,6 +24,7 @@ from typing import Self
 
 import anyio
 
+from corral.core import builder as _builder
 from corral.core import files as _files
 from corral.core import processes as _processes
 from corral.core import snapshots as _snapshots
@@ -36,6 +37,8 @@ from corral.core.templates import TemplateRegistry
 from corral.errors import Conflict, CorralError, InvalidRequest, NotFound, Unsupported
 from corral.ids import SandboxId, TenantId
 from corral.models import (
+    BuildEvent,
+    BuildParams,
     CreateParams,
     EntryInfo,
     ExecParams,
@@ -163,7 +166,10 @@ class SandboxService:
                 dataclasses.replace(record, instance=instance), expect_version=record.version
             )
             client = await self._agent(record)
-            if env:
+            built = await self.templates.get(template)
+            if built is not None and (built.env or built.defaults):
+                await _builder.apply_defaults(client, built, env=env)
+            elif env:
                 await client.call(Op.CONFIGURE, {"env": env})
             record = await self.store.put_sandbox(
                 dataclasses.replace(record, state=transition(record.state, SandboxState.RUNNING)),
@@ -271,6 +277,14 @@ class SandboxService:
         )
         self._wake_reaper.set()
         return record.info()
+
+    # -- template builds -------------------------------------------------------------------------------------
+    async def build_template(self, params: BuildParams) -> AsyncIterator[BuildEvent]:
+        """Build a template (:mod:`corral.core.builder`); steps run under ``params.isolation``."""
+        runtime = self._runtime(params.isolation or self.settings.default_isolation)
+        if params.steps:
+            await runtime.check()
+        return _builder.build_template(params, templates=self.templates, runtime=runtime)
 
     # -- processes -------------------------------------------------------------------------------------------
     async def exec(

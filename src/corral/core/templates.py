@@ -1,9 +1,13 @@
 """Templates: named root file systems that sandboxes start from.
 
 ``base`` is built in: the host's programs (``/usr``) read-only, under a skeleton ``/etc`` and home that
-hold none of the host's data. Others are imported from a directory or a tarball (OCI images and build steps
-arrive with the image pipeline). A template's files are shared read-only by all of its sandboxes; each sandbox
-writes to its own copy-on-write layer.
+hold none of the host's data. Others are imported from a directory or a tarball, or built (:mod:`corral.images`)
+from an OCI image, a directory, a tarball or debootstrap plus ``--run`` steps. A template is an ordered tuple of
+read-only layers shared by all of its sandboxes; each sandbox writes to its own copy-on-write layer.
+
+The layer and blob stores live under the cache root (``layers/``, ``oci/``). Deleting a template keeps its
+layers (they are the rebuild cache, and a build running now may be using them); pruning unused layers is a
+separate, not yet written, maintenance pass.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import anyio.to_thread
 from corral.core.records import TemplateRecord
 from corral.core.store import Store
 from corral.errors import Conflict, InvalidRequest, NotFound
-from corral.runtimes import _rootfs
+from corral.images import rootfs as _rootfs
+from corral.images.layers import LayerStore
 from corral.runtimes.base import RootfsSpec
 
 __all__ = ["BASE_TEMPLATE", "TemplateRegistry"]
@@ -41,6 +46,8 @@ class TemplateRegistry:
     def __init__(self, store: Store, cache_root: Path) -> None:
         self._store = store
         self._cache_root = cache_root
+        self.layers = LayerStore(cache_root / "layers")
+        self.oci_layout = cache_root / "oci"
 
     async def resolve(self, name: str) -> RootfsSpec:
         """The root file system for template ``name``; NotFound lists what exists."""
@@ -57,6 +64,11 @@ class TemplateRegistry:
         if record.kind == "snapshot" and record.parent is not None:  # its layer on top of its parent's
             parent = await self.resolve(record.parent)
             return RootfsSpec(lower=(Path(record.rootfs), *parent.lower), binds=parent.binds)
+        if record.layers:
+            layers = tuple(Path(p) for p in record.layers)
+            if not await anyio.to_thread.run_sync(lambda: all(p.is_dir() for p in layers)):
+                raise NotFound(f"template {name!r} lost layers from the layer store; build it again")
+            return RootfsSpec(lower=layers)
         return _rootfs.rootfs_from_directory(Path(record.rootfs))
 
     async def memory(self, name: str) -> Path | None:
@@ -68,6 +80,11 @@ class TemplateRegistry:
         """Register a template built elsewhere (a snapshot); Conflict if the name is taken."""
         await self._check_new(record.name)
         return await self._store.put_template(record, expect_version=None)
+
+    async def get(self, name: str) -> TemplateRecord | None:
+        """The stored record of a non-base template (None for ``base`` and unknown names)."""
+        check_template_name(name)
+        return None if name == BASE_TEMPLATE else await self._store.get_template(name)
 
     async def list(self) -> list[TemplateRecord]:
         base = TemplateRecord(
@@ -97,12 +114,14 @@ class TemplateRegistry:
     async def import_tarball(self, name: str, path: Path, *, description: str = "") -> TemplateRecord:
         """Unpack a tarball (safely: no absolute paths, no escapes, no devices) into the template cache."""
         await self._check_new(name)
-        rootfs = await anyio.to_thread.run_sync(_rootfs.rootfs_from_tarball, path, self._cache_root)
+        made = await anyio.to_thread.run_sync(_rootfs.tarball_layer, path, self.layers)
         return await self._store.put_template(
             TemplateRecord(
                 name=name,
                 kind="tarball",
-                rootfs=str(rootfs.lower[0]),
+                rootfs=str(made.path),
+                layers=[str(made.path)],
+                layer_keys=[made.key],
                 created_at=time.time(),
                 description=description,
             ),
@@ -128,8 +147,12 @@ class TemplateRegistry:
                 partial(shutil.rmtree, Path(record.rootfs).parent, ignore_errors=True)
             )
 
+    async def put_built(self, record: TemplateRecord) -> TemplateRecord:
+        """Store a built template (:mod:`corral.core.builder`); the name was checked before the build."""
+        await self._check_new(record.name)
+        return await self._store.put_template(record, expect_version=None)
+
     async def check_new(self, name: str) -> None:
-        """Raise unless ``name`` is a valid name no template has."""
         await self._check_new(name)
 
     async def _check_new(self, name: str) -> None:

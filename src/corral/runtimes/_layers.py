@@ -8,8 +8,9 @@ both as a read-only lower layer of a template (overlayfs honours whiteouts in lo
 a new sandbox's upper dir.
 
 Owners: template layers hold the uids seen *inside* a sandbox (see :mod:`._rootfs`). A namespace sandbox's
-upper dir holds host uids shifted by its user namespace base, so :func:`capture` shifts them back by
-``-base`` and :func:`seed` forward by ``+base``; gVisor's gofer writes inside uids directly (base 0).
+upper dir holds host uids shifted by its user namespace base, so :func:`capture` maps them back (through
+:func:`._rootfs.export_upper`, which also treats the tree as hostile) and :func:`seed` shifts them forward by
+``+base``; gVisor's gofer writes inside uids directly (base 0).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from corral.errors import RuntimeFailure
-from corral.runtimes import _proc
+from corral.runtimes import _proc, _rootfs
 
 __all__ = ["capture", "copy_tree", "seed"]
 
@@ -58,12 +59,12 @@ def _shift_owners(root: Path, delta: int) -> None:
 
 
 def capture(upper: Path, dest: Path, *, base: int = 0) -> None:
-    """Copy a sandbox's upper dir to ``dest`` as a template layer (owners shifted from host to inside ids);
-    ``dest``'s parent is made (private) if needed."""
+    """Copy a sandbox's upper dir to ``dest`` as a template layer with :func:`._rootfs.export_upper` (the
+    hardened copy shared with the image pipeline: nothing followed, host ids back to inside ids, set-id bits
+    and device nodes other than whiteouts dropped). ``dest``'s parent is made (private) if needed."""
     dest.parent.mkdir(mode=0o700, exist_ok=True)
-    copy_tree(upper, dest)
-    if base:
-        _shift_owners(dest, -base)
+    dest.mkdir(mode=0o755)
+    _rootfs.export_upper(upper, dest, id_base=base)
 
 
 def seed(layer: Path, upper: Path, *, base: int = 0) -> None:

@@ -87,11 +87,23 @@ async def run(
     return result
 
 
-def run_blocking(argv: Sequence[str], *, timeout: float, what: str, check: bool = True) -> ProcResult:
+def run_blocking(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    what: str,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+) -> ProcResult:
     """:func:`run` for code already in a worker thread (building the agent bundle). Same errors."""
     try:
         done = subprocess.run(
-            list(argv), capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
+            list(argv),
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
         )
     except subprocess.TimeoutExpired as exc:
         log.error("host command timed out after %ss: %s", timeout, argv)

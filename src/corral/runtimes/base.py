@@ -33,6 +33,7 @@ __all__ = [
     "Capabilities",
     "Instance",
     "Isolation",
+    "LayerExporter",
     "Limits",
     "NetworkMode",
     "Observed",
@@ -223,3 +224,12 @@ class Runtime(Protocol):
         """
 
     async def inspect(self, instance: Instance) -> Observed: ...
+
+
+@runtime_checkable
+class LayerExporter(Protocol):
+    """Runtimes whose writable layer can become a template layer (``Capabilities.snapshot_fs``)."""
+
+    async def export_layer(self, instance: Instance, dest: Path) -> None:
+        """Copy the sandbox's writable layer into ``dest`` (an empty host directory) as a read-only layer in
+        the in-sandbox ownership convention. Pause the sandbox first: its files must hold still."""

@@ -53,7 +53,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from corral.errors import Conflict, RuntimeFailure, RuntimeUnavailable, Unsupported
+from corral.errors import Conflict, InvalidRequest, RuntimeFailure, RuntimeUnavailable, Unsupported
 from corral.runtimes import _layers, _oci, _proc, _rootfs, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
 from corral.runtimes._cgroups import SandboxCgroup
@@ -213,6 +213,14 @@ class GVisorRuntime:
             with anyio.CancelScope(shield=True):
                 await self.resume(instance)
         return Snapshot(layer=dest / "layer", memory=dest / "memory")
+
+    async def export_layer(self, instance: Instance, dest: Path) -> None:
+        """The writable layer as a template layer (see :func:`._rootfs.export_upper`); not with a disk quota,
+        whose upper dir is visible only inside the sandbox's own mount namespace."""
+        fs = Path(instance.state_dir) / "fs"
+        if (fs / "disk").exists() or not (fs / "upper").is_dir():
+            raise InvalidRequest("only sandboxes without a disk quota can be saved as a layer")
+        await anyio.to_thread.run_sync(partial(_rootfs.export_upper, fs / "upper", dest, id_base=0))
 
     async def inspect(self, instance: Instance) -> Observed:
         observed = await anyio.to_thread.run_sync(_observe, instance)

@@ -43,7 +43,15 @@ from typing import Any, ClassVar
 
 import anyio
 
-from corral.errors import Conflict, CorralError, InvalidState, RuntimeFailure, RuntimeUnavailable, Unsupported
+from corral.errors import (
+    Conflict,
+    CorralError,
+    InvalidRequest,
+    InvalidState,
+    RuntimeFailure,
+    RuntimeUnavailable,
+    Unsupported,
+)
 from corral.runtimes import _layers, _proc, _rootfs, _seccomp, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
 from corral.runtimes._cgroups import CgroupLayout, SandboxCgroup, detect_layout
@@ -256,6 +264,16 @@ class NamespaceRuntime:
         except OSError as exc:
             log.error("sandbox %s: freezer failed: %s", instance.sandbox_id, exc)
             raise RuntimeFailure(f"could not {'pause' if freeze else 'resume'} the sandbox") from exc
+
+    async def export_layer(self, instance: Instance, dest: Path) -> None:
+        """The writable layer as a template layer (see :func:`._rootfs.export_upper`); not with a disk quota,
+        whose upper dir is visible only inside the sandbox's own mount namespace."""
+        fs = Path(instance.state_dir) / "fs"
+        if (fs / "disk").exists() or not (fs / "upper").is_dir():
+            raise InvalidRequest("only sandboxes without a disk quota can be saved as a layer")
+        await anyio.to_thread.run_sync(
+            partial(_rootfs.export_upper, fs / "upper", dest, id_base=int(instance.extra["uid_base"]))
+        )
 
     async def inspect(self, instance: Instance) -> Observed:
         return await anyio.to_thread.run_sync(self._inspect, instance)

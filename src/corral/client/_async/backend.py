@@ -10,6 +10,8 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import Protocol
 
 from corral.models import (
+    BuildEvent,
+    BuildParams,
     CreateParams,
     EntryInfo,
     ExecParams,
@@ -81,6 +83,8 @@ class AsyncBackend(Protocol):
     ) -> TemplateInfo: ...
 
     async def delete_template(self, name: str) -> None: ...
+
+    def build_template(self, params: BuildParams) -> AsyncIterator[BuildEvent]: ...
 
     async def aclose(self) -> None: ...
 

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from corral.models import (
+    BuildEvent,
+    BuildParams,
     CreateParams,
     EntryInfo,
     ExecParams,
@@ -82,6 +84,8 @@ class Backend(Protocol):
     ) -> TemplateInfo: ...
 
     def delete_template(self, name: str) -> None: ...
+
+    def build_template(self, params: BuildParams) -> Iterator[BuildEvent]: ...
 
     def close(self) -> None: ...
 
