@@ -221,9 +221,10 @@ class CommandResult:
 @dataclass(frozen=True, kw_only=True)
 class TemplateInfo(_Wire):
     name: str
-    kind: str  # "host", "directory", "tarball"
+    kind: str  # "host", "directory", "tarball", "snapshot"
     description: str = ""
     created_at: float = 0.0
+    memory: bool = False  # a snapshot that also holds memory: sandboxes of it resume where it was taken
 
 
 # --- template builds (appended; see corral.images) ------------------------------------------------------

@@ -311,3 +311,22 @@ def test_metrics_and_probes(corral_server, alice: Tenant, box: str) -> None:  # 
     assert "corral_process_starts_total" in text
     assert 'corral_errors_total{code="not_found"}' in text
     assert 'corral_http_requests_total{method="POST",route="/v1/sandboxes",status="201"}' in text
+
+
+def test_a_snapshot_is_its_tenants_alone(admin: httpx.Client, alice: Tenant, box: str) -> None:
+    alice.http.put(f"/v1/sandboxes/{box}/files", params={"path": "/home/user/secret"}, content=b"alice's")
+    name = "snap-" + secrets.token_hex(3)
+    r = alice.http.post(f"/v1/sandboxes/{box}/snapshot", json={"name": name})
+    assert r.status_code == 201, r.text
+    mallory = new_tenant(admin)
+    try:
+        assert name not in {t["name"] for t in mallory.http.get("/v1/templates").json()["templates"]}
+        error(mallory.http.post("/v1/sandboxes", json={"isolation": ISO, "template": name}), 404, "not_found")
+        assert name in {t["name"] for t in alice.http.get("/v1/templates").json()["templates"]}
+        mine = create(alice, template=name, timeout=60)
+        out = run(alice, str(mine["sandbox_id"]), "cat /home/user/secret")
+        alice.http.delete(f"/v1/sandboxes/{mine['sandbox_id']}")
+        assert out[1]["data"] == "alice's"
+    finally:
+        mallory.http.close()
+        assert admin.delete(f"/v1/templates/{name}").status_code in (204, 409)

@@ -125,3 +125,68 @@ def kill(sandbox_ids: tuple[str, ...], as_json: bool) -> None:
     else:
         for item in killed:
             click.echo(f"killed {item.sandbox_id}")
+
+
+@sandbox.command()
+@click.argument("sandbox_id")
+def pause(sandbox_id: str) -> None:
+    """Pause a sandbox: no CPU, its timeout stops counting (gVisor also writes its memory to disk)."""
+    sbx = Sandbox.connect(sandbox_id)
+    try:
+        with progress("Pausing…"):
+            sbx.pause()
+    finally:
+        sbx.close()
+    click.echo(f"paused {sandbox_id}")
+
+
+@sandbox.command()
+@click.argument("sandbox_id")
+def resume(sandbox_id: str) -> None:
+    """Resume a paused sandbox where it stopped, with the time it had left."""
+    sbx = Sandbox.connect(sandbox_id)
+    try:
+        with progress("Resuming…"):
+            sbx.resume()
+    finally:
+        sbx.close()
+    click.echo(f"resumed {sandbox_id}")
+
+
+@sandbox.command()
+@click.argument("sandbox_id")
+@click.argument("name")
+@click.option("--description", default="", help="Shown by 'corral template list'.")
+@click.option("--json", "as_json", is_flag=True)
+def snapshot(sandbox_id: str, name: str, description: str, as_json: bool) -> None:
+    """Save a running sandbox as the template NAME (files; memory too under gVisor)."""
+    sbx = Sandbox.connect(sandbox_id)
+    try:
+        with progress("Taking snapshot…"):
+            made = sbx.snapshot(name, description=description)
+    finally:
+        sbx.close()
+    if as_json:
+        emit_json(made)
+    else:
+        click.echo(f"template {made.name} ({'files and memory' if made.memory else 'files only'})")
+
+
+@sandbox.command()
+@click.argument("sandbox_id")
+@click.option("--count", "-n", type=int, default=1, show_default=True, help="How many copies.")
+@click.option("--json", "as_json", is_flag=True)
+def fork(sandbox_id: str, count: int, as_json: bool) -> None:
+    """Make COUNT independent copies of a running sandbox; prints their ids."""
+    sbx = Sandbox.connect(sandbox_id)
+    try:
+        with progress("Forking…"):
+            forks = sbx.fork(count)
+        infos = [f.get_info() for f in forks]
+    finally:
+        sbx.close()
+    if as_json:
+        emit_json(infos)
+    else:
+        for item in infos:
+            click.echo(item.sandbox_id)

@@ -73,6 +73,12 @@ class AsyncLocalBackend:
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
         return await self.service.set_timeout(sandbox_id, seconds)
 
+    async def snapshot_sandbox(self, sandbox_id: str, name: str, *, description: str = "") -> TemplateInfo:
+        return await self.service.snapshot(sandbox_id, name, description=description)
+
+    async def fork_sandbox(self, sandbox_id: str, count: int) -> list[SandboxInfo]:
+        return await self.service.fork(sandbox_id, count)
+
     async def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return await self.service.pause(sandbox_id)
 
@@ -139,7 +145,7 @@ class AsyncLocalBackend:
         await self.service.rename(sandbox_id, src, dst, overwrite=overwrite, user=user)
 
     async def list_templates(self) -> list[TemplateInfo]:
-        return [_template_info(t) for t in await self.service.templates.list()]
+        return [_template_info(t) for t in await self.service.list_templates()]
 
     async def import_template(
         self, name: str, *, directory: str | None = None, tarball: str | None = None, description: str = ""
@@ -319,6 +325,12 @@ class LocalBackend:
     def delete_template(self, name: str) -> None:
         self._call(self._backend.delete_template, name)
 
+    def snapshot_sandbox(self, sandbox_id: str, name: str, *, description: str = "") -> TemplateInfo:
+        return self._call(lambda: self._backend.snapshot_sandbox(sandbox_id, name, description=description))
+
+    def fork_sandbox(self, sandbox_id: str, count: int) -> list[SandboxInfo]:
+        return self._call(self._backend.fork_sandbox, sandbox_id, count)
+
     def build_template(self, params: BuildParams) -> Iterator[BuildEvent]:
         """The whole build runs as ONE task on the loop thread (it owns a task group, which must be entered
         and left by the same task); events cross to this thread through a queue as they happen."""
@@ -376,7 +388,11 @@ class LocalBackend:
 
 def _template_info(record: TemplateRecord) -> TemplateInfo:
     return TemplateInfo(
-        name=record.name, kind=record.kind, description=record.description, created_at=record.created_at
+        name=record.name,
+        kind=record.kind,
+        description=record.description,
+        created_at=record.created_at,
+        memory=record.memory is not None,
     )
 
 

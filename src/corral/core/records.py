@@ -85,11 +85,20 @@ class TemplateRecord:
     env: dict[str, str] = field(default_factory=dict)
     description: str = ""
     version: int = 0
+    # kind "snapshot" (core.snapshots): ``rootfs`` is the captured layer, stacked on the template ``parent``;
+    # ``memory`` is a runtime's memory image of the sandbox (None: file system only)
+    parent: str | None = None
+    memory: str | None = None
     # built templates (corral.images): every read-only layer, topmost first (``rootfs`` is then the top one),
     # their layer-store keys, and what sandboxes start with (workdir, user, cmd, start_cmd, ready_cmd)
     layers: list[str] = field(default_factory=list)
     layer_keys: list[str] = field(default_factory=list)
     defaults: dict[str, Any] = field(default_factory=dict)
+    # the only tenant that may use it (a snapshot holds that tenant's files and memory); None: every tenant
+    owner: str | None = None
+
+    def usable_by(self, tenant: str) -> bool:
+        return self.owner is None or self.owner == tenant
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

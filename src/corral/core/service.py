@@ -28,10 +28,11 @@ from corral.core import builder as _builder
 from corral.core import files as _files
 from corral.core import interpreter as _interpreter
 from corral.core import processes as _processes
+from corral.core import snapshots as _snapshots
 from corral.core.agent_client import AgentClient
 from corral.core.audit import AuditAction, AuditLog
 from corral.core.auth import Quotas, check_quota, check_timeout_quota
-from corral.core.records import LOCAL_TENANT, SandboxRecord
+from corral.core.records import LOCAL_TENANT, SandboxRecord, TemplateRecord
 from corral.core.settings import Settings
 from corral.core.state import Action, require_state, transition
 from corral.core.store import Store
@@ -61,9 +62,10 @@ from corral.models import (
     SandboxInfo,
     SandboxState,
     StopReason,
+    TemplateInfo,
 )
 from corral.protocol import Op
-from corral.runtimes.base import Limits, ObservedState, Runtime, SandboxSpec
+from corral.runtimes.base import Limits, ObservedState, Runtime, SandboxSpec, Snapshot
 
 __all__ = ["SandboxService"]
 
@@ -122,7 +124,10 @@ class SandboxService:
         self._agents.clear()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    async def create(self, request: CreateParams, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
+    async def create(
+        self, request: CreateParams, *, tenant: TenantId = LOCAL_TENANT, start_from: Snapshot | None = None
+    ) -> SandboxInfo:
+        """Create a sandbox; ``start_from`` (forks) seeds its writable layer and, if captured, its memory."""
         isolation = request.isolation or self.settings.default_isolation
         runtime = self._runtime(isolation)
         timeout = self._check_timeout(
@@ -139,7 +144,12 @@ class SandboxService:
         )
         template = request.template or self.settings.default_template
         await runtime.check()
+        await self._check_template_access(template, tenant)
         rootfs = await self.templates.resolve(template)
+        # a snapshot template with memory restores instead of booting, where the runtime can restore
+        memory = await self.templates.memory(template) if runtime.capabilities.checkpoint else None
+        if start_from is not None:
+            memory = start_from.memory if runtime.capabilities.checkpoint else None
         # The quota check and the insert of the "creating" record are one step per tenant, so concurrent
         # creates in this process cannot together pass a limit that each alone respects.
         async with self._quota_locks.setdefault(str(tenant), anyio.Lock()):
@@ -170,6 +180,8 @@ class SandboxService:
                     limits=limits,
                     env=env,
                     deadline=record.deadline,
+                    upper_seed=start_from.layer if start_from is not None else None,
+                    restore_from=memory,
                 )
             )
             record = await self.store.put_sandbox(
@@ -269,7 +281,12 @@ class SandboxService:
         assert record.instance is not None and record.deadline is not None
         remaining = max(0.0, record.deadline - self._clock())
         await self._tell_shim_deadline(record, None)  # a paused sandbox's deadline is suspended
-        await runtime.pause(record.instance)
+        try:
+            await runtime.pause(record.instance)
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # still running: its deadline must hold again
+                await self._tell_shim_deadline(record, record.deadline)
+            raise
         record = await self.store.put_sandbox(
             dataclasses.replace(
                 record,
@@ -603,6 +620,17 @@ class SandboxService:
             raise InvalidRequest(f"timeout must be between 0 and {self.settings.max_timeout:g} seconds")
         return float(seconds)
 
+    async def _check_template_access(self, template: str, tenant: TenantId) -> None:
+        record = await self.templates.get(template)
+        if record is not None and not record.usable_by(tenant):
+            raise NotFound(
+                f"template {template!r} not found"
+            )  # another tenant's snapshot does not exist for you
+
+    async def list_templates(self, *, tenant: TenantId = LOCAL_TENANT) -> list[TemplateRecord]:
+        """The templates this tenant may start sandboxes from."""
+        return [t for t in await self.templates.list() if t.usable_by(tenant)]
+
     async def _quotas(self, tenant: TenantId) -> Quotas:
         record = await self.store.get_tenant(tenant)
         return record.quotas if record is not None else Quotas()  # the embedded tenant has none
@@ -674,3 +702,16 @@ class SandboxService:
             await client.call("shim.deadline", {"deadline": deadline})
         except Unsupported:
             log.debug("sandbox %s has no shim deadline; the reaper alone enforces it", record.sandbox_id)
+
+    # -- snapshots and forks (core.snapshots) ----------------------------------------------------------------
+    async def snapshot(
+        self, sandbox_id: str, name: str, *, description: str = "", tenant: TenantId = LOCAL_TENANT
+    ) -> TemplateInfo:
+        """Capture a running sandbox (files, and memory where the runtime can) as the template ``name``."""
+        return await _snapshots.snapshot(self, sandbox_id, name, description=description, tenant=tenant)
+
+    async def fork(
+        self, sandbox_id: str, count: int = 1, *, tenant: TenantId = LOCAL_TENANT
+    ) -> list[SandboxInfo]:
+        """``count`` independent copies of a running sandbox (with memory where the runtime can)."""
+        return await _snapshots.fork(self, sandbox_id, count, tenant=tenant)

@@ -23,6 +23,8 @@ class Action(StrEnum):
     KILL = "kill"
     SET_TIMEOUT = "change the timeout of"
     CONNECT = "connect to"
+    SNAPSHOT = "snapshot"
+    FORK = "fork"
 
 
 _S = SandboxState

@@ -13,7 +13,9 @@ separate, not yet written, maintenance pass.
 from __future__ import annotations
 
 import re
+import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio.to_thread
@@ -63,12 +65,26 @@ class TemplateRegistry:
         if record.kind == LAYER_KIND:
             base = await anyio.to_thread.run_sync(_rootfs.ensure_host_template, self._cache_root)
             return RootfsSpec(lower=(Path(record.rootfs), *base.lower), binds=base.binds)
+
+        if record.kind == "snapshot" and record.parent is not None:  # its layer on top of its parent's
+            parent = await self.resolve(record.parent)
+            return RootfsSpec(lower=(Path(record.rootfs), *parent.lower), binds=parent.binds)
         if record.layers:
             layers = tuple(Path(p) for p in record.layers)
             if not await anyio.to_thread.run_sync(lambda: all(p.is_dir() for p in layers)):
                 raise NotFound(f"template {name!r} lost layers from the layer store; build it again")
             return RootfsSpec(lower=layers)
         return _rootfs.rootfs_from_directory(Path(record.rootfs))
+
+    async def memory(self, name: str) -> Path | None:
+        """The memory image a snapshot template holds, if any."""
+        record = None if name == BASE_TEMPLATE else await self._store.get_template(name)
+        return Path(record.memory) if record is not None and record.memory else None
+
+    async def add(self, record: TemplateRecord) -> TemplateRecord:
+        """Register a template built elsewhere (a snapshot); Conflict if the name is taken."""
+        await self._check_new(record.name)
+        return await self._store.put_template(record, expect_version=None)
 
     async def get(self, name: str) -> TemplateRecord | None:
         """The stored record of a non-base template (None for ``base`` and unknown names)."""
@@ -136,9 +152,20 @@ class TemplateRegistry:
         check_template_name(name)
         if name == BASE_TEMPLATE:
             raise InvalidRequest("the built-in base template cannot be deleted")
-        if await self._store.get_template(name) is None:
+        record = await self._store.get_template(name)
+        if record is None:
             raise NotFound(f"template {name!r} not found")
+        children = [t.name for t in await self._store.list_templates() if t.parent == name]
+        if children:
+            raise Conflict(
+                f"template {name!r} is the base of snapshots {', '.join(children)}; delete those first",
+                details={"snapshots": children},
+            )
         await self._store.delete_template(name)
+        if record.kind == "snapshot":  # its files are ours (under the cache); other kinds may be the user's
+            await anyio.to_thread.run_sync(
+                partial(shutil.rmtree, Path(record.rootfs).parent, ignore_errors=True)
+            )
 
     async def put_built(self, record: TemplateRecord) -> TemplateRecord:
         """Store a built template (:mod:`corral.core.builder`); the name was checked before the build."""

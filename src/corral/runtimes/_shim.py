@@ -16,7 +16,10 @@ Run as ``python -I -S _shim.py STATE_DIR`` by a local runtime, in its own sessio
    records ``exit.json`` and exits when the sandbox is gone.
 
 Frames whose ``op`` starts with ``shim.`` are answered by the shim itself: ``shim.deadline`` {deadline},
-``shim.status``.
+``shim.status``, and for runtimes that can checkpoint (``checkpoint_argv``): ``shim.checkpoint`` (save the
+sandbox to disk; its command exits, the shim stays, paused, and keeps its clients: requests to the agent are
+refused while paused) and ``shim.restore`` (start ``restore_argv`` with new stdio pipes; answered once the
+restored agent answers a ping, so the connection a client held before the pause works again).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import errno
 import fcntl
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -125,6 +129,14 @@ class ShimSpec:
     kill_argv: list[str] | None = None  # how to kill the sandbox if SIGKILL to the child is not enough
     deadline: float | None = None
     files: list[FdFile] = field(default_factory=list)  # opened as the given fds of the sandbox command
+    # checkpoint/restore (gVisor): ``shim.checkpoint`` runs checkpoint_argv, after which the sandbox command
+    # exits and the shim waits, paused; ``shim.restore`` starts restore_argv in its place with new stdio pipes.
+    # ``restored``: ``argv`` itself restores a checkpoint (a fork, or a template with memory), so the agent's
+    # hello, which a restored agent does not send again, is read from ``hello_file``.
+    checkpoint_argv: list[str] | None = None
+    restore_argv: list[str] | None = None
+    restored: bool = False
+    hello_file: str | None = None
 
     def to_json(self) -> str:
         data = {k: v for k, v in self.__dict__.items()}
@@ -441,6 +453,7 @@ def _kill_cgroups(procs_files: list[str]) -> None:
 
 
 TERMINAL = frozenset({"ok", "exit", "error"})
+CHECKPOINT_TIMEOUT = 300.0  # a checkpoint writes the sandbox's memory to disk: ~1 s per 200 MiB here
 
 
 class _Client:
@@ -476,6 +489,9 @@ class _Shim:
         self.exit_reason: str | None = None
         self.ready_reported = False
         self._agent_eof = False
+        self.paused = False  # checkpointed: no sandbox command runs until shim.restore
+        self.ping_id: str | None = None  # our ping to a restored agent; its answer means "running again"
+        self.restore_waiter: tuple[str, Any] | None = None  # (client tag, request id) of a pending restore
 
     # -- start ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -491,7 +507,23 @@ class _Shim:
             os.umask(old)
         self.listener.listen(8)
         self.listener.setblocking(False)
+        if self.spec.restored:
+            assert self.spec.hello_file, "a restored start needs the agent's hello"
+            self.hello = Path(self.spec.hello_file).read_bytes()
+            self.spawn(self.spec.argv)
+            self.send_ping()
+        else:
+            self.spawn(self.spec.argv)
+        self.sel.register(self.listener, selectors.EVENT_READ, "accept")
 
+    def send_ping(self) -> None:
+        """Ask a restored agent for a sign of life; :meth:`read_agent` treats the answer as "ready"."""
+        self.ping_id = self.own_id()
+        self.to_agent += encode({"id": self.ping_id, "op": "ping"})
+        self.update_interest()
+
+    def spawn(self, argv: list[str]) -> None:
+        """Fork the sandbox command ``argv`` with fresh stdio pipes (see the module docstring, step 2)."""
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         p2c_r, p2c_w = os.pipe()  # user-namespace handshake, parent → child
@@ -509,7 +541,7 @@ class _Shim:
                 os.dup2(out_w, 1)
                 os.dup2(log_fd, 2)
                 _install_fds(extra_fds)
-                os.execvpe(self.spec.argv[0], self.spec.argv, {**self.spec.env})  # noqa: S606
+                os.execvpe(argv[0], argv, {**self.spec.env})  # noqa: S606
             except BaseException as exc:
                 with contextlib.suppress(OSError):
                     os.write(c2p_w, b"E" + str(exc).encode()[:2000])
@@ -535,7 +567,7 @@ class _Shim:
         self.agent_out = out_r
         os.set_blocking(in_w, False)
         os.set_blocking(out_r, False)
-        self.sel.register(self.listener, selectors.EVENT_READ, "accept")
+        self._agent_eof = False
         self.sel.register(out_r, selectors.EVENT_READ, "agent_out")
         self.sel.register(c2p_r, selectors.EVENT_READ, "setup_err")
 
@@ -570,6 +602,10 @@ class _Shim:
                 self.dispatch(key.data, events)
             if self.deadline is not None and time.time() >= self.deadline and self.exit_reason is None:
                 self.kill("deadline")
+            if self.paused:  # nothing runs; a kill ends the (checkpointed) sandbox
+                if self.exit_reason is not None:
+                    status = 9  # waitstatus of a SIGKILL
+                continue
             pid, st = os.waitpid(self.child_pid, os.WNOHANG)
             if pid:
                 status = st
@@ -651,9 +687,16 @@ class _Shim:
         for frame in frames:
             if self.hello is None and frame.get("ev") == "hello":
                 self.hello = encode(frame.header, frame.payload)
+                with contextlib.suppress(OSError):  # kept for sandboxes restored from this one's checkpoint
+                    (self.state_dir / "hello.frame").write_bytes(self.hello)
                 self.report("ready")
                 for client in self.clients.values():
                     client.out += self.hello
+                continue
+            if self.ping_id is not None and frame.get("id") == self.ping_id:
+                self.ping_id = None
+                self.report("ready")
+                self.answer_restore({"ev": "ok"})
                 continue
             self.route_to_client(frame)
         self.update_interest()
@@ -703,7 +746,9 @@ class _Shim:
             op = frame.get("op")
             rid = frame.get("id")
             if isinstance(op, str) and op.startswith("shim."):
-                client.out += encode(self.shim_op(frame))
+                answer = self.shim_op(frame, tag)
+                if answer is not None:  # shim.restore answers later, once the agent is back
+                    client.out += encode(answer)
                 continue
             if not isinstance(rid, str):
                 client.out += encode(
@@ -713,6 +758,11 @@ class _Shim:
                         "code": "invalid",
                         "message": "every request needs a string id",
                     }
+                )
+                continue
+            if self.paused:
+                client.out += encode(
+                    {"id": rid, "ev": "error", "code": "busy", "message": "the sandbox is paused; resume it"}
                 )
                 continue
             aid = f"{tag}:{rid}"
@@ -728,8 +778,12 @@ class _Shim:
         self.update_interest()
         self.flush_agent()
 
-    def shim_op(self, frame: Frame) -> dict[str, Any]:
+    def shim_op(self, frame: Frame, tag: str) -> dict[str, Any] | None:
         rid = frame.get("id")
+        if frame.get("op") == "shim.checkpoint":
+            return self.checkpoint(rid)
+        if frame.get("op") == "shim.restore":
+            return self.restore(rid, tag)
         if frame.get("op") == "shim.deadline":
             deadline = frame.get("deadline")
             if deadline is not None and (not isinstance(deadline, int | float) or isinstance(deadline, bool)):
@@ -743,6 +797,7 @@ class _Shim:
                 "child_pid": self.child_pid,
                 "deadline": self.deadline,
                 "clients": len(self.clients),
+                "paused": self.paused,
             }
         return {"id": rid, "ev": "error", "code": "unknown_op", "message": f"unknown op {frame.get('op')}"}
 
@@ -798,6 +853,80 @@ class _Shim:
         elif key.events != events:
             self.sel.modify(fileobj, events, data)
 
+    # -- checkpoint / restore ------------------------------------------------------------------------------
+    def checkpoint(self, rid: Any) -> dict[str, Any]:
+        """Save the sandbox to disk with ``checkpoint_argv``; the sandbox command then exits by itself.
+
+        Blocking (the sandbox is being stopped anyway). Everything the agent wrote before it stopped is read
+        and routed first, so the byte stream to each client continues seamlessly after ``shim.restore``.
+        """
+        if not self.spec.checkpoint_argv or not self.spec.restore_argv:
+            return {
+                "id": rid,
+                "ev": "error",
+                "code": "unknown_op",
+                "message": "this sandbox cannot checkpoint",
+            }
+        if self.paused or self.child_pid <= 0 or self.exit_reason is not None or self.ping_id is not None:
+            return {"id": rid, "ev": "error", "code": "busy", "message": "the sandbox is not running"}
+        try:
+            done = subprocess.run(
+                self.spec.checkpoint_argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=2,  # shim.log
+                timeout=CHECKPOINT_TIMEOUT,
+                check=False,
+            )
+            failed = done.returncode != 0
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"corral-shim: checkpoint failed: {exc}", file=sys.stderr)
+            failed = True
+        if failed:
+            return {"id": rid, "ev": "error", "code": "internal", "message": "checkpoint failed"}
+        end = time.monotonic() + CHECKPOINT_TIMEOUT
+        while not os.waitpid(self.child_pid, os.WNOHANG)[0]:
+            if time.monotonic() > end:
+                self.kill("checkpoint did not stop the sandbox")
+                return {"id": rid, "ev": "error", "code": "internal", "message": "checkpoint failed"}
+            time.sleep(0.005)  # bounded; the sandbox command exits within ms of a completed checkpoint
+        drain_end = time.monotonic() + 5.0  # the writers are gone: EOF comes at once unless a stray holds it
+        while not self._agent_eof and time.monotonic() < drain_end:
+            select.select([self.agent_out], [], [], 0.1)
+            self.read_agent()
+        for fd in (self.agent_in, self.agent_out):
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(fd)
+            os.close(fd)
+        self.child_pid = 0
+        self.paused = True
+        with contextlib.suppress(OSError):  # what inspect() reads (the runtime's own state may be gone)
+            (self.state_dir / "paused").write_text("")
+        # the decoders and to_agent stay as they are: an agent stopped mid-write finishes the frame after
+        # restore, and the stream from the shim continues where it stopped (the service is quiet while pausing)
+        return {"id": rid, "ev": "ok"}
+
+    def restore(self, rid: Any, tag: str) -> dict[str, Any] | None:
+        if not self.paused or not self.spec.restore_argv:
+            return {"id": rid, "ev": "error", "code": "busy", "message": "the sandbox is not paused"}
+        self.paused = False
+        with contextlib.suppress(OSError):
+            (self.state_dir / "paused").unlink()
+        self.restore_waiter = (tag, rid)
+        self.spawn(self.spec.restore_argv)
+        self.send_ping()
+        return None
+
+    def answer_restore(self, frame: dict[str, Any]) -> None:
+        if self.restore_waiter is None:
+            return
+        tag, rid = self.restore_waiter
+        self.restore_waiter = None
+        client = self.clients.get(tag)
+        if client is not None:
+            client.out += encode({**frame, "id": rid})
+            self.update_interest()
+
     def kill(self, reason: str) -> None:
         if self.exit_reason is None:
             self.exit_reason = reason
@@ -813,8 +942,9 @@ class _Shim:
                     timeout=30,
                     check=False,
                 )
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.child_pid, signal.SIGKILL)
+        if self.child_pid > 0:  # 0 while paused: killpg(0) would be our own group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.child_pid, signal.SIGKILL)
         _kill_cgroups(self.spec.cgroup_procs)
 
     def finish(self, status: int) -> None:
@@ -828,8 +958,10 @@ class _Shim:
             self.report_failed(
                 f"sandbox exited with code {code} before its agent started: " + tail.decode(errors="replace")
             )
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.child_pid, signal.SIGKILL)  # stragglers in the sandbox's process group
+        self.answer_restore({"ev": "error", "code": "internal", "message": "the sandbox did not restore"})
+        if self.child_pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.child_pid, signal.SIGKILL)  # stragglers in the sandbox's process group
         record = {
             "exit_code": code,
             "reason": self.exit_reason or ("exited" if code >= 0 else "killed"),

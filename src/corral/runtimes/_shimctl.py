@@ -22,11 +22,22 @@ import anyio.to_thread
 from anyio.abc import ByteStream
 
 from corral.errors import AgentUnavailable, RuntimeFailure, Timeout
+from corral.protocol.frames import Decoder, encode
 from corral.runtimes import _proc
 from corral.runtimes._shim import ShimSpec, unix_path
 from corral.runtimes.base import Observed, ObservedState
 
-__all__ = ["SHIM_SCRIPT", "ShimHandle", "connect", "launch", "observe", "spawn", "stop", "wait_ready"]
+__all__ = [
+    "SHIM_SCRIPT",
+    "ShimHandle",
+    "call",
+    "connect",
+    "launch",
+    "observe",
+    "spawn",
+    "stop",
+    "wait_ready",
+]
 
 log = logging.getLogger("corral.runtimes.shim")
 
@@ -159,3 +170,34 @@ async def stop(handle: ShimHandle, *, grace: float = 10.0) -> None:
         await anyio.sleep(0.01)  # polling a pid we do not parent; there is no event to wait on
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(handle.pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks; reaps our own child
+
+
+async def call(
+    socket_path: str, op: str, *, what: str, timeout: float, **fields: object
+) -> dict[str, object]:
+    """Send one ``shim.*`` request on a connection of its own and return the shim's answer header.
+
+    The runtime's own line to the shim (checkpoint, restore): it does not disturb the core's agent
+    connection, which the shim keeps across a pause. An ``error`` answer becomes a RuntimeFailure whose
+    message is safe for clients (the shim's text goes to the log).
+    """
+    stream = await connect(socket_path)
+    decoder = Decoder()
+    try:
+        with anyio.fail_after(timeout):
+            await stream.send(encode({"id": "rt", "op": op, **fields}))
+            while True:
+                data = await stream.receive()
+                for frame in decoder.feed(data):
+                    if frame.get("id") == "rt":
+                        header = dict(frame.header)
+                        if header.get("ev") != "ok":
+                            log.error("%s: shim answered %s", what, header)
+                            raise RuntimeFailure(f"could not {what}", details={"stage": op})
+                        return header
+    except TimeoutError as exc:
+        raise Timeout(f"could not {what} within {timeout:g} s") from exc
+    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
+        raise RuntimeFailure(f"could not {what}: the sandbox's supervisor went away") from exc
+    finally:
+        await stream.aclose()

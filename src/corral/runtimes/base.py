@@ -42,6 +42,7 @@ __all__ = [
     "Runtime",
     "RuntimeConfig",
     "SandboxSpec",
+    "Snapshot",
 ]
 
 
@@ -110,6 +111,11 @@ class SandboxSpec:
     env: Mapping[str, str] = field(default_factory=dict)  # defaults for every process, set in the agent
     hostname: str = "sandbox"
     deadline: float | None = None  # Unix time; the shim kills the sandbox then even if no server is running
+    # Start from a captured state (:meth:`Runtime.snapshot`) instead of from scratch: ``upper_seed`` is copied
+    # into the new writable layer (a fork's own copy of its parent's changes); ``restore_from`` is a memory
+    # image to restore instead of booting (only given to runtimes with ``Capabilities.checkpoint``).
+    upper_seed: Path | None = None
+    restore_from: Path | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,8 +123,19 @@ class Capabilities:
     pause: bool = False  # stop all CPU use and resume later (freezer, runsc pause)
     checkpoint: bool = False  # save processes and memory to disk and restore them (runsc checkpoint, CRIU)
     snapshot_fs: bool = False  # copy the writable layer into a new template
+    # checkpoint=True also means: pause keeps memory on disk (nothing of the sandbox runs or stays in RAM),
+    # snapshot() captures memory, and a SandboxSpec.restore_from starts a sandbox (a fork) from it
     network_policy: bool = False  # egress allowlists
     resource_limits: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Snapshot:
+    """What :meth:`Runtime.snapshot` captured: ``layer`` (the writable layer, usable as a read-only template
+    layer or as a new sandbox's ``upper_seed``) and, where the runtime can, ``memory`` (a ``restore_from``)."""
+
+    layer: Path
+    memory: Path | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,6 +214,14 @@ class Runtime(Protocol):
 
     async def destroy(self, instance: Instance) -> None:
         """Kill the sandbox and remove everything it owned on the host. Idempotent."""
+
+    async def snapshot(self, instance: Instance, dest: Path) -> Snapshot:
+        """Capture a running sandbox into the new directory ``dest`` and let it run on.
+
+        Always its writable layer (``Capabilities.snapshot_fs``), as a tree whose owners are the uids seen
+        inside the sandbox (a template layer); with ``Capabilities.checkpoint`` also its memory. Everything
+        lands below ``dest``; the caller owns it (and removes it on failure).
+        """
 
     async def inspect(self, instance: Instance) -> Observed: ...
 

@@ -16,7 +16,15 @@ import anyio.to_thread
 from corral.errors import Conflict, Unsupported
 from corral.runtimes import _shimctl
 from corral.runtimes._shim import ShimSpec
-from corral.runtimes.base import ByteStream, Capabilities, Instance, Observed, RuntimeConfig, SandboxSpec
+from corral.runtimes.base import (
+    ByteStream,
+    Capabilities,
+    Instance,
+    Observed,
+    RuntimeConfig,
+    SandboxSpec,
+    Snapshot,
+)
 
 __all__ = ["FakeRuntime"]
 
@@ -74,6 +82,9 @@ class FakeRuntime:
 
     async def resume(self, instance: Instance) -> None:
         raise Unsupported("the fake runtime cannot resume")
+
+    async def snapshot(self, instance: Instance, dest: Path) -> Snapshot:
+        raise Unsupported("the fake runtime cannot take snapshots")
 
     async def destroy(self, instance: Instance) -> None:
         await _shimctl.stop(_handle(instance))

@@ -53,8 +53,8 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from corral.errors import Conflict, InvalidRequest, RuntimeFailure, RuntimeUnavailable
-from corral.runtimes import _oci, _proc, _rootfs, _shimctl
+from corral.errors import Conflict, InvalidRequest, RuntimeFailure, RuntimeUnavailable, Unsupported
+from corral.runtimes import _layers, _oci, _proc, _rootfs, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
 from corral.runtimes._cgroups import SandboxCgroup
 from corral.runtimes._rootfs import LayerDirs
@@ -68,6 +68,7 @@ from corral.runtimes.base import (
     ObservedState,
     RuntimeConfig,
     SandboxSpec,
+    Snapshot,
 )
 
 __all__ = ["GVisorRuntime"]
@@ -76,6 +77,10 @@ log = logging.getLogger("corral.runtimes.gvisor")
 
 READY_TIMEOUT = 60.0  # create → agent hello: ~0.4 s here; generous for a loaded 2-core CI host
 COMMAND_TIMEOUT = 30.0  # runsc state/pause/resume/kill take 20-50 ms
+# checkpoint writes the sandbox's memory to disk, restore reads it back: ~0.1-0.3 s for an idle sandbox and
+# ~1 s per 200 MiB here; generous for a loaded host and large sandboxes
+CHECKPOINT_TIMEOUT = 300.0
+CHECKPOINT_DIR = "checkpoint"  # below the state dir: the image of a paused sandbox (removed with it)
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 # Host threads per guest process under the ptrace platform: 256 sleeping guest processes made 1937 host
 # threads here (plus ~34 for an idle sandbox). pids.max must stay above that, or the sandbox dies instead of
@@ -87,7 +92,7 @@ class GVisorRuntime:
     """runsc (ptrace platform) over an OCI bundle with a host overlayfs root. See the module docstring."""
 
     name: ClassVar[str] = "gvisor"
-    capabilities: ClassVar[Capabilities] = Capabilities(pause=True, checkpoint=False, snapshot_fs=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(pause=True, checkpoint=True, snapshot_fs=True)
 
     def __init__(self, config: RuntimeConfig, *, platform: str = "ptrace", runsc: str | None = None) -> None:
         """``runsc``: the binary to use (default: ``runsc`` on PATH), e.g. a newer static build."""
@@ -172,10 +177,42 @@ class GVisorRuntime:
         return await _shimctl.connect(instance.socket_path)
 
     async def pause(self, instance: Instance) -> None:
-        await self._runsc_command(instance, "pause", what="pause the gVisor sandbox")
+        """``runsc checkpoint`` through the shim: memory, processes and open files go to an image in the state
+        dir and the sandbox stops (no CPU, no memory). The shim stays, holding the clients' connections."""
+        if not await anyio.to_thread.run_sync(_trim_logs, Path(instance.state_dir)):
+            raise RuntimeFailure("could not pause the gVisor sandbox: the sandbox no longer exists")
+        # runsc will not overwrite an image: drop the previous pause's (its restore finished long ago)
+        await anyio.to_thread.run_sync(_clear_dir, Path(instance.state_dir) / CHECKPOINT_DIR)
+        await _shimctl.call(
+            instance.socket_path,
+            "shim.checkpoint",
+            what="pause the gVisor sandbox",
+            timeout=CHECKPOINT_TIMEOUT,
+        )
 
     async def resume(self, instance: Instance) -> None:
-        await self._runsc_command(instance, "resume", what="resume the gVisor sandbox")
+        """``runsc restore`` of the pause image, with new stdio pipes to the same shim."""
+        # runsc applies NO limits to a cgroup that already exists (see _refuse_existing_cgroups); the old
+        # one is empty now (its processes are gone) and is removed before the restore makes it again
+        await anyio.to_thread.run_sync(_cgroup(instance.sandbox_id).remove)
+        await anyio.to_thread.run_sync(_forget_stopped_container, Path(instance.state_dir) / "runsc")
+        await _shimctl.call(
+            instance.socket_path, "shim.restore", what="resume the gVisor sandbox", timeout=CHECKPOINT_TIMEOUT
+        )
+
+    async def snapshot(self, instance: Instance, dest: Path) -> Snapshot:
+        """Checkpoint (the sandbox stops, so its files and memory agree), copy the writable layer and the
+        image to ``dest``, restore. The sandbox is back when this returns, with a short gap in between."""
+        state_dir = Path(instance.state_dir)
+        if (state_dir / "disk.img").exists():
+            raise Unsupported("snapshots of gVisor sandboxes with a disk quota are not supported yet")
+        await self.pause(instance)
+        try:
+            await anyio.to_thread.run_sync(_capture, state_dir, dest)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.resume(instance)
+        return Snapshot(layer=dest / "layer", memory=dest / "memory")
 
     async def export_layer(self, instance: Instance, dest: Path) -> None:
         """The writable layer as a template layer (see :func:`._rootfs.export_upper`); not with a disk quota,
@@ -187,7 +224,7 @@ class GVisorRuntime:
 
     async def inspect(self, instance: Instance) -> Observed:
         observed = await anyio.to_thread.run_sync(_observe, instance)
-        if observed.state is not ObservedState.RUNNING:
+        if observed.state is not ObservedState.RUNNING:  # includes PAUSED: checkpointed, runsc knows nothing
             return observed
         # the shim is up: ask runsc whether the sentry is paused (its state files are runsc's private format)
         result = await self._runsc_command(instance, "state", what="inspect the gVisor sandbox", check=False)
@@ -223,11 +260,41 @@ class GVisorRuntime:
 
 
 def _observe(instance: Instance) -> Observed:
-    """What the host shows without asking runsc: missing, exited (exit.json, or a dead shim) or running."""
+    """What the host shows without asking runsc: missing, exited (exit.json, or a dead shim), paused (the shim
+    holds a checkpointed sandbox) or running."""
     state_dir = Path(instance.state_dir)
     if not state_dir.exists():
         return Observed(state=ObservedState.MISSING)
-    return _shimctl.observe(state_dir, _shimctl.ShimHandle(instance.shim_pid, instance.shim_start_ticks))
+    observed = _shimctl.observe(state_dir, _shimctl.ShimHandle(instance.shim_pid, instance.shim_start_ticks))
+    if observed.state is ObservedState.RUNNING and (state_dir / "paused").exists():
+        return Observed(state=ObservedState.PAUSED)
+    return observed
+
+
+def _forget_stopped_container(runsc_root: Path) -> None:
+    """runsc keeps a *restored* container's state as "stopped" after its checkpoint (a `run` one is deleted)
+    and then refuses to restore it again. Nothing of the sandbox runs while it is paused, so its private
+    --root is dropped instead of spending a `runsc delete` (1-2 s here)."""
+    if _sandbox_processes(runsc_root):
+        raise RuntimeFailure("could not resume the gVisor sandbox: it is still running")
+    for item in runsc_root.iterdir():
+        shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+
+
+def _clear_dir(path: Path) -> None:
+    for item in path.iterdir():
+        item.unlink()
+
+
+def _capture(state_dir: Path, dest: Path) -> None:
+    """Copy a checkpointed sandbox's writable layer and memory image (+ the agent's hello) into ``dest``."""
+    dest.mkdir(mode=0o700)
+    _layers.capture(state_dir / "fs" / "upper", dest / "layer")
+    memory = dest / "memory"
+    memory.mkdir(mode=0o700)
+    for item in (state_dir / CHECKPOINT_DIR).iterdir():
+        shutil.copyfile(item, memory / item.name)
+    shutil.copyfile(state_dir / "hello.frame", memory / "hello.frame")
 
 
 def _status(stdout: bytes) -> str | None:
@@ -243,6 +310,7 @@ def _prepare(spec: SandboxSpec, state_dir: Path, bundle: AgentBundle, flags: lis
     """Writable layer, OCI bundle and shim spec for one sandbox (the caller cleans up on failure)."""
     _refuse_existing_cgroups(spec.sandbox_id)
     layers = _make_layer_dirs(state_dir, spec)
+    (state_dir / CHECKPOINT_DIR).mkdir(mode=0o700)
     (state_dir / "runsc").mkdir(mode=0o700)
     (state_dir / "logs").mkdir(mode=0o700)
     # Host paths the sandbox sees (template binds such as /usr, the agent bundle) are first bound READ-ONLY at
@@ -272,10 +340,26 @@ def _prepare(spec: SandboxSpec, state_dir: Path, bundle: AgentBundle, flags: lis
     bundle_dir = state_dir / "bundle"
     _oci.write_config(bundle_dir, config)
     container_id = str(spec.sandbox_id)  # fixed length, and alone in its --root: no prefix ambiguity
-    # The start command is the one place a checkpoint/restore capability changes: a restored sandbox runs
-    # `restore --image-path=… --bundle=… <id>` in the same foreground/stdio-pipe position instead of `run`.
+    # A restored sandbox (a fork, a template with memory, a resume) runs `restore --image-path=… --bundle=…`
+    # in the same foreground/stdio-pipe position as `run`: the agent gets new pipes and carries on.
+    images = state_dir / CHECKPOINT_DIR
+    restore = [*flags, "restore", f"--image-path={images}", f"--bundle={bundle_dir}", container_id]
+    if spec.restore_from is not None:
+        argv = [
+            *flags,
+            "restore",
+            f"--image-path={spec.restore_from}",
+            f"--bundle={bundle_dir}",
+            container_id,
+        ]
+    else:
+        argv = [*flags, "run", f"--bundle={bundle_dir}", container_id]
     return ShimSpec(
-        argv=[*flags, "run", f"--bundle={bundle_dir}", container_id],
+        argv=argv,
+        restored=spec.restore_from is not None,
+        hello_file=str(spec.restore_from / "hello.frame") if spec.restore_from is not None else None,
+        checkpoint_argv=[*flags, "checkpoint", f"--image-path={images}", container_id],
+        restore_argv=restore,
         socket=str(state_dir / "agent.sock"),
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
         mounts=[
@@ -321,6 +405,8 @@ def _make_layer_dirs(state_dir: Path, spec: SandboxSpec) -> LayerDirs:
             details={"fix": "modprobe loop"},
         )
     dirs = _rootfs.make_layer_dirs(state_dir, spec.rootfs, owner=0, disk_mb=spec.limits.disk_mb)
+    if spec.upper_seed is not None:
+        _layers.seed(spec.upper_seed, dirs.seed / "upper" if dirs.seed is not None else dirs.upper)
     if dirs.image is not None and dirs.seed is not None:
         argv = [_proc.require_binary("mkfs.ext4"), *_rootfs.mkfs_argv(dirs)[1:]]
         anyio.from_thread.run(partial(_proc.run, argv, timeout=60, what="format the sandbox's disk"))
@@ -436,6 +522,8 @@ def _teardown(sandbox_id: str, state_dir: Path, shim_pid: int | None, shim_ticks
     3. Remove the cgroups (runsc removes them only on a clean exit), then the state dir.
     """
     _kill_processes(state_dir / "runsc")
+    if shim_pid is not None and shim_ticks is not None and (state_dir / "paused").exists():
+        _proc.kill_pid(shim_pid, shim_ticks, signal.SIGTERM)  # paused: no child whose exit would end the shim
     if shim_pid is not None and shim_ticks is not None:
         deadline = time.monotonic() + STOP_TIMEOUT
         while _proc.pid_alive(shim_pid, shim_ticks) and time.monotonic() < deadline:

@@ -50,8 +50,9 @@ from corral.errors import (
     InvalidState,
     RuntimeFailure,
     RuntimeUnavailable,
+    Unsupported,
 )
-from corral.runtimes import _proc, _rootfs, _seccomp, _shimctl
+from corral.runtimes import _layers, _proc, _rootfs, _seccomp, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
 from corral.runtimes._cgroups import CgroupLayout, SandboxCgroup, detect_layout
 from corral.runtimes._shim import FdFile, Mount, ShimSpec, UserNs
@@ -63,6 +64,7 @@ from corral.runtimes.base import (
     ObservedState,
     RuntimeConfig,
     SandboxSpec,
+    Snapshot,
 )
 
 __all__ = ["NamespaceRuntime"]
@@ -233,6 +235,26 @@ class NamespaceRuntime:
     async def resume(self, instance: Instance) -> None:
         await self._freezer(instance, freeze=False)
 
+    async def snapshot(self, instance: Instance, dest: Path) -> Snapshot:
+        """Freeze, copy the writable layer (owners shifted back to the sandbox's own uids), thaw. File system
+        only: memory would need CRIU, and Debian 12's CRIU 3.17 fails on this kernel (README, snapshots)."""
+        state_dir = Path(instance.state_dir)
+        if (state_dir / "disk.img").exists():
+            raise Unsupported("snapshots of sandboxes with a disk quota are not supported yet")
+        cgroup = self._cgroup(instance)
+        was_frozen = await anyio.to_thread.run_sync(cgroup.frozen)
+        await self._freezer(instance, freeze=True)  # the files stop changing while they are copied
+        try:
+            base = int(instance.extra["uid_base"])
+            await anyio.to_thread.run_sync(
+                partial(_layers.capture, state_dir / "fs" / "upper", dest / "layer", base=base)
+            )
+        finally:
+            if not was_frozen:
+                with anyio.CancelScope(shield=True):
+                    await self._freezer(instance, freeze=False)
+        return Snapshot(layer=dest / "layer")
+
     async def _freezer(self, instance: Instance, *, freeze: bool) -> None:
         cgroup = self._cgroup(instance)
         try:
@@ -357,6 +379,8 @@ def _prepare(
             details={"fix": "modprobe loop"},
         )
     dirs = _rootfs.make_layer_dirs(state_dir, spec.rootfs, owner=base, disk_mb=disk_mb)
+    if spec.upper_seed is not None:  # a fork: its own copy of its parent's changes
+        _layers.seed(spec.upper_seed, dirs.seed / "upper" if dirs.seed is not None else dirs.upper, base=base)
     if dirs.image is not None and dirs.disk is not None and dirs.seed is not None:
         _proc.require_binary("mkfs.ext4")
         argv = _rootfs.mkfs_argv(dirs)

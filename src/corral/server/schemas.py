@@ -62,6 +62,15 @@ class ExecBody(_Strict):
         return ExecParams(**self.model_dump())
 
 
+class SnapshotBody(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=63)]
+    description: Annotated[str, Field(max_length=1024)] = ""
+
+
+class ForkBody(_Strict):
+    count: Annotated[int, Field(ge=1, le=16)] = 1
+
+
 class TimeoutBody(_Strict):
     timeout: Annotated[float, Field(gt=0)]
 

@@ -108,6 +108,13 @@ class AsyncBackend(Protocol):
 
     async def build_code_interpreter_template(self, name: str = "code-interpreter") -> TemplateInfo: ...
 
+    # snapshots and forks (added after the first release: keep at the end)
+    async def snapshot_sandbox(
+        self, sandbox_id: str, name: str, *, description: str = ""
+    ) -> TemplateInfo: ...
+
+    async def fork_sandbox(self, sandbox_id: str, count: int) -> list[SandboxInfo]: ...
+
 
 def open_default_backend() -> AsyncBackend:
     """Embedded mode unless ``CORRAL_URL`` points at a server."""

@@ -9,6 +9,7 @@ Return types never depend on a flag: ``commands.run`` returns a result, ``comman
 
 from __future__ import annotations
 
+import builtins
 import os
 import signal as _signal
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -29,6 +30,7 @@ from corral.models import (
     ProcessInfo,
     SandboxInfo,
     SandboxState,
+    TemplateInfo,
 )
 
 __all__ = ["AsyncCommandHandle", "AsyncCommands", "AsyncFiles", "AsyncSandbox"]
@@ -429,6 +431,20 @@ class AsyncSandbox(AsyncCodeInterpreter):
 
     async def kill(self) -> None:
         self._info = await self._backend.kill_sandbox(self.sandbox_id)
+
+    async def snapshot(self, name: str, *, description: str = "") -> TemplateInfo:
+        """Save this running sandbox as the template ``name`` (it keeps running).
+
+        Its files always; its memory and processes too where its isolation can checkpoint (gVisor): then
+        ``create(template=name)`` resumes where the snapshot was taken (``TemplateInfo.memory`` says which).
+        """
+        return await self._backend.snapshot_sandbox(self.sandbox_id, name, description=description)
+
+    async def fork(self, count: int = 1) -> builtins.list[AsyncSandbox]:
+        """``count`` new sandboxes, each an independent copy of this one as it is now (files, and memory
+        where its isolation can checkpoint). They share this sandbox's client: close them before it."""
+        infos = await self._backend.fork_sandbox(self.sandbox_id, count)
+        return [type(self)(info, self._backend, owns_backend=False) for info in infos]
 
     async def aclose(self) -> None:
         """Release this client's resources. The sandbox keeps running until killed or timed out."""

@@ -109,6 +109,13 @@ class Backend(Protocol):
 
     def build_code_interpreter_template(self, name: str = "code-interpreter") -> TemplateInfo: ...
 
+    # snapshots and forks (added after the first release: keep at the end)
+    def snapshot_sandbox(
+        self, sandbox_id: str, name: str, *, description: str = ""
+    ) -> TemplateInfo: ...
+
+    def fork_sandbox(self, sandbox_id: str, count: int) -> list[SandboxInfo]: ...
+
 
 def open_default_backend() -> Backend:
     """Embedded mode unless ``CORRAL_URL`` points at a server."""

@@ -131,6 +131,16 @@ class RemoteBackend:
     def resume_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return SandboxInfo.from_wire(self._json("POST", sandbox_path(sandbox_id, "resume")))
 
+    def snapshot_sandbox(self, sandbox_id: str, name: str, *, description: str = "") -> TemplateInfo:
+        body = {"name": name, "description": description}
+        return TemplateInfo.from_wire(
+            self._json("POST", sandbox_path(sandbox_id, "snapshot"), json=body)
+        )
+
+    def fork_sandbox(self, sandbox_id: str, count: int) -> list[SandboxInfo]:
+        data = self._json("POST", sandbox_path(sandbox_id, "fork"), json={"count": count})
+        return [SandboxInfo.from_wire(s) for s in data["sandboxes"]]
+
     # -- processes -------------------------------------------------------------------------------------------
     def exec(self, sandbox_id: str, params: ExecParams) -> Iterator[ProcessEvent]:
         return self._events("POST", sandbox_path(sandbox_id, "processes"), json=exec_body(params))

@@ -10,6 +10,7 @@ Return types never depend on a flag: ``commands.run`` returns a result, ``comman
 
 from __future__ import annotations
 
+import builtins
 import os
 import signal as _signal
 from collections.abc import Iterable, Iterator, Callable
@@ -30,6 +31,7 @@ from corral.models import (
     ProcessInfo,
     SandboxInfo,
     SandboxState,
+    TemplateInfo,
 )
 
 __all__ = ["CommandHandle", "Commands", "Files", "Sandbox"]
@@ -430,6 +432,20 @@ class Sandbox(CodeInterpreter):
 
     def kill(self) -> None:
         self._info = self._backend.kill_sandbox(self.sandbox_id)
+
+    def snapshot(self, name: str, *, description: str = "") -> TemplateInfo:
+        """Save this running sandbox as the template ``name`` (it keeps running).
+
+        Its files always; its memory and processes too where its isolation can checkpoint (gVisor): then
+        ``create(template=name)`` resumes where the snapshot was taken (``TemplateInfo.memory`` says which).
+        """
+        return self._backend.snapshot_sandbox(self.sandbox_id, name, description=description)
+
+    def fork(self, count: int = 1) -> builtins.list[Sandbox]:
+        """``count`` new sandboxes, each an independent copy of this one as it is now (files, and memory
+        where its isolation can checkpoint). They share this sandbox's client: close them before it."""
+        infos = self._backend.fork_sandbox(self.sandbox_id, count)
+        return [type(self)(info, self._backend, owns_backend=False) for info in infos]
 
     def close(self) -> None:
         """Release this client's resources. The sandbox keeps running until killed or timed out."""

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 from corral.errors import InvalidRequest
 from corral.models import SandboxInfo, SandboxState
 from corral.server.app import State, TenantCaller
-from corral.server.schemas import CreateSandboxBody, TimeoutBody
+from corral.server.schemas import CreateSandboxBody, ForkBody, SnapshotBody, TimeoutBody
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 
@@ -97,3 +97,19 @@ async def pause(sandbox_id: str, state: State, tenant: TenantCaller) -> dict[str
 @router.post("/{sandbox_id}/resume", summary="Resume a paused sandbox")
 async def resume(sandbox_id: str, state: State, tenant: TenantCaller) -> dict[str, Any]:
     return (await state.service.resume(sandbox_id, tenant=tenant)).to_wire()
+
+
+@router.post(
+    "/{sandbox_id}/snapshot", status_code=201, summary="Save the sandbox as a template only you can use"
+)
+async def snapshot(sandbox_id: str, body: SnapshotBody, state: State, tenant: TenantCaller) -> dict[str, Any]:
+    info = await state.service.snapshot(sandbox_id, body.name, description=body.description, tenant=tenant)
+    return info.to_wire()
+
+
+@router.post(
+    "/{sandbox_id}/fork", status_code=201, summary="Make count independent copies of a running sandbox"
+)
+async def fork(sandbox_id: str, body: ForkBody, state: State, tenant: TenantCaller) -> dict[str, Any]:
+    made = await state.service.fork(sandbox_id, body.count, tenant=tenant)
+    return {"sandboxes": [i.to_wire() for i in made]}

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
+from corral.core.auth import Principal
 from corral.core.records import TemplateRecord
 from corral.errors import InvalidRequest
 from corral.models import BuildParams
@@ -32,12 +33,19 @@ def template_wire(record: TemplateRecord) -> dict[str, Any]:
         "kind": record.kind,
         "description": record.description,
         "created_at": record.created_at,
+        "memory": record.memory is not None,
     }
 
 
-@router.get("", summary="Templates sandboxes can start from", dependencies=[Depends(_principal)])
-async def list_templates(state: State) -> dict[str, Any]:
-    return {"templates": [template_wire(t) for t in await state.service.templates.list()]}
+@router.get("", summary="Templates the caller can start sandboxes from (admins see all)")
+async def list_templates(
+    state: State, principal: Annotated[Principal, Depends(_principal)]
+) -> dict[str, Any]:
+    if principal.tenant_id is None:
+        records = await state.service.templates.list()
+    else:
+        records = await state.service.list_templates(tenant=principal.tenant_id)
+    return {"templates": [template_wire(t) for t in records]}
 
 
 @router.post("", status_code=201, summary="Import a directory or tarball on the server host (admin)")
