@@ -72,6 +72,7 @@ __all__ = ["SandboxService"]
 log = logging.getLogger("corral.core.service")
 
 _LIVE = frozenset({SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED})
+MIN_TIMEOUT = 1.0  # a sandbox's life in seconds; less could not even boot, so it is a mistake, not a request
 ABANDONED_CREATE_AFTER = 300.0  # a record still "creating" this long after creation lost its creator
 
 
@@ -615,9 +616,11 @@ class SandboxService:
         if (
             isinstance(seconds, bool)
             or not isinstance(seconds, (int, float))
-            or not 0 < seconds <= self.settings.max_timeout
+            or not MIN_TIMEOUT <= seconds <= self.settings.max_timeout
         ):
-            raise InvalidRequest(f"timeout must be between 0 and {self.settings.max_timeout:g} seconds")
+            raise InvalidRequest(
+                f"timeout must be between {MIN_TIMEOUT:g} and {self.settings.max_timeout:g} seconds"
+            )
         return float(seconds)
 
     async def _check_template_access(self, template: str, tenant: TenantId) -> None:

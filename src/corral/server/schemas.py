@@ -35,7 +35,7 @@ class _Strict(BaseModel):
 class CreateSandboxBody(_Strict):
     template: Name | None = None
     isolation: Name | None = None
-    timeout: Annotated[float, Field(gt=0)] | None = None
+    timeout: Annotated[float, Field(ge=1)] | None = None
     metadata: StrMap = Field(default_factory=dict)
     env: StrMap = Field(default_factory=dict)
     memory_mb: Annotated[int, Field(ge=16, le=1024 * 1024)] | None = None
@@ -72,7 +72,7 @@ class ForkBody(_Strict):
 
 
 class TimeoutBody(_Strict):
-    timeout: Annotated[float, Field(gt=0)]
+    timeout: Annotated[float, Field(ge=1)]
 
 
 class SignalBody(_Strict):

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
+from corral.errors import InvalidRequest
 from corral.models import CodeEvent, RunCodeParams
 from corral.server.app import Caller, State, TenantCaller
 from corral.server.routes._stream import NDJSON, ndjson_response, prefetched
@@ -48,6 +49,8 @@ def _wire(event: CodeEvent) -> dict[str, Any]:
 async def execute(
     sandbox_id: str, body: RunCodeBody, state: State, tenant: TenantCaller
 ) -> StreamingResponse:
+    if body.envs:  # a request this server cannot honour is the caller's to change: 400, not 501
+        raise InvalidRequest("per-cell environment variables are not supported; set envs on the sandbox")
     events = await state.service.run_code(sandbox_id, RunCodeParams(**body.model_dump()), tenant=tenant)
     return ndjson_response(await prefetched(events), _wire)
 
