@@ -480,7 +480,11 @@ class Agent:
         if len(self.ports) >= MAX_PORT_STREAMS:
             raise AgentError(AgentErrorCode.BUSY, f"more than {MAX_PORT_STREAMS} open port connections")
         key = (conn, rid)
-        stream = PortStream(self.loop, conn, rid, host, port, lambda s: self.ports.pop(key, None))
+
+        def done(_: PortStream) -> None:
+            self.ports.pop(key, None)
+
+        stream = PortStream(self.loop, conn, rid, host, port, done)
         if not stream.done:  # a refused loopback connect ends (and answers) inside the constructor
             self.ports[key] = stream
 

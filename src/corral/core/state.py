@@ -23,6 +23,7 @@ class Action(StrEnum):
     KILL = "kill"
     SET_TIMEOUT = "change the timeout of"
     CONNECT = "connect to"
+    PORTS = "open a port of"
 
 
 _S = SandboxState

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal as _signal
 from collections.abc import AsyncIterable, AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -24,6 +25,7 @@ from corral.models import (
     EntryInfo,
     EventKind,
     ExecParams,
+    PortForward,
     ProcessEvent,
     ProcessInfo,
     SandboxInfo,
@@ -428,6 +430,18 @@ class AsyncSandbox:
 
     async def kill(self) -> None:
         self._info = await self._backend.kill_sandbox(self.sandbox_id)
+
+    def forward_port(
+        self, port: int, *, local_port: int = 0, host: str = "127.0.0.1"
+    ) -> AbstractAsyncContextManager[PortForward]:
+        """Make ``port`` inside the sandbox reachable on this machine while the block runs.
+
+        Used as a context manager, ``sbx.forward_port(8000)`` listens on ``host:local_port`` (``local_port=0``: a
+        free one, see ``fwd.local_port`` / ``fwd.url``) and relays each connection to the sandbox's port 8000,
+        like ``kubectl port-forward``. The sandbox has no network of its own: this is how to reach a server in
+        it. Unpacks as ``(host, local_port)``.
+        """
+        return self._backend.forward_port(self.sandbox_id, port, host=host, local_port=local_port)
 
     async def aclose(self) -> None:
         """Release this client's resources. The sandbox keeps running until killed or timed out."""

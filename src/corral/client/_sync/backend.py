@@ -8,12 +8,14 @@ remote mode. Written by hand for async; the sync twin in ``client/_sync`` is gen
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    PortForward,
     ProcessEvent,
     ProcessInfo,
     SandboxInfo,
@@ -82,6 +84,10 @@ class Backend(Protocol):
     ) -> TemplateInfo: ...
 
     def delete_template(self, name: str) -> None: ...
+
+    def forward_port(
+        self, sandbox_id: str, port: int, *, host: str = "127.0.0.1", local_port: int = 0
+    ) -> AbstractContextManager[PortForward]: ...
 
     def close(self) -> None: ...
 
