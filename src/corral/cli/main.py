@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from corral.cli import files as files_cmd
+from corral.cli import mcp_cmd
 from corral.cli import ports as ports_cmd
 from corral.cli import sandbox as sandbox_cmd
 from corral.cli import templates as templates_cmd
@@ -80,6 +81,7 @@ cli.add_command(sandbox_cmd.sandbox)
 cli.add_command(files_cmd.files)
 cli.add_command(templates_cmd.template)
 sandbox_cmd.sandbox.add_command(ports_cmd.forward)
+cli.add_command(mcp_cmd.mcp)
 
 
 def main(argv: list[str] | None = None) -> None:
