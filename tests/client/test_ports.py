@@ -273,3 +273,30 @@ def test_cli_forward() -> None:
             check=False,
         )
         assert bad.returncode == 1 and b"not found" in bad.stderr and b"Traceback" not in bad.stderr
+
+
+def test_a_client_that_goes_away_closes_its_port_connections(sbx: Sandbox) -> None:
+    """The shim aborts the port connections of a host client that disconnects without closing them."""
+    watcher = sbx.commands.start(
+        [
+            "python3",
+            "-u",
+            "-c",
+            "import socket\n"
+            "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            "s.bind(('127.0.0.1', 7100)); s.listen(1); print('listening')\n"
+            "c, _ = s.accept(); print('accepted')\n"
+            "print('closed' if c.recv(10) == b'' else 'data')\n",
+        ]
+    )
+    wait_for_line(sbx, watcher, "listening")
+
+    async def leave_without_closing() -> None:
+        backend = AsyncLocalBackend.from_env()
+        stream = await backend.service.open_port(sbx.sandbox_id, 7100)
+        assert stream.port == 7100
+        await backend.aclose()  # the agent connection goes; the stream is never closed
+
+    anyio.run(leave_without_closing)
+    result = watcher.wait()
+    assert result.stdout == "listening\naccepted\nclosed\n" and result.exit_code == 0
