@@ -19,6 +19,7 @@ __all__ = [
     "InvalidState",
     "NotFound",
     "PermissionDenied",
+    "PortClosed",
     "ResourceExhausted",
     "RuntimeFailure",
     "RuntimeUnavailable",
@@ -120,6 +121,13 @@ class AgentUnavailable(CorralError):
 class Timeout(CorralError):
     code = "timeout"
     status = 504
+
+
+class PortClosed(CorralError):
+    """Nothing listens on the port inside the sandbox (a proxy answers 502 Bad Gateway)."""
+
+    code = "port_closed"
+    status = 502
 
 
 # --- SDK-only errors -------------------------------------------------------------------------------

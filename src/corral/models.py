@@ -8,7 +8,7 @@ server's dependencies.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Self
@@ -30,6 +30,7 @@ __all__ = [
     "ExecutionError",
     "Logs",
     "OutputMessage",
+    "PortForward",
     "ProcessEvent",
     "ProcessInfo",
     "Result",
@@ -418,3 +419,25 @@ class CodeEvent(_Wire):
             result=Result.from_wire(result) if isinstance(result, Mapping) else None,
             error=ExecutionError.from_wire(error) if isinstance(error, Mapping) else None,
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PortForward(_Wire):
+    """A port of a sandbox reachable at ``host:local_port`` on this machine (``forward_port``).
+
+    Unpacks as ``(host, local_port)``: ``async with sbx.forward_port(8000) as (host, port): ...``.
+    """
+
+    sandbox_id: str
+    port: int  # inside the sandbox
+    host: str  # where the forward listens here (127.0.0.1 by default)
+    local_port: int
+
+    @property
+    def url(self) -> str:
+        """``http://host:local_port``: for a web server inside the sandbox."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.local_port}"
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.host, self.local_port))

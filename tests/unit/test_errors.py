@@ -17,6 +17,7 @@ from corral.errors import (
     InvalidState,
     NotFound,
     PermissionDenied,
+    PortClosed,
     ResourceExhausted,
     RuntimeFailure,
     RuntimeUnavailable,
@@ -43,6 +44,7 @@ WIRE_CONTRACT: dict[type[CorralError], tuple[str, int]] = {
     AgentUnavailable: ("agent_unavailable", 502),
     Timeout: ("timeout", 504),
     TransportError: ("transport_error", 503),
+    PortClosed: ("port_closed", 502),
 }
 SDK_ONLY = {CommandFailed}
 

@@ -35,6 +35,7 @@ CAPABILITIES = (
     "rename",
     "list.stream",
     "write.abort",
+    "port.connect",
 )
 
 

@@ -20,6 +20,7 @@ from corral.agent.conn import Connection
 from corral.agent.errors import AgentError, from_oserror, short_repr
 from corral.agent.hello import hello_fields
 from corral.agent.loop import Loop, log
+from corral.agent.ports import MAX_PORT_STREAMS, PortStream, check_target
 from corral.agent.process import ProcessTable
 from corral.agent.users import Identities, Identity
 from corral.agent.worker import Worker, WorkerPool, WorkerReply
@@ -79,6 +80,7 @@ class Agent:
         self.connections: set[Connection] = set()
         self.pools: dict[str, WorkerPool] = {}
         self.uploads: dict[tuple[Connection, str], Upload] = {}
+        self.ports: dict[tuple[Connection, str], PortStream] = {}
         self.base_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         self.base_env.setdefault("PATH", DEFAULT_PATH)
         self.default_env: dict[str, str] = {}
@@ -102,6 +104,7 @@ class Agent:
             Op.MKDIR: self.op_mkdir,
             Op.REMOVE: self.op_remove,
             Op.RENAME: self.op_rename,
+            Op.PORT_CONNECT: self.op_port_connect,
         }
         loop.add_signal_handler(signal.SIGCHLD, self.processes.reap)
         loop.add_signal_handler(signal.SIGTERM, lambda: self.shutdown("SIGTERM"))
@@ -456,6 +459,10 @@ class Agent:
         upload.worker = self._pool(h).submit("open_write", args, upload.opened)
 
     def on_data(self, conn: Connection, frame: Frame) -> None:
+        port = self.ports.get((conn, frame.get("id")))
+        if port is not None:
+            port.on_data(frame)
+            return
         upload = self.uploads.get((conn, frame.get("id")))
         if upload is None:
             return  # the upload already failed (and said so) or never existed: nothing to answer
@@ -466,6 +473,20 @@ class Agent:
 
     def _drop_upload(self, upload: Upload) -> None:
         upload.fail(None)
+
+    # --- ports -----------------------------------------------------------------------------------------------
+    def op_port_connect(self, conn: Connection, rid: str, frame: Frame) -> None:
+        host, port = check_target(frame.header)
+        if len(self.ports) >= MAX_PORT_STREAMS:
+            raise AgentError(AgentErrorCode.BUSY, f"more than {MAX_PORT_STREAMS} open port connections")
+        key = (conn, rid)
+
+        def done(_: PortStream) -> None:
+            self.ports.pop(key, None)
+
+        stream = PortStream(self.loop, conn, rid, host, port, done)
+        if not stream.done:  # a refused loopback connect ends (and answers) inside the constructor
+            self.ports[key] = stream
 
 
 def _json_size(value: Any) -> int:

@@ -15,13 +15,15 @@ import concurrent.futures
 import contextlib
 import queue
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from corral.client._forward import forward
+from corral.core.ports import PortStream
 from corral.core.records import TemplateRecord
 from corral.core.service import SandboxService
 from corral.core.settings import Settings
@@ -34,6 +36,7 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    PortForward,
     ProcessEvent,
     ProcessInfo,
     RunCodeParams,
@@ -205,6 +208,29 @@ class AsyncLocalBackend:
         )
         return _template_info(record)
 
+    def forward_port(
+        self, sandbox_id: str, port: int, *, host: str = "127.0.0.1", local_port: int = 0
+    ) -> AbstractAsyncContextManager[PortForward]:
+        return self._forward_port(sandbox_id, port, host=host, local_port=local_port)
+
+    @asynccontextmanager
+    async def _forward_port(
+        self, sandbox_id: str, port: int, *, host: str, local_port: int
+    ) -> AsyncIterator[PortForward]:
+        info = await self.service.get(
+            sandbox_id
+        )  # a missing or stopped sandbox fails here, not per connection
+        if info.state is not SandboxState.RUNNING:
+            raise InvalidState(f"cannot forward a port of sandbox {sandbox_id}: it is {info.state.value}")
+
+        async def open_stream() -> PortStream:
+            return await self.service.open_port(sandbox_id, port)
+
+        async with forward(
+            open_stream, sandbox_id=sandbox_id, port=port, host=host, local_port=local_port
+        ) as fwd:
+            yield fwd
+
     async def aclose(self) -> None:
         await self.service.aclose()
         await self.service.store.aclose()
@@ -375,6 +401,15 @@ class LocalBackend:
 
     def build_code_interpreter_template(self, name: str = "code-interpreter") -> TemplateInfo:
         return self._call(self._backend.build_code_interpreter_template, name)
+
+    def forward_port(
+        self, sandbox_id: str, port: int, *, host: str = "127.0.0.1", local_port: int = 0
+    ) -> AbstractContextManager[PortForward]:
+        if self._closed:
+            raise InvalidState("this client was closed; open a new one, e.g. Sandbox.connect(sandbox_id)")
+        return self._portal.wrap_async_context_manager(
+            self._backend.forward_port(sandbox_id, port, host=host, local_port=local_port)
+        )
 
     def close(self) -> None:
         if self._closed:

@@ -29,6 +29,7 @@ from corral.errors import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    PortClosed,
     ResourceExhausted,
     RuntimeFailure,
     Timeout,
@@ -58,6 +59,7 @@ _ERRORS: dict[str, type[CorralError]] = {
     AgentErrorCode.TOO_LARGE: ResourceExhausted,
     AgentErrorCode.TIMEOUT: Timeout,
     AgentErrorCode.BUSY: Conflict,
+    AgentErrorCode.PORT_CLOSED: PortClosed,
 }
 
 

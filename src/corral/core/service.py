@@ -27,6 +27,7 @@ import anyio
 from corral.core import builder as _builder
 from corral.core import files as _files
 from corral.core import interpreter as _interpreter
+from corral.core import ports as _ports
 from corral.core import processes as _processes
 from corral.core import snapshots as _snapshots
 from corral.core.agent_client import AgentClient
@@ -532,6 +533,19 @@ class SandboxService:
     ) -> None:
         client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
         await _interpreter.interrupt_context(client, context_id)
+
+    # -- ports ---------------------------------------------------------------------------------------------
+    async def open_port(
+        self, sandbox_id: str, port: int, *, tenant: TenantId = LOCAL_TENANT
+    ) -> _ports.PortStream:
+        """A TCP connection to ``port`` on the sandbox's own loopback, as a byte stream (see ``core.ports``).
+
+        Raises :class:`~corral.errors.PortClosed` when nothing listens there. The caller owns the stream and
+        must ``aclose`` it.
+        """
+        _ports.check_port(port)
+        client = await self._running_agent(sandbox_id, tenant, Action.PORTS)
+        return await _ports.open_port(client, port, sandbox_id=sandbox_id)
 
     # -- reconcile -------------------------------------------------------------------------------------------
     async def reap(self) -> float | None:

@@ -25,6 +25,7 @@ class Action(StrEnum):
     CONNECT = "connect to"
     SNAPSHOT = "snapshot"
     FORK = "fork"
+    PORTS = "open a port of"
 
 
 _S = SandboxState

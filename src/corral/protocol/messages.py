@@ -9,10 +9,24 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["CHUNK_SIZE", "PROTOCOL_VERSION", "TERMINAL_EVENTS", "AgentErrorCode", "Event", "Op"]
+__all__ = [
+    "CHUNK_SIZE",
+    "PORT_WINDOW_BYTES",
+    "PORT_WINDOW_FRAMES",
+    "PROTOCOL_VERSION",
+    "TERMINAL_EVENTS",
+    "AgentErrorCode",
+    "Event",
+    "Op",
+]
 
 PROTOCOL_VERSION = 1
 CHUNK_SIZE = 128 * 1024  # file and stdin chunks; large enough to amortise headers, small enough to interleave
+# Flow control of a ``port.connect`` stream, each direction: a sender keeps at most this much of its data (and
+# this many of its data frames) unacknowledged. 1 MiB keeps a loopback relay at full speed; 16 frames keep the
+# receiver's per-request queue well under the host client's 64-frame bound even when frames are tiny.
+PORT_WINDOW_BYTES = 1024 * 1024
+PORT_WINDOW_FRAMES = 16
 
 
 class Op(StrEnum):
@@ -38,6 +52,8 @@ class Op(StrEnum):
     RENAME = "rename"
     # agent-wide
     CONFIGURE = "configure"  # late-bound env defaults, set after boot (warm pools)
+    # ports
+    PORT_CONNECT = "port.connect"  # a TCP connection to a port inside the sandbox, relayed both ways
 
 
 class Event(StrEnum):
@@ -48,6 +64,8 @@ class Event(StrEnum):
     STDOUT = "stdout"
     STDERR = "stderr"
     CHUNK = "chunk"  # file data, for READ
+    DATA = "data"  # bytes from a port connection (``eof:true``: the server inside finished sending)
+    ACK = "ack"  # bytes/frames of a port connection's client data written to the socket (flow control)
     # terminal events: exactly one of these ends each request
     OK = "ok"
     EXIT = "exit"
@@ -72,3 +90,5 @@ class AgentErrorCode(StrEnum):
     TIMEOUT = "timeout"
     BUSY = "busy"
     INTERNAL = "internal"
+    PORT_CLOSED = "port_closed"  # nothing listens on the port (connection refused)
+    CONNECTION_RESET = "connection_reset"  # the server inside reset or abandoned an open port connection

@@ -768,7 +768,7 @@ class _Shim:
             aid = f"{tag}:{rid}"
             if op == "exec" and not frame.get("background"):
                 client.execs.add(aid)
-            elif op == "write":
+            elif op in ("write", "port.connect"):  # both end with an abort if the client leaves
                 client.uploads.add(aid)
             elif op == "detach":
                 client.foreground = {

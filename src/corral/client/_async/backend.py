@@ -7,6 +7,7 @@ remote mode. Written by hand for async; the sync twin in ``client/_sync`` is gen
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from corral.models import (
@@ -17,6 +18,7 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    PortForward,
     ProcessEvent,
     ProcessInfo,
     RunCodeParams,
@@ -88,6 +90,10 @@ class AsyncBackend(Protocol):
     async def delete_template(self, name: str) -> None: ...
 
     def build_template(self, params: BuildParams) -> AsyncIterator[BuildEvent]: ...
+
+    def forward_port(
+        self, sandbox_id: str, port: int, *, host: str = "127.0.0.1", local_port: int = 0
+    ) -> AbstractAsyncContextManager[PortForward]: ...
 
     async def aclose(self) -> None: ...
 

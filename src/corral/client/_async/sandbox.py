@@ -13,6 +13,7 @@ import builtins
 import os
 import signal as _signal
 from collections.abc import AsyncIterable, AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -26,6 +27,7 @@ from corral.models import (
     EntryInfo,
     EventKind,
     ExecParams,
+    PortForward,
     ProcessEvent,
     ProcessInfo,
     SandboxInfo,
@@ -445,6 +447,18 @@ class AsyncSandbox(AsyncCodeInterpreter):
         where its isolation can checkpoint). They share this sandbox's client: close them before it."""
         infos = await self._backend.fork_sandbox(self.sandbox_id, count)
         return [type(self)(info, self._backend, owns_backend=False) for info in infos]
+
+    def forward_port(
+        self, port: int, *, local_port: int = 0, host: str = "127.0.0.1"
+    ) -> AbstractAsyncContextManager[PortForward]:
+        """Make ``port`` inside the sandbox reachable on this machine while the block runs.
+
+        Used as a context manager, ``sbx.forward_port(8000)`` listens on ``host:local_port`` (``local_port=0``: a
+        free one, see ``fwd.local_port`` / ``fwd.url``) and relays each connection to the sandbox's port 8000,
+        like ``kubectl port-forward``. The sandbox has no network of its own: this is how to reach a server in
+        it. Unpacks as ``(host, local_port)``.
+        """
+        return self._backend.forward_port(self.sandbox_id, port, host=host, local_port=local_port)
 
     async def aclose(self) -> None:
         """Release this client's resources. The sandbox keeps running until killed or timed out."""

@@ -8,6 +8,7 @@ remote mode. Written by hand for async; the sync twin in ``client/_sync`` is gen
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from corral.models import (
@@ -18,6 +19,7 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    PortForward,
     ProcessEvent,
     ProcessInfo,
     RunCodeParams,
@@ -89,6 +91,10 @@ class Backend(Protocol):
     def delete_template(self, name: str) -> None: ...
 
     def build_template(self, params: BuildParams) -> Iterator[BuildEvent]: ...
+
+    def forward_port(
+        self, sandbox_id: str, port: int, *, host: str = "127.0.0.1", local_port: int = 0
+    ) -> AbstractContextManager[PortForward]: ...
 
     def close(self) -> None: ...
 

@@ -14,6 +14,7 @@ import builtins
 import os
 import signal as _signal
 from collections.abc import Iterable, Iterator, Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -27,6 +28,7 @@ from corral.models import (
     EntryInfo,
     EventKind,
     ExecParams,
+    PortForward,
     ProcessEvent,
     ProcessInfo,
     SandboxInfo,
@@ -446,6 +448,18 @@ class Sandbox(CodeInterpreter):
         where its isolation can checkpoint). They share this sandbox's client: close them before it."""
         infos = self._backend.fork_sandbox(self.sandbox_id, count)
         return [type(self)(info, self._backend, owns_backend=False) for info in infos]
+
+    def forward_port(
+        self, port: int, *, local_port: int = 0, host: str = "127.0.0.1"
+    ) -> AbstractContextManager[PortForward]:
+        """Make ``port`` inside the sandbox reachable on this machine while the block runs.
+
+        Used as a context manager, ``sbx.forward_port(8000)`` listens on ``host:local_port`` (``local_port=0``: a
+        free one, see ``fwd.local_port`` / ``fwd.url``) and relays each connection to the sandbox's port 8000,
+        like ``kubectl port-forward``. The sandbox has no network of its own: this is how to reach a server in
+        it. Unpacks as ``(host, local_port)``.
+        """
+        return self._backend.forward_port(self.sandbox_id, port, host=host, local_port=local_port)
 
     def close(self) -> None:
         """Release this client's resources. The sandbox keeps running until killed or timed out."""
