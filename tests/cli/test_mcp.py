@@ -36,6 +36,7 @@ TOOLS = {
     "get_port_url",
     "kill_sandbox",
     "list_sandboxes",
+    "run_code",
 }
 
 
