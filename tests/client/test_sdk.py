@@ -233,3 +233,11 @@ def test_listing_a_large_directory(sbx: Sandbox) -> None:
     sbx.commands.run("mkdir -p /tmp/many && cd /tmp/many && for i in $(seq 1 1500); do : > f$i; done")
     names = {e.name for e in sbx.files.list("/tmp/many")}
     assert len(names) == 1500 and "f1" in names and "f1500" in names
+
+
+def test_every_byte_value_survives_process_output(sbx: Sandbox) -> None:
+    """Binary output, including bytes that some line splitters treat as line breaks (0x85, 0x0b, 0x1c)."""
+    payload = bytes(range(256)) * 64
+    sbx.files.write("/tmp/allbytes", payload)
+    got = b"".join(e.data for e in sbx.commands.stream(["cat", "/tmp/allbytes"]) if e.kind is EventKind.STDOUT)
+    assert got == payload

@@ -18,6 +18,7 @@ from corral.models import CreateParams, ExecParams
 __all__ = [
     "STREAM_TIMEOUT",
     "TIMEOUT",
+    "NdjsonSplitter",
     "check",
     "create_body",
     "error_from",
@@ -69,7 +70,28 @@ def check(response: httpx.Response) -> httpx.Response:
     return response
 
 
-def line_event(line: str) -> dict[str, Any] | None:
+class NdjsonSplitter:
+    """Splits an NDJSON byte stream on ``\\n`` only.
+
+    Not ``str.splitlines`` (which httpx's ``aiter_lines`` uses): process output travels as latin-1 text, so a
+    payload byte 0x85 becomes U+0085, which ``splitlines`` takes for a line break in the middle of a JSON string.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self._buffer += chunk
+        *lines, rest = self._buffer.split(b"\n")
+        self._buffer = bytearray(rest)
+        return [bytes(line) for line in lines if line.strip()]
+
+    def close(self) -> list[bytes]:
+        rest, self._buffer = bytes(self._buffer), bytearray()
+        return [rest] if rest.strip() else []
+
+
+def line_event(line: bytes | str) -> dict[str, Any] | None:
     """One NDJSON line as a dict; a mid-stream ``{"error": …}`` line raises it."""
     if not line.strip():
         return None

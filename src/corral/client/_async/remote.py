@@ -16,6 +16,7 @@ import httpx
 from corral.client._core import (
     STREAM_TIMEOUT,
     TIMEOUT,
+    NdjsonSplitter,
     check,
     create_body,
     error_from,
@@ -83,8 +84,14 @@ class AsyncRemoteBackend:
 
     async def _lines(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
         """The JSON objects of an NDJSON response, as they arrive."""
+        splitter = NdjsonSplitter()
         async with self._stream(method, path, **kwargs) as response:
-            async for line in response.aiter_lines():
+            async for chunk in response.aiter_bytes():
+                for line in splitter.feed(chunk):
+                    data = line_event(line)
+                    if data is not None:
+                        yield data
+            for line in splitter.close():
                 data = line_event(line)
                 if data is not None:
                     yield data

@@ -17,6 +17,7 @@ import httpx
 from corral.client._core import (
     STREAM_TIMEOUT,
     TIMEOUT,
+    NdjsonSplitter,
     check,
     create_body,
     error_from,
@@ -84,8 +85,14 @@ class RemoteBackend:
 
     def _lines(self, method: str, path: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
         """The JSON objects of an NDJSON response, as they arrive."""
+        splitter = NdjsonSplitter()
         with self._stream(method, path, **kwargs) as response:
-            for line in response.iter_lines():
+            for chunk in response.iter_bytes():
+                for line in splitter.feed(chunk):
+                    data = line_event(line)
+                    if data is not None:
+                        yield data
+            for line in splitter.close():
                 data = line_event(line)
                 if data is not None:
                     yield data
