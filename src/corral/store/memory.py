@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from corral.core.records import SandboxRecord, TemplateRecord
-from corral.ids import SandboxId, TenantId
+from corral.core.records import PoolRecord, SandboxRecord, TemplateRecord, pool_key
+from corral.ids import PoolId, SandboxId, TenantId
 from corral.models import SandboxState
 from corral.store._common import check_version, matches
 
@@ -17,6 +17,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._sandboxes: dict[str, SandboxRecord] = {}
         self._templates: dict[str, TemplateRecord] = {}
+        self._pools: dict[str, PoolRecord] = {}
 
     async def get_sandbox(self, sandbox_id: SandboxId) -> SandboxRecord | None:
         return self._sandboxes.get(sandbox_id)
@@ -60,6 +61,32 @@ class MemoryStore:
 
     async def delete_template(self, name: str) -> None:
         self._templates.pop(name, None)
+
+    async def get_pool(self, template: str, isolation: str) -> PoolRecord | None:
+        return self._pools.get(pool_key(template, isolation))
+
+    async def put_pool(self, record: PoolRecord, *, expect_version: int | None) -> PoolRecord:
+        old = self._pools.get(record.key)
+        version = check_version("pool", record.key, old.version if old else None, expect_version)
+        new = dataclasses.replace(record, version=version)
+        self._pools[record.key] = new
+        return new
+
+    async def list_pools(self) -> list[PoolRecord]:
+        return sorted(self._pools.values(), key=lambda p: (p.template, p.isolation))
+
+    async def delete_pool(self, template: str, isolation: str) -> None:
+        self._pools.pop(pool_key(template, isolation), None)
+
+    async def list_pool_members(self, pool_id: PoolId | None = None) -> list[SandboxRecord]:
+        found = [
+            r
+            for r in self._sandboxes.values()
+            if r.pool_id is not None
+            and (pool_id is None or r.pool_id == pool_id)
+            and r.state is not SandboxState.STOPPED
+        ]
+        return sorted(found, key=lambda r: r.created_at)
 
     async def aclose(self) -> None:
         return None

@@ -16,15 +16,15 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
-from corral.core.records import SandboxRecord, TemplateRecord
-from corral.ids import SandboxId, TenantId
+from corral.core.records import PoolRecord, SandboxRecord, TemplateRecord, pool_key
+from corral.ids import PoolId, SandboxId, TenantId
 from corral.models import SandboxState
 from corral.store._common import check_version, matches
 
 __all__ = ["SqliteStore"]
 
 T = TypeVar("T")
-R = TypeVar("R", SandboxRecord, TemplateRecord)
+R = TypeVar("R", SandboxRecord, TemplateRecord, PoolRecord)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -41,6 +41,15 @@ CREATE TABLE IF NOT EXISTS templates (
     version INTEGER NOT NULL,
     data TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pools (
+    key TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+-- Warm-pool members, found on every create: a partial index over the JSON field, so existing databases
+-- need no migration and the index holds only the (few) records that are pool members.
+CREATE INDEX IF NOT EXISTS sandboxes_pool ON sandboxes (json_extract(data, '$.pool_id'))
+    WHERE json_extract(data, '$.pool_id') IS NOT NULL;
 """
 
 
@@ -168,6 +177,48 @@ class SqliteStore:
 
     async def delete_template(self, name: str) -> None:
         await self._call(lambda db: db.execute("DELETE FROM templates WHERE name = ?", (name,)))
+
+    # -- warm pools ----------------------------------------------------------------------------------------
+    async def get_pool(self, template: str, isolation: str) -> PoolRecord | None:
+        key = pool_key(template, isolation)
+        row = await self._call(
+            lambda db: db.execute("SELECT data FROM pools WHERE key = ?", (key,)).fetchone()
+        )
+        return PoolRecord.from_json(row[0]) if row else None
+
+    async def put_pool(self, record: PoolRecord, *, expect_version: int | None) -> PoolRecord:
+        def write(db: sqlite3.Connection, new: PoolRecord) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO pools (key, version, data) VALUES (?, ?, ?)",
+                (new.key, new.version, new.to_json()),
+            )
+
+        return await self._cas(
+            record,
+            kind="pool",
+            key=record.key,
+            expect_version=expect_version,
+            version_sql="SELECT version FROM pools WHERE key = ?",
+            write=write,
+        )
+
+    async def list_pools(self) -> list[PoolRecord]:
+        rows = await self._call(lambda db: db.execute("SELECT data FROM pools").fetchall())
+        return sorted((PoolRecord.from_json(r[0]) for r in rows), key=lambda p: (p.template, p.isolation))
+
+    async def delete_pool(self, template: str, isolation: str) -> None:
+        key = pool_key(template, isolation)
+        await self._call(lambda db: db.execute("DELETE FROM pools WHERE key = ?", (key,)))
+
+    async def list_pool_members(self, pool_id: PoolId | None = None) -> list[SandboxRecord]:
+        query = "SELECT data FROM sandboxes WHERE json_extract(data, '$.pool_id') IS NOT NULL AND state != ?"
+        args: list[Any] = [SandboxState.STOPPED.value]
+        if pool_id is not None:
+            query += " AND json_extract(data, '$.pool_id') = ?"
+            args.append(pool_id)
+        query += " ORDER BY created_at"
+        rows = await self._call(lambda db: db.execute(query, args).fetchall())
+        return [SandboxRecord.from_json(r[0]) for r in rows]
 
     async def aclose(self) -> None:
         await self._call(lambda db: db.close())
