@@ -27,6 +27,7 @@ import anyio
 from corral.core import files as _files
 from corral.core import processes as _processes
 from corral.core.agent_client import AgentClient
+from corral.core.pools import PoolManager
 from corral.core.records import LOCAL_TENANT, SandboxRecord
 from corral.core.settings import Settings
 from corral.core.state import Action, require_state, transition
@@ -85,6 +86,7 @@ class SandboxService:
         self._agents: dict[str, AgentClient] = {}
         self._agent_locks: dict[str, anyio.Lock] = {}
         self._wake_reaper = anyio.Event()
+        self.pools = PoolManager(self)
 
     # -- lifetime --------------------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -118,6 +120,20 @@ class SandboxService:
             disk_mb=base.disk_mb,
         )
         template = request.template or self.settings.default_template
+        files = _files.check_files(request.files)
+        claimed = await self.pools.claim(
+            template=template,
+            isolation=isolation,
+            limits=limits,
+            tenant=tenant,
+            metadata=metadata,
+            timeout=timeout,
+            env=env,
+            files=files,
+        )
+        if claimed is not None:  # a warm-pool member, late-bound to this request (core/pools.py)
+            self._wake_reaper.set()
+            return claimed.info()
         await runtime.check()
         rootfs = await self.templates.resolve(template)
         now = self._clock()
@@ -154,6 +170,7 @@ class SandboxService:
             client = await self._agent(record)
             if env:
                 await client.call(Op.CONFIGURE, {"env": env})
+            await _files.write_all(client, files, max_bytes=self.settings.max_file_bytes)
             record = await self.store.put_sandbox(
                 dataclasses.replace(record, state=transition(record.state, SandboxState.RUNNING)),
                 expect_version=record.version,

@@ -34,6 +34,11 @@ class Settings:
     max_file_bytes: int = 4 * 1024**3  # largest single upload accepted
     enabled_runtimes: tuple[str, ...] = ("namespace", "gvisor")
     reap_interval: float = 5.0  # seconds between reconcile passes when no deadline is sooner
+    # warm pools (core/pools.py)
+    max_pool_size: int = 64  # members one pool may keep
+    pool_interval: float = 5.0  # seconds between pool reconcile passes when nothing wakes them sooner
+    pool_start_concurrency: int = 2  # members booting at once: a boot is CPU-bound (2 cores here)
+    pool_member_max_age: float = 6 * 3600.0  # safety deadline of unclaimed members; replaced before it
 
     @property
     def state_root(self) -> Path:
