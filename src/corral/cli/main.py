@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from corral.cli import files as files_cmd
+from corral.cli import pools as pools_cmd
 from corral.cli import sandbox as sandbox_cmd
 from corral.cli import templates as templates_cmd
 from corral.cli._common import create_options, exec_options, exec_params_from, open_sandbox, stream_command
@@ -78,6 +79,7 @@ def demo(isolations: tuple[str, ...]) -> None:
 cli.add_command(sandbox_cmd.sandbox)
 cli.add_command(files_cmd.files)
 cli.add_command(templates_cmd.template)
+cli.add_command(pools_cmd.pool)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,8 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    PoolInfo,
+    PoolParams,
     ProcessEvent,
     ProcessInfo,
     SandboxInfo,
@@ -165,6 +167,23 @@ class AsyncLocalBackend:
     async def delete_template(self, name: str) -> None:
         await self.service.templates.delete(name)
 
+    async def set_pool(self, params: PoolParams) -> PoolInfo:
+        return await self.service.pools.set(params)
+
+    async def list_pools(self) -> list[PoolInfo]:
+        return await self.service.pools.list_pools()
+
+    async def delete_pool(self, template: str, isolation: str | None = None) -> None:
+        await self.service.pools.delete(template, isolation)
+
+    async def fill_pool(self, template: str, isolation: str | None = None) -> AsyncIterator[PoolInfo]:
+        progress = self.service.pools.fill(template, isolation)
+        try:
+            async for info in progress:
+                yield info
+        finally:
+            await progress.aclose()  # type: ignore[attr-defined]
+
     async def aclose(self) -> None:
         await self.service.aclose()
         await self.service.store.aclose()
@@ -284,6 +303,18 @@ class LocalBackend:
 
     def delete_template(self, name: str) -> None:
         self._call(self._backend.delete_template, name)
+
+    def set_pool(self, params: PoolParams) -> PoolInfo:
+        return self._call(self._backend.set_pool, params)
+
+    def list_pools(self) -> list[PoolInfo]:
+        return self._call(self._backend.list_pools)
+
+    def delete_pool(self, template: str, isolation: str | None = None) -> None:
+        self._call(self._backend.delete_pool, template, isolation)
+
+    def fill_pool(self, template: str, isolation: str | None = None) -> Iterator[PoolInfo]:
+        return self._iterate(lambda: self._backend.fill_pool(template, isolation))
 
     def close(self) -> None:
         if self._closed:

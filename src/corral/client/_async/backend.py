@@ -13,6 +13,8 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    PoolInfo,
+    PoolParams,
     ProcessEvent,
     ProcessInfo,
     SandboxInfo,
@@ -81,6 +83,17 @@ class AsyncBackend(Protocol):
     ) -> TemplateInfo: ...
 
     async def delete_template(self, name: str) -> None: ...
+
+    # warm pools
+    async def set_pool(self, params: PoolParams) -> PoolInfo: ...
+
+    async def list_pools(self) -> list[PoolInfo]: ...
+
+    async def delete_pool(self, template: str, isolation: str | None = None) -> None: ...
+
+    def fill_pool(self, template: str, isolation: str | None = None) -> AsyncIterator[PoolInfo]:
+        """Boot the pool's missing members, yielding progress; ends when it holds its target."""
+        ...
 
     async def aclose(self) -> None: ...
 

@@ -14,6 +14,8 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    PoolInfo,
+    PoolParams,
     ProcessEvent,
     ProcessInfo,
     SandboxInfo,
@@ -82,6 +84,17 @@ class Backend(Protocol):
     ) -> TemplateInfo: ...
 
     def delete_template(self, name: str) -> None: ...
+
+    # warm pools
+    def set_pool(self, params: PoolParams) -> PoolInfo: ...
+
+    def list_pools(self) -> list[PoolInfo]: ...
+
+    def delete_pool(self, template: str, isolation: str | None = None) -> None: ...
+
+    def fill_pool(self, template: str, isolation: str | None = None) -> Iterator[PoolInfo]:
+        """Boot the pool's missing members, yielding progress; ends when it holds its target."""
+        ...
 
     def close(self) -> None: ...
 
