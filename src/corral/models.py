@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Self
 
+from corral.errors import InvalidRequest
+
 __all__ = [
     "CommandResult",
     "CreateParams",
@@ -117,14 +119,10 @@ class CreateParams(_Wire):
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> CreateParams:
         files = data.get("files") or {}
-        decoded = (
-            {
-                path: base64.b64decode(content, validate=True) if isinstance(content, str) else content
-                for path, content in files.items()
-            }
-            if isinstance(files, dict)
-            else files
-        )
+        try:
+            decoded = {path: base64.b64decode(content, validate=True) for path, content in files.items()}
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise InvalidRequest("files must map sandbox paths to base64-encoded contents") from exc
         return super().from_wire({**data, "files": decoded})
 
 

@@ -396,3 +396,23 @@ async def test_run_refills_after_a_claim(service: SandboxService) -> None:
             await service.pools.wait_for_pass()  # the claim woke the loop; this pass refilled
         assert (await service.pools.get("base", "fake")).ready == 1
         tg.cancel_scope.cancel()
+
+
+def test_pool_and_create_params_round_trip_through_json() -> None:
+    import json
+
+    params = CreateParams(
+        template="base", files={"/tmp/bin": bytes(range(256)), "a.txt": b"hi\n"}, env={"A": "1"}
+    )
+    wire = json.loads(json.dumps(params.to_wire()))  # what an HTTP body carries
+    assert CreateParams.from_wire(wire) == params
+    assert CreateParams.from_wire({"template": "base"}).files == {}
+    for bad in ({"x": "not base64!"}, ["x"], {"x": 1}):
+        with pytest.raises(InvalidRequest, match="base64"):
+            CreateParams.from_wire({"files": bad})
+    pool = PoolParams(template="base", size=3, isolation="gvisor", memory_mb=256)
+    assert PoolParams.from_wire(json.loads(json.dumps(pool.to_wire()))) == pool
+    info = PoolInfo(
+        template="base", isolation="gvisor", target=3, ready=1, starting=2, memory_mb=256, cpus=1.0
+    )
+    assert PoolInfo.from_wire(json.loads(json.dumps(info.to_wire()))) == info
