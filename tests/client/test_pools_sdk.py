@@ -122,3 +122,21 @@ def test_cli_pool_set_list_run_delete(corral_data_dir: Path) -> None:
     again = corral("pool", "delete", "base", "--isolation", "namespace")
     assert again.returncode == 1 and b"no warm pool for template 'base'" in again.stderr
     assert state_dirs(corral_data_dir) == before
+
+
+@pytest.mark.root
+@pytest.mark.bwrap
+def test_a_request_refused_inside_the_sandbox_fails_the_same_pooled_or_cold(
+    pools: Pools, corral_data_dir: Path
+) -> None:
+    from corral import PermissionDenied
+
+    before = state_dirs(corral_data_dir)
+    pools.set("base", 1, isolation="namespace")
+    list(pools.fill("base", isolation="namespace"))
+    for _ in range(2):  # first from the pool, then cold: the same error, and nothing left behind
+        with pytest.raises(PermissionDenied):
+            Sandbox.create(isolation="namespace", files={"/etc/not-yours": b"x"})
+    assert pools.list()[0].ready == 0  # the member it touched was destroyed, not put back
+    pools.delete("base", isolation="namespace")
+    assert state_dirs(corral_data_dir) == before
