@@ -15,7 +15,7 @@ from typing import ClassVar, Self
 
 from corral.errors import InvalidRequest
 
-__all__ = ["KeyId", "ProcessId", "SandboxId", "TenantId", "new_request_id"]
+__all__ = ["KeyId", "PoolId", "ProcessId", "SandboxId", "TenantId", "new_request_id"]
 
 _RANDOM_LEN = 16  # 80 bits of randomness: collisions are not a practical concern at any fleet size
 
@@ -65,6 +65,12 @@ class ProcessId(_PrefixedId):
     """Handle of a process inside a sandbox, stable across re-attach (the OS pid is reported separately)."""
 
     prefix = "p-"
+
+
+class PoolId(_PrefixedId):
+    """One generation of a warm pool: a pool re-made with other limits gets a new id, orphaning old members."""
+
+    prefix = "pool-"
 
 
 def new_request_id() -> str:

@@ -7,11 +7,14 @@ server's dependencies.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Self
+
+from corral.errors import InvalidRequest
 
 __all__ = [
     "BuildEvent",
@@ -30,6 +33,8 @@ __all__ = [
     "ExecutionError",
     "Logs",
     "OutputMessage",
+    "PoolInfo",
+    "PoolParams",
     "PortForward",
     "ProcessEvent",
     "ProcessInfo",
@@ -94,6 +99,7 @@ class SandboxInfo(_Wire):
     stop_reason: StopReason | None = None
     memory_mb: int = 0
     cpus: float = 0.0
+    from_pool: bool = False  # served by claiming a pre-booted warm-pool member, not by a cold start
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> SandboxInfo:
@@ -116,6 +122,21 @@ class CreateParams(_Wire):
     env: dict[str, str] = field(default_factory=dict)
     memory_mb: int | None = None
     cpus: float | None = None
+    files: dict[str, bytes] = field(default_factory=dict)  # path -> content, written before create returns
+
+    def to_wire(self) -> dict[str, Any]:
+        out = super().to_wire()
+        out["files"] = {path: base64.b64encode(data).decode() for path, data in self.files.items()}
+        return out
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> CreateParams:
+        files = data.get("files") or {}
+        try:
+            decoded = {path: base64.b64decode(content, validate=True) for path, content in files.items()}
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise InvalidRequest("files must map sandbox paths to base64-encoded contents") from exc
+        return super().from_wire({**data, "files": decoded})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -441,3 +462,29 @@ class PortForward(_Wire):
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.host, self.local_port))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolParams(_Wire):
+    """A warm pool to keep: ``size`` booted sandboxes of ``template`` under ``isolation``, ready to claim.
+
+    Unset fields take the server's defaults, exactly as :class:`CreateParams` does; a create is served from the
+    pool when its template, isolation and resulting limits are the pool's.
+    """
+
+    template: str
+    size: int
+    isolation: str | None = None
+    memory_mb: int | None = None
+    cpus: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolInfo(_Wire):
+    template: str
+    isolation: str
+    target: int  # members the pool keeps
+    ready: int  # booted and claimable now
+    starting: int  # booting
+    memory_mb: int = 0
+    cpus: float = 0.0

@@ -239,5 +239,7 @@ def test_every_byte_value_survives_process_output(sbx: Sandbox) -> None:
     """Binary output, including bytes that some line splitters treat as line breaks (0x85, 0x0b, 0x1c)."""
     payload = bytes(range(256)) * 64
     sbx.files.write("/tmp/allbytes", payload)
-    got = b"".join(e.data for e in sbx.commands.stream(["cat", "/tmp/allbytes"]) if e.kind is EventKind.STDOUT)
+    got = b"".join(
+        e.data for e in sbx.commands.stream(["cat", "/tmp/allbytes"]) if e.kind is EventKind.STDOUT
+    )
     assert got == payload

@@ -309,6 +309,7 @@ def test_metrics_and_probes(corral_server, alice: Tenant, box: str) -> None:  # 
     assert 'corral_sandboxes{isolation="namespace",state="running"}' in text
     assert "corral_sandbox_create_seconds_bucket" in text
     assert "corral_process_starts_total" in text
+    assert "# TYPE corral_pool_ready gauge" in text
     assert 'corral_errors_total{code="not_found"}' in text
     assert 'corral_http_requests_total{method="POST",route="/v1/sandboxes",status="201"}' in text
 
@@ -330,3 +331,41 @@ def test_a_snapshot_is_its_tenants_alone(admin: httpx.Client, alice: Tenant, box
     finally:
         mallory.http.close()
         assert admin.delete(f"/v1/templates/{name}").status_code in (204, 409)
+
+
+def test_warm_pool_over_the_api_with_late_binding(admin: httpx.Client, alice: Tenant) -> None:
+    import base64
+
+    error(
+        alice.http.put("/v1/pools", json={"template": "base", "size": 1, "isolation": ISO}),
+        403,
+        "permission_denied",
+    )
+    assert admin.put("/v1/pools", json={"template": "base", "size": 1, "isolation": ISO}).status_code == 200
+    try:
+        filled = [
+            json.loads(x)
+            for x in admin.post("/v1/pools/base/fill", params={"isolation": ISO}).text.splitlines()
+        ]
+        assert (
+            filled[-1]["ready"] + filled[-1]["starting"] == 1
+        )  # the server's own pool loop may be booting it
+        deadline = time.monotonic() + 60
+        while not any(p["ready"] for p in admin.get("/v1/pools").json()["pools"] if p["template"] == "base"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)  # the member boots in the server's background pass; nothing to wait on from here
+        body = {
+            "isolation": ISO,
+            "env": {"WHO": "alice"},
+            "metadata": {"via": "pool"},
+            "files": {"/home/user/hello.txt": base64.b64encode(b"late-bound").decode()},
+        }
+        info = create(alice, **body)
+        assert info["from_pool"] is True and info["metadata"] == {"via": "pool"}
+        out = run(alice, str(info["sandbox_id"]), "echo $WHO; cat /home/user/hello.txt")
+        assert "".join(str(e.get("data", "")) for e in out if e["kind"] == "stdout") == "alice\nlate-bound"
+        alice.http.delete(f"/v1/sandboxes/{info['sandbox_id']}")
+        pools = {(p["template"], p["isolation"]): p for p in alice.http.get("/v1/pools").json()["pools"]}
+        assert pools[("base", ISO)]["target"] == 1
+    finally:
+        assert admin.delete("/v1/pools/base", params={"isolation": ISO}).status_code == 204

@@ -11,10 +11,10 @@ import pytest
 
 from corral.core.audit import GENESIS, AuditAction, AuditDraft, verify
 from corral.core.auth import ApiKeyRecord, Quotas, TenantRecord
-from corral.core.records import LOCAL_TENANT, SandboxRecord, TemplateRecord
+from corral.core.records import LOCAL_TENANT, POOL_TENANT, PoolRecord, SandboxRecord, TemplateRecord
 from corral.core.store import Store
 from corral.errors import Conflict
-from corral.ids import KeyId, SandboxId, TenantId
+from corral.ids import KeyId, PoolId, SandboxId, TenantId
 from corral.models import SandboxState
 from corral.runtimes.base import Instance, Limits
 from corral.store.memory import MemoryStore
@@ -204,3 +204,79 @@ async def test_concurrent_audit_appends_keep_one_chain(store: Store) -> None:
             tg.start_soon(append, i)
     result = await verify(store)
     assert result.ok and result.entries == 20
+
+
+def pool(**kw: object) -> PoolRecord:
+    base = dict(
+        pool_id=PoolId.new(),
+        template="base",
+        isolation="fake",
+        target=2,
+        limits=Limits(memory_mb=256),
+        created_at=time.time(),
+    )
+    base.update(kw)
+    return PoolRecord(**base)  # type: ignore[arg-type]
+
+
+async def test_pools_cas_keyed_by_template_and_isolation(store: MemoryStore | SqliteStore) -> None:
+    p = await store.put_pool(pool(), expect_version=None)
+    assert p.version == 1
+    assert await store.get_pool("base", "fake") == p
+    assert await store.get_pool("base", "gvisor") is None
+    with pytest.raises(Conflict):
+        await store.put_pool(pool(), expect_version=None)  # same (template, isolation), another generation
+    bigger = await store.put_pool(dataclasses.replace(p, target=5), expect_version=1)
+    assert bigger.version == 2
+    with pytest.raises(Conflict):
+        await store.put_pool(dataclasses.replace(p, target=0), expect_version=1)
+    assert (await store.get_pool("base", "fake")) == bigger
+    other = await store.put_pool(pool(isolation="gvisor"), expect_version=None)
+    await store.put_pool(pool(template="alpine"), expect_version=None)
+    listed = await store.list_pools()
+    assert [(x.template, x.isolation) for x in listed] == [
+        ("alpine", "fake"),
+        ("base", "fake"),
+        ("base", "gvisor"),
+    ]
+    assert listed[2] == other
+    await store.delete_pool("base", "fake")
+    assert await store.get_pool("base", "fake") is None
+    await store.delete_pool("base", "fake")  # idempotent
+    assert len(await store.list_pools()) == 2
+
+
+async def test_pool_membership_is_a_field_found_by_pool(store: MemoryStore | SqliteStore) -> None:
+    one, two = PoolId.new(), PoolId.new()
+    a = await store.put_sandbox(
+        record(tenant_id=POOL_TENANT, pool_id=one, deadline=None, created_at=1.0), expect_version=None
+    )
+    b = await store.put_sandbox(
+        record(tenant_id=POOL_TENANT, pool_id=one, state=SandboxState.CREATING, created_at=2.0),
+        expect_version=None,
+    )
+    c = await store.put_sandbox(record(tenant_id=POOL_TENANT, pool_id=two), expect_version=None)
+    await store.put_sandbox(
+        record(tenant_id=POOL_TENANT, pool_id=one, state=SandboxState.STOPPED), expect_version=None
+    )
+    await store.put_sandbox(record(), expect_version=None)  # an ordinary sandbox
+    assert [r.sandbox_id for r in await store.list_pool_members(one)] == [a.sandbox_id, b.sandbox_id]
+    assert {r.sandbox_id for r in await store.list_pool_members()} == {
+        a.sandbox_id,
+        b.sandbox_id,
+        c.sandbox_id,
+    }
+    got = await store.get_sandbox(a.sandbox_id)
+    assert got is not None and got.pool_id == one and got.from_pool is False
+    # a claim is a compare-and-swap on the member: exactly one of two claimers with the same version wins
+    claimed = await store.put_sandbox(
+        dataclasses.replace(a, pool_id=None, from_pool=True, tenant_id=LOCAL_TENANT), expect_version=a.version
+    )
+    with pytest.raises(Conflict):
+        await store.put_sandbox(
+            dataclasses.replace(a, pool_id=None, from_pool=True, tenant_id=TenantId.new()),
+            expect_version=a.version,
+        )
+    assert [r.sandbox_id for r in await store.list_pool_members(one)] == [b.sandbox_id]
+    again = await store.get_sandbox(a.sandbox_id)
+    assert again == claimed and again.from_pool and again.pool_id is None and again.tenant_id == LOCAL_TENANT

@@ -15,6 +15,7 @@ import click
 from corral.cli import code as code_cmd
 from corral.cli import files as files_cmd
 from corral.cli import mcp_cmd
+from corral.cli import pools as pools_cmd
 from corral.cli import ports as ports_cmd
 from corral.cli import sandbox as sandbox_cmd
 from corral.cli import server as server_cmd
@@ -90,6 +91,7 @@ cli.add_command(code_cmd.run_code)
 templates_cmd.template.add_command(code_cmd.build_code_interpreter)
 sandbox_cmd.sandbox.add_command(ports_cmd.forward)
 cli.add_command(mcp_cmd.mcp)
+cli.add_command(pools_cmd.pool)
 
 
 def main(argv: list[str] | None = None) -> None:

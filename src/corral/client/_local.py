@@ -36,6 +36,8 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    PoolInfo,
+    PoolParams,
     PortForward,
     ProcessEvent,
     ProcessInfo,
@@ -231,6 +233,23 @@ class AsyncLocalBackend:
         ) as fwd:
             yield fwd
 
+    async def set_pool(self, params: PoolParams) -> PoolInfo:
+        return await self.service.pools.set(params)
+
+    async def list_pools(self) -> list[PoolInfo]:
+        return await self.service.pools.list_pools()
+
+    async def delete_pool(self, template: str, isolation: str | None = None) -> None:
+        await self.service.pools.delete(template, isolation)
+
+    async def fill_pool(self, template: str, isolation: str | None = None) -> AsyncIterator[PoolInfo]:
+        progress = self.service.pools.fill(template, isolation)
+        try:
+            async for info in progress:
+                yield info
+        finally:
+            await progress.aclose()  # type: ignore[attr-defined]
+
     async def aclose(self) -> None:
         await self.service.aclose()
         await self.service.store.aclose()
@@ -410,6 +429,18 @@ class LocalBackend:
         return self._portal.wrap_async_context_manager(
             self._backend.forward_port(sandbox_id, port, host=host, local_port=local_port)
         )
+
+    def set_pool(self, params: PoolParams) -> PoolInfo:
+        return self._call(self._backend.set_pool, params)
+
+    def list_pools(self) -> list[PoolInfo]:
+        return self._call(self._backend.list_pools)
+
+    def delete_pool(self, template: str, isolation: str | None = None) -> None:
+        self._call(self._backend.delete_pool, template, isolation)
+
+    def fill_pool(self, template: str, isolation: str | None = None) -> Iterator[PoolInfo]:
+        return self._iterate(lambda: self._backend.fill_pool(template, isolation))
 
     def close(self) -> None:
         if self._closed:

@@ -10,7 +10,18 @@ from corral.errors import CorralError, InvalidRequest, PermissionDenied, Resourc
 from corral.models import EntryInfo
 from corral.protocol import CHUNK_SIZE, Event, Op
 
-__all__ = ["check_path", "list_dir", "make_dir", "read", "remove", "rename", "stat", "write"]
+__all__ = [
+    "check_files",
+    "check_path",
+    "list_dir",
+    "make_dir",
+    "read",
+    "remove",
+    "rename",
+    "stat",
+    "write",
+    "write_all",
+]
 
 RESERVED = "/.corral"
 MAX_LIST_ENTRIES = 100_000  # one answer's worth; beyond it a caller should page by directory  # the agent bundle lives here, read-only
@@ -127,3 +138,29 @@ async def rename(
 
 def _user(user: str | None) -> dict[str, str]:
     return {"user": user} if user else {}
+
+
+MAX_CREATE_FILES = 256
+MAX_CREATE_FILES_BYTES = 64 * 1024 * 1024  # they travel in one request body (base64 over HTTP)
+
+
+def check_files(value: object) -> dict[str, bytes]:
+    """Validate the ``files`` of a create request (path -> content), before anything is created."""
+    if not isinstance(value, dict) or not all(isinstance(v, bytes | bytearray) for v in value.values()):
+        raise InvalidRequest("files must map sandbox paths to bytes")
+    if len(value) > MAX_CREATE_FILES or sum(len(v) for v in value.values()) > MAX_CREATE_FILES_BYTES:
+        raise InvalidRequest(
+            f"a create may carry at most {MAX_CREATE_FILES} files and {MAX_CREATE_FILES_BYTES} bytes in all; "
+            "upload larger ones with files.write"
+        )
+    return {check_path(path, writing=True): bytes(data) for path, data in value.items()}
+
+
+async def write_all(client: AgentClient, files: dict[str, bytes], *, max_bytes: int) -> None:
+    """Write each file (as the default user, like ``files.write``), in order."""
+    for path, data in files.items():
+        await write(client, path, _one(data), max_bytes=max_bytes)
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data

@@ -11,13 +11,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.ids import SandboxId, TenantId
+from corral.ids import PoolId, SandboxId, TenantId
 from corral.models import SandboxInfo, SandboxState, StopReason
 from corral.runtimes.base import Instance, Limits
 
-__all__ = ["LOCAL_TENANT", "SandboxRecord", "TemplateRecord"]
+__all__ = ["LOCAL_TENANT", "POOL_TENANT", "PoolRecord", "SandboxRecord", "TemplateRecord", "pool_key"]
 
 LOCAL_TENANT = TenantId("tn-" + "local" + "a" * 11)  # the single tenant of embedded mode
+# Owner of unclaimed warm-pool members: no user's tenant, so no user can see or reach them before a claim.
+POOL_TENANT = TenantId("tn-" + "pool" + "a" * 12)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +40,10 @@ class SandboxRecord:
     stopped_at: float | None = None
     paused_remaining: float | None = None
     version: int = 0
+    # Warm pools (DESIGN §4: membership is a field, not a state). ``pool_id`` is set while the sandbox is an
+    # unclaimed member of that pool and cleared by the claim; ``from_pool`` records that it was claimed.
+    pool_id: PoolId | None = None
+    from_pool: bool = False
 
     def info(self) -> SandboxInfo:
         return SandboxInfo(
@@ -51,6 +57,7 @@ class SandboxRecord:
             stop_reason=self.stop_reason,
             memory_mb=self.limits.memory_mb,
             cpus=self.limits.cpus,
+            from_pool=self.from_pool,
         )
 
     def to_json(self) -> str:
@@ -67,6 +74,7 @@ class SandboxRecord:
         data["limits"] = Limits(**data["limits"])
         data["stop_reason"] = StopReason(data["stop_reason"]) if data.get("stop_reason") else None
         data["instance"] = Instance.from_json(json.dumps(data["instance"])) if data.get("instance") else None
+        data["pool_id"] = PoolId(data["pool_id"]) if data.get("pool_id") else None
         return cls(**data)
 
 
@@ -106,3 +114,39 @@ class TemplateRecord:
     @classmethod
     def from_json(cls, text: str) -> TemplateRecord:
         return cls(**json.loads(text))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolRecord:
+    """A warm pool: keep ``target`` booted sandboxes of (template, isolation) with ``limits``, ready to claim.
+
+    The natural key is (template, isolation): one pool each. ``pool_id`` names this generation of it; members
+    carry it, so members of a deleted (or re-made) pool are recognisably orphans and get removed.
+    """
+
+    pool_id: PoolId
+    template: str
+    isolation: str
+    target: int
+    limits: Limits
+    created_at: float
+    version: int = 0
+
+    @property
+    def key(self) -> str:
+        return pool_key(self.template, self.isolation)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PoolRecord:
+        data = json.loads(text)
+        data["pool_id"] = PoolId(data["pool_id"])
+        data["limits"] = Limits(**data["limits"])
+        return cls(**data)
+
+
+def pool_key(template: str, isolation: str) -> str:
+    """The Store key of a pool (template names never contain '/')."""
+    return f"{template}/{isolation}"

@@ -33,6 +33,7 @@ from corral.core import snapshots as _snapshots
 from corral.core.agent_client import AgentClient
 from corral.core.audit import AuditAction, AuditLog
 from corral.core.auth import Quotas, check_quota, check_timeout_quota
+from corral.core.pools import PoolManager
 from corral.core.records import LOCAL_TENANT, SandboxRecord, TemplateRecord
 from corral.core.settings import Settings
 from corral.core.state import Action, require_state, transition
@@ -109,6 +110,7 @@ class SandboxService:
         self._wake_reaper = anyio.Event()
         self.audit = AuditLog(store, clock=clock)
         self._quota_locks: dict[str, anyio.Lock] = {}
+        self.pools = PoolManager(self)
 
     # -- lifetime --------------------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -145,6 +147,20 @@ class SandboxService:
             disk_mb=base.disk_mb,
         )
         template = request.template or self.settings.default_template
+        files = _files.check_files(request.files)
+        claimed = await self.pools.claim(
+            template=template,
+            isolation=isolation,
+            limits=limits,
+            tenant=tenant,
+            metadata=metadata,
+            timeout=timeout,
+            env=env,
+            files=files,
+        )
+        if claimed is not None:  # a warm-pool member, late-bound to this request (core/pools.py)
+            self._wake_reaper.set()
+            return claimed.info()
         await runtime.check()
         await self._check_template_access(template, tenant)
         rootfs = await self.templates.resolve(template)
@@ -195,6 +211,7 @@ class SandboxService:
                 await _builder.apply_defaults(client, built, env=env)
             elif env:
                 await client.call(Op.CONFIGURE, {"env": env})
+            await _files.write_all(client, files, max_bytes=self.settings.max_file_bytes)
             record = await self.store.put_sandbox(
                 dataclasses.replace(record, state=transition(record.state, SandboxState.RUNNING)),
                 expect_version=record.version,

@@ -40,6 +40,11 @@ class Settings:
     port: int = 8700
     admin_key: str | None = None  # CORRAL_ADMIN_KEY: a bootstrap admin token accepted besides stored keys
     max_request_bytes: int = 1024 * 1024  # JSON bodies; file uploads stream and are bounded by max_file_bytes
+    # warm pools (core/pools.py)
+    max_pool_size: int = 64  # members one pool may keep
+    pool_interval: float = 5.0  # seconds between pool reconcile passes when nothing wakes them sooner
+    pool_start_concurrency: int = 2  # members booting at once: a boot is CPU-bound (2 cores here)
+    pool_member_max_age: float = 6 * 3600.0  # safety deadline of unclaimed members; replaced before it
 
     @property
     def state_root(self) -> Path:

@@ -12,8 +12,8 @@ from typing import Protocol
 
 from corral.core.audit import AuditStore
 from corral.core.auth import AuthStore
-from corral.core.records import SandboxRecord, TemplateRecord
-from corral.ids import SandboxId, TenantId
+from corral.core.records import PoolRecord, SandboxRecord, TemplateRecord
+from corral.ids import PoolId, SandboxId, TenantId
 from corral.models import SandboxState
 
 __all__ = ["Store"]
@@ -46,5 +46,19 @@ class Store(AuthStore, AuditStore, Protocol):
     async def list_templates(self) -> list[TemplateRecord]: ...
 
     async def delete_template(self, name: str) -> None: ...
+
+    # -- warm pools (core/pools.py) ------------------------------------------------------------------------
+    async def get_pool(self, template: str, isolation: str) -> PoolRecord | None: ...
+
+    async def put_pool(self, record: PoolRecord, *, expect_version: int | None) -> PoolRecord:
+        """Compare-and-swap keyed by (template, isolation), like :meth:`put_sandbox`."""
+
+    async def list_pools(self) -> list[PoolRecord]:
+        """Every pool, ordered by template then isolation."""
+
+    async def delete_pool(self, template: str, isolation: str) -> None: ...
+
+    async def list_pool_members(self, pool_id: PoolId | None = None) -> list[SandboxRecord]:
+        """Sandbox records not stopped whose ``pool_id`` is set (to ``pool_id``, if given), oldest first."""
 
     async def aclose(self) -> None: ...

@@ -54,8 +54,27 @@ class Metrics:
             ["method", "route"],
             registry=self.registry,
         )
+        self._pool_gauges()
+
+    def _pool_gauges(self) -> None:
+        labels = ["template", "isolation"]
+        self.pool_target = Gauge(
+            "corral_pool_target", "Members a warm pool keeps", labels, registry=self.registry
+        )
+        self.pool_ready = Gauge(
+            "corral_pool_ready", "Warm-pool members ready to claim", labels, registry=self.registry
+        )
+        self.pool_starting = Gauge(
+            "corral_pool_starting", "Warm-pool members booting", labels, registry=self.registry
+        )
 
     async def render(self, service: SandboxService) -> bytes:
+        for gauge in (self.pool_target, self.pool_ready, self.pool_starting):
+            gauge.clear()
+        for pool in await service.pools.list_pools():
+            self.pool_target.labels(pool.template, pool.isolation).set(pool.target)
+            self.pool_ready.labels(pool.template, pool.isolation).set(pool.ready)
+            self.pool_starting.labels(pool.template, pool.isolation).set(pool.starting)
         live = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED)
         records = await service.store.list_sandboxes(states=frozenset(live))
         tally = _Tally((r.state.value, r.isolation) for r in records)

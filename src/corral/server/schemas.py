@@ -40,9 +40,14 @@ class CreateSandboxBody(_Strict):
     env: StrMap = Field(default_factory=dict)
     memory_mb: Annotated[int, Field(ge=16, le=1024 * 1024)] | None = None
     cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
+    files: dict[Path, Annotated[str, Field(max_length=700_000)]] = Field(
+        default_factory=dict,
+        description="path -> base64 content, written before create returns",
+        max_length=64,
+    )
 
     def params(self) -> CreateParams:
-        return CreateParams(**self.model_dump())
+        return CreateParams.from_wire(self.model_dump())
 
 
 class ExecBody(_Strict):

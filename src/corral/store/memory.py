@@ -7,9 +7,9 @@ from collections.abc import Mapping
 
 from corral.core.audit import GENESIS, AuditDraft, AuditEntry, seal
 from corral.core.auth import ApiKeyRecord, TenantRecord
-from corral.core.records import SandboxRecord, TemplateRecord
+from corral.core.records import PoolRecord, SandboxRecord, TemplateRecord, pool_key
 from corral.errors import Conflict
-from corral.ids import KeyId, SandboxId, TenantId
+from corral.ids import KeyId, PoolId, SandboxId, TenantId
 from corral.models import SandboxState
 from corral.store._common import check_version, matches
 
@@ -23,6 +23,7 @@ class MemoryStore:
         self._tenants: dict[str, TenantRecord] = {}
         self._keys: dict[str, ApiKeyRecord] = {}
         self._audit: list[AuditEntry] = []
+        self._pools: dict[str, PoolRecord] = {}
 
     async def get_sandbox(self, sandbox_id: SandboxId) -> SandboxRecord | None:
         return self._sandboxes.get(sandbox_id)
@@ -66,6 +67,32 @@ class MemoryStore:
 
     async def delete_template(self, name: str) -> None:
         self._templates.pop(name, None)
+
+    async def get_pool(self, template: str, isolation: str) -> PoolRecord | None:
+        return self._pools.get(pool_key(template, isolation))
+
+    async def put_pool(self, record: PoolRecord, *, expect_version: int | None) -> PoolRecord:
+        old = self._pools.get(record.key)
+        version = check_version("pool", record.key, old.version if old else None, expect_version)
+        new = dataclasses.replace(record, version=version)
+        self._pools[record.key] = new
+        return new
+
+    async def list_pools(self) -> list[PoolRecord]:
+        return sorted(self._pools.values(), key=lambda p: (p.template, p.isolation))
+
+    async def delete_pool(self, template: str, isolation: str) -> None:
+        self._pools.pop(pool_key(template, isolation), None)
+
+    async def list_pool_members(self, pool_id: PoolId | None = None) -> list[SandboxRecord]:
+        found = [
+            r
+            for r in self._sandboxes.values()
+            if r.pool_id is not None
+            and (pool_id is None or r.pool_id == pool_id)
+            and r.state is not SandboxState.STOPPED
+        ]
+        return sorted(found, key=lambda r: r.created_at)
 
     async def aclose(self) -> None:
         return None

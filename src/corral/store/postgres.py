@@ -26,16 +26,16 @@ from psycopg_pool import AsyncConnectionPool
 
 from corral.core.audit import GENESIS, AuditDraft, AuditEntry, seal
 from corral.core.auth import ApiKeyRecord, TenantRecord
-from corral.core.records import SandboxRecord, TemplateRecord
+from corral.core.records import PoolRecord, SandboxRecord, TemplateRecord, pool_key
 from corral.errors import Conflict, RuntimeFailure
-from corral.ids import KeyId, SandboxId, TenantId
+from corral.ids import KeyId, PoolId, SandboxId, TenantId
 from corral.models import SandboxState
 from corral.store._common import check_version, matches
 
 __all__ = ["PostgresStore"]
 
 T = TypeVar("T")
-R = TypeVar("R", SandboxRecord, TemplateRecord, TenantRecord)
+R = TypeVar("R", SandboxRecord, TemplateRecord, TenantRecord, PoolRecord)
 Conn = psycopg.AsyncConnection[Any]
 
 _AUDIT_LOCK = 0x636F7272616C  # "corral": the advisory lock key that serialises audit appends
@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS templates (name TEXT PRIMARY KEY, version INTEGER NOT
 CREATE TABLE IF NOT EXISTS tenants (
     id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, version INTEGER NOT NULL, data JSONB NOT NULL);
 CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, tenant_id TEXT, data JSONB NOT NULL);
+CREATE TABLE IF NOT EXISTS pools (key TEXT PRIMARY KEY, version INTEGER NOT NULL, data JSONB NOT NULL);
+CREATE INDEX IF NOT EXISTS sandboxes_pool ON sandboxes ((data->>'pool_id')) WHERE data->>'pool_id' IS NOT NULL;
 CREATE TABLE IF NOT EXISTS audit (seq BIGINT PRIMARY KEY, hash TEXT NOT NULL, data JSONB NOT NULL);
 CREATE OR REPLACE FUNCTION corral_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
@@ -125,7 +127,8 @@ class PostgresStore:
         expect_version: int | None,
         columns: dict[str, Any],
     ) -> R:
-        tbl, key_col = sql.Identifier(table), sql.Identifier("name" if table == "templates" else "id")
+        key_col = sql.Identifier({"templates": "name", "pools": "key"}.get(table, "id"))
+        tbl = sql.Identifier(table)
 
         async def put(conn: Conn) -> R:
             query = sql.SQL("SELECT version FROM {} WHERE {} = %s FOR UPDATE").format(tbl, key_col)
@@ -225,6 +228,38 @@ class PostgresStore:
 
     async def delete_template(self, name: str) -> None:
         await self._run(lambda c: c.execute("DELETE FROM templates WHERE name = %s", (name,)))
+
+    # -- warm pools ----------------------------------------------------------------------------------------
+    async def get_pool(self, template: str, isolation: str) -> PoolRecord | None:
+        data = await self._one("SELECT data FROM pools WHERE key = %s", (pool_key(template, isolation),))
+        return PoolRecord.from_json(json.dumps(data)) if data else None
+
+    async def put_pool(self, record: PoolRecord, *, expect_version: int | None) -> PoolRecord:
+        return await self._cas(
+            record,
+            kind="pool",
+            key=record.key,
+            table="pools",
+            expect_version=expect_version,
+            columns={"key": record.key},
+        )
+
+    async def list_pools(self) -> list[PoolRecord]:
+        rows = await self._all("SELECT data FROM pools")
+        pools = [PoolRecord.from_json(json.dumps(r)) for r in rows]
+        return sorted(pools, key=lambda p: (p.template, p.isolation))
+
+    async def delete_pool(self, template: str, isolation: str) -> None:
+        key = pool_key(template, isolation)
+        await self._run(lambda c: c.execute("DELETE FROM pools WHERE key = %s", (key,)))
+
+    async def list_pool_members(self, pool_id: PoolId | None = None) -> list[SandboxRecord]:
+        rows = await self._all(
+            "SELECT data FROM sandboxes WHERE data->>'pool_id' IS NOT NULL AND state != %s "
+            "AND (%s::text IS NULL OR data->>'pool_id' = %s) ORDER BY created_at",
+            (SandboxState.STOPPED.value, pool_id, pool_id),
+        )
+        return [SandboxRecord.from_json(json.dumps(r)) for r in rows]
 
     # -- tenants and keys ------------------------------------------------------------------------------------
     async def get_tenant(self, tenant_id: TenantId) -> TenantRecord | None:

@@ -18,16 +18,16 @@ import anyio.to_thread
 
 from corral.core.audit import GENESIS, AuditDraft, AuditEntry, seal
 from corral.core.auth import ApiKeyRecord, TenantRecord
-from corral.core.records import SandboxRecord, TemplateRecord
+from corral.core.records import PoolRecord, SandboxRecord, TemplateRecord, pool_key
 from corral.errors import Conflict
-from corral.ids import KeyId, SandboxId, TenantId
+from corral.ids import KeyId, PoolId, SandboxId, TenantId
 from corral.models import SandboxState
 from corral.store._common import check_version, matches
 
 __all__ = ["SqliteStore"]
 
 T = TypeVar("T")
-R = TypeVar("R", SandboxRecord, TemplateRecord, TenantRecord)
+R = TypeVar("R", SandboxRecord, TemplateRecord, TenantRecord, PoolRecord)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -44,6 +44,15 @@ CREATE TABLE IF NOT EXISTS templates (
     version INTEGER NOT NULL,
     data TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pools (
+    key TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+-- Warm-pool members, found on every create: a partial index over the JSON field, so existing databases
+-- need no migration and the index holds only the (few) records that are pool members.
+CREATE INDEX IF NOT EXISTS sandboxes_pool ON sandboxes (json_extract(data, '$.pool_id'))
+    WHERE json_extract(data, '$.pool_id') IS NOT NULL;
 """
 
 # Tenants, API keys and the audit log (core/auth.py, core/audit.py). The audit table refuses UPDATE and DELETE:
@@ -285,6 +294,48 @@ class SqliteStore:
             ).fetchall()
         )
         return [AuditEntry.from_json(r[0]) for r in rows]
+
+    # -- warm pools ----------------------------------------------------------------------------------------
+    async def get_pool(self, template: str, isolation: str) -> PoolRecord | None:
+        key = pool_key(template, isolation)
+        row = await self._call(
+            lambda db: db.execute("SELECT data FROM pools WHERE key = ?", (key,)).fetchone()
+        )
+        return PoolRecord.from_json(row[0]) if row else None
+
+    async def put_pool(self, record: PoolRecord, *, expect_version: int | None) -> PoolRecord:
+        def write(db: sqlite3.Connection, new: PoolRecord) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO pools (key, version, data) VALUES (?, ?, ?)",
+                (new.key, new.version, new.to_json()),
+            )
+
+        return await self._cas(
+            record,
+            kind="pool",
+            key=record.key,
+            expect_version=expect_version,
+            version_sql="SELECT version FROM pools WHERE key = ?",
+            write=write,
+        )
+
+    async def list_pools(self) -> list[PoolRecord]:
+        rows = await self._call(lambda db: db.execute("SELECT data FROM pools").fetchall())
+        return sorted((PoolRecord.from_json(r[0]) for r in rows), key=lambda p: (p.template, p.isolation))
+
+    async def delete_pool(self, template: str, isolation: str) -> None:
+        key = pool_key(template, isolation)
+        await self._call(lambda db: db.execute("DELETE FROM pools WHERE key = ?", (key,)))
+
+    async def list_pool_members(self, pool_id: PoolId | None = None) -> list[SandboxRecord]:
+        query = "SELECT data FROM sandboxes WHERE json_extract(data, '$.pool_id') IS NOT NULL AND state != ?"
+        args: list[Any] = [SandboxState.STOPPED.value]
+        if pool_id is not None:
+            query += " AND json_extract(data, '$.pool_id') = ?"
+            args.append(pool_id)
+        query += " ORDER BY created_at"
+        rows = await self._call(lambda db: db.execute(query, args).fetchall())
+        return [SandboxRecord.from_json(r[0]) for r in rows]
 
     async def aclose(self) -> None:
         await self._call(lambda db: db.close())

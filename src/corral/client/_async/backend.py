@@ -18,6 +18,8 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    PoolInfo,
+    PoolParams,
     PortForward,
     ProcessEvent,
     ProcessInfo,
@@ -94,6 +96,16 @@ class AsyncBackend(Protocol):
     def forward_port(
         self, sandbox_id: str, port: int, *, host: str = "127.0.0.1", local_port: int = 0
     ) -> AbstractAsyncContextManager[PortForward]: ...
+    # warm pools
+    async def set_pool(self, params: PoolParams) -> PoolInfo: ...
+
+    async def list_pools(self) -> list[PoolInfo]: ...
+
+    async def delete_pool(self, template: str, isolation: str | None = None) -> None: ...
+
+    def fill_pool(self, template: str, isolation: str | None = None) -> AsyncIterator[PoolInfo]:
+        """Boot the pool's missing members, yielding progress; ends when it holds its target."""
+        ...
 
     async def aclose(self) -> None: ...
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -35,6 +36,8 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    PoolInfo,
+    PoolParams,
     PortForward,
     ProcessEvent,
     ProcessInfo,
@@ -155,6 +158,22 @@ class AsyncRemoteBackend:
             "port forwarding through a Corral server is not available yet; run `corral sandbox forward` on the "
             "server host, or use embedded mode"
         )
+
+    # -- warm pools (admin key) -----------------------------------------------------------------------------
+    async def set_pool(self, params: PoolParams) -> PoolInfo:
+        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        return PoolInfo.from_wire(await self._json("PUT", "/v1/pools", json=body))
+
+    async def list_pools(self) -> list[PoolInfo]:
+        return [PoolInfo.from_wire(p) for p in (await self._json("GET", "/v1/pools"))["pools"]]
+
+    async def delete_pool(self, template: str, isolation: str | None = None) -> None:
+        await self._request("DELETE", f"/v1/pools/{quote(template, safe='')}", params=_q(isolation=isolation))
+
+    async def fill_pool(self, template: str, isolation: str | None = None) -> AsyncIterator[PoolInfo]:
+        path = f"/v1/pools/{quote(template, safe='')}/fill"
+        async for data in self._lines("POST", path, params=_q(isolation=isolation)):
+            yield PoolInfo.from_wire(data)
 
     # -- processes -------------------------------------------------------------------------------------------
     def exec(self, sandbox_id: str, params: ExecParams) -> AsyncIterator[ProcessEvent]:

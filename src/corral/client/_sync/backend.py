@@ -19,6 +19,8 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    PoolInfo,
+    PoolParams,
     PortForward,
     ProcessEvent,
     ProcessInfo,
@@ -95,6 +97,16 @@ class Backend(Protocol):
     def forward_port(
         self, sandbox_id: str, port: int, *, host: str = "127.0.0.1", local_port: int = 0
     ) -> AbstractContextManager[PortForward]: ...
+    # warm pools
+    def set_pool(self, params: PoolParams) -> PoolInfo: ...
+
+    def list_pools(self) -> list[PoolInfo]: ...
+
+    def delete_pool(self, template: str, isolation: str | None = None) -> None: ...
+
+    def fill_pool(self, template: str, isolation: str | None = None) -> Iterator[PoolInfo]:
+        """Boot the pool's missing members, yielding progress; ends when it holds its target."""
+        ...
 
     def close(self) -> None: ...
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -36,6 +37,8 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    PoolInfo,
+    PoolParams,
     PortForward,
     ProcessEvent,
     ProcessInfo,
@@ -156,6 +159,22 @@ class RemoteBackend:
             "port forwarding through a Corral server is not available yet; run `corral sandbox forward` on the "
             "server host, or use embedded mode"
         )
+
+    # -- warm pools (admin key) -----------------------------------------------------------------------------
+    def set_pool(self, params: PoolParams) -> PoolInfo:
+        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        return PoolInfo.from_wire(self._json("PUT", "/v1/pools", json=body))
+
+    def list_pools(self) -> list[PoolInfo]:
+        return [PoolInfo.from_wire(p) for p in (self._json("GET", "/v1/pools"))["pools"]]
+
+    def delete_pool(self, template: str, isolation: str | None = None) -> None:
+        self._request("DELETE", f"/v1/pools/{quote(template, safe='')}", params=_q(isolation=isolation))
+
+    def fill_pool(self, template: str, isolation: str | None = None) -> Iterator[PoolInfo]:
+        path = f"/v1/pools/{quote(template, safe='')}/fill"
+        for data in self._lines("POST", path, params=_q(isolation=isolation)):
+            yield PoolInfo.from_wire(data)
 
     # -- processes -------------------------------------------------------------------------------------------
     def exec(self, sandbox_id: str, params: ExecParams) -> Iterator[ProcessEvent]:

@@ -357,11 +357,13 @@ class Sandbox(CodeInterpreter):
         memory_mb: int | None = None,
         cpus: float | None = None,
         backend: Backend | None = None,
+        files: dict[str, bytes] | None = None,
     ) -> Sandbox:
         """Create a sandbox and wait until it is ready.
 
         ``isolation``: "namespace" (fast, shared kernel) or "gvisor" (user-space kernel). ``timeout``: seconds
-        until it is killed (default 300; change it later with ``set_timeout``).
+        until it is killed (default 300; change it later with ``set_timeout``). ``files``: path -> content,
+        written (as the default user) before this returns. Served from a warm pool when one matches.
         """
         owns = backend is None
         backend = backend or open_default_backend()
@@ -375,6 +377,7 @@ class Sandbox(CodeInterpreter):
                     env=dict(envs or {}),
                     memory_mb=memory_mb,
                     cpus=cpus,
+                    files=dict(files or {}),
                 )
             )
         except BaseException:
