@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -85,9 +86,10 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
 async def first_output(make: Callable[[], Awaitable[AsyncSandbox]]) -> None:
     sbx = await make()
     try:
-        async for event in sbx.commands.stream(["echo", "hi"]):
-            if event.kind is EventKind.STDOUT:
-                break
+        async with contextlib.aclosing(sbx.commands.stream(["echo", "hi"])) as events:
+            async for event in events:
+                if event.kind is EventKind.STDOUT:
+                    break
     finally:
         await sbx.kill()
         await sbx.aclose()

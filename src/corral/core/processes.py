@@ -6,6 +6,7 @@ makes sure a foreground command whose caller stops listening is killed rather th
 
 from __future__ import annotations
 
+import contextlib
 import signal as _signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import anyio
 
 from corral.core.agent_client import AgentClient
+from corral.errors import CorralError
 from corral.models import EventKind, ExecParams, ProcessEvent, ProcessInfo
 from corral.protocol import Event, Frame, Op
 
@@ -59,7 +61,9 @@ async def _stream(
                 yield event
     finally:
         if kill_if_abandoned and process_id and not finished and not client.closed:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            # A connection that closes meanwhile takes the process with it (the shim kills the orphans of a
+            # client that goes away), so failing to say so here is not an error.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5), contextlib.suppress(CorralError):
                 await client.call(Op.SIGNAL, {"process_id": process_id, "signal": int(_signal.SIGKILL)})
 
 
