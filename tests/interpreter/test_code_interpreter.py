@@ -220,15 +220,20 @@ drv = os.getppid()
 written = 0
 for fd in os.listdir(f'/proc/{drv}/fd'):
     if fd != '0' and os.readlink(f'/proc/{drv}/fd/{fd}').startswith('pipe:'):
-        try:
-            with open(f'/proc/{drv}/fd/{fd}', 'wb') as w:
-                w.write(b'not json\n{"id": "x", "ev": "end"}\n[1,2]\n' + b'A' * (1 << 20) + b'\n')
-                written += 1
+        try:  # non-blocking: a pipe nobody drains (the kernel's own stdin) must not hang this cell
+            w = os.open(f'/proc/{drv}/fd/{fd}', os.O_WRONLY | os.O_NONBLOCK)
         except PermissionError:
+            continue
+        try:
+            os.write(w, b'not json\n{"id": "x", "ev": "end"}\n[1,2]\n' + b'A' * (1 << 16) + b'\n')
+            written += 1
+        except (BlockingIOError, BrokenPipeError):
             pass
+        finally:
+            os.close(w)
 written
 """
-    execution = sbx.run_code(forged)
+    execution = sbx.run_code(forged, timeout=60)
     assert execution.error is None and execution.text is not None and execution.text.isdigit()
     assert sbx.run_code("6 * 7").text == "42"
 
