@@ -27,6 +27,7 @@ class Op(StrEnum):
     SIGNAL = "signal"
     LIST_PROCESSES = "list_processes"
     DETACH = "detach"
+    RESIZE = "resize"  # a terminal's size (exec with ``pty``)
     # files
     READ = "read"
     WRITE = "write"
@@ -36,8 +37,10 @@ class Op(StrEnum):
     MKDIR = "mkdir"
     REMOVE = "remove"
     RENAME = "rename"
+    WATCH = "watch"  # a directory's changes, until cancelled
     # agent-wide
     CONFIGURE = "configure"  # late-bound env defaults, set after boot (warm pools)
+    CANCEL = "cancel"  # ends a long-lived request (watch, attach) with the same id; not answered itself
 
 
 class Event(StrEnum):
@@ -47,6 +50,8 @@ class Event(StrEnum):
     STARTED = "started"
     STDOUT = "stdout"
     STDERR = "stderr"
+    PTY = "pty"  # terminal output (a process started with ``pty``): one stream, raw bytes
+    FS_EVENT = "fs_event"  # changes seen by a ``watch``: header field ``events``
     CHUNK = "chunk"  # file data, for READ
     # terminal events: exactly one of these ends each request
     OK = "ok"
