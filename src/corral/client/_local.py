@@ -27,8 +27,10 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    FilesystemEvent,
     ProcessEvent,
     ProcessInfo,
+    PtyParams,
     SandboxInfo,
     SandboxState,
     TemplateInfo,
@@ -165,6 +167,22 @@ class AsyncLocalBackend:
     async def delete_template(self, name: str) -> None:
         await self.service.templates.delete(name)
 
+    async def create_pty(self, sandbox_id: str, params: PtyParams) -> ProcessEvent:
+        return await self.service.create_pty(sandbox_id, params)
+
+    async def resize_pty(self, sandbox_id: str, process_id: str, cols: int, rows: int) -> None:
+        await self.service.resize_pty(sandbox_id, process_id, cols, rows)
+
+    async def watch_dir(
+        self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> AsyncIterator[FilesystemEvent]:
+        events = await self.service.watch_dir(sandbox_id, path, recursive=recursive, user=user)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
     async def aclose(self) -> None:
         await self.service.aclose()
         await self.service.store.aclose()
@@ -284,6 +302,19 @@ class LocalBackend:
 
     def delete_template(self, name: str) -> None:
         self._call(self._backend.delete_template, name)
+
+    def create_pty(self, sandbox_id: str, params: PtyParams) -> ProcessEvent:
+        return self._call(self._backend.create_pty, sandbox_id, params)
+
+    def resize_pty(self, sandbox_id: str, process_id: str, cols: int, rows: int) -> None:
+        self._call(self._backend.resize_pty, sandbox_id, process_id, cols, rows)
+
+    def watch_dir(
+        self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> Iterator[FilesystemEvent]:
+        return self._iterate(
+            lambda: self._backend.watch_dir(sandbox_id, path, recursive=recursive, user=user)
+        )
 
     def close(self) -> None:
         if self._closed:

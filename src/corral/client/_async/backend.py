@@ -13,8 +13,10 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    FilesystemEvent,
     ProcessEvent,
     ProcessInfo,
+    PtyParams,
     SandboxInfo,
     SandboxState,
     TemplateInfo,
@@ -81,6 +83,14 @@ class AsyncBackend(Protocol):
     ) -> TemplateInfo: ...
 
     async def delete_template(self, name: str) -> None: ...
+
+    async def create_pty(self, sandbox_id: str, params: PtyParams) -> ProcessEvent: ...
+
+    async def resize_pty(self, sandbox_id: str, process_id: str, cols: int, rows: int) -> None: ...
+
+    def watch_dir(
+        self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> AsyncIterator[FilesystemEvent]: ...
 
     async def aclose(self) -> None: ...
 

@@ -14,8 +14,10 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    FilesystemEvent,
     ProcessEvent,
     ProcessInfo,
+    PtyParams,
     SandboxInfo,
     SandboxState,
     TemplateInfo,
@@ -82,6 +84,14 @@ class Backend(Protocol):
     ) -> TemplateInfo: ...
 
     def delete_template(self, name: str) -> None: ...
+
+    def create_pty(self, sandbox_id: str, params: PtyParams) -> ProcessEvent: ...
+
+    def resize_pty(self, sandbox_id: str, process_id: str, cols: int, rows: int) -> None: ...
+
+    def watch_dir(
+        self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> Iterator[FilesystemEvent]: ...
 
     def close(self) -> None: ...
 
