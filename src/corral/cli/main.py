@@ -14,6 +14,7 @@ import click
 
 from corral.cli import files as files_cmd
 from corral.cli import sandbox as sandbox_cmd
+from corral.cli import shell as shell_cmd
 from corral.cli import templates as templates_cmd
 from corral.cli._common import create_options, exec_options, exec_params_from, open_sandbox, stream_command
 from corral.cli._output import emit_json, err_console
@@ -78,6 +79,8 @@ def demo(isolations: tuple[str, ...]) -> None:
 cli.add_command(sandbox_cmd.sandbox)
 cli.add_command(files_cmd.files)
 cli.add_command(templates_cmd.template)
+sandbox_cmd.sandbox.add_command(shell_cmd.shell)
+files_cmd.files.add_command(shell_cmd.watch)
 
 
 def main(argv: list[str] | None = None) -> None:
