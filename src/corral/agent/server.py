@@ -273,7 +273,8 @@ class Agent:
         tag = _opt(h, "tag", str)
         if pty is not None:
             cols, rows = check_size(pty.get("cols"), pty.get("rows"))
-            env.setdefault("TERM", "xterm-256color")
+            if "TERM" not in (h.get("env") or {}):  # the terminal's type, not whatever the agent inherited
+                env["TERM"] = "xterm-256color"
             env.setdefault("LANG", "C.UTF-8")
             term = spawn_pty(
                 self.processes,
