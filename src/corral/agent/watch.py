@@ -222,6 +222,8 @@ class Watch:
                 return
         if self.done:
             return
+        if self.started and self.queue:
+            self.conn.wake(self)  # creates found by listing a new directory: no inotify read will wake us
         if self.pending_walk:
             self.loop.call_soon(self._walk_slice)
         elif not self.started:
