@@ -20,6 +20,12 @@ _EXPORTS: dict[str, str] = {
     "CommandHandle": "corral.client._sync.sandbox",
     "AsyncSandbox": "corral.client._async.sandbox",
     "AsyncCommandHandle": "corral.client._async.sandbox",
+    "PtyHandle": "corral.client._sync.pty",
+    "AsyncPtyHandle": "corral.client._async.pty",
+    "WatchHandle": "corral.client._sync.watch",
+    "AsyncWatchHandle": "corral.client._async.watch",
+    "FilesystemEvent": "corral.models",
+    "FilesystemEventType": "corral.models",
     "CommandResult": "corral.models",
     "EntryInfo": "corral.models",
     "EventKind": "corral.models",
@@ -40,31 +46,41 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "AsyncCommandHandle",
+    "AsyncPtyHandle",
     "AsyncSandbox",
+    "AsyncWatchHandle",
     "CommandFailed",
     "CommandHandle",
     "CommandResult",
     "CorralError",
     "EntryInfo",
     "EventKind",
+    "FilesystemEvent",
+    "FilesystemEventType",
     "InvalidRequest",
     "InvalidState",
     "NotFound",
     "PermissionDenied",
     "ProcessEvent",
     "ProcessInfo",
+    "PtyHandle",
     "ResourceExhausted",
     "RuntimeUnavailable",
     "Sandbox",
     "SandboxInfo",
     "SandboxState",
     "Timeout",
+    "WatchHandle",
 ]
 assert set(__all__) == set(_EXPORTS)
 
 if TYPE_CHECKING:
+    from corral.client._async.pty import AsyncPtyHandle
     from corral.client._async.sandbox import AsyncCommandHandle, AsyncSandbox
+    from corral.client._async.watch import AsyncWatchHandle
+    from corral.client._sync.pty import PtyHandle
     from corral.client._sync.sandbox import CommandHandle, Sandbox
+    from corral.client._sync.watch import WatchHandle
     from corral.errors import (
         CommandFailed,
         CorralError,
@@ -80,6 +96,8 @@ if TYPE_CHECKING:
         CommandResult,
         EntryInfo,
         EventKind,
+        FilesystemEvent,
+        FilesystemEventType,
         ProcessEvent,
         ProcessInfo,
         SandboxInfo,

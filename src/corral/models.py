@@ -31,6 +31,8 @@ __all__ = [
     "ExecParams",
     "Execution",
     "ExecutionError",
+    "FilesystemEvent",
+    "FilesystemEventType",
     "Logs",
     "OutputMessage",
     "PoolInfo",
@@ -38,6 +40,7 @@ __all__ = [
     "PortForward",
     "ProcessEvent",
     "ProcessInfo",
+    "PtyParams",
     "Result",
     "RunCodeParams",
     "SandboxInfo",
@@ -68,6 +71,7 @@ class EventKind(StrEnum):
     STDERR = "stderr"
     EXIT = "exit"
     DETACHED = "detached"  # the stream ended but the process keeps running in the background
+    PTY = "pty"  # output of a terminal (``sbx.pty``): one stream, raw bytes
 
 
 class EntryType(StrEnum):
@@ -488,3 +492,52 @@ class PoolInfo(_Wire):
     starting: int  # booting
     memory_mb: int = 0
     cpus: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class PtyParams(_Wire):
+    """A terminal to open. Neither ``cmd`` nor ``argv``: a login shell (``bash -l``, else ``/bin/sh -l``)."""
+
+    cols: int = 80
+    rows: int = 24
+    cmd: str | None = None
+    argv: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    user: str | None = None
+    timeout: float | None = None  # seconds; then the terminal's session is killed
+    tag: str | None = None
+
+    def agent_fields(self) -> dict[str, Any]:
+        """The agent's ``exec`` fields: a background process on a terminal of this size."""
+        out: dict[str, Any] = {"pty": {"cols": self.cols, "rows": self.rows}, "background": True}
+        for key in ("cmd", "argv", "env", "cwd", "user", "timeout", "tag"):
+            value = getattr(self, key)
+            if value is not None and value != {}:
+                out[key] = value
+        return out
+
+
+class FilesystemEventType(StrEnum):
+    """What happened to a path in a watched directory (E2B's names, plus Corral's two stream markers)."""
+
+    CREATE = "create"
+    WRITE = "write"
+    REMOVE = "remove"
+    RENAME = "rename"  # the old name of a move; the new name comes as CREATE
+    CHMOD = "chmod"
+    OVERFLOW = "overflow"  # events were lost (the reader was too slow): rescan the directory
+    STARTED = "started"  # first event of a watch stream: changes from here on are reported (the SDK eats it)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilesystemEvent(_Wire):
+    """One change, ``name`` relative to the watched directory (empty for the directory itself)."""
+
+    name: str
+    type: FilesystemEventType
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> FilesystemEvent:
+        event = super().from_wire(data)
+        return dataclasses.replace(event, type=FilesystemEventType(event.type))

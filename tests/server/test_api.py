@@ -369,3 +369,30 @@ def test_warm_pool_over_the_api_with_late_binding(admin: httpx.Client, alice: Te
         assert pools[("base", ISO)]["target"] == 1
     finally:
         assert admin.delete("/v1/pools/base", params={"isolation": ISO}).status_code == 204
+
+
+def test_terminal_and_watch_over_the_api(alice: Tenant, box: str) -> None:
+    base = f"/v1/sandboxes/{box}"
+    started = alice.http.post(base + "/pty", json={"cols": 100, "rows": 30, "cmd": "stty size; exit 3"})
+    assert started.status_code == 201, started.text
+    pid = started.json()["process_id"]
+    events = [json.loads(x) for x in alice.http.get(f"{base}/processes/{pid}/events").text.splitlines()]
+    assert "30 100" in "".join(str(e.get("data", "")) for e in events)
+    assert events[-1]["kind"] == "exit" and events[-1]["exit_code"] == 3
+    error(
+        alice.http.post(f"{base}/processes/{pid}/resize", json={"cols": 0, "rows": 5}), 400, "invalid_request"
+    )
+
+    alice.http.post(base + "/files/mkdir", json={"path": "/tmp/watched"})
+    error(alice.http.get(base + "/files/watch", params={"path": "/tmp/nope"}), 404, "not_found")
+    with alice.http.stream("GET", base + "/files/watch", params={"path": "/tmp/watched"}) as stream:
+        lines = stream.iter_lines()
+        assert json.loads(next(lines))["type"] == "started"  # in place: changes from now on are seen
+        alice.http.put(base + "/files", params={"path": "/tmp/watched/new.txt"}, content=b"x")
+        seen = set()
+        for line in lines:
+            event = json.loads(line)
+            seen.add((event["type"], event["name"]))
+            if any(name == "new.txt" for _, name in seen):
+                break
+    assert any(name == "new.txt" for _, name in seen), seen

@@ -39,7 +39,7 @@ from corral.agent.ring import Ring
 from corral.agent.users import Identity
 from corral.protocol.messages import CHUNK_SIZE, AgentErrorCode
 
-__all__ = ["Process", "ProcessTable", "Subscriber"]
+__all__ = ["Process", "ProcessTable", "Subscriber", "new_process_id"]
 
 READ_SIZE = 64 * 1024  # one default pipe buffer
 LAG_LIMIT = 1024 * 1024  # a subscriber this far behind pauses reading the pipes (<< RING_BYTES: nothing lost)
@@ -96,7 +96,10 @@ class Process:
         cwd: str,
         tag: str | None,
         owner: Connection | None,
+        outputs: list[tuple[IO[bytes], str]] | None = None,
+        stdin_file: IO[bytes] | None = None,
     ) -> None:
+        """``outputs``/``stdin_file`` default to the Popen pipes; a terminal passes its master side instead."""
         self.table = table
         self.process_id = process_id
         self.popen = popen
@@ -119,18 +122,21 @@ class Process:
         self._pipes: dict[int, str] = {}  # open output pipes: fd -> stream name
         self._files: dict[int, IO[bytes]] = {}  # their file objects, which own the fds
         loop = table.loop
-        for f, stream in ((popen.stdout, "stdout"), (popen.stderr, "stderr")):
-            assert f is not None
+        if outputs is None:
+            assert popen.stdout is not None and popen.stderr is not None
+            outputs = [(popen.stdout, "stdout"), (popen.stderr, "stderr")]
+        for f, stream in outputs:
             fd = f.fileno()
             os.set_blocking(fd, False)
             self._pipes[fd] = stream
             self._files[fd] = f
             loop.add_reader(fd, self._reader(fd))
+        self._stdin_file = stdin_file if stdin_file is not None else popen.stdin
         self._stdin_fd = -1
-        if popen.stdin is not None:
-            self._stdin_fd = popen.stdin.fileno()
+        if self._stdin_file is not None:
+            self._stdin_fd = self._stdin_file.fileno()
             os.set_blocking(self._stdin_fd, False)
-        self._stdin_eof = popen.stdin is None
+        self._stdin_eof = self._stdin_file is None
         self._stdin_queue: deque[tuple[memoryview, bool, Connection, str]] = deque()
         self._stdin_pending = 0
 
@@ -251,7 +257,7 @@ class Process:
     # --- stdin -----------------------------------------------------------------------------------------------
     def write_stdin(self, conn: Connection, rid: str, data: bytes, eof: bool) -> None:
         if self._stdin_eof:
-            why = "was closed" if self.popen.stdin is not None else "was not kept open (exec with stdin:true)"
+            why = "was closed" if self._stdin_file is not None else "was not kept open (exec with stdin:true)"
             raise AgentError(AgentErrorCode.INVALID, f"stdin of process {self.process_id} {why}")
         if self._stdin_pending + len(data) > STDIN_LIMIT:
             raise AgentError(
@@ -295,9 +301,9 @@ class Process:
         self._stdin_pending = 0
         if self._stdin_fd >= 0:
             self.table.loop.forget(self._stdin_fd)
-            assert self.popen.stdin is not None
+            assert self._stdin_file is not None
             with contextlib.suppress(OSError):
-                self.popen.stdin.close()
+                self._stdin_file.close()
             self._stdin_fd = -1
 
     def info(self) -> dict[str, Any]:
@@ -357,9 +363,12 @@ class ProcessTable:
             raise _spawn_error(exc, argv, cwd, env.get("PATH", "")) from None
         except (ValueError, subprocess.SubprocessError) as exc:
             raise AgentError(AgentErrorCode.INVALID, f"cannot start {argv[0]!r}: {exc}") from None
-        process_id = "p-" + os.urandom(6).hex()
-        proc = Process(self, process_id, popen, argv, user=identity.name, cwd=cwd, tag=tag, owner=owner)
-        self.by_id[process_id] = proc
+        proc = Process(self, new_process_id(), popen, argv, user=identity.name, cwd=cwd, tag=tag, owner=owner)
+        return self.register(proc, timeout)
+
+    def register(self, proc: Process, timeout: float | None) -> Process:
+        """Track a started process (by id and pid) and arm its timeout."""
+        self.by_id[proc.process_id] = proc
         self.by_pid[proc.pid] = proc
         if timeout is not None:
             proc.timer = self.loop.call_later(timeout, proc.on_timeout)
@@ -418,6 +427,10 @@ class ProcessTable:
 
     def listing(self) -> list[dict[str, Any]]:
         return [proc.info() for proc in self.by_id.values()]
+
+
+def new_process_id() -> str:
+    return "p-" + os.urandom(6).hex()
 
 
 def _spawn_error(exc: OSError, argv: list[str], cwd: str, path: str) -> AgentError:

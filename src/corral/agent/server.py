@@ -22,7 +22,9 @@ from corral.agent.hello import hello_fields
 from corral.agent.loop import Loop, log
 from corral.agent.ports import MAX_PORT_STREAMS, PortStream, check_target
 from corral.agent.process import ProcessTable
+from corral.agent.pty import PtyProcess, check_size, spawn_pty
 from corral.agent.users import Identities, Identity
+from corral.agent.watch import Watches
 from corral.agent.worker import Worker, WorkerPool, WorkerReply
 from corral.protocol.frames import MAX_HEADER, Frame
 from corral.protocol.messages import CHUNK_SIZE, AgentErrorCode, Op
@@ -105,7 +107,10 @@ class Agent:
             Op.REMOVE: self.op_remove,
             Op.RENAME: self.op_rename,
             Op.PORT_CONNECT: self.op_port_connect,
+            Op.RESIZE: self.op_resize,
+            Op.WATCH: self.op_watch,
         }
+        self.watches = Watches(loop)
         loop.add_signal_handler(signal.SIGCHLD, self.processes.reap)
         loop.add_signal_handler(signal.SIGTERM, lambda: self.shutdown("SIGTERM"))
         loop.add_signal_handler(signal.SIGINT, lambda: self.shutdown("SIGINT"))
@@ -135,6 +140,7 @@ class Agent:
     def _connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
         self.processes.connection_closed(conn)
+        self.watches.connection_closed(conn)
         for key in [k for k in self.uploads if k[0] is conn]:
             self._drop_upload(self.uploads[key])
 
@@ -154,6 +160,9 @@ class Agent:
         rid = h.get("id")
         if op == Op.DATA:
             self.on_data(conn, frame)
+            return
+        if op == Op.CANCEL:
+            self.on_cancel(conn, rid)
             return
         if not isinstance(rid, str):
             conn.send(
@@ -225,8 +234,13 @@ class Agent:
     def op_exec(self, conn: Connection, rid: str, frame: Frame) -> None:
         h = frame.header
         argv, cmd = h.get("argv"), h.get("cmd")
-        if (argv is None) == (cmd is None):
-            raise _invalid("exec needs exactly one of 'argv' and 'cmd'")
+        pty = h.get("pty")
+        if pty is not None and not isinstance(pty, dict):
+            raise _invalid("'pty' must be an object with 'cols' and 'rows'")
+        if (argv is None) == (cmd is None) and not (pty is not None and argv is None):
+            raise _invalid(
+                "exec needs exactly one of 'argv' and 'cmd'" + (" (or neither, with 'pty')" if pty else "")
+            )
         identity = self._identity(h.get("user") or self.default_user)
         env = {**self.base_env, **identity.env(), **self.default_env}
         for key, value in _str_dict(h.get("env"), "env").items():
@@ -234,6 +248,9 @@ class Agent:
                 env.pop(key, None)
             else:
                 env[key] = value
+        if pty is not None and argv is None and cmd is None:  # a login shell
+            bash = _which("bash", env.get("PATH", DEFAULT_PATH))
+            argv = [bash, "-l"] if bash is not None else ["/bin/sh", "-l"]
         if argv is not None:
             if (
                 not isinstance(argv, list)
@@ -257,6 +274,28 @@ class Agent:
             raise _invalid("'timeout' must be a positive number of seconds")
         background = bool(_opt(h, "background", bool, False))
         tag = _opt(h, "tag", str)
+        if pty is not None:
+            cols, rows = check_size(pty.get("cols"), pty.get("rows"))
+            if "TERM" not in (h.get("env") or {}):  # the terminal's type, not whatever the agent inherited
+                env["TERM"] = "xterm-256color"
+            env.setdefault("LANG", "C.UTF-8")
+            term = spawn_pty(
+                self.processes,
+                argv,
+                env=env,
+                cwd=cwd,
+                identity=identity,
+                cols=cols,
+                rows=rows,
+                timeout=timeout,
+                tag=tag,
+            )
+            conn.send({"id": rid, "ev": "started", "process_id": term.process_id, "pid": term.pid})
+            if background:
+                conn.finish(rid, {"ev": "ok", "process_id": term.process_id, "pid": term.pid})
+            else:  # streams like a foreground exec, but the terminal outlives this request and connection
+                term.add_subscriber(conn, rid, 0)
+            return
         proc = self.processes.spawn(
             argv,
             env=env,
@@ -320,6 +359,32 @@ class Agent:
                 drop = next((i for i, p in enumerate(processes) if not p["running"]), 0)
                 size -= _json_size(processes.pop(drop)) + 1
         conn.finish(rid, {"ev": "ok", "processes": processes, **({"truncated": True} if truncated else {})})
+
+    def op_resize(self, conn: Connection, rid: str, frame: Frame) -> None:
+        proc = self.processes.get(frame.get("process_id"))
+        if not isinstance(proc, PtyProcess):
+            raise _invalid(f"process {proc.process_id} has no terminal to resize")
+        cols, rows = check_size(frame.get("cols"), frame.get("rows"))
+        proc.resize(cols, rows)
+        conn.finish(rid, {"ev": "ok"})
+
+    def on_cancel(self, conn: Connection, rid: object) -> None:
+        """``cancel`` ends the long-lived request ``rid`` (a watch or an attach) with ``ok``; no answer of its own."""
+        if not isinstance(rid, str) or self.watches.cancel(conn, rid):
+            return
+        for proc in self.processes.by_id.values():
+            for sub in proc.subscribers:
+                if sub.conn is conn and sub.rid == rid:
+                    sub.end({"ev": "ok", "cancelled": True})
+                    return
+
+    def op_watch(self, conn: Connection, rid: str, frame: Frame) -> None:
+        h = frame.header
+        identity = self._identity(h.get("user") or "user")
+        path = _path(h)
+        if not path.startswith("/"):
+            path = os.path.join(identity.home, path)
+        self.watches.start(conn, rid, path, identity, bool(_opt(h, "recursive", bool, False)))
 
     # --- files -----------------------------------------------------------------------------------------------
     def _pool(self, h: dict[str, Any]) -> WorkerPool:

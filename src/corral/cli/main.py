@@ -19,6 +19,7 @@ from corral.cli import pools as pools_cmd
 from corral.cli import ports as ports_cmd
 from corral.cli import sandbox as sandbox_cmd
 from corral.cli import server as server_cmd
+from corral.cli import shell as shell_cmd
 from corral.cli import templates as templates_cmd
 from corral.cli._common import create_options, exec_options, exec_params_from, open_sandbox, stream_command
 from corral.cli._output import emit_json, err_console
@@ -92,6 +93,8 @@ templates_cmd.template.add_command(code_cmd.build_code_interpreter)
 sandbox_cmd.sandbox.add_command(ports_cmd.forward)
 cli.add_command(mcp_cmd.mcp)
 cli.add_command(pools_cmd.pool)
+sandbox_cmd.sandbox.add_command(shell_cmd.shell)
+files_cmd.files.add_command(shell_cmd.watch)
 
 
 def main(argv: list[str] | None = None) -> None:

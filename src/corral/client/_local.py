@@ -36,11 +36,13 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    FilesystemEvent,
     PoolInfo,
     PoolParams,
     PortForward,
     ProcessEvent,
     ProcessInfo,
+    PtyParams,
     RunCodeParams,
     SandboxInfo,
     SandboxState,
@@ -171,6 +173,22 @@ class AsyncLocalBackend:
 
     async def build_template(self, params: BuildParams) -> AsyncIterator[BuildEvent]:
         events = await self.service.build_template(params)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    async def create_pty(self, sandbox_id: str, params: PtyParams) -> ProcessEvent:
+        return await self.service.create_pty(sandbox_id, params)
+
+    async def resize_pty(self, sandbox_id: str, process_id: str, cols: int, rows: int) -> None:
+        await self.service.resize_pty(sandbox_id, process_id, cols, rows)
+
+    async def watch_dir(
+        self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> AsyncIterator[FilesystemEvent]:
+        events = await self.service.watch_dir(sandbox_id, path, recursive=recursive, user=user)
         try:
             async for event in events:
                 yield event
@@ -441,6 +459,19 @@ class LocalBackend:
 
     def fill_pool(self, template: str, isolation: str | None = None) -> Iterator[PoolInfo]:
         return self._iterate(lambda: self._backend.fill_pool(template, isolation))
+
+    def create_pty(self, sandbox_id: str, params: PtyParams) -> ProcessEvent:
+        return self._call(self._backend.create_pty, sandbox_id, params)
+
+    def resize_pty(self, sandbox_id: str, process_id: str, cols: int, rows: int) -> None:
+        self._call(self._backend.resize_pty, sandbox_id, process_id, cols, rows)
+
+    def watch_dir(
+        self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> Iterator[FilesystemEvent]:
+        return self._iterate(
+            lambda: self._backend.watch_dir(sandbox_id, path, recursive=recursive, user=user)
+        )
 
     def close(self) -> None:
         if self._closed:

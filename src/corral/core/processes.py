@@ -24,6 +24,7 @@ _KINDS = {
     Event.STARTED: EventKind.STARTED,
     Event.STDOUT: EventKind.STDOUT,
     Event.STDERR: EventKind.STDERR,
+    Event.PTY: EventKind.PTY,
     Event.EXIT: EventKind.EXIT,
     Event.OK: EventKind.DETACHED,
 }

@@ -29,7 +29,9 @@ from corral.core import files as _files
 from corral.core import interpreter as _interpreter
 from corral.core import ports as _ports
 from corral.core import processes as _processes
+from corral.core import pty as _pty
 from corral.core import snapshots as _snapshots
+from corral.core import watch as _watch
 from corral.core.agent_client import AgentClient
 from corral.core.audit import AuditAction, AuditLog
 from corral.core.auth import Quotas, check_quota, check_timeout_quota
@@ -58,8 +60,10 @@ from corral.models import (
     EntryInfo,
     EventKind,
     ExecParams,
+    FilesystemEvent,
     ProcessEvent,
     ProcessInfo,
+    PtyParams,
     RunCodeParams,
     SandboxInfo,
     SandboxState,
@@ -563,6 +567,34 @@ class SandboxService:
         _ports.check_port(port)
         client = await self._running_agent(sandbox_id, tenant, Action.PORTS)
         return await _ports.open_port(client, port, sandbox_id=sandbox_id)
+
+    # -- terminals and watches (logic in core/pty.py and core/watch.py) -------------------------------------
+    async def create_pty(
+        self, sandbox_id: str, params: PtyParams, *, tenant: TenantId = LOCAL_TENANT
+    ) -> ProcessEvent:
+        """Open a terminal; returns its ``started`` event. Follow its output with :meth:`attach`."""
+        _pty.check_params(params, max_timeout=self.settings.max_timeout)
+        return await _pty.create(await self._running_agent(sandbox_id, tenant, Action.EXEC), params)
+
+    async def resize_pty(
+        self, sandbox_id: str, process_id: str, cols: int, rows: int, *, tenant: TenantId = LOCAL_TENANT
+    ) -> None:
+        _pty.check_size(cols, rows)
+        await _pty.resize(await self._running_agent(sandbox_id, tenant, Action.EXEC), process_id, cols, rows)
+
+    async def watch_dir(
+        self,
+        sandbox_id: str,
+        path: str,
+        *,
+        recursive: bool = False,
+        user: str | None = None,
+        tenant: TenantId = LOCAL_TENANT,
+    ) -> AsyncIterator[FilesystemEvent]:
+        """Changes under ``path`` as they happen; the first event is ``started``. Close it to stop watching."""
+        _files.check_path(path)
+        client = await self._running_agent(sandbox_id, tenant, Action.FILES)
+        return _watch.watch_dir(client, path, recursive=recursive, user=user)
 
     # -- reconcile -------------------------------------------------------------------------------------------
     async def reap(self) -> float | None:

@@ -41,6 +41,7 @@ class Op(StrEnum):
     SIGNAL = "signal"
     LIST_PROCESSES = "list_processes"
     DETACH = "detach"
+    RESIZE = "resize"  # a terminal's size (exec with ``pty``)
     # files
     READ = "read"
     WRITE = "write"
@@ -50,10 +51,12 @@ class Op(StrEnum):
     MKDIR = "mkdir"
     REMOVE = "remove"
     RENAME = "rename"
+    WATCH = "watch"  # a directory's changes, until cancelled
     # agent-wide
     CONFIGURE = "configure"  # late-bound env defaults, set after boot (warm pools)
     # ports
     PORT_CONNECT = "port.connect"  # a TCP connection to a port inside the sandbox, relayed both ways
+    CANCEL = "cancel"  # ends a long-lived request (watch, attach) with the same id; not answered itself
 
 
 class Event(StrEnum):
@@ -63,6 +66,8 @@ class Event(StrEnum):
     STARTED = "started"
     STDOUT = "stdout"
     STDERR = "stderr"
+    PTY = "pty"  # terminal output (a process started with ``pty``): one stream, raw bytes
+    FS_EVENT = "fs_event"  # changes seen by a ``watch``: header field ``events``
     CHUNK = "chunk"  # file data, for READ
     DATA = "data"  # bytes from a port connection (``eof:true``: the server inside finished sending)
     ACK = "ack"  # bytes/frames of a port connection's client data written to the socket (flow control)

@@ -460,7 +460,7 @@ class _Client:
     """One host-side connection. Its request ids reach the agent as ``<tag>:<id>`` so clients cannot collide,
     and the shim knows which foreground processes and uploads each client still owns."""
 
-    __slots__ = ("dec", "execs", "foreground", "out", "sock", "tag", "uploads")
+    __slots__ = ("dec", "execs", "foreground", "out", "sock", "streams", "tag", "uploads")
 
     def __init__(self, sock: socket.socket, tag: str) -> None:
         self.sock = sock
@@ -470,6 +470,9 @@ class _Client:
         self.execs: set[str] = set()  # agent-side ids of foreground execs not yet ended
         self.foreground: dict[str, str] = {}  # agent-side exec id -> process id, once started
         self.uploads: set[str] = set()  # agent-side ids of writes not yet ended
+        self.streams: set[str] = (
+            set()
+        )  # agent-side ids of attaches and watches not yet ended (cancelled on drop)
 
 
 class _Shim:
@@ -663,6 +666,8 @@ class _Shim:
         self.orphan_execs |= client.execs - client.foreground.keys()
         for aid in client.uploads:
             self.to_agent += encode({"id": aid, "op": "data", "eof": True, "abort": True})
+        for aid in client.streams:  # nobody reads them any more: the agent need not produce them
+            self.to_agent += encode({"id": aid, "op": "cancel"})
         self.update_interest()
 
     def own_id(self) -> str:
@@ -724,6 +729,7 @@ class _Shim:
             client.execs.discard(aid)
             client.foreground.pop(aid, None)
             client.uploads.discard(aid)
+            client.streams.discard(aid)
         client.out += encode({**frame.header, "id": rid}, frame.payload)
 
     def read_client(self, tag: str) -> None:
@@ -770,6 +776,8 @@ class _Shim:
                 client.execs.add(aid)
             elif op in ("write", "port.connect"):  # both end with an abort if the client leaves
                 client.uploads.add(aid)
+            elif op in ("attach", "watch"):
+                client.streams.add(aid)
             elif op == "detach":
                 client.foreground = {
                     k: v for k, v in client.foreground.items() if v != frame.get("process_id")

@@ -231,7 +231,17 @@ def create_app(
     run_background: bool = True,
 ) -> FastAPI:
     """The Corral API. ``service`` defaults to :func:`corral.store.open_service`; the app closes what it built."""
-    from corral.server.routes import admin, code, files, health, pools, processes, sandboxes, templates
+    from corral.server.routes import (
+        admin,
+        code,
+        files,
+        health,
+        pools,
+        processes,
+        sandboxes,
+        templates,
+        terminals,
+    )
 
     owned = service is None
     svc = service if service is not None else open_service(settings)
@@ -260,7 +270,7 @@ def create_app(
     )
     app.state.corral = state
     _install_error_handlers(app)
-    for module in (health, sandboxes, processes, files, code, templates, pools, admin):
+    for module in (health, sandboxes, processes, terminals, files, code, templates, pools, admin):
         app.include_router(module.router)
     app.include_router(code.templates_router)
     app.add_middleware(_Edge, max_body=settings.max_request_bytes, metrics=lambda: state.metrics)

@@ -18,11 +18,13 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    FilesystemEvent,
     PoolInfo,
     PoolParams,
     PortForward,
     ProcessEvent,
     ProcessInfo,
+    PtyParams,
     RunCodeParams,
     SandboxInfo,
     SandboxState,
@@ -106,6 +108,14 @@ class AsyncBackend(Protocol):
     def fill_pool(self, template: str, isolation: str | None = None) -> AsyncIterator[PoolInfo]:
         """Boot the pool's missing members, yielding progress; ends when it holds its target."""
         ...
+
+    async def create_pty(self, sandbox_id: str, params: PtyParams) -> ProcessEvent: ...
+
+    async def resize_pty(self, sandbox_id: str, process_id: str, cols: int, rows: int) -> None: ...
+
+    def watch_dir(
+        self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> AsyncIterator[FilesystemEvent]: ...
 
     async def aclose(self) -> None: ...
 

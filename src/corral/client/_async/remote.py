@@ -36,11 +36,13 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    FilesystemEvent,
     PoolInfo,
     PoolParams,
     PortForward,
     ProcessEvent,
     ProcessInfo,
+    PtyParams,
     RunCodeParams,
     SandboxInfo,
     SandboxState,
@@ -198,6 +200,24 @@ class AsyncRemoteBackend:
         await self._request(
             "POST", sandbox_path(sandbox_id, "processes", process_id, "signal"), json={"signal": signal}
         )
+
+    async def create_pty(self, sandbox_id: str, params: PtyParams) -> ProcessEvent:
+        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        return ProcessEvent.from_wire(await self._json("POST", sandbox_path(sandbox_id, "pty"), json=body))
+
+    async def resize_pty(self, sandbox_id: str, process_id: str, cols: int, rows: int) -> None:
+        await self._request(
+            "POST",
+            sandbox_path(sandbox_id, "processes", process_id, "resize"),
+            json={"cols": cols, "rows": rows},
+        )
+
+    async def watch_dir(
+        self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> AsyncIterator[FilesystemEvent]:
+        params = _q(path=path, recursive="true" if recursive else "false", user=user)
+        async for data in self._lines("GET", sandbox_path(sandbox_id, "files", "watch"), params=params):
+            yield FilesystemEvent.from_wire(data)
 
     # -- files -----------------------------------------------------------------------------------------------
     async def read_file(self, sandbox_id: str, path: str, *, user: str | None = None) -> AsyncIterator[bytes]:

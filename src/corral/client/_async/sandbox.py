@@ -20,6 +20,8 @@ from typing import IO
 
 from corral.client._async.backend import AsyncBackend, open_default_backend
 from corral.client._async.code import AsyncCodeInterpreter
+from corral.client._async.pty import AsyncPty
+from corral.client._async.watch import AsyncWatchHandle, open_watch
 from corral.errors import CommandFailed, NotFound
 from corral.models import (
     CommandResult,
@@ -332,6 +334,14 @@ class AsyncFiles:
     async def rename(self, src: str, dst: str, *, overwrite: bool = False, user: str | None = None) -> None:
         await self._backend.rename(self._sandbox_id, src, dst, overwrite=overwrite, user=user)
 
+    async def watch_dir(
+        self, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> AsyncWatchHandle:
+        """Watch ``path`` for changes; iterate the handle for events, ``stop()`` it when done."""
+        return await open_watch(
+            self._backend.watch_dir(self._sandbox_id, path, recursive=recursive, user=user)
+        )
+
 
 class AsyncSandbox(AsyncCodeInterpreter):
     """A sandbox. ``async with await AsyncSandbox.create() as sbx:`` kills it when the block ends."""
@@ -343,6 +353,7 @@ class AsyncSandbox(AsyncCodeInterpreter):
         self.sandbox_id = info.sandbox_id
         self.commands = AsyncCommands(backend, info.sandbox_id)
         self.files = AsyncFiles(backend, info.sandbox_id)
+        self.pty = AsyncPty(backend, info.sandbox_id)
 
     @classmethod
     async def create(

@@ -19,11 +19,13 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    FilesystemEvent,
     PoolInfo,
     PoolParams,
     PortForward,
     ProcessEvent,
     ProcessInfo,
+    PtyParams,
     RunCodeParams,
     SandboxInfo,
     SandboxState,
@@ -107,6 +109,14 @@ class Backend(Protocol):
     def fill_pool(self, template: str, isolation: str | None = None) -> Iterator[PoolInfo]:
         """Boot the pool's missing members, yielding progress; ends when it holds its target."""
         ...
+
+    def create_pty(self, sandbox_id: str, params: PtyParams) -> ProcessEvent: ...
+
+    def resize_pty(self, sandbox_id: str, process_id: str, cols: int, rows: int) -> None: ...
+
+    def watch_dir(
+        self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> Iterator[FilesystemEvent]: ...
 
     def close(self) -> None: ...
 

@@ -37,11 +37,13 @@ from corral.models import (
     CreateParams,
     EntryInfo,
     ExecParams,
+    FilesystemEvent,
     PoolInfo,
     PoolParams,
     PortForward,
     ProcessEvent,
     ProcessInfo,
+    PtyParams,
     RunCodeParams,
     SandboxInfo,
     SandboxState,
@@ -199,6 +201,24 @@ class RemoteBackend:
         self._request(
             "POST", sandbox_path(sandbox_id, "processes", process_id, "signal"), json={"signal": signal}
         )
+
+    def create_pty(self, sandbox_id: str, params: PtyParams) -> ProcessEvent:
+        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        return ProcessEvent.from_wire(self._json("POST", sandbox_path(sandbox_id, "pty"), json=body))
+
+    def resize_pty(self, sandbox_id: str, process_id: str, cols: int, rows: int) -> None:
+        self._request(
+            "POST",
+            sandbox_path(sandbox_id, "processes", process_id, "resize"),
+            json={"cols": cols, "rows": rows},
+        )
+
+    def watch_dir(
+        self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> Iterator[FilesystemEvent]:
+        params = _q(path=path, recursive="true" if recursive else "false", user=user)
+        for data in self._lines("GET", sandbox_path(sandbox_id, "files", "watch"), params=params):
+            yield FilesystemEvent.from_wire(data)
 
     # -- files -----------------------------------------------------------------------------------------------
     def read_file(self, sandbox_id: str, path: str, *, user: str | None = None) -> Iterator[bytes]:

@@ -21,6 +21,8 @@ from typing import IO
 
 from corral.client._sync.backend import Backend, open_default_backend
 from corral.client._sync.code import CodeInterpreter
+from corral.client._sync.pty import Pty
+from corral.client._sync.watch import WatchHandle, open_watch
 from corral.errors import CommandFailed, NotFound
 from corral.models import (
     CommandResult,
@@ -333,6 +335,14 @@ class Files:
     def rename(self, src: str, dst: str, *, overwrite: bool = False, user: str | None = None) -> None:
         self._backend.rename(self._sandbox_id, src, dst, overwrite=overwrite, user=user)
 
+    def watch_dir(
+        self, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> WatchHandle:
+        """Watch ``path`` for changes; iterate the handle for events, ``stop()`` it when done."""
+        return open_watch(
+            self._backend.watch_dir(self._sandbox_id, path, recursive=recursive, user=user)
+        )
+
 
 class Sandbox(CodeInterpreter):
     """A sandbox. ``async with await AsyncSandbox.create() as sbx:`` kills it when the block ends."""
@@ -344,6 +354,7 @@ class Sandbox(CodeInterpreter):
         self.sandbox_id = info.sandbox_id
         self.commands = Commands(backend, info.sandbox_id)
         self.files = Files(backend, info.sandbox_id)
+        self.pty = Pty(backend, info.sandbox_id)
 
     @classmethod
     def create(
