@@ -32,6 +32,7 @@ __all__ = [
     "make_layer_dirs",
     "mkfs_argv",
     "overlay_options",
+    "remove_state_dir",
 ]
 
 SANDBOX_USER_UID = 1000
@@ -205,3 +206,19 @@ def export_upper(upper: Path, dest: Path, *, id_base: int) -> None:
         os.lchown(out, uid, gid)
         os.chmod(out, mode(st))
     os.chmod(dst_root, 0o755)  # noqa: S103 - a layer's root is the sandbox's /, world-readable like any /
+
+
+def remove_state_dir(path: Path) -> None:
+    """``rmtree`` that tolerates entries vanishing underneath it.
+
+    A sandbox's last processes are killed just before this runs; an unlink one of them had already started can
+    still complete while the tree is walked, and that file being gone is what we wanted anyway.
+    """
+
+    def ignore_missing(
+        func: object, name: str, exc_info: tuple[type[BaseException], BaseException, object]
+    ) -> None:
+        if not isinstance(exc_info[1], FileNotFoundError):
+            raise exc_info[1]
+
+    shutil.rmtree(path, onerror=ignore_missing)

@@ -539,7 +539,7 @@ def _teardown(sandbox_id: str, state_dir: Path, shim_pid: int | None, shim_ticks
     _wait_loop_released(state_dir / "disk.img")
     if state_dir.exists():
         _refuse_if_mounted(state_dir)
-        shutil.rmtree(state_dir)
+        _rootfs.remove_state_dir(state_dir)
 
 
 def _wait_loop_released(image: Path) -> None:

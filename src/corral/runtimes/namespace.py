@@ -487,7 +487,7 @@ def _teardown_sync(
     if state_dir.exists():
         _wait_loop_released(state_dir)
         _refuse_if_mounted(state_dir)
-        shutil.rmtree(state_dir)
+        _rootfs.remove_state_dir(state_dir)
     if slot is not None:
         _UidAllocator(state_root).release(slot, sandbox_id)
 
