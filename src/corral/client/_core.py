@@ -7,30 +7,32 @@ once, here.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
 
 from corral.errors import CorralError, TransportError, from_wire
-from corral.models import CreateParams, ExecParams
 
 __all__ = [
     "STREAM_TIMEOUT",
     "TIMEOUT",
     "NdjsonSplitter",
     "check",
-    "create_body",
     "error_from",
-    "exec_body",
     "headers",
     "sandbox_path",
+    "wire_body",
 ]
 
 # Calls answer quickly, but a create may wait for a cold gVisor boot or a template build step; streams last as
 # long as the command or download does, so they have no read timeout at all.
 TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=600.0, pool=30.0)
 STREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=600.0, pool=30.0)
+
+
+class _WireValue(Protocol):
+    def to_wire(self) -> dict[str, Any]: ...
 
 
 def headers(api_key: str | None) -> dict[str, str]:
@@ -44,11 +46,8 @@ def sandbox_path(sandbox_id: str, *rest: str) -> str:
     return "/".join(["/v1/sandboxes", quote(sandbox_id, safe=""), *(quote(p, safe="") for p in rest)])
 
 
-def create_body(params: CreateParams) -> dict[str, Any]:
-    return {k: v for k, v in params.to_wire().items() if v is not None}
-
-
-def exec_body(params: ExecParams) -> dict[str, Any]:
+def wire_body(params: _WireValue) -> dict[str, Any]:
+    """A request body from a wire dataclass, unset (None) fields left out so the server's defaults apply."""
     return {k: v for k, v in params.to_wire().items() if v is not None}
 
 

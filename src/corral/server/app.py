@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 from fastapi import Depends, FastAPI, Request
@@ -282,7 +282,3 @@ def app_state(request: Request) -> AppState:
 
 
 State = Annotated[AppState, Depends(app_state)]
-
-
-def principal_of(request: Request) -> Any:
-    return request.scope.get("corral", {}).get("principal")

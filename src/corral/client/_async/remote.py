@@ -19,13 +19,12 @@ from corral.client._core import (
     TIMEOUT,
     NdjsonSplitter,
     check,
-    create_body,
     error_from,
-    exec_body,
     headers,
     line_event,
     sandbox_path,
     transport_error,
+    wire_body,
 )
 from corral.errors import InvalidState, Unsupported
 from corral.models import (
@@ -107,7 +106,7 @@ class AsyncRemoteBackend:
 
     # -- sandboxes -------------------------------------------------------------------------------------------
     async def create_sandbox(self, params: CreateParams) -> SandboxInfo:
-        return SandboxInfo.from_wire(await self._json("POST", "/v1/sandboxes", json=create_body(params)))
+        return SandboxInfo.from_wire(await self._json("POST", "/v1/sandboxes", json=wire_body(params)))
 
     async def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return SandboxInfo.from_wire(await self._json("GET", sandbox_path(sandbox_id)))
@@ -163,7 +162,7 @@ class AsyncRemoteBackend:
 
     # -- warm pools (admin key) -----------------------------------------------------------------------------
     async def set_pool(self, params: PoolParams) -> PoolInfo:
-        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        body = wire_body(params)
         return PoolInfo.from_wire(await self._json("PUT", "/v1/pools", json=body))
 
     async def list_pools(self) -> list[PoolInfo]:
@@ -179,7 +178,7 @@ class AsyncRemoteBackend:
 
     # -- processes -------------------------------------------------------------------------------------------
     def exec(self, sandbox_id: str, params: ExecParams) -> AsyncIterator[ProcessEvent]:
-        return self._events("POST", sandbox_path(sandbox_id, "processes"), json=exec_body(params))
+        return self._events("POST", sandbox_path(sandbox_id, "processes"), json=wire_body(params))
 
     def attach(self, sandbox_id: str, process_id: str) -> AsyncIterator[ProcessEvent]:
         return self._events("GET", sandbox_path(sandbox_id, "processes", process_id, "events"))
@@ -202,7 +201,7 @@ class AsyncRemoteBackend:
         )
 
     async def create_pty(self, sandbox_id: str, params: PtyParams) -> ProcessEvent:
-        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        body = wire_body(params)
         return ProcessEvent.from_wire(await self._json("POST", sandbox_path(sandbox_id, "pty"), json=body))
 
     async def resize_pty(self, sandbox_id: str, process_id: str, cols: int, rows: int) -> None:
@@ -295,13 +294,13 @@ class AsyncRemoteBackend:
 
     async def build_template(self, params: BuildParams) -> AsyncIterator[BuildEvent]:
         """Build on the server (admin key): progress events stream back as NDJSON."""
-        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        body = wire_body(params)
         async for data in self._lines("POST", "/v1/templates/build", json=body):
             yield BuildEvent.from_wire(data)
 
     # -- code interpreter ------------------------------------------------------------------------------------
     async def run_code(self, sandbox_id: str, params: RunCodeParams) -> AsyncIterator[CodeEvent]:
-        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        body = wire_body(params)
         async for data in self._lines("POST", sandbox_path(sandbox_id, "code", "execute"), json=body):
             yield CodeEvent.from_wire(data)
 

@@ -20,13 +20,12 @@ from corral.client._core import (
     TIMEOUT,
     NdjsonSplitter,
     check,
-    create_body,
     error_from,
-    exec_body,
     headers,
     line_event,
     sandbox_path,
     transport_error,
+    wire_body,
 )
 from corral.errors import InvalidState, Unsupported
 from corral.models import (
@@ -108,7 +107,7 @@ class RemoteBackend:
 
     # -- sandboxes -------------------------------------------------------------------------------------------
     def create_sandbox(self, params: CreateParams) -> SandboxInfo:
-        return SandboxInfo.from_wire(self._json("POST", "/v1/sandboxes", json=create_body(params)))
+        return SandboxInfo.from_wire(self._json("POST", "/v1/sandboxes", json=wire_body(params)))
 
     def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return SandboxInfo.from_wire(self._json("GET", sandbox_path(sandbox_id)))
@@ -164,7 +163,7 @@ class RemoteBackend:
 
     # -- warm pools (admin key) -----------------------------------------------------------------------------
     def set_pool(self, params: PoolParams) -> PoolInfo:
-        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        body = wire_body(params)
         return PoolInfo.from_wire(self._json("PUT", "/v1/pools", json=body))
 
     def list_pools(self) -> list[PoolInfo]:
@@ -180,7 +179,7 @@ class RemoteBackend:
 
     # -- processes -------------------------------------------------------------------------------------------
     def exec(self, sandbox_id: str, params: ExecParams) -> Iterator[ProcessEvent]:
-        return self._events("POST", sandbox_path(sandbox_id, "processes"), json=exec_body(params))
+        return self._events("POST", sandbox_path(sandbox_id, "processes"), json=wire_body(params))
 
     def attach(self, sandbox_id: str, process_id: str) -> Iterator[ProcessEvent]:
         return self._events("GET", sandbox_path(sandbox_id, "processes", process_id, "events"))
@@ -203,7 +202,7 @@ class RemoteBackend:
         )
 
     def create_pty(self, sandbox_id: str, params: PtyParams) -> ProcessEvent:
-        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        body = wire_body(params)
         return ProcessEvent.from_wire(self._json("POST", sandbox_path(sandbox_id, "pty"), json=body))
 
     def resize_pty(self, sandbox_id: str, process_id: str, cols: int, rows: int) -> None:
@@ -296,13 +295,13 @@ class RemoteBackend:
 
     def build_template(self, params: BuildParams) -> Iterator[BuildEvent]:
         """Build on the server (admin key): progress events stream back as NDJSON."""
-        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        body = wire_body(params)
         for data in self._lines("POST", "/v1/templates/build", json=body):
             yield BuildEvent.from_wire(data)
 
     # -- code interpreter ------------------------------------------------------------------------------------
     def run_code(self, sandbox_id: str, params: RunCodeParams) -> Iterator[CodeEvent]:
-        body = {k: v for k, v in params.to_wire().items() if v is not None}
+        body = wire_body(params)
         for data in self._lines("POST", sandbox_path(sandbox_id, "code", "execute"), json=body):
             yield CodeEvent.from_wire(data)
 
