@@ -30,19 +30,16 @@ import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from _stats import quantile
+
 from corral import AsyncSandbox
 from corral.client._async.remote import AsyncRemoteBackend
 from corral.client._local import AsyncLocalBackend
 from corral.models import EventKind
 
 
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def fmt(samples: list[float]) -> str:
-    return f"p50 {statistics.median(samples) * 1000:7.2f} ms   p99 {pct(samples, 0.99) * 1000:7.2f} ms"
+    return f"p50 {statistics.median(samples) * 1000:7.2f} ms   p99 {quantile(samples, 0.99) * 1000:7.2f} ms"
 
 
 async def timed(fn: Callable[[], Awaitable[object]], runs: int, warmup: int = 3) -> list[float]:

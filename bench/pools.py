@@ -28,6 +28,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from _stats import quantile
+
 from corral import Sandbox
 from corral.client._local import LocalBackend
 from corral.client._sync.pools import Pools
@@ -36,9 +38,7 @@ from corral.models import EventKind, SandboxState
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return statistics.median(ordered), p99
+    return statistics.median(samples), quantile(samples, 0.99)
 
 
 def row(name: str, samples: list[float]) -> float:

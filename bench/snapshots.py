@@ -31,15 +31,15 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from _stats import quantile
+
 from corral import Sandbox
 from corral.core.settings import Settings
 
 HOLD = "import time\nblob = bytearray(1 << 20)\nwhile True:\n    time.sleep(0.05)\n"
 
 
-def pct(samples: list[float], p: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
+pct = quantile
 
 
 def row(name: str, samples: list[float], unit: str = "ms", scale: float = 1000.0) -> float:
