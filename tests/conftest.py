@@ -228,60 +228,22 @@ class ServerHandle:
     admin_key: str
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def corral_server(corral_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     """``corral serve`` as a real subprocess on a free port, over this session's data dir (SQLite).
 
     Remote-mode tests point the SDK at it with CORRAL_URL/CORRAL_API_KEY, exactly as users do.
     """
-    import subprocess
-    import urllib.request
+    from _corral_server import Server, new_key
 
     env = {**os.environ, "CORRAL_DATA_DIR": str(corral_data_dir)}
-    corral = [sys.executable, "-m", "corral.cli.main"]
-
-    def new_key(*args: str) -> str:
-        out = subprocess.run(
-            [*corral, "keys", "create", *args], env=env, capture_output=True, text=True, timeout=60
-        )
-        assert out.returncode == 0, out.stderr
-        return out.stdout.strip().splitlines()[-1]
-
-    api_key, admin_key = new_key("--tenant", "tests"), new_key("--admin")
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [*corral, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"corral serve did not start; see {log.name}") from None
-            time.sleep(0.05)  # polling a port with a bound: there is no event to wait on
+    api_key, admin_key = new_key(env, "--tenant", "tests"), new_key(env, "--admin")
+    server = Server(env, tmp_path_factory.mktemp("server") / "server.log")
+    server.start()
     try:
-        yield ServerHandle(url=url, api_key=api_key, admin_key=admin_key)
+        yield ServerHandle(url=server.url, api_key=api_key, admin_key=admin_key)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        server.stop()
 
 
 # --- leak check -------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -22,6 +21,7 @@ import schemathesis
 import uvicorn
 from hypothesis import HealthCheck, settings
 
+from _corral_server import free_port
 from corral.core.auth import AuthService
 from corral.core.service import SandboxService
 from corral.core.settings import Settings
@@ -48,9 +48,7 @@ def server() -> Iterator[tuple[str, str]]:
         return (await auth.create_key(tenant="fuzz")).token
 
     key = anyio.run(prepare)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(_APP, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

@@ -5,66 +5,16 @@ expired ones are cleaned up by the reaper, nothing leaks. With the SQLite store 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from _corral_server import Server, new_key
+
 pytestmark = [pytest.mark.root, pytest.mark.bwrap]
-
-CORRAL = [sys.executable, "-m", "corral.cli.main"]
-
-
-class Server:
-    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
-        self.env, self.port, self.log = env, port, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [*CORRAL, "serve", "--port", str(self.port)],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2):
-                    return
-            except OSError:
-                assert self.proc.poll() is None, self.log.read_text()[-2000:]
-                assert time.monotonic() < deadline, "server did not come up"
-                time.sleep(0.05)  # polling a port with a bound
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -76,19 +26,14 @@ def server(
     env = {**os.environ, "CORRAL_DATA_DIR": str(data_dir)}
     if request.param == "postgres":
         env["CORRAL_DATABASE_URL"] = request.getfixturevalue("postgres_url")
-    made = subprocess.run(
-        [*CORRAL, "keys", "create", "--tenant", "r"], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert made.returncode == 0, made.stderr
-    srv = Server(env, _free_port(), tmp_path / "server.log")
+    key = new_key(env, "--tenant", "r")
+    srv = Server(env, tmp_path / "server.log")
     srv.start()
     try:
-        yield srv, made.stdout.strip().splitlines()[-1]
+        yield srv, key
     finally:
         if srv.proc is not None and srv.proc.poll() is None:
-            with httpx.Client(
-                base_url=srv.url, headers={"X-API-Key": made.stdout.strip().splitlines()[-1]}
-            ) as c:
+            with httpx.Client(base_url=srv.url, headers={"X-API-Key": key}) as c:
                 for s in c.get("/v1/sandboxes").json().get("sandboxes", []):
                     c.delete(f"/v1/sandboxes/{s['sandbox_id']}")
         srv.stop()

@@ -1,0 +1,77 @@
+"""A real ``corral serve`` subprocess for tests: the session-wide one (conftest) and private ones that a test
+kills and restarts (tests/server/test_restart.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+CORRAL = [sys.executable, "-m", "corral.cli.main"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def new_key(env: dict[str, str], *args: str) -> str:
+    """``corral keys create ARGS`` on the store ``env`` points at; the key is its last line."""
+    made = subprocess.run(
+        [*CORRAL, "keys", "create", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert made.returncode == 0, made.stderr
+    return made.stdout.strip().splitlines()[-1]
+
+
+class Server:
+    def __init__(self, env: dict[str, str], log: Path, port: int | None = None) -> None:
+        self.env, self.log = env, log
+        self.port = port if port is not None else free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [*CORRAL, "serve", "--port", str(self.port)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.proc.kill()
+                    raise RuntimeError(
+                        f"corral serve did not start: {self.log.read_text()[-2000:]}"
+                    ) from None
+                time.sleep(0.05)  # polling a port with a bound: there is no event to wait on
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
