@@ -15,7 +15,7 @@ from typing import ClassVar, Self
 
 from corral.errors import InvalidRequest
 
-__all__ = ["KeyId", "PoolId", "ProcessId", "SandboxId", "TenantId", "new_request_id"]
+__all__ = ["KeyId", "PoolId", "ProcessId", "SandboxId", "TenantId", "new_request_id", "new_traffic_token"]
 
 _RANDOM_LEN = 16  # 80 bits of randomness: collisions are not a practical concern at any fleet size
 
@@ -76,3 +76,8 @@ class PoolId(_PrefixedId):
 def new_request_id() -> str:
     """Id of one agent-protocol request; unique per connection is enough."""
     return secrets.token_hex(6)
+
+
+def new_traffic_token() -> str:
+    """A sandbox's port-proxy credential: 256 random bits, URL-safe (it travels in a header)."""
+    return secrets.token_urlsafe(32)

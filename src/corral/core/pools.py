@@ -49,7 +49,7 @@ from corral.errors import (
     RuntimeFailure,
     Timeout,
 )
-from corral.ids import PoolId, SandboxId, TenantId
+from corral.ids import PoolId, SandboxId, TenantId, new_traffic_token
 from corral.models import PoolInfo, PoolParams, SandboxState, StopReason
 from corral.protocol import Op
 from corral.runtimes.base import Limits, ObservedState, SandboxSpec
@@ -150,6 +150,7 @@ class PoolManager:
         timeout: float,
         env: dict[str, str],
         files: dict[str, bytes],
+        public_ports: bool = False,
     ) -> SandboxRecord | None:
         """Take a ready member for ``tenant`` and bind the request into it; None if none could be had."""
         pool = await self._store.get_pool(template, isolation)
@@ -171,6 +172,8 @@ class PoolManager:
                         created_at=now,
                         timeout=timeout,
                         deadline=now + timeout,
+                        public_ports=public_ports,
+                        traffic_token=new_traffic_token(),  # never the one it had while pooled
                     ),
                     expect_version=member.version,
                 )

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.ids import PoolId, SandboxId, TenantId
+from corral.ids import PoolId, SandboxId, TenantId, new_traffic_token
 from corral.models import SandboxInfo, SandboxState, StopReason
 from corral.runtimes.base import Instance, Limits
 
@@ -44,6 +44,9 @@ class SandboxRecord:
     # unclaimed member of that pool and cleared by the claim; ``from_pool`` records that it was claimed.
     pool_id: PoolId | None = None
     from_pool: bool = False
+    # The port proxy's access rule (server/proxy.py): public, or callers presenting this sandbox's token.
+    public_ports: bool = False
+    traffic_token: str = field(default_factory=new_traffic_token)
 
     def info(self) -> SandboxInfo:
         return SandboxInfo(
@@ -58,6 +61,8 @@ class SandboxRecord:
             memory_mb=self.limits.memory_mb,
             cpus=self.limits.cpus,
             from_pool=self.from_pool,
+            public_ports=self.public_ports,
+            traffic_token=self.traffic_token,
         )
 
     def to_json(self) -> str:

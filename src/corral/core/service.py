@@ -16,6 +16,7 @@ It owns the lifecycle (create, kill, timeouts, pause/resume), the agent connecti
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -46,8 +47,10 @@ from corral.errors import (
     CorralError,
     InvalidRequest,
     NotFound,
+    PermissionDenied,
     RuntimeFailure,
     Timeout,
+    Unauthenticated,
     Unsupported,
 )
 from corral.ids import SandboxId, TenantId
@@ -161,6 +164,7 @@ class SandboxService:
             timeout=timeout,
             env=env,
             files=files,
+            public_ports=bool(request.public_ports),
         )
         if claimed is not None:  # a warm-pool member, late-bound to this request (core/pools.py)
             self._wake_reaper.set()
@@ -190,6 +194,7 @@ class SandboxService:
                     deadline=now + timeout,
                     metadata=metadata,
                     env=env,
+                    public_ports=bool(request.public_ports),
                 ),
                 expect_version=None,
             )
@@ -567,6 +572,30 @@ class SandboxService:
         _ports.check_port(port)
         client = await self._running_agent(sandbox_id, tenant, Action.PORTS)
         return await _ports.open_port(client, port, sandbox_id=sandbox_id)
+
+    async def open_port_for_traffic(
+        self, sandbox_id: str, port: int, *, traffic_token: str | None
+    ) -> _ports.PortStream:
+        """:meth:`open_port` for the server's port proxy, where callers hold no API key.
+
+        A sandbox with ``public_ports`` lets anyone in; any other needs its own traffic token (compared in
+        constant time). Unknown and stopped sandboxes are both "not found", as for API callers.
+        """
+        _ports.check_port(port)
+        record = None
+        if SandboxId.is_valid(sandbox_id):
+            record = await self.store.get_sandbox(SandboxId(sandbox_id))
+        if record is None or record.pool_id is not None or record.state is SandboxState.STOPPED:
+            raise NotFound(f"sandbox {sandbox_id} was not found")
+        if not record.public_ports:
+            if not traffic_token:
+                raise Unauthenticated(
+                    f"the ports of sandbox {sandbox_id} are private: send its traffic token "
+                    "(SandboxInfo.traffic_token) in the Corral-Traffic-Token header"
+                )
+            if not hmac.compare_digest(traffic_token.encode(), record.traffic_token.encode()):
+                raise PermissionDenied(f"that is not the traffic token of sandbox {sandbox_id}")
+        return await self.open_port(sandbox_id, port, tenant=record.tenant_id)
 
     # -- terminals and watches (logic in core/pty.py and core/watch.py) -------------------------------------
     async def create_pty(

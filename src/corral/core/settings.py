@@ -7,6 +7,7 @@ the environment after start-up.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +17,8 @@ from corral.errors import InvalidRequest
 from corral.runtimes.base import Limits
 
 __all__ = ["Settings"]
+
+_DOMAIN = re.compile(r"(?=.{1,253}(:|$))[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?", re.IGNORECASE)
 
 
 def _default_data_dir() -> Path:
@@ -39,12 +42,20 @@ class Settings:
     host: str = "127.0.0.1"  # loopback unless told otherwise: exposing the API is a deliberate choice
     port: int = 8700
     admin_key: str | None = None  # CORRAL_ADMIN_KEY: a bootstrap admin token accepted besides stored keys
+    # CORRAL_SANDBOX_DOMAIN: sandbox ports are served at {port}-{sandbox_id}.{domain} (wildcard DNS to the
+    # server); None: localhost:{port}, since browsers and curl resolve *.localhost to the loopback address
+    sandbox_domain: str | None = None
     max_request_bytes: int = 1024 * 1024  # JSON bodies; file uploads stream and are bounded by max_file_bytes
     # warm pools (core/pools.py)
     max_pool_size: int = 64  # members one pool may keep
     pool_interval: float = 5.0  # seconds between pool reconcile passes when nothing wakes them sooner
     pool_start_concurrency: int = 2  # members booting at once: a boot is CPU-bound (2 cores here)
     pool_member_max_age: float = 6 * 3600.0  # safety deadline of unclaimed members; replaced before it
+
+    @property
+    def ports_domain(self) -> str:
+        """Where the port proxy serves sandbox ports: ``{port}-{sandbox_id}.{ports_domain}``."""
+        return self.sandbox_domain or f"localhost:{self.port}"
 
     @property
     def state_root(self) -> Path:
@@ -79,6 +90,8 @@ class Settings:
                 ) from exc
         if env.get("CORRAL_ADMIN_KEY"):
             values["admin_key"] = env["CORRAL_ADMIN_KEY"]
+        if env.get("CORRAL_SANDBOX_DOMAIN"):
+            values["sandbox_domain"] = env["CORRAL_SANDBOX_DOMAIN"]
         if env.get("CORRAL_RUNTIMES"):
             values["enabled_runtimes"] = tuple(
                 x.strip() for x in env["CORRAL_RUNTIMES"].split(",") if x.strip()
@@ -94,4 +107,9 @@ class Settings:
                     raise InvalidRequest(f"{name} must be a number of seconds, got {env[name]!r}") from exc
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
+        if settings.sandbox_domain is not None and not _DOMAIN.fullmatch(settings.sandbox_domain):
+            raise InvalidRequest(
+                f"CORRAL_SANDBOX_DOMAIN must be a host name with an optional port, like sandbox.example.com "
+                f"or localhost:8700 (no scheme, no path), got {settings.sandbox_domain!r}"
+            )
         return replace(settings, data_dir=settings.data_dir.expanduser().absolute())

@@ -45,6 +45,10 @@ class CreateSandboxBody(_Strict):
         description="path -> base64 content, written before create returns",
         max_length=64,
     )
+    public_ports: bool = Field(
+        default=False,
+        description="let anyone reach the sandbox's ports through the proxy; otherwise its traffic token is needed",
+    )
 
     def params(self) -> CreateParams:
         return CreateParams.from_wire(self.model_dump())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import time
 from typing import Annotated, Any
 
@@ -10,7 +11,7 @@ from fastapi import APIRouter, Query
 
 from corral.errors import InvalidRequest
 from corral.models import SandboxInfo, SandboxState
-from corral.server.app import State, TenantCaller
+from corral.server.app import AppState, State, TenantCaller
 from corral.server.schemas import CreateSandboxBody, ForkBody, SnapshotBody, TimeoutBody
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
@@ -24,7 +25,12 @@ async def create(body: CreateSandboxBody, state: State, tenant: TenantCaller) ->
     started = time.perf_counter()
     info = await state.service.create(params, tenant=tenant)
     state.metrics.create_seconds.labels(info.isolation).observe(time.perf_counter() - started)
-    return info.to_wire()
+    return _wire(state, info)
+
+
+def _wire(state: AppState, info: SandboxInfo) -> dict[str, Any]:
+    """A sandbox as the API shows it: with the domain its ports are served under by this server."""
+    return dataclasses.replace(info, domain=state.settings.ports_domain).to_wire()
 
 
 def _metadata_filter(pairs: list[str]) -> dict[str, str]:
@@ -67,36 +73,36 @@ async def list_sandboxes(
         found = [i for i in found if (i.created_at, i.sandbox_id) > after]
     page = found[:limit]
     return {
-        "sandboxes": [i.to_wire() for i in page],
+        "sandboxes": [_wire(state, i) for i in page],
         "next_cursor": _cursor(page[-1]) if len(found) > limit else None,
     }
 
 
 @router.get("/{sandbox_id}", summary="Get one sandbox")
 async def get(sandbox_id: str, state: State, tenant: TenantCaller) -> dict[str, Any]:
-    return (await state.service.get(sandbox_id, tenant=tenant)).to_wire()
+    return _wire(state, await state.service.get(sandbox_id, tenant=tenant))
 
 
 @router.delete("/{sandbox_id}", summary="Kill a sandbox (idempotent)")
 async def kill(sandbox_id: str, state: State, tenant: TenantCaller) -> dict[str, Any]:
-    return (await state.service.kill(sandbox_id, tenant=tenant)).to_wire()
+    return _wire(state, await state.service.kill(sandbox_id, tenant=tenant))
 
 
 @router.post("/{sandbox_id}/timeout", summary="Give the sandbox this many seconds more life, from now")
 async def set_timeout(
     sandbox_id: str, body: TimeoutBody, state: State, tenant: TenantCaller
 ) -> dict[str, Any]:
-    return (await state.service.set_timeout(sandbox_id, body.timeout, tenant=tenant)).to_wire()
+    return _wire(state, await state.service.set_timeout(sandbox_id, body.timeout, tenant=tenant))
 
 
 @router.post("/{sandbox_id}/pause", summary="Pause (its deadline is suspended)")
 async def pause(sandbox_id: str, state: State, tenant: TenantCaller) -> dict[str, Any]:
-    return (await state.service.pause(sandbox_id, tenant=tenant)).to_wire()
+    return _wire(state, await state.service.pause(sandbox_id, tenant=tenant))
 
 
 @router.post("/{sandbox_id}/resume", summary="Resume a paused sandbox")
 async def resume(sandbox_id: str, state: State, tenant: TenantCaller) -> dict[str, Any]:
-    return (await state.service.resume(sandbox_id, tenant=tenant)).to_wire()
+    return _wire(state, await state.service.resume(sandbox_id, tenant=tenant))
 
 
 @router.post(
@@ -112,4 +118,4 @@ async def snapshot(sandbox_id: str, body: SnapshotBody, state: State, tenant: Te
 )
 async def fork(sandbox_id: str, body: ForkBody, state: State, tenant: TenantCaller) -> dict[str, Any]:
     made = await state.service.fork(sandbox_id, body.count, tenant=tenant)
-    return {"sandboxes": [i.to_wire() for i in made]}
+    return {"sandboxes": [_wire(state, i) for i in made]}
