@@ -47,6 +47,7 @@ __all__ = [
     "SandboxState",
     "StopReason",
     "TemplateInfo",
+    "check_port",
 ]
 
 
@@ -104,6 +105,12 @@ class SandboxInfo(_Wire):
     memory_mb: int = 0
     cpus: float = 0.0
     from_pool: bool = False  # served by claiming a pre-booted warm-pool member, not by a cold start
+    # Ports through a server's proxy (``{port}-{sandbox_id}.{domain}``): open to anyone when ``public_ports``,
+    # otherwise only to requests carrying ``traffic_token`` (header ``Corral-Traffic-Token``). ``domain`` is
+    # set by a server; None in embedded mode, which has no proxy.
+    public_ports: bool = False
+    traffic_token: str | None = None
+    domain: str | None = None
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> SandboxInfo:
@@ -127,6 +134,7 @@ class CreateParams(_Wire):
     memory_mb: int | None = None
     cpus: float | None = None
     files: dict[str, bytes] = field(default_factory=dict)  # path -> content, written before create returns
+    public_ports: bool = False  # True: the server's port proxy lets anyone in, with no traffic token
 
     def to_wire(self) -> dict[str, Any]:
         out = super().to_wire()
@@ -444,6 +452,15 @@ class CodeEvent(_Wire):
             result=Result.from_wire(result) if isinstance(result, Mapping) else None,
             error=ExecutionError.from_wire(error) if isinstance(error, Mapping) else None,
         )
+
+
+def check_port(port: object, *, name: str = "port", allow_zero: bool = False) -> int:
+    """A TCP port number, or InvalidRequest saying what one is."""
+    low = 0 if allow_zero else 1
+    if not isinstance(port, int) or isinstance(port, bool) or not low <= port <= 65535:
+        what = "from 0 (any free port) to 65535" if allow_zero else "from 1 to 65535"
+        raise InvalidRequest(f"{name} must be a TCP port number {what}")
+    return port
 
 
 @dataclass(frozen=True, kw_only=True)

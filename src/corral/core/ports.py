@@ -25,7 +25,8 @@ import anyio
 from anyio.abc import ByteStream
 
 from corral.core.agent_client import AgentClient, Request
-from corral.errors import AgentUnavailable, CorralError, InvalidRequest, PortClosed, Timeout
+from corral.errors import AgentUnavailable, CorralError, PortClosed, Timeout
+from corral.models import check_port
 from corral.protocol import Event, Op
 from corral.protocol.messages import PORT_WINDOW_BYTES, PORT_WINDOW_FRAMES
 
@@ -35,12 +36,6 @@ CONNECT_TIMEOUT = 30.0  # the agent itself gives up after 10 s; this also covers
 SEND_CHUNK = 64 * 1024  # bytes per data frame towards the agent (16 of them fill the window)
 ACK_BYTES = PORT_WINDOW_BYTES // 4  # acknowledge in batches: a quarter window keeps the agent streaming
 ACK_FRAMES = PORT_WINDOW_FRAMES // 4
-
-
-def check_port(port: object) -> int:
-    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise InvalidRequest("port must be a TCP port number from 1 to 65535")
-    return port
 
 
 async def open_port(
@@ -58,7 +53,7 @@ async def open_port(
     except PortClosed as exc:
         await stack.aclose()
         raise PortClosed(
-            f"nothing listens on port {port} in sandbox {sandbox_id}", details=exc.details
+            f"port {port} is not open in sandbox {sandbox_id}: nothing listens on it", details=exc.details
         ) from exc
     except TimeoutError as exc:
         await stack.aclose()

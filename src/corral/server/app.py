@@ -28,7 +28,9 @@ from corral.core.service import SandboxService
 from corral.core.settings import Settings
 from corral.errors import CorralError, InvalidRequest, PermissionDenied
 from corral.ids import KeyId, TenantId, new_request_id
+from corral.server._asgi import send_error
 from corral.server.metrics import Metrics
+from corral.server.proxy import PortProxy
 from corral.store import open_service
 
 __all__ = ["AppState", "Caller", "TenantCaller", "create_app"]
@@ -149,7 +151,7 @@ class _Edge:
         )
         length = dict(scope.get("headers") or []).get(b"content-length")
         if limited and length is not None and length.isdigit() and int(length) > self.max_body:
-            await _send_error(send, 413, "too_large", f"request bodies are limited to {self.max_body} bytes")
+            await send_error(send, 413, "too_large", f"request bodies are limited to {self.max_body} bytes")
             return
         seen = 0
 
@@ -177,7 +179,7 @@ class _Edge:
             await self.app(scope, counted, sending)
         except _TooLarge:
             if status == 0:
-                await _send_error(
+                await send_error(
                     send, 413, "too_large", f"request bodies are limited to {self.max_body} bytes"
                 )
                 status = 413
@@ -210,20 +212,6 @@ def _route_name(scope: Scope) -> str:
     return getattr(route, "path", "unmatched")
 
 
-async def _send_error(send: Send, status: int, code: str, message: str) -> None:
-    import json
-
-    body = json.dumps({"error": {"code": code, "message": message, "details": {}}}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
 def create_app(
     settings: Settings,
     *,
@@ -237,6 +225,7 @@ def create_app(
         files,
         health,
         pools,
+        ports,
         processes,
         sandboxes,
         templates,
@@ -270,10 +259,12 @@ def create_app(
     )
     app.state.corral = state
     _install_error_handlers(app)
-    for module in (health, sandboxes, processes, terminals, files, code, templates, pools, admin):
+    for module in (health, sandboxes, processes, terminals, files, ports, code, templates, pools, admin):
         app.include_router(module.router)
     app.include_router(code.templates_router)
     app.add_middleware(_Edge, max_body=settings.max_request_bytes, metrics=lambda: state.metrics)
+    # outermost: sandbox-port traffic never meets the API's body limit, auth or access log
+    app.add_middleware(PortProxy, service=svc, metrics=lambda: state.metrics)
     return app
 
 

@@ -54,6 +54,12 @@ class Metrics:
             ["method", "route"],
             registry=self.registry,
         )
+        self.proxied = Counter(
+            "corral_proxy_requests",
+            "Requests relayed to sandbox ports by the port proxy, by kind (http, websocket) and status",
+            ["kind", "status"],
+            registry=self.registry,
+        )
         self._pool_gauges()
 
     def _pool_gauges(self) -> None:
