@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
@@ -55,7 +56,7 @@ async def call(session: ClientSession, name: str, **arguments: Any) -> Any:
     return result.structured_content
 
 
-async def exercise(session: ClientSession) -> str:
+async def exercise(session: ClientSession, server_url: str | None = None) -> str:
     """The whole tour; returns the id of a second sandbox it leaves running."""
     await session.initialize()
     tools = {t.name: t for t in (await session.list_tools()).tools}
@@ -95,9 +96,14 @@ async def exercise(session: ClientSession) -> str:
             command="python3 -c \"import socket,time\nfor _ in range(200):\n try: socket.create_connection(('127.0.0.1',8000)); break\n except OSError: time.sleep(0.05)\"",
         )
         port = await call(session, "get_port_url", sandbox_id=sid, port=8000)
-        body = await anyio.to_thread.run_sync(
-            lambda: urllib.request.urlopen(port["url"] + "/b.txt", timeout=30).read()
-        )
+        if server_url is None:  # embedded: a forward on this machine
+            body = await anyio.to_thread.run_sync(
+                lambda: urllib.request.urlopen(port["url"] + "/b.txt", timeout=30).read()
+            )
+        else:  # the server's proxy, by the URL's host name, with the sandbox's token
+            assert port["url"] == f"http://{port['host']}" and port["headers"]["Corral-Traffic-Token"]
+            async with httpx.AsyncClient(base_url=server_url, timeout=30) as http:
+                body = (await http.get("/b.txt", headers={"Host": port["host"], **port["headers"]})).content
         assert body == "héllo\n".encode()
 
         # Corral errors are tool errors with Corral's message, never a traceback
@@ -137,6 +143,20 @@ async def test_stdio() -> None:
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         left = await exercise(session)
     assert_stopped(left)  # the server killed what it created when its client went away
+
+
+async def test_stdio_through_a_corral_server(corral_server) -> None:  # type: ignore[no-untyped-def]
+    """``corral mcp`` in remote mode: the same tools, and get_port_url answers with the proxy's URL."""
+    remote = {"CORRAL_URL": corral_server.url, "CORRAL_API_KEY": corral_server.api_key}
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "corral.cli.main", "mcp"], env={**os.environ, **remote}
+    )
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        left = await exercise(session, server_url=corral_server.url)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in remote.items():
+            mp.setenv(key, value)
+        assert_stopped(left)
 
 
 @asynccontextmanager

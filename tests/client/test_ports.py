@@ -23,37 +23,13 @@ from collections.abc import Iterator
 import anyio
 import pytest
 
+from _sandbox_apps import ECHO_SERVER, wait_for_line
 from corral import Sandbox
 from corral.client._local import AsyncLocalBackend
 from corral.errors import InvalidRequest, NotFound, PortClosed
 
 TIMEOUT = 60.0
 BIG = 50 * 1024 * 1024
-
-ECHO_SERVER = r"""
-import socket, sys, threading
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", int(sys.argv[1])))
-srv.listen(64)
-print("listening", flush=True)
-def serve(c):
-    with c:
-        f = c.makefile("rb")
-        for line in f:
-            if line.startswith(b"RAW "):   # RAW n: echo the next n bytes verbatim
-                n = int(line[4:])
-                while n:
-                    chunk = f.read1(min(n, 1 << 16))
-                    c.sendall(chunk)
-                    n -= len(chunk)
-                continue
-            c.sendall(b"echo: " + line)
-        c.sendall(b"bye\n")   # the client half-closed; we still talk
-while True:
-    c, _ = srv.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
 
 
 @pytest.fixture(
@@ -67,19 +43,10 @@ def sbx(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
     with Sandbox.create(isolation=request.param, timeout=900) as sandbox:
         sandbox.files.write("/tmp/echo.py", ECHO_SERVER)
         sandbox.files.write("/tmp/www/index.html", "<h1>hello from the sandbox</h1>\n")
-        wait_for_line(sandbox, sandbox.commands.start("python3 -u /tmp/echo.py 7000"), "listening")
+        wait_for_line(sandbox.commands.start("python3 -u /tmp/echo.py 7000"), "listening")
         web = sandbox.commands.start("python3 -u -m http.server 8000 --directory /tmp/www")
-        wait_for_line(sandbox, web, "Serving HTTP")
+        wait_for_line(web, "Serving HTTP")
         yield sandbox
-
-
-def wait_for_line(sbx: Sandbox, handle: object, text: str) -> None:
-    seen = ""
-    for event in handle.events():  # type: ignore[attr-defined]
-        seen += event.text
-        if text in seen:
-            return
-    raise AssertionError(f"server exited before saying {text!r}: {seen}")
 
 
 def recv_until(sock: socket.socket, marker: bytes) -> bytes:
@@ -162,7 +129,7 @@ def test_closed_port(sbx: Sandbox) -> None:
     async def check() -> None:
         backend = AsyncLocalBackend.from_env()
         try:
-            with pytest.raises(PortClosed, match=f"nothing listens on port 9 in sandbox {sbx.sandbox_id}"):
+            with pytest.raises(PortClosed, match=f"port 9 is not open in sandbox {sbx.sandbox_id}"):
                 await backend.service.open_port(sbx.sandbox_id, 9)
             with pytest.raises(InvalidRequest):
                 await backend.service.open_port(sbx.sandbox_id, 0)
@@ -245,9 +212,7 @@ def test_the_hosts_loopback_is_out_of_reach(sbx: Sandbox) -> None:
 def test_cli_forward() -> None:
     with Sandbox.create(isolation="namespace", timeout=300) as box:
         box.files.write("/tmp/site/index.html", "cli forward works\n")
-        wait_for_line(
-            box, box.commands.start("python3 -u -m http.server 8100 --directory /tmp/site"), "Serving"
-        )
+        wait_for_line(box.commands.start("python3 -u -m http.server 8100 --directory /tmp/site"), "Serving")
         proc = subprocess.Popen(
             [sys.executable, "-m", "corral.cli.main", "sandbox", "forward", box.sandbox_id, "8100"],
             stdout=subprocess.PIPE,
@@ -289,7 +254,7 @@ def test_a_client_that_goes_away_closes_its_port_connections(sbx: Sandbox) -> No
             "print('closed' if c.recv(10) == b'' else 'data')\n",
         ]
     )
-    wait_for_line(sbx, watcher, "listening")
+    wait_for_line(watcher, "listening")
 
     async def leave_without_closing() -> None:
         backend = AsyncLocalBackend.from_env()

@@ -21,7 +21,7 @@ import anyio
 from anyio.abc import ByteStream, SocketStream
 
 from corral.errors import Conflict, CorralError, InvalidRequest
-from corral.models import PortForward
+from corral.models import PortForward, check_port
 
 __all__ = ["forward"]
 
@@ -40,10 +40,8 @@ async def forward(
     local_port: int = 0,
 ) -> AsyncIterator[PortForward]:
     """Listen on ``host:local_port`` (0: any free port) while the block runs; yields where it listens."""
-    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise InvalidRequest("port must be a TCP port number from 1 to 65535")
-    if not isinstance(local_port, int) or isinstance(local_port, bool) or not 0 <= local_port <= 65535:
-        raise InvalidRequest("local_port must be a TCP port number from 0 (any free port) to 65535")
+    check_port(port)
+    check_port(local_port, name="local_port", allow_zero=True)
     try:
         listener = await anyio.create_tcp_listener(local_host=host, local_port=local_port, reuse_port=False)
     except OSError as exc:

@@ -56,6 +56,8 @@ T = TypeVar("T")
 
 
 class AsyncLocalBackend:
+    url: str | None = None  # embedded: no server, so no port proxy either
+
     def __init__(self, service: SandboxService) -> None:
         self.service = service
 
@@ -275,6 +277,8 @@ class AsyncLocalBackend:
 
 class LocalBackend:
     """Sync face of :class:`AsyncLocalBackend`: every call runs on a private event-loop thread."""
+
+    url: str | None = None
 
     def __init__(self, make: Callable[[], AsyncLocalBackend]) -> None:
         self._closed = False

@@ -280,13 +280,24 @@ def build_server(session: Session, *, name: str = "corral") -> MCPServer:
             int, Field(description="TCP port a server listens on inside the sandbox.", ge=1, le=65535)
         ],
     ) -> dict[str, Any]:
-        """Make a server running inside a sandbox reachable from this machine; returns its local URL.
+        """Make a server running inside a sandbox reachable; returns its URL (and headers to send with it).
 
         Start the server first (e.g. run_command with 'nohup python3 -m http.server 8000 >/dev/null 2>&1 &').
-        The forward lasts until the sandbox is killed or this MCP server stops.
+        Through a Corral server the URL is its port proxy's, valid while the sandbox runs; send the returned
+        headers (the sandbox's traffic token) with each request. Otherwise it is a forward on this machine,
+        open until the sandbox is killed or this MCP server stops.
         """
         with _tool_errors():
-            await session.sandbox(sandbox_id)  # a missing or stopped sandbox is reported here
+            sbx = await session.sandbox(sandbox_id)  # a missing or stopped sandbox is reported here
+            if session.backend.url is not None:
+                token = sbx.traffic_token
+                headers = {"Corral-Traffic-Token": token} if token else {}
+                return {
+                    "url": sbx.get_url(port),
+                    "host": sbx.get_host(port),
+                    "port": port,
+                    "headers": headers,
+                }
             fwd = await session.forward(sandbox_id, port)
             return {"url": fwd.url, "host": fwd.host, "local_port": fwd.local_port, "port": port}
 

@@ -35,6 +35,11 @@ __all__ = ["AsyncBackend", "open_default_backend"]
 
 
 class AsyncBackend(Protocol):
+    @property
+    def url(self) -> str | None:
+        """The Corral server's base URL; None in embedded mode."""
+        ...
+
     async def create_sandbox(self, params: CreateParams) -> SandboxInfo: ...
 
     async def get_sandbox(self, sandbox_id: str) -> SandboxInfo: ...

@@ -26,7 +26,8 @@ from corral.client._core import (
     transport_error,
     wire_body,
 )
-from corral.errors import InvalidState, Unsupported
+from corral.client._remote_forward import aforward_through_server
+from corral.errors import InvalidState
 from corral.models import (
     BuildEvent,
     BuildParams,
@@ -155,9 +156,10 @@ class AsyncRemoteBackend:
     def forward_port(
         self, sandbox_id: str, port: int, *, host: str = "127.0.0.1", local_port: int = 0
     ) -> AbstractAsyncContextManager[PortForward]:
-        raise Unsupported(
-            "port forwarding through a Corral server is not available yet; run `corral sandbox forward` on the "
-            "server host, or use embedded mode"
+        # one WebSocket per forwarded connection (client/_remote_forward.py)
+        self._check_open()
+        return aforward_through_server(
+            self.url, self._http.headers, sandbox_id, port, host=host, local_port=local_port
         )
 
     # -- warm pools (admin key) -----------------------------------------------------------------------------

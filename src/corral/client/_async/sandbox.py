@@ -22,7 +22,7 @@ from corral.client._async.backend import AsyncBackend, open_default_backend
 from corral.client._async.code import AsyncCodeInterpreter
 from corral.client._async.pty import AsyncPty
 from corral.client._async.watch import AsyncWatchHandle, open_watch
-from corral.errors import CommandFailed, NotFound
+from corral.errors import CommandFailed, NotFound, Unsupported
 from corral.models import (
     CommandResult,
     CreateParams,
@@ -35,6 +35,7 @@ from corral.models import (
     SandboxInfo,
     SandboxState,
     TemplateInfo,
+    check_port,
 )
 
 __all__ = ["AsyncCommandHandle", "AsyncCommands", "AsyncFiles", "AsyncSandbox"]
@@ -368,12 +369,15 @@ class AsyncSandbox(AsyncCodeInterpreter):
         cpus: float | None = None,
         backend: AsyncBackend | None = None,
         files: dict[str, bytes] | None = None,
+        public_ports: bool = False,
     ) -> AsyncSandbox:
         """Create a sandbox and wait until it is ready.
 
         ``isolation``: "namespace" (fast, shared kernel) or "gvisor" (user-space kernel). ``timeout``: seconds
         until it is killed (default 300; change it later with ``set_timeout``). ``files``: path -> content,
-        written (as the default user) before this returns. Served from a warm pool when one matches.
+        written (as the default user) before this returns. ``public_ports``: let anyone with the URL reach
+        its ports through the server (``get_url``); by default a request needs ``traffic_token``. Served from
+        a warm pool when one matches.
         """
         owns = backend is None
         backend = backend or open_default_backend()
@@ -388,6 +392,7 @@ class AsyncSandbox(AsyncCodeInterpreter):
                     memory_mb=memory_mb,
                     cpus=cpus,
                     files=dict(files or {}),
+                    public_ports=public_ports,
                 )
             )
         except BaseException:
@@ -461,6 +466,40 @@ class AsyncSandbox(AsyncCodeInterpreter):
         where its isolation can checkpoint). They share this sandbox's client: close them before it."""
         infos = await self._backend.fork_sandbox(self.sandbox_id, count)
         return [type(self)(info, self._backend, owns_backend=False) for info in infos]
+
+    @property
+    def traffic_token(self) -> str | None:
+        """The credential for this sandbox's ports through the server, sent as ``Corral-Traffic-Token``;
+        None when its ports are public. It opens these ports only, not the API."""
+        return None if self._info.public_ports else self._info.traffic_token
+
+    def get_host(self, port: int) -> str:
+        """``{port}-{sandbox_id}.{domain}``: the host name the server routes to ``port`` in this sandbox."""
+        if self._info.domain is None or self._backend.url is None:
+            raise Unsupported(
+                "sandbox ports get URLs from a Corral server (set CORRAL_URL); in embedded mode use "
+                "forward_port(port) to reach them on this machine"
+            )
+        return f"{check_port(port)}-{self.sandbox_id}.{self._info.domain}"
+
+    def get_url(self, port: int, path: str = "") -> str:
+        """The URL of a server listening on ``port`` inside this sandbox (on 0.0.0.0 or 127.0.0.1 there),
+        served by the Corral server's proxy: HTTP, streamed responses and WebSockets. Unless the sandbox was
+        created with ``public_ports=True``, send ``traffic_token`` in the ``Corral-Traffic-Token`` header.
+        Clients that cannot resolve the wildcard name can send :meth:`port_headers` to the server's own URL.
+        """
+        host = self.get_host(port)
+        scheme = "https" if (self._backend.url or "").startswith("https:") else "http"
+        return f"{scheme}://{host}" + (f"/{path.lstrip('/')}" if path else "")
+
+    def port_headers(self, port: int) -> dict[str, str]:
+        """Headers that route a request sent to the server's own URL (``CORRAL_URL``) to ``port`` in this
+        sandbox, token included: for clients that cannot resolve ``{port}-{sandbox_id}.{domain}``."""
+        self.get_host(port)  # the same checks
+        headers = {"Corral-Sandbox-Id": self.sandbox_id, "Corral-Sandbox-Port": str(port)}
+        if self.traffic_token:
+            headers["Corral-Traffic-Token"] = self.traffic_token
+        return headers
 
     def forward_port(
         self, port: int, *, local_port: int = 0, host: str = "127.0.0.1"

@@ -36,6 +36,11 @@ __all__ = ["Backend", "open_default_backend"]
 
 
 class Backend(Protocol):
+    @property
+    def url(self) -> str | None:
+        """The Corral server's base URL; None in embedded mode."""
+        ...
+
     def create_sandbox(self, params: CreateParams) -> SandboxInfo: ...
 
     def get_sandbox(self, sandbox_id: str) -> SandboxInfo: ...
