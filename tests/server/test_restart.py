@@ -98,18 +98,32 @@ def test_kill_9_and_restart_keeps_running_sandboxes_and_reaps_expired_ones(
 # --- pause → kill -9 → restart → resume ----------------------------------------------------------------
 
 # A memory probe (as in tests/integration/test_snapshots.py): a random token drawn at start and a counter kept
-# only in the process's memory, written to /tmp/probe every 20 ms. The same token with a larger counter after
-# the resume proves that the very process, its variables intact, came back (a new process draws a new token).
+# only in the process's memory, written to /home/user/probe every 20 ms (not /tmp, which gVisor keeps in a tmpfs
+# of its own: the test also reads the file from the host). The same token with a larger counter after the
+# resume proves that the very process, its variables intact, came back (a new process draws a new token).
 PROBE = (
     "import os, time\n"
     "token = os.urandom(8).hex()\n"
     "x = 0\n"
     "while True:\n"
     "    x += 1\n"
-    "    open('/tmp/probe.tmp', 'w').write(f'{token} {x}')\n"
-    "    os.rename('/tmp/probe.tmp', '/tmp/probe')\n"
+    "    open('/home/user/probe.tmp', 'w').write(f'{token} {x}')\n"
+    "    os.rename('/home/user/probe.tmp', '/home/user/probe')\n"
     "    time.sleep(0.02)\n"
 )
+
+
+def _shim_pids(sandbox_id: str) -> set[int]:
+    """Host processes running the shim of ``sandbox_id`` (its argv names the sandbox's state dir)."""
+    pids = set()
+    for entry in os.scandir("/proc"):
+        try:
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if any(a.endswith(b"/_shim.py") for a in argv) and any(sandbox_id.encode() in a for a in argv):
+            pids.add(int(entry.name))
+    return pids
 
 
 @pytest.fixture
@@ -124,7 +138,7 @@ def _probe(box: Sandbox, *, above: int = -1) -> tuple[str, int]:
     """(token, counter) of the probe once it has written a counter above ``above`` (bounded wait)."""
     end = time.monotonic() + 30
     while True:
-        out = box.commands.run("cat /tmp/probe 2>/dev/null").stdout
+        out = box.commands.run("cat /home/user/probe 2>/dev/null").stdout
         if out:
             token, count = out.split()
             if int(count) > above:
@@ -154,7 +168,15 @@ def test_pause_kill_9_restart_resume_keeps_memory_and_deadline(
         assert box.get_info().state is SandboxState.PAUSED and box.get_info().expires_at is None
 
     srv.kill9()  # the paused sandbox is left to its shim alone
+    shim = _shim_pids(box.sandbox_id)
+    assert shim, "the sandbox's shim died with the server"
+    upper_probe = Path(
+        srv.env["CORRAL_DATA_DIR"], "sandboxes", box.sandbox_id, "fs", "upper", "home", "user", "probe"
+    )
+    frozen = upper_probe.read_text()  # the probe's file in the sandbox's writable layer, seen from the host
     srv.start()
+    assert _shim_pids(box.sandbox_id) == shim  # the new server found the same shim
+    assert upper_probe.read_text() == frozen  # still paused: starting did not thaw or restore it
 
     with closing(RemoteBackend(srv.url, api_key=key)) as api:
         box = Sandbox.connect(box.sandbox_id, backend=api)
