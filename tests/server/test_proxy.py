@@ -226,9 +226,10 @@ def test_websockets_through_the_proxy(web: Sandbox, remote) -> None:  # type: ig
     assert refused.value.response.status_code == 401  # no token: refused before the upgrade
 
 
-def test_an_mcp_server_inside_lists_its_tools_through_the_proxy(remote) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("isolation", ["namespace", pytest.param("gvisor", marks=[pytest.mark.runsc])])
+def test_an_mcp_server_inside_lists_its_tools_through_the_proxy(remote, isolation: str) -> None:  # type: ignore[no-untyped-def]
     """The issue's example: an MCP server (streamable HTTP, official SDK) in a sandbox, used from outside."""
-    with Sandbox.create(isolation="namespace", timeout=600) as sbx:
+    with Sandbox.create(isolation=isolation, timeout=600) as sbx:
         start_python_app(sbx, "mcp_server.py", "9000", packages=("mcp",))
 
         async def use() -> dict[str, object]:
@@ -248,6 +249,39 @@ def test_an_mcp_server_inside_lists_its_tools_through_the_proxy(remote) -> None:
 
         where = anyio.run(use)
     assert where["sees_host_work"] is False  # it ran in the sandbox, not on this host
+
+
+HOSTILE_SERVER = r"""
+import socket, sys, threading
+srv = socket.create_server(("127.0.0.1", 8500))
+print("listening", flush=True)
+ANSWERS = {
+    b"/garbage": b"SSH-2.0-not-http\r\n\r\n",
+    b"/huge": b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n",
+    b"/short": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-this",
+    b"/hangup": b"",
+}
+def serve(c):
+    with c:
+        head = c.recv(65536).split(b" ")[1]
+        c.sendall(ANSWERS[head])
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+def test_a_hostile_server_inside_gets_a_502_not_a_crash(web: Sandbox, remote) -> None:  # type: ignore[no-untyped-def]
+    """What answers inside is untrusted: non-HTTP, oversized or malformed answers become clean errors."""
+    web.files.write("/tmp/hostile.py", HOSTILE_SERVER)
+    wait_for_line(web.commands.start("python3 -u /tmp/hostile.py"), "listening")
+    with by_host(web, remote.url, port=8500, **token_of(web)) as client:
+        for path in ("/garbage", "/huge", "/hangup"):
+            r = client.get(path)
+            assert error_of(r)[:2] == (502, "bad_upstream"), (path, r.text[:200])
+        with pytest.raises(httpx.RemoteProtocolError):  # cut mid-body: the client sees a broken response
+            client.get("/short")
+        assert client.get("/echo", headers={"Host": web.get_host(WEB)}).status_code == 200  # still serving
 
 
 def test_embedded_mode_has_no_urls() -> None:
