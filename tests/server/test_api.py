@@ -136,6 +136,11 @@ def test_a_tenant_cannot_see_or_touch_another_tenants_sandbox(
     error(mallory.http.put(base + "/files?path=/tmp/owned", content=b"x"), 404, "not_found")
     error(mallory.http.post(base + "/processes/p-000000000000/stdin", content=b"x"), 404, "not_found")
     assert mallory.http.get("/v1/sandboxes").json()["sandboxes"] == []
+    from websockets.sync.client import connect  # the raw TCP route of remote port forwarding
+
+    ws_url = str(mallory.http.base_url).replace("http", "ws", 1) + base + "/ports/22/connect"
+    with connect(ws_url, additional_headers={"X-API-Key": mallory.http.headers["x-api-key"]}) as ws:
+        assert json.loads(ws.recv())["error"]["code"] == "not_found"
     # ... and alice's sandbox is untouched
     info = alice.http.get(base).json()
     assert info["state"] == "running"
