@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+import socket
 import tarfile
 from importlib import metadata
 from pathlib import Path
@@ -81,6 +82,33 @@ while True:
     c, _ = srv.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
+
+
+def memory_probe(directory: str) -> str:
+    """A process whose state lives only in its memory: a random token drawn at start and a counter, written
+    to ``{directory}/probe`` every 20 ms. The same token with a larger counter after a pause, restore or
+    fork proves that the very process came back with its variables (a new process draws a new token)."""
+    return (
+        "import os, time\n"
+        "token = os.urandom(8).hex()\n"
+        "x = 0\n"
+        "while True:\n"
+        "    x += 1\n"
+        f"    open('{directory}/probe.tmp', 'w').write(f'{{token}} {{x}}')\n"
+        f"    os.rename('{directory}/probe.tmp', '{directory}/probe')\n"
+        "    time.sleep(0.02)\n"
+    )
+
+
+def recv_until(sock: socket.socket, marker: bytes) -> bytes:
+    """Read until ``marker`` has arrived (or the peer closed)."""
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def wait_for_line(handle: Any, text: str) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import anyio
 import pytest
 
-from _sandbox_apps import ECHO_SERVER, wait_for_line
+from _sandbox_apps import ECHO_SERVER, recv_until, wait_for_line
 from corral import Sandbox
 from corral.client._local import AsyncLocalBackend
 from corral.errors import InvalidRequest, NotFound, PortClosed
@@ -47,16 +47,6 @@ def sbx(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
         web = sandbox.commands.start("python3 -u -m http.server 8000 --directory /tmp/www")
         wait_for_line(web, "Serving HTTP")
         yield sandbox
-
-
-def recv_until(sock: socket.socket, marker: bytes) -> bytes:
-    data = b""
-    while marker not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def test_http_server_inside_reached_through_a_forward(sbx: Sandbox) -> None:

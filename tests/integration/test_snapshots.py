@@ -20,22 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from _sandbox_apps import memory_probe
 from corral import Sandbox, SandboxState
 from corral.client._local import LocalBackend
 from corral.errors import InvalidState, NotFound
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.runsc]
-
-PROBE = (
-    "import os, time\n"
-    "token = os.urandom(8).hex()\n"
-    "x = 0\n"
-    "while True:\n"
-    "    x += 1\n"
-    "    open('/tmp/probe.tmp', 'w').write(f'{token} {x}')\n"
-    "    os.rename('/tmp/probe.tmp', '/tmp/probe')\n"
-    "    time.sleep(0.02)\n"
-)
 
 
 @pytest.fixture(params=["namespace", "gvisor"])
@@ -79,7 +69,7 @@ def _advanced(box: Sandbox, before: int) -> int:
 
 
 def _start_probe(box: Sandbox) -> tuple[str, int]:
-    box.files.write("/home/user/probe.py", PROBE.encode())
+    box.files.write("/home/user/probe.py", memory_probe("/tmp"))
     box.commands.start("python3 /home/user/probe.py", user="root")
     token, count = _probe(box)
     return token, _advanced(box, count)

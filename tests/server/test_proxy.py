@@ -26,7 +26,7 @@ from httpx_ws import WebSocketUpgradeError, connect_ws
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from _sandbox_apps import ECHO_SERVER, start_python_app, wait_for_line
+from _sandbox_apps import ECHO_SERVER, recv_until, start_python_app, wait_for_line
 from corral import Sandbox
 from corral.errors import InvalidState, NotFound, Unsupported
 
@@ -295,16 +295,6 @@ def test_embedded_mode_has_no_urls() -> None:
 
 
 # -- port forwarding in remote mode --------------------------------------------------------------------------
-
-
-def recv_until(sock: socket.socket, marker: bytes) -> bytes:
-    data = b""
-    while marker not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def test_remote_forward_two_way_half_close_and_big_transfers(web: Sandbox) -> None:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from _corral_server import Server, new_key
+from _sandbox_apps import memory_probe
 from corral import InvalidState, Sandbox, SandboxState
 from corral.client._sync.remote import RemoteBackend
 
@@ -97,21 +98,6 @@ def test_kill_9_and_restart_keeps_running_sandboxes_and_reaps_expired_ones(
 
 # --- pause → kill -9 → restart → resume ----------------------------------------------------------------
 
-# A memory probe (as in tests/integration/test_snapshots.py): a random token drawn at start and a counter kept
-# only in the process's memory, written to /home/user/probe every 20 ms (not /tmp, which gVisor keeps in a tmpfs
-# of its own: the test also reads the file from the host). The same token with a larger counter after the
-# resume proves that the very process, its variables intact, came back (a new process draws a new token).
-PROBE = (
-    "import os, time\n"
-    "token = os.urandom(8).hex()\n"
-    "x = 0\n"
-    "while True:\n"
-    "    x += 1\n"
-    "    open('/home/user/probe.tmp', 'w').write(f'{token} {x}')\n"
-    "    os.rename('/home/user/probe.tmp', '/home/user/probe')\n"
-    "    time.sleep(0.02)\n"
-)
-
 
 def _shim_pids(sandbox_id: str) -> set[int]:
     """Host processes running the shim of ``sandbox_id`` (its argv names the sandbox's state dir)."""
@@ -155,7 +141,7 @@ def test_pause_kill_9_restart_resume_keeps_memory_and_deadline(
     srv, key = sqlite_server
     with closing(RemoteBackend(srv.url, api_key=key)) as api:
         box = Sandbox.create(isolation=isolation, timeout=600, backend=api)
-        box.files.write("/home/user/probe.py", PROBE.encode())
+        box.files.write("/home/user/probe.py", memory_probe("/home/user"))
         box.commands.start("python3 /home/user/probe.py", user="root")
         token, count = _probe(box)
         token, count = _probe(box, above=count)  # counting, not just started
