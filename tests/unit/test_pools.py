@@ -147,6 +147,7 @@ async def test_claim_late_binds_the_request_and_leaves_the_pool_one_short(
 ) -> None:
     await service.pools.set(PoolParams(template="base", size=2))
     await fill(service)
+    pooled_tokens = {m.traffic_token for m in await members(service)}
     tenant = TenantId.new()
     info = await service.create(
         CreateParams(
@@ -154,10 +155,13 @@ async def test_claim_late_binds_the_request_and_leaves_the_pool_one_short(
             env={"GREETING": "hello"},
             timeout=60,
             files={"notes/a.txt": b"from the request\n"},
+            public_ports=True,
         ),
         tenant=tenant,
     )
     assert info.from_pool and info.state is SandboxState.RUNNING
+    # port access is the request's, with a token the member never had while it waited in the pool
+    assert info.public_ports and info.traffic_token and info.traffic_token not in pooled_tokens
     assert info.metadata == {"task": "t-1"} and info.expires_at == pytest.approx(clock.now + 60)
     assert (
         await run(service, info.sandbox_id, "echo $GREETING; cat notes/a.txt", tenant)
