@@ -333,9 +333,14 @@ def test_a_snapshot_is_its_tenants_alone(admin: httpx.Client, alice: Tenant, box
         out = run(alice, str(mine["sandbox_id"]), "cat /home/user/secret")
         alice.http.delete(f"/v1/sandboxes/{mine['sandbox_id']}")
         assert out[1]["data"] == "alice's"
+        # only its owner (or an admin) deletes it; shared templates are not a tenant's to delete
+        error(mallory.http.delete(f"/v1/templates/{name}"), 404, "not_found")
+        error(alice.http.delete("/v1/templates/base"), 403, "permission_denied")
+        assert alice.http.delete(f"/v1/templates/{name}").status_code == 204
+        assert name not in {t["name"] for t in alice.http.get("/v1/templates").json()["templates"]}
     finally:
         mallory.http.close()
-        assert admin.delete(f"/v1/templates/{name}").status_code in (204, 409)
+        assert admin.delete(f"/v1/templates/{name}").status_code in (204, 404)
 
 
 def test_warm_pool_over_the_api_with_late_binding(admin: httpx.Client, alice: Tenant) -> None:

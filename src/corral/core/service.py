@@ -722,6 +722,16 @@ class SandboxService:
                 f"template {template!r} not found"
             )  # another tenant's snapshot does not exist for you
 
+    async def delete_own_template(self, name: str, *, tenant: TenantId) -> None:
+        """Delete a snapshot template ``tenant`` made; shared templates are an operator's to delete."""
+        await self._check_template_access(name, tenant)
+        if name not in {t.name for t in await self.templates.list()}:
+            raise NotFound(f"template {name!r} not found")
+        record = await self.templates.get(name)
+        if record is None or record.owner != tenant:  # the built-in base, or one an operator made
+            raise PermissionDenied(f"template {name!r} is shared by all tenants; an admin key deletes it")
+        await self.templates.delete(name)
+
     async def list_templates(self, *, tenant: TenantId = LOCAL_TENANT) -> list[TemplateRecord]:
         """The templates this tenant may start sandboxes from."""
         return [t for t in await self.templates.list() if t.usable_by(tenant)]

@@ -1,5 +1,6 @@
-"""Templates: every tenant may list them; importing from host paths and deleting are admin actions (templates
-are shared by all tenants, and an import reads the server's own file system)."""
+"""Templates: every tenant may list them; importing from host paths and deleting shared templates are admin
+actions (they serve all tenants, and an import reads the server's own file system). A tenant deletes its own
+snapshots."""
 
 from __future__ import annotations
 
@@ -98,7 +99,12 @@ async def build_template(body: BuildBody, state: State, _: Caller) -> StreamingR
     return ndjson_response(events, lambda e: e.to_wire())
 
 
-@router.delete("/{name}", status_code=204, summary="Delete a template (admin)")
-async def delete_template(name: str, state: State, _: Caller) -> Response:
-    await state.service.templates.delete(name)
+@router.delete("/{name}", status_code=204, summary="Delete a template: your own snapshot, or any (admin)")
+async def delete_template(
+    name: str, state: State, principal: Annotated[Principal, Depends(_principal)]
+) -> Response:
+    if principal.admin or principal.tenant_id is None:
+        await state.service.templates.delete(name)
+    else:
+        await state.service.delete_own_template(name, tenant=principal.tenant_id)
     return Response(status_code=204)
