@@ -24,7 +24,8 @@ from anyio.abc import ByteStream
 from corral.errors import AgentUnavailable, RuntimeFailure, Timeout
 from corral.protocol.frames import Decoder, encode
 from corral.runtimes import _proc
-from corral.runtimes._shim import ShimSpec, unix_path
+from corral.runtimes._shim import unix_path
+from corral.runtimes._shimspec import ShimSpec
 from corral.runtimes._unixstream import connect_unix
 from corral.runtimes.base import Observed, ObservedState
 
