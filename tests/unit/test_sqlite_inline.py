@@ -41,7 +41,9 @@ def _writer(path: Path) -> sqlite3.Connection:
     return other
 
 
-async def test_inline_reports_busy_instead_of_waiting_for_a_writer(store: SqliteStore, tmp_path: Path) -> None:
+async def test_inline_reports_busy_instead_of_waiting_for_a_writer(
+    store: SqliteStore, tmp_path: Path
+) -> None:
     inline = InlineDb(tmp_path / "c.db")
     other = _writer(tmp_path / "c.db")
     try:
