@@ -4,19 +4,25 @@
 
 Measured, p50 and p95 over ``--runs`` runs each:
 
-- create → first output: from ``Sandbox.create()`` being called to the first stdout byte of ``echo hi`` run in
-  the new sandbox (the SDK's embedded mode: records, rootfs, limits, shim, agent boot, exec).
+- create → first output (cold): from ``Sandbox.create()`` being called to the first stdout byte of ``echo hi``
+  run in the new sandbox (the SDK's embedded mode: records, rootfs, limits, shim, agent boot, exec);
+- create → first output (warm pool): the same when the create is served by a filled warm pool (a pool of
+  ``--runs`` + 1 members with a 256 MiB memory limit, and creates asking for that limit; the cold creates ask
+  for none, so no pool can serve them, and the benchmark checks ``from_pool`` both ways);
 - exec round trip: ``commands.run(["echo", "hi"])`` in a running sandbox, until its exit is known.
 
 Baselines, same machine, same run:
 
 - bare bwrap: ``bwrap --unshare-all --die-with-parent --ro-bind /usr /usr … /usr/bin/echo hi`` to exit;
-- bare runsc: ``runsc --network=none --platform=ptrace run`` of an OCI bundle whose process is ``echo hi``;
+- bare runsc run: ``runsc --network=none --platform=ptrace run`` of an OCI bundle whose process is ``echo hi``;
+- bare runsc exec: ``runsc --platform=ptrace exec`` of ``echo hi`` into a running bare runsc container (what
+  gVisor itself costs to start a process in a sandbox, including the runsc command's own start);
 - host subprocess: ``subprocess.run(["echo", "hi"])`` from Python.
 
-Ratios printed: namespace create → first output / bare bwrap; gvisor create → first output / bare runsc;
-exec round trip / host subprocess. Targets (issue 2): ≤ 2x, ≤ 1.1x and ≤ 3x. Timings are reported, never
-asserted: this is not a test.
+Ratios printed: create → first output (cold and warm) / bare bwrap (namespace) or bare runsc run (gVisor);
+exec round trip / host subprocess, and for gVisor also / bare runsc exec. Targets (issue 2): namespace create
+≤ 2x bare bwrap, gVisor create ≤ 1.1x bare runsc, exec round trip ≤ 3x host subprocess. Timings are reported,
+never asserted: this is not a test.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from pathlib import Path
 from _stats import quantile
 
 from corral import Sandbox
+from corral.client._local import LocalBackend
+from corral.client._sync.pools import Pools
 from corral.models import EventKind
 
 
@@ -89,9 +97,9 @@ def bare_bwrap() -> None:
 
 
 class BareRunsc:
-    """An OCI bundle run with bare runsc: a skeleton root with /usr bound read-only, process ``echo hi``."""
+    """An OCI bundle run with bare runsc: a skeleton root with /usr bound read-only, process ``argv``."""
 
-    def __init__(self) -> None:
+    def __init__(self, argv: tuple[str, ...] = ("/usr/bin/echo", "hi")) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="corral-bench-runsc-"))
         rootfs = self.dir / "rootfs"
         for d in ("proc", "dev", "tmp", "usr"):
@@ -101,7 +109,7 @@ class BareRunsc:
         config = {
             "ociVersion": "1.0.2",
             "process": {
-                "args": ["/usr/bin/echo", "hi"],
+                "args": list(argv),
                 "cwd": "/",
                 "env": ["PATH=/usr/bin:/bin"],
                 "user": {"uid": 0, "gid": 0},
@@ -139,23 +147,83 @@ class BareRunsc:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def corral_create_to_first_output(isolation: str, runs: int) -> list[float]:
-    """Time create → first stdout byte only (the kill that follows each run is not counted)."""
+class BareRunscExec:
+    """``runsc exec … echo hi`` into a running bare runsc container (a bundle whose process sleeps)."""
+
+    def __init__(self) -> None:
+        self.bundle = BareRunsc(("/usr/bin/sleep", "3600"))
+        self.root = str(self.bundle.dir / "state")
+        self.id = "corral-bench-" + uuid.uuid4().hex[:12]
+        subprocess.run(
+            [*self._runsc(), "run", "--detach", "--bundle", str(self.bundle.dir), self.id],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )
+
+    def _runsc(self) -> list[str]:
+        return ["runsc", "--root", self.root, "--network=none", "--platform=ptrace"]
+
+    def __call__(self) -> None:
+        done = subprocess.run(
+            [*self._runsc(), "exec", self.id, "/usr/bin/echo", "hi"],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            timeout=60,
+        )
+        if done.stdout != b"hi\n":
+            raise RuntimeError(f"runsc exec printed {done.stdout!r}")
+
+    def close(self) -> None:
+        subprocess.run([*self._runsc(), "kill", self.id, "KILL"], check=False, timeout=60)
+        subprocess.run([*self._runsc(), "delete", "-force", self.id], check=False, timeout=60)
+        self.bundle.close()
+
+
+def corral_create_to_first_output(
+    isolation: str, runs: int, *, backend: LocalBackend | None = None, memory_mb: int | None = None
+) -> list[float]:
+    """Time create → first stdout byte only (the kill that follows each run is not counted). A create must
+    come from a warm pool exactly when ``memory_mb`` is given (the pool's limit)."""
     out = []
     for i in range(runs + 1):
         start = time.perf_counter()
-        sbx = Sandbox.create(isolation=isolation, timeout=120)
+        sbx = Sandbox.create(isolation=isolation, timeout=120, memory_mb=memory_mb, backend=backend)
         try:
             for event in sbx.commands.stream(["echo", "hi"]):
                 if event.kind is EventKind.STDOUT:
                     break
             elapsed = time.perf_counter() - start
+            if sbx.get_info().from_pool is not (memory_mb is not None):
+                raise RuntimeError(
+                    f"create {i}: from_pool is {sbx.get_info().from_pool}; is a pool in the way?"
+                )
         finally:
             sbx.kill()
             sbx.close()
         if i:  # the first run builds caches (agent bundle, base template): a warm-up
             out.append(elapsed)
     return out
+
+
+POOL_MEMORY_MB = 256
+
+
+def corral_pool_create_to_first_output(isolation: str, runs: int) -> list[float]:
+    """The same, each create served by a warm pool filled beforehand (filling is not timed)."""
+    backend = LocalBackend.from_env()
+    pools = Pools(backend=backend)
+    try:
+        pools.set("base", runs + 1, isolation=isolation, memory_mb=POOL_MEMORY_MB)
+        for _ in pools.fill("base", isolation=isolation):
+            pass
+        return corral_create_to_first_output(isolation, runs, backend=backend, memory_mb=POOL_MEMORY_MB)
+    finally:
+        pools.delete("base", isolation=isolation)
+        pools.close()
+        backend.close()
 
 
 def corral_exec(isolation: str, runs: int) -> list[float]:
@@ -167,6 +235,11 @@ def row(name: str, samples: list[float]) -> tuple[float, float]:
     p50, p95 = percentiles(samples)
     print(f"  {name:<44} p50 {p50 * 1000:8.2f} ms   p95 {p95 * 1000:8.2f} ms   (n={len(samples)})")
     return p50, p95
+
+
+def ratio(name: str, value: tuple[float, float], base: tuple[float, float], target: float | None) -> None:
+    goal = f"(target ≤ {target:g}x: {'met' if value[0] / base[0] <= target else 'NOT met'})" if target else ""
+    print(f"  {name:<52} p50 {value[0] / base[0]:6.2f}x  p95 {value[1] / base[1]:6.2f}x   {goal}".rstrip())
 
 
 def main() -> int:
@@ -182,6 +255,7 @@ def main() -> int:
     print(f"baselines (n={runs})")
     host = row("host subprocess.run(['echo','hi'])", measure(host_subprocess, runs))
     baseline: dict[str, tuple[float, float]] = {}
+    runsc_exec: tuple[float, float] | None = None
     if "namespace" in isolations:
         baseline["namespace"] = row("bare bwrap echo", measure(bare_bwrap, runs))
     if "gvisor" in isolations:
@@ -190,21 +264,24 @@ def main() -> int:
             baseline["gvisor"] = row("bare runsc run echo", measure(bare, runs))
         finally:
             bare.close()
+        container = BareRunscExec()
+        try:
+            runsc_exec = row("bare runsc exec echo (running container)", measure(container, runs))
+        finally:
+            container.close()
 
     targets = {"namespace": 2.0, "gvisor": 1.1}
     for iso in isolations:
         print(f"\ncorral {iso}")
-        first = row("create → first output", corral_create_to_first_output(iso, runs))
+        cold = row("create → first output (cold)", corral_create_to_first_output(iso, runs))
+        warm = row("create → first output (warm pool)", corral_pool_create_to_first_output(iso, runs))
         exec_rt = row("exec round trip (echo hi)", corral_exec(iso, runs))
-        base = baseline[iso]
-        print(
-            f"  ratio create→first output / bare {'bwrap' if iso == 'namespace' else 'runsc'}: "
-            f"p50 {first[0] / base[0]:.2f}x  p95 {first[1] / base[1]:.2f}x   (target ≤ {targets[iso]}x)"
-        )
-        print(
-            f"  ratio exec round trip / host subprocess:     "
-            f"p50 {exec_rt[0] / host[0]:.2f}x  p95 {exec_rt[1] / host[1]:.2f}x   (target ≤ 3x)"
-        )
+        base_name = "bare bwrap" if iso == "namespace" else "bare runsc run"
+        ratio(f"create → first output (cold) / {base_name}", cold, baseline[iso], targets[iso])
+        ratio(f"create → first output (warm pool) / {base_name}", warm, baseline[iso], targets[iso])
+        ratio("exec round trip / host subprocess", exec_rt, host, 3.0)
+        if iso == "gvisor" and runsc_exec is not None:
+            ratio("exec round trip / bare runsc exec", exec_rt, runsc_exec, None)
     return 0
 
 

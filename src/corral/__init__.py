@@ -11,7 +11,8 @@ submodule (the shim imports ``corral.protocol``) does not pull in the SDK.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs every shim start-up ~4 ms
 
 __version__ = "0.1.0"
 
@@ -75,6 +76,8 @@ __all__ = [
 assert set(__all__) == set(_EXPORTS)
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from corral.client._async.pty import AsyncPtyHandle
     from corral.client._async.sandbox import AsyncCommandHandle, AsyncSandbox
     from corral.client._async.watch import AsyncWatchHandle

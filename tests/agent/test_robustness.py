@@ -218,6 +218,8 @@ def test_no_fd_leaks(agent: Client, agent_proc: AgentProcess, shared_dir: Path) 
 
     agent.write_file(str(shared_dir / "warm"), b"x")  # start the file workers
     agent.read_file(str(shared_dir / "warm"))
+    for _ in range(2):  # and the user's process spawner (it is made for the second process)
+        agent.run(["true"])
     before = fds()
     for i in range(20):
         agent.run(cmd="echo out; echo err >&2", user="root")

@@ -22,7 +22,10 @@ CORRAL = SRC / "corral"
 OUTSIDE_THE_VENV = {
     "agent": ("corral.agent", "corral.protocol"),
     "protocol": ("corral.protocol",),
-    "runtimes/_shim.py": ("corral.protocol",),
+    # _shimspec: imported for type checking only (the shim reads its JSON without the dataclasses), but it too
+    # must stay standard-library-only so that a run-time import would still work there
+    "runtimes/_shim.py": ("corral.protocol", "corral.runtimes._shimspec"),
+    "runtimes/_shimspec.py": (),
 }
 
 

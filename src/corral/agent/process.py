@@ -39,7 +39,7 @@ from corral.agent.ring import Ring
 from corral.agent.users import Identity
 from corral.protocol.messages import CHUNK_SIZE, AgentErrorCode
 
-__all__ = ["Process", "ProcessTable", "Subscriber", "new_process_id"]
+__all__ = ["Process", "ProcessTable", "Spawned", "Subscriber", "new_process_id"]
 
 READ_SIZE = 64 * 1024  # one default pipe buffer
 LAG_LIMIT = 1024 * 1024  # a subscriber this far behind pauses reading the pipes (<< RING_BYTES: nothing lost)
@@ -84,12 +84,25 @@ class Subscriber:
         self.proc.remove_subscriber(self)
 
 
+class Spawned:
+    """A child started by a spawner (``spawner.py``): what :class:`Process` uses of a ``Popen``."""
+
+    __slots__ = ("pid", "returncode", "stderr", "stdin", "stdout")
+
+    def __init__(self, pid: int, *, stdout: IO[bytes], stderr: IO[bytes], stdin: IO[bytes] | None) -> None:
+        self.pid = pid
+        self.stdout: IO[bytes] | None = stdout
+        self.stderr: IO[bytes] | None = stderr
+        self.stdin = stdin
+        self.returncode: int | None = None
+
+
 class Process:
     def __init__(
         self,
         table: ProcessTable,
         process_id: str,
-        popen: subprocess.Popen[bytes],
+        popen: subprocess.Popen[bytes] | Spawned,
         argv: list[str],
         *,
         user: str,
@@ -391,14 +404,18 @@ class ProcessTable:
                 continue
             if pid == 0:
                 return
-            proc = self.by_pid.pop(pid, None)
-            if proc is not None:
-                proc.on_exit(status)
-                self._record_exit(proc)
-                continue
-            other = self.other_children.pop(pid, None)
-            if other is not None:
-                other(status)
+            self.child_exited(pid, status)
+
+    def child_exited(self, pid: int, status: int) -> None:
+        """``pid`` ended with wait status ``status``: reaped here, or by a spawner that reported it."""
+        proc = self.by_pid.pop(pid, None)
+        if proc is not None:
+            proc.on_exit(status)
+            self._record_exit(proc)
+            return
+        other = self.other_children.pop(pid, None)
+        if other is not None:
+            other(status)
 
     def _record_exit(self, proc: Process) -> None:
         self._exited.append(proc)

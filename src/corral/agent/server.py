@@ -21,8 +21,9 @@ from corral.agent.errors import AgentError, from_oserror, short_repr
 from corral.agent.hello import hello_fields
 from corral.agent.loop import Loop, log
 from corral.agent.ports import MAX_PORT_STREAMS, PortStream, check_target
-from corral.agent.process import ProcessTable
+from corral.agent.process import Process, ProcessTable
 from corral.agent.pty import PtyProcess, check_size, spawn_pty
+from corral.agent.spawner import Launcher
 from corral.agent.users import Identities, Identity
 from corral.agent.watch import Watches
 from corral.agent.worker import Worker, WorkerPool, WorkerReply
@@ -79,6 +80,7 @@ class Agent:
         self.loop = loop
         self.identities = identities
         self.processes = ProcessTable(loop)
+        self.launcher = Launcher(self.processes)
         self.connections: set[Connection] = set()
         self.pools: dict[str, WorkerPool] = {}
         self.uploads: dict[tuple[Connection, str], Upload] = {}
@@ -147,6 +149,7 @@ class Agent:
     def shutdown(self, reason: str) -> None:
         log(f"stopping ({reason}): killing {len(self.processes.by_pid)} running processes")
         self.processes.kill_all()
+        self.launcher.close()
         for pool in self.pools.values():
             pool.close()
         for conn in list(self.connections):
@@ -296,7 +299,23 @@ class Agent:
             else:  # streams like a foreground exec, but the terminal outlives this request and connection
                 term.add_subscriber(conn, rid, 0)
             return
-        proc = self.processes.spawn(
+
+        def started(result: Process | AgentError) -> None:  # now, or once a spawner has started it
+            if isinstance(result, AgentError):
+                conn.error(rid, result.code, result.message)
+                return
+            proc = result
+            if conn.closed:  # it left while a spawner was starting the process
+                if not background:
+                    proc.kill_group(signal.SIGKILL)
+                return
+            conn.send({"id": rid, "ev": "started", "process_id": proc.process_id, "pid": proc.pid})
+            if background:
+                conn.finish(rid, {"ev": "ok", "process_id": proc.process_id, "pid": proc.pid})
+            else:
+                proc.add_subscriber(conn, rid, 0)
+
+        self.launcher.start(
             argv,
             env=env,
             cwd=cwd,
@@ -305,12 +324,8 @@ class Agent:
             timeout=timeout,
             tag=tag,
             owner=None if background else conn,
+            done=started,
         )
-        conn.send({"id": rid, "ev": "started", "process_id": proc.process_id, "pid": proc.pid})
-        if background:
-            conn.finish(rid, {"ev": "ok", "process_id": proc.process_id, "pid": proc.pid})
-        else:
-            proc.add_subscriber(conn, rid, 0)
 
     def op_attach(self, conn: Connection, rid: str, frame: Frame) -> None:
         proc = self.processes.get(frame.get("process_id"))

@@ -28,7 +28,6 @@ identity could list it (mode bits; ACLs are not consulted) — directories it co
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat as _stat
@@ -93,9 +92,18 @@ _TYPES: tuple[tuple[int, str], ...] = (
 _libc: Any = None
 
 
+def _errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
+
+
 def _inotify() -> Any:
+    """libc's inotify calls, loaded on first use: importing ctypes costs the agent's start-up ~1.5 ms."""
     global _libc
     if _libc is None:
+        import ctypes
+
         _libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc, whichever it is
         _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
     return _libc
@@ -159,7 +167,7 @@ class Watch:
         self.done_after_queue = False  # the root went away: end with ``ok`` once the queue is sent
         fd = _inotify().inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
-            raise from_oserror(OSError(ctypes.get_errno(), "inotify_init1"), path)
+            raise from_oserror(OSError(_errno(), "inotify_init1"), path)
         self.fd = fd
 
     # --- setting up --------------------------------------------------------------------------------------------
@@ -204,7 +212,7 @@ class Watch:
         path = self._abs(rel)
         wd = _inotify().inotify_add_watch(self.fd, os.fsencode(path), MASK)
         if wd < 0:
-            err = ctypes.get_errno()
+            err = _errno()
             if required:
                 raise from_oserror(OSError(err, os.strerror(err)), path)
             if err == errno.ENOSPC:  # the kernel's per-user watch limit

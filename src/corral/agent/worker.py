@@ -36,7 +36,7 @@ from corral.agent.users import Identity
 from corral.protocol.frames import Decoder, ProtocolError, encode
 from corral.protocol.messages import AgentErrorCode
 
-__all__ = ["WorkerPool", "WorkerReply"]
+__all__ = ["WorkerPool", "WorkerReply", "become"]
 
 MAX_WORKERS = 4  # per identity: concurrency for slow file operations without unbounded forking
 RECV_SIZE = 256 * 1024
@@ -243,8 +243,11 @@ class WorkerPool:
 
 
 # --- the worker process ------------------------------------------------------------------------------------
-def _worker_main(fd: int, identity: Identity) -> None:
-    """Serve requests on ``fd`` as ``identity`` until the agent closes its end."""
+def become(identity: Identity, fd: int) -> int:
+    """In a child forked from the agent: keep only ``fd`` (returned, maybe moved above stderr) and stdio, and
+    switch to ``identity`` for good (the process is then not dumpable: that identity's processes cannot ptrace
+    it). Shared by file workers and process spawners. Import what the child needs first: the interpreter's
+    files may not be readable by the identity."""
     signal.set_wakeup_fd(-1)
     for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
@@ -266,13 +269,6 @@ def _worker_main(fd: int, identity: Identity) -> None:
             with contextlib.suppress(OSError):
                 os.close(other)
     os.set_inheritable(fd, False)
-    # Import what file operations need while still root: the interpreter's files may not be readable by the
-    # identity (they are not when a root-only Python runs the agent, as in tests).
-    import json  # noqa: F401
-    import shutil  # noqa: F401
-
-    from corral.agent import files
-
     if identity.switch and os.geteuid() == 0:
         os.setgroups(list(identity.groups))
         os.setresgid(identity.gid, identity.gid, identity.gid)
@@ -282,7 +278,19 @@ def _worker_main(fd: int, identity: Identity) -> None:
         os.chdir(identity.home)
     except OSError:
         os.chdir("/")
+    return fd
 
+
+def _worker_main(fd: int, identity: Identity) -> None:
+    """Serve requests on ``fd`` as ``identity`` until the agent closes its end."""
+    # Import what file operations need while still root: the interpreter's files may not be readable by the
+    # identity (they are not when a root-only Python runs the agent, as in tests).
+    import json  # noqa: F401
+    import shutil  # noqa: F401
+
+    from corral.agent import files
+
+    fd = become(identity, fd)
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     state = files.WorkerState(identity.home)

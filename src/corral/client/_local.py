@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import queue
+import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ import anyio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from corral.client._forward import forward
+from corral.client._pump import Pump
 from corral.core.ports import PortStream
 from corral.core.records import TemplateRecord
 from corral.core.service import SandboxService
@@ -282,6 +284,7 @@ class LocalBackend:
 
     def __init__(self, make: Callable[[], AsyncLocalBackend]) -> None:
         self._closed = False
+        self._pumps: weakref.WeakSet[Pump[Any]] = weakref.WeakSet()  # stopped on close()
         self._portal_cm: AbstractContextManager[BlockingPortal] = start_blocking_portal()
         self._portal = self._portal_cm.__enter__()
         try:
@@ -300,17 +303,16 @@ class LocalBackend:
         return self._portal.call(fn, *args)
 
     def _iterate(self, make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
-        agen = self._call(_build, make)
+        """Items cross from the loop thread as they come (see ``_pump``), not one portal call per item."""
+        if self._closed:
+            raise InvalidState("this client was closed; open a new one, e.g. Sandbox.connect(sandbox_id)")
+        pump = Pump(self._portal, make)  # started by the first next(), like the async iterator it drains
+        self._pumps.add(pump)
         try:
-            while True:
-                try:
-                    yield self._call(agen.__anext__)
-                except StopAsyncIteration:
-                    return
+            yield from pump
         finally:
-            aclose = getattr(agen, "aclose", None)
-            if aclose is not None:
-                self._call(aclose)
+            if self._closed:  # e.g. stopping a watch of a closed client: say so, as the portal call did
+                raise InvalidState("this client was closed; open a new one, e.g. Sandbox.connect(sandbox_id)")
 
     def create_sandbox(self, params: CreateParams) -> SandboxInfo:
         return self._call(self._backend.create_sandbox, params)
@@ -480,6 +482,8 @@ class LocalBackend:
     def close(self) -> None:
         if self._closed:
             return
+        for pump in list(self._pumps):  # iterations nobody finished must not keep the loop from stopping
+            pump.stop()
         try:
             self._call(self._backend.aclose)
         finally:

@@ -70,13 +70,20 @@ class AuditEntry:
     hash: str
 
     def body(self) -> dict[str, Any]:
-        """Every field the hash covers (all but the hash itself)."""
-        data = dataclasses.asdict(self)
-        del data["hash"]
-        return data
+        """Every field the hash covers (all but the hash itself). Shares ``details`` (JSON values) with the
+        entry: ``dataclasses.asdict`` deep-copied it, ~20 µs per audit entry (two per exec)."""
+        return {
+            "seq": self.seq,
+            "at": self.at,
+            "action": self.action,
+            "tenant_id": self.tenant_id,
+            "sandbox_id": self.sandbox_id,
+            "details": self.details,
+            "prev_hash": self.prev_hash,
+        }
 
     def to_wire(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**self.body(), "hash": self.hash}
 
     def to_json(self) -> str:
         return json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))

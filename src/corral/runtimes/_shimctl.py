@@ -24,7 +24,9 @@ from anyio.abc import ByteStream
 from corral.errors import AgentUnavailable, RuntimeFailure, Timeout
 from corral.protocol.frames import Decoder, encode
 from corral.runtimes import _proc
-from corral.runtimes._shim import ShimSpec, unix_path
+from corral.runtimes._shim import unix_path
+from corral.runtimes._shimspec import ShimSpec
+from corral.runtimes._unixstream import connect_unix
 from corral.runtimes.base import Observed, ObservedState
 
 __all__ = [
@@ -124,7 +126,7 @@ async def _read_status(proc: subprocess.Popen[bytes], timeout: float) -> str:
 async def connect(socket_path: str) -> ByteStream:
     try:
         with unix_path(socket_path) as usable:
-            return await anyio.connect_unix(usable)
+            return await connect_unix(usable)  # not anyio.connect_unix: see _unixstream
     except (FileNotFoundError, ConnectionRefusedError, OSError) as exc:
         raise AgentUnavailable("the sandbox is not running (its supervisor is gone)") from exc
 

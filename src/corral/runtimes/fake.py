@@ -15,7 +15,7 @@ import anyio.to_thread
 
 from corral.errors import Conflict, Unsupported
 from corral.runtimes import _shimctl
-from corral.runtimes._shim import ShimSpec
+from corral.runtimes._shimspec import ShimSpec
 from corral.runtimes.base import (
     ByteStream,
     Capabilities,

@@ -58,7 +58,7 @@ from corral.runtimes import _layers, _oci, _proc, _rootfs, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
 from corral.runtimes._cgroups import SandboxCgroup
 from corral.runtimes._rootfs import LayerDirs
-from corral.runtimes._shim import Mount, ShimSpec
+from corral.runtimes._shimspec import Mount, ShimSpec
 from corral.runtimes.base import (
     ByteStream,
     Capabilities,

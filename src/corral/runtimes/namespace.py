@@ -55,7 +55,7 @@ from corral.errors import (
 from corral.runtimes import _layers, _proc, _rootfs, _seccomp, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
 from corral.runtimes._cgroups import CgroupLayout, SandboxCgroup, detect_layout
-from corral.runtimes._shim import FdFile, Mount, ShimSpec, UserNs
+from corral.runtimes._shimspec import FdFile, Mount, ShimSpec, UserNs
 from corral.runtimes.base import (
     ByteStream,
     Capabilities,

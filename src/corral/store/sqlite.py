@@ -2,7 +2,9 @@
 
 Each record is one row holding its JSON plus the columns we filter on. WAL mode lets a CLI call read while a
 server writes; ``BEGIN IMMEDIATE`` makes the version check and the write one atomic step across processes.
-Calls run in a worker thread (sqlite3 is blocking) with one connection per store, guarded by a lock.
+Calls run in a worker thread (sqlite3 is blocking) with one connection per store, guarded by a lock. The two
+statements on every command's path (reading a sandbox record, appending an audit entry) run on the event loop's
+thread instead when they need not wait for a lock (``_inline``), and on the worker thread when they would.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio.lowlevel
 import anyio.to_thread
 
 from corral.core.audit import GENESIS, AuditDraft, AuditEntry, seal
@@ -23,6 +26,7 @@ from corral.errors import Conflict
 from corral.ids import KeyId, PoolId, SandboxId, TenantId
 from corral.models import SandboxState
 from corral.store._common import check_version, matches
+from corral.store._inline import CHECKPOINT_EVERY, Busy, InlineDb
 
 __all__ = ["SqliteStore"]
 
@@ -91,6 +95,7 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._db.executescript(_AUTH_SCHEMA)
+        self._inline = InlineDb(path)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def locked() -> T:
@@ -99,9 +104,17 @@ class SqliteStore:
 
         return await anyio.to_thread.run_sync(locked)
 
+    async def _hot(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A hot-path statement: on this thread if it need not wait (see ``_inline``), else on the worker."""
+        result = self._inline.run(fn)
+        if isinstance(result, Busy):
+            return await self._call(fn)
+        await anyio.lowlevel.checkpoint()  # still a cancellation point and a yield, as a worker call was
+        return result
+
     # -- sandboxes -----------------------------------------------------------------------------------------
     async def get_sandbox(self, sandbox_id: SandboxId) -> SandboxRecord | None:
-        row = await self._call(
+        row = await self._hot(
             lambda db: db.execute("SELECT data FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
         )
         return SandboxRecord.from_json(row[0]) if row else None
@@ -285,7 +298,12 @@ class SqliteStore:
             db.execute("COMMIT")
             return entry
 
-        return await self._call(append)
+        entry = await self._hot(append)
+        self._inline.commits += 1  # counts worker commits too: a checkpoint now and then either way
+        if self._inline.commits >= CHECKPOINT_EVERY:
+            self._inline.commits = 0
+            await self._call(lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+        return entry
 
     async def audit_entries(self, *, after_seq: int = 0, limit: int = 1000) -> list[AuditEntry]:
         rows = await self._call(
@@ -338,4 +356,5 @@ class SqliteStore:
         return [SandboxRecord.from_json(r[0]) for r in rows]
 
     async def aclose(self) -> None:
+        self._inline.close()
         await self._call(lambda db: db.close())
