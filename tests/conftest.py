@@ -230,13 +230,15 @@ class ServerHandle:
 
 @pytest.fixture(scope="session")
 def corral_server(corral_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
-    """``corral serve`` as a real subprocess on a free port, over this session's data dir (SQLite).
+    """``corral serve`` as a real subprocess on a free port, with its own SQLite store.
 
     Remote-mode tests point the SDK at it with CORRAL_URL/CORRAL_API_KEY, exactly as users do.
     """
     from _corral_server import Server, new_key
 
-    env = {**os.environ, "CORRAL_DATA_DIR": str(corral_data_dir)}
+    # Its own store under the session's data dir (so the leak check still covers it): a server reconciles
+    # every pool in its store in the background, which would race the embedded pool tests on a shared one.
+    env = {**os.environ, "CORRAL_DATA_DIR": str(corral_data_dir / "server")}
     api_key, admin_key = new_key(env, "--tenant", "tests"), new_key(env, "--admin")
     server = Server(env, tmp_path_factory.mktemp("server") / "server.log")
     server.start()

@@ -357,8 +357,7 @@ def test_warm_pool_over_the_api_with_late_binding(admin: httpx.Client, alice: Te
             json.loads(x)
             for x in admin.post("/v1/pools/base/fill", params={"isolation": ISO}).text.splitlines()
         ]
-        # >= 1: the server's own pool loop may be booting it, and (the server shares this session's store with the
-        # embedded tests) surplus members of an earlier pool may not be reaped yet
+        # >= 1: the server's own pool loop may be booting it at the same time
         assert filled[-1]["ready"] + filled[-1]["starting"] >= 1
         deadline = time.monotonic() + 60
         while not any(p["ready"] for p in admin.get("/v1/pools").json()["pools"] if p["template"] == "base"):
