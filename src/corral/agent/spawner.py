@@ -51,7 +51,7 @@ from corral.agent.conn import Connection
 from corral.agent.errors import AgentError
 from corral.agent.loop import Timer, log
 from corral.agent.process import Process, ProcessTable, Spawned, _spawn_error, new_process_id
-from corral.agent.users import Identity
+from corral.agent.users import Identity, fork_helper
 from corral.protocol.messages import AgentErrorCode
 
 __all__ = ["Launcher", "Spawner"]
@@ -72,29 +72,12 @@ class Spawner:
         self.table = table
         self.loop = table.loop
         self.identity = identity
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child, which never returns
-            status = 70
-            try:
-                parent.close()
-                _spawner_main(child.detach(), identity)
-                status = 0
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                os._exit(status)
-        child.close()
-        self.pid = pid
-        self.sock = parent
-        self.sock.setblocking(False)
+        self.pid, self.sock = fork_helper(_spawner_main, identity, socket.SOCK_SEQPACKET)
         self.alive = True
         self.pending: deque[tuple[Reply, Timer]] = deque()
         self.started: set[int] = set()  # pids it reported starting and not yet reported exited
         self._watch: Timer | None = None
-        table.other_children[pid] = self._reaped
+        table.other_children[self.pid] = self._reaped
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
     def submit(self, request: dict[str, Any], fds: list[int], reply: Reply) -> bool:

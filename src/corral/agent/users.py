@@ -13,10 +13,12 @@ When the agent is not root it cannot switch users; both identities then run as t
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Callable
 
 from corral.agent.loop import log
 
-__all__ = ["Identities", "Identity", "ensure_user"]
+__all__ = ["Identities", "Identity", "ensure_user", "fork_helper"]
 
 USER_NAME = "user"
 USER_ID = 1000
@@ -174,3 +176,30 @@ def ensure_user(root: str = "/") -> Identities:
         user=user,
         root=Identity(name="root", login="root", uid=0, gid=0, home=root_home, shell=shell, switch=False),
     )
+
+
+def fork_helper(
+    main: Callable[[int, Identity], None], identity: Identity, kind: int
+) -> tuple[int, socket.socket]:
+    """Fork a helper child running ``main(fd, identity)`` on one end of a socket pair of ``kind``.
+
+    Returns its pid and our non-blocking end. The child never returns: it exits 0 when ``main`` does, 70 with
+    the traceback on stderr when it raises.
+    """
+    parent, child = socket.socketpair(socket.AF_UNIX, kind)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, which never returns
+        status = 70
+        try:
+            parent.close()
+            main(child.detach(), identity)
+            status = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    child.close()
+    parent.setblocking(False)
+    return pid, parent

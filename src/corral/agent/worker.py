@@ -32,7 +32,7 @@ from typing import Any
 
 from corral.agent.errors import AgentError, from_oserror
 from corral.agent.loop import Loop, log
-from corral.agent.users import Identity
+from corral.agent.users import Identity, fork_helper
 from corral.protocol.frames import Decoder, ProtocolError, encode
 from corral.protocol.messages import AgentErrorCode
 
@@ -66,24 +66,7 @@ ReplyCallback = Callable[[WorkerReply], None]
 class Worker:
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child, which never returns
-            status = 70
-            try:
-                parent.close()
-                _worker_main(child.detach(), pool.identity)
-                status = 0
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                os._exit(status)
-        child.close()
-        self.pid = pid
-        self.sock = parent
-        self.sock.setblocking(False)
+        self.pid, self.sock = fork_helper(_worker_main, pool.identity, socket.SOCK_STREAM)
         self.decoder = Decoder()
         self.queue: deque[tuple[str, dict[str, Any], ReplyCallback]] = deque()
         self.current: ReplyCallback | None = None
