@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -129,3 +136,25 @@ def start_python_app(sbx: Any, app: str, *args: str, packages: tuple[str, ...]) 
     handle = sbx.commands.start(["python3", "-u", f"/tmp/{app}", *args], envs={"PYTHONPATH": SITE_DIR})
     wait_for_line(handle, "ready")
     return handle
+
+
+@contextmanager
+def cli_forward(sandbox_id: str, port: int) -> Iterator[int]:
+    """``corral sandbox forward SANDBOX PORT`` as a subprocess; yields the local port it printed, and checks
+    that SIGTERM ends it cleanly (exit 0) when the block ends."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral.cli.main", "sandbox", "forward", sandbox_id, str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline().decode()
+        match = re.match(rf"Forwarding from 127\.0\.0\.1:(\d+) -> {sandbox_id} port {port}", line)
+        assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+        yield int(match[1])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, proc.stderr.read()

@@ -11,8 +11,6 @@ import concurrent.futures
 import contextlib
 import hashlib
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +21,7 @@ from collections.abc import Iterator
 import anyio
 import pytest
 
-from _sandbox_apps import ECHO_SERVER, recv_until, wait_for_line
+from _sandbox_apps import ECHO_SERVER, cli_forward, recv_until, wait_for_line
 from corral import Sandbox
 from corral.client._local import AsyncLocalBackend
 from corral.errors import InvalidRequest, NotFound, PortClosed
@@ -203,24 +201,10 @@ def test_cli_forward() -> None:
     with Sandbox.create(isolation="namespace", timeout=300) as box:
         box.files.write("/tmp/site/index.html", "cli forward works\n")
         wait_for_line(box.commands.start("python3 -u -m http.server 8100 --directory /tmp/site"), "Serving")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "corral.cli.main", "sandbox", "forward", box.sandbox_id, "8100"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "NO_COLOR": "1"},
-        )
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline().decode()
-            match = re.match(rf"Forwarding from 127\.0\.0\.1:(\d+) -> {box.sandbox_id} port 8100", line)
-            assert match, (line, proc.stderr.read() if proc.poll() is not None else "")  # type: ignore[union-attr]
-            url = f"http://127.0.0.1:{match.group(1)}/index.html"
+        with cli_forward(box.sandbox_id, 8100) as local_port:
+            url = f"http://127.0.0.1:{local_port}/index.html"
             with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:
                 assert resp.read() == b"cli forward works\n"
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(TIMEOUT)
-        assert code == 0, proc.stderr.read()  # type: ignore[union-attr]
         bad = subprocess.run(
             [sys.executable, "-m", "corral.cli.main", "sandbox", "forward", "sb-0000000000000000", "80"],
             capture_output=True,

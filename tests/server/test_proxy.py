@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import signal
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
@@ -26,7 +24,7 @@ from httpx_ws import WebSocketUpgradeError, connect_ws
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from _sandbox_apps import ECHO_SERVER, recv_until, start_python_app, wait_for_line
+from _sandbox_apps import ECHO_SERVER, cli_forward, recv_until, start_python_app, wait_for_line
 from corral import Sandbox
 from corral.errors import InvalidState, NotFound, Unsupported
 
@@ -335,20 +333,6 @@ def test_remote_forward_errors(web: Sandbox) -> None:
 
 
 def test_cli_forward_in_remote_mode(web: Sandbox) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "corral.cli.main", "sandbox", "forward", web.sandbox_id, str(WEB)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "NO_COLOR": "1"},
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-        match = re.match(rf"Forwarding from 127\.0\.0\.1:(\d+) -> {web.sandbox_id} port {WEB}", line)
-        assert match, line
-        r = httpx.get(f"http://127.0.0.1:{match[1]}/echo?via=forward", timeout=TIMEOUT)
+    with cli_forward(web.sandbox_id, WEB) as local_port:
+        r = httpx.get(f"http://127.0.0.1:{local_port}/echo?via=forward", timeout=TIMEOUT)
         assert r.json()["query"] == "via=forward"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(TIMEOUT)
-    assert code == 0
