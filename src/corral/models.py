@@ -454,6 +454,11 @@ class CodeEvent(_Wire):
         )
 
 
+# The port-forward WebSocket (/v1/sandboxes/{id}/ports/{port}/connect): binary messages carry the bytes, this
+# text message a half-close, in either direction.
+PORT_EOF_MESSAGE = "eof"
+
+
 def check_port(port: object, *, name: str = "port", allow_zero: bool = False) -> int:
     """A TCP port number, or InvalidRequest saying what one is."""
     low = 0 if allow_zero else 1

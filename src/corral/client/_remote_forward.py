@@ -25,11 +25,9 @@ from wsproto.events import BytesMessage, TextMessage
 from corral.client._core import TIMEOUT, check, error_from, sandbox_path, transport_error
 from corral.client._forward import forward
 from corral.errors import AgentUnavailable, InvalidState
-from corral.models import PortForward, SandboxInfo, SandboxState, check_port
+from corral.models import PORT_EOF_MESSAGE, PortForward, SandboxInfo, SandboxState, check_port
 
 __all__ = ["WebSocketPortStream", "aforward_through_server", "forward_through_server"]
-
-EOF_MESSAGE = "eof"
 
 
 class WebSocketPortStream(ByteStream):
@@ -53,7 +51,7 @@ class WebSocketPortStream(ByteStream):
                 raise anyio.BrokenResourceError(str(exc)) from exc
             if isinstance(message, BytesMessage) and message.data:
                 return bytes(message.data)
-            if isinstance(message, TextMessage) and message.data == EOF_MESSAGE:
+            if isinstance(message, TextMessage) and message.data == PORT_EOF_MESSAGE:
                 self._eof = True
         raise anyio.EndOfStream
 
@@ -65,7 +63,7 @@ class WebSocketPortStream(ByteStream):
 
     async def send_eof(self) -> None:
         try:
-            await self._ws.send_text(EOF_MESSAGE)
+            await self._ws.send_text(PORT_EOF_MESSAGE)
         except (WebSocketDisconnect, HTTPXWSException) as exc:
             raise anyio.BrokenResourceError(str(exc)) from exc
 

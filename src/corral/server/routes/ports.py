@@ -14,11 +14,10 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from corral.core.ports import PortStream
 from corral.errors import CorralError
+from corral.models import PORT_EOF_MESSAGE
 from corral.server.app import _principal, _tenant
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}/ports", tags=["ports"])
-
-EOF_MESSAGE = "eof"
 
 
 @router.websocket("/{port}/connect")
@@ -60,14 +59,14 @@ async def _relay(websocket: WebSocket, stream: PortStream) -> int | None:
                 return
             if message.get("bytes"):
                 await stream.send(message["bytes"])
-            elif message.get("text") == EOF_MESSAGE:
+            elif message.get("text") == PORT_EOF_MESSAGE:
                 await stream.send_eof()
                 return
 
     async def outbound() -> None:  # sandbox -> client, then the half-close
         async for chunk in stream:
             await websocket.send_bytes(chunk)
-        await websocket.send_text(EOF_MESSAGE)
+        await websocket.send_text(PORT_EOF_MESSAGE)
 
     try:
         async with anyio.create_task_group() as tg:
