@@ -26,8 +26,14 @@ Trust. The spawner runs as the identity, so the identity's processes may kill or
 The agent treats it as untrusted: exits are accepted only for pids it reported starting, a spawner that does
 not answer in ``REPLY_TIMEOUT`` is killed, and so is a stopped one (``kill -STOP``: it would neither start nor
 reap; checked every ``WATCH_INTERVAL`` while it has processes), whose exited processes then go to the agent.
-Requests in flight when it dies fail with ``busy``, and a process it reaped without reporting (it died in
-between) is recorded as killed. The next request forks a new one.
+A stopped spawner is retired rather than killed outright: the agent shuts its request side, continues it and
+gives it one more ``WATCH_INTERVAL`` to answer what it owes, report what it reaped and exit. The process that
+stopped it may be one it started and had not reported yet, which would otherwise run on untracked, or one
+whose exit it had reaped and not reported. If it does not exit in time it is killed; requests still in flight
+then fail with ``busy``, and a process it reaped without reporting is recorded as killed. The next request
+forks a new spawner. One case is left: a process killing its spawner (``kill -9``) before the spawner reported
+starting that very process. Its request fails with ``busy`` while it runs on, re-parented to the agent and
+reaped there, untracked like any daemon the identity's processes leave behind; killing the sandbox ends it.
 
 Behaviour kept: the working directory is entered with the identity's rights here, where the fork path entered
 it as root before switching; a directory the identity cannot enter is therefore retried the old way.
@@ -77,12 +83,18 @@ class Spawner:
         self.pending: deque[tuple[Reply, Timer]] = deque()
         self.started: set[int] = set()  # pids it reported starting and not yet reported exited
         self._watch: Timer | None = None
+        self._retiring = False  # found stopped: takes no more requests and exits once it answered
         table.other_children[self.pid] = self._reaped
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
+    @property
+    def usable(self) -> bool:
+        """Takes requests: alive and not retiring (a retiring one stays alive until it has answered)."""
+        return self.alive and not self._retiring
+
     def submit(self, request: dict[str, Any], fds: list[int], reply: Reply) -> bool:
         """Send a start request; False if this spawner cannot take it (then nothing was sent)."""
-        if not self.alive:
+        if not self.usable:
             return False
         try:
             socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
@@ -150,9 +162,21 @@ class Spawner:
         except (OSError, IndexError):
             state = b"?"
         if state in (b"T", b"t"):
-            self.kill("it was stopped")
+            self._retire("it was stopped")
             return
         self._arm_watch()
+
+    def _retire(self, reason: str) -> None:
+        """Let it answer the requests it holds, report the exits it reaped and exit (on EOF); kill it if not."""
+        if self._retiring:
+            return
+        self._retiring = True
+        log(f"process spawner {self.pid} ({self.identity.name}) retired: {reason}")
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)
+        self._watch = self.loop.call_later(WATCH_INTERVAL, lambda: self.kill(f"{reason}; it did not exit"))
 
     def kill(self, reason: str) -> None:
         if self.alive:
@@ -179,6 +203,7 @@ class Spawner:
     def _reaped(self, status: int) -> None:
         """It exited and its children are now the agent's (subreaper): those still running will be reaped
         by the agent; a process it reaped but did not report is gone, and is recorded as killed."""
+        self._on_readable()  # what it said before it exited may still be queued: exits it reaped, say
         self._gone(f"exit status {os.waitstatus_to_exitcode(status)}")
         for pid in sorted(self.started):
             proc = self.table.by_pid.get(pid)
@@ -200,6 +225,7 @@ class Launcher:
         self.table = table
         self.spawners: dict[str, Spawner] = {}
         self._seen: set[str] = set()  # identities that started a process (their next one gets a spawner)
+        self._retiring: list[Spawner] = []  # replaced spawners still answering what they owe
         self._usable: bool | None = None  # can the agent be its spawners' children's reaper?
 
     def start(
@@ -284,13 +310,16 @@ class Launcher:
         if not identity.switch:
             return None  # Popen changes no identity for it: it vforks already
         spawner = self.spawners.get(identity.name)
-        if spawner is not None and spawner.alive:
+        if spawner is not None and spawner.usable:
             return spawner
         if identity.name not in self._seen:
             self._seen.add(identity.name)
             return None
         if not self._can_reap_orphans():
             return None
+        if spawner is not None and spawner.alive:
+            self._retiring.append(spawner)  # still finishing: replaced now, killed if the agent stops first
+        self._retiring = [old for old in self._retiring if old.alive]
         spawner = self.spawners[identity.name] = Spawner(self.table, identity)
         return spawner
 
@@ -311,7 +340,7 @@ class Launcher:
         return self._usable
 
     def close(self) -> None:
-        for spawner in self.spawners.values():
+        for spawner in [*self.spawners.values(), *self._retiring]:
             spawner.kill("agent stopping")
 
 
@@ -336,24 +365,16 @@ def _spawner_main(fd: int, identity: Identity) -> None:
             with contextlib.suppress(BlockingIOError):
                 while os.read(wake_r, 512):
                     pass
-            while True:  # reaped before new requests: an exit is reported after the start that made it
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid == 0:
-                    break
-                popen = children.pop(pid, None)
-                if popen is not None:
-                    popen.returncode = os.waitstatus_to_exitcode(status)
-                try:
-                    sock.send(json.dumps({"exited": pid, "status": status}).encode())
-                except OSError:
-                    return  # the agent is gone
+            # reaped before new requests: an exit is reported after the start that made it
+            if not _report_exits(sock, children):
+                return  # the agent is gone
         if fd in ready:
             data, fds, _flags, _addr = socket.recv_fds(sock, MESSAGE_SIZE, 3)
-            if not data:
-                return  # the agent is gone or stopping
+            if not data:  # the agent is gone, stopping or retiring this spawner
+                if _report_exits(sock, children):
+                    for popen in children.values():
+                        popen.returncode = -1  # left to the agent: Popen.__del__ must not reap them
+                return
             try:
                 sock.send(json.dumps(_start(data, fds, children)).encode())
             except OSError:
@@ -362,6 +383,24 @@ def _spawner_main(fd: int, identity: Identity) -> None:
                 for received in fds:
                     with contextlib.suppress(OSError):
                         os.close(received)
+
+
+def _report_exits(sock: socket.socket, children: dict[int, subprocess.Popen[bytes]]) -> bool:
+    """Reap the exited children and report each; False if the agent is gone."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if pid == 0:
+            return True
+        popen = children.pop(pid, None)
+        if popen is not None:
+            popen.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            sock.send(json.dumps({"exited": pid, "status": status}).encode())
+        except OSError:
+            return False
 
 
 def _start(data: bytes, fds: list[int], children: dict[int, subprocess.Popen[bytes]]) -> dict[str, Any]:
