@@ -335,6 +335,8 @@ def _process_leftovers(roots: tuple[Path, ...], token: str) -> list[Leftover]:
     for pid, (ppid, start, argv) in procs.items():
         if pid == me or not _is_sandbox_process(argv):
             continue
+        if "--standby" in argv and ppid == me:
+            continue  # this process's standby shim (no sandbox yet): it exits with us. An orphaned one counts.
         cmdline = " ".join(argv)
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")

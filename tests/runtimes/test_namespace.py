@@ -268,8 +268,10 @@ async def test_cancelled_create_cleans_up(ns_runtime, host_rootfs, after: float)
     await ns_runtime.check()
     before, mounts = _state_entries(ns_runtime), _mounts()
     sid = SandboxId.new()
+    instance = None
     with anyio.move_on_after(after):
         instance = await ns_runtime.create(SandboxSpec(sandbox_id=sid, rootfs=host_rootfs))
+    if instance is not None:
         await ns_runtime.destroy(instance)  # finished before the deadline: clean up normally
     assert _state_entries(ns_runtime) == before
     assert not _cgroup_dirs(sid)

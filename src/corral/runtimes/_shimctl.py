@@ -7,6 +7,7 @@ observe it (running / exited with ``exit.json`` / missing) and stop it. The shim
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,9 +34,11 @@ from corral.runtimes.base import Observed, ObservedState
 __all__ = [
     "SHIM_SCRIPT",
     "ShimHandle",
+    "ShimLauncher",
     "call",
     "connect",
     "launch",
+    "launcher",
     "observe",
     "spawn",
     "stop",
@@ -44,6 +48,8 @@ __all__ = [
 log = logging.getLogger("corral.runtimes.shim")
 
 SHIM_SCRIPT = Path(__file__).with_name("_shim.py")
+STANDBY_NICE = 10  # a standby starts at a low priority; its shim takes the normal one back once assigned
+STANDBY_TITLE_ROOM = 512  # bytes of command line a standby keeps to show its state dir once assigned
 READY_TIMEOUT = 120.0  # gVisor boots in < 1 s here; a QEMU guest under TCG needs ~12 s; generous for load
 
 
@@ -54,19 +60,125 @@ class ShimHandle:
         self.proc = proc  # set when this process started the shim (and so must reap it)
 
 
-def spawn(state_dir: Path, spec: ShimSpec) -> ShimHandle:
+def spawn(state_dir: Path, spec: ShimSpec, *, standby: subprocess.Popen[bytes] | None = None) -> ShimHandle:
     """Start the shim for ``state_dir``; returns at once. Follow with :func:`wait_ready`.
 
-    Callers with their own clean-up keep the handle from this point on, so a create cancelled while the
-    sandbox boots still knows which shim (and so which sandbox processes) to wait for.
+    ``standby``: a shim started ahead with ``--standby`` (see :class:`ShimLauncher`) to hand the sandbox to;
+    if it is gone, a new one is started as usual. Callers with their own clean-up keep the handle from this
+    point on, so a create cancelled while the sandbox boots still knows which shim (and so which sandbox
+    processes) to wait for.
     """
     fd = os.open(state_dir / "shim.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # env may be secret
     with os.fdopen(fd, "w") as out:
         out.write(spec.to_json())
-    proc = _proc.spawn_detached(
-        [sys.executable, "-I", "-S", str(SHIM_SCRIPT), str(state_dir)], log_path=state_dir / "shim.log"
-    )
+    proc = _assign(standby, state_dir) if standby is not None else None
+    if proc is None:
+        proc = _proc.spawn_detached(
+            [sys.executable, "-I", "-S", str(SHIM_SCRIPT), str(state_dir)], log_path=state_dir / "shim.log"
+        )
     return ShimHandle(proc.pid, _proc.proc_start_ticks(proc.pid) or 0, proc)
+
+
+def _assign(standby: subprocess.Popen[bytes], state_dir: Path) -> subprocess.Popen[bytes] | None:
+    """Hand ``state_dir`` to a standby shim; None (and the standby reaped) if it is no longer there."""
+    assert standby.stdin is not None
+    try:
+        if standby.poll() is not None:
+            raise BrokenPipeError
+        standby.stdin.write(f"{state_dir}\n".encode())
+        standby.stdin.close()
+    except (BrokenPipeError, OSError):
+        log.warning("the standby shim %d was gone; starting one the slow way", standby.pid)
+        _retire_standby(standby)
+        return None
+    return standby
+
+
+def _retire_standby(standby: subprocess.Popen[bytes]) -> None:
+    """End an unassigned standby (EOF on stdin is its signal to exit) and reap it."""
+    with contextlib.suppress(OSError):
+        if standby.stdin is not None:
+            standby.stdin.close()
+    try:
+        standby.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        standby.kill()
+        standby.wait()
+
+
+class ShimLauncher:
+    """Starts shims, each from a standby shim started ahead of need when there is one.
+
+    A cold create otherwise waits for a new interpreter to start and import the shim (~25 ms here). After
+    each sandbox is ready (so its boot has the CPU to itself) a new standby is started, at a low priority,
+    for the next create. There is one launcher per process (:data:`launcher`), shared by every runtime
+    and service in it: an embedded SDK opens a service per sandbox, and a standby per service would be
+    started for nothing. The first create of a process pays full price; creates running at the same time
+    share one standby (the others start their shim the slow way). One idle standby costs one sleeping
+    Python process (~9 MiB RSS); it exits when this process does (EOF on its stdin) or on :meth:`close`.
+    """
+
+    def __init__(self) -> None:
+        self._standby: subprocess.Popen[bytes] | None = None
+        self._owner = os.getpid()  # a forked child must not hand out its parent's standby
+        self._lock = threading.Lock()
+
+    def spawn(self, state_dir: Path, spec: ShimSpec) -> ShimHandle:
+        with self._lock:
+            standby, self._standby = self._take(), None
+        return spawn(state_dir, spec, standby=standby)
+
+    def _take(self) -> subprocess.Popen[bytes] | None:
+        if self._owner != os.getpid():  # forked: the standby is the parent's
+            self._owner = os.getpid()
+            self._standby = None
+        return self._standby
+
+    async def wait_ready(self, handle: ShimHandle, *, what: str, timeout: float = READY_TIMEOUT) -> None:
+        try:
+            await wait_ready(handle, what=what, timeout=timeout)
+        finally:
+            self.refill()
+
+    async def launch(
+        self, state_dir: Path, spec: ShimSpec, *, what: str, timeout: float = READY_TIMEOUT
+    ) -> ShimHandle:
+        handle = self.spawn(state_dir, spec)
+        await self.wait_ready(handle, what=what, timeout=timeout)
+        return handle
+
+    def refill(self) -> None:
+        """Start a standby unless there is one (or the launcher is closed)."""
+        with self._lock:
+            standby = self._take()
+            if standby is not None and standby.poll() is None:
+                return
+            try:
+                self._standby = subprocess.Popen(
+                    [sys.executable, "-I", "-S", str(SHIM_SCRIPT), "--standby", " " * STANDBY_TITLE_ROOM],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,  # until assigned: then the sandbox's shim.log
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                log.warning("could not start a standby shim: %s", exc)
+                self._standby = None
+                return
+            with contextlib.suppress(OSError):  # it must not slow the sandbox booting beside it
+                os.setpriority(os.PRIO_PROCESS, self._standby.pid, STANDBY_NICE)
+
+    def close(self) -> None:
+        """End the standby, if any (the next create starts one again)."""
+        with self._lock:
+            standby, self._standby = self._take(), None
+        if standby is not None:
+            _retire_standby(standby)
+
+
+launcher = ShimLauncher()
+atexit.register(launcher.close)
 
 
 async def wait_ready(handle: ShimHandle, *, what: str, timeout: float = READY_TIMEOUT) -> None:

@@ -145,7 +145,7 @@ class GVisorRuntime:
         handle: _shimctl.ShimHandle | None = None
         try:
             shim_spec = await anyio.to_thread.run_sync(_prepare, spec, state_dir, bundle, flags)
-            handle = await _shimctl.launch(
+            handle = await _shimctl.launcher.launch(
                 state_dir, shim_spec, what="start the gVisor sandbox", timeout=READY_TIMEOUT
             )
             await anyio.to_thread.run_sync(_verify_limits, spec.sandbox_id, spec.limits)

@@ -202,8 +202,12 @@ class NamespaceRuntime:
             shim_spec = await anyio.to_thread.run_sync(
                 _prepare, spec, state_dir, cgroup, base, bwrap, program, bundle
             )
-            shim = _shimctl.spawn(state_dir, shim_spec)  # held from here, so teardown can wait for it
-            await _shimctl.wait_ready(shim, what="start the namespace sandbox", timeout=READY_TIMEOUT)
+            shim = _shimctl.launcher.spawn(
+                state_dir, shim_spec
+            )  # held from here, so teardown can wait for it
+            await _shimctl.launcher.wait_ready(
+                shim, what="start the namespace sandbox", timeout=READY_TIMEOUT
+            )
             return Instance(
                 sandbox_id=spec.sandbox_id,
                 runtime=self.name,
