@@ -19,16 +19,27 @@ Baselines, same machine, same run:
   gVisor itself costs to start a process in a sandbox, including the runsc command's own start);
 - host subprocess: ``subprocess.run(["echo", "hi"])`` from Python.
 
+Floors, same run: what parts every cold sandbox of this design needs cost on their own, without Corral.
+
+- bare bwrap echo in a new cgroup: the bare bwrap run, its process first joining a memory and a pids cgroup
+  made for it (limits need cgroups; on cgroup v1 joining after an idle spell waits for an RCU grace period);
+- bare bwrap / bare runsc run: agent interpreter + imports: the agent's Python (its bundle bound at
+  ``/.corral``) importing what the agent imports before its first command, then printing ``hi``;
+- process start inside bare gVisor: ``subprocess.run(["echo", "hi"])`` timed inside a bare runsc sandbox,
+  the cost of starting any process there (no agent, protocol or runsc command around it).
+
 Ratios printed: create → first output (cold and warm) / bare bwrap (namespace) or bare runsc run (gVisor);
 exec round trip / host subprocess, and for gVisor also / bare runsc exec. Targets (issue 2): namespace create
-≤ 2x bare bwrap, gVisor create ≤ 1.1x bare runsc, exec round trip ≤ 3x host subprocess. Timings are reported,
-never asserted: this is not a test.
+≤ 2x bare bwrap, gVisor create ≤ 1.1x bare runsc, exec round trip ≤ 3x host subprocess. Each floor is printed
+against the target its path is held to: a floor above a target means no cold path of this design can meet
+it. Timings are reported, never asserted: this is not a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -44,7 +55,9 @@ from _stats import quantile
 from corral import Sandbox
 from corral.client._local import LocalBackend
 from corral.client._sync.pools import Pools
+from corral.core.settings import Settings
 from corral.models import EventKind
+from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -66,40 +79,92 @@ def host_subprocess() -> None:
     subprocess.run(["echo", "hi"], check=True, stdout=subprocess.DEVNULL)
 
 
+BWRAP = [
+    "bwrap",
+    "--unshare-all",
+    "--die-with-parent",
+    "--ro-bind",
+    "/usr",
+    "/usr",
+    "--symlink",
+    "usr/lib",
+    "/lib",
+    "--symlink",
+    "usr/lib64",
+    "/lib64",
+    "--symlink",
+    "usr/bin",
+    "/bin",
+    "--proc",
+    "/proc",
+    "--dev",
+    "/dev",
+]
+
+
 def bare_bwrap() -> None:
-    subprocess.run(
-        [
-            "bwrap",
-            "--unshare-all",
-            "--die-with-parent",
-            "--ro-bind",
-            "/usr",
-            "/usr",
-            "--symlink",
-            "usr/lib",
-            "/lib",
-            "--symlink",
-            "usr/lib64",
-            "/lib64",
-            "--symlink",
-            "usr/bin",
-            "/bin",
-            "--proc",
-            "/proc",
-            "--dev",
-            "/dev",
-            "/usr/bin/echo",
-            "hi",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    subprocess.run([*BWRAP, "/usr/bin/echo", "hi"], check=True, stdout=subprocess.DEVNULL)
+
+
+def agent_floor_argv(bundle: AgentBundle) -> list[str]:
+    """The agent's interpreter importing what the agent imports before it runs a first command, then
+    printing: the least any sandbox whose agent is this Python pays before its first output."""
+    argv = agent_argv(bundle)
+    return [*argv[: argv.index("-m")], "-c", "import corral.agent.__main__, corral.agent._serve; print('hi')"]
+
+
+def bare_bwrap_agent_floor(bundle: AgentBundle) -> Callable[[], None]:
+    argv = [*BWRAP, "--ro-bind", str(bundle.path), MOUNT_POINT, *agent_floor_argv(bundle)]
+
+    def run() -> None:
+        done = subprocess.run(argv, check=True, stdout=subprocess.PIPE)
+        if done.stdout != b"hi\n":
+            raise RuntimeError(f"the agent floor printed {done.stdout!r}")
+
+    return run
+
+
+def bare_bwrap_in_new_cgroup(runs: int, warmup: int = 2) -> list[float]:
+    """``bare bwrap echo`` started inside a cgroup made for it (memory and pids): what joining a new cgroup
+    costs a sandbox with limits (cgroup v1: a migration after an idle spell waits for an RCU grace period).
+    Making and removing the cgroup is not timed."""
+    root = Path("/sys/fs/cgroup")
+    parents = [root] if (root / "cgroup.controllers").exists() else [root / "memory", root / "pids"]
+    out = []
+    for i in range(warmup + runs):
+        dirs = [p / f"corral-bench-{uuid.uuid4().hex[:8]}" for p in parents]
+        for d in dirs:
+            d.mkdir()
+
+        def join(dirs: list[Path] = dirs) -> None:
+            for d in dirs:
+                (d / "cgroup.procs").write_text(str(os.getpid()))
+
+        try:
+            time.sleep(0.1)  # idle, as between two creates
+            start = time.perf_counter()
+            subprocess.run(
+                [*BWRAP, "/usr/bin/echo", "hi"], check=True, stdout=subprocess.DEVNULL, preexec_fn=join
+            )
+            if i >= warmup:
+                out.append(time.perf_counter() - start)
+        finally:
+            for d in dirs:
+                for _ in range(100):  # bwrap's own children may still be exiting
+                    try:
+                        d.rmdir()
+                        break
+                    except OSError:
+                        time.sleep(0.01)
+    return out
 
 
 class BareRunsc:
     """An OCI bundle run with bare runsc: a skeleton root with /usr bound read-only, process ``argv``."""
 
-    def __init__(self, argv: tuple[str, ...] = ("/usr/bin/echo", "hi")) -> None:
+    def __init__(
+        self, argv: tuple[str, ...] = ("/usr/bin/echo", "hi"), *, binds: dict[str, str] | None = None
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="corral-bench-runsc-"))
         rootfs = self.dir / "rootfs"
         for d in ("proc", "dev", "tmp", "usr"):
@@ -119,14 +184,18 @@ class BareRunsc:
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc"},
                 {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]},
+                *(
+                    {"destination": dest, "type": "bind", "source": src, "options": ["rbind", "ro"]}
+                    for src, dest in (binds or {}).items()
+                ),
             ],
             "linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")]},
         }
         (self.dir / "config.json").write_text(json.dumps(config))
 
-    def __call__(self) -> None:
+    def __call__(self) -> bytes:
         root = self.dir / f"state-{uuid.uuid4().hex[:8]}"
-        subprocess.run(
+        done = subprocess.run(
             [
                 "runsc",
                 "--root",
@@ -139,12 +208,33 @@ class BareRunsc:
                 uuid.uuid4().hex,
             ],
             check=True,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
         )
         shutil.rmtree(root, ignore_errors=True)
+        return done.stdout
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def gvisor_spawn_floor(bundle: AgentBundle, runs: int) -> list[float]:
+    """``subprocess.run(["echo", "hi"])`` timed inside a bare runsc sandbox: what starting one process costs
+    under gVisor, with no agent, protocol or runsc command around it (the floor of any exec there)."""
+    program = (
+        "import subprocess, time, json\n"
+        "def once():\n"
+        "    t = time.perf_counter()\n"
+        "    subprocess.run(['/usr/bin/echo', 'hi'], check=True, stdout=subprocess.DEVNULL)\n"
+        "    return time.perf_counter() - t\n"
+        f"samples = [once() for _ in range({runs} + 3)][3:]\n"
+        "print(json.dumps(samples))\n"
+    )
+    argv = agent_argv(bundle)
+    bare = BareRunsc((*argv[: argv.index("-m")], "-c", program), binds={str(bundle.path): MOUNT_POINT})
+    try:
+        return [float(x) for x in json.loads(bare())]
+    finally:
+        bare.close()
 
 
 class BareRunscExec:
@@ -252,16 +342,34 @@ def main() -> int:
     isolations = args.isolation or ["namespace", "gvisor"]
     runs = max(args.runs, 1)
 
+    bundle = ensure_bundle(Settings.load().cache_root)
     print(f"baselines (n={runs})")
     host = row("host subprocess.run(['echo','hi'])", measure(host_subprocess, runs))
     baseline: dict[str, tuple[float, float]] = {}
+    floors: dict[str, list[tuple[str, tuple[float, float]]]] = {"namespace": [], "gvisor": []}
     runsc_exec: tuple[float, float] | None = None
     if "namespace" in isolations:
         baseline["namespace"] = row("bare bwrap echo", measure(bare_bwrap, runs))
+        floors["namespace"] = [
+            (
+                "bare bwrap in a new cgroup",
+                row("bare bwrap echo in a new cgroup", bare_bwrap_in_new_cgroup(runs)),
+            ),
+            (
+                "bare bwrap agent interpreter",
+                row("bare bwrap: agent interpreter + imports", measure(bare_bwrap_agent_floor(bundle), runs)),
+            ),
+        ]
     if "gvisor" in isolations:
         bare = BareRunsc()
         try:
             baseline["gvisor"] = row("bare runsc run echo", measure(bare, runs))
+        finally:
+            bare.close()
+        bare = BareRunsc(tuple(agent_floor_argv(bundle)), binds={str(bundle.path): MOUNT_POINT})
+        try:
+            floor = row("bare runsc run: agent interpreter + imports", measure(bare, runs))
+            floors["gvisor"] = [("bare runsc agent interpreter", floor)]
         finally:
             bare.close()
         container = BareRunscExec()
@@ -269,6 +377,7 @@ def main() -> int:
             runsc_exec = row("bare runsc exec echo (running container)", measure(container, runs))
         finally:
             container.close()
+        spawn_floor = row("process start inside bare gVisor (echo)", gvisor_spawn_floor(bundle, runs))
 
     targets = {"namespace": 2.0, "gvisor": 1.1}
     for iso in isolations:
@@ -280,8 +389,11 @@ def main() -> int:
         ratio(f"create → first output (cold) / {base_name}", cold, baseline[iso], targets[iso])
         ratio(f"create → first output (warm pool) / {base_name}", warm, baseline[iso], targets[iso])
         ratio("exec round trip / host subprocess", exec_rt, host, 3.0)
+        for name, floor in floors[iso]:
+            ratio(f"floor: {name} / {base_name}", floor, baseline[iso], targets[iso])
         if iso == "gvisor" and runsc_exec is not None:
             ratio("exec round trip / bare runsc exec", exec_rt, runsc_exec, None)
+            ratio("floor: process start inside gVisor / host subprocess", spawn_floor, host, 3.0)
     return 0
 
 
