@@ -11,6 +11,8 @@ import io
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tarfile
@@ -23,7 +25,9 @@ from corral.errors import CorralError, InvalidRequest, InvalidState, RuntimeFail
 from corral.ids import SandboxId
 from corral.images import rootfs as _images_rootfs
 from corral.images.layers import LayerStore
-from corral.runtimes import _cgroups, _rootfs, _seccomp
+from corral.protocol.frames import encode
+from corral.runtimes import _cgroups, _proc, _rootfs, _seccomp
+from corral.runtimes import _shim as _shim_module
 from corral.runtimes.base import Bind, Limits, ObservedState, RootfsSpec, SandboxSpec
 
 
@@ -619,3 +623,26 @@ def test_overlay_options_escape_separators(tmp_path: Path) -> None:
         lowers=(Path("/a:b"), Path("/c,d")), binds=(), upper=Path("/u"), work=Path("/w"), merged=Path("/m")
     )
     assert _rootfs.overlay_options(dirs).startswith(r"lowerdir=/a\:b:/c\,d,upperdir=/u,workdir=/w")
+
+
+@pytest.mark.root
+@pytest.mark.bwrap
+@pytest.mark.anyio
+async def test_clients_that_hang_up_mid_stream_do_not_take_the_sandbox_down(ns_sandbox) -> None:
+    """A client resetting its connection while the agent streams to it: the shim's send to it fails and drops
+    it, and the same select() may still hold a read event of that client. The shim once died of that stale
+    event (KeyError), and the sandbox with it (seen as "crashed"); now such events are skipped."""
+    sb = await ns_sandbox()
+    for i in range(40):
+        with _shim_module.unix_path(sb.instance.socket_path) as path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(path)
+        sock.sendall(encode({"id": f"r{i}", "op": "exec", "argv": ["yes", "x" * 200], "user": "root"}))
+        got = 0
+        while got < 256 * 1024:  # the agent is streaming to us: the hello, then output
+            got += len(sock.recv(65536))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+        sock.close()
+    result = await sb.run(["echo", "still here"])
+    assert result.exit_code == 0 and result.stdout == b"still here\n"
+    assert _proc.pid_alive(sb.instance.shim_pid, sb.instance.shim_start_ticks)

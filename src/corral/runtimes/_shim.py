@@ -579,8 +579,10 @@ class _Shim:
         elif what == "agent_out":
             self.read_agent()
         elif what.startswith("client:"):
+            # an earlier event of the same select() may have dropped this client (a send to it failed while
+            # it hung up): its stale events are skipped, as the sandbox must outlive any client
             tag = what.partition(":")[2]
-            if events & selectors.EVENT_READ:
+            if tag in self.clients and events & selectors.EVENT_READ:
                 self.read_client(tag)
             if tag in self.clients and events & selectors.EVENT_WRITE:
                 self.flush_client(tag)
