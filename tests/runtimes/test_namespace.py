@@ -272,11 +272,10 @@ async def test_cancelled_create_cleans_up(ns_runtime, host_rootfs, after: float)
     await ns_runtime.check()
     before, mounts = _state_entries(ns_runtime), _mounts()
     sid = SandboxId.new()
-    instance = None
     with anyio.move_on_after(after):
         instance = await ns_runtime.create(SandboxSpec(sandbox_id=sid, rootfs=host_rootfs))
-    if instance is not None:
-        await ns_runtime.destroy(instance)  # finished before the deadline: clean up normally
+        # finished in time: destroy, even if the deadline passes now (destroy is shielded)
+        await ns_runtime.destroy(instance)
     assert _state_entries(ns_runtime) == before
     assert not _cgroup_dirs(sid)
     assert _mounts() == mounts
@@ -623,6 +622,21 @@ def test_overlay_options_escape_separators(tmp_path: Path) -> None:
         lowers=(Path("/a:b"), Path("/c,d")), binds=(), upper=Path("/u"), work=Path("/w"), merged=Path("/m")
     )
     assert _rootfs.overlay_options(dirs).startswith(r"lowerdir=/a\:b:/c\,d,upperdir=/u,workdir=/w")
+
+
+@pytest.mark.root
+@pytest.mark.bwrap
+@pytest.mark.anyio
+async def test_destroy_asked_inside_a_cancelled_scope_still_cleans_up(
+    ns_runtime, host_rootfs, nothing_left
+) -> None:
+    """A caller whose deadline has passed by the time its create returned must not leave the sandbox running:
+    destroy is shielded (an unshielded worker-thread call would be cancelled before it started)."""
+    instance = await ns_runtime.create(SandboxSpec(sandbox_id=SandboxId.new(), rootfs=host_rootfs))
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await ns_runtime.destroy(instance)
+    nothing_left(instance)
 
 
 @pytest.mark.root

@@ -236,13 +236,14 @@ class GVisorRuntime:
         return Observed(state=ObservedState.RUNNING)
 
     async def destroy(self, instance: Instance) -> None:
-        await anyio.to_thread.run_sync(
-            _teardown,
-            instance.sandbox_id,
-            Path(instance.state_dir),
-            instance.shim_pid,
-            instance.shim_start_ticks,
-        )
+        with anyio.CancelScope(shield=True):  # runs even when asked inside a cancelled scope
+            await anyio.to_thread.run_sync(
+                _teardown,
+                instance.sandbox_id,
+                Path(instance.state_dir),
+                instance.shim_pid,
+                instance.shim_start_ticks,
+            )
 
     async def _runsc_command(
         self, instance: Instance, *args: str, what: str, check: bool = True

@@ -324,10 +324,21 @@ class NamespaceRuntime:
         shim_pid: int | None,
         shim_ticks: int | None,
     ) -> None:
-        """Remove everything a sandbox owns, in dependency order; safe to repeat and to run anywhere."""
-        await anyio.to_thread.run_sync(
-            _teardown_sync, self.config.state_root, sandbox_id, state_dir, cgroup, slot, shim_pid, shim_ticks
-        )
+        """Remove everything a sandbox owns, in dependency order; safe to repeat and to run anywhere.
+
+        Shielded: a teardown asked for inside a cancelled scope (a caller's deadline passed) still runs.
+        """
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(
+                _teardown_sync,
+                self.config.state_root,
+                sandbox_id,
+                state_dir,
+                cgroup,
+                slot,
+                shim_pid,
+                shim_ticks,
+            )
 
 
 # -- blocking helpers (run in worker threads) ---------------------------------------------------------------
