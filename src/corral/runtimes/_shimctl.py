@@ -1,6 +1,6 @@
 """Host-side control of a sandbox's shim, shared by every shim-based runtime.
 
-Launch (write ``shim.json``, start the shim detached, wait for its one status line), connect to its socket,
+Launch (write ``shim.json``, start the shim detached or hand it to a standby, wait for its one status line), connect to its socket,
 observe it (running / exited with ``exit.json`` / missing) and stop it. The shim itself is
 :mod:`corral.runtimes._shim`.
 """
@@ -37,7 +37,6 @@ __all__ = [
     "ShimLauncher",
     "call",
     "connect",
-    "launch",
     "launcher",
     "observe",
     "spawn",
@@ -205,13 +204,6 @@ async def wait_ready(handle: ShimHandle, *, what: str, timeout: float = READY_TI
         raise RuntimeFailure(
             f"could not {what}: the sandbox did not start (see the server log)", details={"stage": "boot"}
         )
-
-
-async def launch(state_dir: Path, spec: ShimSpec, *, what: str, timeout: float = READY_TIMEOUT) -> ShimHandle:
-    """:func:`spawn` then :func:`wait_ready`."""
-    handle = spawn(state_dir, spec)
-    await wait_ready(handle, what=what, timeout=timeout)
-    return handle
 
 
 async def _read_status(proc: subprocess.Popen[bytes], timeout: float) -> str:

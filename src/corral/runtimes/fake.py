@@ -61,7 +61,7 @@ class FakeRuntime:
             deadline=spec.deadline,
         )
         try:
-            handle = await _shimctl.launch(state_dir, shim_spec, what="start the fake sandbox")
+            handle = await _shimctl.launcher.launch(state_dir, shim_spec, what="start the fake sandbox")
         except BaseException:
             await anyio.to_thread.run_sync(shutil.rmtree, state_dir, True)
             raise
