@@ -19,7 +19,15 @@ import anyio
 
 from corral.errors import RuntimeFailure, RuntimeUnavailable, Timeout
 
-__all__ = ["ProcResult", "proc_start_ticks", "require_binary", "run", "run_blocking", "spawn_detached"]
+__all__ = [
+    "ProcResult",
+    "proc_start_ticks",
+    "require_binary",
+    "run",
+    "run_blocking",
+    "spawn_detached",
+    "spawn_standby",
+]
 
 log = logging.getLogger("corral.runtimes.proc")
 
@@ -141,6 +149,19 @@ def spawn_detached(
             close_fds=True,
             pass_fds=tuple(pass_fds),
         )
+
+
+def spawn_standby(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """Start a helper ahead of need in its own session: stdin a pipe it waits on for its assignment (EOF:
+    not needed), stdout a pipe for its readiness line, stderr /dev/null until it opens a log of its own."""
+    return subprocess.Popen(
+        list(argv),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
 
 
 def proc_start_ticks(pid: int) -> int | None:

@@ -153,13 +153,8 @@ class ShimLauncher:
             if standby is not None and standby.poll() is None:
                 return
             try:
-                self._standby = subprocess.Popen(
-                    [sys.executable, "-I", "-S", str(SHIM_SCRIPT), "--standby", " " * STANDBY_TITLE_ROOM],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,  # until assigned: then the sandbox's shim.log
-                    start_new_session=True,
-                    close_fds=True,
+                self._standby = _proc.spawn_standby(
+                    [sys.executable, "-I", "-S", str(SHIM_SCRIPT), "--standby", " " * STANDBY_TITLE_ROOM]
                 )
             except OSError as exc:
                 log.warning("could not start a standby shim: %s", exc)
