@@ -189,10 +189,14 @@ def parse_token(token: str) -> tuple[KeyId, str]:
         key_id = "key-" + base64.b32encode(bytes.fromhex(match[1])).decode().lower()
         return KeyId(key_id), match[2]
     if not isinstance(token, str) or not token.startswith(KEY_PREFIX):
-        raise Unauthenticated("the API key is malformed; keys look like corral_key-…_…")
+        raise Unauthenticated(
+            "the API key is malformed; keys look like corral_key-…_… (or e2b_… for E2B's SDK)"
+        )
     key_id, sep, secret = token[len(KEY_PREFIX) :].partition("_")
     if not sep or not secret or not KeyId.is_valid(key_id):
-        raise Unauthenticated("the API key is malformed; keys look like corral_key-…_…")
+        raise Unauthenticated(
+            "the API key is malformed; keys look like corral_key-…_… (or e2b_… for E2B's SDK)"
+        )
     return KeyId(key_id), secret
 
 
