@@ -216,8 +216,8 @@ def test_fork(made: list[str], corral_sdk: E2BServer) -> None:
 
 
 def test_refused_options_say_why(e2b_env: E2BServer) -> None:
-    with pytest.raises(SandboxException, match="allow_internet_access"):
-        Sandbox.create(allow_internet_access=True)
+    with pytest.raises(SandboxException, match=r"network\.allowOut"):
+        Sandbox.create(network={"allow_out": ["192.0.2.1"]})
     with pytest.raises(SandboxException, match="autoPause"):
         Sandbox.create(lifecycle={"on_timeout": "pause"})
     with pytest.raises(SandboxException, match="timeout must be between"):

@@ -7,8 +7,10 @@ of translation written down at the route:
 - a stopped (killed or expired) sandbox does not exist for E2B: get, kill, timeout, pause and connect answer 404;
 - connect may extend a sandbox's end time and never shortens it; it resumes a paused sandbox (201, not 200);
 - ``secure`` is accepted and always on: every sandbox has an ``envdAccessToken``;
-- what Corral cannot do yet (internet access, auto-pause, MCP, IAM, volumes) is refused with a message that
-  says so, rather than accepted and silently dropped.
+- what Corral cannot do yet (outbound allow-lists, auto-pause, MCP, IAM, volumes) is refused with a message
+  that says so, rather than accepted and silently dropped. ``allow_internet_access`` is the exception: SDKs up
+  to 2.45 send ``true`` on every create, so refusing it would refuse them all; it is accepted, the sandbox has
+  loopback only, and get_info says so (``allowInternetAccess: false``).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class NewSandbox(_Body):
     metadata: StrMap | None = None
     envVars: StrMap | None = None
     secure: bool | None = None  # always on: every sandbox has an envd access token
-    allow_internet_access: bool | None = None
+    allow_internet_access: bool | None = None  # see the module docstring
     autoPause: bool | None = None
     autoResume: dict[str, Any] | None = None
     network: dict[str, Any] | None = None
@@ -71,7 +73,6 @@ class NewSandbox(_Body):
 
     def params(self) -> CreateParams:
         refuse = {
-            "allow_internet_access": self.allow_internet_access is True,
             "network.allowOut": bool((self.network or {}).get("allowOut")),
             "autoPause": self.autoPause is True,
             "autoResume": bool((self.autoResume or {}).get("enabled")),
