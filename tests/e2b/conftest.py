@@ -17,6 +17,14 @@ from _e2b_server import E2BServer
 from _corral_server import Server, new_key
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here):  # the server's sandboxes run in gVisor, its default isolation
+            item.add_marker(pytest.mark.root)
+            item.add_marker(pytest.mark.runsc)
+
+
 @pytest.fixture(scope="session")
 def e2b_server(corral_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2BServer]:
     data_dir = corral_data_dir / "e2b-server"  # under the session's data dir: the leak check covers it

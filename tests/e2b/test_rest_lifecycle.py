@@ -245,3 +245,18 @@ async def test_async_lifecycle(e2b_env: E2BServer) -> None:
     assert await AsyncSandbox.kill(sbx.sandbox_id) is False
     with pytest.raises(SandboxNotFoundException):
         await AsyncSandbox.get_info(sbx.sandbox_id)
+
+
+def test_code_interpreter_v1_is_built_on_first_use(made: list[str], corral_sdk: E2BServer) -> None:
+    """E2B's code-interpreter SDK asks for ``code-interpreter-v1``: Corral's code-interpreter template."""
+    sbx = Sandbox.create("code-interpreter-v1", timeout=120)
+    made.append(sbx.sandbox_id)
+    assert sbx.get_info().template_id == "code-interpreter"
+    with inside_of(sbx.sandbox_id) as inside:
+        out = inside.commands.run("python3 -c 'import pandas, matplotlib; print(pandas.__name__)'")
+        assert out.stdout == "pandas\n", out.stderr
+    listed = Sandbox.list(query=SandboxQuery(template="code-interpreter-v1")).next_items()
+    assert sbx.sandbox_id in [i.sandbox_id for i in listed]
+    again = Sandbox.create("code-interpreter", timeout=60)  # Corral's own name: the same template, built once
+    made.append(again.sandbox_id)
+    assert again.get_info().template_id == "code-interpreter"

@@ -106,6 +106,10 @@ def test_another_tenants_sandbox_does_not_exist_on_any_route(
         # B cannot start a sandbox from A's snapshot either
         stolen = b.post("/v2/sandboxes", json={"templateID": snapshot_id})
         assert stolen.status_code == 404, stolen.text
+        # ... nor learn its name from the list of templates an unknown name is answered with
+        unknown = b.post("/v2/sandboxes", json={"templateID": "no-such-template"})
+        assert unknown.status_code == 404 and "available templates: base" in unknown.text
+        assert snapshot_id not in unknown.text
     assert walked >= 12, routes  # every per-sandbox and per-template route the server has
 
     with client(e2b_server, e2b_server.key_a) as a:  # and A's sandbox is untouched by all of that
