@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.ids import PoolId, SandboxId, TenantId, new_traffic_token
+from corral.ids import PoolId, SandboxId, TenantId, new_envd_access_token, new_traffic_token
 from corral.models import SandboxInfo, SandboxState, StopReason
 from corral.runtimes.base import LEGACY_NODE, Artifact, ArtifactKind, Instance, Limits
 
@@ -56,6 +56,9 @@ class SandboxRecord:
     # The Corral node that owns the sandbox (Settings.node): only it reconciles the record and reaches the
     # instance of a node-local runtime. Set when the record is made, before the instance exists.
     node: str = LEGACY_NODE
+    # The credential of the sandbox's E2B-compatible in-sandbox API (server/e2b/envd): whoever holds it acts on
+    # this one sandbox as its tenant, without an API key. "" (records older than the field) matches nothing.
+    envd_access_token: str = field(default_factory=new_envd_access_token, repr=False)
 
     def info(self) -> SandboxInfo:
         return SandboxInfo(
@@ -72,6 +75,7 @@ class SandboxRecord:
             from_pool=self.from_pool,
             public_ports=self.public_ports,
             traffic_token=self.traffic_token,
+            envd_access_token=self.envd_access_token,
         )
 
     def to_json(self) -> str:
@@ -89,6 +93,7 @@ class SandboxRecord:
         data["stop_reason"] = StopReason(data["stop_reason"]) if data.get("stop_reason") else None
         data["instance"] = Instance.from_dict(data["instance"]) if data.get("instance") else None
         data["pool_id"] = PoolId(data["pool_id"]) if data.get("pool_id") else None
+        data.setdefault("envd_access_token", "")  # never a fresh random one per read
         return cls(**data)
 
 
@@ -119,6 +124,7 @@ class TemplateRecord:
     defaults: dict[str, Any] = field(default_factory=dict)
     # the only tenant that may use it (a snapshot holds that tenant's files and memory); None: every tenant
     owner: str | None = None
+    source: str | None = None  # kind "snapshot": the id of the sandbox it was captured from
 
     def usable_by(self, tenant: str) -> bool:
         return self.owner is None or self.owner == tenant
