@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from corral.core.records import SandboxRecord, TemplateRecord
+from corral.core.records import LOCAL_TENANT, SandboxRecord, TemplateRecord
 from corral.core.service import SandboxService
 from corral.core.settings import Settings
 from corral.ids import SandboxId
@@ -74,7 +74,7 @@ async def test_an_old_format_sandbox_is_reattached_and_killed(tmp_path: Path) ->
         env={}, data_dir=tmp_path / "data", enabled_runtimes=("fake",), default_isolation="fake"
     )
     async with open_service(settings) as first:
-        info = await first.create(CreateParams(timeout=600))
+        info = await first.create(CreateParams(timeout=600), tenant=LOCAL_TENANT)
         record = await first.store.get_sandbox(SandboxId(info.sandbox_id))
         assert record is not None and record.node == settings.node
         await first.store.aclose()
@@ -88,19 +88,23 @@ async def test_an_old_format_sandbox_is_reattached_and_killed(tmp_path: Path) ->
 
     service: SandboxService = open_service(settings)  # a server restarted on the old store
     try:
-        again = await service.get(info.sandbox_id)
+        again = await service.get(info.sandbox_id, tenant=LOCAL_TENANT)
         assert again.state is SandboxState.RUNNING
         adopted = await service.store.get_sandbox(SandboxId(info.sandbox_id))
         assert adopted is not None and adopted.node == settings.node  # the first reconcile adopted it
         assert adopted.instance is not None and adopted.instance.node == settings.node
         out = b""
-        async for ev in await service.exec(info.sandbox_id, ExecParams(cmd="echo still here")):
+        async for ev in await service.exec(
+            info.sandbox_id, ExecParams(cmd="echo still here"), tenant=LOCAL_TENANT
+        ):
             if ev.kind is EventKind.STDOUT:
                 out += ev.data
         assert out == b"still here\n"
-        moved = await service.set_timeout(info.sandbox_id, 120)  # through the shim's control channel
+        moved = await service.set_timeout(
+            info.sandbox_id, 120, tenant=LOCAL_TENANT
+        )  # through the shim's control channel
         assert moved.expires_at is not None and moved.expires_at < time.time() + 121
-        stopped = await service.kill(info.sandbox_id)
+        stopped = await service.kill(info.sandbox_id, tenant=LOCAL_TENANT)
         assert stopped.state is SandboxState.STOPPED
     finally:
         await service.aclose()

@@ -36,6 +36,7 @@ TENANTLESS = {
     "usable_runtimes",
     "build_template",  # templates are shared; the routes let only admins build them
     "open_port_for_traffic",  # the port proxy: the traffic token finds the tenant
+    "owns",  # node ownership of a record (reaper and reconcile), not an action on a sandbox
     "authenticate_envd",
     "authenticate_envd_proof",
 }
