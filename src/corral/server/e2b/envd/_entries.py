@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat as st
 from collections.abc import AsyncIterator
 
@@ -57,7 +58,7 @@ async def with_entries(
 ) -> AsyncIterator[pb.FilesystemEvent | None]:
     """Watch events as envd's, with the entry's stat when asked (``include_entry``); None for ``started``."""
     try:
-        async for event in events:
+        async for event in _as_envd(events):
             if event.type is FilesystemEventType.STARTED:
                 yield None
                 continue
@@ -82,8 +83,33 @@ async def with_entries(
 
 
 async def plain_events(events: AsyncIterator[FilesystemEvent]) -> AsyncIterator[pb.FilesystemEvent | None]:
+    """Watch events as envd's; None for ``started``."""
     try:
-        async for event in events:
-            yield None if event.type is FilesystemEventType.STARTED else fs_event(event)
+        async for event in _as_envd(events):
+            if event.type is FilesystemEventType.STARTED:
+                yield None
+            elif (out := fs_event(event)) is not None:
+                yield out
     finally:
         await events.aclose()  # type: ignore[attr-defined]
+
+
+_UPLOAD = re.compile(r"(.*/)?\.(.+)\.[0-9a-f]{8}\.corral-upload")
+
+
+async def _as_envd(events: AsyncIterator[FilesystemEvent]) -> AsyncIterator[FilesystemEvent]:
+    """Corral's agent writes a file atomically (a hidden temporary file renamed into place), envd writes in
+    place: hide the temporary file and report the upload as envd would, the file's ``create`` then ``write``."""
+    landing: set[str] = set()
+    async for event in events:
+        match = _UPLOAD.fullmatch(event.name)
+        if match is not None:
+            if event.type is FilesystemEventType.RENAME:
+                if len(landing) > 1024:  # renames that never land (code in the sandbox can fake them)
+                    landing.clear()
+                landing.add((match[1] or "") + match[2])
+            continue
+        yield event
+        if event.type is FilesystemEventType.CREATE and event.name in landing:
+            landing.discard(event.name)
+            yield FilesystemEvent(name=event.name, type=FilesystemEventType.WRITE)
