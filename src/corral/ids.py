@@ -15,7 +15,16 @@ from typing import ClassVar, Self
 
 from corral.errors import InvalidRequest
 
-__all__ = ["KeyId", "PoolId", "ProcessId", "SandboxId", "TenantId", "new_request_id", "new_traffic_token"]
+__all__ = [
+    "KeyId",
+    "PoolId",
+    "ProcessId",
+    "SandboxId",
+    "TenantId",
+    "new_envd_access_token",
+    "new_request_id",
+    "new_traffic_token",
+]
 
 _RANDOM_LEN = 16  # 80 bits of randomness: collisions are not a practical concern at any fleet size
 
@@ -80,4 +89,9 @@ def new_request_id() -> str:
 
 def new_traffic_token() -> str:
     """A sandbox's port-proxy credential: 256 random bits, URL-safe (it travels in a header)."""
+    return secrets.token_urlsafe(32)
+
+
+def new_envd_access_token() -> str:
+    """A sandbox's in-sandbox API credential (E2B's ``envdAccessToken``): 256 random bits, URL-safe."""
     return secrets.token_urlsafe(32)

@@ -111,6 +111,8 @@ class SandboxInfo(_Wire):
     public_ports: bool = False
     traffic_token: str | None = None
     domain: str | None = None
+    # The credential of the sandbox's E2B-compatible in-sandbox API (``X-Access-Token``), shown to its owner.
+    envd_access_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> SandboxInfo:

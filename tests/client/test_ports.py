@@ -24,6 +24,7 @@ import pytest
 from _sandbox_apps import ECHO_SERVER, cli_forward, recv_until, wait_for_line
 from corral import Sandbox
 from corral.client._local import AsyncLocalBackend
+from corral.core.records import LOCAL_TENANT
 from corral.errors import InvalidRequest, NotFound, PortClosed
 
 TIMEOUT = 60.0
@@ -118,12 +119,13 @@ def test_closed_port(sbx: Sandbox) -> None:
         backend = AsyncLocalBackend.from_env()
         try:
             with pytest.raises(PortClosed, match=f"port 9 is not open in sandbox {sbx.sandbox_id}"):
-                await backend.service.open_port(sbx.sandbox_id, 9)
+                await backend.service.open_port(sbx.sandbox_id, 9, tenant=LOCAL_TENANT)
             with pytest.raises(InvalidRequest):
-                await backend.service.open_port(sbx.sandbox_id, 0)
+                await backend.service.open_port(sbx.sandbox_id, 0, tenant=LOCAL_TENANT)
             with pytest.raises(NotFound):
-                await backend.service.open_port("sb-0000000000000000", 8000)
-            stream = await backend.service.open_port(sbx.sandbox_id, 7000)  # still works after errors
+                await backend.service.open_port("sb-0000000000000000", 8000, tenant=LOCAL_TENANT)
+            # still works after errors
+            stream = await backend.service.open_port(sbx.sandbox_id, 7000, tenant=LOCAL_TENANT)
             async with stream:
                 await stream.send(b"after\n")
                 assert await stream.receive() == b"echo: after\n"
@@ -172,7 +174,7 @@ def test_the_hosts_loopback_is_out_of_reach(sbx: Sandbox) -> None:
             backend = AsyncLocalBackend.from_env()
             try:
                 with pytest.raises(PortClosed):
-                    await backend.service.open_port(sbx.sandbox_id, port)
+                    await backend.service.open_port(sbx.sandbox_id, port, tenant=LOCAL_TENANT)
             finally:
                 await backend.aclose()
 
@@ -232,7 +234,7 @@ def test_a_client_that_goes_away_closes_its_port_connections(sbx: Sandbox) -> No
 
     async def leave_without_closing() -> None:
         backend = AsyncLocalBackend.from_env()
-        stream = await backend.service.open_port(sbx.sandbox_id, 7100)
+        stream = await backend.service.open_port(sbx.sandbox_id, 7100, tenant=LOCAL_TENANT)
         assert stream.port == 7100
         await backend.aclose()  # the agent connection goes; the stream is never closed
 

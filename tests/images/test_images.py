@@ -12,6 +12,7 @@ import anyio.to_thread
 import pytest
 
 from corral.client._local import open_service
+from corral.core.records import LOCAL_TENANT
 from corral.core.service import SandboxService
 from corral.core.settings import Settings
 from corral.errors import InvalidRequest, NotFound, PermissionDenied
@@ -45,7 +46,7 @@ async def build(service: SandboxService, params: BuildParams) -> list[BuildEvent
 
 async def run(service: SandboxService, sandbox_id: str, cmd: str, **kw: object) -> tuple[int | None, str]:
     out, code = b"", None
-    async for ev in await service.exec(sandbox_id, ExecParams(cmd=cmd, **kw)):  # type: ignore[arg-type]
+    async for ev in await service.exec(sandbox_id, ExecParams(cmd=cmd, **kw), tenant=LOCAL_TENANT):  # type: ignore[arg-type]
         if ev.kind.value in ("stdout", "stderr"):
             out += ev.data
         elif ev.kind.value == "exit":
@@ -78,7 +79,7 @@ async def test_image_with_a_step_runs_in_a_sandbox(
     )
     assert any(e.kind is BuildEventKind.LOG and f"step-output {isolation}" in e.data for e in events)
     assert [e.step for e in layer_events(events)] == [None, None, 1]  # two image layers, one step layer
-    info = await service.create(CreateParams(template=name, isolation=isolation))
+    info = await service.create(CreateParams(template=name, isolation=isolation), tenant=LOCAL_TENANT)
     try:
         sid = info.sandbox_id
         assert await run(service, sid, "cat /opt/built") == (0, "built\n")  # the step's layer
@@ -97,7 +98,7 @@ async def test_image_with_a_step_runs_in_a_sandbox(
         assert await run(service, sid, "id -u") == (0, "0\n")  # image user: none named → root, as in docker
         assert await run(service, sid, "touch /etc/new && cat /etc/passwd | head -c 4") == (0, "root")
     finally:
-        await service.kill(info.sandbox_id)
+        await service.kill(info.sandbox_id, tenant=LOCAL_TENANT)
     await service.templates.delete(name)
 
 
@@ -226,7 +227,7 @@ async def test_start_and_ready_commands(service: SandboxService, busybox_image: 
             ready_cmd="test -f /tmp/started",
         ),
     )
-    info = await service.create(CreateParams(template="bb-svc", isolation="namespace"))
+    info = await service.create(CreateParams(template="bb-svc", isolation="namespace"), tenant=LOCAL_TENANT)
     try:
         assert await run(service, info.sandbox_id, "cat /tmp/started") == (
             0,
@@ -235,7 +236,7 @@ async def test_start_and_ready_commands(service: SandboxService, busybox_image: 
         code, out = await run(service, info.sandbox_id, "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
         assert code == 0 and "sleep 600" in out  # start_cmd is still running in the background
     finally:
-        await service.kill(info.sandbox_id)
+        await service.kill(info.sandbox_id, tenant=LOCAL_TENANT)
     await service.templates.delete("bb-svc")
 
 
@@ -249,14 +250,14 @@ async def test_debootstrap_template(service: SandboxService) -> None:
         ),
     )
     assert [e.cached for e in layer_events(events)] == [False, False]
-    info = await service.create(CreateParams(template="deb", isolation="namespace"))
+    info = await service.create(CreateParams(template="deb", isolation="namespace"), tenant=LOCAL_TENANT)
     try:
         assert await run(service, info.sandbox_id, "cat /hello /etc/debian_version | head -1") == (0, "hi\n")
         assert (await run(service, info.sandbox_id, "dpkg -s coreutils | grep -c installed"))[
             1
         ].strip() == "1"
     finally:
-        await service.kill(info.sandbox_id)
+        await service.kill(info.sandbox_id, tenant=LOCAL_TENANT)
     again = await build(
         service, BuildParams(name="deb2", source="debootstrap:bookworm", steps=["echo hi > /hello"])
     )

@@ -134,9 +134,9 @@ async def test_fill_reports_progress_and_boots_members_no_user_can_see(
     assert len(found) == 3 and all(
         m.tenant_id == POOL_TENANT and m.state is SandboxState.RUNNING for m in found
     )
-    assert await service.list_sandboxes() == []  # members belong to no user
+    assert await service.list_sandboxes(tenant=LOCAL_TENANT) == []  # members belong to no user
     with pytest.raises(NotFound):
-        await service.get(found[0].sandbox_id)
+        await service.get(found[0].sandbox_id, tenant=LOCAL_TENANT)
     assert [
         (p.template, p.isolation, p.target, p.ready, p.starting) for p in await service.pools.list_pools()
     ] == [("base", "fake", 3, 3, 0)]
@@ -168,7 +168,7 @@ async def test_claim_late_binds_the_request_and_leaves_the_pool_one_short(
         == "hello\nfrom the request\n"
     )
     assert [i.sandbox_id for i in await service.list_sandboxes(tenant=tenant)] == [info.sandbox_id]
-    assert await service.list_sandboxes() == []  # another tenant sees nothing of it
+    assert await service.list_sandboxes(tenant=LOCAL_TENANT) == []  # another tenant sees nothing of it
     assert (await service.pools.get("base", "fake")).ready == 1  # one short until the next pass
     await service.pools.reconcile()
     assert (await service.pools.get("base", "fake")).ready == 2
@@ -183,10 +183,14 @@ async def test_claim_late_binds_the_request_and_leaves_the_pool_one_short(
 async def test_cold_start_when_the_pool_is_empty_or_does_not_match(service: SandboxService) -> None:
     await service.pools.set(PoolParams(template="base", size=1, memory_mb=256))
     await fill(service)
-    other_limits = await service.create(CreateParams())  # default 512 MB: not this pool's members
+    other_limits = await service.create(
+        CreateParams(), tenant=LOCAL_TENANT
+    )  # default 512 MB: not this pool's members
     assert not other_limits.from_pool
-    first = await service.create(CreateParams(memory_mb=256))
-    second = await service.create(CreateParams(memory_mb=256))  # pool now empty: cold, and still works
+    first = await service.create(CreateParams(memory_mb=256), tenant=LOCAL_TENANT)
+    second = await service.create(
+        CreateParams(memory_mb=256), tenant=LOCAL_TENANT
+    )  # pool now empty: cold, and still works
     assert first.from_pool and not second.from_pool
     assert first.memory_mb == second.memory_mb == 256
 
@@ -219,7 +223,7 @@ async def test_two_concurrent_creates_never_get_the_same_member(
         async with anyio.create_task_group() as tg:
 
             async def create(svc: SandboxService) -> None:
-                results.append(await svc.create(CreateParams()))
+                results.append(await svc.create(CreateParams(), tenant=LOCAL_TENANT))
 
             tg.start_soon(create, one)
             tg.start_soon(create, two)
@@ -240,7 +244,7 @@ async def test_many_concurrent_creates_each_get_a_distinct_sandbox(service: Sand
         for _ in range(5):
 
             async def create() -> None:
-                results.append(await service.create(CreateParams()))
+                results.append(await service.create(CreateParams(), tenant=LOCAL_TENANT))
 
             tg.start_soon(create)
     assert len({r.sandbox_id for r in results}) == 5
@@ -254,7 +258,7 @@ async def test_a_dead_member_is_skipped_at_claim_and_replaced_by_reconcile(
     await fill(service)
     (dead,) = await members(service)
     await kill_shim(dead)
-    info = await service.create(CreateParams(env={"X": "1"}))
+    info = await service.create(CreateParams(env={"X": "1"}), tenant=LOCAL_TENANT)
     assert not info.from_pool  # the claim found the member broken and fell back to a cold start
     assert await run(service, info.sandbox_id, "echo $X") == "1\n"
     assert await service.store.get_sandbox(dead.sandbox_id) is None  # and took it away
@@ -273,10 +277,12 @@ async def test_a_request_that_fails_late_binding_is_an_error_and_leaves_nothing(
     await service.pools.set(PoolParams(template="base", size=1))
     await fill(service)
     with pytest.raises(PermissionDenied):
-        await service.create(CreateParams(files={"/.corral/x": b"no"}))  # refused before any claim
+        await service.create(
+            CreateParams(files={"/.corral/x": b"no"}), tenant=LOCAL_TENANT
+        )  # refused before any claim
     assert len(await members(service)) == 1
     with pytest.raises(InvalidRequest):
-        await service.create(CreateParams(files={"a": "text"}))  # type: ignore[dict-item]
+        await service.create(CreateParams(files={"a": "text"}), tenant=LOCAL_TENANT)  # type: ignore[dict-item]
     assert len(await members(service)) == 1
 
 
@@ -384,7 +390,7 @@ async def test_fill_raises_the_boot_error_and_leaves_nothing(settings: Settings,
         assert await members(svc) == []
         # and a create still works out (here it fails the way the runtime does, not for the pool's sake)
         with pytest.raises(RuntimeFailure):
-            await svc.create(CreateParams())
+            await svc.create(CreateParams(), tenant=LOCAL_TENANT)
     finally:
         await close(svc)
 
@@ -394,7 +400,7 @@ async def test_run_refills_after_a_claim(service: SandboxService) -> None:
     await fill(service)
     async with anyio.create_task_group() as tg:
         tg.start_soon(service.pools.run)
-        claimed = await service.create(CreateParams())
+        claimed = await service.create(CreateParams(), tenant=LOCAL_TENANT)
         assert claimed.from_pool
         with anyio.fail_after(30):
             await service.pools.wait_for_pass()  # the claim woke the loop; this pass refilled

@@ -72,8 +72,8 @@ def make_service(
 async def service(settings: Settings, clock: Clock) -> AsyncIterator[SandboxService]:
     svc = make_service(settings, clock)
     yield svc
-    for info in await svc.list_sandboxes():
-        await svc.kill(info.sandbox_id)
+    for info in await svc.list_sandboxes(tenant=LOCAL_TENANT):
+        await svc.kill(info.sandbox_id, tenant=LOCAL_TENANT)
     await svc.aclose()
     await svc.store.aclose()
 
@@ -81,7 +81,7 @@ async def service(settings: Settings, clock: Clock) -> AsyncIterator[SandboxServ
 async def run(svc: SandboxService, sandbox_id: str, cmd: str) -> tuple[str, int | None]:
     out = []
     code = None
-    async for ev in await svc.exec(sandbox_id, ExecParams(cmd=cmd)):
+    async for ev in await svc.exec(sandbox_id, ExecParams(cmd=cmd), tenant=LOCAL_TENANT):
         if ev.kind is EventKind.STDOUT:
             out.append(ev.data)
         elif ev.kind is EventKind.EXIT:
@@ -94,7 +94,9 @@ def state_dirs(settings: Settings) -> list[str]:
 
 
 async def test_create_exec_files_kill(service: SandboxService, settings: Settings) -> None:
-    info = await service.create(CreateParams(metadata={"team": "a"}, env={"GREETING": "hello"}))
+    info = await service.create(
+        CreateParams(metadata={"team": "a"}, env={"GREETING": "hello"}), tenant=LOCAL_TENANT
+    )
     assert info.state is SandboxState.RUNNING and info.isolation == "fake"
     assert await run(service, info.sandbox_id, "echo $GREETING; exit 4") == ("hello\n", 4)
 
@@ -104,44 +106,57 @@ async def test_create_exec_files_kill(service: SandboxService, settings: Setting
 
     path = f"{settings.state_root}/{info.sandbox_id}/home/data.csv"
     # the fake runtime has no root file system of its own: act as root on a host path
-    assert await service.write_file(info.sandbox_id, path, chunks(), user="root") == 8
+    assert await service.write_file(info.sandbox_id, path, chunks(), user="root", tenant=LOCAL_TENANT) == 8
     assert (
-        b"".join([c async for c in await service.read_file(info.sandbox_id, path, user="root")])
+        b"".join(
+            [
+                c
+                async for c in await service.read_file(
+                    info.sandbox_id, path, user="root", tenant=LOCAL_TENANT
+                )
+            ]
+        )
         == b"a,b\n1,2\n"
     )
 
-    assert [i.sandbox_id for i in await service.list_sandboxes(metadata={"team": "a"})] == [info.sandbox_id]
-    assert await service.list_sandboxes(metadata={"team": "b"}) == []
+    assert [
+        i.sandbox_id for i in await service.list_sandboxes(metadata={"team": "a"}, tenant=LOCAL_TENANT)
+    ] == [info.sandbox_id]
+    assert await service.list_sandboxes(metadata={"team": "b"}, tenant=LOCAL_TENANT) == []
 
-    killed = await service.kill(info.sandbox_id)
+    killed = await service.kill(info.sandbox_id, tenant=LOCAL_TENANT)
     assert killed.state is SandboxState.STOPPED and killed.stop_reason is StopReason.KILLED
     assert state_dirs(settings) == []
-    assert await service.list_sandboxes() == []
+    assert await service.list_sandboxes(tenant=LOCAL_TENANT) == []
     with pytest.raises(InvalidState, match="stopped"):
-        await service.exec(info.sandbox_id, ExecParams(cmd="true"))
-    assert (await service.kill(info.sandbox_id)).state is SandboxState.STOPPED  # idempotent
+        await service.exec(info.sandbox_id, ExecParams(cmd="true"), tenant=LOCAL_TENANT)
+    assert (
+        await service.kill(info.sandbox_id, tenant=LOCAL_TENANT)
+    ).state is SandboxState.STOPPED  # idempotent
 
 
 async def test_deadline_kills_on_time_and_set_timeout_moves_it(
     service: SandboxService, clock: Clock, settings: Settings
 ) -> None:
-    info = await service.create(CreateParams(timeout=60))
+    info = await service.create(CreateParams(timeout=60), tenant=LOCAL_TENANT)
     clock.now += 50
     await service.reap()
-    assert (await service.get(info.sandbox_id)).state is SandboxState.RUNNING
-    await service.set_timeout(info.sandbox_id, 60)  # 60 s from *now*, not added to the old deadline
+    assert (await service.get(info.sandbox_id, tenant=LOCAL_TENANT)).state is SandboxState.RUNNING
+    await service.set_timeout(
+        info.sandbox_id, 60, tenant=LOCAL_TENANT
+    )  # 60 s from *now*, not added to the old deadline
     clock.now += 50
     await service.reap()
-    assert (await service.get(info.sandbox_id)).state is SandboxState.RUNNING
+    assert (await service.get(info.sandbox_id, tenant=LOCAL_TENANT)).state is SandboxState.RUNNING
     clock.now += 11
     await service.reap()
-    stopped = await service.get(info.sandbox_id)
+    stopped = await service.get(info.sandbox_id, tenant=LOCAL_TENANT)
     assert stopped.state is SandboxState.STOPPED and stopped.stop_reason is StopReason.TIMEOUT
     assert state_dirs(settings) == []
 
 
 async def test_a_dead_sandbox_is_noticed_and_cleaned(service: SandboxService, settings: Settings) -> None:
-    info = await service.create(CreateParams())
+    info = await service.create(CreateParams(), tenant=LOCAL_TENANT)
     record = await service.store.get_sandbox(SandboxId(info.sandbox_id))
     assert record is not None and record.instance is not None
     shim_fd = os.pidfd_open(record.instance.shim_pid)
@@ -149,20 +164,20 @@ async def test_a_dead_sandbox_is_noticed_and_cleaned(service: SandboxService, se
     with anyio.fail_after(10):
         await anyio.wait_readable(shim_fd)  # readable once the process has exited
     os.close(shim_fd)
-    gone = await service.get(info.sandbox_id)
+    gone = await service.get(info.sandbox_id, tenant=LOCAL_TENANT)
     assert gone.state is SandboxState.STOPPED and gone.stop_reason is StopReason.CRASHED
     assert state_dirs(settings) == []
 
 
 async def test_bad_input_creates_nothing(service: SandboxService, settings: Settings) -> None:
     with pytest.raises(InvalidRequest, match="unknown isolation 'quantum'"):
-        await service.create(CreateParams(isolation="quantum"))
+        await service.create(CreateParams(isolation="quantum"), tenant=LOCAL_TENANT)
     with pytest.raises(NotFound, match="template 'nope' not found; available templates: base"):
-        await service.create(CreateParams(template="nope"))
+        await service.create(CreateParams(template="nope"), tenant=LOCAL_TENANT)
     with pytest.raises(InvalidRequest, match="timeout"):
-        await service.create(CreateParams(timeout=-1))
+        await service.create(CreateParams(timeout=-1), tenant=LOCAL_TENANT)
     with pytest.raises(InvalidRequest, match="metadata"):
-        await service.create(CreateParams(metadata={"k": 1}))  # type: ignore[dict-item]
+        await service.create(CreateParams(metadata={"k": 1}), tenant=LOCAL_TENANT)  # type: ignore[dict-item]
     assert await service.store.list_sandboxes() == []
     assert state_dirs(settings) == []
 
@@ -171,7 +186,7 @@ async def test_runtime_failure_leaves_no_record(settings: Settings, clock: Clock
     svc = make_service(settings, clock, FailingRuntime)
     try:
         with pytest.raises(RuntimeFailure):
-            await svc.create(CreateParams())
+            await svc.create(CreateParams(), tenant=LOCAL_TENANT)
         assert await svc.store.list_sandboxes() == []
     finally:
         await svc.aclose()
@@ -179,7 +194,7 @@ async def test_runtime_failure_leaves_no_record(settings: Settings, clock: Clock
 
 
 async def test_tenants_cannot_see_each_other(service: SandboxService) -> None:
-    info = await service.create(CreateParams())
+    info = await service.create(CreateParams(), tenant=LOCAL_TENANT)
     stranger = TenantId.new()
     with pytest.raises(NotFound):
         await service.get(info.sandbox_id, tenant=stranger)
@@ -192,15 +207,15 @@ async def test_tenants_cannot_see_each_other(service: SandboxService) -> None:
 async def test_bad_ids_are_not_found(service: SandboxService) -> None:
     for bad in ("", "sb-", "../../etc", "sb-AAAAAAAAAAAAAAAA", "sb-aaaaaaaaaaaaaaaa\n"):
         with pytest.raises(NotFound):
-            await service.get(bad)
+            await service.get(bad, tenant=LOCAL_TENANT)
 
 
 async def test_another_process_reattaches(service: SandboxService, settings: Settings, clock: Clock) -> None:
-    info = await service.create(CreateParams())
+    info = await service.create(CreateParams(), tenant=LOCAL_TENANT)
     bg = [
         ev
         async for ev in await service.exec(
-            info.sandbox_id, ExecParams(cmd="echo started; sleep 30", background=True)
+            info.sandbox_id, ExecParams(cmd="echo started; sleep 30", background=True), tenant=LOCAL_TENANT
         )
     ]
     process_id = bg[0].process_id
@@ -208,10 +223,10 @@ async def test_another_process_reattaches(service: SandboxService, settings: Set
     other = make_service(settings, clock)  # a second process sharing the data dir, e.g. a CLI call
     try:
         assert await run(other, info.sandbox_id, "echo from-other") == ("from-other\n", 0)
-        procs = await other.list_processes(info.sandbox_id)
+        procs = await other.list_processes(info.sandbox_id, tenant=LOCAL_TENANT)
         assert any(p.process_id == process_id and p.running for p in procs)
         replay = []
-        async for ev in await other.attach(info.sandbox_id, process_id):
+        async for ev in await other.attach(info.sandbox_id, process_id, tenant=LOCAL_TENANT):
             replay.append(ev)
             if ev.kind is EventKind.STDOUT:
                 break

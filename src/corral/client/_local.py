@@ -26,10 +26,11 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from corral.client._forward import forward
 from corral.client._pump import Pump
 from corral.core.ports import PortStream
-from corral.core.records import TemplateRecord
+from corral.core.records import LOCAL_TENANT, TemplateRecord
 from corral.core.service import SandboxService
 from corral.core.settings import Settings
 from corral.errors import InvalidRequest, InvalidState
+from corral.ids import TenantId
 from corral.models import (
     BuildEvent,
     BuildParams,
@@ -60,44 +61,45 @@ T = TypeVar("T")
 class AsyncLocalBackend:
     url: str | None = None  # embedded: no server, so no port proxy either
 
-    def __init__(self, service: SandboxService) -> None:
+    def __init__(self, service: SandboxService, *, tenant: TenantId = LOCAL_TENANT) -> None:
         self.service = service
+        self.tenant = tenant  # the principal of every call: below this class, no tenant is implied
 
     @classmethod
     def from_env(cls, **overrides: Any) -> AsyncLocalBackend:
         return cls(open_service(Settings.load(**overrides)))
 
     async def create_sandbox(self, params: CreateParams) -> SandboxInfo:
-        return await self.service.create(params)
+        return await self.service.create(params, tenant=self.tenant)
 
     async def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return await self.service.get(sandbox_id)
+        return await self.service.get(sandbox_id, tenant=self.tenant)
 
     async def list_sandboxes(
         self, *, metadata: dict[str, str] | None = None, states: frozenset[SandboxState] | None = None
     ) -> list[SandboxInfo]:
-        return await self.service.list_sandboxes(metadata=metadata, states=states)
+        return await self.service.list_sandboxes(metadata=metadata, states=states, tenant=self.tenant)
 
     async def kill_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return await self.service.kill(sandbox_id)
+        return await self.service.kill(sandbox_id, tenant=self.tenant)
 
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
-        return await self.service.set_timeout(sandbox_id, seconds)
+        return await self.service.set_timeout(sandbox_id, seconds, tenant=self.tenant)
 
     async def snapshot_sandbox(self, sandbox_id: str, name: str, *, description: str = "") -> TemplateInfo:
-        return await self.service.snapshot(sandbox_id, name, description=description)
+        return await self.service.snapshot(sandbox_id, name, description=description, tenant=self.tenant)
 
     async def fork_sandbox(self, sandbox_id: str, count: int) -> list[SandboxInfo]:
-        return await self.service.fork(sandbox_id, count)
+        return await self.service.fork(sandbox_id, count, tenant=self.tenant)
 
     async def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return await self.service.pause(sandbox_id)
+        return await self.service.pause(sandbox_id, tenant=self.tenant)
 
     async def resume_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return await self.service.resume(sandbox_id)
+        return await self.service.resume(sandbox_id, tenant=self.tenant)
 
     async def exec(self, sandbox_id: str, params: ExecParams) -> AsyncIterator[ProcessEvent]:
-        events = await self.service.exec(sandbox_id, params)
+        events = await self.service.exec(sandbox_id, params, tenant=self.tenant)
         try:
             async for event in events:
                 yield event
@@ -105,7 +107,7 @@ class AsyncLocalBackend:
             await events.aclose()  # type: ignore[attr-defined]
 
     async def attach(self, sandbox_id: str, process_id: str) -> AsyncIterator[ProcessEvent]:
-        events = await self.service.attach(sandbox_id, process_id)
+        events = await self.service.attach(sandbox_id, process_id, tenant=self.tenant)
         try:
             async for event in events:
                 yield event
@@ -113,16 +115,16 @@ class AsyncLocalBackend:
             await events.aclose()  # type: ignore[attr-defined]
 
     async def list_processes(self, sandbox_id: str) -> list[ProcessInfo]:
-        return await self.service.list_processes(sandbox_id)
+        return await self.service.list_processes(sandbox_id, tenant=self.tenant)
 
     async def send_stdin(self, sandbox_id: str, process_id: str, data: bytes, *, eof: bool = False) -> None:
-        await self.service.send_stdin(sandbox_id, process_id, data, eof=eof)
+        await self.service.send_stdin(sandbox_id, process_id, data, eof=eof, tenant=self.tenant)
 
     async def signal(self, sandbox_id: str, process_id: str, signal: int) -> None:
-        await self.service.signal(sandbox_id, process_id, signal)
+        await self.service.signal(sandbox_id, process_id, signal, tenant=self.tenant)
 
     async def read_file(self, sandbox_id: str, path: str, *, user: str | None = None) -> AsyncIterator[bytes]:
-        chunks = await self.service.read_file(sandbox_id, path, user=user)
+        chunks = await self.service.read_file(sandbox_id, path, user=user, tenant=self.tenant)
         try:
             async for chunk in chunks:
                 yield chunk
@@ -132,31 +134,31 @@ class AsyncLocalBackend:
     async def write_file(
         self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes], *, user: str | None = None
     ) -> int:
-        return await self.service.write_file(sandbox_id, path, chunks, user=user)
+        return await self.service.write_file(sandbox_id, path, chunks, user=user, tenant=self.tenant)
 
     async def list_dir(
         self, sandbox_id: str, path: str, *, depth: int = 1, user: str | None = None
     ) -> list[EntryInfo]:
-        return await self.service.list_dir(sandbox_id, path, depth=depth, user=user)
+        return await self.service.list_dir(sandbox_id, path, depth=depth, user=user, tenant=self.tenant)
 
     async def stat(self, sandbox_id: str, path: str, *, user: str | None = None) -> EntryInfo:
-        return await self.service.stat(sandbox_id, path, user=user)
+        return await self.service.stat(sandbox_id, path, user=user, tenant=self.tenant)
 
     async def make_dir(self, sandbox_id: str, path: str, *, user: str | None = None) -> bool:
-        return await self.service.make_dir(sandbox_id, path, user=user)
+        return await self.service.make_dir(sandbox_id, path, user=user, tenant=self.tenant)
 
     async def remove(
         self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None
     ) -> None:
-        await self.service.remove(sandbox_id, path, recursive=recursive, user=user)
+        await self.service.remove(sandbox_id, path, recursive=recursive, user=user, tenant=self.tenant)
 
     async def rename(
         self, sandbox_id: str, src: str, dst: str, *, overwrite: bool = False, user: str | None = None
     ) -> None:
-        await self.service.rename(sandbox_id, src, dst, overwrite=overwrite, user=user)
+        await self.service.rename(sandbox_id, src, dst, overwrite=overwrite, user=user, tenant=self.tenant)
 
     async def list_templates(self) -> list[TemplateInfo]:
-        return [_template_info(t) for t in await self.service.list_templates()]
+        return [_template_info(t) for t in await self.service.list_templates(tenant=self.tenant)]
 
     async def import_template(
         self, name: str, *, directory: str | None = None, tarball: str | None = None, description: str = ""
@@ -184,15 +186,17 @@ class AsyncLocalBackend:
             await events.aclose()  # type: ignore[attr-defined]
 
     async def create_pty(self, sandbox_id: str, params: PtyParams) -> ProcessEvent:
-        return await self.service.create_pty(sandbox_id, params)
+        return await self.service.create_pty(sandbox_id, params, tenant=self.tenant)
 
     async def resize_pty(self, sandbox_id: str, process_id: str, cols: int, rows: int) -> None:
-        await self.service.resize_pty(sandbox_id, process_id, cols, rows)
+        await self.service.resize_pty(sandbox_id, process_id, cols, rows, tenant=self.tenant)
 
     async def watch_dir(
         self, sandbox_id: str, path: str, *, recursive: bool = False, user: str | None = None
     ) -> AsyncIterator[FilesystemEvent]:
-        events = await self.service.watch_dir(sandbox_id, path, recursive=recursive, user=user)
+        events = await self.service.watch_dir(
+            sandbox_id, path, recursive=recursive, user=user, tenant=self.tenant
+        )
         try:
             async for event in events:
                 yield event
@@ -200,7 +204,7 @@ class AsyncLocalBackend:
             await events.aclose()  # type: ignore[attr-defined]
 
     async def run_code(self, sandbox_id: str, params: RunCodeParams) -> AsyncIterator[CodeEvent]:
-        events = await self.service.run_code(sandbox_id, params)
+        events = await self.service.run_code(sandbox_id, params, tenant=self.tenant)
         try:
             async for event in events:
                 yield event
@@ -210,19 +214,21 @@ class AsyncLocalBackend:
     async def create_code_context(
         self, sandbox_id: str, *, language: str | None = None, cwd: str | None = None
     ) -> CodeContext:
-        return await self.service.create_code_context(sandbox_id, language=language, cwd=cwd)
+        return await self.service.create_code_context(
+            sandbox_id, language=language, cwd=cwd, tenant=self.tenant
+        )
 
     async def list_code_contexts(self, sandbox_id: str) -> list[CodeContext]:
-        return await self.service.list_code_contexts(sandbox_id)
+        return await self.service.list_code_contexts(sandbox_id, tenant=self.tenant)
 
     async def restart_code_context(self, sandbox_id: str, context_id: str) -> None:
-        await self.service.restart_code_context(sandbox_id, context_id)
+        await self.service.restart_code_context(sandbox_id, context_id, tenant=self.tenant)
 
     async def remove_code_context(self, sandbox_id: str, context_id: str) -> None:
-        await self.service.remove_code_context(sandbox_id, context_id)
+        await self.service.remove_code_context(sandbox_id, context_id, tenant=self.tenant)
 
     async def interrupt_code_context(self, sandbox_id: str, context_id: str) -> None:
-        await self.service.interrupt_code_context(sandbox_id, context_id)
+        await self.service.interrupt_code_context(sandbox_id, context_id, tenant=self.tenant)
 
     async def build_code_interpreter_template(self, name: str = "code-interpreter") -> TemplateInfo:
         from corral.core.code_template import build_code_interpreter_template
@@ -242,13 +248,13 @@ class AsyncLocalBackend:
         self, sandbox_id: str, port: int, *, host: str, local_port: int
     ) -> AsyncIterator[PortForward]:
         info = await self.service.get(
-            sandbox_id
+            sandbox_id, tenant=self.tenant
         )  # a missing or stopped sandbox fails here, not per connection
         if info.state is not SandboxState.RUNNING:
             raise InvalidState(f"cannot forward a port of sandbox {sandbox_id}: it is {info.state.value}")
 
         async def open_stream() -> PortStream:
-            return await self.service.open_port(sandbox_id, port)
+            return await self.service.open_port(sandbox_id, port, tenant=self.tenant)
 
         async with forward(
             open_stream, sandbox_id=sandbox_id, port=port, host=host, local_port=local_port

@@ -49,7 +49,7 @@ from corral.errors import (
     RuntimeFailure,
     Timeout,
 )
-from corral.ids import PoolId, SandboxId, TenantId, new_traffic_token
+from corral.ids import PoolId, SandboxId, TenantId, new_envd_access_token, new_traffic_token
 from corral.models import PoolInfo, PoolParams, SandboxState, StopReason
 from corral.protocol import Op
 from corral.runtimes.base import Limits, ObservedState, SandboxSpec
@@ -173,7 +173,8 @@ class PoolManager:
                         timeout=timeout,
                         deadline=now + timeout,
                         public_ports=public_ports,
-                        traffic_token=new_traffic_token(),  # never the one it had while pooled
+                        traffic_token=new_traffic_token(),  # never the ones it had while pooled
+                        envd_access_token=new_envd_access_token(),
                     ),
                     expect_version=member.version,
                 )

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.ids import PoolId, SandboxId, TenantId, new_traffic_token
+from corral.ids import PoolId, SandboxId, TenantId, new_envd_access_token, new_traffic_token
 from corral.models import SandboxInfo, SandboxState, StopReason
 from corral.runtimes.base import Instance, Limits
 
@@ -47,6 +47,9 @@ class SandboxRecord:
     # The port proxy's access rule (server/proxy.py): public, or callers presenting this sandbox's token.
     public_ports: bool = False
     traffic_token: str = field(default_factory=new_traffic_token)
+    # The credential of the sandbox's E2B-compatible in-sandbox API (server/e2b/envd): whoever holds it acts on
+    # this one sandbox as its tenant, without an API key. "" (records older than the field) matches nothing.
+    envd_access_token: str = field(default_factory=new_envd_access_token, repr=False)
 
     def info(self) -> SandboxInfo:
         return SandboxInfo(
@@ -63,6 +66,7 @@ class SandboxRecord:
             from_pool=self.from_pool,
             public_ports=self.public_ports,
             traffic_token=self.traffic_token,
+            envd_access_token=self.envd_access_token,
         )
 
     def to_json(self) -> str:
@@ -80,6 +84,7 @@ class SandboxRecord:
         data["stop_reason"] = StopReason(data["stop_reason"]) if data.get("stop_reason") else None
         data["instance"] = Instance.from_json(json.dumps(data["instance"])) if data.get("instance") else None
         data["pool_id"] = PoolId(data["pool_id"]) if data.get("pool_id") else None
+        data.setdefault("envd_access_token", "")  # never a fresh random one per read
         return cls(**data)
 
 

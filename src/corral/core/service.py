@@ -37,7 +37,7 @@ from corral.core.agent_client import AgentClient
 from corral.core.audit import AuditAction, AuditLog
 from corral.core.auth import Quotas, check_quota, check_timeout_quota
 from corral.core.pools import PoolManager
-from corral.core.records import LOCAL_TENANT, SandboxRecord, TemplateRecord
+from corral.core.records import SandboxRecord, TemplateRecord
 from corral.core.settings import Settings
 from corral.core.state import Action, require_state, transition
 from corral.core.store import Store
@@ -83,6 +83,7 @@ log = logging.getLogger("corral.core.service")
 _LIVE = frozenset({SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED})
 MIN_TIMEOUT = 1.0  # a sandbox's life in seconds; less could not even boot, so it is a mistake, not a request
 ABANDONED_CREATE_AFTER = 300.0  # a record still "creating" this long after creation lost its creator
+_NO_TOKEN = "-" * 43  # compared against when there is no sandbox, so both paths do the same work
 
 
 def _check_str_map(name: str, value: object, *, max_items: int = 64, max_len: int = 1024) -> dict[str, str]:
@@ -136,7 +137,7 @@ class SandboxService:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def create(
-        self, request: CreateParams, *, tenant: TenantId = LOCAL_TENANT, start_from: Snapshot | None = None
+        self, request: CreateParams, *, tenant: TenantId, start_from: Snapshot | None = None
     ) -> SandboxInfo:
         """Create a sandbox; ``start_from`` (forks) seeds its writable layer and, if captured, its memory."""
         isolation = request.isolation or self.settings.default_isolation
@@ -252,14 +253,14 @@ class SandboxService:
         )
         return record.info()
 
-    async def get(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
+    async def get(self, sandbox_id: str, *, tenant: TenantId) -> SandboxInfo:
         record = await self._reconciled(await self._record(sandbox_id, tenant))
         return record.info()
 
     async def list_sandboxes(
         self,
         *,
-        tenant: TenantId = LOCAL_TENANT,
+        tenant: TenantId,
         metadata: dict[str, str] | None = None,
         states: frozenset[SandboxState] | None = None,
     ) -> list[SandboxInfo]:
@@ -272,7 +273,7 @@ class SandboxService:
                 out.append(record.info())
         return out
 
-    async def kill(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
+    async def kill(self, sandbox_id: str, *, tenant: TenantId) -> SandboxInfo:
         record = await self._record(sandbox_id, tenant)
         if record.state is SandboxState.STOPPED:
             return record.info()
@@ -280,9 +281,7 @@ class SandboxService:
         await self.audit.record(AuditAction.SANDBOX_KILL, tenant_id=tenant, sandbox_id=record.sandbox_id)
         return stopped.info()
 
-    async def set_timeout(
-        self, sandbox_id: str, seconds: float, *, tenant: TenantId = LOCAL_TENANT
-    ) -> SandboxInfo:
+    async def set_timeout(self, sandbox_id: str, seconds: float, *, tenant: TenantId) -> SandboxInfo:
         """Give the sandbox ``seconds`` more life from now (E2B semantics: not added to the old deadline)."""
         seconds = self._check_timeout(seconds)
         check_timeout_quota(await self._quotas(tenant), seconds, tenant=await self._tenant_name(tenant))
@@ -300,7 +299,7 @@ class SandboxService:
         self._wake_reaper.set()
         return record.info()
 
-    async def pause(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
+    async def pause(self, sandbox_id: str, *, tenant: TenantId) -> SandboxInfo:
         record = await self._reconciled(await self._record(sandbox_id, tenant))
         require_state(record.state, Action.PAUSE, SandboxState.RUNNING, sandbox_id=sandbox_id)
         runtime = self._runtime(record.isolation)
@@ -326,7 +325,7 @@ class SandboxService:
         )
         return record.info()
 
-    async def resume(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
+    async def resume(self, sandbox_id: str, *, tenant: TenantId) -> SandboxInfo:
         record = await self._record(sandbox_id, tenant)
         require_state(record.state, Action.RESUME, SandboxState.PAUSED, sandbox_id=sandbox_id)
         assert record.instance is not None
@@ -355,7 +354,7 @@ class SandboxService:
 
     # -- processes -------------------------------------------------------------------------------------------
     async def exec(
-        self, sandbox_id: str, params: ExecParams, *, tenant: TenantId = LOCAL_TENANT
+        self, sandbox_id: str, params: ExecParams, *, tenant: TenantId
     ) -> AsyncIterator[ProcessEvent]:
         if (params.cmd is None) == (params.argv is None):
             raise InvalidRequest("give exactly one of cmd (a shell command) and argv (a list of arguments)")
@@ -400,12 +399,12 @@ class SandboxService:
             await events.aclose()  # type: ignore[attr-defined]
 
     async def attach(
-        self, sandbox_id: str, process_id: str, *, tenant: TenantId = LOCAL_TENANT
+        self, sandbox_id: str, process_id: str, *, tenant: TenantId
     ) -> AsyncIterator[ProcessEvent]:
         client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
         return _processes.attach(client, process_id)
 
-    async def list_processes(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> list[ProcessInfo]:
+    async def list_processes(self, sandbox_id: str, *, tenant: TenantId) -> list[ProcessInfo]:
         return await _processes.list_processes(await self._running_agent(sandbox_id, tenant, Action.EXEC))
 
     async def send_stdin(
@@ -415,14 +414,12 @@ class SandboxService:
         data: bytes,
         *,
         eof: bool = False,
-        tenant: TenantId = LOCAL_TENANT,
+        tenant: TenantId,
     ) -> None:
         client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
         await _processes.send_stdin(client, process_id, data, eof=eof)
 
-    async def signal(
-        self, sandbox_id: str, process_id: str, signal: int, *, tenant: TenantId = LOCAL_TENANT
-    ) -> None:
+    async def signal(self, sandbox_id: str, process_id: str, signal: int, *, tenant: TenantId) -> None:
         if not isinstance(signal, int) or not 1 <= signal <= 64:
             raise InvalidRequest("signal must be a signal number from 1 to 64")
         client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
@@ -430,7 +427,7 @@ class SandboxService:
 
     # -- files -----------------------------------------------------------------------------------------------
     async def read_file(
-        self, sandbox_id: str, path: str, *, user: str | None = None, tenant: TenantId = LOCAL_TENANT
+        self, sandbox_id: str, path: str, *, user: str | None = None, tenant: TenantId
     ) -> AsyncIterator[bytes]:
         _files.check_path(path)
         client = await self._running_agent(sandbox_id, tenant, Action.FILES)
@@ -443,7 +440,7 @@ class SandboxService:
         chunks: AsyncIterable[bytes],
         *,
         user: str | None = None,
-        tenant: TenantId = LOCAL_TENANT,
+        tenant: TenantId,
     ) -> int:
         _files.check_path(path, writing=True)
         client = await self._running_agent(sandbox_id, tenant, Action.FILES)
@@ -465,18 +462,18 @@ class SandboxService:
         *,
         depth: int = 1,
         user: str | None = None,
-        tenant: TenantId = LOCAL_TENANT,
+        tenant: TenantId,
     ) -> list[EntryInfo]:
         client = await self._running_agent(sandbox_id, tenant, Action.FILES)
         return await _files.list_dir(client, path, depth=depth, user=user)
 
     async def stat(
-        self, sandbox_id: str, path: str, *, user: str | None = None, tenant: TenantId = LOCAL_TENANT
+        self, sandbox_id: str, path: str, *, user: str | None = None, tenant: TenantId
     ) -> EntryInfo:
         return await _files.stat(await self._running_agent(sandbox_id, tenant, Action.FILES), path, user=user)
 
     async def make_dir(
-        self, sandbox_id: str, path: str, *, user: str | None = None, tenant: TenantId = LOCAL_TENANT
+        self, sandbox_id: str, path: str, *, user: str | None = None, tenant: TenantId
     ) -> bool:
         return await _files.make_dir(
             await self._running_agent(sandbox_id, tenant, Action.FILES), path, user=user
@@ -489,7 +486,7 @@ class SandboxService:
         *,
         recursive: bool = False,
         user: str | None = None,
-        tenant: TenantId = LOCAL_TENANT,
+        tenant: TenantId,
     ) -> None:
         client = await self._running_agent(sandbox_id, tenant, Action.FILES)
         await _files.remove(client, path, recursive=recursive, user=user)
@@ -502,7 +499,7 @@ class SandboxService:
         *,
         overwrite: bool = False,
         user: str | None = None,
-        tenant: TenantId = LOCAL_TENANT,
+        tenant: TenantId,
     ) -> None:
         client = await self._running_agent(sandbox_id, tenant, Action.FILES)
         await _files.rename(client, src, dst, overwrite=overwrite, user=user)
@@ -558,7 +555,7 @@ class SandboxService:
 
     # -- code interpreter (logic in core/interpreter.py) ---------------------------------------------------
     async def run_code(
-        self, sandbox_id: str, params: RunCodeParams, *, tenant: TenantId = LOCAL_TENANT
+        self, sandbox_id: str, params: RunCodeParams, *, tenant: TenantId
     ) -> AsyncIterator[CodeEvent]:
         fields = _interpreter.check_run_params(params, max_timeout=self.settings.max_timeout)
         client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
@@ -570,38 +567,28 @@ class SandboxService:
         *,
         language: str | None = None,
         cwd: str | None = None,
-        tenant: TenantId = LOCAL_TENANT,
+        tenant: TenantId,
     ) -> CodeContext:
         client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
         return await _interpreter.create_context(client, language=language, cwd=cwd)
 
-    async def list_code_contexts(
-        self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT
-    ) -> list[CodeContext]:
+    async def list_code_contexts(self, sandbox_id: str, *, tenant: TenantId) -> list[CodeContext]:
         return await _interpreter.list_contexts(await self._running_agent(sandbox_id, tenant, Action.EXEC))
 
-    async def restart_code_context(
-        self, sandbox_id: str, context_id: str, *, tenant: TenantId = LOCAL_TENANT
-    ) -> None:
+    async def restart_code_context(self, sandbox_id: str, context_id: str, *, tenant: TenantId) -> None:
         client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
         await _interpreter.restart_context(client, context_id)
 
-    async def remove_code_context(
-        self, sandbox_id: str, context_id: str, *, tenant: TenantId = LOCAL_TENANT
-    ) -> None:
+    async def remove_code_context(self, sandbox_id: str, context_id: str, *, tenant: TenantId) -> None:
         client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
         await _interpreter.remove_context(client, context_id)
 
-    async def interrupt_code_context(
-        self, sandbox_id: str, context_id: str, *, tenant: TenantId = LOCAL_TENANT
-    ) -> None:
+    async def interrupt_code_context(self, sandbox_id: str, context_id: str, *, tenant: TenantId) -> None:
         client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
         await _interpreter.interrupt_context(client, context_id)
 
     # -- ports ---------------------------------------------------------------------------------------------
-    async def open_port(
-        self, sandbox_id: str, port: int, *, tenant: TenantId = LOCAL_TENANT
-    ) -> _ports.PortStream:
+    async def open_port(self, sandbox_id: str, port: int, *, tenant: TenantId) -> _ports.PortStream:
         """A TCP connection to ``port`` on the sandbox's own loopback, as a byte stream (see ``core.ports``).
 
         Raises :class:`~corral.errors.PortClosed` when nothing listens there. The caller owns the stream and
@@ -635,16 +622,49 @@ class SandboxService:
                 raise PermissionDenied(f"that is not the traffic token of sandbox {sandbox_id}")
         return await self.open_port(sandbox_id, port, tenant=record.tenant_id)
 
+    # -- the in-sandbox API of E2B's SDK (server/e2b/envd) ----------------------------------------------------
+    async def authenticate_envd(self, sandbox_id: str, access_token: str | None) -> TenantId:
+        """The tenant owning ``sandbox_id``, for a caller presenting the sandbox's envd access token.
+
+        The token (``SandboxInfo.envd_access_token``, E2B's ``envdAccessToken``) stands in for an API key on
+        the sandbox's own in-sandbox API, for that one sandbox only. A wrong or missing token, an unknown id, a
+        stopped sandbox and an unclaimed warm-pool member are all :class:`~corral.errors.NotFound` with the same
+        message, so the answer says nothing about which sandbox ids exist.
+        """
+        presented = (access_token or "").encode()
+        return await self.authenticate_envd_proof(
+            sandbox_id, lambda token: hmac.compare_digest(presented, token.encode())
+        )
+
+    async def authenticate_envd_proof(self, sandbox_id: str, proves: Callable[[str], bool]) -> TenantId:
+        """:meth:`authenticate_envd` for credentials derived from the token rather than the token itself.
+
+        ``proves(token)`` is given the sandbox's envd access token and says whether the caller's credential
+        (e.g. a signed file URL: a hash over path, operation, user, expiry and the token) was made from it; it
+        should compare in constant time. It is called once whether or not the sandbox exists.
+        """
+        record = (
+            await self.store.get_sandbox(SandboxId(sandbox_id)) if SandboxId.is_valid(sandbox_id) else None
+        )
+        usable = (
+            record is not None
+            and record.pool_id is None
+            and record.state is not SandboxState.STOPPED
+            and bool(record.envd_access_token)
+        )
+        proven = proves(record.envd_access_token if record is not None and usable else _NO_TOKEN)
+        if record is None or not usable or not proven:
+            raise NotFound(f"sandbox {sandbox_id} was not found")
+        return record.tenant_id
+
     # -- terminals and watches (logic in core/pty.py and core/watch.py) -------------------------------------
-    async def create_pty(
-        self, sandbox_id: str, params: PtyParams, *, tenant: TenantId = LOCAL_TENANT
-    ) -> ProcessEvent:
+    async def create_pty(self, sandbox_id: str, params: PtyParams, *, tenant: TenantId) -> ProcessEvent:
         """Open a terminal; returns its ``started`` event. Follow its output with :meth:`attach`."""
         _pty.check_params(params, max_timeout=self.settings.max_timeout)
         return await _pty.create(await self._running_agent(sandbox_id, tenant, Action.EXEC), params)
 
     async def resize_pty(
-        self, sandbox_id: str, process_id: str, cols: int, rows: int, *, tenant: TenantId = LOCAL_TENANT
+        self, sandbox_id: str, process_id: str, cols: int, rows: int, *, tenant: TenantId
     ) -> None:
         _pty.check_size(cols, rows)
         await _pty.resize(await self._running_agent(sandbox_id, tenant, Action.EXEC), process_id, cols, rows)
@@ -656,7 +676,7 @@ class SandboxService:
         *,
         recursive: bool = False,
         user: str | None = None,
-        tenant: TenantId = LOCAL_TENANT,
+        tenant: TenantId,
     ) -> AsyncIterator[FilesystemEvent]:
         """Changes under ``path`` as they happen; the first event is ``started``. Close it to stop watching."""
         _files.check_path(path)
@@ -770,7 +790,7 @@ class SandboxService:
             raise PermissionDenied(f"template {name!r} is shared by all tenants; an admin key deletes it")
         await self.templates.delete(name)
 
-    async def list_templates(self, *, tenant: TenantId = LOCAL_TENANT) -> list[TemplateRecord]:
+    async def list_templates(self, *, tenant: TenantId) -> list[TemplateRecord]:
         """The templates this tenant may start sandboxes from."""
         return [t for t in await self.templates.list() if t.usable_by(tenant)]
 
@@ -848,13 +868,11 @@ class SandboxService:
 
     # -- snapshots and forks (core.snapshots) ----------------------------------------------------------------
     async def snapshot(
-        self, sandbox_id: str, name: str, *, description: str = "", tenant: TenantId = LOCAL_TENANT
+        self, sandbox_id: str, name: str, *, description: str = "", tenant: TenantId
     ) -> TemplateInfo:
         """Capture a running sandbox (files, and memory where the runtime can) as the template ``name``."""
         return await _snapshots.snapshot(self, sandbox_id, name, description=description, tenant=tenant)
 
-    async def fork(
-        self, sandbox_id: str, count: int = 1, *, tenant: TenantId = LOCAL_TENANT
-    ) -> list[SandboxInfo]:
+    async def fork(self, sandbox_id: str, count: int = 1, *, tenant: TenantId) -> list[SandboxInfo]:
         """``count`` independent copies of a running sandbox (with memory where the runtime can)."""
         return await _snapshots.fork(self, sandbox_id, count, tenant=tenant)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.to_thread
 
-from corral.core.records import LOCAL_TENANT, TemplateRecord
+from corral.core.records import TemplateRecord
 from corral.core.state import Action, require_state
 from corral.core.templates import check_template_name
 from corral.errors import InvalidRequest, Unsupported
@@ -79,7 +79,7 @@ async def snapshot(
     name: str,
     *,
     description: str = "",
-    tenant: TenantId = LOCAL_TENANT,
+    tenant: TenantId,
 ) -> TemplateInfo:
     """Capture a running sandbox into a new template ``name`` (it keeps running)."""
     check_template_name(name)
@@ -107,7 +107,7 @@ async def snapshot(
 
 
 async def fork(
-    service: SandboxService, sandbox_id: str, count: int, *, tenant: TenantId = LOCAL_TENANT
+    service: SandboxService, sandbox_id: str, count: int, *, tenant: TenantId
 ) -> list[SandboxInfo]:
     """``count`` new sandboxes, each a copy of the running sandbox ``sandbox_id`` (which keeps running).
 
