@@ -35,7 +35,6 @@ from corral.core.service import SandboxService
 from corral.errors import CorralError, NotFound, PortClosed
 from corral.models import SandboxState
 from corral.server.e2b.envd import SandboxAccess, SandboxCall, Watchers, serve_envd, serve_interpreter
-from corral.server.e2b.envd.files import check_signature
 from corral.server.metrics import Metrics
 from corral.server.proxy import TOKEN_HEADER, PortProxy, Target
 
@@ -146,18 +145,15 @@ class E2BSandboxHost:
 
     async def _signed(self, sandbox_id: str, query: dict[str, str], method: str) -> SandboxCall:
         if sandbox_id:
-            candidates = [sandbox_id]
-        else:  # a URL from single-URL mode: the sandbox whose secret signed it
-            records = await self.service.store.list_sandboxes(states=frozenset({SandboxState.RUNNING}))
-            candidates = [str(r.sandbox_id) for r in records[:MAX_SIGNED_SCAN]]
-        for candidate in candidates:
+            return await self.access.signed_call(sandbox_id, query, method)
+        # a URL from single-URL mode names no sandbox: it is the one whose token signed it
+        records = await self.service.store.list_sandboxes(states=frozenset({SandboxState.RUNNING}))
+        for record in records[:MAX_SIGNED_SCAN]:
             try:
-                secret, _ = await self.access.secret(candidate)
+                return await self.access.signed_call(str(record.sandbox_id), query, method)
             except NotFound:
                 continue
-            if check_signature(query, method, secret):
-                return await self.access.call(candidate, secret)
-        raise NotFound(f"sandbox {sandbox_id} was not found")
+        raise NotFound("no sandbox was found for this signed URL")
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send, target: E2BTarget) -> None:
         headers = dict(scope["headers"])

@@ -1,22 +1,27 @@
 """Who may reach a sandbox through the E2B surface, and as which tenant.
 
 E2B's SDK proves access to a sandbox's envd and code interpreter with the sandbox's own secret (the
-``envdAccessToken`` of its create/connect answer, sent as ``X-Access-Token``), never with an API key. So the
-caller's tenant is the owner of the sandbox whose secret it holds. A wrong secret, an unknown id and a stopped
-sandbox all answer the same :class:`NotFound`: nothing tells a guesser which ids exist.
+``envdAccessToken`` of its create/connect answer, sent as ``X-Access-Token``), never with an API key; the
+service turns it into the owning tenant (:meth:`SandboxService.authenticate_envd`). Signed ``/files`` URLs
+prove the same token by a hash (:meth:`SandboxService.authenticate_envd_proof`). The code interpreter's
+context calls carry no envd token, only the sandbox's traffic token (``E2B-Traffic-Access-Token``). A wrong
+credential, an unknown id and a stopped sandbox all answer the same :class:`NotFound`.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
+import time
 from dataclasses import dataclass
 
 from corral.core.service import SandboxService
-from corral.errors import NotFound
+from corral.errors import NotFound, Unauthenticated
 from corral.ids import SandboxId, TenantId
 from corral.models import SandboxState
 
-__all__ = ["SandboxAccess", "SandboxCall"]
+__all__ = ["SandboxAccess", "SandboxCall", "signature"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,28 +31,45 @@ class SandboxCall:
     service: SandboxService
     sandbox_id: str
     tenant: TenantId
-    token: str  # the sandbox's secret, which also keys its signed file URLs
+
+
+def signature(path: str, operation: str, user: str | None, token: str, expiration: int | None) -> str:
+    """envd's v1 signature: ``v1_`` + unpadded base64 of sha256(``path:op:user:token[:expiration]``)."""
+    raw = f"{path}:{operation}:{user or ''}:{token}" + (f":{expiration}" if expiration is not None else "")
+    return "v1_" + base64.b64encode(hashlib.sha256(raw.encode()).digest()).rstrip(b"=").decode()
 
 
 class SandboxAccess:
     def __init__(self, service: SandboxService) -> None:
         self.service = service
 
-    async def secret(self, sandbox_id: str) -> tuple[str, TenantId]:
-        """The live sandbox's secret and owner, or NotFound."""
-        record = None
-        if SandboxId.is_valid(sandbox_id):
-            record = await self.service.store.get_sandbox(SandboxId(sandbox_id))
-        if record is None or record.pool_id is not None or record.state is SandboxState.STOPPED:
-            raise NotFound(f"sandbox {sandbox_id} was not found")
-        return record.traffic_token, record.tenant_id
-
     async def call(self, sandbox_id: str, token: str | None) -> SandboxCall:
-        """The request's call context when ``token`` is the sandbox's secret (compared in constant time)."""
-        secret, tenant = await self.secret(sandbox_id)
-        if not token or not hmac.compare_digest(token.encode(), secret.encode()):
+        tenant = await self.service.authenticate_envd(sandbox_id, token)
+        return SandboxCall(service=self.service, sandbox_id=sandbox_id, tenant=tenant)
+
+    async def signed_call(self, sandbox_id: str, query: dict[str, str], method: str) -> SandboxCall:
+        """A ``/files`` request signed with the sandbox's token (``download_url``/``upload_url``).
+
+        A signature that was not made with the token is NotFound; one that was, but has expired, is
+        Unauthenticated: only its holder learns that the sandbox exists.
+        """
+        raw_exp = query.get("signature_expiration")
+        if raw_exp is not None and not raw_exp.isdigit():
             raise NotFound(f"sandbox {sandbox_id} was not found")
-        return SandboxCall(service=self.service, sandbox_id=sandbox_id, tenant=tenant, token=secret)
+        expiration = int(raw_exp) if raw_exp is not None else None
+        operation = "read" if method in ("GET", "HEAD") else "write"
+        given = query.get("signature", "").encode()
+
+        def proves(token: str) -> bool:
+            made = signature(
+                query.get("path", ""), operation, query.get("username") or None, token, expiration
+            )
+            return hmac.compare_digest(given, made.encode())
+
+        tenant = await self.service.authenticate_envd_proof(sandbox_id, proves)
+        if expiration is not None and expiration < time.time():
+            raise Unauthenticated("this signed URL has expired; ask the sandbox for a new one")
+        return SandboxCall(service=self.service, sandbox_id=sandbox_id, tenant=tenant)
 
     async def traffic_call(self, sandbox_id: str, traffic_token: str) -> SandboxCall:
         """The call context for a holder of the sandbox's traffic token (the code interpreter's context calls)."""
@@ -56,9 +78,9 @@ class SandboxAccess:
             record = await self.service.store.get_sandbox(SandboxId(sandbox_id))
         if (
             record is None
+            or record.pool_id is not None
             or record.state is SandboxState.STOPPED
             or not hmac.compare_digest(traffic_token.encode(), record.traffic_token.encode())
         ):
             raise NotFound(f"sandbox {sandbox_id} was not found")
-        secret, tenant = await self.secret(sandbox_id)
-        return SandboxCall(service=self.service, sandbox_id=sandbox_id, tenant=tenant, token=secret)
+        return SandboxCall(service=self.service, sandbox_id=sandbox_id, tenant=record.tenant_id)

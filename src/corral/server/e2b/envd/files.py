@@ -6,18 +6,14 @@
   destination unless ``path`` is given for a single part) or a raw ``application/octet-stream`` body with
   ``path``, optionally ``Content-Encoding: gzip``. Each file streams into the sandbox with ``write_file``
   (atomic per file). The answer is envd's ``[{"path", "name", "type": "file"}]``.
-- Signed URLs: a request without ``X-Access-Token`` may carry ``signature`` (and ``signature_expiration``),
-  envd's v1 signature keyed by the sandbox's secret (:func:`signature`); see :func:`check_signature`.
+- Signed URLs (``signature``, ``signature_expiration``) are checked before a request gets here
+  (:meth:`._access.SandboxAccess.signed_call`).
 - Errors are envd's JSON, ``{"code": <HTTP status>, "message"}``, which the SDK maps by status.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import posixpath
-import time
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,7 +29,7 @@ from corral.protocol import CHUNK_SIZE
 from corral.server.e2b.envd._access import SandboxCall
 from corral.server.e2b.envd._connect import USERS
 
-__all__ = ["check_signature", "envd_error", "handle", "signature"]
+__all__ = ["envd_error", "handle"]
 
 MAX_PARTS = 1000  # files in one multipart upload
 _HOMES = {"user": "/home/user", "root": "/root"}
@@ -42,33 +38,6 @@ _HOMES = {"user": "/home/user", "root": "/root"}
 def envd_error(exc: CorralError) -> JSONResponse:
     status = 401 if isinstance(exc, Unauthenticated) else exc.status
     return JSONResponse({"code": status, "message": exc.message}, status_code=status)
-
-
-def signature(path: str, operation: str, user: str | None, token: str, expiration: int | None) -> str:
-    """envd's v1 signature: ``v1_`` + unpadded base64 of sha256(``path:op:user:token[:expiration]``)."""
-    raw = f"{path}:{operation}:{user or ''}:{token}" + (f":{expiration}" if expiration is not None else "")
-    return "v1_" + base64.b64encode(hashlib.sha256(raw.encode()).digest()).rstrip(b"=").decode()
-
-
-def check_signature(query: dict[str, str], method: str, token: str, *, now: float | None = None) -> bool:
-    """Whether ``query`` (of a ``/files`` request) is signed with ``token`` and unexpired.
-
-    A signature that does not match is reported as False (the caller answers "not found"); one that matches
-    but has expired raises Unauthenticated: only its holder learns that the sandbox exists.
-    """
-    given = query.get("signature", "")
-    raw_exp = query.get("signature_expiration")
-    try:
-        expiration = int(raw_exp) if raw_exp is not None else None
-    except ValueError:
-        return False
-    operation = "read" if method in ("GET", "HEAD") else "write"
-    expected = signature(query.get("path", ""), operation, query.get("username") or None, token, expiration)
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        return False
-    if expiration is not None and expiration < (time.time() if now is None else now):
-        raise Unauthenticated("this signed URL has expired; ask the sandbox for a new one")
-    return True
 
 
 def _user(request: Request) -> str | None:
