@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from starlette.types import Receive, Scope, Send
 
+from corral.errors import CorralError
 from corral.server.e2b.envd import files, filesystem, interpreter, process
-from corral.server.e2b.envd._access import SandboxAccess, SandboxCall
+from corral.server.e2b.envd._access import SandboxAccess, SandboxCall, explained
 from corral.server.e2b.envd._connect import serve
 from corral.server.e2b.envd.watchers import Watchers
 
@@ -32,10 +33,16 @@ async def serve_envd(
     call: SandboxCall, watchers: Watchers, scope: Scope, receive: Receive, send: Send
 ) -> None:
     path: str = scope["path"]
+
+    async def explain(exc: CorralError) -> CorralError:
+        return await explained(call, exc)
+
     if path.startswith(f"/{process.SERVICE}/"):
-        await serve(process.SERVICE, process.rpcs(call), scope, receive, send)
+        await serve(process.SERVICE, process.rpcs(call), scope, receive, send, explain=explain)
     elif path.startswith(f"/{filesystem.SERVICE}/"):
-        await serve(filesystem.SERVICE, filesystem.rpcs(call, watchers), scope, receive, send)
+        await serve(
+            filesystem.SERVICE, filesystem.rpcs(call, watchers), scope, receive, send, explain=explain
+        )
     else:
         await files.handle(call, scope, receive, send)
 

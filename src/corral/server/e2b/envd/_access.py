@@ -16,12 +16,14 @@ import hmac
 import time
 from dataclasses import dataclass
 
+import anyio
+
 from corral.core.service import SandboxService
-from corral.errors import NotFound, Unauthenticated
+from corral.errors import AgentUnavailable, CorralError, NotFound, Unauthenticated
 from corral.ids import SandboxId, TenantId
 from corral.models import SandboxState
 
-__all__ = ["SandboxAccess", "SandboxCall", "signature"]
+__all__ = ["SandboxAccess", "SandboxCall", "explained", "signature"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +39,28 @@ def signature(path: str, operation: str, user: str | None, token: str, expiratio
     """envd's v1 signature: ``v1_`` + unpadded base64 of sha256(``path:op:user:token[:expiration]``)."""
     raw = f"{path}:{operation}:{user or ''}:{token}" + (f":{expiration}" if expiration is not None else "")
     return "v1_" + base64.b64encode(hashlib.sha256(raw.encode()).digest()).rstrip(b"=").decode()
+
+
+GONE_WAIT = 5.0  # seconds a broken connection waits for a kill or timeout in progress to finish
+
+
+async def explained(call: SandboxCall, exc: CorralError) -> CorralError:
+    """``exc`` as the SDK should see it: a request cut because its sandbox is going away (killed, timed out)
+    answers in the proxy's words for a stopped sandbox, "… was not found", so the SDK raises
+    ``SandboxNotRunningException`` instead of a vague connection error."""
+    if not isinstance(exc, AgentUnavailable):
+        return exc
+    with anyio.move_on_after(GONE_WAIT):
+        while True:
+            try:
+                info = await call.service.get(call.sandbox_id, tenant=call.tenant)
+            except NotFound:
+                break
+            if info.state is not SandboxState.RUNNING:
+                break
+            await anyio.sleep(0.1)  # a kill is tearing it down right now: its record says so when done
+        return AgentUnavailable(f"The sandbox {call.sandbox_id} was not found: it was killed or timed out")
+    return exc
 
 
 class SandboxAccess:

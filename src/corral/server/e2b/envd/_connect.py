@@ -130,18 +130,25 @@ def connect_error(exc: CorralError) -> ConnectError:
     return ConnectError(Code.INTERNAL, exc.message)
 
 
-def _unary(fn: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+Explain = Callable[[CorralError], Awaitable[CorralError]]
+
+
+def _unary(
+    fn: Callable[[Any, Any], Awaitable[Any]], explain: Explain
+) -> Callable[[Any, Any], Awaitable[Any]]:
     @functools.wraps(fn)
     async def run(request: Any, ctx: Any) -> Any:
         try:
             return await fn(request, ctx)
         except CorralError as exc:
-            raise connect_error(exc) from exc
+            raise connect_error(await explain(exc)) from exc
 
     return run
 
 
-def _stream(fn: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], AsyncIterator[Any]]:
+def _stream(
+    fn: Callable[[Any, Any], AsyncIterator[Any]], explain: Explain
+) -> Callable[[Any, Any], AsyncIterator[Any]]:
     @functools.wraps(fn)
     async def run(request: Any, ctx: Any) -> AsyncIterator[Any]:
         events = fn(request, ctx)
@@ -149,7 +156,7 @@ def _stream(fn: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any]
             async for message in events:
                 yield message
         except CorralError as exc:
-            raise connect_error(exc) from exc
+            raise connect_error(await explain(exc)) from exc
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 
@@ -168,8 +175,13 @@ class _App(ConnectASGIApplication[object]):
         return self._path
 
 
-async def serve(service: str, rpcs: Iterable[Rpc], scope: Scope, receive: Receive, send: Send) -> None:
-    """Answer one Connect request for ``service`` (``"process.Process"``) from its table of rpcs."""
+async def serve(
+    service: str, rpcs: Iterable[Rpc], scope: Scope, receive: Receive, send: Send, *, explain: Explain
+) -> None:
+    """Answer one Connect request for ``service`` (``"process.Process"``) from its table of rpcs.
+
+    ``explain`` may reword a Corral error before it becomes the Connect error (a sandbox going away).
+    """
     endpoints: dict[str, Any] = {}
     for rpc in rpcs:
         method = MethodInfo(
@@ -181,11 +193,11 @@ async def serve(service: str, rpcs: Iterable[Rpc], scope: Scope, receive: Receiv
         )
         path = f"/{service}/{rpc.name}"
         if rpc.kind is Kind.UNARY:
-            endpoints[path] = Endpoint.unary(method, _unary(rpc.handler))
+            endpoints[path] = Endpoint.unary(method, _unary(rpc.handler, explain))
         elif rpc.kind is Kind.SERVER_STREAM:
-            endpoints[path] = Endpoint.server_stream(method, _stream(rpc.handler))
+            endpoints[path] = Endpoint.server_stream(method, _stream(rpc.handler, explain))
         else:
-            endpoints[path] = Endpoint.client_stream(method, _unary(rpc.handler))
+            endpoints[path] = Endpoint.client_stream(method, _unary(rpc.handler, explain))
     await _App(f"/{service}", endpoints)(scope, receive, send)
 
 
