@@ -103,7 +103,7 @@ def test_root_and_user_files(box: Box) -> None:
     sbx.files.write("/root/secret.txt", "root only", user="root")
     assert sbx.files.read("/root/secret.txt", user="root") == "root only"
     assert sbx.files.get_info("/root/secret.txt", user="root").owner == "root"
-    with pytest.raises(Exception, match="[Pp]ermission"):
+    with pytest.raises(Exception, match=r"[Pp]ermission"):
         sbx.files.read("/root/secret.txt")  # the default user cannot
 
 
