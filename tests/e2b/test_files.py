@@ -62,7 +62,7 @@ def test_gzip_both_ways(box: Box) -> None:
 
 
 def _headers(box: Box) -> dict[str, str]:
-    return {"E2b-Sandbox-Id": box.corral.sandbox_id, "E2b-Sandbox-Port": "49983", "X-Access-Token": box.token}
+    return {"E2b-Sandbox-Id": box.sandbox_id, "E2b-Sandbox-Port": "49983", "X-Access-Token": box.token}
 
 
 def test_list_stat_exists_mkdir_rename_remove(box: Box) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from _e2b_server import E2BServer
 
 from conftest import Box, make_box
 from e2b import SandboxException, SandboxNotRunningException
@@ -18,8 +19,8 @@ pytestmark = [pytest.mark.root, pytest.mark.bwrap]
 
 
 @pytest.fixture(scope="module")
-def other(remote) -> Iterator[Box]:  # type: ignore[no-untyped-def]
-    yield from make_box(remote.url)
+def other(module_env: E2BServer) -> Iterator[Box]:
+    yield from make_box(module_env)
 
 
 def test_a_wrong_token_is_not_found(box: Box) -> None:
@@ -52,15 +53,15 @@ def test_the_answer_for_a_wrong_token_is_the_answer_for_no_sandbox(box: Box) -> 
             k: v.replace(sandbox_id, "ID") if isinstance(v, str) else v for k, v in body.items()
         }
 
-    wrong = answer(box.corral.sandbox_id, "x" * 43)
+    wrong = answer(box.sandbox_id, "x" * 43)
     missing = answer("sb-aaaaaaaaaaaaaaaa", box.token)
     malformed = answer("nope", box.token)
     assert wrong == missing == malformed == (502, {"message": "The sandbox ID was not found", "code": 502})
 
 
 @pytest.fixture
-def doomed(remote) -> Iterator[Box]:  # type: ignore[no-untyped-def]
-    yield from make_box(remote.url)
+def doomed(module_env: E2BServer) -> Iterator[Box]:
+    yield from make_box(module_env)
 
 
 def test_killing_the_sandbox_cuts_its_open_streams(doomed: Box) -> None:
@@ -79,7 +80,7 @@ def test_killing_the_sandbox_cuts_its_open_streams(doomed: Box) -> None:
 
     threading.Thread(target=follow, daemon=True).start()
     time.sleep(0.3)  # let the stream be read from (the kill below ends it either way)
-    box.corral.kill()
+    box.sandbox.kill()
     assert done.wait(30), "the stream stayed open after the sandbox was killed"
     assert isinstance(ended[0], SandboxException)
     assert isinstance(ended[0], SandboxNotRunningException), ended[0]

@@ -174,10 +174,15 @@ def keys() -> None:
 @click.option("--tenant", help="Tenant name; created (without quotas) if it does not exist.")
 @click.option("--admin", is_flag=True, help="An admin key: manages tenants, keys and the audit log.")
 @click.option("--name", default="", help="A label for the key.")
-def keys_create(tenant: str | None, admin: bool, name: str) -> None:
+@click.option(
+    "--e2b", "e2b", is_flag=True, help="Write the key in E2B's form (e2b_…), for E2B's SDK (E2B_API_KEY)."
+)
+def keys_create(tenant: str | None, admin: bool, name: str, e2b: bool) -> None:
     """Create an API key; the key itself is printed on the last line, once."""
     if admin == (tenant is not None):
         raise click.UsageError("give either --tenant NAME or --admin")
+    if e2b and admin:
+        raise click.UsageError("--e2b makes a tenant key (E2B's SDK has no use for an admin key)")
 
     async def go(a: _Admin) -> Any:
         auth, log = a.auth, a.log
@@ -185,7 +190,7 @@ def keys_create(tenant: str | None, admin: bool, name: str) -> None:
             record = await auth.create_tenant(tenant)
             await log.record(AuditAction.TENANT_CREATE, tenant_id=record.tenant_id, name=tenant, by="cli")
             err_console.print(f"created tenant {tenant} (no quotas; see corral tenants set-quotas)")
-        new = await auth.create_key(tenant=tenant, name=name)
+        new = await auth.create_key(tenant=tenant, name=name, e2b=e2b)
         await log.record(
             AuditAction.KEY_CREATE, tenant_id=new.record.tenant_id, key_id=new.record.key_id, by="cli"
         )

@@ -6,6 +6,9 @@
 - An **API key** is ``corral_<key id>_<secret>``. Only the SHA-256 of the secret is stored: the secret is 256
   random bits, so a slow password hash would add latency to every request without adding safety. The key id in
   the clear lets us find the row in one lookup; the hash is compared in constant time.
+- The same key can also be written in **E2B's form**, ``e2b_<hex>``, for E2B's SDK (some versions refuse any
+  other shape client-side): 20 hex digits are the key id's 80 bits, the next 64 the secret. ``create_key(e2b=True)``
+  makes one. It is an ordinary tenant key either way: same table, quotas, audit and isolation.
 - An **admin key** belongs to no tenant. It manages tenants and keys and reads the audit log; it cannot run
   sandboxes (so a leaked tenant key cannot become admin, and an admin action is never confused with a tenant's).
 - **Quotas** are per tenant: concurrent live sandboxes, total memory of live sandboxes, maximum timeout.
@@ -14,6 +17,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import hmac
@@ -40,6 +44,8 @@ __all__ = [
 ]
 
 KEY_PREFIX = "corral_"
+E2B_KEY_PREFIX = "e2b_"
+_E2B_KEY = re.compile(r"e2b_([0-9a-f]{20})([0-9a-f]{64})")
 _TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
@@ -169,13 +175,28 @@ def _sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _e2b_token(key_id: KeyId, secret: str) -> str:
+    raw = base64.b32decode(key_id.removeprefix("key-").upper())  # 16 base32 digits: exactly 10 bytes
+    return f"{E2B_KEY_PREFIX}{raw.hex()}{secret}"
+
+
 def parse_token(token: str) -> tuple[KeyId, str]:
-    """Split ``corral_<key id>_<secret>``; raise Unauthenticated for anything else."""
+    """Split ``corral_<key id>_<secret>`` or ``e2b_<hex key id><hex secret>``; Unauthenticated for anything else."""
+    if isinstance(token, str) and token.startswith(E2B_KEY_PREFIX):
+        match = _E2B_KEY.fullmatch(token)
+        if match is None:
+            raise Unauthenticated("the API key is malformed; E2B-style keys are e2b_ and 84 hex digits")
+        key_id = "key-" + base64.b32encode(bytes.fromhex(match[1])).decode().lower()
+        return KeyId(key_id), match[2]
     if not isinstance(token, str) or not token.startswith(KEY_PREFIX):
-        raise Unauthenticated("the API key is malformed; keys look like corral_key-…_…")
+        raise Unauthenticated(
+            "the API key is malformed; keys look like corral_key-…_… (or e2b_… for E2B's SDK)"
+        )
     key_id, sep, secret = token[len(KEY_PREFIX) :].partition("_")
     if not sep or not secret or not KeyId.is_valid(key_id):
-        raise Unauthenticated("the API key is malformed; keys look like corral_key-…_…")
+        raise Unauthenticated(
+            "the API key is malformed; keys look like corral_key-…_… (or e2b_… for E2B's SDK)"
+        )
     return KeyId(key_id), secret
 
 
@@ -214,12 +235,17 @@ class AuthService:
             dataclasses.replace(record, quotas=quotas), expect_version=record.version
         )
 
-    async def create_key(self, *, tenant: str | None, name: str = "") -> NewKey:
-        """A key for tenant ``tenant`` (name or id), or an admin key when ``tenant`` is None."""
+    async def create_key(self, *, tenant: str | None, name: str = "", e2b: bool = False) -> NewKey:
+        """A key for tenant ``tenant`` (name or id), or an admin key when ``tenant`` is None.
+
+        ``e2b``: the key is written in E2B's ``e2b_<hex>`` form (for E2B's SDK); it works like any other.
+        """
         if not isinstance(name, str) or len(name) > 128:
             raise InvalidRequest("a key name is a string of at most 128 characters")
+        if e2b and tenant is None:
+            raise InvalidRequest("E2B-style keys are tenant keys: E2B's SDK has no use for an admin key")
         tenant_id = (await self.tenant(tenant)).tenant_id if tenant is not None else None
-        secret = secrets.token_urlsafe(32)
+        secret = secrets.token_hex(32) if e2b else secrets.token_urlsafe(32)
         record = ApiKeyRecord(
             key_id=KeyId.new(),
             tenant_id=tenant_id,
@@ -228,7 +254,8 @@ class AuthService:
             name=name,
         )
         await self.store.put_key(record)
-        return NewKey(record=record, token=f"{KEY_PREFIX}{record.key_id}_{secret}")
+        token = _e2b_token(record.key_id, secret) if e2b else f"{KEY_PREFIX}{record.key_id}_{secret}"
+        return NewKey(record=record, token=token)
 
     async def revoke_key(self, key_id: str) -> ApiKeyRecord:
         record = await self.store.get_key(KeyId(key_id))

@@ -114,6 +114,7 @@ class TemplateRecord:
     defaults: dict[str, Any] = field(default_factory=dict)
     # the only tenant that may use it (a snapshot holds that tenant's files and memory); None: every tenant
     owner: str | None = None
+    source: str | None = None  # kind "snapshot": the id of the sandbox it was captured from
 
     def usable_by(self, tenant: str) -> bool:
         return self.owner is None or self.owner == tenant

@@ -36,6 +36,7 @@ from corral.core import watch as _watch
 from corral.core.agent_client import AgentClient
 from corral.core.audit import AuditAction, AuditLog
 from corral.core.auth import Quotas, check_quota, check_timeout_quota
+from corral.core.code_template import CODE_INTERPRETER_TEMPLATE, build_code_interpreter_template
 from corral.core.pools import PoolManager
 from corral.core.records import SandboxRecord, TemplateRecord
 from corral.core.settings import Settings
@@ -74,7 +75,7 @@ from corral.models import (
     TemplateInfo,
 )
 from corral.protocol import Op
-from corral.runtimes.base import Limits, ObservedState, Runtime, SandboxSpec, Snapshot
+from corral.runtimes.base import Limits, ObservedState, RootfsSpec, Runtime, SandboxSpec, Snapshot
 
 __all__ = ["SandboxService"]
 
@@ -118,6 +119,7 @@ class SandboxService:
         self._wake_reaper = anyio.Event()
         self.audit = AuditLog(store, clock=clock)
         self._quota_locks: dict[str, anyio.Lock] = {}
+        self._build_lock = anyio.Lock()
         self.pools = PoolManager(self)
 
     # -- lifetime --------------------------------------------------------------------------------------------
@@ -172,7 +174,8 @@ class SandboxService:
             return claimed.info()
         await runtime.check()
         await self._check_template_access(template, tenant)
-        rootfs = await self.templates.resolve(template)
+        await self._build_on_first_use(template)
+        rootfs = await self._resolve_template(template, tenant)
         # a snapshot template with memory restores instead of booting, where the runtime can restore
         memory = await self.templates.memory(template) if runtime.capabilities.checkpoint else None
         if start_from is not None:
@@ -779,6 +782,33 @@ class SandboxService:
             raise NotFound(
                 f"template {template!r} not found"
             )  # another tenant's snapshot does not exist for you
+
+    async def _resolve_template(self, template: str, tenant: TenantId) -> RootfsSpec:
+        try:
+            return await self.templates.resolve(template)
+        except NotFound as exc:  # it names what exists: only what this tenant may use
+            names = [t.name for t in await self.list_templates(tenant=tenant)]
+            raise NotFound(
+                f"template {template!r} not found; available templates: {', '.join(names)}",
+                details={"available": names},
+            ) from exc
+
+    async def _build_on_first_use(self, template: str) -> None:
+        """The built-in code-interpreter template is built when first asked for (pip; ~15 s from a near index).
+
+        One build at a time; it is shielded, so a client that stops waiting does not throw the work away and
+        the next create finds it ready.
+        """
+        if template != CODE_INTERPRETER_TEMPLATE or await self.templates.get(template) is not None:
+            return
+        async with self._build_lock:
+            if await self.templates.get(template) is not None:
+                return
+            log.info("building the %s template on first use", template)
+            started = time.monotonic()
+            with anyio.CancelScope(shield=True):
+                await build_code_interpreter_template(self.templates, self.settings.cache_root, name=template)
+            log.info("built the %s template in %.1f s", template, time.monotonic() - started)
 
     async def delete_own_template(self, name: str, *, tenant: TenantId) -> None:
         """Delete a snapshot template ``tenant`` made; shared templates are an operator's to delete."""

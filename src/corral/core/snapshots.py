@@ -97,6 +97,7 @@ async def snapshot(
                 parent=parent,
                 memory=str(snap.memory) if snap.memory is not None else None,
                 owner=str(tenant),  # a snapshot is the tenant's own data: no other tenant may start from it
+                source=sandbox_id,
             )
         )
     except BaseException:

@@ -221,6 +221,7 @@ def create_app(
     run_background: bool = True,
 ) -> FastAPI:
     """The Corral API. ``service`` defaults to :func:`corral.store.open_service`; the app closes what it built."""
+    from corral.server import e2b
     from corral.server.routes import (
         admin,
         code,
@@ -266,6 +267,7 @@ def create_app(
     for module in (health, sandboxes, processes, terminals, files, ports, code, templates, pools, admin):
         app.include_router(module.router)
     app.include_router(code.templates_router)
+    e2b.install(app)  # E2B's REST control plane, over the same service
     app.add_middleware(_Edge, max_body=settings.max_request_bytes, metrics=lambda: state.metrics)
     # outermost: sandbox-port traffic never meets the API's body limit, auth or access log
     app.add_middleware(PortProxy, service=svc, metrics=lambda: state.metrics)

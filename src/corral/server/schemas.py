@@ -113,6 +113,7 @@ class TenantBody(_Strict):
 
 class KeyBody(_Strict):
     name: Annotated[str, Field(max_length=128)] = ""
+    e2b: bool = Field(default=False, description="write the key in E2B's form, e2b_<hex>, for E2B's SDK")
 
 
 def dump(value: Any) -> Any:

@@ -6,10 +6,11 @@ every request goes to one address; the SDK names the sandbox and port in ``E2b-S
 mode, ``E2B_DOMAIN`` and wildcard DNS). By port:
 
 - 49983 → envd (:func:`~corral.server.e2b.envd.serve_envd`), 49999 → the code interpreter. Both need the
-  sandbox's secret in ``X-Access-Token`` (or, for ``/files``, a URL signed with it; for the code
-  interpreter's context calls, which the SDK sends without it, the sandbox's traffic token in
-  ``E2B-Traffic-Access-Token``). A wrong secret, another tenant's sandbox, an unknown or stopped one all get
-  the same answer.
+  sandbox's envd access token in ``X-Access-Token`` (or, for ``/files``, a URL signed with it). The code
+  interpreter's context calls, which the SDK sends without it, need what its other ports need: the traffic
+  token in ``E2B-Traffic-Access-Token``, or nothing for a sandbox with public ports; running code always
+  needs the access token. A wrong token, another tenant's sandbox, an unknown or stopped one all get the
+  same answer.
 - Any other port → Corral's port proxy (``E2B-Traffic-Access-Token`` standing in for
   ``Corral-Traffic-Token``).
 
@@ -138,9 +139,11 @@ class E2BSandboxHost:
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         if target.port == ENVD_PORT and scope["path"] == "/files" and "signature" in query:
             return await self._signed(target.sandbox_id, query, scope["method"])
-        traffic = headers.get(TRAFFIC_HEADER)
-        if target.port == INTERPRETER_PORT and traffic is not None and target.sandbox_id:
-            return await self.access.traffic_call(target.sandbox_id, traffic.decode("latin-1").strip())
+        if target.port == INTERPRETER_PORT and target.sandbox_id and scope["path"] != "/execute":
+            traffic = headers.get(TRAFFIC_HEADER)
+            return await self.access.port_call(
+                target.sandbox_id, traffic.decode("latin-1").strip() if traffic is not None else None
+            )
         raise NotFound(f"sandbox {target.sandbox_id} was not found")
 
     async def _signed(self, sandbox_id: str, query: dict[str, str], method: str) -> SandboxCall:

@@ -41,7 +41,7 @@ async def set_quotas(tenant: str, body: QuotasBody, state: State, _: Caller) -> 
     "/tenants/{tenant}/keys", status_code=201, summary="Make an API key for a tenant; the key is shown once"
 )
 async def create_key(tenant: str, body: KeyBody, state: State, caller: Caller) -> dict[str, Any]:
-    new = await state.auth.create_key(tenant=tenant, name=body.name)
+    new = await state.auth.create_key(tenant=tenant, name=body.name, e2b=body.e2b)
     await state.service.audit.record(
         AuditAction.KEY_CREATE, tenant_id=new.record.tenant_id, key_id=new.record.key_id, by=caller.key_id
     )

@@ -22,11 +22,7 @@ from corral.server.e2b.envd._access import SandboxAccess, SandboxCall, explained
 from corral.server.e2b.envd._connect import serve
 from corral.server.e2b.envd.watchers import Watchers
 
-__all__ = ["ENVD_VERSION", "SandboxAccess", "SandboxCall", "Watchers", "serve_envd", "serve_interpreter"]
-
-# The envd version to report (create/connect answers): the SDK enables features by it (e2b/envd/versions.py);
-# 0.6.13 is the newest the research covers and turns on everything Corral implements.
-ENVD_VERSION = "0.6.13"
+__all__ = ["SandboxAccess", "SandboxCall", "Watchers", "serve_envd", "serve_interpreter"]
 
 
 async def serve_envd(

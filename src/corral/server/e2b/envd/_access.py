@@ -95,16 +95,16 @@ class SandboxAccess:
             raise Unauthenticated("this signed URL has expired; ask the sandbox for a new one")
         return SandboxCall(service=self.service, sandbox_id=sandbox_id, tenant=tenant)
 
-    async def traffic_call(self, sandbox_id: str, traffic_token: str) -> SandboxCall:
-        """The call context for a holder of the sandbox's traffic token (the code interpreter's context calls)."""
+    async def port_call(self, sandbox_id: str, traffic_token: str | None) -> SandboxCall:
+        """The call context for port traffic (the code interpreter's context calls, which the SDK sends without
+        the envd token): the sandbox's traffic token, or none at all when its ports are public (as on E2B,
+        where such a sandbox's ports are open to anyone with the URL)."""
         record = None
         if SandboxId.is_valid(sandbox_id):
             record = await self.service.store.get_sandbox(SandboxId(sandbox_id))
-        if (
-            record is None
-            or record.pool_id is not None
-            or record.state is SandboxState.STOPPED
-            or not hmac.compare_digest(traffic_token.encode(), record.traffic_token.encode())
-        ):
+        if record is None or record.pool_id is not None or record.state is SandboxState.STOPPED:
+            raise NotFound(f"sandbox {sandbox_id} was not found")
+        presented = (traffic_token or "").encode()
+        if not (record.public_ports or hmac.compare_digest(presented, record.traffic_token.encode())):
             raise NotFound(f"sandbox {sandbox_id} was not found")
         return SandboxCall(service=self.service, sandbox_id=sandbox_id, tenant=record.tenant_id)
