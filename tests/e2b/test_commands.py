@@ -60,7 +60,10 @@ def test_background_stdin_list_and_close(box: Box) -> None:
 
 def test_kill_and_connect_to_a_running_process(box: Box) -> None:
     sbx = box.e2b()
-    handle = sbx.commands.run("echo started; sleep 300", background=True)
+    handle = sbx.commands.run("echo started; touch /tmp/started; sleep 300", background=True)
+    deadline = time.monotonic() + 30
+    while not sbx.files.exists("/tmp/started") and time.monotonic() < deadline:
+        time.sleep(0.05)
     again = sbx.commands.connect(handle.pid)
     assert again.pid == handle.pid
     assert sbx.commands.kill(handle.pid) is True
