@@ -1,8 +1,9 @@
 """Host side of the agent protocol: one connection to one sandbox's agent, requests multiplexed by id.
 
 There is no background reader task (so no task group has to own one, and a client may be used from any task):
-whichever request needs a frame takes the read lock, reads once from the stream and routes every frame it got
-to the queue of the request that owns its ``id``. Each queue is bounded: when a consumer is slow (a large
+whichever request needs a frame becomes the reader (if no other request is reading), reads once from the stream
+and routes every frame it got to the queue of the request that owns its ``id``, waking that request; the others
+wait for a frame of theirs or for the reader to step down, whichever comes first. Each queue is bounded: when a consumer is slow (a large
 download written to a slow disk), the reader waits for it, so the shim stops reading from the agent and
 back-pressure reaches the sandbox instead of memory growing here. Frames for abandoned requests are dropped.
 
@@ -71,11 +72,12 @@ def agent_error(frame: Frame) -> CorralError:
 
 
 class _Queue:
-    __slots__ = ("frames", "space")
+    __slots__ = ("arrived", "frames", "space")
 
     def __init__(self) -> None:
         self.frames: deque[Frame] = deque()
         self.space = anyio.Event()
+        self.arrived = anyio.Event()  # set when a frame is added, or when the reader steps down
 
 
 class AgentClient:
@@ -86,7 +88,7 @@ class AgentClient:
         self.sandbox_id = sandbox_id
         self._decoder = Decoder()
         self._queues: dict[str, _Queue] = {}
-        self._read_lock = anyio.Lock()
+        self._reading = False  # one request at a time reads the stream, for all (see _next_frame)
         self._send_lock = anyio.Lock()
         self._closed: CorralError | None = None
         self.hello: Mapping[str, Any] = {}
@@ -140,10 +142,19 @@ class AgentClient:
                 return frame
             if self._closed is not None:
                 raise self._closed
-            async with self._read_lock:
-                if queue.frames or self._closed is not None:
-                    continue  # another request's read brought ours in
+            if self._reading:
+                # Another request is reading: it hands our frames over as they come (``arrived``). Waiting on
+                # a lock instead would strand a frame already delivered to us behind the next reader's wait.
+                queue.arrived = anyio.Event()
+                await queue.arrived.wait()
+                continue
+            self._reading = True
+            try:
                 await self._read_once()
+            finally:
+                self._reading = False
+                for other in self._queues.values():  # someone still waiting takes over the reading
+                    other.arrived.set()
 
     async def _read_once(self) -> None:
         try:
@@ -178,12 +189,14 @@ class AgentClient:
                     queue.frames.clear()
             if rid in self._queues:
                 queue.frames.append(frame)
+                queue.arrived.set()
 
     def _fail(self, error: CorralError) -> None:
         if self._closed is None:
             self._closed = error
         for queue in self._queues.values():
             queue.space.set()
+            queue.arrived.set()
 
     # -- requests --------------------------------------------------------------------------------------------
     async def send_frame(self, header: Mapping[str, Any], payload: bytes = b"") -> None:

@@ -528,6 +528,44 @@ class SandboxService:
         client = await self._running_agent(sandbox_id, tenant, Action.FILES)
         await _files.rename(client, src, dst, overwrite=overwrite, user=user)
 
+    async def configure(
+        self,
+        sandbox_id: str,
+        *,
+        env: dict[str, str],
+        user: str | None = None,
+        cwd: str | None = None,
+        tenant: TenantId,
+    ) -> None:
+        """Change a running sandbox's defaults for the processes it starts from now on.
+
+        ``env`` is merged into its environment (and kept on its record, see :meth:`sandbox_env`); ``user``
+        (``user`` or ``root``) and ``cwd`` become the defaults of commands that name none.
+        """
+        env = _check_str_map("env", env, max_items=256, max_len=32768)
+        if cwd is not None:
+            _files.check_path(cwd)
+        client = await self._running_agent(sandbox_id, tenant, Action.EXEC)
+        fields: dict[str, object] = {"env": env}
+        if user is not None:
+            fields["user"] = user
+        if cwd is not None:
+            fields["cwd"] = cwd
+        await client.call(Op.CONFIGURE, fields)
+        while env:
+            record = await self._record(sandbox_id, tenant)
+            try:
+                await self.store.put_sandbox(
+                    dataclasses.replace(record, env={**record.env, **env}), expect_version=record.version
+                )
+                return
+            except Conflict:
+                continue  # changed meanwhile (a timeout, a pause): merge into the new version
+
+    async def sandbox_env(self, sandbox_id: str, *, tenant: TenantId) -> dict[str, str]:
+        """The environment variables a sandbox was given (at create and by :meth:`configure`)."""
+        return dict((await self._record(sandbox_id, tenant)).env)
+
     async def usable_runtimes(self) -> list[str]:
         """The enabled runtimes whose host requirements are met right now (for readiness probes)."""
         usable = []

@@ -29,6 +29,8 @@ from corral.core.settings import Settings
 from corral.errors import CorralError, InvalidRequest, PermissionDenied
 from corral.ids import KeyId, TenantId, new_request_id
 from corral.server._asgi import send_error
+from corral.server.e2b.envd import Watchers
+from corral.server.e2b.sandbox_host import E2BSandboxHost
 from corral.server.metrics import Metrics
 from corral.server.proxy import PortProxy
 from corral.wiring import open_service
@@ -236,10 +238,12 @@ def create_app(
     owned = service is None
     svc = service if service is not None else open_service(settings)
     state = AppState(settings=settings, service=svc, auth=AuthService(svc.store), metrics=Metrics())
+    watchers = Watchers()  # the E2B adapter's server-side directory watchers
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tg:
+            tg.start_soon(watchers.run)
             if run_background:
                 tg.start_soon(svc.run_reaper)
                 tg.start_soon(svc.pools.run)
@@ -267,6 +271,8 @@ def create_app(
     app.add_middleware(_Edge, max_body=settings.max_request_bytes, metrics=lambda: state.metrics)
     # outermost: sandbox-port traffic never meets the API's body limit, auth or access log
     app.add_middleware(PortProxy, service=svc, metrics=lambda: state.metrics)
+    # E2B's SDK names sandboxes by E2b-Sandbox-* headers or {port}-{id} host names: before Corral's proxy
+    app.add_middleware(E2BSandboxHost, service=svc, watchers=watchers, metrics=lambda: state.metrics)
     return app
 
 

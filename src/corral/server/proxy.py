@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -45,7 +45,7 @@ from corral.errors import CorralError
 from corral.server._asgi import send_error
 from corral.server.metrics import Metrics
 
-__all__ = ["PortProxy", "Target", "target_of"]
+__all__ = ["TOKEN_HEADER", "PortProxy", "Target", "target_of"]
 
 log = logging.getLogger("corral.server.proxy")
 
@@ -130,10 +130,7 @@ class PortProxy:
             await send(message)
 
         try:
-            if scope["type"] == "http":
-                await self._http(scope, receive, sending, target)
-            else:
-                await self._websocket(scope, receive, sending, target)
+            await self.relay(scope, receive, sending, target)
         finally:
             m = self.metrics()
             if m is not None:
@@ -149,17 +146,44 @@ class PortProxy:
                 },
             )
 
+    async def relay(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        target: Target,
+        *,
+        refuse: Callable[[Send, CorralError], Awaitable[None]] | None = None,
+    ) -> None:
+        """Relay one request or WebSocket to ``target``; ``refuse`` answers a failed open (default: Corral's
+        error body), so another surface (the E2B adapter) can word it its own way."""
+        if scope["type"] == "http":
+            await self._http(scope, receive, send, target, refuse=refuse)
+        else:
+            await self._websocket(scope, receive, send, target)
+
     async def _open(self, target: Target) -> ByteStream:
         return await self.service.open_port_for_traffic(
             target.sandbox_id, target.port, traffic_token=target.token
         )
 
     # -- HTTP ------------------------------------------------------------------------------------------------
-    async def _http(self, scope: Scope, receive: Receive, send: Send, target: Target) -> None:
+    async def _http(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        target: Target,
+        *,
+        refuse: Callable[[Send, CorralError], Awaitable[None]] | None = None,
+    ) -> None:
         try:
             stream = await self._open(target)
         except CorralError as exc:
-            await send_error(send, exc.status, exc.code, exc.message)
+            if refuse is not None:
+                await refuse(send, exc)
+            else:
+                await send_error(send, exc.status, exc.code, exc.message)
             return
         async with stream:
             first = await receive()
