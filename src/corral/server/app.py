@@ -219,9 +219,11 @@ def create_app(
     run_background: bool = True,
 ) -> FastAPI:
     """The Corral API. ``service`` defaults to :func:`corral.store.open_service`; the app closes what it built."""
+    from corral.server import dashboard
     from corral.server.routes import (
         admin,
         code,
+        events,
         files,
         health,
         pools,
@@ -259,9 +261,22 @@ def create_app(
     )
     app.state.corral = state
     _install_error_handlers(app)
-    for module in (health, sandboxes, processes, terminals, files, ports, code, templates, pools, admin):
+    for module in (
+        health,
+        events,
+        sandboxes,
+        processes,
+        terminals,
+        files,
+        ports,
+        code,
+        templates,
+        pools,
+        admin,
+    ):
         app.include_router(module.router)
     app.include_router(code.templates_router)
+    app.include_router(dashboard.router)
     app.add_middleware(_Edge, max_body=settings.max_request_bytes, metrics=lambda: state.metrics)
     # outermost: sandbox-port traffic never meets the API's body limit, auth or access log
     app.add_middleware(PortProxy, service=svc, metrics=lambda: state.metrics)
