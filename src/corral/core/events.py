@@ -3,7 +3,8 @@
 The service's store is wrapped (:class:`ObservedStore`) so that every ``put_sandbox`` and ``delete_sandbox``,
 whoever makes it (the service, the reaper, warm pools, forks), is published once it is stored: there is no
 second place to remember. Subscribers are scoped when they subscribe: a tenant gets its own sandboxes, and
-``None`` (an admin) gets the warm-pool members (:data:`POOL_TENANT`), which no tenant can see. Delivery is
+``None`` (an admin) gets the writes that change warm pools (members, :data:`POOL_TENANT`, which no tenant can
+see, and sandboxes claimed out of a pool); the route turns those into pool numbers, never a tenant's data. Delivery is
 in-process (one server); a slow subscriber that lets its buffer fill is dropped with a ``lagged`` marker
 rather than slowing every write, and is expected to reconnect and list again.
 """
@@ -35,6 +36,11 @@ class SandboxChange:
     removed: bool = False
 
 
+def _pool_change(record: SandboxRecord) -> bool:
+    """Does this write change a warm pool's numbers? (A member, or one just claimed out of a pool.)"""
+    return record.tenant_id == POOL_TENANT or record.from_pool
+
+
 class SandboxEvents:
     """In-process fan-out of :class:`SandboxChange` to scoped subscribers."""
 
@@ -45,7 +51,7 @@ class SandboxEvents:
     def publish(self, change: SandboxChange) -> None:
         tenant = change.record.tenant_id
         for key, (scope, send) in list(self._subs.items()):
-            if scope != tenant and not (scope is None and tenant == POOL_TENANT):
+            if scope != tenant and not (scope is None and _pool_change(change.record)):
                 continue
             if send.statistics().current_buffer_used >= BUFFER:
                 self._drop(key)  # the one place left in its buffer takes the "lagged" marker

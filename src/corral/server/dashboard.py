@@ -30,6 +30,9 @@ CSP = "; ".join(
         "default-src 'none'",
         "script-src 'self'",
         "style-src 'self'",
+        # xterm.js writes its cell metrics and theme into <style> elements it creates (no nonce support), so
+        # style elements may be inline; style attributes (markup injection's usual vehicle) may not.
+        "style-src-elem 'self' 'unsafe-inline'",
         "img-src 'self' data: blob:",
         "font-src 'self'",
         "connect-src 'self'",

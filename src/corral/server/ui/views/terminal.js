@@ -3,7 +3,7 @@
 // one request in flight, the rest batched behind it), POST …/resize follows the element's size.
 import { Terminal } from "../vendor/xterm.mjs";
 import { FitAddon } from "../vendor/addon-fit.mjs";
-import { latin1Bytes, post, request, sandboxPath, stream } from "../api.js";
+import { latin1Bytes, post, request, sandboxPath, session, stream } from "../api.js";
 
 export function openTerminal(container, sandboxId, msg) {
   const term = new Terminal({
@@ -69,10 +69,21 @@ export function openTerminal(container, sandboxId, msg) {
     }
   })();
   term.focus();
+  // leaving the page (reload, tab closed) ends the shell too; keepalive lets the request outlive the page
+  const onHide = () => {
+    if (!processId || closed) return;
+    fetch(sandboxPath(sandboxId, `/processes/${processId}/signal`), {
+      method: "POST", keepalive: true, credentials: "omit",
+      headers: { authorization: `Bearer ${session.key}`, "content-type": "application/json" },
+      body: JSON.stringify({ signal: 1 }),
+    }).catch(() => {});
+  };
+  window.addEventListener("pagehide", onHide);
 
   return {
     term,
     close() {
+      window.removeEventListener("pagehide", onHide);
       closed = true;
       observer.disconnect();
       controller.abort();
