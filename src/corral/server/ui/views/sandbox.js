@@ -27,7 +27,6 @@ export function sandboxView(main, id) {
     replace(pane);
     cleanup = tabs[name]() || null;
   }
-  replace(tabBar, Object.keys(tabs).map((name) => h("button", { dataset: { tab: name }, onclick: () => show(name) }, name)));
 
   function renderInfo() {
     const sb = sandbox;
@@ -48,7 +47,12 @@ export function sandboxView(main, id) {
           h("button", { class: "danger", id: "kill", onclick: () => { if (confirm(`Kill ${id}?`)) attempt(msg, () => del(path("")), `killed ${id}`); } }, "Kill"))));
   }
 
-  get(sandboxPath(id)).then((sb) => { sandbox = sb; renderInfo(); show("Terminal"); }).catch((e) => {
+  get(sandboxPath(id)).then((sb) => {
+    sandbox = sb;
+    renderInfo();
+    replace(tabBar, Object.keys(tabs).map((name) => h("button", { dataset: { tab: name }, onclick: () => show(name) }, name)));
+    show(sb.state === "running" ? "Terminal" : "Audit");
+  }).catch((e) => {
     msg.error(e);
     replace(info, h("span", { class: "muted" }, "This sandbox cannot be shown."));
   });
@@ -135,7 +139,6 @@ function filesTab(pane, id, msg) {
     const dir = pathInput.value.trim() || "/";
     const result = await attempt(msg, () => get(sandboxPath(id, "/files/list"), { path: dir, depth: 1 }));
     if (!result) return;
-    msg.clear();
     const entries = result.entries.sort((a, b) => (a.type === "dir") === (b.type === "dir") ? a.name.localeCompare(b.name) : a.type === "dir" ? -1 : 1);
     replace(rows, entries.length ? entries.map((e) => h("tr", { dataset: { name: e.name } },
       h("td", { class: "mono" }, e.type === "dir"
@@ -165,13 +168,15 @@ function filesTab(pane, id, msg) {
   }
   upload.addEventListener("change", async () => {
     const dir = pathInput.value.trim() || "/";
+    const done = [];
     for (const file of upload.files) {
-      const done = await attempt(msg, () => request("PUT", sandboxPath(id, "/files"), { query: { path: join(dir, file.name) }, raw: file }),
-        `uploaded ${file.name} (${bytes(file.size)})`);
-      if (!done) break;
+      const ok = await attempt(msg, () => request("PUT", sandboxPath(id, "/files"), { query: { path: join(dir, file.name) }, raw: file }));
+      if (!ok) break;
+      done.push(`${file.name} (${bytes(file.size)})`);
     }
     upload.value = "";
-    list();
+    await list();
+    if (done.length) msg.ok(`uploaded ${done.join(", ")} to ${dir}`);
   });
   go.addEventListener("submit", (event) => { event.preventDefault(); list(); });
   list();
