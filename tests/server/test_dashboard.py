@@ -399,3 +399,47 @@ def test_admin_pages_tenants_keys_audit_pools_and_metrics(tab: Page, server: Any
     totals = tab.page.locator("#metric-totals").inner_text()
     created = int(re.search(r"(\d+) sandboxes created", totals).group(1))  # type: ignore[union-attr]
     assert created >= 1  # this module's own creates, counted by the server itself
+
+
+@pytest.mark.busybox
+def test_a_template_build_and_a_pool_fill_show_their_progress(
+    tab: Page, server: Any, admin: httpx.Client, tmp_path: Path
+) -> None:
+    from _registry import busybox_tree
+
+    rootfs = tmp_path / "rootfs"
+    busybox_tree(rootfs)
+    name = "ui-bb-" + secrets.token_hex(3)
+    tab.sign_in(server.admin_key)
+    tab.page.click("a[href='#/pools']")
+    tab.page.fill("#build-name", name)
+    tab.page.fill("#build-source", str(rootfs))
+    tab.page.fill("#build-steps", "echo built-by-the-dashboard > /etc/marker\necho step-two-output")
+    tab.page.click("#build-steps ~ button[type=submit]")
+    try:
+        tab.page.wait_for_function(
+            "() => document.querySelector('#messages').innerText.includes('built')", timeout=120_000
+        )
+        log = tab.page.locator("#build-log").inner_text()
+        assert "[step step 1/2]" in log and "[step step 2/2]" in log and "step-two-output" in log, log
+        assert "[done]" in log
+        tab.page.locator(f"#template-rows tr:has-text('{name}')").wait_for()
+        tab.page.fill("#pool-template", name)
+        tab.page.fill("#pool-isolation", "namespace")
+        tab.page.fill("#pool-size", "2")
+        tab.page.click("#pool-size ~ button[type=submit]")
+        pool_row = tab.page.locator(f"#pool-rows tr[data-template='{name}']")
+        pool_row.wait_for()
+        pool_row.locator("button:has-text('Fill now')").click()
+        tab.page.wait_for_function(
+            "() => document.querySelector('#fill-line')?.innerText.includes('2/2 ready')", timeout=120_000
+        )
+        tab.page.wait_for_function(  # the row follows by server push (pool members' writes)
+            f"() => document.querySelector(\"#pool-rows tr[data-template='{name}']\").children[3].innerText === '2'"
+        )
+        tab.shot("pools")
+        pool_row.locator("button:has-text('Delete')").click()
+        pool_row.wait_for(state="detached")
+    finally:
+        admin.delete(f"/v1/pools/{name}", params={"isolation": "namespace"})
+        admin.delete(f"/v1/templates/{name}")

@@ -193,3 +193,26 @@ def test_sandbox_port_host_names_never_get_the_dashboard(corral_server) -> None:
         assert "sandbox port host names" in r.json()["error"]["message"]
     ok = httpx.get(corral_server.url + "/ui/", headers={"host": f"localhost:{port}"})
     assert ok.status_code == 200
+
+
+@pytest.mark.busybox
+def test_a_template_build_streams_to_its_end_and_a_taken_name_is_refused_up_front(
+    admin: httpx.Client, tmp_path: Any
+) -> None:
+    # The build's events once broke off after "done" (its task group was entered in the request's task and
+    # left in the response's): browsers saw ERR_INCOMPLETE_CHUNKED_ENCODING, httpx a RemoteProtocolError.
+    from _registry import busybox_tree
+
+    busybox_tree(tmp_path)
+    name = "ev-bb-" + secrets.token_hex(3)
+    body = {"name": name, "source": str(tmp_path), "steps": ["echo from-the-step"]}
+    try:
+        with admin.stream("POST", "/v1/templates/build", json=body) as r:
+            assert r.status_code == 200
+            events = [json.loads(line) for line in r.iter_lines() if line]
+        assert [e["kind"] for e in events][-1] == "done"
+        assert any(e["kind"] == "log" and "from-the-step" in e["data"] for e in events)
+        again = admin.post("/v1/templates/build", json=body)
+        assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+    finally:
+        admin.delete(f"/v1/templates/{name}")

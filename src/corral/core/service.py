@@ -353,6 +353,9 @@ class SandboxService:
         runtime = self._runtime(params.isolation or self.settings.default_isolation)
         if params.steps:
             await runtime.check()
+        # Up-front errors are raised here, before any stream starts. The build's own events are not to be
+        # prefetched by a caller: the generator holds a task group, which must be entered and left in one task.
+        await self.templates.check_new(params.name)
         return _builder.build_template(params, templates=self.templates, runtime=runtime)
 
     # -- processes -------------------------------------------------------------------------------------------
