@@ -134,7 +134,9 @@ class Page:
 
     def shot(self, name: str) -> None:
         self.page.wait_for_timeout(300)  # let the last paint land
-        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+        self.page.locator("#app").screenshot(
+            path=str(ARTIFACTS / f"{name}.png")
+        )  # the page, not the blank below
 
     def close(self) -> None:
         self.page.close()
@@ -172,7 +174,9 @@ def test_sign_in_shows_the_apis_message_and_keeps_the_key_out_of_urls_and_cookie
     assert tab.page.evaluate("localStorage.length") == 0
 
 
-def test_a_sandbox_created_by_the_sdk_appears_without_a_reload(tab: Page, alice: Tenant) -> None:
+def test_a_sandbox_created_by_the_sdk_appears_without_a_reload(
+    tab: Page, alice: Tenant, box: Sandbox
+) -> None:
     tab.sign_in(alice.key)
     tab.page.wait_for_selector("#live.on")  # the event stream is connected
     tab.page.evaluate("window.__marker = 1")  # survives only if the page is never reloaded
@@ -190,6 +194,7 @@ def test_a_sandbox_created_by_the_sdk_appears_without_a_reload(tab: Page, alice:
         r.wait_for(state="detached")
         tab.page.fill("#search", "")
         r.wait_for()
+        row(tab, box.sandbox_id).wait_for()  # and the one that was there before
         tab.shot("sandboxes")
         sbx.kill()  # killed elsewhere: the row goes, pushed by the server
         r.wait_for(state="detached")
@@ -226,8 +231,11 @@ def test_the_terminal_runs_a_command_and_follows_resizes(tab: Page, alice: Tenan
 
     rows, cols = size()
     tab.page.set_viewport_size({"width": 900, "height": 860})
-    tab.page.wait_for_timeout(600)  # the fit, then the debounced resize request
-    new_rows, new_cols = size()
+    for _ in range(20):  # the fit, the debounced resize request, then the shell's next stty
+        new_rows, new_cols = size()
+        if new_cols != cols:
+            break
+        tab.page.wait_for_timeout(500)
     assert new_rows == rows and new_cols < cols, ((rows, cols), (new_rows, new_cols))
     tab.page.set_viewport_size({"width": 1400, "height": 860})
 
