@@ -451,3 +451,47 @@ def test_a_template_build_and_a_pool_fill_show_their_progress(
     finally:
         admin.delete(f"/v1/pools/{name}", params={"isolation": "namespace"})
         admin.delete(f"/v1/templates/{name}")
+
+
+HOSTILE_PAGE = """<!doctype html>
+<title>a page served from a sandbox</title>
+<iframe id="frame" src="{dashboard}/ui/"></iframe>
+"""
+
+
+def test_a_page_served_by_a_sandbox_can_neither_frame_nor_call_the_dashboard(
+    tab: Page, alice: Tenant
+) -> None:
+    from _sandbox_apps import wait_for_line
+
+    port = tab.base.rsplit(":", 1)[1]
+    dashboard = f"http://localhost:{port}"
+    tab.base = dashboard
+    tab.sign_in(alice.key)  # signed in, in this browser, on the dashboard's origin
+    with Sandbox.create(isolation="namespace", timeout=300, public_ports=True) as sbx:
+        sbx.files.write("/tmp/site/index.html", HOSTILE_PAGE.format(dashboard=dashboard))
+        server = sbx.commands.start("python3 -u -m http.server 8000 --bind 127.0.0.1 --directory /tmp/site")
+        wait_for_line(server, "Serving HTTP")
+        tab.page.goto(f"http://8000-{sbx.sandbox_id}.localhost:{port}/")
+        assert tab.page.title() == "a page served from a sandbox"
+        tab.page.wait_for_timeout(1000)
+        framed = [f for f in tab.page.frames if f is not tab.page.main_frame]
+        assert framed, "the iframe element is there"
+        for frame in framed:  # frame-ancestors 'none': the browser shows its error page, not the dashboard
+            assert not frame.url.startswith(dashboard), frame.url
+            assert frame.locator("#api-key").count() == 0
+        # the API sends no CORS headers: the sandbox's script cannot read an answer, with or without a key
+        outcome = tab.page.evaluate(
+            """async (url) => {
+                 try { const r = await fetch(url + "/v1/sandboxes", {headers: {authorization: "Bearer x"}});
+                       return "read " + r.status; }
+                 catch (e) { return "blocked"; } }""",
+            dashboard,
+        )
+        assert outcome == "blocked"
+        assert tab.page.evaluate("sessionStorage.length") == 0
+        server.kill()
+    # the browser said why it refused the frame; that is the one CSP report this test expects
+    refused = [p for p in tab.problems if "frame-ancestors 'none'" in p]
+    assert refused, tab.problems
+    tab.problems = [p for p in tab.problems if p not in refused]

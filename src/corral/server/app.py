@@ -244,7 +244,9 @@ def create_app(
             if run_background:
                 tg.start_soon(svc.run_reaper)
                 tg.start_soon(svc.pools.run)
-            log.info("corral server ready", extra={"store": type(svc.store).__name__})
+            log.info(
+                "corral server ready", extra={"store": type(getattr(svc.store, "inner", svc.store)).__name__}
+            )
             try:
                 yield
             finally:
