@@ -51,6 +51,7 @@ BINARY_MARKERS = {
     "bwrap": ("bwrap", "bubblewrap"),
     "runsc": ("runsc", "runsc"),
     "busybox": ("busybox", "busybox-static"),
+    "chromium": ("chromium", "chromium"),
 }
 
 _DATA_DIR = pytest.StashKey[Path]()

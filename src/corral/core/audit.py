@@ -12,6 +12,7 @@ The log lives outside every sandbox (in the control plane's store); nothing insi
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -182,3 +183,14 @@ class AuditLog:
                 at=self._clock(), action=action, tenant_id=tenant_id, sandbox_id=sandbox_id, details=details
             )
         )
+
+
+async def entries_of_sandbox(
+    store: AuditStore, sandbox_id: str, tenant_id: str, *, limit: int = 200
+) -> list[AuditEntry]:
+    """The last ``limit`` entries about one sandbox of one tenant, oldest first (a walk of the log)."""
+    found: collections.deque[AuditEntry] = collections.deque(maxlen=limit)
+    async for entry in iter_entries(store):
+        if entry.sandbox_id == sandbox_id and entry.tenant_id == tenant_id:
+            found.append(entry)
+    return list(found)

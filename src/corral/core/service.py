@@ -37,9 +37,10 @@ from corral.core import pty as _pty
 from corral.core import snapshots as _snapshots
 from corral.core import watch as _watch
 from corral.core.agent_client import AgentClient
-from corral.core.audit import AuditAction, AuditLog
+from corral.core.audit import AuditAction, AuditEntry, AuditLog, entries_of_sandbox
 from corral.core.auth import Quotas, check_quota, check_timeout_quota
 from corral.core.code_template import CODE_INTERPRETER_TEMPLATE, build_code_interpreter_template
+from corral.core.events import SandboxEvents, observed
 from corral.core.pools import PoolManager
 from corral.core.records import SandboxRecord, TemplateRecord
 from corral.core.settings import Settings
@@ -123,7 +124,8 @@ class SandboxService:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        self.store = store
+        self.events = SandboxEvents()
+        self.store = observed(store, self.events)  # every sandbox write is published (core/events.py)
         self.templates = TemplateRegistry(store, settings.cache_root)
         self._runtime_for = runtime_for
         self._clock = clock
@@ -374,6 +376,9 @@ class SandboxService:
         runtime = self._runtime(params.isolation or self.settings.default_isolation)
         if params.steps:
             await runtime.check()
+        # Up-front errors are raised here, before any stream starts. The build's own events are not to be
+        # prefetched by a caller: the generator holds a task group, which must be entered and left in one task.
+        await self.templates.check_new(params.name)
         return _builder.build_template(params, templates=self.templates, runtime=runtime)
 
     # -- processes -------------------------------------------------------------------------------------------
@@ -910,6 +915,11 @@ class SandboxService:
             timeout=timeout,
             tenant=await self._tenant_name(tenant),
         )
+
+    async def sandbox_audit(self, sandbox_id: str, *, tenant: TenantId, limit: int = 200) -> list[AuditEntry]:
+        """The audit entries about one of the tenant's sandboxes (also once it stopped), oldest first."""
+        record = await self._record(sandbox_id, tenant)
+        return await entries_of_sandbox(self.store, record.sandbox_id, tenant, limit=limit)
 
     async def _record(self, sandbox_id: str, tenant: TenantId) -> SandboxRecord:
         if not SandboxId.is_valid(sandbox_id):

@@ -221,10 +221,11 @@ def create_app(
     run_background: bool = True,
 ) -> FastAPI:
     """The Corral API. ``service`` defaults to :func:`corral.wiring.open_service`; the app closes what it built."""
-    from corral.server import e2b
+    from corral.server import dashboard, e2b
     from corral.server.routes import (
         admin,
         code,
+        events,
         files,
         health,
         pools,
@@ -247,7 +248,9 @@ def create_app(
             if run_background:
                 tg.start_soon(svc.run_reaper)
                 tg.start_soon(svc.pools.run)
-            log.info("corral server ready", extra={"store": type(svc.store).__name__})
+            log.info(
+                "corral server ready", extra={"store": type(getattr(svc.store, "inner", svc.store)).__name__}
+            )
             try:
                 yield
             finally:
@@ -264,10 +267,23 @@ def create_app(
     )
     app.state.corral = state
     _install_error_handlers(app)
-    for module in (health, sandboxes, processes, terminals, files, ports, code, templates, pools, admin):
+    for module in (
+        health,
+        events,
+        sandboxes,
+        processes,
+        terminals,
+        files,
+        ports,
+        code,
+        templates,
+        pools,
+        admin,
+    ):
         app.include_router(module.router)
     app.include_router(code.templates_router)
     e2b.install(app)  # E2B's REST control plane, over the same service
+    app.include_router(dashboard.router)
     app.add_middleware(_Edge, max_body=settings.max_request_bytes, metrics=lambda: state.metrics)
     # outermost: sandbox-port traffic never meets the API's body limit, auth or access log
     app.add_middleware(PortProxy, service=svc, metrics=lambda: state.metrics)

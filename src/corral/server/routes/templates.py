@@ -15,7 +15,7 @@ from corral.core.records import TemplateRecord
 from corral.errors import InvalidRequest
 from corral.models import BuildParams
 from corral.server.app import Caller, State, _principal
-from corral.server.routes._stream import NDJSON, ndjson_response, prefetched
+from corral.server.routes._stream import NDJSON, ndjson_response
 from corral.server.schemas import _Strict
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
@@ -95,7 +95,9 @@ class BuildBody(_Strict):
 )
 async def build_template(body: BuildBody, state: State, _: Caller) -> StreamingResponse:
     # Admin only: a source may be a path on the server host, and templates are shared by every tenant.
-    events = await prefetched(await state.service.build_template(BuildParams(**body.model_dump())))
+    # not prefetched: the build's generator holds a task group, so it runs wholly in the response's task
+    # (prefetching entered it in this one and left it in that one: the stream broke off after "done")
+    events = await state.service.build_template(BuildParams(**body.model_dump()))
     return ndjson_response(events, lambda e: e.to_wire())
 
 
