@@ -74,7 +74,7 @@ from corral.models import (
     TemplateInfo,
 )
 from corral.protocol import Op
-from corral.runtimes.base import Limits, ObservedState, Runtime, SandboxSpec, Snapshot
+from corral.runtimes.base import Limits, ObservedState, Runtime, SandboxSpec, Snapshot, TeardownFinisher
 
 __all__ = ["SandboxService"]
 
@@ -636,6 +636,10 @@ class SandboxService:
                 continue  # another process changed it first; the next pass sees the new version
             if record.state is SandboxState.RUNNING and record.deadline is not None:
                 soonest = record.deadline if soonest is None else min(soonest, record.deadline)
+        for name in self.settings.enabled_runtimes:  # kills whose host clean-up the kernel held up
+            runtime = self._runtime(name)
+            if isinstance(runtime, TeardownFinisher):
+                await runtime.finish_teardowns()
         return soonest
 
     async def run_reaper(self) -> None:

@@ -56,7 +56,8 @@ import anyio.to_thread
 from corral.errors import Conflict, InvalidRequest, RuntimeFailure, RuntimeUnavailable, Unsupported
 from corral.runtimes import _layers, _oci, _proc, _rootfs, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
-from corral.runtimes._cgroups import SandboxCgroup
+from corral.runtimes._cgroups import REMOVE_TIMEOUT, CgroupBusy, SandboxCgroup
+from corral.runtimes._deferred import Deferred
 from corral.runtimes._rootfs import LayerDirs
 from corral.runtimes._shimspec import Mount, ShimSpec
 from corral.runtimes.base import (
@@ -101,6 +102,22 @@ class GVisorRuntime:
         self._runsc_override = runsc
         self._runsc: str | None = None
         self._bundle: AgentBundle | None = None
+        self._deferred = Deferred(config.state_root, self.name, _teardown_json)
+
+    async def finish_teardowns(self) -> None:
+        await anyio.to_thread.run_sync(self._deferred.retry)
+
+    async def _teardown(
+        self, sandbox_id: str, state_dir: Path, shim_pid: int | None, shim_ticks: int | None
+    ) -> None:
+        """:func:`_teardown`; one the kernel holds up is finished later (see ``_deferred``)."""
+        args = {
+            "sandbox_id": sandbox_id,
+            "state_dir": str(state_dir),
+            "shim_pid": shim_pid,
+            "shim_ticks": shim_ticks,
+        }
+        await anyio.to_thread.run_sync(self._deferred.run, sandbox_id, args)
 
     # -- host check ---------------------------------------------------------------------------------------
     async def check(self) -> None:
@@ -126,6 +143,7 @@ class GVisorRuntime:
     # -- create -------------------------------------------------------------------------------------------
     async def create(self, spec: SandboxSpec) -> Instance:
         runsc = await self._host()
+        await self.finish_teardowns()  # embedded mode has no reaper: leftovers of earlier kills go here
         if self._bundle is None:
             self._bundle = await anyio.to_thread.run_sync(ensure_bundle, self.config.cache_root)
         bundle = self._bundle
@@ -163,8 +181,7 @@ class GVisorRuntime:
             )
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(
-                    _teardown,
+                await self._teardown(
                     spec.sandbox_id,
                     state_dir,
                     handle.pid if handle else None,
@@ -237,8 +254,7 @@ class GVisorRuntime:
 
     async def destroy(self, instance: Instance) -> None:
         with anyio.CancelScope(shield=True):  # runs even when asked inside a cancelled scope
-            await anyio.to_thread.run_sync(
-                _teardown,
+            await self._teardown(
                 instance.sandbox_id,
                 Path(instance.state_dir),
                 instance.shim_pid,
@@ -513,7 +529,25 @@ def _kill_processes(runsc_root: Path) -> None:
         time.sleep(_POLL)  # bounded; dying processes have no event we could wait on from here
 
 
-def _teardown(sandbox_id: str, state_dir: Path, shim_pid: int | None, shim_ticks: int | None) -> None:
+def _teardown_json(
+    *,
+    sandbox_id: str,
+    state_dir: str,
+    shim_pid: int | None,
+    shim_ticks: int | None,
+    wait: float = REMOVE_TIMEOUT,
+) -> None:
+    _teardown(sandbox_id, Path(state_dir), shim_pid, shim_ticks, wait=wait)
+
+
+def _teardown(
+    sandbox_id: str,
+    state_dir: Path,
+    shim_pid: int | None,
+    shim_ticks: int | None,
+    *,
+    wait: float = REMOVE_TIMEOUT,
+) -> None:
     """Remove everything of a sandbox, in dependency order. Idempotent; needs no in-memory state.
 
     1. SIGKILL the sandbox's host processes (found by their ``--root``). The shim sees ``runsc run`` exit,
@@ -533,7 +567,9 @@ def _teardown(sandbox_id: str, state_dir: Path, shim_pid: int | None, shim_ticks
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(shim_pid, os.WNOHANG)  # reap it if we are its parent
     try:
-        _cgroup(sandbox_id).remove()
+        _cgroup(sandbox_id).remove(wait)
+    except CgroupBusy:
+        raise  # its processes are still exiting: the caller finishes this teardown later
     except OSError as exc:
         log.error("sandbox %s: could not remove its cgroups: %s", sandbox_id, exc)
         raise RuntimeFailure("could not remove the sandbox's cgroups") from exc

@@ -54,7 +54,8 @@ from corral.errors import (
 )
 from corral.runtimes import _layers, _proc, _rootfs, _seccomp, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
-from corral.runtimes._cgroups import CgroupLayout, SandboxCgroup, detect_layout
+from corral.runtimes._cgroups import REMOVE_TIMEOUT, CgroupBusy, CgroupLayout, SandboxCgroup, detect_layout
+from corral.runtimes._deferred import Deferred
 from corral.runtimes._shimspec import FdFile, Mount, ShimSpec, UserNs
 from corral.runtimes.base import (
     ByteStream,
@@ -168,6 +169,10 @@ class NamespaceRuntime:
         self.config = config
         self._checked: tuple[str, CgroupLayout, bytes] | None = None
         self._bundle: AgentBundle | None = None
+        self._deferred = Deferred(config.state_root, self.name, _teardown_json)
+
+    async def finish_teardowns(self) -> None:
+        await anyio.to_thread.run_sync(self._deferred.retry)
 
     # -- host check ---------------------------------------------------------------------------------------
     async def check(self) -> None:
@@ -181,6 +186,7 @@ class NamespaceRuntime:
     # -- create -------------------------------------------------------------------------------------------
     async def create(self, spec: SandboxSpec) -> Instance:
         bwrap, layout, program = await self._host()
+        await self.finish_teardowns()  # embedded mode has no reaper: leftovers of earlier kills go here
         if self._bundle is None:
             self._bundle = await anyio.to_thread.run_sync(ensure_bundle, self.config.cache_root)
         bundle = self._bundle
@@ -330,14 +336,19 @@ class NamespaceRuntime:
         """
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(
-                _teardown_sync,
-                self.config.state_root,
-                sandbox_id,
-                state_dir,
-                cgroup,
-                slot,
-                shim_pid,
-                shim_ticks,
+                partial(
+                    self._deferred.run,  # a teardown the kernel holds up is finished later (_deferred)
+                    sandbox_id,
+                    {
+                        "state_root": str(self.config.state_root),
+                        "sandbox_id": sandbox_id,
+                        "state_dir": str(state_dir),
+                        "cgroup": cgroup.to_json(),
+                        "slot": slot,
+                        "shim_pid": shim_pid,
+                        "shim_ticks": shim_ticks,
+                    },
+                )
             )
 
 
@@ -479,6 +490,20 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
+def _teardown_json(*, wait: float = REMOVE_TIMEOUT, **args: Any) -> None:
+    """:func:`_teardown_sync` with the JSON arguments a deferred teardown keeps."""
+    _teardown_sync(
+        Path(args["state_root"]),
+        str(args["sandbox_id"]),
+        Path(args["state_dir"]),
+        SandboxCgroup.from_json(args["cgroup"]),
+        args["slot"],
+        args["shim_pid"],
+        args["shim_ticks"],
+        wait=wait,
+    )
+
+
 def _teardown_sync(
     state_root: Path,
     sandbox_id: str,
@@ -487,6 +512,8 @@ def _teardown_sync(
     slot: int | None,
     shim_pid: int | None,
     shim_ticks: int | None,
+    *,
+    wait: float = REMOVE_TIMEOUT,
 ) -> None:
     if shim_pid is not None and shim_ticks is not None and _proc.pid_alive(shim_pid, shim_ticks):
         _proc.kill_pid(shim_pid, shim_ticks, signal.SIGTERM)  # the shim kills the sandbox and records exit
@@ -495,7 +522,9 @@ def _teardown_sync(
             time.sleep(0.005)  # bounded: the shim normally exits within milliseconds
         _proc.kill_pid(shim_pid, shim_ticks, signal.SIGKILL)
     try:
-        cgroup.remove()  # kills whatever is left: the sandbox's mount namespace dies with its last task
+        cgroup.remove(wait)  # kills whatever is left: the sandbox's mount namespace dies with its last task
+    except CgroupBusy:
+        raise  # its tasks are still exiting: the caller finishes this teardown later
     except OSError as exc:
         log.error("sandbox %s: could not remove its cgroups: %s", sandbox_id, exc)
         raise RuntimeFailure("could not remove the sandbox's cgroups") from exc
