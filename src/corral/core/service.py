@@ -394,6 +394,7 @@ class SandboxService:
                             exit_code=event.exit_code,
                             signal=event.signal,
                             timed_out=event.timed_out,
+                            oom_killed=event.oom_killed,
                         )
                 yield event
         finally:

@@ -210,6 +210,11 @@ class SandboxCgroup:
         except FileNotFoundError:
             return False
 
+    @property
+    def oom_events_file(self) -> str:
+        """The file whose ``oom_kill`` line counts the kernel's OOM kills in this sandbox."""
+        return str(self._dir("memory") / ("memory.oom_control" if self.version == 1 else "memory.events"))
+
     def oom_kills(self) -> int:
         """How many processes the kernel OOM-killed in this sandbox (0 if the kernel does not say)."""
         name = "memory.oom_control" if self.version == 1 else "memory.events"
