@@ -52,19 +52,36 @@ def _with_auth(fn: Callable[[_Admin], Awaitable[T]]) -> T:
 @click.option("--port", type=int, default=None, help="Port [default: 8700, or CORRAL_PORT].")
 @click.option("--database-url", default=None, help="postgresql://… instead of the embedded SQLite store.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(host: str | None, port: int | None, database_url: str | None, log_level: str) -> None:
+@click.option(
+    "--log-format",
+    default="auto",
+    type=click.Choice(["auto", "json", "text"]),
+    help="json: one object per line; text: for people; auto: text on a terminal, else json.",
+)
+@click.option("--log-file", default=None, help="Append the logs (JSON) to this file instead of stderr.")
+def serve(
+    host: str | None,
+    port: int | None,
+    database_url: str | None,
+    log_level: str,
+    log_format: str,
+    log_file: str | None,
+) -> None:
     """Run the Corral API server (REST, NDJSON and WebSocket streams, /metrics, /healthz, /readyz)."""
     import uvicorn
 
     from corral.server.app import create_app
-    from corral.server.logs import configure_json_logging
+    from corral.server.logs import configure_logging
 
     settings = Settings.load(host=host, port=port, database_url=database_url)
-    configure_json_logging(getattr(logging, log_level.upper()))
+    try:
+        configure_logging(getattr(logging, log_level.upper()), fmt=log_format, file=log_file)
+    except OSError as exc:
+        raise click.UsageError(f"cannot write the log file {log_file}: {exc.strerror}") from None
     app = create_app(settings)
     err_console.print(
         f"corral: serving on http://{settings.host}:{settings.port} (data: {settings.data_dir}); "
-        "point clients at it with CORRAL_URL and CORRAL_API_KEY"
+        "point clients at it with CORRAL_URL and CORRAL_API_KEY" + (f"; logs: {log_file}" if log_file else "")
     )
     uvicorn.run(
         app,
