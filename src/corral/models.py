@@ -186,6 +186,7 @@ class ProcessEvent(_Wire):
     exit_code: int | None = None
     signal: int | None = None
     timed_out: bool = False
+    oom_killed: bool = False  # SIGKILLed for memory: the sandbox's limit was reached (see CommandResult)
 
     @property
     def text(self) -> str:
@@ -248,6 +249,10 @@ class CommandResult:
     signal: int | None = None
     timed_out: bool = False
     process_id: str | None = None
+    # Killed (SIGKILL) because the sandbox ran out of memory and it was the process chosen to free it, by the
+    # sandbox's own OOM killer or the kernel's; the sandbox and its other processes go on. A shell running
+    # the process reports it as exit code 137; ``signal`` is then None, this still says why.
+    oom_killed: bool = False
 
     @property
     def ok(self) -> bool:

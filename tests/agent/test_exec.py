@@ -22,6 +22,7 @@ def test_echo(agent: Client) -> None:
         "exit_code": 0,
         "signal": None,
         "timed_out": False,
+        "oom_killed": False,
     }
 
 

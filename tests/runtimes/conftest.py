@@ -45,6 +45,7 @@ class ExecResult:
     signal: int | None
     stdout: bytes
     stderr: bytes
+    oom_killed: bool = False
 
     @property
     def out(self) -> str:
@@ -88,7 +89,11 @@ class SandboxHandle:
                     elif ev == "exit":
                         end = dict(frame.header)
         return ExecResult(
-            exit_code=end.get("exit_code"), signal=end.get("signal"), stdout=bytes(out), stderr=bytes(err)
+            exit_code=end.get("exit_code"),
+            signal=end.get("signal"),
+            stdout=bytes(out),
+            stderr=bytes(err),
+            oom_killed=bool(end.get("oom_killed")),
         )
 
     async def connect(self) -> AgentClient:

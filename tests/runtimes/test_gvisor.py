@@ -154,11 +154,13 @@ async def test_spec_as_the_sandbox_sees_it(shared) -> None:
 @real
 async def test_host_cgroups_hold_the_limits(shared) -> None:
     sid = shared.instance.sandbox_id
+    # the sandbox's limit plus headroom for the sentry: the agent's OOM killer acts at the limit itself
+    host_limit = str((Limits().memory_mb + gvisor_mod.memory_headroom_mb(Limits().memory_mb)) << 20)
     v1 = _cgroup_file(sid, "memory", "memory.limit_in_bytes")
     if v1 is None:  # cgroup v2 host
-        assert _cgroup_file(sid, "", "memory.max") == str(Limits().memory_mb << 20)
+        assert _cgroup_file(sid, "", "memory.max") == host_limit
         return
-    assert v1 == str(Limits().memory_mb << 20)
+    assert v1 == host_limit
     assert _cgroup_file(sid, "cpu", "cpu.cfs_quota_us") == str(int(Limits().cpus * 100_000))
     # only a safety net: it counts the sentry's host threads; RLIMIT_NPROC is the process cap
     assert int(_cgroup_file(sid, "pids", "pids.max") or 0) >= _oci.MIN_PIDS_SAFETY_NET
@@ -393,7 +395,7 @@ async def test_missing_rootfs_cleans_up(gvisor_runtime) -> None:
 @real
 async def test_agent_that_never_starts_cleans_up(gvisor_runtime, host_rootfs, monkeypatch) -> None:
     """runsc boots, but the container's init cannot be executed: no hello, a clean failure, nothing left."""
-    monkeypatch.setattr(gvisor_mod, "agent_argv", lambda bundle: ["/.corral/no-such-agent"])
+    monkeypatch.setattr(gvisor_mod, "agent_argv", lambda bundle, **_: ["/.corral/no-such-agent"])
     before, mounts = _state_entries(gvisor_runtime), _mounts()
     sid = SandboxId.new()
     with pytest.raises(RuntimeFailure) as err:

@@ -129,6 +129,7 @@ async def test_memory_limit_kills_the_hog_not_the_sandbox(ns_sandbox) -> None:
     assert result.signal == 9 or result.exit_code in (137, -9)
     cgroup = _cgroups.SandboxCgroup.from_json(dict(sb.instance.extra["cgroup"]))
     assert cgroup.oom_kills() >= 1
+    assert result.oom_killed  # the agent learnt it from the cgroup's counter (corral.agent.memory)
     assert (await sb.run(["echo", "alive"])).stdout == b"alive\n"  # the agent survived
 
 

@@ -1,4 +1,5 @@
-"""``python3 -I -S -B -m corral.agent [--listen unix:PATH | --listen tcp:HOST:PORT]``
+"""``python3 -I -S -B -m corral.agent [--listen unix:PATH | --listen tcp:HOST:PORT] [--memory-limit BYTES]
+[--oom-events-fd FD]``
 
 Stdio (the default): the protocol runs over stdin/stdout and the agent exits, killing its processes, when stdin
 reaches EOF. The agent moves the protocol to private fds and points fds 0 and 1 at /dev/null and stderr, so no
@@ -19,7 +20,10 @@ import sys
 from corral.agent.hello import hello_fields
 from corral.protocol.frames import encode
 
-USAGE = "usage: python -m corral.agent [--listen unix:PATH | --listen tcp:HOST:PORT]"
+USAGE = (
+    "usage: python -m corral.agent [--listen unix:PATH | --listen tcp:HOST:PORT] [--memory-limit BYTES] "
+    "[--oom-events-fd FD]"
+)
 
 
 def _stdio_fds() -> tuple[int, int]:
@@ -34,11 +38,17 @@ def _stdio_fds() -> tuple[int, int]:
 
 def main(argv: list[str]) -> int:
     listen = None
+    memory_limit: int | None = None
+    oom_events_fd: int | None = None
     args = list(argv)
     while args:
         arg = args.pop(0)
         if arg == "--listen" and args:
             listen = args.pop(0)
+        elif arg == "--memory-limit" and args and args[0].isdigit():
+            memory_limit = int(args.pop(0))
+        elif arg == "--oom-events-fd" and args and args[0].isdigit():
+            oom_events_fd = int(args.pop(0))
         elif arg.startswith("--listen="):
             listen = arg.split("=", 1)[1]
         elif arg in ("-h", "--help"):
@@ -55,9 +65,15 @@ def main(argv: list[str]) -> int:
             os.write(wfd, hello)
         except OSError:
             return 1
+        from corral.agent.memory import configure  # the sandbox's own OOM killer: see there
+
+        configure(memory_limit, oom_events_fd)
         from corral.agent._serve import serve_stdio
 
         return serve_stdio(rfd, wfd)
+    from corral.agent.memory import configure
+
+    configure(memory_limit, oom_events_fd)
     from corral.agent._serve import serve_listen
 
     return serve_listen(listen)

@@ -35,6 +35,7 @@ from typing import IO, Any
 from corral.agent.conn import Connection
 from corral.agent.errors import AgentError, short_repr
 from corral.agent.loop import Loop, Timer, log
+from corral.agent.memory import MemoryGuard, children_preferred_for_oom
 from corral.agent.ring import Ring
 from corral.agent.users import Identity
 from corral.protocol.messages import CHUNK_SIZE, AgentErrorCode
@@ -129,6 +130,7 @@ class Process:
         self.exit_code: int | None = None
         self.signal: int | None = None
         self.timed_out = False
+        self.oom_killed = False  # SIGKILLed for memory (see corral.agent.memory)
         self.exit_pos: int | None = None
         self.timer: Timer | None = None
         self._paused = False
@@ -224,6 +226,9 @@ class Process:
             self.signal = -code
         else:
             self.exit_code = code
+        guard = self.table.memory
+        if not self.oom_killed and guard is not None:
+            self.oom_killed = guard.killed_by_kernel(self.exit_code, self.signal)
         if self.timer is not None:
             self.timer.cancel()
         for fd in list(self._pipes):
@@ -247,7 +252,12 @@ class Process:
             sub.conn.wake(sub)
 
     def exit_fields(self) -> dict[str, Any]:
-        return {"exit_code": self.exit_code, "signal": self.signal, "timed_out": self.timed_out}
+        return {
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "timed_out": self.timed_out,
+            "oom_killed": self.oom_killed,
+        }
 
     def kill_group(self, sig: int) -> bool:
         """Signal the process group; False if the process was already reaped."""
@@ -343,6 +353,7 @@ class ProcessTable:
         self.by_pid: dict[int, Process] = {}
         self._exited: deque[Process] = deque()
         self.other_children: dict[int, Callable[[int], None]] = {}  # e.g. file workers
+        self.memory: MemoryGuard | None = None  # set by the agent
 
     def spawn(
         self,
@@ -360,18 +371,19 @@ class ProcessTable:
         if identity.switch:
             kwargs = {"user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
         try:
-            popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-                bufsize=0,
-                **kwargs,
-            )
+            with children_preferred_for_oom():
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                    bufsize=0,
+                    **kwargs,
+                )
         except OSError as exc:
             raise _spawn_error(exc, argv, cwd, env.get("PATH", "")) from None
         except (ValueError, subprocess.SubprocessError) as exc:
@@ -386,6 +398,12 @@ class ProcessTable:
         if timeout is not None:
             proc.timer = self.loop.call_later(timeout, proc.on_timeout)
         return proc
+
+    def mark_oom(self, pid: int) -> None:
+        """``pid`` (a process, or the process group of one we started) was SIGKILLed for memory."""
+        proc = self.by_pid.get(pid)
+        if proc is not None:
+            proc.oom_killed = True
 
     def get(self, process_id: object) -> Process:
         proc = self.by_id.get(process_id) if isinstance(process_id, str) else None

@@ -37,6 +37,7 @@ from typing import IO, Any
 from corral.agent.conn import Connection
 from corral.agent.errors import AgentError
 from corral.agent.loop import Timer
+from corral.agent.memory import children_preferred_for_oom
 from corral.agent.process import Process, ProcessTable, _spawn_error, new_process_id
 from corral.agent.ring import Ring
 from corral.agent.users import Identity
@@ -170,19 +171,20 @@ def spawn_pty(
         if identity.switch:
             kwargs = {"user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
         try:
-            popen = subprocess.Popen(
-                argv,
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_take_terminal,  # safe: the agent is single-threaded
-                close_fds=True,
-                bufsize=0,
-                **kwargs,
-            )
+            with children_preferred_for_oom():
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=_take_terminal,  # safe: the agent is single-threaded
+                    close_fds=True,
+                    bufsize=0,
+                    **kwargs,
+                )
         except OSError as exc:
             raise _spawn_error(exc, argv, cwd, env.get("PATH", "")) from None
         except (ValueError, subprocess.SubprocessError) as exc:

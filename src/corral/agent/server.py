@@ -20,6 +20,7 @@ from corral.agent.conn import Connection
 from corral.agent.errors import AgentError, from_oserror, short_repr
 from corral.agent.hello import hello_fields
 from corral.agent.loop import Loop, log
+from corral.agent.memory import MemoryGuard
 from corral.agent.ports import MAX_PORT_STREAMS, PortStream, check_target
 from corral.agent.process import Process, ProcessTable
 from corral.agent.pty import PtyProcess, check_size, spawn_pty
@@ -80,6 +81,7 @@ class Agent:
         self.loop = loop
         self.identities = identities
         self.processes = ProcessTable(loop)
+        self.memory = self.processes.memory = MemoryGuard(loop, self.processes.mark_oom)
         self.launcher = Launcher(self.processes)
         self.connections: set[Connection] = set()
         self.pools: dict[str, WorkerPool] = {}
@@ -150,6 +152,7 @@ class Agent:
 
     def shutdown(self, reason: str) -> None:
         log(f"stopping ({reason}): killing {len(self.processes.by_pid)} running processes")
+        self.memory.close()
         self.processes.kill_all()
         self.launcher.close()
         for pool in self.pools.values():

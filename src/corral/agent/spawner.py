@@ -56,6 +56,7 @@ from typing import Any
 from corral.agent.conn import Connection
 from corral.agent.errors import AgentError
 from corral.agent.loop import Timer, log
+from corral.agent.memory import prefer_self_for_oom
 from corral.agent.process import Process, ProcessTable, Spawned, _spawn_error, new_process_id
 from corral.agent.users import Identity, fork_helper
 from corral.protocol.messages import AgentErrorCode
@@ -349,6 +350,7 @@ def _spawner_main(fd: int, identity: Identity) -> None:
     """Start processes as ``identity`` on request until the agent closes its end; report their exits."""
     from corral.agent.worker import become
 
+    prefer_self_for_oom()  # its processes are born with it (corral.agent.memory); before it is not dumpable
     fd = become(identity, fd)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)

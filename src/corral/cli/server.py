@@ -69,6 +69,13 @@ def _with_auth(fn: Callable[[_Admin], Awaitable[T]]) -> T:
     help="One option of a runtime's [runtime.<name>] table, e.g. gvisor.platform=systrap (repeatable).",
 )
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-format",
+    default="auto",
+    type=click.Choice(["auto", "json", "text"]),
+    help="json: one object per line; text: for people; auto: text on a terminal, else json.",
+)
+@click.option("--log-file", default=None, help="Append the logs (JSON) to this file instead of stderr.")
 def serve(
     host: str | None,
     port: int | None,
@@ -77,12 +84,14 @@ def serve(
     node: str | None,
     runtime_option: tuple[str, ...],
     log_level: str,
+    log_format: str,
+    log_file: str | None,
 ) -> None:
     """Run the Corral API server (REST, NDJSON and WebSocket streams, /metrics, /healthz, /readyz)."""
     import uvicorn
 
     from corral.server.app import create_app
-    from corral.server.logs import configure_json_logging
+    from corral.server.logs import configure_logging
 
     settings = Settings.load(
         config=config,
@@ -92,11 +101,14 @@ def serve(
         node=node,
         runtime_options=_runtime_options(runtime_option),
     )
-    configure_json_logging(getattr(logging, log_level.upper()))
+    try:
+        configure_logging(getattr(logging, log_level.upper()), fmt=log_format, file=log_file)
+    except OSError as exc:
+        raise click.UsageError(f"cannot write the log file {log_file}: {exc.strerror}") from None
     app = create_app(settings)
     err_console.print(
         f"corral: serving on http://{settings.host}:{settings.port} (data: {settings.data_dir}); "
-        "point clients at it with CORRAL_URL and CORRAL_API_KEY"
+        "point clients at it with CORRAL_URL and CORRAL_API_KEY" + (f"; logs: {log_file}" if log_file else "")
     )
     uvicorn.run(
         app,

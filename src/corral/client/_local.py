@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio.to_thread
-from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from corral.client._forward import forward
+from corral.client._loop import LoopThread
 from corral.client._pump import Pump
 from corral.core.ports import PortStream
 from corral.core.records import LOCAL_TENANT, TemplateRecord
@@ -291,13 +291,16 @@ class LocalBackend:
     def __init__(self, make: Callable[[], AsyncLocalBackend]) -> None:
         self._closed = False
         self._pumps: weakref.WeakSet[Pump[Any]] = weakref.WeakSet()  # stopped on close()
-        self._portal_cm: AbstractContextManager[BlockingPortal] = start_blocking_portal()
-        self._portal = self._portal_cm.__enter__()
+        loop = LoopThread()
+        self._portal = loop.portal
         try:
             self._backend = self._portal.call(_build, make)
         except BaseException:
-            self._portal_cm.__exit__(None, None, None)
+            loop.stop()
             raise
+        # close() by hand, or when this client is collected, or at interpreter exit (see ``_loop``): a script
+        # that never closes its client (no ``with``) must still exit
+        self._finalizer = weakref.finalize(self, _shut_down, loop, self._backend, self._pumps)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> LocalBackend:
@@ -488,13 +491,8 @@ class LocalBackend:
     def close(self) -> None:
         if self._closed:
             return
-        for pump in list(self._pumps):  # iterations nobody finished must not keep the loop from stopping
-            pump.stop()
-        try:
-            self._call(self._backend.aclose)
-        finally:
-            self._closed = True
-            self._portal_cm.__exit__(None, None, None)
+        self._closed = True
+        self._finalizer()
 
 
 def _template_info(record: TemplateRecord) -> TemplateInfo:
@@ -505,6 +503,12 @@ def _template_info(record: TemplateRecord) -> TemplateInfo:
         created_at=record.created_at,
         memory=record.memory is not None,
     )
+
+
+def _shut_down(loop: LoopThread, backend: AsyncLocalBackend, pumps: weakref.WeakSet[Pump[Any]]) -> None:
+    for pump in list(pumps):  # iterations nobody finished must not keep the loop from stopping
+        pump.stop()
+    loop.stop(backend.aclose)
 
 
 async def _build(make: Callable[[], T]) -> T:

@@ -42,6 +42,7 @@ def _event(frame: Frame, process_id: str | None) -> ProcessEvent | None:
         exit_code=frame.get("exit_code"),
         signal=frame.get("signal"),
         timed_out=bool(frame.get("timed_out", False)),
+        oom_killed=bool(frame.get("oom_killed", False)),
     )
 
 

@@ -89,6 +89,7 @@ from corral.runtimes.base import (
     Runtime,
     SandboxSpec,
     Snapshot,
+    TeardownFinisher,
 )
 
 __all__ = ["SandboxService"]
@@ -422,6 +423,7 @@ class SandboxService:
                             exit_code=event.exit_code,
                             signal=event.signal,
                             timed_out=event.timed_out,
+                            oom_killed=event.oom_killed,
                         )
                 yield event
         finally:
@@ -725,6 +727,10 @@ class SandboxService:
                 continue  # another process changed it first; the next pass sees the new version
             if record.state is SandboxState.RUNNING and record.deadline is not None:
                 soonest = record.deadline if soonest is None else min(soonest, record.deadline)
+        for name in self.settings.enabled_runtimes:  # kills whose host clean-up the kernel held up
+            runtime = self._runtime(name)
+            if isinstance(runtime, TeardownFinisher):
+                await runtime.finish_teardowns()
         return soonest
 
     async def run_reaper(self) -> None:

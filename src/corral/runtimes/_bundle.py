@@ -64,8 +64,21 @@ class AgentBundle:
         self.loader_name = loader_name
 
 
-def agent_argv(bundle: AgentBundle, *, mount_point: str = MOUNT_POINT) -> list[str]:
-    """The command that starts the agent inside a sandbox that has ``bundle`` mounted at ``mount_point``."""
+def agent_argv(
+    bundle: AgentBundle,
+    *,
+    mount_point: str = MOUNT_POINT,
+    memory_limit: int | None = None,
+    oom_events_fd: int | None = None,
+) -> list[str]:
+    """The command that starts the agent inside a sandbox that has ``bundle`` mounted at ``mount_point``.
+
+    ``memory_limit`` (bytes) arms the agent's own OOM killer, for sandboxes whose ``/proc/meminfo`` is their
+    own and whose kernel kills nothing (gVisor); ``oom_events_fd`` is the sandbox's memory cgroup events file,
+    opened as that fd, from which the agent learns of the kernel's OOM kills (see ``corral.agent.memory``)."""
+    extra = [] if memory_limit is None else ["--memory-limit", str(memory_limit)]
+    if oom_events_fd is not None:
+        extra += ["--oom-events-fd", str(oom_events_fd)]
     return [
         f"{mount_point}/lib/{bundle.loader_name}",
         "--library-path",
@@ -76,6 +89,7 @@ def agent_argv(bundle: AgentBundle, *, mount_point: str = MOUNT_POINT) -> list[s
         "-B",
         "-m",
         "corral.agent",
+        *extra,
     ]
 
 

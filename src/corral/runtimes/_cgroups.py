@@ -27,20 +27,29 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from corral.errors import RuntimeUnavailable
 from corral.runtimes.base import Limits
 
-__all__ = ["V1_CONTROLLERS", "CgroupLayout", "SandboxCgroup", "detect_layout"]
+__all__ = ["V1_CONTROLLERS", "CgroupBusy", "CgroupLayout", "SandboxCgroup", "detect_layout"]
 
 V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 V2_CONTROLLERS = ("memory", "pids", "cpu")
 PARENT = "corral"
 CFS_PERIOD_US = 100_000  # the kernel default period; quota = cpus x period
-_SETTLE_TRIES = 200  # x 5 ms = 1 s at most to see a freeze settle or a cgroup empty after SIGKILL
+_SETTLE_TRIES = 200  # x 5 ms = 1 s at most to see a freeze settle
 _SETTLE_SLEEP = 0.005
+# SIGKILL -> every task gone. Milliseconds normally; seconds when every core is busy, since a dying task
+# still has to be scheduled to run its exit path. After this the removal is left to a later retry.
+REMOVE_TIMEOUT = 5.0
+_REKILL_EVERY = 0.25  # a task forked between reading the pids and the signal is caught by the next round
+
+
+class CgroupBusy(OSError):
+    """The sandbox's tasks had not all exited when the removal's deadline came: retry later, nothing failed."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,6 +210,11 @@ class SandboxCgroup:
         except FileNotFoundError:
             return False
 
+    @property
+    def oom_events_file(self) -> str:
+        """The file whose ``oom_kill`` line counts the kernel's OOM kills in this sandbox."""
+        return str(self._dir("memory") / ("memory.oom_control" if self.version == 1 else "memory.events"))
+
     def oom_kills(self) -> int:
         """How many processes the kernel OOM-killed in this sandbox (0 if the kernel does not say)."""
         name = "memory.oom_control" if self.version == 1 else "memory.events"
@@ -226,28 +240,58 @@ class SandboxCgroup:
         with contextlib.suppress(OSError):
             self.thaw()
 
-    def remove(self) -> None:
-        """Kill what is left and remove the directories. Idempotent; raises OSError only if a directory
-        stays busy after every retry."""
+    def empty(self) -> bool:
+        """No task is left in any of the sandbox's cgroups, their sub-cgroups included. v2 says so itself
+        (``populated 0`` in ``cgroup.events``); v1 has no such flag, so its ``tasks`` files (every thread,
+        where ``cgroup.procs`` lists only thread-group leaders) are read."""
+        if self.version == 2:
+            try:
+                return "populated 0" in (self.dirs[""] / "cgroup.events").read_text()
+            except FileNotFoundError:
+                return True
+        for d in dict.fromkeys(self.dirs.values()):
+            for sub in _walk_bottom_up(d):
+                with contextlib.suppress(FileNotFoundError):
+                    if (sub / "tasks").read_text().strip():
+                        return False
+        return True
+
+    def remove(self, timeout: float = REMOVE_TIMEOUT) -> None:
+        """Kill every task, wait (bounded) until the kernel has let them all go, then remove the directories.
+
+        rmdir answers EBUSY while a killed task is still running its exit path, which on a loaded host takes
+        a while, so the wait is for the cgroup to be empty, not a fixed number of rmdir attempts. Idempotent.
+        Raises :class:`CgroupBusy` if tasks remain at the deadline (the caller retries later), another
+        OSError if a directory cannot be removed for any other reason.
+        """
         if not any(d.exists() for d in self.dirs.values()):
             return
-        for _ in range(_SETTLE_TRIES):
+        deadline = time.monotonic() + timeout
+        while True:
             self.kill()
-            busy = False
-            for d in dict.fromkeys(self.dirs.values()):
-                for sub in _walk_bottom_up(d):
-                    try:
-                        sub.rmdir()
-                    except FileNotFoundError:
-                        pass
-                    except OSError as exc:
-                        if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
-                            raise
-                        busy = True
-            if not busy:
-                return
-            time.sleep(_SETTLE_SLEEP)  # dying tasks leave the cgroup asynchronously; bounded by _SETTLE_TRIES
-        raise OSError(errno.EBUSY, f"cgroup of sandbox still busy: {sorted(self.dirs.values())}")
+            if _wait_until(self.empty, min(deadline, time.monotonic() + _REKILL_EVERY)):
+                if self._rmdirs():
+                    return
+                time.sleep(_SETTLE_SLEEP)  # empty, yet a task raced in (or the kernel lags): bounded below
+            if time.monotonic() >= deadline:
+                raise CgroupBusy(
+                    errno.EBUSY, f"the tasks of cgroup {sorted(map(str, self.dirs.values()))} have not exited"
+                )
+
+    def _rmdirs(self) -> bool:
+        """Remove every directory, children first; False if one is still busy."""
+        busy = False
+        for d in dict.fromkeys(self.dirs.values()):
+            for sub in _walk_bottom_up(d):
+                try:
+                    sub.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                        raise
+                    busy = True
+        return not busy
 
     @staticmethod
     def _settle(done: object) -> None:
@@ -257,6 +301,18 @@ class SandboxCgroup:
                 return
             time.sleep(_SETTLE_SLEEP)  # v1 FREEZING → FROZEN takes about a millisecond; bounded
         raise OSError(errno.ETIMEDOUT, "the sandbox did not settle in its new freezer state")
+
+
+def _wait_until(done: Callable[[], bool], deadline: float) -> bool:
+    """Poll ``done`` until it holds or ``deadline`` (monotonic) passes: tasks leaving a cgroup raise no event
+    on v1, so this backs off from 1 ms to 20 ms between looks."""
+    pause = 0.001
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)  # bounded by the deadline
+        pause = min(pause * 2, 0.02)
+    return True
 
 
 def _walk_bottom_up(d: Path) -> list[Path]:

@@ -66,7 +66,8 @@ from corral.errors import Conflict, InvalidRequest, RuntimeFailure, Unsupported
 from corral.ids import SandboxId
 from corral.runtimes import _proc, _rootfs, _shimctl
 from corral.runtimes._bundle import AgentBundle, ensure_bundle
-from corral.runtimes._cgroups import SandboxCgroup
+from corral.runtimes._cgroups import REMOVE_TIMEOUT, CgroupBusy, SandboxCgroup
+from corral.runtimes._deferred import Deferred
 from corral.runtimes._shimspec import ShimSpec
 from corral.runtimes.base import (
     Artifact,
@@ -143,6 +144,8 @@ class LocalRuntime(Generic[HostT]):
         self._host: HostT | None = None
         self._checked = False
         self._bundle: AgentBundle | None = None
+        # kills whose host clean-up the kernel held up (runtimes/_deferred.py), finished by the reaper
+        self._deferred = Deferred(config.state_root, self.name, self._teardown_json)
 
     # -- hooks ------------------------------------------------------------------------------------------------
     def check_host(self) -> HostT:
@@ -204,6 +207,7 @@ class LocalRuntime(Generic[HostT]):
     # -- create -----------------------------------------------------------------------------------------------
     async def create(self, spec: SandboxSpec) -> Instance:
         await self.host_facts()
+        await self.finish_teardowns()  # embedded mode has no reaper: leftovers of earlier kills go here
         if self.uses_bundle and self._bundle is None:
             self._bundle = await anyio.to_thread.run_sync(ensure_bundle, self.config.cache_root)
         sandbox = LocalSandbox(sandbox_id=spec.sandbox_id, state_dir=self.config.state_root / spec.sandbox_id)
@@ -221,7 +225,7 @@ class LocalRuntime(Generic[HostT]):
             await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._teardown, sandbox)
+                await anyio.to_thread.run_sync(self._teardown_or_defer, sandbox)
             raise
         return self.instance(sandbox)
 
@@ -284,9 +288,31 @@ class LocalRuntime(Generic[HostT]):
         """Remove everything of the sandbox (see the module docstring). Shielded: a teardown asked for inside
         a cancelled scope (a caller's deadline passed) still runs."""
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._teardown, LocalSandbox.of(instance))
+            await anyio.to_thread.run_sync(self._teardown_or_defer, LocalSandbox.of(instance))
 
-    def _teardown(self, sandbox: LocalSandbox) -> None:
+    async def finish_teardowns(self) -> None:
+        """Finish the teardowns the kernel held up (:class:`~.base.TeardownFinisher`: the reaper calls it)."""
+        await anyio.to_thread.run_sync(self._deferred.retry)
+
+    def _teardown_or_defer(self, sandbox: LocalSandbox) -> None:
+        """:meth:`_teardown`; one whose cgroup the kernel has not let go of yet is kept on disk and finished
+        later, so a kill never fails because the host is slow to reap the sandbox's tasks."""
+        extra = dict(sandbox.extra)
+        if sandbox.shim is not None:
+            extra.update(shim_pid=sandbox.shim.pid, shim_start_ticks=sandbox.shim.start_ticks)
+        ref = Instance(
+            sandbox_id=sandbox.sandbox_id,
+            runtime=self.name,
+            node=self.config.node,
+            ref=str(sandbox.state_dir),
+            extra=extra,
+        )
+        self._deferred.run(sandbox.sandbox_id, {"instance": ref.to_json()})
+
+    def _teardown_json(self, *, instance: str, wait: float = REMOVE_TIMEOUT) -> None:
+        self._teardown(LocalSandbox.of(Instance.from_json(instance)), wait=wait)
+
+    def _teardown(self, sandbox: LocalSandbox, *, wait: float = REMOVE_TIMEOUT) -> None:
         self.kill_sandbox(sandbox)
         shim = sandbox.shim
         if shim is not None and _proc.pid_alive(shim.pid, shim.start_ticks):
@@ -304,7 +330,11 @@ class LocalRuntime(Generic[HostT]):
         cgroup = self.cgroup(sandbox)
         if cgroup is not None:
             try:
-                cgroup.remove()  # kills whatever is left: the private mount namespace dies with its last task
+                cgroup.remove(
+                    wait
+                )  # kills whatever is left: the private mount namespace dies with its last task
+            except CgroupBusy:
+                raise  # its tasks are still exiting: the caller finishes this teardown later
             except OSError as exc:
                 log.error("sandbox %s: could not remove its cgroups: %s", sandbox.sandbox_id, exc)
                 raise RuntimeFailure("could not remove the sandbox's cgroups") from exc

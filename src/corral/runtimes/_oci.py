@@ -148,10 +148,13 @@ def default_mounts(*, tmp: bool = True) -> list[OciMount]:
     return mounts
 
 
-def linux_resources(limits: Limits, *, pids_safety_net: int = MIN_PIDS_SAFETY_NET) -> dict[str, Any]:
-    """``linux.resources`` for ``limits``: memory (swap included, so a bomb cannot spill into swap), CPU
-    quota, and the pids safety net (never below ``pids_safety_net``; see the module docstring)."""
-    memory = limits.memory_mb * 1024 * 1024
+def linux_resources(
+    limits: Limits, *, pids_safety_net: int = MIN_PIDS_SAFETY_NET, memory_headroom_mb: int = 0
+) -> dict[str, Any]:
+    """``linux.resources`` for ``limits``: memory (swap included, so a bomb cannot spill into swap) plus
+    ``memory_headroom_mb`` for the runtime's own processes, CPU quota, and the pids safety net (never below
+    ``pids_safety_net``; see the module docstring)."""
+    memory = (limits.memory_mb + memory_headroom_mb) * 1024 * 1024
     return {
         "memory": {"limit": memory, "swap": memory},
         "cpu": {"quota": max(1000, round(limits.cpus * CPU_PERIOD_US)), "period": CPU_PERIOD_US},
@@ -175,6 +178,7 @@ def build_config(
     root_readonly: bool = False,
     cwd: str = "/",
     pids_safety_net: int = MIN_PIDS_SAFETY_NET,
+    memory_headroom_mb: int = 0,
 ) -> dict[str, Any]:
     """The complete runtime config for one sandbox whose init process is ``args`` (run as root, uid 0).
 
@@ -217,7 +221,9 @@ def build_config(
         "mounts": [m.to_json() for m in all_mounts],
         "linux": {
             "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
-            "resources": linux_resources(limits, pids_safety_net=pids_safety_net),
+            "resources": linux_resources(
+                limits, pids_safety_net=pids_safety_net, memory_headroom_mb=memory_headroom_mb
+            ),
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
         },

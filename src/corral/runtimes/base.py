@@ -375,3 +375,11 @@ class LayerExporter(Protocol):
     async def export_layer(self, instance: Instance, dest: Path) -> None:
         """Copy the sandbox's writable layer into ``dest`` (an empty host directory) as a read-only layer in
         the in-sandbox ownership convention. Pause the sandbox first: its files must hold still."""
+
+
+@runtime_checkable
+class TeardownFinisher(Protocol):
+    """Runtimes whose teardown can outlast a kill (the kernel still reaping the sandbox's tasks): they finish
+    it later, and the reaper calls this on every pass so nothing stays behind."""
+
+    async def finish_teardowns(self) -> None: ...

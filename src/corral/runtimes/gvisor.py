@@ -29,8 +29,10 @@ so this is complete, takes ~30 ms, and needs nothing but the :class:`Instance` (
 
 Known limits (runsc 0.0~20221219, Debian 12): ``statx()`` with ``AT_NO_AUTOMOUNT`` fails with EINVAL, so
 Debian 12's ``ls``/``stat``/``mount`` fail on every path (runsc 20240729 from bookworm-backports fixes it;
-pass ``runsc=`` to use another binary). An OOM kill ends the whole sandbox and is reported as an exit with
-code 137, not as ``reason="oom"`` (runsc removes the cgroup, and its counters, on its way out).
+pass ``runsc=`` to use another binary). The sentry has no OOM killer: a host OOM kill would end the whole
+sandbox, so the agent kills the process that reached the limit itself and the host cgroup has headroom above
+it (:func:`memory_headroom_mb`). A host OOM kill that still happens ends the sandbox, reported as an exit
+with code 137, not as ``reason="oom"`` (runsc removes the cgroup, and its counters, on its way out).
 """
 
 from __future__ import annotations
@@ -289,7 +291,7 @@ def _prepare(spec: SandboxSpec, sandbox: LocalSandbox, bundle: AgentBundle, flag
         staged.append(Mount(kind="bind", source=str(source), target=str(stage), ro=True))
         mounts.append(_oci.bind_mount(stage, target))
     config = _oci.build_config(
-        args=agent_argv(bundle),
+        args=agent_argv(bundle, memory_limit=spec.limits.memory_mb << 20),
         root=layers.merged,
         limits=spec.limits,
         hostname=spec.hostname,
@@ -297,6 +299,7 @@ def _prepare(spec: SandboxSpec, sandbox: LocalSandbox, bundle: AgentBundle, flag
         mounts=mounts,
         cgroups_path=f"/corral/{spec.sandbox_id}",
         pids_safety_net=max(_oci.MIN_PIDS_SAFETY_NET, HOST_THREADS_PER_PROCESS * spec.limits.pids + 512),
+        memory_headroom_mb=memory_headroom_mb(spec.limits.memory_mb),
     )
     bundle_dir = state_dir / "bundle"
     _oci.write_config(bundle_dir, config)
@@ -413,6 +416,14 @@ def _refuse_existing_cgroups(sandbox_id: str) -> None:
         raise Conflict(f"sandbox {sandbox_id} still has control groups on this host; destroy it first")
 
 
+def memory_headroom_mb(memory_mb: int) -> int:
+    """What the host cgroup allows above the sandbox's limit. The sentry has no OOM killer (gVisor issue
+    1967): a host OOM kill takes the whole sandbox, so the agent's own OOM killer acts at the limit (see
+    ``corral.agent.memory``), and this room, for the sentry's and gofer's own memory and for what a fast
+    allocation adds before the agent looks again, keeps the host's from acting first."""
+    return max(128, memory_mb // 2)
+
+
 def _verify_limits(sandbox_id: str, limits: Limits) -> None:
     """Check that the memory limit really is in force before handing out the sandbox."""
     cgroup = _cgroup(sandbox_id)
@@ -422,7 +433,7 @@ def _verify_limits(sandbox_id: str, limits: Limits) -> None:
         value = (memory_dir / name).read_text().strip() if memory_dir else ""
     except OSError:
         value = ""
-    if value != str(limits.memory_mb * 1024 * 1024):
+    if value != str((limits.memory_mb + memory_headroom_mb(limits.memory_mb)) * 1024 * 1024):
         log.error(
             "sandbox %s: memory limit is %r in %s, expected %s MiB",
             sandbox_id,

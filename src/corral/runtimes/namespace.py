@@ -64,6 +64,7 @@ log = logging.getLogger("corral.runtimes.namespace")
 
 READY_TIMEOUT = 30.0  # create → agent hello; ~0.1 s normally, generous for a loaded host
 SECCOMP_FD = 9
+OOM_EVENTS_FD = 10  # the agent's view of its memory cgroup's OOM kills (corral.agent.memory)
 # Where each sandbox's private mount namespace shows its state_dir/fs: bwrap runs as the sandbox's uid,
 # which may not traverse state_root's parents (often mode 0700), so the shim binds fs/ onto this
 # world-traversable, always-empty host directory first, in the private namespace only.
@@ -307,7 +308,10 @@ def _prepare(
         mounts=mounts,
         userns=UserNs(base=base, bounding_caps=sorted(SANDBOX_CAPS.values())),
         deadline=spec.deadline,
-        files=[FdFile(fd=SECCOMP_FD, path=str(state_dir / "seccomp.bpf"))],
+        files=[
+            FdFile(fd=SECCOMP_FD, path=str(state_dir / "seccomp.bpf")),
+            FdFile(fd=OOM_EVENTS_FD, path=cgroup.oom_events_file),
+        ],
     )
     _write_private(state_dir / "shim.json", shim_spec.to_json())  # holds spec.env, which may be secret
     _write_private(state_dir / "shim.log", "")  # the shim appends to it; create it private
@@ -351,7 +355,8 @@ def _bwrap_argv(spec: SandboxSpec, rootfs: HostLayers, bwrap: str, bundle: Agent
     argv += ["--cap-drop", "ALL"]
     for cap in SANDBOX_CAPS:
         argv += ["--cap-add", cap]
-    return [*argv, "--seccomp", str(SECCOMP_FD), "--", *agent_argv(bundle)]
+    agent = agent_argv(bundle, oom_events_fd=OOM_EVENTS_FD)  # the kernel kills; the agent is told (memory)
+    return [*argv, "--seccomp", str(SECCOMP_FD), "--", *agent]
 
 
 def _write_private(path: Path, text: str) -> None:

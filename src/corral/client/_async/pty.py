@@ -54,6 +54,7 @@ class AsyncPtyHandle:
                     signal=event.signal,
                     timed_out=event.timed_out,
                     process_id=self.process_id,
+                    oom_killed=event.oom_killed,
                 )
         return CommandResult(
             stdout=b"".join(out).decode(errors="replace"),

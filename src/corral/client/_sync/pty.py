@@ -55,6 +55,7 @@ class PtyHandle:
                     signal=event.signal,
                     timed_out=event.timed_out,
                     process_id=self.process_id,
+                    oom_killed=event.oom_killed,
                 )
         return CommandResult(
             stdout=b"".join(out).decode(errors="replace"),

@@ -97,6 +97,7 @@ def _collect(
                 signal=event.signal,
                 timed_out=event.timed_out,
                 process_id=process_id,
+                oom_killed=event.oom_killed,
             )
     return CommandResult(
         stdout=b"".join(out).decode(errors="replace"),
@@ -111,6 +112,8 @@ def _check(result: CommandResult, what: str) -> CommandResult:
         reason = (
             "timed out"
             if result.timed_out
+            else "was killed for memory (the sandbox's memory limit was reached)"
+            if result.oom_killed
             else f"was killed by signal {result.signal}"
             if result.signal
             else f"exited with {result.exit_code}"
