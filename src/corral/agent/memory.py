@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 
 from corral.agent.loop import Loop, Timer, log
@@ -43,6 +44,12 @@ __all__ = [
 THRESHOLD = 0.9  # of the limit: where the agent kills, below the hard limit the kernel or host enforces
 FAST = 0.01  # seconds between looks while usage is above half the limit
 SLOW = 0.1
+# After a kill, the victim's memory is given back only once it has exited and the (user-space) kernel has
+# reclaimed it, which under load takes a while: until then, and for SETTLE seconds after it is gone, usage
+# still reads high, and choosing again would kill a bystander (the next command, a server) for memory the
+# first victim still holds. The kernel's OOM killer waits for its victim the same way. Usage that keeps
+# growing meanwhile means the victim was not (alone) the culprit: then the watch picks again at once.
+SETTLE = 0.5
 # what the kernel adds to the badness of each process the agent starts: half the limit, so the agent goes last
 USER_OOM_SCORE_ADJ = 500
 _SIGKILL_STATUS = 128 + signal.SIGKILL  # how a shell reports a child killed by SIGKILL
@@ -96,6 +103,9 @@ class MemoryGuard:
         self._protected = {os.getpid(), os.getppid(), 1}  # the agent, and bwrap above it in a namespace
         self._oom_kills = self._read_oom_kills()
         self._timer: Timer | None = None
+        self._victim: int | None = None  # the last process killed for memory, while its memory may be held
+        self._victim_gone: float | None = None  # when it was seen gone (monotonic)
+        self._used_at_kill = 0
         if self.limit:
             self._timer = loop.call_later(SLOW, self._look)
 
@@ -107,9 +117,26 @@ class MemoryGuard:
     def _look(self) -> None:
         assert self.limit
         used = _used()
-        if used >= THRESHOLD * self.limit:
+        if used >= THRESHOLD * self.limit and not self._victim_holds_memory(used):
+            self._used_at_kill = used
             self._kill_one()
         self._timer = self.loop.call_later(FAST if used > self.limit // 2 else SLOW, self._look)
+
+    def _victim_holds_memory(self, used: int) -> bool:
+        """Whether the last victim may still be giving its memory back (see ``SETTLE``)."""
+        if self._victim is None:
+            return False
+        if used > self._used_at_kill:  # still growing: something else is eating memory too
+            return False
+        if os.path.exists(f"/proc/{self._victim}"):  # killed, not yet gone (or not yet reaped)
+            return True
+        now = time.monotonic()
+        if self._victim_gone is None:
+            self._victim_gone = now
+        if now - self._victim_gone < SETTLE:
+            return True
+        self._victim = self._victim_gone = None
+        return False
 
     def _kill_one(self) -> None:
         assert self.limit
@@ -129,6 +156,7 @@ class MemoryGuard:
         except ProcessLookupError:
             return
         log(f"out of memory: killed pid {best} ({usage[best] >> 20} MiB resident)")
+        self._victim, self._victim_gone = best, None
         self._mark(best)
         if group != best:
             self._mark(group)  # the command it belongs to (started as a process group of its own)
