@@ -20,6 +20,7 @@ documented) are killed by the test afterwards, so the session's leak check stays
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -161,23 +162,25 @@ def _supply(workdir: Path) -> None:
         tar.addfile(info, io.BytesIO(passwd))
 
 
-def _live(env: dict[str, str]) -> set[str]:
+@contextlib.contextmanager
+def _as_client(env: dict[str, str]) -> Iterator[None]:
+    """This process's SDK pointed where the example's was (embedded, or the server)."""
     with pytest.MonkeyPatch.context() as mp:
         for key in ("CORRAL_URL", "CORRAL_API_KEY"):
             if key in env:
                 mp.setenv(key, env[key])
             else:
                 mp.delenv(key, raising=False)
+        yield
+
+
+def _live(env: dict[str, str]) -> set[str]:
+    with _as_client(env):
         return {info.sandbox_id for info in Sandbox.list()}
 
 
 def _kill(env: dict[str, str], ids: set[str]) -> None:
-    with pytest.MonkeyPatch.context() as mp:
-        for key in ("CORRAL_URL", "CORRAL_API_KEY"):
-            if key in env:
-                mp.setenv(key, env[key])
-            else:
-                mp.delenv(key, raising=False)
+    with _as_client(env):
         for sandbox_id in ids:
             Sandbox.connect(sandbox_id).kill()
 
