@@ -218,8 +218,8 @@ def test_fork(made: list[str], corral_sdk: E2BServer) -> None:
 def test_refused_options_say_why(e2b_env: E2BServer) -> None:
     with pytest.raises(SandboxException, match=r"network\.allowOut"):
         Sandbox.create(network={"allow_out": ["192.0.2.1"]})
-    with pytest.raises(SandboxException, match="autoPause"):
-        Sandbox.create(lifecycle={"on_timeout": "pause"})
+    with pytest.raises(SandboxException, match="autoResume"):
+        Sandbox.create(lifecycle={"on_timeout": "pause", "auto_resume": True})
     with pytest.raises(SandboxException, match="timeout must be between"):
         Sandbox.create(timeout=10 * 24 * 3600)
     with pytest.raises(SandboxException, match="template 'no-such-template'"):
@@ -260,3 +260,24 @@ def test_code_interpreter_v1_is_built_on_first_use(made: list[str], corral_sdk: 
     again = Sandbox.create("code-interpreter", timeout=60)  # Corral's own name: the same template, built once
     made.append(again.sandbox_id)
     assert again.get_info().template_id == "code-interpreter"
+
+
+def test_on_timeout_pause_pauses_and_connect_resumes(made: list[str], corral_sdk: E2BServer) -> None:
+    sbx = Sandbox.create(timeout=3, lifecycle={"on_timeout": "pause"})
+    made.append(sbx.sandbox_id)
+    info = sbx.get_info()
+    assert info.lifecycle is not None and info.lifecycle["on_timeout"] == "pause"
+    with inside_of(sbx.sandbox_id) as inside:
+        inside.files.write("/tmp/before.txt", b"kept")
+        inside.commands.start("sleep 600")
+    started = time.monotonic()
+    while Sandbox.get_info(sbx.sandbox_id).state is not SandboxState.PAUSED:  # the server's reaper pauses it
+        assert time.monotonic() - started < 30, "not paused at its timeout"
+        time.sleep(0.2)
+    resumed = Sandbox.connect(sbx.sandbox_id, timeout=60)
+    info = resumed.get_info()
+    assert info.state is SandboxState.RUNNING
+    assert info.end_at - datetime.now(UTC) >= timedelta(seconds=55)
+    with inside_of(sbx.sandbox_id) as inside:  # the same sandbox, processes and all: not a fresh one
+        assert inside.files.read("/tmp/before.txt") == b"kept"
+        assert any("sleep 600" in " ".join(p.argv) and p.running for p in inside.commands.list())

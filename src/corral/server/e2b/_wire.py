@@ -155,6 +155,7 @@ def detail(info: SandboxInfo, settings: Settings, now: float) -> dict[str, Any]:
         "envdAccessToken": info.envd_access_token,
         "domain": settings.sandbox_domain,
         "allowInternetAccess": False,  # sandboxes have loopback only
+        "lifecycle": {"onTimeout": "pause" if info.auto_pause else "kill", "autoResume": False},
     }
 
 

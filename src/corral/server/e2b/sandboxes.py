@@ -7,7 +7,9 @@ of translation written down at the route:
 - a stopped (killed or expired) sandbox does not exist for E2B: get, kill, timeout, pause and connect answer 404;
 - connect may extend a sandbox's end time and never shortens it; it resumes a paused sandbox (201, not 200);
 - ``secure`` is accepted and always on: every sandbox has an ``envdAccessToken``;
-- what Corral cannot do yet (outbound allow-lists, auto-pause, MCP, IAM, volumes) is refused with a message
+- ``autoPause`` (the SDK's ``lifecycle={"on_timeout": "pause"}``) pauses the sandbox at its timeout; connect
+  resumes it. Auto-resume on traffic is not there yet;
+- what Corral cannot do yet (outbound allow-lists, auto-resume, MCP, IAM, volumes) is refused with a message
   that says so, rather than accepted and silently dropped. ``allow_internet_access`` is the exception: SDKs up
   to 2.45 send ``true`` on every create, so refusing it would refuse them all; it is accepted, the sandbox has
   loopback only, and get_info says so (``allowInternetAccess: false``).
@@ -74,7 +76,6 @@ class NewSandbox(_Body):
     def params(self) -> CreateParams:
         refuse = {
             "network.allowOut": bool((self.network or {}).get("allowOut")),
-            "autoPause": self.autoPause is True,
             "autoResume": bool((self.autoResume or {}).get("enabled")),
             "mcp": bool(self.mcp),
             "iam": bool(self.iam),
@@ -84,8 +85,8 @@ class NewSandbox(_Body):
         if asked:
             raise InvalidRequest(
                 f"this Corral server cannot provide {', '.join(asked)}: its sandboxes have no route out "
-                "(loopback only), stop at their timeout, and have no MCP gateway, workload identity or "
-                "volumes; leave these options unset"
+                "(loopback only), are resumed by connect only, and have no MCP gateway, workload identity "
+                "or volumes; leave these options unset"
             )
         public = (self.network or {}).get("allowPublicTraffic", True)  # E2B's ports are public by default
         if not isinstance(public, bool):
@@ -96,6 +97,7 @@ class NewSandbox(_Body):
             metadata=self.metadata or {},
             env=self.envVars or {},
             public_ports=public,
+            auto_pause=bool(self.autoPause),
         )
 
 
@@ -145,11 +147,9 @@ async def _extend(
 
 async def _connect(state: State, sandbox_id: str, timeout: float, tenant: TenantId) -> JSONResponse:
     info = await _live(state.service, sandbox_id, tenant)
-    resumed = info.state is SandboxState.PAUSED
-    if resumed:
-        info = await state.service.resume(sandbox_id, tenant=tenant)
-    info = await _extend(state.service, info, timeout, tenant)
-    return _created(state, info, 201 if resumed else 200)
+    if info.state is SandboxState.PAUSED:  # with the time it had left, or the timeout asked for if longer
+        return _created(state, await state.service.resume(sandbox_id, at_least=timeout, tenant=tenant))
+    return _created(state, await _extend(state.service, info, timeout, tenant), 200)
 
 
 @router.post("/sandboxes/{sandbox_id}/connect", summary="E2B: connect (resumes a paused sandbox) (v1)")
@@ -172,9 +172,8 @@ async def resume(
     info = await _live(state.service, sandbox_id, tenant)
     if info.state is not SandboxState.PAUSED:
         raise Conflict(f"sandbox {sandbox_id} is already running")
-    info = await state.service.resume(sandbox_id, tenant=tenant)
     timeout = body.timeout if body is not None and body.timeout is not None else DEFAULT_TIMEOUT
-    return _created(state, await _extend(state.service, info, timeout, tenant))
+    return _created(state, await state.service.resume(sandbox_id, at_least=timeout, tenant=tenant))
 
 
 @router.get("/sandboxes/{sandbox_id}", summary="E2B: get a sandbox")
