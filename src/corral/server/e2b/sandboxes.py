@@ -22,7 +22,7 @@ import time
 import urllib.parse
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,12 +32,11 @@ from corral.ids import TenantId
 from corral.models import CreateParams, SandboxInfo, SandboxState
 from corral.server.app import State, TenantCaller
 from corral.server.e2b._wire import (
-    E2BRoute,
     after_token,
     corral_template,
     detail,
+    e2b_router,
     listed,
-    operation_id,
     page_token,
     sandbox,
     visible,
@@ -45,7 +44,7 @@ from corral.server.e2b._wire import (
 
 __all__ = ["router"]
 
-router = APIRouter(route_class=E2BRoute, tags=["e2b"], generate_unique_id_function=operation_id)
+router = e2b_router()
 
 DEFAULT_TIMEOUT = 300  # seconds: E2B's documented default for create and connect
 MAX_PAGE = 1000
