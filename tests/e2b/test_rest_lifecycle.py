@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 from _e2b_server import E2BServer
 from e2b.exceptions import SandboxException, SandboxNotFoundException
@@ -281,3 +282,49 @@ def test_on_timeout_pause_pauses_and_connect_resumes(made: list[str], corral_sdk
     with inside_of(sbx.sandbox_id) as inside:  # the same sandbox, processes and all: not a fresh one
         assert inside.files.read("/tmp/before.txt") == b"kept"
         assert any("sleep 600" in " ".join(p.argv) and p.running for p in inside.commands.list())
+
+
+def test_update_network_keeps_what_holds_and_refuses_what_cannot(made: list[str]) -> None:
+    sbx = Sandbox.create(timeout=60)
+    made.append(sbx.sandbox_id)
+    sbx.update_network({"deny_out": ["0.0.0.0/0"]})  # nothing goes out anyway: accepted
+    with pytest.raises(SandboxException, match="allowOut"):
+        sbx.update_network({"allow_out": ["192.0.2.1"]})
+
+
+def test_quotas_and_audit_apply_to_e2b_keys(e2b_server: E2BServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import subprocess
+
+    from e2b.exceptions import RateLimitException
+
+    from _corral_server import CORRAL, new_key
+
+    env = {**os.environ, "CORRAL_DATA_DIR": str(e2b_server.data_dir)}
+    key = new_key(env, "--tenant", "e2b-quota", "--e2b")
+    quota = subprocess.run(
+        [*CORRAL, "tenants", "set-quotas", "e2b-quota", "--max-sandboxes", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert quota.returncode == 0, quota.stderr
+    monkeypatch.setenv("E2B_API_URL", e2b_server.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", e2b_server.url)
+    monkeypatch.setenv("E2B_API_KEY", key)
+    first = Sandbox.create(timeout=60)
+    try:
+        token = httpx.get(
+            f"{e2b_server.url}/sandboxes/{first.sandbox_id}", headers={"X-API-Key": key}, timeout=30
+        ).json()["envdAccessToken"]
+        with pytest.raises(RateLimitException, match="max_sandboxes"):
+            Sandbox.create(timeout=60)
+    finally:
+        first.kill()
+    log = subprocess.run([*CORRAL, "audit", "export"], env=env, capture_output=True, text=True, timeout=60)
+    assert log.returncode == 0, log.stderr
+    created = [line for line in log.stdout.splitlines() if first.sandbox_id in line]
+    assert any('"sandbox.create"' in line for line in created), created
+    assert any('"sandbox.kill"' in line for line in created), created
+    assert token and token not in log.stdout  # the envd access token never reaches the audit log

@@ -229,6 +229,36 @@ async def fork(
     return [{"sandbox": sandbox(info, state.settings)} for info in made]
 
 
+class NetworkUpdate(_Body):
+    allowOut: list[Any] | None = None
+    denyOut: list[Any] | None = None
+    allow_internet_access: bool | None = None
+    egressProxy: dict[str, Any] | None = None
+    rules: dict[str, Any] | None = None
+
+
+@router.put("/sandboxes/{sandbox_id}/network", status_code=204, summary="E2B: change outbound rules")
+async def update_network(
+    sandbox_id: str, state: State, tenant: TenantCaller, body: NetworkUpdate | None = None
+) -> Response:
+    """Deny rules already hold (nothing goes out); an allow rule is something this server cannot grant."""
+    await _live(state.service, sandbox_id, tenant)
+    body = body or NetworkUpdate()
+    asked = {
+        "allowOut": bool(body.allowOut),
+        "allow_internet_access": body.allow_internet_access is True,
+        "egressProxy": bool(body.egressProxy),
+        "rules": bool(body.rules),
+    }
+    refused = [name for name, on in asked.items() if on]
+    if refused:
+        raise InvalidRequest(
+            f"this Corral server cannot provide {', '.join(refused)}: its sandboxes have no route out "
+            "(loopback only)"
+        )
+    return Response(status_code=204)
+
+
 # -- listing ------------------------------------------------------------------------------------------------
 def _metadata(query: str | None) -> dict[str, str] | None:
     """E2B's metadata filter: one query value holding ``k=v&k2=v2``, each key and value percent-encoded."""
