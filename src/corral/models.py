@@ -139,6 +139,7 @@ class CreateParams(_Wire):
     files: dict[str, bytes] = field(default_factory=dict)  # path -> content, written before create returns
     public_ports: bool = False  # True: the server's port proxy lets anyone in, with no traffic token
     auto_pause: bool = False  # at its timeout, pause the sandbox (resume it to go on) instead of stopping it
+    idempotency_key: str | None = None  # a retried create with the same key gets the same (live) sandbox
 
     def to_wire(self) -> dict[str, Any]:
         out = super().to_wire()

@@ -328,3 +328,29 @@ def test_quotas_and_audit_apply_to_e2b_keys(e2b_server: E2BServer, monkeypatch: 
     assert any('"sandbox.create"' in line for line in created), created
     assert any('"sandbox.kill"' in line for line in created), created
     assert token and token not in log.stdout  # the envd access token never reaches the audit log
+
+
+def test_idempotency_key_makes_a_retried_create_safe(made: list[str], e2b_env: E2BServer) -> None:
+    key = f"retry-{time.monotonic_ns()}"
+    first = Sandbox.create(timeout=60, idempotency_key=key)
+    made.append(first.sandbox_id)
+    again = Sandbox.create(timeout=60, idempotency_key=key)
+    assert again.sandbox_id == first.sandbox_id
+    other = Sandbox.create(timeout=60, idempotency_key=key + "-2")
+    made.append(other.sandbox_id)
+    assert other.sandbox_id != first.sandbox_id
+    # the key is the tenant's own: another tenant's create with it makes its own sandbox
+    theirs = Sandbox.create(timeout=60, idempotency_key=key, api_key=e2b_env.key_b)
+    assert theirs.sandbox_id != first.sandbox_id
+    theirs.kill()
+    first.kill()  # once that sandbox is gone, the key makes a new one
+    fresh = Sandbox.create(timeout=60, idempotency_key=key)
+    made.append(fresh.sandbox_id)
+    assert fresh.sandbox_id != first.sandbox_id
+    bad = httpx.post(
+        f"{e2b_env.url}/v2/sandboxes",
+        json={"templateID": "base"},
+        headers={"X-API-Key": e2b_env.key_a, "Idempotency-Key": "Not Valid"},
+        timeout=30,
+    )
+    assert bad.status_code == 400 and bad.json()["code"] == 400

@@ -49,6 +49,7 @@ class SandboxRecord:
     traffic_token: str = field(default_factory=new_traffic_token)
     # At the deadline: paused (its shim then holds no deadline; the reaper pauses it), not stopped
     auto_pause: bool = False
+    idempotency_key: str | None = None  # the create that made it, for retries of that create (service.create)
     # The credential of the sandbox's E2B-compatible in-sandbox API (server/e2b/envd): whoever holds it acts on
     # this one sandbox as its tenant, without an API key. "" (records older than the field) matches nothing.
     envd_access_token: str = field(default_factory=new_envd_access_token, repr=False)

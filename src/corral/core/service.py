@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
+import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from types import TracebackType
@@ -84,6 +85,7 @@ log = logging.getLogger("corral.core.service")
 _LIVE = frozenset({SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED})
 MIN_TIMEOUT = 1.0  # a sandbox's life in seconds; less could not even boot, so it is a mistake, not a request
 ABANDONED_CREATE_AFTER = 300.0  # a record still "creating" this long after creation lost its creator
+_IDEMPOTENCY_KEY = re.compile(r"[a-z0-9-]{1,255}")
 _NO_TOKEN = "-" * 43  # compared against when there is no sandbox, so both paths do the same work
 
 
@@ -121,6 +123,7 @@ class SandboxService:
         self._quota_locks: dict[str, anyio.Lock] = {}
         self._build_lock = anyio.Lock()
         self._pause_locks: dict[str, anyio.Lock] = {}
+        self._idempotency_locks: dict[tuple[str, str], anyio.Lock] = {}
         self.pools = PoolManager(self)
 
     # -- lifetime --------------------------------------------------------------------------------------------
@@ -142,7 +145,25 @@ class SandboxService:
     async def create(
         self, request: CreateParams, *, tenant: TenantId, start_from: Snapshot | None = None
     ) -> SandboxInfo:
-        """Create a sandbox; ``start_from`` (forks) seeds its writable layer and, if captured, its memory."""
+        """Create a sandbox; ``start_from`` (forks) seeds its writable layer and, if captured, its memory.
+
+        With ``request.idempotency_key``, a create the tenant already made with that key (and whose sandbox is
+        still live) is answered with that sandbox instead of a second one: a client may retry safely.
+        """
+        key = request.idempotency_key
+        if key is None:
+            return await self._create(request, tenant=tenant, start_from=start_from)
+        if not isinstance(key, str) or not _IDEMPOTENCY_KEY.fullmatch(key):
+            raise InvalidRequest("an idempotency key is 1-255 characters of a-z, 0-9 and '-'")
+        async with self._idempotency_locks.setdefault((str(tenant), key), anyio.Lock()):
+            for record in await self.store.list_sandboxes(tenant_id=tenant, states=_LIVE):
+                if record.idempotency_key == key:
+                    return record.info()
+            return await self._create(request, tenant=tenant, start_from=start_from)
+
+    async def _create(
+        self, request: CreateParams, *, tenant: TenantId, start_from: Snapshot | None
+    ) -> SandboxInfo:
         isolation = request.isolation or self.settings.default_isolation
         runtime = self._runtime(isolation)
         timeout = self._check_timeout(
@@ -165,7 +186,7 @@ class SandboxService:
                 f"{isolation} sandboxes cannot be paused, so they cannot pause at their timeout"
             )
         claimed = None
-        if not auto_pause:  # a pool member's shim holds a deadline; an auto-pause sandbox's holds none
+        if not auto_pause and request.idempotency_key is None:  # (pool claims keep neither; rare enough)
             claimed = await self.pools.claim(
                 template=template,
                 isolation=isolation,
@@ -208,6 +229,7 @@ class SandboxService:
                     env=env,
                     public_ports=bool(request.public_ports),
                     auto_pause=auto_pause,
+                    idempotency_key=request.idempotency_key,
                 ),
                 expect_version=None,
             )

@@ -22,7 +22,7 @@ import time
 import urllib.parse
 from typing import Annotated, Any
 
-from fastapi import Query, Response
+from fastapi import Header, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,7 +72,7 @@ class NewSandbox(_Body):
     iam: dict[str, Any] | None = None
     volumeMounts: list[Any] | None = None
 
-    def params(self) -> CreateParams:
+    def params(self, idempotency_key: str | None = None) -> CreateParams:
         refuse = {
             "network.allowOut": bool((self.network or {}).get("allowOut")),
             "autoResume": bool((self.autoResume or {}).get("enabled")),
@@ -97,6 +97,7 @@ class NewSandbox(_Body):
             env=self.envVars or {},
             public_ports=public,
             auto_pause=bool(self.autoPause),
+            idempotency_key=idempotency_key,
         )
 
 
@@ -127,8 +128,14 @@ async def create_v1(body: NewSandbox, state: State, tenant: TenantCaller) -> JSO
 
 
 @router.post("/v2/sandboxes", status_code=201, summary="E2B: create a sandbox")
-async def create(body: NewSandbox, state: State, tenant: TenantCaller) -> JSONResponse:
-    return _created(state, await state.service.create(body.params(), tenant=tenant))
+async def create(
+    body: NewSandbox,
+    state: State,
+    tenant: TenantCaller,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JSONResponse:
+    """``Idempotency-Key``: a retry of a create that already made a (still live) sandbox gets that sandbox."""
+    return _created(state, await state.service.create(body.params(idempotency_key), tenant=tenant))
 
 
 async def _live(service: SandboxService, sandbox_id: str, tenant: TenantId) -> SandboxInfo:
