@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -154,6 +155,7 @@ async def main(runs: int, isolation: str) -> None:
         await backend.aclose()
         proc.terminate()
         proc.wait(timeout=30)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
