@@ -14,11 +14,12 @@ import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.utils import generate_unique_id
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral.core.code_template import CODE_INTERPRETER_TEMPLATE
 from corral.core.settings import Settings
@@ -33,6 +34,7 @@ __all__ = [
     "corral_template",
     "detail",
     "e2b_error",
+    "e2b_router",
     "listed",
     "operation_id",
     "page_token",
@@ -77,6 +79,9 @@ class E2BRoute(APIRoute):
             except CorralError as exc:
                 _count(request, exc)
                 return e2b_error(exc)
+            except StarletteHTTPException as exc:  # FastAPI's own, e.g. a body that is not JSON at all
+                status = exc.status_code if 400 <= exc.status_code < 500 else 400
+                return JSONResponse({"code": status, "message": str(exc.detail)}, status_code=status)
             except RequestValidationError as exc:
                 problem = next(iter(exc.errors()), {"loc": (), "msg": "invalid request"})
                 where = ".".join(str(p) for p in problem.get("loc", ()) if p != "body")
@@ -90,6 +95,11 @@ class E2BRoute(APIRoute):
 def operation_id(route: APIRoute) -> str:
     """OpenAPI operation ids of E2B routes, apart from Corral's (both have a ``create`` of sandboxes)."""
     return "e2b_" + generate_unique_id(route)
+
+
+def e2b_router() -> APIRouter:
+    """A router for E2B routes: E2B's error shape, the ``e2b`` tag, their own operation ids."""
+    return APIRouter(route_class=E2BRoute, tags=["e2b"], generate_unique_id_function=operation_id)
 
 
 def _count(request: Request, exc: CorralError) -> None:
@@ -155,6 +165,7 @@ def detail(info: SandboxInfo, settings: Settings, now: float) -> dict[str, Any]:
         "envdAccessToken": info.envd_access_token,
         "domain": settings.sandbox_domain,
         "allowInternetAccess": False,  # sandboxes have loopback only
+        "lifecycle": {"onTimeout": "pause" if info.auto_pause else "kill", "autoResume": False},
     }
 
 
