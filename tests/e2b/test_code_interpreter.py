@@ -16,7 +16,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def ci(module_env: E2BServer) -> Iterator[Sandbox]:
-    sandbox = Sandbox.create(timeout=900)
+    # the first create builds the template (pip installs its kernels' packages): give that its time
+    sandbox = Sandbox.create(timeout=900, request_timeout=1500)
     try:
         yield sandbox
     finally:
@@ -94,3 +95,20 @@ def test_per_cell_env_vars(ci: Sandbox) -> None:
     )
     assert "".join(sh.logs.stdout) == f"{value}\nchild:{value}\n", sh
     assert ci.run_code('echo "[$CELL_VAR]"', language="bash").logs.stdout == ["[]\n"]
+
+
+def test_matplotlib_figures_come_with_their_chart_data(ci: Sandbox) -> None:
+    from e2b_code_interpreter.charts import ChartType
+
+    execution = ci.run_code(
+        "import matplotlib.pyplot as plt\n"
+        "plt.plot([1, 2, 3], [4, 5, 6], label='growth')\n"
+        "plt.title('Growth')\nplt.xlabel('day')\nplt.ylabel('n')\nplt.legend()\nplt.show()"
+    )
+    charts = [r.chart for r in execution.results if getattr(r, "chart", None) is not None]
+    assert charts, execution.results
+    chart = charts[0]
+    assert chart.type is ChartType.LINE and chart.title == "Growth"
+    assert chart.x_label == "day" and chart.y_label == "n"
+    assert [e.label for e in chart.elements] == ["growth"]
+    assert [tuple(map(float, p)) for p in chart.elements[0].points] == [(1.0, 4.0), (2.0, 5.0), (3.0, 6.0)]

@@ -135,17 +135,23 @@ def __corral_setup():
     if "e2b/chart" not in ip.display_formatter.active_types:
         ip.display_formatter.active_types.append("e2b/chart")
 
-    def chart(figure):  # a matplotlib figure's data (the e2b-charts package, in the template), or nothing
-        try:
-            from e2b_charts import chart_figure_to_dict
-        except ImportError:
-            return None
-        try:
-            return chart_figure_to_dict(figure) or None
-        except Exception:
-            return None
+    # A matplotlib figure's data as E2B's chart JSON, from the e2b-charts package where the template has it.
+    # Through the figure's own _repr_e2b_chart_ method: matplotlib's inline backend removes every formatter's
+    # printer for Figure when it starts (IPython's select_figure_formats), but leaves methods alone.
+    import importlib.util
 
-    charts.for_type_by_name("matplotlib.figure", "Figure", chart)
+    if importlib.util.find_spec("e2b_charts") is not None:
+        import matplotlib.figure
+
+        def chart(figure):
+            from e2b_charts import chart_figure_to_dict
+
+            try:
+                return chart_figure_to_dict(figure) or None
+            except Exception:  # a figure the extractor does not understand still shows as an image
+                return None
+
+        matplotlib.figure.Figure._repr_e2b_chart_ = chart
 __corral_setup()
 del __corral_setup
 """
