@@ -12,8 +12,6 @@ import pytest
 from conftest import Box
 from e2b import FileNotFoundException, FilesystemEventType, FileType, NotFoundException
 
-pytestmark = [pytest.mark.root, pytest.mark.bwrap]
-
 
 def test_write_and_read_text_bytes_and_streams(box: Box) -> None:
     sbx = box.e2b()

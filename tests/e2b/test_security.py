@@ -15,8 +15,6 @@ from _e2b_server import E2BServer
 from conftest import Box, make_box
 from e2b import SandboxException, SandboxNotRunningException
 
-pytestmark = [pytest.mark.root, pytest.mark.bwrap]
-
 
 @pytest.fixture(scope="module")
 def other(module_env: E2BServer) -> Iterator[Box]:
