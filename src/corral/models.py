@@ -113,6 +113,7 @@ class SandboxInfo(_Wire):
     domain: str | None = None
     # The credential of the sandbox's E2B-compatible in-sandbox API (``X-Access-Token``), shown to its owner.
     envd_access_token: str | None = field(default=None, repr=False)
+    auto_pause: bool = False  # at its timeout it is paused instead of stopped
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> SandboxInfo:
@@ -137,6 +138,8 @@ class CreateParams(_Wire):
     cpus: float | None = None
     files: dict[str, bytes] = field(default_factory=dict)  # path -> content, written before create returns
     public_ports: bool = False  # True: the server's port proxy lets anyone in, with no traffic token
+    auto_pause: bool = False  # at its timeout, pause the sandbox (resume it to go on) instead of stopping it
+    idempotency_key: str | None = None  # a retried create with the same key gets the same (live) sandbox
 
     def to_wire(self) -> dict[str, Any]:
         out = super().to_wire()

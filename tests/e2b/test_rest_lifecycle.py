@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 from _e2b_server import E2BServer
 from e2b.exceptions import SandboxException, SandboxNotFoundException
@@ -218,8 +219,8 @@ def test_fork(made: list[str], corral_sdk: E2BServer) -> None:
 def test_refused_options_say_why(e2b_env: E2BServer) -> None:
     with pytest.raises(SandboxException, match=r"network\.allowOut"):
         Sandbox.create(network={"allow_out": ["192.0.2.1"]})
-    with pytest.raises(SandboxException, match="autoPause"):
-        Sandbox.create(lifecycle={"on_timeout": "pause"})
+    with pytest.raises(SandboxException, match="autoResume"):
+        Sandbox.create(lifecycle={"on_timeout": "pause", "auto_resume": True})
     with pytest.raises(SandboxException, match="timeout must be between"):
         Sandbox.create(timeout=10 * 24 * 3600)
     with pytest.raises(SandboxException, match="template 'no-such-template'"):
@@ -260,3 +261,96 @@ def test_code_interpreter_v1_is_built_on_first_use(made: list[str], corral_sdk: 
     again = Sandbox.create("code-interpreter", timeout=60)  # Corral's own name: the same template, built once
     made.append(again.sandbox_id)
     assert again.get_info().template_id == "code-interpreter"
+
+
+def test_on_timeout_pause_pauses_and_connect_resumes(made: list[str], corral_sdk: E2BServer) -> None:
+    sbx = Sandbox.create(timeout=3, lifecycle={"on_timeout": "pause"})
+    made.append(sbx.sandbox_id)
+    info = sbx.get_info()
+    assert info.lifecycle is not None and info.lifecycle["on_timeout"] == "pause"
+    with inside_of(sbx.sandbox_id) as inside:
+        inside.files.write("/tmp/before.txt", b"kept")
+        inside.commands.start("sleep 600")
+    started = time.monotonic()
+    while Sandbox.get_info(sbx.sandbox_id).state is not SandboxState.PAUSED:  # the server's reaper pauses it
+        assert time.monotonic() - started < 30, "not paused at its timeout"
+        time.sleep(0.2)
+    resumed = Sandbox.connect(sbx.sandbox_id, timeout=60)
+    info = resumed.get_info()
+    assert info.state is SandboxState.RUNNING
+    assert info.end_at - datetime.now(UTC) >= timedelta(seconds=55)
+    with inside_of(sbx.sandbox_id) as inside:  # the same sandbox, processes and all: not a fresh one
+        assert inside.files.read("/tmp/before.txt") == b"kept"
+        assert any("sleep 600" in " ".join(p.argv) and p.running for p in inside.commands.list())
+
+
+def test_update_network_keeps_what_holds_and_refuses_what_cannot(made: list[str]) -> None:
+    sbx = Sandbox.create(timeout=60)
+    made.append(sbx.sandbox_id)
+    sbx.update_network({"deny_out": ["0.0.0.0/0"]})  # nothing goes out anyway: accepted
+    with pytest.raises(SandboxException, match="allowOut"):
+        sbx.update_network({"allow_out": ["192.0.2.1"]})
+
+
+def test_quotas_and_audit_apply_to_e2b_keys(e2b_server: E2BServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import subprocess
+
+    from e2b.exceptions import RateLimitException
+
+    from _corral_server import CORRAL, new_key
+
+    env = {**os.environ, "CORRAL_DATA_DIR": str(e2b_server.data_dir)}
+    key = new_key(env, "--tenant", "e2b-quota", "--e2b")
+    quota = subprocess.run(
+        [*CORRAL, "tenants", "set-quotas", "e2b-quota", "--max-sandboxes", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert quota.returncode == 0, quota.stderr
+    monkeypatch.setenv("E2B_API_URL", e2b_server.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", e2b_server.url)
+    monkeypatch.setenv("E2B_API_KEY", key)
+    first = Sandbox.create(timeout=60)
+    try:
+        token = httpx.get(
+            f"{e2b_server.url}/sandboxes/{first.sandbox_id}", headers={"X-API-Key": key}, timeout=30
+        ).json()["envdAccessToken"]
+        with pytest.raises(RateLimitException, match="max_sandboxes"):
+            Sandbox.create(timeout=60)
+    finally:
+        first.kill()
+    log = subprocess.run([*CORRAL, "audit", "export"], env=env, capture_output=True, text=True, timeout=60)
+    assert log.returncode == 0, log.stderr
+    created = [line for line in log.stdout.splitlines() if first.sandbox_id in line]
+    assert any('"sandbox.create"' in line for line in created), created
+    assert any('"sandbox.kill"' in line for line in created), created
+    assert token and token not in log.stdout  # the envd access token never reaches the audit log
+
+
+def test_idempotency_key_makes_a_retried_create_safe(made: list[str], e2b_env: E2BServer) -> None:
+    key = f"retry-{time.monotonic_ns()}"
+    first = Sandbox.create(timeout=60, idempotency_key=key)
+    made.append(first.sandbox_id)
+    again = Sandbox.create(timeout=60, idempotency_key=key)
+    assert again.sandbox_id == first.sandbox_id
+    other = Sandbox.create(timeout=60, idempotency_key=key + "-2")
+    made.append(other.sandbox_id)
+    assert other.sandbox_id != first.sandbox_id
+    # the key is the tenant's own: another tenant's create with it makes its own sandbox
+    theirs = Sandbox.create(timeout=60, idempotency_key=key, api_key=e2b_env.key_b)
+    assert theirs.sandbox_id != first.sandbox_id
+    theirs.kill()
+    first.kill()  # once that sandbox is gone, the key makes a new one
+    fresh = Sandbox.create(timeout=60, idempotency_key=key)
+    made.append(fresh.sandbox_id)
+    assert fresh.sandbox_id != first.sandbox_id
+    bad = httpx.post(
+        f"{e2b_env.url}/v2/sandboxes",
+        json={"templateID": "base"},
+        headers={"X-API-Key": e2b_env.key_a, "Idempotency-Key": "Not Valid"},
+        timeout=30,
+    )
+    assert bad.status_code == 400 and bad.json()["code"] == 400

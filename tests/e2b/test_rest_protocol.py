@@ -29,6 +29,7 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("post", "/sandboxes/{sandbox_id}/pause"): {},
     ("post", "/sandboxes/{sandbox_id}/fork"): {"count": 1},
     ("post", "/sandboxes/{sandbox_id}/snapshots"): {"name": "stolen-snapshot"},
+    ("put", "/sandboxes/{sandbox_id}/network"): {"denyOut": ["0.0.0.0/0"]},
 }
 
 
@@ -110,7 +111,7 @@ def test_another_tenants_sandbox_does_not_exist_on_any_route(
         unknown = b.post("/v2/sandboxes", json={"templateID": "no-such-template"})
         assert unknown.status_code == 404 and "available templates: base" in unknown.text
         assert snapshot_id not in unknown.text
-    assert walked >= 12, routes  # every per-sandbox and per-template route the server has
+    assert walked >= 13, routes  # every per-sandbox and per-template route the server has
 
     with client(e2b_server, e2b_server.key_a) as a:  # and A's sandbox is untouched by all of that
         after = a.get(f"/sandboxes/{sandbox_id}").json()

@@ -5,6 +5,7 @@ Deadlines are tested by stepping an injected clock, never by sleeping.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -16,7 +17,7 @@ import pytest
 from corral.core.records import LOCAL_TENANT
 from corral.core.service import SandboxService
 from corral.core.settings import Settings
-from corral.errors import InvalidRequest, InvalidState, NotFound, RuntimeFailure
+from corral.errors import InvalidRequest, InvalidState, NotFound, RuntimeFailure, Unsupported
 from corral.ids import SandboxId, TenantId
 from corral.models import CreateParams, EventKind, ExecParams, SandboxState, StopReason
 from corral.runtimes.base import Instance, Runtime, RuntimeConfig, SandboxSpec
@@ -241,3 +242,56 @@ def _no_leaked_shims(settings: Settings) -> Iterator[None]:
     yield
     leftovers = state_dirs(settings)
     assert leftovers == [], f"sandbox state dirs left behind: {leftovers}"
+
+
+class PausableFake(FakeRuntime):
+    """The fake runtime, claiming pause: the core's auto-pause decisions, with a stepped clock."""
+
+    capabilities = dataclasses.replace(FakeRuntime.capabilities, pause=True)
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        super().__init__(config)
+        self.calls: list[str] = []
+
+    async def pause(self, instance: Instance) -> None:
+        self.calls.append("pause")
+
+    async def resume(self, instance: Instance) -> None:
+        self.calls.append("resume")
+
+
+async def test_auto_pause_pauses_at_the_deadline_and_resume_can_extend(
+    settings: Settings, clock: Clock
+) -> None:
+    svc = make_service(settings, clock, PausableFake)
+    try:
+        info = await svc.create(CreateParams(timeout=60, auto_pause=True), tenant=LOCAL_TENANT)
+        assert info.auto_pause
+        clock.now += 61
+        await svc.reap()
+        paused = await svc.get(info.sandbox_id, tenant=LOCAL_TENANT)
+        assert paused.state is SandboxState.PAUSED and paused.stop_reason is None
+        # resumed with the time it had left (none) or at least what the caller asks for
+        resumed = await svc.resume(info.sandbox_id, at_least=30, tenant=LOCAL_TENANT)
+        assert resumed.state is SandboxState.RUNNING and resumed.expires_at == clock.now + 30
+        clock.now += 10
+        await svc.pause(info.sandbox_id, tenant=LOCAL_TENANT)
+        again = await svc.resume(info.sandbox_id, at_least=5, tenant=LOCAL_TENANT)  # 20 s were left: kept
+        assert again.expires_at == clock.now + 20
+        clock.now += 21
+        assert (await svc.get(info.sandbox_id, tenant=LOCAL_TENANT)).state is SandboxState.PAUSED
+        runtime = svc._runtime("fake")
+        assert runtime.calls == ["pause", "resume", "pause", "resume", "pause"]  # type: ignore[attr-defined]
+        with pytest.raises(InvalidRequest):
+            await svc.resume(info.sandbox_id, at_least=10**9, tenant=LOCAL_TENANT)
+    finally:
+        for live in await svc.list_sandboxes(tenant=LOCAL_TENANT):
+            await svc.kill(live.sandbox_id, tenant=LOCAL_TENANT)
+        await svc.aclose()
+        await svc.store.aclose()
+
+
+async def test_auto_pause_needs_a_runtime_that_pauses(service: SandboxService) -> None:
+    with pytest.raises(Unsupported, match="cannot pause at their timeout"):
+        await service.create(CreateParams(auto_pause=True), tenant=LOCAL_TENANT)
+    assert await service.list_sandboxes(tenant=LOCAL_TENANT) == []

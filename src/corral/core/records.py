@@ -47,6 +47,9 @@ class SandboxRecord:
     # The port proxy's access rule (server/proxy.py): public, or callers presenting this sandbox's token.
     public_ports: bool = False
     traffic_token: str = field(default_factory=new_traffic_token)
+    # At the deadline: paused (its shim then holds no deadline; the reaper pauses it), not stopped
+    auto_pause: bool = False
+    idempotency_key: str | None = None  # the create that made it, for retries of that create (service.create)
     # The credential of the sandbox's E2B-compatible in-sandbox API (server/e2b/envd): whoever holds it acts on
     # this one sandbox as its tenant, without an API key. "" (records older than the field) matches nothing.
     envd_access_token: str = field(default_factory=new_envd_access_token, repr=False)
@@ -67,6 +70,7 @@ class SandboxRecord:
             public_ports=self.public_ports,
             traffic_token=self.traffic_token,
             envd_access_token=self.envd_access_token,
+            auto_pause=self.auto_pause,
         )
 
     def to_json(self) -> str:

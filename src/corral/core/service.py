@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
+import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from types import TracebackType
@@ -84,6 +85,7 @@ log = logging.getLogger("corral.core.service")
 _LIVE = frozenset({SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED})
 MIN_TIMEOUT = 1.0  # a sandbox's life in seconds; less could not even boot, so it is a mistake, not a request
 ABANDONED_CREATE_AFTER = 300.0  # a record still "creating" this long after creation lost its creator
+_IDEMPOTENCY_KEY = re.compile(r"[a-z0-9-]{1,255}")
 _NO_TOKEN = "-" * 43  # compared against when there is no sandbox, so both paths do the same work
 
 
@@ -120,6 +122,8 @@ class SandboxService:
         self.audit = AuditLog(store, clock=clock)
         self._quota_locks: dict[str, anyio.Lock] = {}
         self._build_lock = anyio.Lock()
+        self._pause_locks: dict[str, anyio.Lock] = {}
+        self._idempotency_locks: dict[tuple[str, str], anyio.Lock] = {}
         self.pools = PoolManager(self)
 
     # -- lifetime --------------------------------------------------------------------------------------------
@@ -141,7 +145,25 @@ class SandboxService:
     async def create(
         self, request: CreateParams, *, tenant: TenantId, start_from: Snapshot | None = None
     ) -> SandboxInfo:
-        """Create a sandbox; ``start_from`` (forks) seeds its writable layer and, if captured, its memory."""
+        """Create a sandbox; ``start_from`` (forks) seeds its writable layer and, if captured, its memory.
+
+        With ``request.idempotency_key``, a create the tenant already made with that key (and whose sandbox is
+        still live) is answered with that sandbox instead of a second one: a client may retry safely.
+        """
+        key = request.idempotency_key
+        if key is None:
+            return await self._create(request, tenant=tenant, start_from=start_from)
+        if not isinstance(key, str) or not _IDEMPOTENCY_KEY.fullmatch(key):
+            raise InvalidRequest("an idempotency key is 1-255 characters of a-z, 0-9 and '-'")
+        async with self._idempotency_locks.setdefault((str(tenant), key), anyio.Lock()):
+            for record in await self.store.list_sandboxes(tenant_id=tenant, states=_LIVE):
+                if record.idempotency_key == key:
+                    return record.info()
+            return await self._create(request, tenant=tenant, start_from=start_from)
+
+    async def _create(
+        self, request: CreateParams, *, tenant: TenantId, start_from: Snapshot | None
+    ) -> SandboxInfo:
         isolation = request.isolation or self.settings.default_isolation
         runtime = self._runtime(isolation)
         timeout = self._check_timeout(
@@ -158,17 +180,24 @@ class SandboxService:
         )
         template = request.template or self.settings.default_template
         files = _files.check_files(request.files)
-        claimed = await self.pools.claim(
-            template=template,
-            isolation=isolation,
-            limits=limits,
-            tenant=tenant,
-            metadata=metadata,
-            timeout=timeout,
-            env=env,
-            files=files,
-            public_ports=bool(request.public_ports),
-        )
+        auto_pause = bool(request.auto_pause)
+        if auto_pause and not runtime.capabilities.pause:
+            raise Unsupported(
+                f"{isolation} sandboxes cannot be paused, so they cannot pause at their timeout"
+            )
+        claimed = None
+        if not auto_pause and request.idempotency_key is None:  # (pool claims keep neither; rare enough)
+            claimed = await self.pools.claim(
+                template=template,
+                isolation=isolation,
+                limits=limits,
+                tenant=tenant,
+                metadata=metadata,
+                timeout=timeout,
+                env=env,
+                files=files,
+                public_ports=bool(request.public_ports),
+            )
         if claimed is not None:  # a warm-pool member, late-bound to this request (core/pools.py)
             self._wake_reaper.set()
             return claimed.info()
@@ -199,6 +228,8 @@ class SandboxService:
                     metadata=metadata,
                     env=env,
                     public_ports=bool(request.public_ports),
+                    auto_pause=auto_pause,
+                    idempotency_key=request.idempotency_key,
                 ),
                 expect_version=None,
             )
@@ -210,7 +241,7 @@ class SandboxService:
                     rootfs=rootfs,
                     limits=limits,
                     env=env,
-                    deadline=record.deadline,
+                    deadline=None if auto_pause else record.deadline,
                     upper_seed=start_from.layer if start_from is not None else None,
                     restore_from=memory,
                 )
@@ -305,9 +336,24 @@ class SandboxService:
     async def pause(self, sandbox_id: str, *, tenant: TenantId) -> SandboxInfo:
         record = await self._reconciled(await self._record(sandbox_id, tenant))
         require_state(record.state, Action.PAUSE, SandboxState.RUNNING, sandbox_id=sandbox_id)
+        return (await self._pause(record)).info()
+
+    async def _pause(self, record: SandboxRecord) -> SandboxRecord:
+        """Pause ``record``; Conflict if it changed since it was read (say, another caller paused it first).
+
+        One pause of a sandbox at a time in this process: the reaper's auto-pause and a request that finds the
+        deadline passed would otherwise both ask the runtime, and the second would fail on a pausing sandbox.
+        """
         runtime = self._runtime(record.isolation)
         if not runtime.capabilities.pause:
             raise Unsupported(f"{record.isolation} sandboxes cannot be paused")
+        async with self._pause_locks.setdefault(str(record.sandbox_id), anyio.Lock()):
+            fresh = await self.store.get_sandbox(record.sandbox_id)
+            if fresh is None or fresh.version != record.version:
+                raise Conflict(f"sandbox {record.sandbox_id} changed while it was being paused; try again")
+            return await self._pause_now(runtime, record)
+
+    async def _pause_now(self, runtime: Runtime, record: SandboxRecord) -> SandboxRecord:
         assert record.instance is not None and record.deadline is not None
         remaining = max(0.0, record.deadline - self._clock())
         await self._tell_shim_deadline(record, None)  # a paused sandbox's deadline is suspended
@@ -317,7 +363,7 @@ class SandboxService:
             with anyio.CancelScope(shield=True):  # still running: its deadline must hold again
                 await self._tell_shim_deadline(record, record.deadline)
             raise
-        record = await self.store.put_sandbox(
+        return await self.store.put_sandbox(
             dataclasses.replace(
                 record,
                 state=transition(record.state, SandboxState.PAUSED),
@@ -326,14 +372,18 @@ class SandboxService:
             ),
             expect_version=record.version,
         )
-        return record.info()
 
-    async def resume(self, sandbox_id: str, *, tenant: TenantId) -> SandboxInfo:
+    async def resume(
+        self, sandbox_id: str, *, at_least: float | None = None, tenant: TenantId
+    ) -> SandboxInfo:
+        """Resume a paused sandbox with the time it had left, or ``at_least`` seconds if that is more."""
+        if at_least is not None:
+            at_least = self._check_timeout(at_least)
         record = await self._record(sandbox_id, tenant)
         require_state(record.state, Action.RESUME, SandboxState.PAUSED, sandbox_id=sandbox_id)
         assert record.instance is not None
         await self._runtime(record.isolation).resume(record.instance)
-        deadline = self._clock() + (record.paused_remaining or 0.0)
+        deadline = self._clock() + max(record.paused_remaining or 0.0, at_least or 0.0)
         await self._tell_shim_deadline(record, deadline)
         record = await self.store.put_sandbox(
             dataclasses.replace(
@@ -724,12 +774,24 @@ class SandboxService:
         if record.state not in _LIVE or record.instance is None:
             return record
         if record.state is SandboxState.RUNNING and record.deadline is not None and now >= record.deadline:
+            if record.auto_pause:
+                return await self._auto_pause(record)
             return await self._stop(record, StopReason.TIMEOUT)
         observed = await self._runtime(record.isolation).inspect(record.instance)
         if observed.state in (ObservedState.EXITED, ObservedState.MISSING):
             reason = StopReason.TIMEOUT if observed.reason == "deadline" else StopReason.CRASHED
             return await self._stop(record, reason)
         return record
+
+    async def _auto_pause(self, record: SandboxRecord) -> SandboxRecord:
+        try:
+            return await self._pause(record)
+        except Conflict:  # paused (or given more time, or killed) by another caller first: that stands
+            fresh = await self.store.get_sandbox(record.sandbox_id)
+            return fresh if fresh is not None else record
+        except CorralError:  # the deadline holds either way: what cannot pause is stopped
+            log.exception("auto-pause of sandbox %s failed; stopping it", record.sandbox_id)
+            return await self._stop(record, StopReason.TIMEOUT)
 
     async def _stop(self, record: SandboxRecord, reason: StopReason) -> SandboxRecord:
         if reason is not StopReason.KILLED:  # a kill is recorded by kill(), with who asked
@@ -885,11 +947,17 @@ class SandboxService:
     async def _drop_agent(self, sandbox_id: str) -> None:
         client = self._agents.pop(str(sandbox_id), None)
         self._agent_locks.pop(str(sandbox_id), None)
+        self._pause_locks.pop(str(sandbox_id), None)
         if client is not None:
             await client.aclose()
 
     async def _tell_shim_deadline(self, record: SandboxRecord, deadline: float | None) -> None:
-        """Move the hard deadline held by the sandbox's shim (local runtimes; others answer unsupported)."""
+        """Move the hard deadline held by the sandbox's shim (local runtimes; others answer unsupported).
+
+        An auto-pause sandbox's shim holds none: at its deadline the reaper pauses it instead.
+        """
+        if record.auto_pause:
+            deadline = None
         client = await self._agent(record)
         try:
             await client.call("shim.deadline", {"deadline": deadline})

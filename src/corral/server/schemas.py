@@ -49,6 +49,9 @@ class CreateSandboxBody(_Strict):
         default=False,
         description="let anyone reach the sandbox's ports through the proxy; otherwise its traffic token is needed",
     )
+    auto_pause: bool = Field(
+        default=False, description="at its timeout, pause the sandbox instead of stopping it (resume goes on)"
+    )
 
     def params(self) -> CreateParams:
         return CreateParams.from_wire(self.model_dump())

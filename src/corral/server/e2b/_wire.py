@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -33,6 +33,7 @@ __all__ = [
     "corral_template",
     "detail",
     "e2b_error",
+    "e2b_router",
     "listed",
     "operation_id",
     "page_token",
@@ -90,6 +91,11 @@ class E2BRoute(APIRoute):
 def operation_id(route: APIRoute) -> str:
     """OpenAPI operation ids of E2B routes, apart from Corral's (both have a ``create`` of sandboxes)."""
     return "e2b_" + generate_unique_id(route)
+
+
+def e2b_router() -> APIRouter:
+    """A router for E2B routes: E2B's error shape, the ``e2b`` tag, their own operation ids."""
+    return APIRouter(route_class=E2BRoute, tags=["e2b"], generate_unique_id_function=operation_id)
 
 
 def _count(request: Request, exc: CorralError) -> None:
@@ -155,6 +161,7 @@ def detail(info: SandboxInfo, settings: Settings, now: float) -> dict[str, Any]:
         "envdAccessToken": info.envd_access_token,
         "domain": settings.sandbox_domain,
         "allowInternetAccess": False,  # sandboxes have loopback only
+        "lifecycle": {"onTimeout": "pause" if info.auto_pause else "kill", "autoResume": False},
     }
 
 

@@ -7,7 +7,9 @@ of translation written down at the route:
 - a stopped (killed or expired) sandbox does not exist for E2B: get, kill, timeout, pause and connect answer 404;
 - connect may extend a sandbox's end time and never shortens it; it resumes a paused sandbox (201, not 200);
 - ``secure`` is accepted and always on: every sandbox has an ``envdAccessToken``;
-- what Corral cannot do yet (outbound allow-lists, auto-pause, MCP, IAM, volumes) is refused with a message
+- ``autoPause`` (the SDK's ``lifecycle={"on_timeout": "pause"}``) pauses the sandbox at its timeout; connect
+  resumes it. Auto-resume on traffic is not there yet;
+- what Corral cannot do yet (outbound allow-lists, auto-resume, MCP, IAM, volumes) is refused with a message
   that says so, rather than accepted and silently dropped. ``allow_internet_access`` is the exception: SDKs up
   to 2.45 send ``true`` on every create, so refusing it would refuse them all; it is accepted, the sandbox has
   loopback only, and get_info says so (``allowInternetAccess: false``).
@@ -20,7 +22,7 @@ import time
 import urllib.parse
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import Header, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,12 +32,11 @@ from corral.ids import TenantId
 from corral.models import CreateParams, SandboxInfo, SandboxState
 from corral.server.app import State, TenantCaller
 from corral.server.e2b._wire import (
-    E2BRoute,
     after_token,
     corral_template,
     detail,
+    e2b_router,
     listed,
-    operation_id,
     page_token,
     sandbox,
     visible,
@@ -43,7 +44,7 @@ from corral.server.e2b._wire import (
 
 __all__ = ["router"]
 
-router = APIRouter(route_class=E2BRoute, tags=["e2b"], generate_unique_id_function=operation_id)
+router = e2b_router()
 
 DEFAULT_TIMEOUT = 300  # seconds: E2B's documented default for create and connect
 MAX_PAGE = 1000
@@ -71,10 +72,9 @@ class NewSandbox(_Body):
     iam: dict[str, Any] | None = None
     volumeMounts: list[Any] | None = None
 
-    def params(self) -> CreateParams:
+    def params(self, idempotency_key: str | None = None) -> CreateParams:
         refuse = {
             "network.allowOut": bool((self.network or {}).get("allowOut")),
-            "autoPause": self.autoPause is True,
             "autoResume": bool((self.autoResume or {}).get("enabled")),
             "mcp": bool(self.mcp),
             "iam": bool(self.iam),
@@ -84,8 +84,8 @@ class NewSandbox(_Body):
         if asked:
             raise InvalidRequest(
                 f"this Corral server cannot provide {', '.join(asked)}: its sandboxes have no route out "
-                "(loopback only), stop at their timeout, and have no MCP gateway, workload identity or "
-                "volumes; leave these options unset"
+                "(loopback only), are resumed by connect only, and have no MCP gateway, workload identity "
+                "or volumes; leave these options unset"
             )
         public = (self.network or {}).get("allowPublicTraffic", True)  # E2B's ports are public by default
         if not isinstance(public, bool):
@@ -96,6 +96,8 @@ class NewSandbox(_Body):
             metadata=self.metadata or {},
             env=self.envVars or {},
             public_ports=public,
+            auto_pause=bool(self.autoPause),
+            idempotency_key=idempotency_key,
         )
 
 
@@ -126,8 +128,14 @@ async def create_v1(body: NewSandbox, state: State, tenant: TenantCaller) -> JSO
 
 
 @router.post("/v2/sandboxes", status_code=201, summary="E2B: create a sandbox")
-async def create(body: NewSandbox, state: State, tenant: TenantCaller) -> JSONResponse:
-    return _created(state, await state.service.create(body.params(), tenant=tenant))
+async def create(
+    body: NewSandbox,
+    state: State,
+    tenant: TenantCaller,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JSONResponse:
+    """``Idempotency-Key``: a retry of a create that already made a (still live) sandbox gets that sandbox."""
+    return _created(state, await state.service.create(body.params(idempotency_key), tenant=tenant))
 
 
 async def _live(service: SandboxService, sandbox_id: str, tenant: TenantId) -> SandboxInfo:
@@ -145,11 +153,9 @@ async def _extend(
 
 async def _connect(state: State, sandbox_id: str, timeout: float, tenant: TenantId) -> JSONResponse:
     info = await _live(state.service, sandbox_id, tenant)
-    resumed = info.state is SandboxState.PAUSED
-    if resumed:
-        info = await state.service.resume(sandbox_id, tenant=tenant)
-    info = await _extend(state.service, info, timeout, tenant)
-    return _created(state, info, 201 if resumed else 200)
+    if info.state is SandboxState.PAUSED:  # with the time it had left, or the timeout asked for if longer
+        return _created(state, await state.service.resume(sandbox_id, at_least=timeout, tenant=tenant))
+    return _created(state, await _extend(state.service, info, timeout, tenant), 200)
 
 
 @router.post("/sandboxes/{sandbox_id}/connect", summary="E2B: connect (resumes a paused sandbox) (v1)")
@@ -172,9 +178,8 @@ async def resume(
     info = await _live(state.service, sandbox_id, tenant)
     if info.state is not SandboxState.PAUSED:
         raise Conflict(f"sandbox {sandbox_id} is already running")
-    info = await state.service.resume(sandbox_id, tenant=tenant)
     timeout = body.timeout if body is not None and body.timeout is not None else DEFAULT_TIMEOUT
-    return _created(state, await _extend(state.service, info, timeout, tenant))
+    return _created(state, await state.service.resume(sandbox_id, at_least=timeout, tenant=tenant))
 
 
 @router.get("/sandboxes/{sandbox_id}", summary="E2B: get a sandbox")
@@ -229,6 +234,36 @@ async def fork(
     if body.timeout is not None:
         made = [await state.service.set_timeout(i.sandbox_id, body.timeout, tenant=tenant) for i in made]
     return [{"sandbox": sandbox(info, state.settings)} for info in made]
+
+
+class NetworkUpdate(_Body):
+    allowOut: list[Any] | None = None
+    denyOut: list[Any] | None = None
+    allow_internet_access: bool | None = None
+    egressProxy: dict[str, Any] | None = None
+    rules: dict[str, Any] | None = None
+
+
+@router.put("/sandboxes/{sandbox_id}/network", status_code=204, summary="E2B: change outbound rules")
+async def update_network(
+    sandbox_id: str, state: State, tenant: TenantCaller, body: NetworkUpdate | None = None
+) -> Response:
+    """Deny rules already hold (nothing goes out); an allow rule is something this server cannot grant."""
+    await _live(state.service, sandbox_id, tenant)
+    body = body or NetworkUpdate()
+    asked = {
+        "allowOut": bool(body.allowOut),
+        "allow_internet_access": body.allow_internet_access is True,
+        "egressProxy": bool(body.egressProxy),
+        "rules": bool(body.rules),
+    }
+    refused = [name for name, on in asked.items() if on]
+    if refused:
+        raise InvalidRequest(
+            f"this Corral server cannot provide {', '.join(refused)}: its sandboxes have no route out "
+            "(loopback only)"
+        )
+    return Response(status_code=204)
 
 
 # -- listing ------------------------------------------------------------------------------------------------

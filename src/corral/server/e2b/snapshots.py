@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
@@ -18,10 +18,9 @@ from corral.errors import Unsupported
 from corral.ids import TenantId
 from corral.server.app import State, TenantCaller
 from corral.server.e2b._wire import (
-    E2BRoute,
     after_token,
     corral_template,
-    operation_id,
+    e2b_router,
     page_token,
     visible,
 )
@@ -29,7 +28,7 @@ from corral.server.e2b.sandboxes import MAX_PAGE, _Body
 
 __all__ = ["router"]
 
-router = APIRouter(route_class=E2BRoute, tags=["e2b"], generate_unique_id_function=operation_id)
+router = e2b_router()
 
 
 class NewSnapshot(_Body):
