@@ -19,11 +19,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from corral.errors import CorralError, InvalidRequest, NotFound, Unauthenticated, Unsupported
+from corral.errors import (
+    CorralError,
+    InvalidRequest,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unsupported,
+)
 from corral.models import SandboxState
 from corral.protocol import CHUNK_SIZE
 from corral.server.e2b.envd._access import SandboxCall
@@ -32,6 +40,7 @@ from corral.server.e2b.envd._connect import USERS
 __all__ = ["envd_error", "handle"]
 
 MAX_PARTS = 1000  # files in one multipart upload
+MULTIPART_OVERHEAD = 1024 * 1024  # part headers and boundaries, beyond the upload limit itself
 _HOMES = {"user": "/home/user", "root": "/root"}
 
 
@@ -130,7 +139,11 @@ async def _upload(call: SandboxCall, request: Request) -> Response:
     if content_type == "multipart/form-data":
         if encoding == "gzip":
             raise InvalidRequest("gzip uploads are octet-stream uploads; send multipart bodies uncompressed")
-        async with request.form(max_files=MAX_PARTS, max_fields=MAX_PARTS) as form:
+        try:
+            form = await request.form(max_files=MAX_PARTS, max_fields=MAX_PARTS)
+        except HTTPException as exc:  # Starlette's answer to a malformed body
+            raise InvalidRequest(f"the multipart body is malformed: {exc.detail}") from exc
+        try:
             uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
             if not uploads:
                 raise InvalidRequest("the multipart body has no file parts")
@@ -144,6 +157,8 @@ async def _upload(call: SandboxCall, request: Request) -> Response:
                     call.sandbox_id, dest, _parts(upload), user=user, tenant=call.tenant
                 )
                 written.append(dest)
+        finally:
+            await form.close()  # the parts spooled to temporary files
     else:
         if not path:
             raise InvalidRequest("an octet-stream upload needs the path query parameter")
@@ -162,8 +177,27 @@ async def _health(call: SandboxCall) -> Response:
     return Response(status_code=204)
 
 
+def _bounded(receive: Receive, limit: int) -> Receive:
+    """``receive``, failing once the body passes ``limit`` bytes: a multipart body is parsed (and spooled to
+    disk) before any of it reaches the sandbox, where the upload limit would otherwise apply."""
+    seen = 0
+
+    async def bounded() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise ResourceExhausted(f"the upload is larger than the {limit} byte limit")
+        return message
+
+    return bounded
+
+
 async def handle(call: SandboxCall, scope: Scope, receive: Receive, send: Send) -> None:
     """One of envd's HTTP routes (not the Connect ones), answered with envd's JSON errors."""
+    if scope["method"] == "POST":
+        receive = _bounded(receive, call.service.settings.max_file_bytes + MULTIPART_OVERHEAD)
     request = Request(scope, receive)
     route = (request.method, scope["path"])
     response: Response
