@@ -38,6 +38,7 @@ from corral.core.service import SandboxService
 from corral.errors import CorralError, NotFound, PortClosed
 from corral.models import SandboxState
 from corral.server.e2b.envd import SandboxAccess, SandboxCall, Watchers, serve_envd, serve_interpreter
+from corral.server.e2b.envd._access import signature_check
 from corral.server.metrics import Metrics
 from corral.server.proxy import TOKEN_HEADER, PortProxy, Target
 
@@ -178,13 +179,13 @@ class E2BSandboxHost:
     async def _signed(self, sandbox_id: str, query: dict[str, str], method: str) -> SandboxCall:
         if sandbox_id:
             return await self.access.signed_call(sandbox_id, query, method)
-        # a URL from single-URL mode names no sandbox: it is the one whose token signed it
+        # A URL from single-URL mode names no sandbox: it is the one whose token signed it. One listing and a
+        # hash per running sandbox (no store read each), so an unsigned caller cannot make the server work much.
+        proves = signature_check(query, method)
         records = await self.service.store.list_sandboxes(states=frozenset({SandboxState.RUNNING}))
         for record in records[:MAX_SIGNED_SCAN]:
-            try:
+            if record.envd_access_token and proves(record.envd_access_token):
                 return await self.access.signed_call(str(record.sandbox_id), query, method)
-            except NotFound:
-                continue
         raise NotFound("no sandbox was found for this signed URL")
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send, target: E2BTarget) -> None:
