@@ -44,6 +44,7 @@ PACKAGES = (
     "matplotlib==3.11.2",
     "pandas==3.1.1",
     "numpy==2.4.6",
+    "e2b-charts==1.0.0",  # a matplotlib figure's data as E2B's chart JSON (MIT; brings pydantic)
 )
 PIP_TIMEOUT = 1800.0  # seconds: ~350 MB of wheels from an index on a slow link
 

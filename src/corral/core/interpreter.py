@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -70,6 +71,8 @@ DRIVER_DIR = "/var/lib/corral-interpreter"
 DRIVER_FILES = ("driver.py", "node_driver.js")
 MAX_CODE = 4 << 20  # bytes of one cell; the driver enforces the same
 MAX_LINE = 64 << 20  # one answer line (a large figure as base64); longer lines are dropped
+MAX_CELL_ENVS = 256
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
 CONTROL_TIMEOUT = 180.0  # seconds for a context op (a kernel start under gVisor takes several)
 LANGUAGES = {
     "python": "python",
@@ -259,8 +262,18 @@ def check_run_params(params: RunCodeParams, *, max_timeout: float) -> dict[str, 
         raise InvalidRequest("code must be a string of at most 4 MiB")
     if params.context_id is not None and params.language is not None:
         raise InvalidRequest("give a context or a language, not both (a context has its language)")
-    if params.envs:
-        raise Unsupported("per-cell environment variables are not supported yet; set envs on the sandbox")
+    envs = params.envs or {}
+    if (
+        not isinstance(envs, dict)
+        or len(envs) > MAX_CELL_ENVS
+        or not all(
+            isinstance(k, str) and _ENV_NAME.fullmatch(k) and isinstance(v, str) for k, v in envs.items()
+        )
+    ):
+        raise InvalidRequest(
+            f"envs must map at most {MAX_CELL_ENVS} variable names (letters, digits, _; not starting with a "
+            "digit) to strings"
+        )
     if params.timeout is not None and not 0 < params.timeout <= max_timeout:
         raise InvalidRequest(f"a code timeout must be between 0 and {max_timeout:g} seconds")
     fields: dict[str, Any] = {"code": params.code}
@@ -270,6 +283,8 @@ def check_run_params(params: RunCodeParams, *, max_timeout: float) -> dict[str, 
         fields["language"] = normalize_language(params.language)
     if params.timeout is not None:
         fields["timeout"] = float(params.timeout)
+    if envs:
+        fields["envs"] = dict(envs)  # set for this cell only, then restored
     return fields
 
 

@@ -125,8 +125,53 @@ def __corral_setup():
     for module in ("pandas", "pandas.core.frame", "pandas.core.series"):  # pandas 3 says "pandas"
         fmt.for_type_by_name(module, "DataFrame", frame)
         fmt.for_type_by_name(module, "Series", frame)
+
+    class ChartFormatter(JSONFormatter):
+        format_type = Unicode("e2b/chart")
+        print_method = ObjectName("_repr_e2b_chart_")
+
+    charts = ChartFormatter(parent=ip.display_formatter)
+    ip.display_formatter.formatters["e2b/chart"] = charts
+    if "e2b/chart" not in ip.display_formatter.active_types:
+        ip.display_formatter.active_types.append("e2b/chart")
+
+    # A matplotlib figure's data as E2B's chart JSON, from the e2b-charts package where the template has it.
+    # Through the figure's own _repr_e2b_chart_ method: matplotlib's inline backend removes every formatter's
+    # printer for Figure when it starts (IPython's select_figure_formats), but leaves methods alone.
+    import importlib.util
+
+    if importlib.util.find_spec("e2b_charts") is not None:
+        import matplotlib.figure
+
+        def chart(figure):
+            from e2b_charts import chart_figure_to_dict
+
+            try:
+                return chart_figure_to_dict(figure) or None
+            except Exception:  # a figure the extractor does not understand still shows as an image
+                return None
+
+        matplotlib.figure.Figure._repr_e2b_chart_ = chart
 __corral_setup()
 del __corral_setup
+"""
+
+
+# A cell's own environment variables (E2B's env_vars): set in the kernel before it, put back after it.
+_PY_ENV_SET = """\
+import json as __corral_json, os as __corral_os
+__corral_env = __corral_json.loads(%s)
+__corral_env_saved = {k: __corral_os.environ.get(k) for k in __corral_env}
+__corral_os.environ.update(__corral_env)
+del __corral_json, __corral_env
+"""
+_PY_ENV_RESTORE = """\
+for __corral_k, __corral_v in __corral_env_saved.items():
+    if __corral_v is None:
+        __corral_os.environ.pop(__corral_k, None)
+    else:
+        __corral_os.environ[__corral_k] = __corral_v
+del __corral_env_saved, __corral_os
 """
 
 
@@ -179,7 +224,16 @@ class PythonContext:
     def interrupt(self):
         self.km.interrupt_kernel()
 
-    def execute(self, rid, code, ctl):
+    def execute(self, rid, code, ctl, envs):
+        if envs:
+            self._run_silent(_PY_ENV_SET % json.dumps(json.dumps(envs)))
+        try:
+            self._execute(rid, code, ctl)
+        finally:
+            if envs:
+                self._run_silent(_PY_ENV_RESTORE)
+
+    def _execute(self, rid, code, ctl):
         msg_id = self.kc.execute(code, store_history=True, allow_stdin=False, stop_on_error=True)
         while True:
             msg = self._iopub(0.2)
@@ -276,10 +330,10 @@ class PipeContext:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGINT)
 
-    def execute(self, rid, code, ctl):
+    def execute(self, rid, code, ctl, envs):
         self.count += 1
         emit(rid, "execution_count", execution_count=self.count)
-        self.send_cell(code)
+        self.send_cell(code, envs)
         while True:
             if ctl.check(self):
                 return
@@ -351,8 +405,8 @@ class JavaScriptContext(PipeContext):
     def argv(self):
         return ["node", os.path.join(HERE, "node_driver.js")]
 
-    def send_cell(self, code):
-        self.proc.stdin.write(json.dumps({"code": code}).encode() + b"\n")
+    def send_cell(self, code, envs):
+        self.proc.stdin.write(json.dumps({"code": code, "env": envs}).encode() + b"\n")
         self.proc.stdin.flush()
 
     def finish(self, rid, done, ctl):
@@ -361,6 +415,10 @@ class JavaScriptContext(PipeContext):
         if done.get("error"):
             err = done["error"]
             ctl.error(rid, err.get("name", "Error"), err.get("value", ""), err.get("traceback", ""))
+
+
+def _sh_quote(value):
+    return "'" + value.replace("'", "'\\''") + "'"
 
 
 class BashContext(PipeContext):
@@ -377,13 +435,15 @@ class BashContext(PipeContext):
         self.proc.stdin.write(b'trap "return 130" INT\n')
         self.proc.stdin.flush()
 
-    def send_cell(self, code):
+    def send_cell(self, code, envs):
         path = os.path.join(self.cells, "cell.sh")
         with open(path, "w") as f:
             f.write(code + "\n")
         quoted = "'" + path.replace("'", "'\\''") + "'"
+        # assignments before a builtin last for that command only (and reach its children): the cell's envs
+        prefix = "".join(f"{k}={_sh_quote(v)} " for k, v in envs.items())
         self.proc.stdin.write(
-            f'. {quoted} </dev/null; printf \'{{"status":%d}}\\n\' "$?" >&"$CORRAL_CTL_FD"\n'.encode()
+            f'{prefix}. {quoted} </dev/null; printf \'{{"status":%d}}\\n\' "$?" >&"$CORRAL_CTL_FD"\n'.encode()
         )
         self.proc.stdin.flush()
 
@@ -536,6 +596,12 @@ class Driver:
         code = req.get("code")
         if not isinstance(code, str) or len(code) > MAX_CODE:
             raise Fail("invalid", "code must be a string of at most 4 MiB")
+        envs = req.get("envs") or {}
+        if not isinstance(envs, dict) or not all(
+            isinstance(k, str) and k.isidentifier() and k.isascii() and isinstance(v, str)
+            for k, v in envs.items()
+        ):
+            raise Fail("invalid", "envs must map variable names to strings")
         cid = req.get("context_id")
         entry = self.entry(cid) if cid else self.default(req.get("language"))
         timeout = req.get("timeout")
@@ -544,7 +610,7 @@ class Driver:
             ctl = Control(timeout if isinstance(timeout, (int, float)) and timeout > 0 else None)
             entry.running = ctl
             try:
-                entry.ctx.execute(rid, code, ctl)
+                entry.ctx.execute(rid, code, ctl, envs)
             finally:
                 entry.running = None
             if ctl.given_up:  # the cell ignored SIGINT: only a restart gets the context back

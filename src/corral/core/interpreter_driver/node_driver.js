@@ -34,7 +34,23 @@ function done(payload) {
   fs.writeSync(ctlFd, JSON.stringify(payload) + '\n');
 }
 
-async function run(code) {
+async function run(code, env) {
+  const saved = {};
+  for (const [k, v] of Object.entries(env)) {  // the cell's own environment variables, put back after it
+    saved[k] = Object.prototype.hasOwnProperty.call(process.env, k) ? process.env[k] : undefined;
+    process.env[k] = v;
+  }
+  try {
+    await runCell(code);
+  } finally {
+    for (const [k, v] of Object.entries(saved)) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
+  }
+}
+
+async function runCell(code) {
   let value;
   try {
     value = vm.runInThisContext(code, { filename: 'cell.js', breakOnSigint: true, displayErrors: false });
@@ -60,13 +76,17 @@ let busy = false;
 async function next() {
   if (busy) return;
   busy = true;
-  while (cells.length) await run(cells.shift());
+  while (cells.length) {
+    const cell = cells.shift();
+    await run(cell.code, cell.env);
+  }
   busy = false;
 }
 rl.on('line', (line) => {
   let msg;
   try { msg = JSON.parse(line); } catch (e) { return; }
-  cells.push(String(msg.code));
+  const env = msg.env && typeof msg.env === 'object' ? msg.env : {};
+  cells.push({ code: String(msg.code), env });
   next();
 });
 rl.on('close', () => process.exit(0));

@@ -25,21 +25,26 @@ as the SDK expects: "… was not found" (it raises ``SandboxNotRunningException`
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral.core.service import SandboxService
 from corral.errors import CorralError, NotFound, PortClosed
 from corral.models import SandboxState
 from corral.server.e2b.envd import SandboxAccess, SandboxCall, Watchers, serve_envd, serve_interpreter
+from corral.server.e2b.envd._access import signature_check
 from corral.server.metrics import Metrics
 from corral.server.proxy import TOKEN_HEADER, PortProxy, Target
 
 __all__ = ["ENVD_PORT", "INTERPRETER_PORT", "E2BSandboxHost", "e2b_target"]
+
+access_log = logging.getLogger("corral.server.access")
 
 ENVD_PORT = 49983
 INTERPRETER_PORT = 49999
@@ -121,15 +126,40 @@ class E2BSandboxHost:
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1008, "reason": "envd speaks HTTP, not WebSocket"})
             return
+        started = time.perf_counter()
+        status = 0
+        tenant = None
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            call = await self._authorize(scope, target)
-        except CorralError as exc:
-            await send_refusal(send, target.sandbox_id, exc)
-            return
-        if target.port == ENVD_PORT:
-            await serve_envd(call, self.watchers, scope, receive, send)
-        else:
-            await serve_interpreter(call, scope, receive, send)
+            try:
+                call = await self._authorize(scope, target)
+            except CorralError as exc:
+                await send_refusal(sending, target.sandbox_id, exc)
+                return
+            tenant = call.tenant
+            if target.port == ENVD_PORT:
+                await serve_envd(call, self.watchers, scope, receive, sending)
+            else:
+                await serve_interpreter(call, scope, receive, sending)
+        finally:
+            access_log.info(
+                "e2b sandbox request",
+                extra={
+                    "method": scope["method"],
+                    "route": scope["path"][:200],
+                    "sandbox_id": target.sandbox_id,
+                    "port": target.port,
+                    "status": status,
+                    "tenant_id": tenant,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
 
     async def _authorize(self, scope: Scope, target: E2BTarget) -> SandboxCall:
         headers = dict(scope["headers"])
@@ -149,13 +179,13 @@ class E2BSandboxHost:
     async def _signed(self, sandbox_id: str, query: dict[str, str], method: str) -> SandboxCall:
         if sandbox_id:
             return await self.access.signed_call(sandbox_id, query, method)
-        # a URL from single-URL mode names no sandbox: it is the one whose token signed it
+        # A URL from single-URL mode names no sandbox: it is the one whose token signed it. One listing and a
+        # hash per running sandbox (no store read each), so an unsigned caller cannot make the server work much.
+        proves = signature_check(query, method)
         records = await self.service.store.list_sandboxes(states=frozenset({SandboxState.RUNNING}))
         for record in records[:MAX_SIGNED_SCAN]:
-            try:
+            if record.envd_access_token and proves(record.envd_access_token):
                 return await self.access.signed_call(str(record.sandbox_id), query, method)
-            except NotFound:
-                continue
         raise NotFound("no sandbox was found for this signed URL")
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send, target: E2BTarget) -> None:

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -23,7 +24,7 @@ from corral.errors import AgentUnavailable, CorralError, NotFound, Unauthenticat
 from corral.ids import SandboxId, TenantId
 from corral.models import SandboxState
 
-__all__ = ["SandboxAccess", "SandboxCall", "explained", "signature"]
+__all__ = ["SandboxAccess", "SandboxCall", "explained", "signature", "signature_check"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +64,23 @@ async def explained(call: SandboxCall, exc: CorralError) -> CorralError:
     return exc
 
 
+def signature_check(query: dict[str, str], method: str) -> Callable[[str], bool]:
+    """Whether a token made the signature of this ``/files`` request (in constant time); never for a
+    malformed one."""
+    raw_exp = query.get("signature_expiration")
+    given = query.get("signature", "")
+    if (raw_exp is not None and not raw_exp.isdigit()) or not given.startswith("v1_") or len(given) > 64:
+        return lambda token: False
+    expiration = int(raw_exp) if raw_exp is not None else None
+    operation = "read" if method in ("GET", "HEAD") else "write"
+
+    def proves(token: str) -> bool:
+        made = signature(query.get("path", ""), operation, query.get("username") or None, token, expiration)
+        return hmac.compare_digest(given.encode(), made.encode())
+
+    return proves
+
+
 class SandboxAccess:
     def __init__(self, service: SandboxService) -> None:
         self.service = service
@@ -77,21 +95,9 @@ class SandboxAccess:
         A signature that was not made with the token is NotFound; one that was, but has expired, is
         Unauthenticated: only its holder learns that the sandbox exists.
         """
-        raw_exp = query.get("signature_expiration")
-        if raw_exp is not None and not raw_exp.isdigit():
-            raise NotFound(f"sandbox {sandbox_id} was not found")
-        expiration = int(raw_exp) if raw_exp is not None else None
-        operation = "read" if method in ("GET", "HEAD") else "write"
-        given = query.get("signature", "").encode()
-
-        def proves(token: str) -> bool:
-            made = signature(
-                query.get("path", ""), operation, query.get("username") or None, token, expiration
-            )
-            return hmac.compare_digest(given, made.encode())
-
-        tenant = await self.service.authenticate_envd_proof(sandbox_id, proves)
-        if expiration is not None and expiration < time.time():
+        tenant = await self.service.authenticate_envd_proof(sandbox_id, signature_check(query, method))
+        expiration = query.get("signature_expiration")
+        if expiration is not None and int(expiration) < time.time():
             raise Unauthenticated("this signed URL has expired; ask the sandbox for a new one")
         return SandboxCall(service=self.service, sandbox_id=sandbox_id, tenant=tenant)
 

@@ -53,10 +53,12 @@ from corral.errors import (
 
 __all__ = [
     "Kind",
+    "Row",
     "Rpc",
     "connect_error",
     "keepalive_interval",
     "serve",
+    "table",
     "timeout_of",
     "user_of",
     "with_keepalive",
@@ -92,6 +94,9 @@ class _JSONCodec:
 CODECS: list[Codec[Any, Any]] = [google_protobuf_binary_codec(), _JSONCodec()]
 
 
+Row = tuple[str, type[Message], type[Message], Callable[..., Any]]  # name, input, output, handler
+
+
 class Kind(Enum):
     UNARY = "unary"
     SERVER_STREAM = "server_stream"
@@ -107,6 +112,11 @@ class Rpc:
     handler: Callable[
         ..., Any
     ]  # (request | AsyncIterator[request], ctx) -> response | AsyncIterator[response]
+
+
+def table(kind: Kind, rows: Iterable[Row]) -> list[Rpc]:
+    """Rows ``(name, input, output, handler)`` of one kind as :class:`Rpc` values."""
+    return [Rpc(name=n, kind=kind, input=i, output=o, handler=h) for n, i, o, h in rows]
 
 
 _CODES: list[tuple[type[CorralError], Code]] = [

@@ -45,6 +45,7 @@ def entry_info(e: EntryInfo) -> pb.EntryInfo:
     out.modified_time.FromNanoseconds(int(e.mtime * 1e9))
     if e.target is not None:
         out.symlink_target = e.target
+    out.is_symlink = e.type is EntryType.SYMLINK
     return out
 
 

@@ -1,7 +1,7 @@
 """envd's HTTP side: ``GET``/``POST /files``, ``/health``, ``/envs``, ``/init``, over Corral's file operations.
 
 - ``GET /files?path=&username=`` streams the file (``read_file``), gzip-compressed on the fly when the client
-  accepts it.
+  asks for gzip.
 - ``POST /files`` takes ``multipart/form-data`` (any number of ``file`` parts, each part's filename being its
   destination unless ``path`` is given for a single part) or a raw ``application/octet-stream`` body with
   ``path``, optionally ``Content-Encoding: gzip``. Each file streams into the sandbox with ``write_file``
@@ -18,12 +18,21 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio.to_thread
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from corral.errors import CorralError, InvalidRequest, NotFound, Unauthenticated, Unsupported
+from corral.errors import (
+    CorralError,
+    InvalidRequest,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unsupported,
+)
 from corral.models import SandboxState
 from corral.protocol import CHUNK_SIZE
 from corral.server.e2b.envd._access import SandboxCall
@@ -32,6 +41,7 @@ from corral.server.e2b.envd._connect import USERS
 __all__ = ["envd_error", "handle"]
 
 MAX_PARTS = 1000  # files in one multipart upload
+MULTIPART_OVERHEAD = 1024 * 1024  # part headers and boundaries, beyond the upload limit itself
 _HOMES = {"user": "/home/user", "root": "/root"}
 
 
@@ -58,7 +68,10 @@ async def _download(call: SandboxCall, request: Request) -> Response:
     user = _user(request)
     chunks = await call.service.read_file(call.sandbox_id, path, user=user, tenant=call.tenant)
     first = await anext(chunks, b"")  # the first chunk (or the error: missing, a directory) before the 200
-    gzip = "gzip" in request.headers.get("accept-encoding", "").lower()
+    # gzip when that is what the client asks for (the SDK's ``read(gzip=True)`` sends exactly that), not for an
+    # HTTP library's default list (httpx accepts gzip on every request): compressing 1 MiB costs ~100 ms of CPU
+    # here, more than it saves on the networks a Corral server is reached over.
+    gzip = request.headers.get("accept-encoding", "").strip().lower() == "gzip"
     headers = {"content-encoding": "gzip"} if gzip else {}
     return StreamingResponse(
         _gzip(first, chunks) if gzip else _chain(first, chunks),
@@ -78,9 +91,11 @@ async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byte
 
 
 async def _gzip(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    packer = zlib.compressobj(6, zlib.DEFLATED, 31)
+    # Level 1: most of gzip's gain on text at a fraction of its time (httpx, hence the SDK, accepts gzip on every
+    # download); in a worker thread, so compressing never stalls the server's other requests.
+    packer = zlib.compressobj(1, zlib.DEFLATED, 31)
     async for chunk in _chain(first, rest):
-        out = packer.compress(chunk)
+        out = await anyio.to_thread.run_sync(packer.compress, chunk)
         if out:
             yield out
     yield packer.flush()
@@ -130,7 +145,11 @@ async def _upload(call: SandboxCall, request: Request) -> Response:
     if content_type == "multipart/form-data":
         if encoding == "gzip":
             raise InvalidRequest("gzip uploads are octet-stream uploads; send multipart bodies uncompressed")
-        async with request.form(max_files=MAX_PARTS, max_fields=MAX_PARTS) as form:
+        try:
+            form = await request.form(max_files=MAX_PARTS, max_fields=MAX_PARTS)
+        except HTTPException as exc:  # Starlette's answer to a malformed body
+            raise InvalidRequest(f"the multipart body is malformed: {exc.detail}") from exc
+        try:
             uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
             if not uploads:
                 raise InvalidRequest("the multipart body has no file parts")
@@ -144,6 +163,8 @@ async def _upload(call: SandboxCall, request: Request) -> Response:
                     call.sandbox_id, dest, _parts(upload), user=user, tenant=call.tenant
                 )
                 written.append(dest)
+        finally:
+            await form.close()  # the parts spooled to temporary files
     else:
         if not path:
             raise InvalidRequest("an octet-stream upload needs the path query parameter")
@@ -162,8 +183,27 @@ async def _health(call: SandboxCall) -> Response:
     return Response(status_code=204)
 
 
+def _bounded(receive: Receive, limit: int) -> Receive:
+    """``receive``, failing once the body passes ``limit`` bytes: a multipart body is parsed (and spooled to
+    disk) before any of it reaches the sandbox, where the upload limit would otherwise apply."""
+    seen = 0
+
+    async def bounded() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise ResourceExhausted(f"the upload is larger than the {limit} byte limit")
+        return message
+
+    return bounded
+
+
 async def handle(call: SandboxCall, scope: Scope, receive: Receive, send: Send) -> None:
     """One of envd's HTTP routes (not the Connect ones), answered with envd's JSON errors."""
+    if scope["method"] == "POST":
+        receive = _bounded(receive, call.service.settings.max_file_bytes + MULTIPART_OVERHEAD)
     request = Request(scope, receive)
     route = (request.method, scope["path"])
     response: Response

@@ -9,16 +9,15 @@ for the sandbox's two users, the modification time as a Timestamp.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
-from google.protobuf.message import Message
 
 from corral.server.e2b.envd._access import SandboxCall
-from corral.server.e2b.envd._connect import Kind, Rpc, keepalive_interval, user_of, with_keepalive
+from corral.server.e2b.envd._connect import Kind, Row, Rpc, keepalive_interval, table, user_of, with_keepalive
 from corral.server.e2b.envd._entries import entry_info, plain_events, with_entries
 from corral.server.e2b.envd._pb import filesystem_pb2 as pb
 from corral.server.e2b.envd.watchers import Watchers
@@ -115,7 +114,7 @@ def _keepalive() -> pb.WatchDirResponse:
 
 def rpcs(call: SandboxCall, watchers: Watchers) -> list[Rpc]:
     f = _Filesystem(call, watchers)
-    unary: list[tuple[str, type[Message], type[Message], Callable[..., Any]]] = [
+    unary: list[Row] = [
         ("Stat", pb.StatRequest, pb.StatResponse, f.stat),
         ("ListDir", pb.ListDirRequest, pb.ListDirResponse, f.list_dir),
         ("MakeDir", pb.MakeDirRequest, pb.MakeDirResponse, f.make_dir),
@@ -125,14 +124,5 @@ def rpcs(call: SandboxCall, watchers: Watchers) -> list[Rpc]:
         ("GetWatcherEvents", pb.GetWatcherEventsRequest, pb.GetWatcherEventsResponse, f.get_watcher_events),
         ("RemoveWatcher", pb.RemoveWatcherRequest, pb.RemoveWatcherResponse, f.remove_watcher),
     ]
-    out = [Rpc(name=n, kind=Kind.UNARY, input=i, output=o, handler=h) for n, i, o, h in unary]
-    out.append(
-        Rpc(
-            name="WatchDir",
-            kind=Kind.SERVER_STREAM,
-            input=pb.WatchDirRequest,
-            output=pb.WatchDirResponse,
-            handler=f.watch_dir,
-        )
-    )
-    return out
+    streams: list[Row] = [("WatchDir", pb.WatchDirRequest, pb.WatchDirResponse, f.watch_dir)]
+    return [*table(Kind.UNARY, unary), *table(Kind.SERVER_STREAM, streams)]

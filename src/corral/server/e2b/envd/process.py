@@ -28,7 +28,16 @@ from corral.core.interpreter import TAG as INTERPRETER_TAG
 from corral.errors import NotFound
 from corral.models import EventKind, ExecParams, ProcessEvent, ProcessInfo, PtyParams
 from corral.server.e2b.envd._access import SandboxCall
-from corral.server.e2b.envd._connect import Kind, Rpc, keepalive_interval, timeout_of, user_of, with_keepalive
+from corral.server.e2b.envd._connect import (
+    Kind,
+    Row,
+    Rpc,
+    keepalive_interval,
+    table,
+    timeout_of,
+    user_of,
+    with_keepalive,
+)
 from corral.server.e2b.envd._pb import process_pb2 as pb
 
 __all__ = ["SERVICE", "rpcs"]
@@ -246,51 +255,20 @@ class _Process:
 
 def rpcs(call: SandboxCall) -> list[Rpc]:
     p = _Process(call)
+    unary: list[Row] = [
+        ("List", pb.ListRequest, pb.ListResponse, p.list),
+        ("SendInput", pb.SendInputRequest, pb.SendInputResponse, p.send_input),
+        ("SendSignal", pb.SendSignalRequest, pb.SendSignalResponse, p.send_signal),
+        ("CloseStdin", pb.CloseStdinRequest, pb.CloseStdinResponse, p.close_stdin),
+        ("Update", pb.UpdateRequest, pb.UpdateResponse, p.update),
+    ]
+    streams: list[Row] = [
+        ("Start", pb.StartRequest, pb.StartResponse, p.start),
+        ("Connect", pb.ConnectRequest, pb.ConnectResponse, p.connect),
+    ]
+    inputs: list[Row] = [("StreamInput", pb.StreamInputRequest, pb.StreamInputResponse, p.stream_input)]
     return [
-        Rpc(
-            name="Start",
-            kind=Kind.SERVER_STREAM,
-            input=pb.StartRequest,
-            output=pb.StartResponse,
-            handler=p.start,
-        ),
-        Rpc(
-            name="Connect",
-            kind=Kind.SERVER_STREAM,
-            input=pb.ConnectRequest,
-            output=pb.ConnectResponse,
-            handler=p.connect,
-        ),
-        Rpc(name="List", kind=Kind.UNARY, input=pb.ListRequest, output=pb.ListResponse, handler=p.list),
-        Rpc(
-            name="SendInput",
-            kind=Kind.UNARY,
-            input=pb.SendInputRequest,
-            output=pb.SendInputResponse,
-            handler=p.send_input,
-        ),
-        Rpc(
-            name="StreamInput",
-            kind=Kind.CLIENT_STREAM,
-            input=pb.StreamInputRequest,
-            output=pb.StreamInputResponse,
-            handler=p.stream_input,
-        ),
-        Rpc(
-            name="SendSignal",
-            kind=Kind.UNARY,
-            input=pb.SendSignalRequest,
-            output=pb.SendSignalResponse,
-            handler=p.send_signal,
-        ),
-        Rpc(
-            name="CloseStdin",
-            kind=Kind.UNARY,
-            input=pb.CloseStdinRequest,
-            output=pb.CloseStdinResponse,
-            handler=p.close_stdin,
-        ),
-        Rpc(
-            name="Update", kind=Kind.UNARY, input=pb.UpdateRequest, output=pb.UpdateResponse, handler=p.update
-        ),
+        *table(Kind.UNARY, unary),
+        *table(Kind.SERVER_STREAM, streams),
+        *table(Kind.CLIENT_STREAM, inputs),
     ]

@@ -99,6 +99,7 @@ class EntryInfo(_message.Message):
     MODIFIED_TIME_FIELD_NUMBER: _builtins.int
     SYMLINK_TARGET_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    IS_SYMLINK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     type: Global___FileType.ValueType
     path: _builtins.str
@@ -108,6 +109,7 @@ class EntryInfo(_message.Message):
     owner: _builtins.str
     group: _builtins.str
     symlink_target: _builtins.str
+    is_symlink: _builtins.bool
     @_builtins.property
     def modified_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -126,10 +128,11 @@ class EntryInfo(_message.Message):
         modified_time: _timestamp_pb2.Timestamp | None = ...,
         symlink_target: _builtins.str | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        is_symlink: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_symlink_target", b"_symlink_target", "modified_time", b"modified_time", "symlink_target", b"symlink_target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_symlink_target", b"_symlink_target", "group", b"group", "metadata", b"metadata", "mode", b"mode", "modified_time", b"modified_time", "name", b"name", "owner", b"owner", "path", b"path", "permissions", b"permissions", "size", b"size", "symlink_target", b"symlink_target", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_symlink_target", b"_symlink_target", "group", b"group", "is_symlink", b"is_symlink", "metadata", b"metadata", "mode", b"mode", "modified_time", b"modified_time", "name", b"name", "owner", b"owner", "path", b"path", "permissions", b"permissions", "size", b"size", "symlink_target", b"symlink_target", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__symlink_target: _TypeAlias = _typing.Literal["symlink_target"]  # noqa: Y015
     _WhichOneofArgType__symlink_target: _TypeAlias = _typing.Literal["_symlink_target", b"_symlink_target"]  # noqa: Y015

@@ -12,8 +12,6 @@ import pytest
 from conftest import Box
 from e2b import FileNotFoundException, FilesystemEventType, FileType, NotFoundException
 
-pytestmark = [pytest.mark.root, pytest.mark.bwrap]
-
 
 def test_write_and_read_text_bytes_and_streams(box: Box) -> None:
     sbx = box.e2b()
@@ -183,3 +181,23 @@ async def test_async_files_and_streaming_watch(box: Box) -> None:
     assert sizes == [4]  # include_entry: the entry as it was when the event was seen
     assert await sbx.files.read("/tmp/awatch/d/y") == "hi\n"
     assert [e.name for e in await sbx.files.list("/tmp/awatch")] == ["d"]
+
+
+def test_bad_uploads_are_clear_errors(box: Box) -> None:
+    headers = _headers(box)
+    r = httpx.post(
+        f"{box.url}/files",
+        content=b"--x\r\nnot a part",
+        headers={**headers, "Content-Type": "multipart/form-data; boundary=x"},
+    )
+    assert r.status_code == 400 and "code" in r.json()
+    r = httpx.post(
+        f"{box.url}/files", params={"path": "/tmp/a"}, content=b"x", headers={**headers, "X-Metadata-k": "v"}
+    )
+    assert r.status_code == 501 and "metadata" in r.json()["message"]
+    r = httpx.post(
+        f"{box.url}/files", params={"path": "/tmp/a", "username": "mallory"}, content=b"x", headers=headers
+    )
+    assert r.status_code == 401
+    r = httpx.get(f"{box.url}/files", params={"path": "/tmp"}, headers=headers)  # a directory
+    assert r.status_code == 400

@@ -15,12 +15,13 @@ from _e2b_server import E2BServer
 from conftest import Box, make_box
 from e2b import SandboxException, SandboxNotRunningException
 
-pytestmark = [pytest.mark.root, pytest.mark.bwrap]
-
 
 @pytest.fixture(scope="module")
 def other(module_env: E2BServer) -> Iterator[Box]:
-    yield from make_box(module_env)
+    """A sandbox of the other tenant (e2b-b)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("E2B_API_KEY", module_env.key_b)
+        yield from make_box(module_env)
 
 
 def test_a_wrong_token_is_not_found(box: Box) -> None:

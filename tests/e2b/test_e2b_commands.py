@@ -13,8 +13,6 @@ from e2b.sandbox.commands.command_handle import PtySize
 from conftest import Box
 from e2b import CommandExitException, TimeoutException
 
-pytestmark = [pytest.mark.root, pytest.mark.bwrap]
-
 
 def test_run_streams_stdout_and_stderr_as_they_happen(box: Box) -> None:
     sbx = box.e2b()
