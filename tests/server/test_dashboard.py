@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,8 +124,15 @@ class Page:
                 else None
             ),
         )
-        self.page.on("dialog", lambda d: d.accept())  # confirm() for kill
+        self.answers: list[str] = []  # what the next prompt() dialogs are answered
+        self.page.on("dialog", self._dialog)
         self.page.set_default_timeout(WAIT)
+
+    def _dialog(self, dialog: Any) -> None:
+        if dialog.type == "prompt":
+            dialog.accept(self.answers.pop(0))
+        else:
+            dialog.accept()  # confirm() before a kill or a delete
 
     def sign_in(self, key: str) -> None:
         self.page.goto(self.base + "/ui/")
@@ -495,3 +503,54 @@ def test_a_page_served_by_a_sandbox_can_neither_frame_nor_call_the_dashboard(
     refused = [p for p in tab.problems if "frame-ancestors 'none'" in p]
     assert refused, tab.problems
     tab.problems = [p for p in tab.problems if p not in refused]
+
+
+def test_pause_resume_extend_fork_and_snapshot_from_the_list(
+    tab: Page, alice: Tenant, admin: httpx.Client
+) -> None:
+    snapshot = "ui-snap-" + secrets.token_hex(3)
+    sbx = Sandbox.create(isolation="namespace", timeout=300, metadata={"job": "ui-actions"})
+    forks: list[str] = []
+    try:
+        sbx.files.write("/tmp/state", "kept across the fork\n")
+        tab.sign_in(alice.key)
+        r = row(tab, sbx.sandbox_id)
+        r.locator(".badge.running").wait_for()
+        r.locator("button[data-action=pause]").click()
+        r.locator(".badge.paused").wait_for()  # the new state arrives by push
+        assert r.locator(".left").inner_text() == "paused"
+        r.locator("button[data-action=resume]").click()
+        r.locator(".badge.running").wait_for()
+        tab.answers.append("1800")
+        r.locator("button[data-action=extend]").click()
+        tab.page.locator("#messages .notice").filter(has_text="now ends in 1800s").wait_for()
+        left = sbx.get_info().expires_at
+        assert left is not None and 1700 < left - time.time() <= 1800
+        tab.page.wait_for_function(
+            f"() => document.querySelector(\"tr[data-id='{sbx.sandbox_id}'] .left\").innerText.startsWith('29m')"
+        )
+        tab.answers.append("1")
+        r.locator("button[data-action=fork]").click()
+        note = tab.page.locator("#messages .notice").filter(has_text="forked: ")
+        note.wait_for()
+        forks = re.findall(r"sb-[a-z2-7]{16}", note.inner_text())
+        assert len(forks) == 1
+        row(tab, forks[0]).wait_for()  # the copy shows up by itself
+        assert Sandbox.connect(forks[0]).files.read("/tmp/state") == b"kept across the fork\n"
+        tab.answers.append(snapshot)
+        r.locator("button[data-action=snapshot]").click()
+        tab.page.locator("#messages .notice").filter(has_text=f"template {snapshot}").wait_for()
+        mine = httpx.get(
+            f"{tab.base}/v1/templates", headers={"Authorization": f"Bearer {alice.key}"}, timeout=30
+        ).json()["templates"]
+        assert any(t["name"] == snapshot and t["kind"] == "snapshot" for t in mine)
+        # a bad answer gets the API's own message
+        tab.answers.append("-5")
+        r.locator("button[data-action=extend]").click()
+        alert = tab.page.locator("#messages [role=alert]")
+        alert.wait_for()
+        assert "timeout" in alert.inner_text().lower()
+    finally:
+        for sid in [sbx.sandbox_id, *forks]:
+            Sandbox.connect(sid).kill()
+        admin.delete(f"/v1/templates/{snapshot}")
