@@ -158,6 +158,20 @@ def tab(browser: Any, server: Any) -> Iterator[Page]:
     p.close()
 
 
+def wait_text(tab: Page, selector: str, text: str, timeout: float = 120) -> None:
+    """Wait until ``selector`` shows ``text``; on a timeout, say what it and the message line showed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = tab.page.locator(selector)
+        shown = found.inner_text() if found.count() else "(not on the page)"
+        if text in shown:
+            return
+        if time.monotonic() > deadline:
+            messages = tab.page.locator("#messages").inner_text()
+            raise AssertionError(f"{selector} never showed {text!r}: {shown!r}; messages: {messages!r}")
+        tab.page.wait_for_timeout(250)
+
+
 def row(tab: Page, sandbox_id: str) -> Any:
     return tab.page.locator(f"#sandbox-rows tr[data-id='{sandbox_id}']")
 
@@ -433,9 +447,7 @@ def test_a_template_build_and_a_pool_fill_show_their_progress(
     tab.page.fill("#build-steps", "echo built-by-the-dashboard > /etc/marker\necho step-two-output")
     tab.page.click("#build-steps ~ button[type=submit]")
     try:
-        tab.page.wait_for_function(
-            "() => document.querySelector('#messages').innerText.includes('built')", timeout=120_000
-        )
+        wait_text(tab, "#messages", f"template {name} built")
         log = tab.page.locator("#build-log").inner_text()
         assert "[step step 1/2]" in log and "[step step 2/2]" in log and "step-two-output" in log, log
         assert "[done]" in log
@@ -447,12 +459,11 @@ def test_a_template_build_and_a_pool_fill_show_their_progress(
         pool_row = tab.page.locator(f"#pool-rows tr[data-template='{name}']")
         pool_row.wait_for()
         pool_row.locator("button:has-text('Fill now')").click()
-        tab.page.wait_for_function(
-            "() => document.querySelector('#fill-line')?.innerText.includes('2/2 ready')", timeout=120_000
-        )
-        tab.page.wait_for_function(  # the row follows by server push (pool members' writes)
-            f"() => document.querySelector(\"#pool-rows tr[data-template='{name}']\").children[3].innerText === '2'"
-        )
+        wait_text(tab, "#messages", f"pool {name} filled")
+        # the fill's progress ends once every member is ready or booting (the server's own reconciler may
+        # have started some: those show as starting); the row then follows by server push, as members boot
+        assert re.fullmatch(r"[0-2]/2 ready, [0-2] starting", tab.page.locator("#fill-line").inner_text())
+        wait_text(tab, f"#pool-rows tr[data-template='{name}'] td:nth-child(4)", "2")
         tab.shot("pools")
         pool_row.locator("button:has-text('Delete')").click()
         pool_row.wait_for(state="detached")
