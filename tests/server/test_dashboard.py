@@ -565,3 +565,30 @@ def test_pause_resume_extend_fork_and_snapshot_from_the_list(
         for sid in [sbx.sandbox_id, *forks]:
             Sandbox.connect(sid).kill()
         admin.delete(f"/v1/templates/{snapshot}")
+
+
+def test_an_admin_makes_a_tenant_a_key_and_quotas_in_the_page(tab: Page, server: Any) -> None:
+    name = "ui-new-" + secrets.token_hex(3)
+    tab.sign_in(server.admin_key)
+    tab.page.fill("#tenant-name", name)
+    tab.page.click("#tenant-name ~ button[type=submit]")
+    tenant = tab.page.locator(f"#tenant-rows tr[data-tenant='{name}']")
+    tenant.wait_for()
+    tab.answers.append("made-in-the-dashboard")
+    tenant.locator("button:has-text('New key')").click()
+    shown = tab.page.locator("#new-key-value")
+    shown.wait_for()
+    key = shown.inner_text()
+    assert key.startswith("corral_key-")
+    made = httpx.get(f"{tab.base}/v1/sandboxes", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert made.status_code == 200 and made.json()["sandboxes"] == []  # a working key of the new tenant
+    tab.page.locator("#key-rows tr", has_text="made-in-the-dashboard").wait_for()
+    tab.answers.append('{"max_sandboxes": 3, "max_memory_mb": 2048}')
+    tenant.locator("button:has-text('Quotas')").click()
+    wait_text(tab, f"#tenant-rows tr[data-tenant='{name}']", "2048", timeout=30)
+    assert "3" in tenant.locator("td:nth-child(3)").inner_text()
+    tab.answers.append('{"max_sandboxes": -1}')  # the API's own refusal, word for word
+    tenant.locator("button:has-text('Quotas')").click()
+    alert = tab.page.locator("#messages [role=alert]")
+    alert.wait_for()
+    assert "max_sandboxes" in alert.inner_text()
