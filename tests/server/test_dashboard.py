@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,8 +124,15 @@ class Page:
                 else None
             ),
         )
-        self.page.on("dialog", lambda d: d.accept())  # confirm() for kill
+        self.answers: list[str] = []  # what the next prompt() dialogs are answered
+        self.page.on("dialog", self._dialog)
         self.page.set_default_timeout(WAIT)
+
+    def _dialog(self, dialog: Any) -> None:
+        if dialog.type == "prompt":
+            dialog.accept(self.answers.pop(0))
+        else:
+            dialog.accept()  # confirm() before a kill or a delete
 
     def sign_in(self, key: str) -> None:
         self.page.goto(self.base + "/ui/")
@@ -148,6 +156,20 @@ def tab(browser: Any, server: Any) -> Iterator[Page]:
     p = Page(browser, server.url)
     yield p
     p.close()
+
+
+def wait_text(tab: Page, selector: str, text: str, timeout: float = 120) -> None:
+    """Wait until ``selector`` shows ``text``; on a timeout, say what it and the message line showed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = tab.page.locator(selector)
+        shown = found.inner_text() if found.count() else "(not on the page)"
+        if text in shown:
+            return
+        if time.monotonic() > deadline:
+            messages = tab.page.locator("#messages").inner_text()
+            raise AssertionError(f"{selector} never showed {text!r}: {shown!r}; messages: {messages!r}")
+        tab.page.wait_for_timeout(250)
 
 
 def row(tab: Page, sandbox_id: str) -> Any:
@@ -425,9 +447,7 @@ def test_a_template_build_and_a_pool_fill_show_their_progress(
     tab.page.fill("#build-steps", "echo built-by-the-dashboard > /etc/marker\necho step-two-output")
     tab.page.click("#build-steps ~ button[type=submit]")
     try:
-        tab.page.wait_for_function(
-            "() => document.querySelector('#messages').innerText.includes('built')", timeout=120_000
-        )
+        wait_text(tab, "#messages", f"template {name} built")
         log = tab.page.locator("#build-log").inner_text()
         assert "[step step 1/2]" in log and "[step step 2/2]" in log and "step-two-output" in log, log
         assert "[done]" in log
@@ -439,12 +459,11 @@ def test_a_template_build_and_a_pool_fill_show_their_progress(
         pool_row = tab.page.locator(f"#pool-rows tr[data-template='{name}']")
         pool_row.wait_for()
         pool_row.locator("button:has-text('Fill now')").click()
-        tab.page.wait_for_function(
-            "() => document.querySelector('#fill-line')?.innerText.includes('2/2 ready')", timeout=120_000
-        )
-        tab.page.wait_for_function(  # the row follows by server push (pool members' writes)
-            f"() => document.querySelector(\"#pool-rows tr[data-template='{name}']\").children[3].innerText === '2'"
-        )
+        wait_text(tab, "#messages", f"pool {name} filled")
+        # the fill's progress ends once every member is ready or booting (the server's own reconciler may
+        # have started some: those show as starting); the row then follows by server push, as members boot
+        assert re.fullmatch(r"[0-2]/2 ready, [0-2] starting", tab.page.locator("#fill-line").inner_text())
+        wait_text(tab, f"#pool-rows tr[data-template='{name}'] td:nth-child(4)", "2")
         tab.shot("pools")
         pool_row.locator("button:has-text('Delete')").click()
         pool_row.wait_for(state="detached")
@@ -495,3 +514,81 @@ def test_a_page_served_by_a_sandbox_can_neither_frame_nor_call_the_dashboard(
     refused = [p for p in tab.problems if "frame-ancestors 'none'" in p]
     assert refused, tab.problems
     tab.problems = [p for p in tab.problems if p not in refused]
+
+
+def test_pause_resume_extend_fork_and_snapshot_from_the_list(
+    tab: Page, alice: Tenant, admin: httpx.Client
+) -> None:
+    snapshot = "ui-snap-" + secrets.token_hex(3)
+    sbx = Sandbox.create(isolation="namespace", timeout=300, metadata={"job": "ui-actions"})
+    forks: list[str] = []
+    try:
+        sbx.files.write("/tmp/state", "kept across the fork\n")
+        tab.sign_in(alice.key)
+        r = row(tab, sbx.sandbox_id)
+        r.locator(".badge.running").wait_for()
+        r.locator("button[data-action=pause]").click()
+        r.locator(".badge.paused").wait_for()  # the new state arrives by push
+        assert r.locator(".left").inner_text() == "paused"
+        r.locator("button[data-action=resume]").click()
+        r.locator(".badge.running").wait_for()
+        tab.answers.append("1800")
+        r.locator("button[data-action=extend]").click()
+        tab.page.locator("#messages .notice").filter(has_text="now ends in 1800s").wait_for()
+        left = sbx.get_info().expires_at
+        assert left is not None and 1700 < left - time.time() <= 1800
+        tab.page.wait_for_function(
+            f"() => document.querySelector(\"tr[data-id='{sbx.sandbox_id}'] .left\").innerText.startsWith('29m')"
+        )
+        tab.answers.append("1")
+        r.locator("button[data-action=fork]").click()
+        note = tab.page.locator("#messages .notice").filter(has_text="forked: ")
+        note.wait_for()
+        forks = re.findall(r"sb-[a-z2-7]{16}", note.inner_text())
+        assert len(forks) == 1
+        row(tab, forks[0]).wait_for()  # the copy shows up by itself
+        assert Sandbox.connect(forks[0]).files.read("/tmp/state") == b"kept across the fork\n"
+        tab.answers.append(snapshot)
+        r.locator("button[data-action=snapshot]").click()
+        tab.page.locator("#messages .notice").filter(has_text=f"template {snapshot}").wait_for()
+        mine = httpx.get(
+            f"{tab.base}/v1/templates", headers={"Authorization": f"Bearer {alice.key}"}, timeout=30
+        ).json()["templates"]
+        assert any(t["name"] == snapshot and t["kind"] == "snapshot" for t in mine)
+        # a bad answer gets the API's own message
+        tab.answers.append("-5")
+        r.locator("button[data-action=extend]").click()
+        alert = tab.page.locator("#messages [role=alert]")
+        alert.wait_for()
+        assert "timeout" in alert.inner_text().lower()
+    finally:
+        for sid in [sbx.sandbox_id, *forks]:
+            Sandbox.connect(sid).kill()
+        admin.delete(f"/v1/templates/{snapshot}")
+
+
+def test_an_admin_makes_a_tenant_a_key_and_quotas_in_the_page(tab: Page, server: Any) -> None:
+    name = "ui-new-" + secrets.token_hex(3)
+    tab.sign_in(server.admin_key)
+    tab.page.fill("#tenant-name", name)
+    tab.page.click("#tenant-name ~ button[type=submit]")
+    tenant = tab.page.locator(f"#tenant-rows tr[data-tenant='{name}']")
+    tenant.wait_for()
+    tab.answers.append("made-in-the-dashboard")
+    tenant.locator("button:has-text('New key')").click()
+    shown = tab.page.locator("#new-key-value")
+    shown.wait_for()
+    key = shown.inner_text()
+    assert key.startswith("corral_key-")
+    made = httpx.get(f"{tab.base}/v1/sandboxes", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert made.status_code == 200 and made.json()["sandboxes"] == []  # a working key of the new tenant
+    tab.page.locator("#key-rows tr", has_text="made-in-the-dashboard").wait_for()
+    tab.answers.append('{"max_sandboxes": 3, "max_memory_mb": 2048}')
+    tenant.locator("button:has-text('Quotas')").click()
+    wait_text(tab, f"#tenant-rows tr[data-tenant='{name}']", "2048", timeout=30)
+    assert "3" in tenant.locator("td:nth-child(3)").inner_text()
+    tab.answers.append('{"max_sandboxes": -1}')  # the API's own refusal, word for word
+    tenant.locator("button:has-text('Quotas')").click()
+    alert = tab.page.locator("#messages [role=alert]")
+    alert.wait_for()
+    assert "max_sandboxes" in alert.inner_text()
