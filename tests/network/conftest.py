@@ -14,13 +14,15 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
-from corral.runtimes._net import EgressConfig
+from corral.runtimes._net.config import EgressConfig
 
 UPSTREAM = Path(__file__).with_name("_upstream.py")
 DNS_IP = "198.18.0.53"
@@ -107,3 +109,91 @@ def egress_config(internet: Internet) -> EgressConfig:
     assert config.uplink_netns == internet.path and Path(config.uplink_netns).exists()
     assert config.resolvers == (DNS_IP,)
     return config
+
+
+@dataclass(kw_only=True)
+class NetSandbox:
+    """A real sandbox with network, made by ``net_sandbox``; ``probe`` runs _client.py inside it."""
+
+    runtime: Any
+    instance: Any
+    client: Any
+
+    async def run(self, argv: list[str], timeout: float = 60) -> tuple[int | None, str, str]:
+        out, err = bytearray(), bytearray()
+        end: dict[str, Any] = {}
+        with anyio.fail_after(timeout):
+            async with self.client.request("exec", {"argv": argv, "user": "user"}) as req:
+                async for frame in req:
+                    ev = frame.get("ev")
+                    if ev == "stdout":
+                        out += frame.payload
+                    elif ev == "stderr":
+                        err += frame.payload
+                    elif ev == "exit":
+                        end = dict(frame.header)
+        return end.get("exit_code"), out.decode(errors="replace"), err.decode(errors="replace")
+
+    async def probe(self, *args: str) -> dict[str, Any]:
+        code, out, err = await self.run(["/usr/bin/python3", "-c", CLIENT_SOURCE, *args])
+        assert code == 0, err
+        return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+CLIENT_SOURCE = Path(__file__).with_name("_client.py").read_text()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def net_sandbox(
+    egress_config: EgressConfig, corral_data_dir: Path
+) -> AsyncIterator[Callable[..., Awaitable[NetSandbox]]]:
+    """Sandboxes of ``isolation`` with ``network`` (a policy in any accepted form), destroyed at the end
+    with a check that their namespace, link and nftables table are gone."""
+    from corral.core.agent_client import AgentClient
+    from corral.ids import SandboxId
+    from corral.images.rootfs import ensure_host_template
+    from corral.netpolicy import NetworkPolicy
+    from corral.runtimes._net import netns as _netns
+    from corral.runtimes._net import nft as _nft
+    from corral.runtimes._net.stack import SandboxNet
+    from corral.runtimes.base import RuntimeConfig, SandboxSpec
+    from corral.runtimes.registry import load_runtime
+
+    config = RuntimeConfig(
+        state_root=corral_data_dir / "state", cache_root=corral_data_dir / "cache", egress=egress_config
+    )
+    assert config.egress.uplink_netns == egress_config.uplink_netns
+    rootfs = await anyio.to_thread.run_sync(ensure_host_template, config.cache_root)
+    made: list[NetSandbox] = []
+
+    async def make(network: object, isolation: str = "namespace") -> NetSandbox:
+        runtime = load_runtime(isolation, config)
+        spec = SandboxSpec(sandbox_id=SandboxId.new(), rootfs=rootfs, network=NetworkPolicy.parse(network))
+        instance = await runtime.create(spec)
+        try:
+            client = await AgentClient.open(await runtime.connect(instance), sandbox_id=instance.sandbox_id)
+        except BaseException:
+            await runtime.destroy(instance)
+            raise
+        sbx = NetSandbox(runtime=runtime, instance=instance, client=client)
+        made.append(sbx)
+        return sbx
+
+    try:
+        yield make
+    finally:
+        with anyio.CancelScope(shield=True):
+            for sbx in made:
+                await sbx.client.aclose()
+                await sbx.runtime.destroy(sbx.instance)
+                net = sbx.instance.extra.get("net")
+                if net is not None:
+                    plan = SandboxNet.from_json(net).plan
+                    assert not _netns.exists(plan), plan
+                    assert not await anyio.to_thread.run_sync(_nft.table_exists, plan.sandbox_id)
+                assert not await anyio.to_thread.run_sync(Path(sbx.instance.state_dir).exists)

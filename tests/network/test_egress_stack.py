@@ -22,8 +22,9 @@ import pytest
 from corral.errors import InvalidNetworkPolicy
 from corral.ids import SandboxId
 from corral.netpolicy import NetworkPolicy
-from corral.runtimes import _net
+from corral.runtimes._net import netns as _netns
 from corral.runtimes._net import nft as _nft
+from corral.runtimes._net import stack as _net
 
 pytestmark = [pytest.mark.root]
 CLIENT = Path(__file__).with_name("_client.py")
@@ -64,7 +65,7 @@ def bare_net(egress_config: _net.EgressConfig, tmp_path: Path) -> Iterator[Calla
     yield make
     for net in made:
         anyio.run(_net.teardown, net)
-        assert not _net.netns.exists(net.plan)
+        assert not _netns.exists(net.plan)
         assert not _nft.table_exists(net.plan.sandbox_id)
 
 

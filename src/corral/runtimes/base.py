@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from anyio.abc import ByteStream
 
 from corral.ids import SandboxId
+from corral.netpolicy import NetworkPolicy
+from corral.runtimes._net.config import EgressConfig
 
 __all__ = [
     "Bind",
@@ -35,7 +37,7 @@ __all__ = [
     "Isolation",
     "LayerExporter",
     "Limits",
-    "NetworkMode",
+    "NetworkController",
     "Observed",
     "ObservedState",
     "RootfsSpec",
@@ -53,10 +55,6 @@ class Isolation(StrEnum):
     FIRECRACKER = "firecracker"
     KUBERNETES = "kubernetes"
     FAKE = "fake"
-
-
-class NetworkMode(StrEnum):
-    NONE = "none"  # loopback only inside the sandbox: the default
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,7 +105,8 @@ class SandboxSpec:
     sandbox_id: SandboxId
     rootfs: RootfsSpec
     limits: Limits = field(default_factory=Limits)
-    network: NetworkMode = NetworkMode.NONE
+    # egress (corral.netpolicy): "none" is loopback only; any other policy needs Capabilities.network_policy
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
     env: Mapping[str, str] = field(default_factory=dict)  # defaults for every process, set in the agent
     hostname: str = "sandbox"
     deadline: float | None = None  # Unix time; the shim kills the sandbox then even if no server is running
@@ -125,7 +124,9 @@ class Capabilities:
     snapshot_fs: bool = False  # copy the writable layer into a new template
     # checkpoint=True also means: pause keeps memory on disk (nothing of the sandbox runs or stays in RAM),
     # snapshot() captures memory, and a SandboxSpec.restore_from starts a sandbox (a fork) from it
-    network_policy: bool = False  # egress allowlists
+    network_policy: bool = (
+        False  # egress by policy (SandboxSpec.network); such a runtime is a NetworkController
+    )
     resource_limits: bool = True
 
 
@@ -186,6 +187,7 @@ class RuntimeConfig:
 
     state_root: Path  # per-sandbox state dirs live below this
     cache_root: Path  # built artifacts shared by sandboxes (the agent bundle, template skeletons)
+    egress: EgressConfig = field(default_factory=EgressConfig)  # where sandbox traffic leaves, and its caps
 
 
 @runtime_checkable
@@ -233,3 +235,18 @@ class LayerExporter(Protocol):
     async def export_layer(self, instance: Instance, dest: Path) -> None:
         """Copy the sandbox's writable layer into ``dest`` (an empty host directory) as a read-only layer in
         the in-sandbox ownership convention. Pause the sandbox first: its files must hold still."""
+
+
+@runtime_checkable
+class NetworkController(Protocol):
+    """Runtimes that enforce egress policies (``Capabilities.network_policy``)."""
+
+    async def update_network(self, instance: Instance, policy: NetworkPolicy) -> int:
+        """Apply ``policy`` to the running sandbox in place (from ``none`` too, and back); returns how many
+        open connections it cut. Connections the new policy denies are cut."""
+
+    async def network_stats(self, instance: Instance) -> dict[str, Any]:
+        """Decision counts (``totals``, ``decisions``) and packets dropped before the proxy (``dropped``)."""
+
+    async def network_decisions(self, instance: Instance, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """The sandbox's decision feed (for the audit log) from ``offset`` on, and the next offset."""

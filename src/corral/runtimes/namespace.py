@@ -21,6 +21,9 @@ One sandbox is, from the outside in (each layer set up by the shim's child befor
 5. the **agent** (:mod:`corral.agent`) as the sandbox's main process, talking over its stdio to the shim.
 
 Network ``none`` is ``--unshare-net``: a namespace whose only interface is loopback (bwrap brings ``lo`` up).
+Any other policy (:mod:`corral.netpolicy`): the shim's child joins a network namespace prepared by
+:mod:`._net.stack` (veth to the host, nftables, the DNS answerer and egress proxy) before it enters the
+user namespace; that namespace belongs to host root, so root in the sandbox cannot reconfigure it.
 
 ``/tmp`` is part of the overlay, not a tmpfs: files there count against the sandbox's disk, not its memory
 limit, and they are kept by file-system snapshots like everything else.
@@ -52,9 +55,11 @@ from corral.errors import (
     RuntimeUnavailable,
     Unsupported,
 )
+from corral.netpolicy import NetworkPolicy
 from corral.runtimes import _layers, _proc, _rootfs, _seccomp, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
 from corral.runtimes._cgroups import CgroupLayout, SandboxCgroup, detect_layout
+from corral.runtimes._net import stack as _net
 from corral.runtimes._shimspec import FdFile, Mount, ShimSpec, UserNs
 from corral.runtimes.base import (
     ByteStream,
@@ -162,7 +167,9 @@ class NamespaceRuntime:
     """bubblewrap + user namespace + seccomp + cgroups + overlayfs. See the module docstring."""
 
     name: ClassVar[str] = "namespace"
-    capabilities: ClassVar[Capabilities] = Capabilities(pause=True, checkpoint=False, snapshot_fs=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        pause=True, checkpoint=False, snapshot_fs=True, network_policy=True
+    )
 
     def __init__(self, config: RuntimeConfig) -> None:
         self.config = config
@@ -195,12 +202,15 @@ class NamespaceRuntime:
         cgroup = SandboxCgroup.for_sandbox(layout, spec.sandbox_id)
         slot: int | None = None
         shim: _shimctl.ShimHandle | None = None
+        net: _net.SandboxNet | None = None
         try:
             allocator = _UidAllocator(self.config.state_root)
             slot = await anyio.to_thread.run_sync(allocator.allocate, spec.sandbox_id)
             base = _UidAllocator.base(slot)
+            if spec.network.enabled:
+                net = await _net.setup(spec.sandbox_id, state_dir / "net", spec.network, self.config.egress)
             shim_spec = await anyio.to_thread.run_sync(
-                _prepare, spec, state_dir, cgroup, base, bwrap, program, bundle
+                _prepare, spec, state_dir, cgroup, base, bwrap, program, bundle, net
             )
             shim = _shimctl.launcher.spawn(
                 state_dir, shim_spec
@@ -215,7 +225,12 @@ class NamespaceRuntime:
                 shim_pid=shim.pid,
                 shim_start_ticks=shim.start_ticks,
                 socket_path=shim_spec.socket,
-                extra={"cgroup": cgroup.to_json(), "uid_slot": slot, "uid_base": base},
+                extra={
+                    "cgroup": cgroup.to_json(),
+                    "uid_slot": slot,
+                    "uid_base": base,
+                    **({"net": net.to_json()} if net is not None else {}),
+                },
             )
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -226,6 +241,7 @@ class NamespaceRuntime:
                     slot,
                     shim.pid if shim else None,
                     shim.start_ticks if shim else None,
+                    net,
                 )
             raise
 
@@ -309,7 +325,21 @@ class NamespaceRuntime:
             extra.get("uid_slot"),
             instance.shim_pid,
             instance.shim_start_ticks,
+            _net_or_none(instance),
         )
+
+    # -- network (corral.runtimes._net) -----------------------------------------------------------------
+    async def update_network(self, instance: Instance, policy: NetworkPolicy) -> int:
+        return await _net.update(_net_of(instance), policy, self.config.egress)
+
+    async def network_stats(self, instance: Instance) -> dict[str, Any]:
+        return await _net.stats(_net_of(instance))
+
+    async def network_decisions(self, instance: Instance, offset: int) -> tuple[list[dict[str, Any]], int]:
+        net = _net_or_none(instance)
+        if net is None:
+            return [], offset
+        return await anyio.to_thread.run_sync(_net.read_decisions, Path(net.net_dir), offset)
 
     @staticmethod
     def _cgroup(instance: Instance) -> SandboxCgroup:
@@ -323,6 +353,7 @@ class NamespaceRuntime:
         slot: int | None,
         shim_pid: int | None,
         shim_ticks: int | None,
+        net: _net.SandboxNet | None,
     ) -> None:
         """Remove everything a sandbox owns, in dependency order; safe to repeat and to run anywhere.
 
@@ -338,7 +369,23 @@ class NamespaceRuntime:
                 slot,
                 shim_pid,
                 shim_ticks,
+                net,
             )
+
+
+def _net_or_none(instance: Instance) -> _net.SandboxNet | None:
+    data = instance.extra.get("net")
+    return _net.SandboxNet.from_json(data) if data is not None else None
+
+
+def _net_of(instance: Instance) -> _net.SandboxNet:
+    net = _net_or_none(instance)
+    if net is None:
+        raise Unsupported(
+            "this sandbox was created without network (network='none') and cannot get it later; "
+            "create it with a policy, e.g. network={'allow_out': []}, to change its network at runtime"
+        )
+    return net
 
 
 # -- blocking helpers (run in worker threads) ---------------------------------------------------------------
@@ -384,6 +431,7 @@ def _prepare(
     bwrap: str,
     program: bytes,
     bundle: AgentBundle,
+    net: _net.SandboxNet | None,
 ) -> ShimSpec:
     """Cgroups, writable layer, seccomp program and shim.json for one sandbox (the caller cleans up)."""
     cgroup.create(spec.limits)
@@ -417,7 +465,9 @@ def _prepare(
         mounts.append(Mount(kind="loop", source=str(dirs.image), target=str(dirs.disk), fstype="ext4"))
     mounts.append(Mount(kind="overlay", target=str(dirs.merged), options=_rootfs.overlay_options(dirs)))
     mounts.append(Mount(kind="bind", source=str(dirs.merged.parent), target=str(MOUNT_STAGE)))
-    argv = _bwrap_argv(spec, bwrap, bundle)
+    if net is not None:  # every DNS query is redirected to the answerer anyway; this one names it
+        (dirs.merged.parent / "resolv.conf").write_text(f"nameserver {net.plan.host_ip}\noptions ndots:0\n")
+    argv = _bwrap_argv(spec, bwrap, bundle, networked=net is not None)
     shim_spec = ShimSpec(
         argv=argv,
         socket=str(state_dir / "agent.sock"),
@@ -427,6 +477,7 @@ def _prepare(
         userns=UserNs(base=base, bounding_caps=sorted(SANDBOX_CAPS.values())),
         deadline=spec.deadline,
         files=[FdFile(fd=SECCOMP_FD, path=str(state_dir / "seccomp.bpf"))],
+        netns=net.plan.netns_path if net is not None else None,
     )
     _write_private(state_dir / "shim.json", shim_spec.to_json())  # holds spec.env, which may be secret
     _write_private(state_dir / "shim.log", "")  # the shim appends to it; create it private
@@ -440,7 +491,6 @@ _BWRAP_SETUP = [
     "--unshare-pid",
     "--unshare-ipc",
     "--unshare-uts",
-    "--unshare-net",
     "--unshare-cgroup-try",
 ]
 _BWRAP_FS = [
@@ -458,11 +508,15 @@ _BWRAP_FS = [
 ]
 
 
-def _bwrap_argv(spec: SandboxSpec, bwrap: str, bundle: AgentBundle) -> list[str]:
-    """bwrap's command line; every source path is below MOUNT_STAGE (see its comment)."""
-    argv = [bwrap, *_BWRAP_SETUP, "--hostname", spec.hostname, "--bind", str(MOUNT_STAGE / "merged"), "/"]
+def _bwrap_argv(spec: SandboxSpec, bwrap: str, bundle: AgentBundle, *, networked: bool) -> list[str]:
+    """bwrap's command line; every source path is below MOUNT_STAGE (see its comment). A networked sandbox
+    is already in its prepared network namespace (the shim joined it); otherwise bwrap makes an empty one."""
+    setup = _BWRAP_SETUP if networked else [*_BWRAP_SETUP, "--unshare-net"]
+    argv = [bwrap, *setup, "--hostname", spec.hostname, "--bind", str(MOUNT_STAGE / "merged"), "/"]
     for i, b in enumerate(spec.rootfs.binds):
         argv += ["--ro-bind", str(MOUNT_STAGE / f"bind{i}"), b.target]
+    if networked:
+        argv += ["--ro-bind", str(MOUNT_STAGE / "resolv.conf"), "/etc/resolv.conf"]
     argv += ["--ro-bind", str(MOUNT_STAGE / "bundle"), MOUNT_POINT, *_BWRAP_FS]
     env = {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", "HOSTNAME": spec.hostname, **spec.env}
     for key, value in env.items():
@@ -487,6 +541,7 @@ def _teardown_sync(
     slot: int | None,
     shim_pid: int | None,
     shim_ticks: int | None,
+    net: _net.SandboxNet | None = None,
 ) -> None:
     if shim_pid is not None and shim_ticks is not None and _proc.pid_alive(shim_pid, shim_ticks):
         _proc.kill_pid(shim_pid, shim_ticks, signal.SIGTERM)  # the shim kills the sandbox and records exit
@@ -499,6 +554,8 @@ def _teardown_sync(
     except OSError as exc:
         log.error("sandbox %s: could not remove its cgroups: %s", sandbox_id, exc)
         raise RuntimeFailure("could not remove the sandbox's cgroups") from exc
+    if net is not None:  # its processes are gone: now its link, rules and egress process
+        _net.teardown_blocking(net)
     if state_dir.exists():
         _wait_loop_released(state_dir)
         _refuse_if_mounted(state_dir)

@@ -117,7 +117,7 @@ def render(
         f"    {iif} meta l4proto tcp dnat ip to {plan.host_ip}:{proxy_port}\n"
         "  }\n"
         "  chain c_in {\n    type filter hook input priority -150; policy accept;\n"
-        f"    {iif} ip daddr {plan.host_ip} meta l4proto {{ tcp, udp }} th dport {dns_port} ct status dnat accept\n"
+        f"    {iif} ip daddr {plan.host_ip} meta l4proto {{ tcp, udp }} th dport {dns_port} accept\n"
         f"    {iif} ip daddr {plan.host_ip} tcp dport {{ {proxy_port}, {proxy_port + 1} }} ct status dnat accept\n"
         f"    {iif} counter drop\n"
         "  }\n"

@@ -1,0 +1,26 @@
+"""Where sandbox traffic leaves this host, and the caps on it: the runtimes' slice of the egress settings."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from corral.netpolicy import IpNetwork
+
+__all__ = ["EgressConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EgressConfig:
+    """Where sandbox traffic leaves and the caps on it (``Settings.egress_*``)."""
+
+    subnet: str = "10.231.0.0/16"  # a /30 of it per sandbox, between the veth ends; never routed
+    uplink_netns: str | None = None  # a network namespace file; None: the host's own namespace
+    resolvers: tuple[str, ...] = ()  # upstream DNS; empty: the nameservers of the host's /etc/resolv.conf
+    denied_ranges: tuple[str, ...] = ()  # cluster/service ranges, never reachable besides the fixed ones
+    max_connections: int = 256  # open TCP connections per sandbox
+    bandwidth_bytes: int = 0  # bytes/s per sandbox, both directions together; 0: unlimited
+    proxy_port: int = 15001
+
+    def denied_networks(self) -> list[IpNetwork]:
+        return [ipaddress.ip_network(n) for n in self.denied_ranges]
