@@ -196,4 +196,4 @@ async def net_sandbox(
                     plan = SandboxNet.from_json(net).plan
                     assert not _netns.exists(plan), plan
                     assert not await anyio.to_thread.run_sync(_nft.table_exists, plan.sandbox_id)
-                assert not await anyio.to_thread.run_sync(Path(sbx.instance.state_dir).exists)
+                assert not await anyio.to_thread.run_sync(Path(sbx.instance.ref).exists)

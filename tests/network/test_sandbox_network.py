@@ -87,7 +87,7 @@ async def test_cleanup_after_a_crash_and_from_a_new_runtime_object(net_sandbox, 
 
     sbx = await net_sandbox("internet")
     plan = SandboxNet.from_json(sbx.instance.extra["net"]).plan
-    os.kill(sbx.instance.shim_pid, signal.SIGKILL)  # the sandbox's shim dies: the sandbox with it
+    os.kill(sbx.instance.extra["shim_pid"], signal.SIGKILL)  # the sandbox's shim dies: the sandbox with it
     for _ in range(200):
         if (await sbx.runtime.inspect(sbx.instance)).state is ObservedState.EXITED:
             break
