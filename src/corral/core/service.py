@@ -31,6 +31,7 @@ import anyio
 from corral.core import builder as _builder
 from corral.core import files as _files
 from corral.core import interpreter as _interpreter
+from corral.core import network as _network
 from corral.core import ports as _ports
 from corral.core import processes as _processes
 from corral.core import pty as _pty
@@ -67,6 +68,7 @@ from corral.models import (
     EventKind,
     ExecParams,
     FilesystemEvent,
+    NetworkStatus,
     ProcessEvent,
     ProcessInfo,
     PtyParams,
@@ -167,16 +169,23 @@ class SandboxService:
         )
         template = request.template or self.settings.default_template
         files = _files.check_files(request.files)
-        claimed = await self.pools.claim(
-            template=template,
-            isolation=isolation,
-            limits=limits,
-            tenant=tenant,
-            metadata=metadata,
-            timeout=timeout,
-            env=env,
-            files=files,
-            public_ports=bool(request.public_ports),
+        network = _network.check_policy(
+            request.network, runtime, isolation, self.settings.egress.denied_networks()
+        )
+        claimed = (
+            None
+            if network.enabled
+            else await self.pools.claim(  # pool members have no network
+                template=template,
+                isolation=isolation,
+                limits=limits,
+                tenant=tenant,
+                metadata=metadata,
+                timeout=timeout,
+                env=env,
+                files=files,
+                public_ports=bool(request.public_ports),
+            )
         )
         if claimed is not None:  # a warm-pool member, late-bound to this request (core/pools.py)
             self._wake_reaper.set()
@@ -214,6 +223,7 @@ class SandboxService:
                     env=env,
                     public_ports=bool(request.public_ports),
                     node=self.node,
+                    network=network.to_wire(),
                 ),
                 expect_version=None,
             )
@@ -228,6 +238,7 @@ class SandboxService:
                     deadline=record.deadline,
                     upper_seed=seed,
                     restore_from=memory,
+                    network=network,
                 )
             )
             record = await self.store.put_sandbox(
@@ -268,6 +279,7 @@ class SandboxService:
             isolation=isolation,
             memory_mb=limits.memory_mb,
             timeout=timeout,
+            network=network.to_wire(),
         )
         return record.info()
 
@@ -298,6 +310,56 @@ class SandboxService:
         stopped = await self._stop(record, StopReason.KILLED)
         await self.audit.record(AuditAction.SANDBOX_KILL, tenant_id=tenant, sandbox_id=record.sandbox_id)
         return stopped.info()
+
+    # -- network ---------------------------------------------------------------------------------------------
+    async def update_network(
+        self, sandbox_id: str, network: object, *, tenant: TenantId = LOCAL_TENANT
+    ) -> SandboxInfo:
+        """Replace the sandbox's egress policy in place; open connections it now denies are cut."""
+        record = await self._reconciled(await self._record(sandbox_id, tenant))
+        require_state(
+            record.state, Action.NETWORK, SandboxState.RUNNING, SandboxState.PAUSED, sandbox_id=sandbox_id
+        )
+        runtime = self._require_reachable(record)
+        policy = _network.check_policy(
+            network, runtime, record.isolation, self.settings.egress.denied_networks()
+        )
+        assert record.instance is not None
+        cut = await _network.controller(runtime, record.isolation).update_network(record.instance, policy)
+        record = await _network.ingest_decisions(self.store, self.audit, runtime, record)
+        while True:
+            try:
+                record = await self.store.put_sandbox(
+                    dataclasses.replace(record, network=policy.to_wire()), expect_version=record.version
+                )
+                break
+            except Conflict:
+                record = await self._record(sandbox_id, tenant)
+        await self.audit.record(
+            AuditAction.NETWORK_UPDATE,
+            tenant_id=tenant,
+            sandbox_id=record.sandbox_id,
+            network=policy.to_wire(),
+            cut=cut,
+        )
+        return record.info()
+
+    async def network_status(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> NetworkStatus:
+        """The sandbox's policy and its decision counts (and the audit log catches up with them)."""
+        record = await self._reconciled(await self._record(sandbox_id, tenant))
+        if record.network == "none" or record.state is not SandboxState.RUNNING or record.instance is None:
+            return NetworkStatus(sandbox_id=str(record.sandbox_id), network=record.network)
+        runtime = self._require_reachable(record)
+        stats = await _network.controller(runtime, record.isolation).network_stats(record.instance)
+        await _network.ingest_decisions(self.store, self.audit, runtime, record)
+        return NetworkStatus(
+            sandbox_id=str(record.sandbox_id),
+            network=record.network,
+            connections=int(stats.get("connections", 0)),
+            totals=dict(stats.get("totals", {})),
+            decisions=list(stats.get("decisions", [])),
+            dropped=dict(stats.get("dropped", {})),
+        )
 
     async def set_timeout(
         self, sandbox_id: str, seconds: float, *, tenant: TenantId = LOCAL_TENANT
@@ -741,7 +803,10 @@ class SandboxService:
         await self._drop_agent(record.sandbox_id)
         if record.instance is not None:
             with anyio.CancelScope(shield=True):
-                await runtime.destroy(record.instance)
+                instance = record.instance
+                if record.network != "none":  # its decision feed goes with its state dir: copy it first
+                    record = await _network.ingest_decisions(self.store, self.audit, runtime, record)
+                await runtime.destroy(instance)
         while True:
             try:
                 return await self.store.put_sandbox(

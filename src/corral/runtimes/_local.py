@@ -338,7 +338,7 @@ class LocalRuntime(Generic[HostT]):
         net = sandbox_net(LocalSandbox.of(instance))
         if net is None:
             return [], offset
-        return await anyio.to_thread.run_sync(_net.read_decisions, Path(net.net_dir), offset)
+        return await _net.decisions(net, offset)
 
     # -- file system ----------------------------------------------------------------------------------------
     async def export_layer(self, instance: Instance, dest: Path) -> None:

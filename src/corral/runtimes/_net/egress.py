@@ -275,6 +275,9 @@ class Egress:
             op = request.get("op")
             if op == "reload":
                 reply = await self.reload()
+            elif op == "flush":
+                self.ledger.flush()
+                reply = {"ok": True}
             elif op == "stats":
                 self.ledger.flush()
                 reply = {"ok": True, "connections": len(self.conns), **self.ledger.totals()}

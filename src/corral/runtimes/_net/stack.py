@@ -42,6 +42,7 @@ from corral.runtimes._unixstream import connect_unix
 __all__ = [
     "EgressConfig",
     "SandboxNet",
+    "decisions",
     "read_decisions",
     "setup",
     "stats",
@@ -229,6 +230,13 @@ async def stats(net: SandboxNet) -> dict[str, Any]:
     reply = await _control(net, "stats")
     reply["dropped"] = await anyio.to_thread.run_sync(_nft.counters, net.plan.sandbox_id)
     return reply
+
+
+async def decisions(net: SandboxNet, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """The audit feed from ``offset`` on, after the egress process wrote out what it still held back."""
+    with contextlib.suppress(RuntimeFailure):  # a dead egress process holds nothing any more
+        await _control(net, "flush")
+    return await anyio.to_thread.run_sync(read_decisions, Path(net.net_dir), offset)
 
 
 def read_decisions(net_dir: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
