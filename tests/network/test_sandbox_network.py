@@ -96,3 +96,21 @@ async def test_cleanup_after_a_crash_and_from_a_new_runtime_object(net_sandbox, 
     fresh = load_runtime("namespace", sbx.runtime.config)  # … until a destroy, here from a "restarted server"
     await fresh.destroy(sbx.instance)
     assert not _netns.exists(plan)
+
+
+@pytest.mark.runsc
+async def test_gvisor_sandbox_has_the_same_policy(net_sandbox) -> None:
+    sbx = await net_sandbox(RULES, isolation="gvisor")
+    ok = await sbx.probe("url", "allowed.test")
+    assert ok["ok"] and ok["body"].startswith("host=allowed.test local=198.18.1.1"), ok
+    assert not (await sbx.probe("resolve", "other.test"))["ok"]
+    assert (await sbx.probe("banner", "198.19.0.1", "7000"))["ok"]
+    assert not (await sbx.probe("banner", "198.19.0.2", "7000", "2"))["ok"]
+    assert not (await sbx.probe("http", "198.18.1.3", "443", "b.cdn.test", "/", "b.cdn.test", "1"))["ok"]
+    assert not (await sbx.probe("banner", "169.254.169.254", "80", "2"))["ok"]
+    assert not (await sbx.probe("udp", "198.18.1.1", "7001"))["ok"]
+    from corral.netpolicy import NetworkPolicy
+
+    await sbx.runtime.update_network(sbx.instance, NetworkPolicy.parse({"allow_out": ["other.test"]}))
+    assert (await sbx.probe("url", "other.test"))["ok"]
+    assert not (await sbx.probe("resolve", "allowed.test"))["ok"]
