@@ -182,5 +182,7 @@ def test_rest_and_cli(net_server) -> None:
             assert got["network"] == {"allow_out": ["other.test"], "deny_out": []}
             bad = http.put(f"/v1/sandboxes/{sid}/network", json={"network": {"allow_out": ["fd00:ec2::254"]}})
             assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_network_policy"
+            metrics = http.get("/metrics").text
+            assert 'corral_egress_decisions{kind="dns",verdict="denied"}' in metrics, metrics[-3000:]
         finally:
             http.delete(f"/v1/sandboxes/{sid}")

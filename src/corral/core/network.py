@@ -22,12 +22,11 @@ from corral.errors import Conflict, CorralError, Unsupported
 from corral.netpolicy import IpNetwork, NetworkPolicy
 from corral.runtimes.base import NetworkController, Runtime
 
-__all__ = ["DECISIONS", "check_policy", "controller", "ingest_decisions"]
+__all__ = ["Tally", "check_policy", "controller", "ingest_decisions"]
 
 log = logging.getLogger("corral.core.network")
 
-# (kind, allowed) -> decisions copied into the audit log by this process (the server's metrics read it)
-DECISIONS: Counter[tuple[str, bool]] = Counter()
+Tally = Counter[tuple[str, bool]]  # (kind, allowed) -> decisions copied into the audit log (for metrics)
 
 
 def check_policy(value: object, runtime: Runtime, isolation: str, denied: list[IpNetwork]) -> NetworkPolicy:
@@ -54,6 +53,7 @@ async def ingest_decisions(
     audit: AuditLog,
     runtime: Runtime,
     record: SandboxRecord,
+    tally: Tally,
 ) -> SandboxRecord:
     """Append the sandbox's new egress decisions to the audit log; returns the record with its new offset."""
     if record.instance is None or not isinstance(runtime, NetworkController):
@@ -78,7 +78,7 @@ async def ingest_decisions(
             sandbox_id=record.sandbox_id,
             **details,
         )
-        DECISIONS[(str(line.get("kind")), allowed)] += int(line.get("count", 1))
+        tally[(str(line.get("kind")), allowed)] += int(line.get("count", 1))
     try:
         return await store.put_sandbox(
             dataclasses.replace(record, network_audit_offset=offset), expect_version=record.version

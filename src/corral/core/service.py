@@ -132,6 +132,7 @@ class SandboxService:
         self._quota_locks: dict[str, anyio.Lock] = {}
         self.node = settings.node
         self.pools = PoolManager(self)
+        self.egress_decisions: _network.Tally = _network.Tally()  # copied into the audit log, for metrics
 
     # -- lifetime --------------------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -326,7 +327,9 @@ class SandboxService:
         )
         assert record.instance is not None
         cut = await _network.controller(runtime, record.isolation).update_network(record.instance, policy)
-        record = await _network.ingest_decisions(self.store, self.audit, runtime, record)
+        record = await _network.ingest_decisions(
+            self.store, self.audit, runtime, record, self.egress_decisions
+        )
         while True:
             try:
                 record = await self.store.put_sandbox(
@@ -351,7 +354,7 @@ class SandboxService:
             return NetworkStatus(sandbox_id=str(record.sandbox_id), network=record.network)
         runtime = self._require_reachable(record)
         stats = await _network.controller(runtime, record.isolation).network_stats(record.instance)
-        await _network.ingest_decisions(self.store, self.audit, runtime, record)
+        await _network.ingest_decisions(self.store, self.audit, runtime, record, self.egress_decisions)
         return NetworkStatus(
             sandbox_id=str(record.sandbox_id),
             network=record.network,
@@ -719,6 +722,11 @@ class SandboxService:
                 continue  # another process changed it first; the next pass sees the new version
             if record.state is SandboxState.RUNNING and record.deadline is not None:
                 soonest = record.deadline if soonest is None else min(soonest, record.deadline)
+            if record.state is SandboxState.RUNNING and record.network != "none":
+                runtime = self._runtime(record.isolation)  # the audit log keeps up with its egress decisions
+                await _network.ingest_decisions(
+                    self.store, self.audit, runtime, record, self.egress_decisions
+                )
         return soonest
 
     async def run_reaper(self) -> None:
@@ -805,7 +813,9 @@ class SandboxService:
             with anyio.CancelScope(shield=True):
                 instance = record.instance
                 if record.network != "none":  # its decision feed goes with its state dir: copy it first
-                    record = await _network.ingest_decisions(self.store, self.audit, runtime, record)
+                    record = await _network.ingest_decisions(
+                        self.store, self.audit, runtime, record, self.egress_decisions
+                    )
                 await runtime.destroy(instance)
         while True:
             try:
