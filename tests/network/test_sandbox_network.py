@@ -114,3 +114,23 @@ async def test_gvisor_sandbox_has_the_same_policy(net_sandbox) -> None:
     await sbx.runtime.update_network(sbx.instance, NetworkPolicy.parse({"allow_out": ["other.test"]}))
     assert (await sbx.probe("url", "other.test"))["ok"]
     assert not (await sbx.probe("resolve", "allowed.test"))["ok"]
+
+
+async def test_pause_and_resume_keep_the_policy(net_sandbox) -> None:
+    sbx = await net_sandbox({"allow_out": ["allowed.test"]})
+    assert (await sbx.probe("url", "allowed.test"))["ok"]
+    await sbx.runtime.pause(sbx.instance)
+    await sbx.runtime.resume(sbx.instance)
+    assert (await sbx.probe("url", "allowed.test"))["ok"]
+    assert not (await sbx.probe("resolve", "other.test"))["ok"]
+    assert not (await sbx.probe("banner", "198.19.0.2", "7000", "2"))["ok"]
+
+
+@pytest.mark.runsc
+async def test_gvisor_refuses_to_pause_a_sandbox_with_network(net_sandbox) -> None:
+    from corral.errors import Unsupported
+
+    sbx = await net_sandbox({"allow_out": ["allowed.test"]}, isolation="gvisor")
+    with pytest.raises(Unsupported):
+        await sbx.runtime.pause(sbx.instance)
+    assert (await sbx.probe("url", "allowed.test"))["ok"]  # untouched, still running with its policy

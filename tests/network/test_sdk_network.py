@@ -186,3 +186,35 @@ def test_rest_and_cli(net_server) -> None:
             assert 'corral_egress_decisions{kind="dns",verdict="denied"}' in metrics, metrics[-3000:]
         finally:
             http.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_a_restarted_server_updates_and_cleans_up(egress_env, corral_data_dir: Path, tmp_path) -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from _corral_server import Server, new_key
+
+    from corral.runtimes._net import netns as _netns
+
+    env = {**__import__("os").environ, **egress_env, "CORRAL_DATA_DIR": str(corral_data_dir / "net-restart")}
+    key = new_key(env, "--tenant", "restart")
+    server = Server(env, tmp_path / "server.log")
+    server.start()
+    headers = {"Authorization": f"Bearer {key}"}
+    try:
+        with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
+            made = http.post(
+                "/v1/sandboxes", json={"isolation": ISO, "network": {"allow_out": ["allowed.test"]}}
+            )
+            assert made.status_code == 201, made.text
+            sid = made.json()["sandbox_id"]
+        server.kill9()  # the sandbox, its netns and its egress process outlive the server …
+        server.start()
+        with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
+            # … and the new server changes its policy and removes all of it
+            put = http.put(f"/v1/sandboxes/{sid}/network", json={"network": "internet"})
+            assert put.status_code == 200 and put.json()["network"] == "internet", put.text
+            assert _netns.NETNS_DIR.joinpath(f"corral-{sid}").exists()
+            assert http.delete(f"/v1/sandboxes/{sid}").status_code == 200
+            assert not _netns.NETNS_DIR.joinpath(f"corral-{sid}").exists()
+            assert not any(p.name.startswith("cx" + sid[3:15]) for p in Path("/sys/class/net").iterdir())
+    finally:
+        server.stop()

@@ -55,7 +55,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from corral.errors import Conflict, InvalidRequest, RuntimeFailure, RuntimeUnavailable
+from corral.errors import Conflict, InvalidRequest, RuntimeFailure, RuntimeUnavailable, Unsupported
 from corral.runtimes import _layers, _oci, _proc, _rootfs, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv
 from corral.runtimes._cgroups import SandboxCgroup
@@ -162,6 +162,13 @@ class GVisorRuntime(LocalRuntime[str]):
         await self._checkpoint(LocalSandbox.of(instance))
 
     async def _checkpoint(self, sandbox: LocalSandbox) -> None:
+        if sandbox_net(sandbox) is not None:
+            # runsc 20240729 restores netstack without the namespace's interface and routes: the sandbox
+            # would come back with no network at all, so refuse instead of breaking it
+            raise Unsupported(
+                "gVisor sandboxes with network cannot be paused, snapshotted or forked yet; "
+                "use network='none' for those, or the namespace runtime"
+            )
         if not await anyio.to_thread.run_sync(_trim_logs, sandbox.state_dir):
             raise RuntimeFailure("could not pause the gVisor sandbox: the sandbox no longer exists")
         # runsc will not overwrite an image: drop the previous pause's (its restore finished long ago)
