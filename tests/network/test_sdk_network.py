@@ -191,7 +191,6 @@ def test_rest_and_cli(net_server) -> None:
 def test_a_restarted_server_updates_and_cleans_up(egress_env, corral_data_dir: Path, tmp_path) -> None:
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from _corral_server import Server, new_key
-
     from corral.runtimes._net import netns as _netns
 
     env = {**__import__("os").environ, **egress_env, "CORRAL_DATA_DIR": str(corral_data_dir / "net-restart")}
