@@ -7,8 +7,9 @@ Three forms, the same in the SDK, over REST and in the CLI (:meth:`NetworkPolicy
 - ``{"allow_out": [...], "deny_out": [...]}``: rules. With ``allow_out`` present, nothing else is reached
   (default deny); with only ``deny_out``, everything public but those. A rule is a host name
   (``pypi.org``), a wildcard (``*.files.example.com``: any name below it, not the name itself), an address
-  or CIDR (``203.0.113.0/24``, ``2001:db8::/32``), each optionally with a port (``github.com:22``,
-  ``203.0.113.0/24:443``, ``[2001:db8::/32]:443``). ``0.0.0.0/0`` / ``::/0`` in ``deny_out`` means "deny
+  or CIDR (``203.0.113.0/24``; IPv6 ones such as ``[2001:db8::/32]:443`` only in ``deny_out``: there is
+  no IPv6 egress yet), each optionally with a port (``github.com:22``, ``203.0.113.0/24:443``).
+  ``0.0.0.0/0`` / ``::/0`` in ``deny_out`` means "deny
   what is not allowed" (E2B's all-traffic rule), which is already what ``allow_out`` does.
 
 How a connection is decided (:meth:`NetworkPolicy.decide`), in order:
@@ -201,6 +202,12 @@ class NetworkPolicy:
         if len(rules) > MAX_RULES:
             raise InvalidNetworkPolicy(f"a network policy holds at most {MAX_RULES} rules, got {len(rules)}")
         for rule in rules:
+            if rule.allow and rule.net is not None and rule.net.version == 6:
+                raise InvalidNetworkPolicy(
+                    f"allow_out rule {rule.text!r} is an IPv6 destination; sandboxes have no IPv6 egress yet "
+                    "(names resolve to IPv4 only), so it could never be reached",
+                    details={"rule": rule.text},
+                )
             if rule.allow and rule.net is not None:
                 why = _inside_denied(rule.net)
                 if why is not None:

@@ -44,7 +44,7 @@ CLONE_NEWNET = 0x40000000
 PEEK_TIMEOUT = 1.0  # a client that says nothing first (ssh, smtp) is decided without a name after this
 CONNECT_TIMEOUT = 10.0
 DNS_TIMEOUT = 3.0
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
