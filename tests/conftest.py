@@ -77,6 +77,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # Set before test modules are imported, so code under test and the processes it starts both see them.
     os.environ["CORRAL_DATA_DIR"] = str(data_dir)
     os.environ["CORRAL_TEST_SESSION"] = token
+    # No test traffic may leave this machine: a sandbox given network by a test that did not point the
+    # egress uplink at its own upstream namespace (tests/network/conftest.py) fails to start instead of
+    # reaching the host's real uplink or its resolvers.
+    os.environ["CORRAL_EGRESS_UPLINK_NETNS"] = "/run/netns/corral-test-no-uplink-configured"
+    os.environ["CORRAL_EGRESS_RESOLVERS"] = "198.18.0.53"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

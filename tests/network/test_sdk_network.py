@@ -217,3 +217,23 @@ def test_a_restarted_server_updates_and_cleans_up(egress_env, corral_data_dir: P
             assert not any(p.name.startswith("cx" + sid[3:15]) for p in Path("/sys/class/net").iterdir())
     finally:
         server.stop()
+
+
+def test_without_a_configured_uplink_no_sandbox_gets_network(monkeypatch) -> None:
+    """The session points the uplink at a namespace that does not exist (tests/conftest.py): a test that
+    forgets its own upstream gets a clear error and nothing half-made, never the host's real uplink."""
+    from corral.errors import RuntimeUnavailable
+
+    monkeypatch.delenv("CORRAL_URL", raising=False)
+    assert not Path(__import__("os").environ["CORRAL_EGRESS_UPLINK_NETNS"]).exists()
+
+    def ours() -> set[str]:
+        netns = Path("/run/netns")
+        return (
+            {p.name for p in netns.iterdir() if p.name.startswith("corral-sb-")} if netns.exists() else set()
+        )
+
+    before = ours()
+    with pytest.raises(RuntimeUnavailable):
+        Sandbox.create(isolation=ISO, network="internet", timeout=60)
+    assert ours() <= before

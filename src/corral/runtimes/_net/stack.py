@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from corral.errors import InvalidRequest, RuntimeFailure
+from corral.errors import InvalidRequest, RuntimeFailure, RuntimeUnavailable
 from corral.netpolicy import IpNetwork, NetworkPolicy
 from corral.runtimes import _proc
 from corral.runtimes._net import netns as _netns
@@ -125,7 +125,10 @@ def _setup_sync(sandbox_id: str, net_dir: Path, policy: NetworkPolicy, config: E
             "sandboxes with network need an upstream DNS resolver; set CORRAL_EGRESS_RESOLVERS"
         )
     if config.uplink_netns and not Path(config.uplink_netns).exists():
-        raise RuntimeFailure("the configured egress uplink namespace does not exist")
+        raise RuntimeUnavailable(
+            "the egress uplink namespace this server is configured with ([network] uplink_netns) does not "
+            "exist; create it, or unset the setting to use the host's own network"
+        )
     policy.check_ranges(config.denied_networks())
     net_dir.mkdir(mode=0o700, exist_ok=True)
     plan = _netns.allocate(sandbox_id, config.subnet)
