@@ -237,3 +237,20 @@ def test_invalid_policies_are_refused_before_anything_is_made(egress_config) -> 
             NetworkPolicy.parse({"allow_out": ["203.0.113.0/24"]}),
             _net.EgressConfig(**{**egress_config.__dict__, "denied_ranges": ("203.0.113.0/24",)}),
         )
+
+
+def test_bandwidth_cap(bare_net) -> None:
+    sbx = bare_net({"allow_out": ["198.18.1.1/32:80"]}, bandwidth_bytes=1024 * 1024)
+    script = (
+        "import socket,time;t=time.monotonic();s=socket.create_connection(('198.18.1.1',80),timeout=30);"
+        "s.sendall(b'GET /bytes/3145728 HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n');n=0\n"
+        "while (c:=s.recv(65536)): n+=len(c)\n"
+        "print(n, time.monotonic()-t)"
+    )
+    done = subprocess.run(
+        ["ip", "netns", "exec", sbx.net.plan.netns, "/usr/bin/python3", "-c", script],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    size, took = done.stdout.split()
+    assert int(size) > 3 * 1024 * 1024  # all of it (plus the response head) …
+    assert float(took) >= 1.8  # … at no more than 1 MiB/s after the first second's burst: a cap, not a speed
