@@ -43,6 +43,33 @@ def url(name, path="/", tls="0", sni=None):
     return http(r["addrs"][0], 443 if tls == "1" else 80, name, path, sni=sni or name, tls=tls)
 
 
+def keepalive(ip, port, host1, host2):
+    """Two requests on one connection, the second naming another host; what each got."""
+    got = []
+    try:
+        sock = socket.create_connection((ip, int(port)), timeout=5)
+        for host in (host1, host2):
+            sock.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionResetError("closed")
+                data += chunk
+            head, body = data.split(b"\r\n\r\n", 1)
+            length = int(
+                next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")).split(b":")[
+                    1
+                ]
+            )
+            while len(body) < length:
+                body += sock.recv(65536)
+            got.append(body.decode())
+        return {"ok": True, "bodies": got}
+    except OSError as exc:
+        return {"ok": False, "bodies": got, "error": type(exc).__name__}
+
+
 def banner(ip, port, timeout=5.0):
     try:
         with socket.create_connection((ip, int(port)), timeout=float(timeout)) as sock:

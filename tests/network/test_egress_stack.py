@@ -118,6 +118,13 @@ def test_sni_and_host_must_match_the_pinned_name(bare_net) -> None:
     # a proxy-style request line naming another host than its Host header
     assert not sbx.probe("http", "198.18.1.3", "80", "a.cdn.test", "http://b.cdn.test/")["ok"]
     assert sbx.probe("http", "198.18.1.3", "80", "a.cdn.test")["ok"]
+    # keep-alive: a second request on an allowed connection, naming the other host at that address, is cut
+    both = sbx.probe("keepalive", "198.18.1.3", "80", "a.cdn.test", "b.cdn.test")
+    assert not both["ok"] and both["bodies"] == ["host=a.cdn.test local=198.18.1.3 sni="], both
+    same = sbx.probe("keepalive", "198.18.1.3", "80", "a.cdn.test", "a.cdn.test")
+    assert same["ok"] and len(same["bodies"]) == 2
+    # TLS without SNI at an address pinned for an allowed name: it could pick any virtual host there
+    assert not sbx.probe("http", "198.18.1.3", "443", "b.cdn.test", "/", "", "1")["ok"]
 
 
 def test_dns_rebinding_answers_are_withheld(bare_net) -> None:

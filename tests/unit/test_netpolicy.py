@@ -10,7 +10,7 @@ import pytest
 from corral.errors import InvalidNetworkPolicy, InvalidRequest
 from corral.models import CreateParams
 from corral.netpolicy import NetworkPolicy, always_denied
-from corral.runtimes._net.sniff import sniff
+from corral.runtimes._net.sniff import HostWatch, sniff
 
 ip = ipaddress.ip_address
 
@@ -117,3 +117,13 @@ def test_sniff_tls_and_http() -> None:
     assert sniff(b"GET http://b.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n").conflict  # type: ignore[union-attr]
     assert sniff(b"GET / HTTP/1.1\r\n") is None
     assert sniff(b"SSH-2.0-OpenSSH\r\n").protocol == "other"  # type: ignore[union-attr]
+
+
+def test_host_watch_sees_every_later_host_once() -> None:
+    watch = HostWatch()
+    assert watch.hosts(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n") == ["a.test"]
+    assert watch.hosts(b"GET / HTTP/1.1\r\nHo") == []
+    assert watch.hosts(b"st: b.te") == []  # not complete yet
+    assert watch.hosts(b"st\r\n\r\n") == ["b.test"]
+    assert watch.hosts(b"x" * 2000) == []
+    assert sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").protocol == "http"  # type: ignore[union-attr]

@@ -35,7 +35,7 @@ from corral.runtimes import _proc
 from corral.runtimes._net import dns as _dns
 from corral.runtimes._net import nft as _nft
 from corral.runtimes._net.ledger import Ledger
-from corral.runtimes._net.sniff import MAX_PEEK, Sniffed, sniff
+from corral.runtimes._net.sniff import MAX_PEEK, HostWatch, Sniffed, sniff
 
 log = logging.getLogger("corral.egress")
 
@@ -58,6 +58,7 @@ class _Conn:
     ip: str
     port: int
     name: str | None
+    web: bool = False
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
 
 
@@ -175,13 +176,16 @@ class Egress:
                     return True
         return False
 
-    def decide(self, ip: str, port: int, name: str | None) -> tuple[bool, str]:
+    def decide(self, ip: str, port: int, name: str | None, *, web: bool = False) -> tuple[bool, str]:
+        """``web``: TLS or HTTP, which carry the name they want (SNI, Host); such a connection that names
+        nothing is allowed only by an address rule, never by another name's pin (it could pick any virtual
+        host at a shared address). Other protocols (ssh, git) may use an address pinned for an allowed name."""
         decision = self.policy.decide(
             ipaddress.ip_address(ip),
             port,
             name=name,
             pinned=self.pinned(name, ip),
-            pinned_by_allowed=self.pinned_by_allowed(ip, port),
+            pinned_by_allowed=not web and self.pinned_by_allowed(ip, port),
             extra_denied=self.extra,
         )
         return decision.allowed, decision.rule
@@ -207,15 +211,16 @@ class Egress:
             return
         head, sniffed = await _peek(reader)
         name = sniffed.name if sniffed else None
+        web = sniffed is not None and sniffed.protocol in ("tls", "http")
         if sniffed is not None and sniffed.conflict:
             allowed, rule = False, f"mismatch:{sniffed.conflict}"
         else:
-            allowed, rule = self.decide(ip, port, name)
+            allowed, rule = self.decide(ip, port, name, web=web)
         self.ledger.record("tcp", allowed, ip, port, rule, name)
         if not allowed:
             _reset(writer)
             return
-        conn = _Conn(ip=ip, port=port, name=name, writers=[writer])
+        conn = _Conn(ip=ip, port=port, name=name, web=web, writers=[writer])
         self.conns.add(conn)
         try:
             up = self.uplink_socket(socket.SOCK_STREAM)
@@ -229,17 +234,33 @@ class Egress:
                 return
             up_reader, up_writer = await asyncio.open_connection(sock=up)
             conn.writers.append(up_writer)
+            watch = HostWatch() if sniffed is not None and sniffed.protocol == "http" else None
+            if watch is not None:
+                watch.hosts(head)  # the first request's Host was decided above
             if head:
                 up_writer.write(head)
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            await asyncio.gather(
+                self._pipe(reader, up_writer, conn=conn, watch=watch), self._pipe(up_reader, writer)
+            )
         finally:
             self.conns.discard(conn)
             for w in conn.writers:
                 w.close()
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        *,
+        conn: _Conn | None = None,
+        watch: HostWatch | None = None,
+    ) -> None:
         try:
             while data := await src.read(CHUNK):
+                if watch is not None and conn is not None and not self._hosts_ok(conn, watch.hosts(data)):
+                    for w in conn.writers:
+                        _reset(w)
+                    return
                 await self.bucket.take(len(data))
                 dst.write(data)
                 await dst.drain()
@@ -248,6 +269,17 @@ class Egress:
         except (OSError, RuntimeError):
             for w in (dst,):
                 _reset(w)
+
+    def _hosts_ok(self, conn: _Conn, hosts: list[str | None]) -> bool:
+        """A later request on a plain HTTP connection: its Host must be allowed at this address too."""
+        for host in hosts:
+            if host == conn.name:
+                continue
+            allowed, rule = self.decide(conn.ip, conn.port, host, web=True)
+            self.ledger.record("tcp", allowed, conn.ip, conn.port, rule if allowed else f"cut:{rule}", host)
+            if not allowed:
+                return False
+        return True
 
     # -- control --------------------------------------------------------------------------------------------
     async def reload(self) -> dict[str, Any]:
@@ -261,7 +293,7 @@ class Egress:
         await self._nft(_nft.delete_pins(self.sandbox_id, [ip for ip in stale if ip not in still]))
         cut = 0
         for conn in list(self.conns):
-            allowed, rule = self.decide(conn.ip, conn.port, conn.name)
+            allowed, rule = self.decide(conn.ip, conn.port, conn.name, web=conn.web)
             if not allowed:
                 cut += 1
                 self.ledger.record("tcp", False, conn.ip, conn.port, f"cut:{rule}", conn.name)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["MAX_PEEK", "Sniffed", "sniff"]
+__all__ = ["MAX_PEEK", "HostWatch", "Sniffed", "sniff"]
 
 MAX_PEEK = 16 * 1024 + 5
-_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE")
+# PRI: HTTP/2 with prior knowledge (h2c), whose host is HPACK-coded: an HTTP connection that names nothing
+_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE", b"PRI")
+_HOST_HEADER = re.compile(rb"\r\nhost:[ \t]*([^\r\n]*)\r\n", re.IGNORECASE)
 _HOST_OK = re.compile(r"[a-z0-9._-]{1,253}")
 
 
@@ -107,6 +109,30 @@ def _http(data: bytes) -> Sniffed | None:
     if host is not None and target_host is not None and host != target_host:
         return Sniffed(protocol="http", conflict="request line and Host name different hosts")
     return Sniffed(protocol="http", name=host or target_host)
+
+
+class HostWatch:
+    """Every ``Host`` header further down a plain HTTP connection (keep-alive, pipelining), as it streams.
+
+    Conservative: it looks for ``\r\nHost:`` anywhere in what the client sends, bodies included, keeping a
+    tail across chunks, so a later request naming another host cannot slip past; a body that happens to
+    contain such a line is treated the same (the connection is judged again, and cut if that name is not
+    allowed).
+    """
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def hosts(self, chunk: bytes) -> list[str | None]:
+        """The Host values whose header line is complete in ``chunk`` (with what came before it)."""
+        data = self._tail + chunk
+        found = [
+            _clean(m.group(1).decode("latin-1"))
+            for m in _HOST_HEADER.finditer(data)
+            if m.end() > len(self._tail)  # one wholly in the tail was complete, and reported, before
+        ]
+        self._tail = data[-1024:]
+        return found
 
 
 def sniff(data: bytes) -> Sniffed | None:
