@@ -225,6 +225,9 @@ def test_without_a_configured_uplink_no_sandbox_gets_network(monkeypatch) -> Non
     from corral.errors import RuntimeUnavailable
 
     monkeypatch.delenv("CORRAL_URL", raising=False)
+    monkeypatch.setenv(
+        "CORRAL_EGRESS_UPLINK_NETNS", "/run/netns/corral-test-no-uplink-configured"
+    )  # the session's
     assert not Path(__import__("os").environ["CORRAL_EGRESS_UPLINK_NETNS"]).exists()
 
     def ours() -> set[str]:

@@ -216,7 +216,7 @@ class LocalRuntime(Generic[HostT]):
                 if not self.capabilities.network_policy:
                     raise Unsupported(f"{self.name} sandboxes have no network; create it with network='none'")
                 net = await _net.setup(
-                    spec.sandbox_id, sandbox.state_dir / "net", spec.network, self.config.egress
+                    spec.sandbox_id, sandbox.state_dir / "net", spec.network, self.config.egress, wait=False
                 )
                 sandbox.extra["net"] = net.to_json()
             shim_spec = await anyio.to_thread.run_sync(self.prepare, spec, sandbox)
@@ -226,6 +226,9 @@ class LocalRuntime(Generic[HostT]):
                 sandbox.shim, what=f"start the {self.name} sandbox", timeout=self.ready_timeout
             )
             await self.started(spec, sandbox)
+            egress = sandbox_net(sandbox)
+            if egress is not None:  # it started listening while the sandbox booted
+                await _net.ready(egress)
             # a cancel that arrived while a worker thread ran is only seen at the next checkpoint: take it
             # here, inside the clean-up scope, or the caller would vanish and leave a running sandbox behind
             await anyio.lowlevel.checkpoint_if_cancelled()

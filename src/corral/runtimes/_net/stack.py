@@ -44,6 +44,7 @@ __all__ = [
     "SandboxNet",
     "decisions",
     "read_decisions",
+    "ready",
     "setup",
     "stats",
     "teardown",
@@ -118,7 +119,12 @@ def _write_policy(net_dir: Path, policy: NetworkPolicy) -> None:
     tmp.rename(net_dir / "policy.json")
 
 
-def _setup_sync(sandbox_id: str, net_dir: Path, policy: NetworkPolicy, config: EgressConfig) -> SandboxNet:
+_starting: dict[int, Any] = {}  # egress pid -> its Popen, between setup(wait=False) and ready()
+
+
+def _setup_sync(
+    sandbox_id: str, net_dir: Path, policy: NetworkPolicy, config: EgressConfig, wait: bool = True
+) -> SandboxNet:
     resolvers = config.resolvers or _host_resolvers()
     if not resolvers:
         raise InvalidRequest(
@@ -168,7 +174,10 @@ def _setup_sync(sandbox_id: str, net_dir: Path, policy: NetworkPolicy, config: E
             start_ticks=_proc.proc_start_ticks(proc.pid),
             extra_denied=extra,
         )
-        _wait_ready(proc)
+        if wait:
+            _wait_ready(proc)
+        else:
+            _starting[proc.pid] = proc
         return net
     except BaseException:
         _teardown_sync(net)
@@ -196,9 +205,22 @@ def _wait_ready(proc: Any) -> None:
     raise RuntimeFailure("the sandbox's egress proxy did not start")
 
 
-async def setup(sandbox_id: str, net_dir: Path, policy: NetworkPolicy, config: EgressConfig) -> SandboxNet:
-    """Namespace, link, rules and egress process for one sandbox; all removed again if any step fails."""
-    return await anyio.to_thread.run_sync(_setup_sync, sandbox_id, net_dir, policy, config)
+async def setup(
+    sandbox_id: str, net_dir: Path, policy: NetworkPolicy, config: EgressConfig, *, wait: bool = True
+) -> SandboxNet:
+    """Namespace, link, rules and egress process for one sandbox; all removed again if any step fails.
+
+    ``wait=False``: return once the egress process is started, not ready (it imports and binds while the
+    sandbox boots); the caller then awaits :func:`ready` before the sandbox is handed out, and tears the
+    whole stack down with :func:`teardown` if that fails."""
+    return await anyio.to_thread.run_sync(_setup_sync, sandbox_id, net_dir, policy, config, wait)
+
+
+async def ready(net: SandboxNet) -> None:
+    """Wait for an egress process started by ``setup(wait=False)`` to listen."""
+    proc = _starting.pop(net.pid, None) if net.pid is not None else None
+    if proc is not None:
+        await anyio.to_thread.run_sync(_wait_ready, proc)
 
 
 async def _control(net: SandboxNet, op: str) -> dict[str, Any]:
@@ -256,6 +278,9 @@ def read_decisions(net_dir: Path, offset: int) -> tuple[list[dict[str, Any]], in
 
 
 def _teardown_sync(net: SandboxNet) -> None:
+    starting = _starting.pop(net.pid, None) if net.pid is not None else None
+    if starting is not None:
+        starting.stdout.close()
     if net.pid is not None and net.start_ticks is not None:
         _proc.kill_pid(net.pid, net.start_ticks, signal.SIGTERM)  # it flushes its counts and exits
         deadline = time.monotonic() + STOP_TIMEOUT
