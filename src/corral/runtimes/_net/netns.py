@@ -20,6 +20,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = ["NETNS_DIR", "NetPlan", "allocate", "create", "exists", "release", "r
 NETNS_DIR = Path("/run/netns")
 SLOT_TABLE = Path("/run/corral/net-slots.json")
 IP_TIMEOUT = 15.0
+RECLAIM_AFTER = 300.0  # seconds a slot may be held without its namespace (set-up in progress) before reuse
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,15 +83,19 @@ def allocate(sandbox_id: str, subnet: str) -> NetPlan:
     net = ipaddress.ip_network(subnet)
     netns = f"corral-{sandbox_id}"
     count = net.num_addresses // 4
+    now = time.time()
     with _slots() as slots:
-        for slot, owner in list(slots.items()):
-            if owner != netns and not (NETNS_DIR / owner).exists():
-                del slots[slot]  # its sandbox is gone (destroyed by a process that died before releasing)
+        for slot, entry in list(slots.items()):
+            owner, _, since = entry.partition("|")
+            # its sandbox is gone (destroyed by a process that died before releasing); a slot just taken
+            # has no namespace yet either, so only one older than RECLAIM_AFTER is reclaimed
+            if not (NETNS_DIR / owner).exists() and now - float(since or 0) > RECLAIM_AFTER:
+                del slots[slot]
         taken = {int(s) for s in slots}
         free = next((s for s in range(1, count) if s not in taken), None)
         if free is None:
             raise ResourceExhausted("no free address block for another sandbox with network on this host")
-        slots[str(free)] = netns
+        slots[str(free)] = f"{netns}|{now}"
     base = net.network_address + free * 4
     return NetPlan(
         sandbox_id=sandbox_id,
@@ -105,7 +111,7 @@ def allocate(sandbox_id: str, subnet: str) -> NetPlan:
 
 def release(plan: NetPlan) -> None:
     with _slots() as slots:
-        if slots.get(str(plan.slot)) == plan.netns:
+        if slots.get(str(plan.slot), "").partition("|")[0] == plan.netns:
             del slots[str(plan.slot)]
 
 

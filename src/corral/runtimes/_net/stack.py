@@ -54,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger("corral.runtimes.net")
 
-READY_TIMEOUT = 15.0
+READY_TIMEOUT = 30.0  # started -> listening; ~0.3 s normally, generous for a loaded host
 STOP_TIMEOUT = 3.0
 
 
@@ -202,6 +202,9 @@ def _wait_ready(proc: Any) -> None:
         if proc.poll() is not None:
             break
         time.sleep(0.005)
+    log_path = Path(proc.args[-1]) / "egress.log"
+    with contextlib.suppress(OSError):
+        log.error("egress process %s did not start: %s", proc.pid, log_path.read_text()[-2000:])
     raise RuntimeFailure("the sandbox's egress proxy did not start")
 
 
