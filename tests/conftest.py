@@ -13,7 +13,8 @@ Markers
 Leak check
     Snapshot at session start, compare at the end: sandbox processes (runsc*, bwrap, the shim, the agent,
     qemu, firecracker), overlay mounts and any mount under the session's directories, loop devices backed by
-    files there, network namespaces (what ``ip netns list`` shows), cgroups under ``/sys/fs/cgroup/corral*``
+    files there, network namespaces (what ``ip netns list`` shows), sandbox veths (``cx…``), nftables tables
+    (``corral_…``) and egress processes, cgroups under ``/sys/fs/cgroup/corral*``
     and ``/sys/fs/cgroup/*/corral*``, and state dirs named by a sandbox id under the data dir.
     Anything new that is still there at the end fails the run (an error in the teardown of the last test).
 
@@ -30,6 +31,7 @@ import re
 import secrets
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +78,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # Set before test modules are imported, so code under test and the processes it starts both see them.
     os.environ["CORRAL_DATA_DIR"] = str(data_dir)
     os.environ["CORRAL_TEST_SESSION"] = token
+    # No test traffic may leave this machine: a sandbox given network by a test that did not point the
+    # egress uplink at its own upstream namespace (tests/network/conftest.py) fails to start instead of
+    # reaching the host's real uplink or its resolvers.
+    os.environ["CORRAL_EGRESS_UPLINK_NETNS"] = "/run/netns/corral-test-no-uplink-configured"
+    os.environ["CORRAL_EGRESS_RESOLVERS"] = "198.18.0.53"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -254,7 +261,7 @@ def corral_server(corral_data_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 @dataclass(frozen=True)
 class Leftover:
-    kind: str  # "process", "mount", "loop device", "network namespace", "cgroup", "state dir"
+    kind: str  # "process", "mount", "loop device", "network namespace", "veth", "nft table", "cgroup", "state dir"
     key: str  # identity, compared between snapshots
     text: str  # what the report shows
     ours: bool  # tied to this session (see the module docstring)
@@ -299,7 +306,9 @@ def _is_sandbox_process(argv: list[str]) -> bool:
         return True
     # python … /path/to/_shim.py STATE_DIR, or python -m corral.agent / -m corral.runtimes._shim
     return any(
-        os.path.basename(a) == "_shim.py" or a in ("corral.agent", "corral.runtimes._shim") for a in argv[1:]
+        os.path.basename(a) == "_shim.py"
+        or a in ("corral.agent", "corral.runtimes._shim", "corral.runtimes._net.egress")
+        for a in argv[1:]
     )
 
 
@@ -380,6 +389,21 @@ def _netns_leftovers() -> list[Leftover]:
     return [Leftover("network namespace", n, n, False) for n in names]
 
 
+def _egress_leftovers() -> list[Leftover]:
+    """Host ends of sandbox veth pairs (``cx…``) and per-sandbox nftables tables (``corral_…``)."""
+    out = []
+    for link in Path("/sys/class/net").glob("cx*"):
+        out.append(Leftover("veth", link.name, link.name, False))
+    nft = shutil.which("nft")
+    if nft is not None:
+        listed = subprocess.run([nft, "list", "tables"], capture_output=True, text=True, timeout=30).stdout
+        for line in listed.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[2].startswith("corral_"):
+                out.append(Leftover("nft table", parts[2], f"table {parts[1]} {parts[2]}", False))
+    return out
+
+
 def _cgroup_leftovers() -> list[Leftover]:
     # Corral's per-sandbox cgroups live below a corral* directory, at the top of the v2 hierarchy
     # (/sys/fs/cgroup/corral…) or of each v1 controller / the v1 host's unified mount
@@ -424,6 +448,7 @@ def _leftovers(roots: tuple[Path, ...], token: str) -> list[Leftover]:
         *_process_leftovers(roots, token),
         *_mount_leftovers(roots, token),
         *_netns_leftovers(),
+        *_egress_leftovers(),
         *_cgroup_leftovers(),
         *_state_dir_leftovers(roots[0]),
     ]

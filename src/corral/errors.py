@@ -15,6 +15,7 @@ __all__ = [
     "CommandFailed",
     "Conflict",
     "CorralError",
+    "InvalidNetworkPolicy",
     "InvalidRequest",
     "InvalidState",
     "NotFound",
@@ -54,6 +55,13 @@ class InvalidRequest(CorralError):
 
     code = "invalid_request"
     status = 400
+
+
+class InvalidNetworkPolicy(InvalidRequest):
+    """A sandbox's network policy cannot be accepted: a malformed rule, or one that only names destinations
+    no sandbox may ever reach (private, loopback, link-local, metadata, …). ``details["rule"]`` names it."""
+
+    code = "invalid_network_policy"
 
 
 class Unauthenticated(CorralError):

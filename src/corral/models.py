@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any, Self
 
 from corral.errors import InvalidRequest
+from corral.netpolicy import NetworkPolicy
 
 __all__ = [
     "BuildEvent",
@@ -34,6 +35,8 @@ __all__ = [
     "FilesystemEvent",
     "FilesystemEventType",
     "Logs",
+    "NetworkPolicy",
+    "NetworkStatus",
     "OutputMessage",
     "PoolInfo",
     "PoolParams",
@@ -114,6 +117,12 @@ class SandboxInfo(_Wire):
     # The credential of the sandbox's E2B-compatible in-sandbox API (``X-Access-Token``), shown to its owner.
     envd_access_token: str | None = field(default=None, repr=False)
     auto_pause: bool = False  # at its timeout it is paused instead of stopped
+    # egress policy (corral.netpolicy): "none", "internet" or {"allow_out": [...], "deny_out": [...]}
+    network: str | dict[str, Any] = "none"
+
+    @property
+    def network_policy(self) -> NetworkPolicy:
+        return NetworkPolicy.parse(self.network)
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> SandboxInfo:
@@ -140,6 +149,13 @@ class CreateParams(_Wire):
     public_ports: bool = False  # True: the server's port proxy lets anyone in, with no traffic token
     auto_pause: bool = False  # at its timeout, pause the sandbox (resume it to go on) instead of stopping it
     idempotency_key: str | None = None  # a retried create with the same key gets the same (live) sandbox
+    # egress: None/"none" (no network, the default), "internet" (public addresses only) or
+    # {"allow_out": [names, *.wildcards, CIDR[:port]], "deny_out": [...]}; see corral.netpolicy
+    network: str | dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.network is not None:  # refuse a bad policy where it is written, with the rule it names
+            object.__setattr__(self, "network", NetworkPolicy.parse(self.network).to_wire())
 
     def to_wire(self) -> dict[str, Any]:
         out = super().to_wire()
@@ -573,3 +589,20 @@ class FilesystemEvent(_Wire):
     def from_wire(cls, data: Mapping[str, Any]) -> FilesystemEvent:
         event = super().from_wire(data)
         return dataclasses.replace(event, type=FilesystemEventType(event.type))
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetworkStatus(_Wire):
+    """A sandbox's egress policy and what it decided so far (``sbx.network.status()``).
+
+    ``totals``: counts by ``{dns,tcp}_{allowed,denied}``; ``decisions``: one row per (kind, destination, port,
+    verdict, rule) with its exact count; ``dropped``: packets the kernel dropped before the proxy, by kind
+    (``udp_denied``, ``ipv6_denied``, ``other_denied``); ``connections``: TCP connections open now.
+    """
+
+    sandbox_id: str
+    network: str | dict[str, Any] = "none"
+    connections: int = 0
+    totals: dict[str, int] = field(default_factory=dict)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)

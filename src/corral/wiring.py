@@ -24,7 +24,12 @@ def runtime_loader(settings: Settings) -> Callable[[str], Runtime]:
     """A name → Runtime function for the enabled runtimes, each made once with its own options (all the
     ``[runtime.<name>]`` tables are checked now)."""
     check_options(settings.runtime_options)
-    config = RuntimeConfig(state_root=settings.state_root, cache_root=settings.cache_root, node=settings.node)
+    config = RuntimeConfig(
+        state_root=settings.state_root,
+        cache_root=settings.cache_root,
+        node=settings.node,
+        egress=settings.egress,
+    )
     runtimes: dict[str, Runtime] = {}
 
     def runtime_for(name: str) -> Runtime:

@@ -13,6 +13,7 @@ from corral.errors import (
     CommandFailed,
     Conflict,
     CorralError,
+    InvalidNetworkPolicy,
     InvalidRequest,
     InvalidState,
     NotFound,
@@ -32,6 +33,7 @@ from corral.errors import (
 # so a change here is a breaking API change, not a refactoring.
 WIRE_CONTRACT: dict[type[CorralError], tuple[str, int]] = {
     InvalidRequest: ("invalid_request", 400),
+    InvalidNetworkPolicy: ("invalid_network_policy", 400),
     Unauthenticated: ("unauthenticated", 401),
     PermissionDenied: ("permission_denied", 403),
     NotFound: ("not_found", 404),

@@ -60,6 +60,7 @@ def create_options(fn: F) -> F:
                 metavar="KEY=VALUE",
                 help="Environment variable for every process in the sandbox.",
             ),
+            *network_options(),
         ]
     ):
         fn = decorator(fn)
@@ -86,8 +87,45 @@ def exec_options(fn: F) -> F:
     return fn
 
 
+def network_options() -> list[Callable[[F], F]]:
+    return [
+        click.option(
+            "--network",
+            type=click.Choice(["none", "internet"]),
+            default=None,
+            help="Egress: none (default, no network) or internet (public addresses only).",
+        ),
+        click.option(
+            "--allow-out",
+            multiple=True,
+            metavar="RULE",
+            help="Allow only these destinations: host name, *.wildcard or CIDR, with optional :port; repeatable.",
+        ),
+        click.option(
+            "--deny-out",
+            multiple=True,
+            metavar="RULE",
+            help="Never these destinations (same forms); repeatable.",
+        ),
+    ]
+
+
+def network_from(opts: dict[str, Any]) -> str | dict[str, Any] | None:
+    """The policy the --network/--allow-out/--deny-out options describe (None: none given)."""
+    allow, deny, mode = opts.get("allow_out") or (), opts.get("deny_out") or (), opts.get("network")
+    if not allow and not deny:
+        return mode
+    if mode == "none":
+        raise click.UsageError("--network none cannot be combined with --allow-out/--deny-out")
+    rules: dict[str, Any] = {"deny_out": list(deny)}
+    if allow or mode is None:
+        rules["allow_out"] = list(allow)
+    return rules
+
+
 def sandbox_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
     return {
+        "network": network_from(opts),
         "isolation": opts.get("isolation"),
         "template": opts.get("template"),
         "timeout": opts.get("sandbox_timeout"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from typing import Any
@@ -13,6 +14,8 @@ from corral.cli._common import (
     exec_options,
     exec_params_from,
     key_values,
+    network_from,
+    network_options,
     sandbox_kwargs,
     stream_command,
 )
@@ -93,6 +96,42 @@ def exec_(sandbox_id: str, command: tuple[str, ...], **opts: Any) -> None:
     finally:
         sbx.close()
     sys.exit(code)
+
+
+def _with_network_options(fn: Any) -> Any:
+    for decorator in reversed(network_options()):
+        fn = decorator(fn)
+    return fn
+
+
+@sandbox.command()
+@click.argument("sandbox_id")
+@_with_network_options
+@click.option("--json", "as_json", is_flag=True)
+def network(sandbox_id: str, as_json: bool, **opts: Any) -> None:
+    """Show the sandbox's egress policy and decisions, or replace the policy (--network/--allow-out/--deny-out).
+
+    Connections the new policy denies are cut. Example: corral sandbox network SBX --allow-out pypi.org
+    --allow-out files.pythonhosted.org
+    """
+    policy = network_from(opts)
+    sbx = Sandbox.connect(sandbox_id)
+    try:
+        if policy is not None:
+            sbx.network.update(policy)
+        status = sbx.network.status()
+    finally:
+        sbx.close()
+    if as_json:
+        emit_json(status)
+        return
+    click.echo(f"policy: {json.dumps(status.network)}   open connections: {status.connections}")
+    rows = [
+        [d["kind"], "allowed" if d["allowed"] else "DENIED", d.get("name") or d["dest"], str(d["port"]),
+         d["rule"], str(d["count"])]
+        for d in status.decisions
+    ]  # fmt: skip
+    table(["KIND", "VERDICT", "DESTINATION", "PORT", "RULE", "COUNT"], rows)
 
 
 @sandbox.command(name="set-timeout")

@@ -40,6 +40,7 @@ from corral.models import (
     EntryInfo,
     ExecParams,
     FilesystemEvent,
+    NetworkStatus,
     PoolInfo,
     PoolParams,
     PortForward,
@@ -85,6 +86,12 @@ class AsyncLocalBackend:
 
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
         return await self.service.set_timeout(sandbox_id, seconds, tenant=self.tenant)
+
+    async def update_network(self, sandbox_id: str, network: Any) -> SandboxInfo:
+        return await self.service.update_network(sandbox_id, network, tenant=self.tenant)
+
+    async def network_status(self, sandbox_id: str) -> NetworkStatus:
+        return await self.service.network_status(sandbox_id, tenant=self.tenant)
 
     async def snapshot_sandbox(self, sandbox_id: str, name: str, *, description: str = "") -> TemplateInfo:
         return await self.service.snapshot(sandbox_id, name, description=description, tenant=self.tenant)
@@ -339,6 +346,12 @@ class LocalBackend:
 
     def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
         return self._call(self._backend.set_timeout, sandbox_id, seconds)
+
+    def update_network(self, sandbox_id: str, network: Any) -> SandboxInfo:
+        return self._call(self._backend.update_network, sandbox_id, network)
+
+    def network_status(self, sandbox_id: str) -> NetworkStatus:
+        return self._call(self._backend.network_status, sandbox_id)
 
     def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return self._call(self._backend.pause_sandbox, sandbox_id)

@@ -46,6 +46,9 @@ class AuditAction(StrEnum):
     TENANT_CREATE = "tenant.create"
     KEY_CREATE = "key.create"
     KEY_REVOKE = "key.revoke"
+    NETWORK_UPDATE = "network.update"  # a sandbox's egress policy changed at runtime
+    NETWORK_ALLOW = "network.allow"  # egress decisions (count = how many since the previous entry)
+    NETWORK_DENY = "network.deny"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -53,6 +53,10 @@ class SandboxRecord:
     # The port proxy's access rule (server/proxy.py): public, or callers presenting this sandbox's token.
     public_ports: bool = False
     traffic_token: str = field(default_factory=new_traffic_token)
+    # egress policy in its wire form (corral.netpolicy), and how far the runtime's decision feed has been
+    # copied into the audit log (so a restarted server neither drops nor repeats an entry)
+    network: Any = "none"
+    network_audit_offset: int = 0
     # The Corral node that owns the sandbox (Settings.node): only it reconciles the record and reaches the
     # instance of a node-local runtime. Set when the record is made, before the instance exists.
     node: str = LEGACY_NODE
@@ -77,6 +81,7 @@ class SandboxRecord:
             cpus=self.limits.cpus,
             from_pool=self.from_pool,
             public_ports=self.public_ports,
+            network=self.network,
             traffic_token=self.traffic_token,
             envd_access_token=self.envd_access_token,
             auto_pause=self.auto_pause,

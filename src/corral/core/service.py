@@ -32,6 +32,7 @@ import anyio
 from corral.core import builder as _builder
 from corral.core import files as _files
 from corral.core import interpreter as _interpreter
+from corral.core import network as _network
 from corral.core import ports as _ports
 from corral.core import processes as _processes
 from corral.core import pty as _pty
@@ -70,6 +71,7 @@ from corral.models import (
     EventKind,
     ExecParams,
     FilesystemEvent,
+    NetworkStatus,
     ProcessEvent,
     ProcessInfo,
     PtyParams,
@@ -142,6 +144,7 @@ class SandboxService:
         self._pause_locks: dict[str, anyio.Lock] = {}
         self._idempotency_locks: dict[tuple[str, str], anyio.Lock] = {}
         self.pools = PoolManager(self)
+        self.egress_decisions: _network.Tally = _network.Tally()  # copied into the audit log, for metrics
 
     # -- lifetime --------------------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -203,8 +206,12 @@ class SandboxService:
                 f"{isolation} sandboxes cannot be paused, so they cannot pause at their timeout; choose an "
                 "isolation that can pause, or leave auto-pause off"
             )
+        network = _network.check_policy(
+            request.network, runtime, isolation, self.settings.egress.denied_networks()
+        )
         claimed = None
-        if not auto_pause and request.idempotency_key is None:  # (pool claims keep neither; rare enough)
+        # pool members have no network, and pool claims keep neither auto-pause nor an idempotency key
+        if not auto_pause and request.idempotency_key is None and not network.enabled:
             claimed = await self.pools.claim(
                 template=template,
                 isolation=isolation,
@@ -255,6 +262,7 @@ class SandboxService:
                     node=self.node,
                     auto_pause=auto_pause,
                     idempotency_key=request.idempotency_key,
+                    network=network.to_wire(),
                 ),
                 expect_version=None,
             )
@@ -269,6 +277,7 @@ class SandboxService:
                     deadline=None if auto_pause else record.deadline,
                     upper_seed=seed,
                     restore_from=memory,
+                    network=network,
                 )
             )
             record = await self.store.put_sandbox(
@@ -309,6 +318,7 @@ class SandboxService:
             isolation=isolation,
             memory_mb=limits.memory_mb,
             timeout=timeout,
+            network=network.to_wire(),
         )
         return record.info()
 
@@ -339,6 +349,56 @@ class SandboxService:
         stopped = await self._stop(record, StopReason.KILLED)
         await self.audit.record(AuditAction.SANDBOX_KILL, tenant_id=tenant, sandbox_id=record.sandbox_id)
         return stopped.info()
+
+    # -- network ---------------------------------------------------------------------------------------------
+    async def update_network(self, sandbox_id: str, network: object, *, tenant: TenantId) -> SandboxInfo:
+        """Replace the sandbox's egress policy in place; open connections it now denies are cut."""
+        record = await self._reconciled(await self._record(sandbox_id, tenant))
+        require_state(
+            record.state, Action.NETWORK, SandboxState.RUNNING, SandboxState.PAUSED, sandbox_id=sandbox_id
+        )
+        runtime = self._require_reachable(record)
+        policy = _network.check_policy(
+            network, runtime, record.isolation, self.settings.egress.denied_networks()
+        )
+        assert record.instance is not None
+        cut = await _network.controller(runtime, record.isolation).update_network(record.instance, policy)
+        record = await _network.ingest_decisions(
+            self.store, self.audit, runtime, record, self.egress_decisions
+        )
+        while True:
+            try:
+                record = await self.store.put_sandbox(
+                    dataclasses.replace(record, network=policy.to_wire()), expect_version=record.version
+                )
+                break
+            except Conflict:
+                record = await self._record(sandbox_id, tenant)
+        await self.audit.record(
+            AuditAction.NETWORK_UPDATE,
+            tenant_id=tenant,
+            sandbox_id=record.sandbox_id,
+            network=policy.to_wire(),
+            cut=cut,
+        )
+        return record.info()
+
+    async def network_status(self, sandbox_id: str, *, tenant: TenantId) -> NetworkStatus:
+        """The sandbox's policy and its decision counts (and the audit log catches up with them)."""
+        record = await self._reconciled(await self._record(sandbox_id, tenant))
+        if record.network == "none" or record.state is not SandboxState.RUNNING or record.instance is None:
+            return NetworkStatus(sandbox_id=str(record.sandbox_id), network=record.network)
+        runtime = self._require_reachable(record)
+        stats = await _network.controller(runtime, record.isolation).network_stats(record.instance)
+        await _network.ingest_decisions(self.store, self.audit, runtime, record, self.egress_decisions)
+        return NetworkStatus(
+            sandbox_id=str(record.sandbox_id),
+            network=record.network,
+            connections=int(stats.get("connections", 0)),
+            totals=dict(stats.get("totals", {})),
+            decisions=list(stats.get("decisions", [])),
+            dropped=dict(stats.get("dropped", {})),
+        )
 
     async def set_timeout(self, sandbox_id: str, seconds: float, *, tenant: TenantId) -> SandboxInfo:
         """Give the sandbox ``seconds`` more life from now (E2B semantics: not added to the old deadline)."""
@@ -778,6 +838,11 @@ class SandboxService:
                 continue  # another process changed it first; the next pass sees the new version
             if record.state is SandboxState.RUNNING and record.deadline is not None:
                 soonest = record.deadline if soonest is None else min(soonest, record.deadline)
+            if record.state is SandboxState.RUNNING and record.network != "none":
+                runtime = self._runtime(record.isolation)  # the audit log keeps up with its egress decisions
+                await _network.ingest_decisions(
+                    self.store, self.audit, runtime, record, self.egress_decisions
+                )
         for name in self.settings.enabled_runtimes:  # kills whose host clean-up the kernel held up
             runtime = self._runtime(name)
             if isinstance(runtime, TeardownFinisher):
@@ -878,7 +943,12 @@ class SandboxService:
         await self._drop_agent(record.sandbox_id)
         if record.instance is not None:
             with anyio.CancelScope(shield=True):
-                await runtime.destroy(record.instance)
+                instance = record.instance
+                if record.network != "none":  # its decision feed goes with its state dir: copy it first
+                    record = await _network.ingest_decisions(
+                        self.store, self.audit, runtime, record, self.egress_decisions
+                    )
+                await runtime.destroy(instance)
         while True:
             try:
                 return await self.store.put_sandbox(

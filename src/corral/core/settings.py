@@ -13,6 +13,8 @@ grouped by what each setting is about; :data:`FILE_KEYS` maps each ``[group] key
     [limits]  memory_mb, cpus, pids, disk_mb                 (the default limits of a sandbox)
     [pools]   max_size, interval, start_concurrency, member_max_age
     [runtime] default, enabled, node, reap_interval
+    [network] uplink_netns, resolvers, denied_ranges, subnet, max_connections, bandwidth_bytes
+                                                              (sandbox egress: where it leaves, and its caps)
     [runtime.gvisor]    platform = "systrap"               (one table per runtime: its own options)
 
 A runtime's table is checked against the options that runtime declares when the runtime is first loaded
@@ -21,6 +23,7 @@ A runtime's table is checked against the options that runtime declares when the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import InvalidRequest
+from corral.runtimes._net.config import EgressConfig
 from corral.runtimes.base import Limits
 
 __all__ = ["FILE_KEYS", "Settings"]
@@ -117,6 +121,9 @@ class Settings:
     # the host and data dir, see default_node) and each runtime's own options ([runtime.<name>] tables)
     node: str = ""
     runtime_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # sandbox egress ([network], CORRAL_EGRESS_*): the uplink namespace (default: the host's own, its default
+    # route), upstream resolvers, ranges never reachable besides the fixed ones (cluster/service CIDRs), caps
+    egress: EgressConfig = field(default_factory=EgressConfig)
 
     def __post_init__(self) -> None:
         if not self.node:
@@ -200,6 +207,9 @@ class Settings:
                     values[key] = float(env[name])
                 except ValueError as exc:
                     raise InvalidRequest(f"{name} must be a number of seconds, got {env[name]!r}") from exc
+        egress = _egress_from_env(env, values.get("egress"))
+        if egress is not None:
+            values["egress"] = egress
         for runtime, table in (overrides.pop("runtime_options", None) or {}).items():
             runtime_options.setdefault(runtime, {}).update(table)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -252,6 +262,8 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
                     options[rkey] = dict(rvalue)
                 else:
                     put("runtime", rkey, rvalue)
+        elif isinstance(value, dict) and key == "network":
+            values["egress"] = _egress(value, f"[network] in {path}")
         elif isinstance(value, dict) and key == "limits":
             unknown = sorted(set(value) - set(_LIMIT_KEYS))
             if unknown:
@@ -266,3 +278,47 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         else:
             put("", key, value)
     return values, options
+
+
+_EGRESS_KEYS = {
+    "uplink_netns": str,
+    "resolvers": tuple,
+    "denied_ranges": tuple,
+    "subnet": str,
+    "max_connections": int,
+    "bandwidth_bytes": int,
+}
+
+
+def _egress(table: Mapping[str, Any], where: str) -> EgressConfig:
+    unknown = sorted(set(table) - set(_EGRESS_KEYS))
+    if unknown:
+        raise InvalidRequest(f"{where}: unknown setting {unknown[0]}; known: {', '.join(_EGRESS_KEYS)}")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        kind = _EGRESS_KEYS[key]
+        if kind is tuple:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise InvalidRequest(f"{where}: {key} must be a list of addresses or CIDRs")
+            value = tuple(value)
+        elif kind is int:
+            try:
+                value = int(value)
+            except (TypeError, ValueError) as exc:
+                raise InvalidRequest(f"{where}: {key} must be a whole number, got {value!r}") from exc
+        elif not isinstance(value, str):
+            raise InvalidRequest(f"{where}: {key} must be a string")
+        values[key] = value
+    return EgressConfig(**values)
+
+
+def _egress_from_env(env: Mapping[str, str], base: EgressConfig | None) -> EgressConfig | None:
+    """``CORRAL_EGRESS_<KEY>`` over the file's ``[network]`` table."""
+    table = {k: v for k in _EGRESS_KEYS if (v := env.get(f"CORRAL_EGRESS_{k.upper()}"))}
+    if not table:
+        return base
+    merged = {**(dataclasses.asdict(base) if base is not None else {}), **table}
+    merged.pop("proxy_port", None)
+    return _egress(merged, "CORRAL_EGRESS_*")

@@ -26,6 +26,7 @@ class Action(StrEnum):
     SNAPSHOT = "snapshot"
     FORK = "fork"
     PORTS = "open a port of"
+    NETWORK = "change the network of"
 
 
 _S = SandboxState

@@ -14,10 +14,14 @@ the host (cgroups, a uid range, runsc's processes, a VM's disks); this class doe
   :meth:`LocalSandbox.of`); ``node`` is ``RuntimeConfig.node``;
 - **teardown order** (idempotent, needs nothing but the Instance, runs in a worker thread): stop the
   sandbox's own processes (hook), stop the shim (SIGTERM, then SIGKILL after :data:`STOP_TIMEOUT`), remove
-  its cgroup (hook), wait for a disk-quota loop device to detach, refuse to delete through a mount, remove
-  the state dir, then release what lives outside it (hook);
+  its cgroup (hook), remove its egress stack (netns, veth, nft table, egress process: :mod:`._net.stack`),
+  wait for a disk-quota loop device to detach, refuse to delete through a mount, remove the state dir, then
+  release what lives outside it (hook);
 - **inspect**: missing / exited (``exit.json``, ``oom`` when the cgroup counted OOM kills) / crashed (a dead
   shim) / paused (the shim's ``paused`` marker) / running, refined by a hook (freezer state, ``runsc state``);
+- **network** (``Capabilities.network_policy``): a spec with a policy gets its egress stack before
+  ``prepare`` (recorded as ``extra["net"]``, see :func:`sandbox_net`), which joins it; ``update_network``,
+  ``network_stats``, ``network_decisions``;
 - **set_deadline**, **export_layer**, **snapshot** (state dir → ``cache_root/snapshots/KEY``, removed again
   on failure), **discard**.
 
@@ -64,10 +68,13 @@ import anyio.to_thread
 
 from corral.errors import Conflict, InvalidRequest, RuntimeFailure, Unsupported
 from corral.ids import SandboxId
+from corral.netpolicy import NetworkPolicy
 from corral.runtimes import _proc, _rootfs, _shimctl
 from corral.runtimes._bundle import AgentBundle, ensure_bundle
 from corral.runtimes._cgroups import REMOVE_TIMEOUT, CgroupBusy, SandboxCgroup
 from corral.runtimes._deferred import Deferred
+from corral.runtimes._net import stack as _net
+from corral.runtimes._net.stack import SandboxNet
 from corral.runtimes._shimspec import ShimSpec
 from corral.runtimes.base import (
     Artifact,
@@ -90,6 +97,7 @@ __all__ = [
     "LocalSandbox",
     "host_layers",
     "refuse_if_mounted",
+    "sandbox_net",
     "wait_loop_released",
 ]
 
@@ -213,6 +221,13 @@ class LocalRuntime(Generic[HostT]):
         sandbox = LocalSandbox(sandbox_id=spec.sandbox_id, state_dir=self.config.state_root / spec.sandbox_id)
         await anyio.to_thread.run_sync(self._make_state_dir, sandbox)
         try:
+            if spec.network.enabled:  # the sandbox's link, rules and egress process; joined in prepare()
+                if not self.capabilities.network_policy:
+                    raise Unsupported(f"{self.name} sandboxes have no network; create it with network='none'")
+                net = await _net.setup(
+                    spec.sandbox_id, sandbox.state_dir / "net", spec.network, self.config.egress, wait=False
+                )
+                sandbox.extra["net"] = net.to_json()
             shim_spec = await anyio.to_thread.run_sync(self.prepare, spec, sandbox)
             # held from here on, so a teardown after a failure (or a cancel) knows which shim to wait for
             sandbox.shim = _shimctl.launcher.spawn(sandbox.state_dir, shim_spec)
@@ -220,6 +235,9 @@ class LocalRuntime(Generic[HostT]):
                 sandbox.shim, what=f"start the {self.name} sandbox", timeout=self.ready_timeout
             )
             await self.started(spec, sandbox)
+            egress = sandbox_net(sandbox)
+            if egress is not None:  # it started listening while the sandbox booted
+                await _net.ready(egress)
             # a cancel that arrived while a worker thread ran is only seen at the next checkpoint: take it
             # here, inside the clean-up scope, or the caller would vanish and leave a running sandbox behind
             await anyio.lowlevel.checkpoint_if_cancelled()
@@ -330,19 +348,34 @@ class LocalRuntime(Generic[HostT]):
         cgroup = self.cgroup(sandbox)
         if cgroup is not None:
             try:
-                cgroup.remove(
-                    wait
-                )  # kills whatever is left: the private mount namespace dies with its last task
+                # kills whatever is left: the private mount namespace dies with its last task
+                cgroup.remove(wait)
             except CgroupBusy:
                 raise  # its tasks are still exiting: the caller finishes this teardown later
             except OSError as exc:
                 log.error("sandbox %s: could not remove its cgroups: %s", sandbox.sandbox_id, exc)
                 raise RuntimeFailure("could not remove the sandbox's cgroups") from exc
+        net = sandbox_net(sandbox)
+        if net is not None:  # its processes are gone: now its link, rules and egress process
+            _net.teardown_blocking(net)
         if sandbox.state_dir.exists():
             wait_loop_released(sandbox.state_dir / "disk.img")
             refuse_if_mounted(sandbox.state_dir)
             _rootfs.remove_state_dir(sandbox.state_dir)
         self.release(sandbox)
+
+    # -- network (NetworkController, where Capabilities.network_policy) ------------------------------------
+    async def update_network(self, instance: Instance, policy: NetworkPolicy) -> int:
+        return await _net.update(_required_net(instance), policy, self.config.egress)
+
+    async def network_stats(self, instance: Instance) -> dict[str, Any]:
+        return await _net.stats(_required_net(instance))
+
+    async def network_decisions(self, instance: Instance, offset: int) -> tuple[list[dict[str, Any]], int]:
+        net = sandbox_net(LocalSandbox.of(instance))
+        if net is None:
+            return [], offset
+        return await _net.decisions(net, offset)
 
     # -- file system ----------------------------------------------------------------------------------------
     async def export_layer(self, instance: Instance, dest: Path) -> None:
@@ -385,6 +418,22 @@ class LocalRuntime(Generic[HostT]):
             if root.parent != self.config.cache_root / SNAPSHOTS:
                 raise InvalidRequest("that snapshot was not made by this runtime")
             await anyio.to_thread.run_sync(partial(shutil.rmtree, root, ignore_errors=True))
+
+
+def sandbox_net(sandbox: LocalSandbox) -> SandboxNet | None:
+    """The sandbox's egress stack, if it was created with network."""
+    data = sandbox.extra.get("net")
+    return SandboxNet.from_json(data) if data is not None else None
+
+
+def _required_net(instance: Instance) -> SandboxNet:
+    net = sandbox_net(LocalSandbox.of(instance))
+    if net is None:
+        raise Unsupported(
+            "this sandbox was created without network (network='none') and cannot get it later; "
+            "create it with a policy, e.g. network={'allow_out': []}, to change its network at runtime"
+        )
+    return net
 
 
 def host_layers(spec: SandboxSpec, runtime: str) -> HostLayers:

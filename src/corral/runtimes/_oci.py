@@ -179,12 +179,14 @@ def build_config(
     cwd: str = "/",
     pids_safety_net: int = MIN_PIDS_SAFETY_NET,
     memory_headroom_mb: int = 0,
+    netns: str | None = None,
 ) -> dict[str, Any]:
     """The complete runtime config for one sandbox whose init process is ``args`` (run as root, uid 0).
 
     ``mounts`` come after :func:`default_mounts`, so a caller can add binds (the agent bundle, the template's
     ``/usr``) but mount targets of the defaults are not overridden silently: duplicates raise ``ValueError``.
     ``pids_safety_net`` is the runtime's floor for the pids cgroup (see :func:`linux_resources`).
+    ``netns``: join this network namespace file (a prepared egress namespace) instead of making a new one.
     """
     all_mounts = [*default_mounts(), *mounts]
     seen: set[str] = set()
@@ -220,7 +222,10 @@ def build_config(
         "hostname": hostname,
         "mounts": [m.to_json() for m in all_mounts],
         "linux": {
-            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+            "namespaces": [
+                {"type": t, **({"path": netns} if t == "network" and netns else {})}
+                for t in ("pid", "network", "ipc", "uts", "mount")
+            ],
             "resources": linux_resources(
                 limits, pids_safety_net=pids_safety_net, memory_headroom_mb=memory_headroom_mb
             ),

@@ -102,6 +102,7 @@ def run_blocking(
     what: str,
     check: bool = True,
     env: Mapping[str, str] | None = None,
+    input: bytes | None = None,
 ) -> ProcResult:
     """:func:`run` for code already in a worker thread (building the agent bundle). Same errors."""
     try:
@@ -110,7 +111,8 @@ def run_blocking(
             capture_output=True,
             timeout=timeout,
             check=False,
-            stdin=subprocess.DEVNULL,
+            input=input,
+            stdin=subprocess.DEVNULL if input is None else None,
             env=dict(env) if env is not None else None,
         )
     except subprocess.TimeoutExpired as exc:

@@ -69,6 +69,7 @@ READ_SIZE = 256 * 1024
 
 # --- Linux constants (x86_64 / aarch64 share the generic numbers used here) ------------------------------
 CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -305,6 +306,12 @@ def _setup_child(spec: ShimSpec, sync_r: int, sync_w: int) -> dict[int, int]:
     Returns the opened ``spec.files`` (target fd → parked fd) for :func:`_install_fds`."""
     for procs in spec.cgroup_procs:
         _write(procs, str(os.getpid()))
+    if spec.netns:  # a prepared network namespace (owned by host root, so nothing inside can reconfigure it)
+        fd = os.open(spec.netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _check(_libc.setns(fd, CLONE_NEWNET), "setns(net)")
+        finally:
+            os.close(fd)
     if spec.mounts:
         _check(_libc.unshare(CLONE_NEWNS), "unshare(mount)")
         _mount("none", "/", None, MS_REC | MS_PRIVATE)

@@ -74,6 +74,7 @@ class ShimSpec:
     restore_argv: list[str] | None = None
     restored: bool = False
     hello_file: str | None = None
+    netns: str | None = None  # a network namespace file (/run/netns/…) the sandbox joins instead of its own
 
     def to_json(self) -> str:
         data = {k: v for k, v in self.__dict__.items()}

@@ -41,6 +41,8 @@ from urllib.parse import unquote
 from anyio.abc import ByteStream
 
 from corral.ids import SandboxId
+from corral.netpolicy import NetworkPolicy
+from corral.runtimes._net.config import EgressConfig
 
 __all__ = [
     "LEGACY_NODE",
@@ -55,7 +57,7 @@ __all__ = [
     "Isolation",
     "LayerExporter",
     "Limits",
-    "NetworkMode",
+    "NetworkController",
     "NoOptions",
     "Observed",
     "ObservedState",
@@ -76,10 +78,6 @@ class Isolation(StrEnum):
     FIRECRACKER = "firecracker"
     KUBERNETES = "kubernetes"
     FAKE = "fake"
-
-
-class NetworkMode(StrEnum):
-    NONE = "none"  # loopback only inside the sandbox: the default
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -203,7 +201,8 @@ class SandboxSpec:
     sandbox_id: SandboxId
     rootfs: RootfsSource  # one of the kinds in the runtime's Capabilities.rootfs
     limits: Limits = field(default_factory=Limits)
-    network: NetworkMode = NetworkMode.NONE
+    # egress (corral.netpolicy): "none" is loopback only; any other policy needs Capabilities.network_policy
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
     env: Mapping[str, str] = field(default_factory=dict)  # defaults for every process, set in the agent
     hostname: str = "sandbox"
     deadline: float | None = None  # Unix time; the runtime kills the sandbox then even if no server runs
@@ -220,7 +219,9 @@ class Capabilities:
     pause: bool = False  # stop all CPU use and resume later (freezer, runsc checkpoint, QMP stop)
     checkpoint: bool = False  # pause keeps memory on disk: nothing of a paused sandbox stays in RAM
     snapshot_fs: bool = False  # snapshot() captures the writable layer (a template layer / a fork's seed)
-    network_policy: bool = False  # egress allowlists
+    network_policy: bool = (
+        False  # egress by policy (SandboxSpec.network); such a runtime is a NetworkController
+    )
     resource_limits: bool = True
     # what create() accepts as SandboxSpec.rootfs, best first
     rootfs: tuple[RootfsKind, ...] = (RootfsKind.HOST_LAYERS,)
@@ -309,6 +310,7 @@ class RuntimeConfig:
     state_root: Path  # per-sandbox state dirs of the local runtimes live below this
     cache_root: Path  # built artifacts shared by sandboxes (the agent bundle, template skeletons, snapshots)
     node: str = "local"  # this Corral node's id, stamped on every Instance the runtime makes
+    egress: EgressConfig = field(default_factory=EgressConfig)  # where sandbox traffic leaves, and its caps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -383,3 +385,18 @@ class TeardownFinisher(Protocol):
     it later, and the reaper calls this on every pass so nothing stays behind."""
 
     async def finish_teardowns(self) -> None: ...
+
+
+@runtime_checkable
+class NetworkController(Protocol):
+    """Runtimes that enforce egress policies (``Capabilities.network_policy``)."""
+
+    async def update_network(self, instance: Instance, policy: NetworkPolicy) -> int:
+        """Apply ``policy`` to the running sandbox in place (from ``none`` too, and back); returns how many
+        open connections it cut. Connections the new policy denies are cut."""
+
+    async def network_stats(self, instance: Instance) -> dict[str, Any]:
+        """Decision counts (``totals``, ``decisions``) and packets dropped before the proxy (``dropped``)."""
+
+    async def network_decisions(self, instance: Instance, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """The sandbox's decision feed (for the audit log) from ``offset`` on, and the next offset."""

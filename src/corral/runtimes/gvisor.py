@@ -15,8 +15,11 @@ One sandbox, from the outside in:
 3. ``runsc`` with **one set of global flags**, stored in the :class:`Instance` and reused by every later
    command (``state``, ``pause``, ``kill``): a ``--root`` of its own per sandbox (runsc matches container ids
    by prefix, and parallel deletes on a shared root orphaned sandboxes), ``--platform=ptrace`` (kvm hangs on
-   this host, systrap idles hot), ``--network=none`` (loopback only; no netstack, so the kernel ≥ 6.11
-   ``/proc/sys/net`` detection bug cannot bite) and a debug log in the state dir, never on the client path;
+   this host, systrap idles hot), ``--network=none`` (loopback only; no netstack) unless the sandbox has a
+   network policy: then ``--network=sandbox`` (gVisor's own netstack on the veth of the namespace the
+   skeleton prepared, named in the OCI spec; ``/proc/sys/net`` is hidden in the shim's mount namespace for
+   the kernel ≥ 6.11 detection bug) with the same egress path as the namespace runtime; and a debug log in
+   the state dir, never on the client path;
 4. the OCI spec (:mod:`._oci`): the agent as init (uid 0, Docker-like capabilities without NET_RAW, MKNOD,
    SYS_ADMIN; no_new_privs), the bundle at ``/.corral`` and template binds (host ``/usr``) read-only,
    cgroup limits in ``linux.resources`` under ``cgroupsPath`` ``/corral/<sandbox id>``, and
@@ -54,11 +57,12 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from corral.errors import Conflict, InvalidRequest, RuntimeFailure, RuntimeUnavailable
+from corral.errors import Conflict, InvalidRequest, RuntimeFailure, RuntimeUnavailable, Unsupported
 from corral.runtimes import _layers, _oci, _proc, _rootfs, _shimctl
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv
 from corral.runtimes._cgroups import SandboxCgroup
-from corral.runtimes._local import STOP_TIMEOUT, LocalRuntime, LocalSandbox, host_layers
+from corral.runtimes._local import STOP_TIMEOUT, LocalRuntime, LocalSandbox, host_layers, sandbox_net
+from corral.runtimes._net.stack import SandboxNet
 from corral.runtimes._rootfs import LayerDirs
 from corral.runtimes._shimspec import Mount, ShimSpec
 from corral.runtimes.base import (
@@ -112,7 +116,10 @@ class GVisorRuntime(LocalRuntime[str]):
 
     name: ClassVar[str] = "gvisor"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        pause=True, checkpoint=True, snapshot=frozenset({ArtifactKind.LAYER, ArtifactKind.MEMORY})
+        pause=True,
+        checkpoint=True,
+        snapshot=frozenset({ArtifactKind.LAYER, ArtifactKind.MEMORY}),
+        network_policy=True,
     )
     Options: ClassVar[type[Any]] = GVisorOptions
     ready_timeout: ClassVar[float] = READY_TIMEOUT
@@ -121,14 +128,16 @@ class GVisorRuntime(LocalRuntime[str]):
     def check_host(self) -> str:
         return _check_host(self.options.runsc)
 
-    def _global_flags(self, runsc: str, state_dir: Path) -> list[str]:
+    def _global_flags(self, runsc: str, state_dir: Path, *, networked: bool) -> list[str]:
         """The flags every runsc command for this sandbox gets (stored in the Instance: a config change
-        later must not change them for a running sandbox)."""
+        later must not change them for a running sandbox). Networked: gVisor's own network stack (netstack)
+        on the prepared namespace's veth; open connections are dropped, not refused, by a pause."""
+        network = ["--network=sandbox", "--net-disconnect-ok"] if networked else ["--network=none"]
         return [
             runsc,
             f"--root={state_dir / 'runsc'}",
             f"--platform={self.options.platform}",
-            "--network=none",
+            *network,
             "--overlay2=none",  # our host overlayfs is the rw root (newer runsc default to a sentry overlay)
             f"--debug-log={state_dir / 'logs'}/runsc.%COMMAND%.log",
         ]
@@ -140,9 +149,10 @@ class GVisorRuntime(LocalRuntime[str]):
                 "the runtime state directory path is too long for a Unix socket",
                 details={"max": MAX_SOCKET_PATH - len("/sb-…/control.sock")},
             )
-        flags = self._global_flags(self.host, sandbox.state_dir)
+        net = sandbox_net(sandbox)
+        flags = self._global_flags(self.host, sandbox.state_dir, networked=net is not None)
         sandbox.extra.update(container_id=str(spec.sandbox_id), runsc_flags=flags)
-        return _prepare(spec, sandbox, self.bundle, flags)
+        return _prepare(spec, sandbox, self.bundle, flags, net)
 
     async def started(self, spec: SandboxSpec, sandbox: LocalSandbox) -> None:
         await anyio.to_thread.run_sync(_verify_limits, spec.sandbox_id, spec.limits)
@@ -154,6 +164,13 @@ class GVisorRuntime(LocalRuntime[str]):
         await self._checkpoint(LocalSandbox.of(instance))
 
     async def _checkpoint(self, sandbox: LocalSandbox) -> None:
+        if sandbox_net(sandbox) is not None:
+            # runsc 20240729 restores netstack without the namespace's interface and routes: the sandbox
+            # would come back with no network at all, so refuse instead of breaking it
+            raise Unsupported(
+                "gVisor sandboxes with network cannot be paused, snapshotted or forked yet; "
+                "use network='none' for those, or the namespace runtime"
+            )
         if not await anyio.to_thread.run_sync(_trim_logs, sandbox.state_dir):
             raise RuntimeFailure("could not pause the gVisor sandbox: the sandbox no longer exists")
         # runsc will not overwrite an image: drop the previous pause's (its restore finished long ago)
@@ -267,7 +284,9 @@ def _status(stdout: bytes) -> str | None:
     return status if isinstance(status, str) else None
 
 
-def _prepare(spec: SandboxSpec, sandbox: LocalSandbox, bundle: AgentBundle, flags: list[str]) -> ShimSpec:
+def _prepare(
+    spec: SandboxSpec, sandbox: LocalSandbox, bundle: AgentBundle, flags: list[str], net: SandboxNet | None
+) -> ShimSpec:
     """Writable layer, OCI bundle and shim spec for one sandbox (the caller cleans up on failure)."""
     state_dir = sandbox.state_dir
     rootfs = host_layers(spec, "gvisor")
@@ -290,6 +309,10 @@ def _prepare(spec: SandboxSpec, sandbox: LocalSandbox, bundle: AgentBundle, flag
         stage.mkdir(parents=True)
         staged.append(Mount(kind="bind", source=str(source), target=str(stage), ro=True))
         mounts.append(_oci.bind_mount(stage, target))
+    if net is not None:  # every DNS query is redirected to the answerer anyway; this one names it
+        resolv = state_dir / "resolv.conf"
+        resolv.write_text(f"nameserver {net.plan.host_ip}\noptions ndots:0\n")
+        mounts.append(_oci.bind_mount(resolv, "/etc/resolv.conf"))
     config = _oci.build_config(
         args=agent_argv(bundle, memory_limit=spec.limits.memory_mb << 20),
         root=layers.merged,
@@ -300,6 +323,7 @@ def _prepare(spec: SandboxSpec, sandbox: LocalSandbox, bundle: AgentBundle, flag
         cgroups_path=f"/corral/{spec.sandbox_id}",
         pids_safety_net=max(_oci.MIN_PIDS_SAFETY_NET, HOST_THREADS_PER_PROCESS * spec.limits.pids + 512),
         memory_headroom_mb=memory_headroom_mb(spec.limits.memory_mb),
+        netns=net.plan.netns_path if net is not None else None,
     )
     bundle_dir = state_dir / "bundle"
     _oci.write_config(bundle_dir, config)
@@ -336,7 +360,10 @@ def _prepare(spec: SandboxSpec, sandbox: LocalSandbox, bundle: AgentBundle, flag
             ),
             Mount(kind="overlay", target=str(layers.merged), options=_rootfs.overlay_options(layers)),
             *staged,
+            # runsc's netstack mis-detects the namespace on kernels >= 6.11 unless /proc/sys/net is hidden
+            *([Mount(kind="tmpfs", target="/proc/sys/net")] if net is not None else []),
         ],
+        netns=net.plan.netns_path if net is not None else None,
         kill_argv=[*flags, "kill", container_id, "KILL"],  # the shim's deadline/SIGTERM path
         deadline=spec.deadline,
     )

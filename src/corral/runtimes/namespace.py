@@ -21,6 +21,9 @@ One sandbox is, from the outside in (each layer set up by the shim's child befor
 5. the **agent** (:mod:`corral.agent`) as the sandbox's main process, talking over its stdio to the shim.
 
 Network ``none`` is ``--unshare-net``: a namespace whose only interface is loopback (bwrap brings ``lo`` up).
+Any other policy (:mod:`corral.netpolicy`): the shim's child joins the network namespace the skeleton
+prepared (:mod:`._net.stack`: veth to the host, nftables, the DNS answerer and egress proxy) before it enters
+the user namespace; that namespace belongs to host root, so root in the sandbox cannot reconfigure it.
 
 ``/tmp`` is part of the overlay, not a tmpfs: files there count against the sandbox's disk, not its memory
 limit, and they are kept by file-system snapshots like everything else.
@@ -46,7 +49,8 @@ from corral.errors import CorralError, InvalidState, RuntimeFailure, RuntimeUnav
 from corral.runtimes import _layers, _proc, _rootfs, _seccomp
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv
 from corral.runtimes._cgroups import CgroupLayout, SandboxCgroup, detect_layout
-from corral.runtimes._local import LocalRuntime, LocalSandbox, host_layers
+from corral.runtimes._local import LocalRuntime, LocalSandbox, host_layers, sandbox_net
+from corral.runtimes._net.stack import SandboxNet
 from corral.runtimes._shimspec import FdFile, Mount, ShimSpec, UserNs
 from corral.runtimes.base import (
     ArtifactKind,
@@ -149,7 +153,9 @@ class NamespaceRuntime(LocalRuntime[_Host]):
     """bubblewrap + user namespace + seccomp + cgroups + overlayfs. See the module docstring."""
 
     name: ClassVar[str] = "namespace"
-    capabilities: ClassVar[Capabilities] = Capabilities(pause=True, snapshot=frozenset({ArtifactKind.LAYER}))
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        pause=True, snapshot=frozenset({ArtifactKind.LAYER}), network_policy=True
+    )
     ready_timeout: ClassVar[float] = READY_TIMEOUT
 
     def check_host(self) -> _Host:
@@ -162,7 +168,7 @@ class NamespaceRuntime(LocalRuntime[_Host]):
         slot = _UidAllocator(self.config.state_root).allocate(spec.sandbox_id)
         sandbox.extra["uid_slot"] = slot
         sandbox.extra["uid_base"] = base = _UidAllocator.base(slot)
-        return _prepare(spec, sandbox, cgroup, base, bwrap, program, self.bundle)
+        return _prepare(spec, sandbox, cgroup, base, bwrap, program, self.bundle, sandbox_net(sandbox))
 
     # -- teardown and inspect hooks -------------------------------------------------------------------------
     def cgroup(self, sandbox: LocalSandbox) -> SandboxCgroup | None:
@@ -262,6 +268,7 @@ def _prepare(
     bwrap: str,
     program: bytes,
     bundle: AgentBundle,
+    net: SandboxNet | None,
 ) -> ShimSpec:
     """Cgroups, writable layer, seccomp program and shim.json for one sandbox (the caller cleans up)."""
     state_dir = sandbox.state_dir
@@ -298,7 +305,9 @@ def _prepare(
         mounts.append(Mount(kind="loop", source=str(dirs.image), target=str(dirs.disk), fstype="ext4"))
     mounts.append(Mount(kind="overlay", target=str(dirs.merged), options=_rootfs.overlay_options(dirs)))
     mounts.append(Mount(kind="bind", source=str(dirs.merged.parent), target=str(MOUNT_STAGE)))
-    argv = _bwrap_argv(spec, rootfs, bwrap, bundle)
+    if net is not None:  # every DNS query is redirected to the answerer anyway; this one names it
+        (dirs.merged.parent / "resolv.conf").write_text(f"nameserver {net.plan.host_ip}\noptions ndots:0\n")
+    argv = _bwrap_argv(spec, rootfs, bwrap, bundle, networked=net is not None)
     shim_spec = ShimSpec(
         argv=argv,
         socket=sandbox.socket,
@@ -312,6 +321,7 @@ def _prepare(
             FdFile(fd=SECCOMP_FD, path=str(state_dir / "seccomp.bpf")),
             FdFile(fd=OOM_EVENTS_FD, path=cgroup.oom_events_file),
         ],
+        netns=net.plan.netns_path if net is not None else None,
     )
     _write_private(state_dir / "shim.json", shim_spec.to_json())  # holds spec.env, which may be secret
     _write_private(state_dir / "shim.log", "")  # the shim appends to it; create it private
@@ -325,7 +335,6 @@ _BWRAP_SETUP = [
     "--unshare-pid",
     "--unshare-ipc",
     "--unshare-uts",
-    "--unshare-net",
     "--unshare-cgroup-try",
 ]
 _BWRAP_FS = [
@@ -343,11 +352,17 @@ _BWRAP_FS = [
 ]
 
 
-def _bwrap_argv(spec: SandboxSpec, rootfs: HostLayers, bwrap: str, bundle: AgentBundle) -> list[str]:
-    """bwrap's command line; every source path is below MOUNT_STAGE (see its comment)."""
-    argv = [bwrap, *_BWRAP_SETUP, "--hostname", spec.hostname, "--bind", str(MOUNT_STAGE / "merged"), "/"]
+def _bwrap_argv(
+    spec: SandboxSpec, rootfs: HostLayers, bwrap: str, bundle: AgentBundle, *, networked: bool
+) -> list[str]:
+    """bwrap's command line; every source path is below MOUNT_STAGE (see its comment). A networked sandbox
+    is already in its prepared network namespace (the shim joined it); otherwise bwrap makes an empty one."""
+    setup = _BWRAP_SETUP if networked else [*_BWRAP_SETUP, "--unshare-net"]
+    argv = [bwrap, *setup, "--hostname", spec.hostname, "--bind", str(MOUNT_STAGE / "merged"), "/"]
     for i, b in enumerate(rootfs.binds):
         argv += ["--ro-bind", str(MOUNT_STAGE / f"bind{i}"), b.target]
+    if networked:
+        argv += ["--ro-bind", str(MOUNT_STAGE / "resolv.conf"), "/etc/resolv.conf"]
     argv += ["--ro-bind", str(MOUNT_STAGE / "bundle"), MOUNT_POINT, *_BWRAP_FS]
     env = {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", "HOSTNAME": spec.hostname, **spec.env}
     for key, value in env.items():

@@ -60,6 +60,12 @@ class Metrics:
             ["kind", "status"],
             registry=self.registry,
         )
+        self.egress = Gauge(
+            "corral_egress_decisions",
+            "Sandbox egress decisions (DNS answers, TCP connections) audited by this server since it started",
+            ["kind", "verdict"],
+            registry=self.registry,
+        )
         self._pool_gauges()
 
     def _pool_gauges(self) -> None:
@@ -75,6 +81,8 @@ class Metrics:
         )
 
     async def render(self, service: SandboxService) -> bytes:
+        for (kind, allowed), count in service.egress_decisions.items():
+            self.egress.labels(kind, "allowed" if allowed else "denied").set(count)
         for gauge in (self.pool_target, self.pool_ready, self.pool_starting):
             gauge.clear()
         for pool in await service.pools.list_pools():

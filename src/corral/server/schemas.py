@@ -5,7 +5,7 @@ Responses reuse the wire dataclasses of :mod:`corral.models`, so the server and 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +16,7 @@ __all__ = [
     "ExecBody",
     "KeyBody",
     "MakeDirBody",
+    "NetworkBody",
     "QuotasBody",
     "RenameBody",
     "SignalBody",
@@ -30,6 +31,34 @@ StrMap = dict[Annotated[str, Field(max_length=256)], Annotated[str, Field(max_le
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Rules = Annotated[list[Annotated[str, Field(min_length=1, max_length=300)]], Field(max_length=512)]
+
+
+class NetworkRules(_Strict):
+    allow_out: Rules | None = None
+    deny_out: Rules | None = None
+
+
+NetworkValue = Literal["none", "internet"] | NetworkRules
+NETWORK_HELP = (
+    'egress policy: "none" (no network, the default), "internet" (public addresses only), or rules: '
+    "allow_out / deny_out lists of host names, *.wildcards and CIDRs, each with an optional :port"
+)
+
+
+class NetworkBody(_Strict):
+    network: NetworkValue = Field(description=NETWORK_HELP)
+
+    def value(self) -> Any:
+        return _network_value(self.network)
+
+
+def _network_value(value: Any) -> Any:
+    if isinstance(value, NetworkRules):
+        return value.model_dump(exclude_none=True)
+    return value
 
 
 class CreateSandboxBody(_Strict):
@@ -52,9 +81,10 @@ class CreateSandboxBody(_Strict):
     auto_pause: bool = Field(
         default=False, description="at its timeout, pause the sandbox instead of stopping it (resume goes on)"
     )
+    network: NetworkValue | None = Field(default=None, description=NETWORK_HELP)
 
     def params(self) -> CreateParams:
-        return CreateParams.from_wire(self.model_dump())
+        return CreateParams.from_wire({**self.model_dump(), "network": _network_value(self.network)})
 
 
 class ExecBody(_Strict):

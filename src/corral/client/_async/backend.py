@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 from corral.models import (
     BuildEvent,
@@ -19,6 +19,7 @@ from corral.models import (
     EntryInfo,
     ExecParams,
     FilesystemEvent,
+    NetworkStatus,
     PoolInfo,
     PoolParams,
     PortForward,
@@ -51,6 +52,10 @@ class AsyncBackend(Protocol):
     async def kill_sandbox(self, sandbox_id: str) -> SandboxInfo: ...
 
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo: ...
+
+    async def update_network(self, sandbox_id: str, network: Any) -> SandboxInfo: ...
+
+    async def network_status(self, sandbox_id: str) -> NetworkStatus: ...
 
     async def pause_sandbox(self, sandbox_id: str) -> SandboxInfo: ...
 

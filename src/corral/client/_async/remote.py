@@ -37,6 +37,7 @@ from corral.models import (
     EntryInfo,
     ExecParams,
     FilesystemEvent,
+    NetworkStatus,
     PoolInfo,
     PoolParams,
     PortForward,
@@ -136,6 +137,14 @@ class AsyncRemoteBackend:
         return SandboxInfo.from_wire(
             await self._json("POST", sandbox_path(sandbox_id, "timeout"), json={"timeout": seconds})
         )
+
+    async def update_network(self, sandbox_id: str, network: Any) -> SandboxInfo:
+        return SandboxInfo.from_wire(
+            await self._json("PUT", sandbox_path(sandbox_id, "network"), json={"network": network})
+        )
+
+    async def network_status(self, sandbox_id: str) -> NetworkStatus:
+        return NetworkStatus.from_wire(await self._json("GET", sandbox_path(sandbox_id, "network")))
 
     async def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return SandboxInfo.from_wire(await self._json("POST", sandbox_path(sandbox_id, "pause")))

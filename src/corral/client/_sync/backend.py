@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 from corral.models import (
     BuildEvent,
@@ -20,6 +20,7 @@ from corral.models import (
     EntryInfo,
     ExecParams,
     FilesystemEvent,
+    NetworkStatus,
     PoolInfo,
     PoolParams,
     PortForward,
@@ -52,6 +53,10 @@ class Backend(Protocol):
     def kill_sandbox(self, sandbox_id: str) -> SandboxInfo: ...
 
     def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo: ...
+
+    def update_network(self, sandbox_id: str, network: Any) -> SandboxInfo: ...
+
+    def network_status(self, sandbox_id: str) -> NetworkStatus: ...
 
     def pause_sandbox(self, sandbox_id: str) -> SandboxInfo: ...
 

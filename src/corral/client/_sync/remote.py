@@ -38,6 +38,7 @@ from corral.models import (
     EntryInfo,
     ExecParams,
     FilesystemEvent,
+    NetworkStatus,
     PoolInfo,
     PoolParams,
     PortForward,
@@ -137,6 +138,14 @@ class RemoteBackend:
         return SandboxInfo.from_wire(
             self._json("POST", sandbox_path(sandbox_id, "timeout"), json={"timeout": seconds})
         )
+
+    def update_network(self, sandbox_id: str, network: Any) -> SandboxInfo:
+        return SandboxInfo.from_wire(
+            self._json("PUT", sandbox_path(sandbox_id, "network"), json={"network": network})
+        )
+
+    def network_status(self, sandbox_id: str) -> NetworkStatus:
+        return NetworkStatus.from_wire(self._json("GET", sandbox_path(sandbox_id, "network")))
 
     def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return SandboxInfo.from_wire(self._json("POST", sandbox_path(sandbox_id, "pause")))

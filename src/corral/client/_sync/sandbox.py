@@ -17,19 +17,21 @@ from collections.abc import Iterable, Iterator, Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 from corral.client._sync.backend import Backend, open_default_backend
 from corral.client._sync.code import CodeInterpreter
 from corral.client._sync.pty import Pty
 from corral.client._sync.watch import WatchHandle, open_watch
-from corral.errors import CommandFailed, NotFound, Unsupported
+from corral.errors import CommandFailed, InvalidRequest, NotFound, Unsupported
 from corral.models import (
     CommandResult,
     CreateParams,
     EntryInfo,
     EventKind,
     ExecParams,
+    NetworkPolicy,
+    NetworkStatus,
     PortForward,
     ProcessEvent,
     ProcessInfo,
@@ -348,6 +350,47 @@ class Files:
         )
 
 
+class SyncNetwork:
+    """The sandbox's egress policy: ``sbx.network.update(allow_out=[...])``, ``sbx.network.status()``."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    @property
+    def policy(self) -> NetworkPolicy:
+        """The policy as of the last call that returned the sandbox's info."""
+        return self._sandbox._info.network_policy
+
+    def update(
+        self,
+        network: str | dict[str, Any] | None = None,
+        *,
+        allow_out: list[str] | None = None,
+        deny_out: list[str] | None = None,
+    ) -> NetworkPolicy:
+        """Replace the policy in place: ``update("internet")``, ``update(allow_out=["github.com"])``.
+
+        Connections the new policy denies are cut. A sandbox created with ``network="none"`` has no network
+        to change: create it with a policy (``{"allow_out": []}`` allows nothing yet) to change it later.
+        """
+        if network is None:
+            rules: dict[str, Any] = {}
+            if allow_out is not None:
+                rules["allow_out"] = list(allow_out)
+            if deny_out is not None:
+                rules["deny_out"] = list(deny_out)
+            network = rules or "none"
+        elif allow_out is not None or deny_out is not None:
+            raise InvalidRequest("give either a network policy or allow_out/deny_out, not both")
+        wire = NetworkPolicy.parse(network).to_wire()  # refused here, with the rule named, before sending
+        self._sandbox._info = self._sandbox._backend.update_network(self._sandbox.sandbox_id, wire)
+        return self.policy
+
+    def status(self) -> NetworkStatus:
+        """The policy, open connections and every decision so far (counted, by destination and rule)."""
+        return self._sandbox._backend.network_status(self._sandbox.sandbox_id)
+
+
 class Sandbox(CodeInterpreter):
     """A sandbox. ``async with await AsyncSandbox.create() as sbx:`` kills it when the block ends."""
 
@@ -359,6 +402,7 @@ class Sandbox(CodeInterpreter):
         self.commands = Commands(backend, info.sandbox_id)
         self.files = Files(backend, info.sandbox_id)
         self.pty = Pty(backend, info.sandbox_id)
+        self.network = SyncNetwork(self)
 
     @classmethod
     def create(
@@ -374,6 +418,7 @@ class Sandbox(CodeInterpreter):
         backend: Backend | None = None,
         files: dict[str, bytes] | None = None,
         public_ports: bool = False,
+        network: str | dict[str, Any] | None = None,
     ) -> Sandbox:
         """Create a sandbox and wait until it is ready.
 
@@ -381,7 +426,13 @@ class Sandbox(CodeInterpreter):
         until it is killed (default 300; change it later with ``set_timeout``). ``files``: path -> content,
         written (as the default user) before this returns. ``public_ports``: let anyone with the URL reach
         its ports through the server (``get_url``); by default a request needs ``traffic_token``. Served from
-        a warm pool when one matches.
+        a warm pool when one matches (only sandboxes without network are).
+
+        ``network``: ``"none"`` (the default: no network at all), ``"internet"`` (public addresses only), or
+        ``{"allow_out": [...], "deny_out": [...]}`` with host names (``pypi.org``), wildcards
+        (``*.githubusercontent.com``) and CIDRs (``203.0.113.0/24``), each with an optional ``:port``.
+        Change it later with ``sbx.network.update(...)``. Never reachable, whatever the policy: the host,
+        other sandboxes, private, link-local and metadata addresses.
         """
         owns = backend is None
         backend = backend or open_default_backend()
@@ -397,6 +448,7 @@ class Sandbox(CodeInterpreter):
                     cpus=cpus,
                     files=dict(files or {}),
                     public_ports=public_ports,
+                    network=network,
                 )
             )
         except BaseException:

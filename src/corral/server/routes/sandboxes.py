@@ -1,4 +1,4 @@
-"""Sandboxes: create, get, list (metadata filters, pagination), kill, timeout, pause, resume."""
+"""Sandboxes: create, get, list (metadata filters, pagination), kill, timeout, network, pause, resume."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query
 from corral.errors import InvalidRequest
 from corral.models import SandboxInfo, SandboxState
 from corral.server.app import AppState, State, TenantCaller
-from corral.server.schemas import CreateSandboxBody, ForkBody, SnapshotBody, TimeoutBody
+from corral.server.schemas import CreateSandboxBody, ForkBody, NetworkBody, SnapshotBody, TimeoutBody
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 
@@ -93,6 +93,21 @@ async def set_timeout(
     sandbox_id: str, body: TimeoutBody, state: State, tenant: TenantCaller
 ) -> dict[str, Any]:
     return _wire(state, await state.service.set_timeout(sandbox_id, body.timeout, tenant=tenant))
+
+
+@router.put(
+    "/{sandbox_id}/network",
+    summary="Replace the sandbox's egress policy in place; open connections it now denies are cut",
+)
+async def update_network(
+    sandbox_id: str, body: NetworkBody, state: State, tenant: TenantCaller
+) -> dict[str, Any]:
+    return _wire(state, await state.service.update_network(sandbox_id, body.value(), tenant=tenant))
+
+
+@router.get("/{sandbox_id}/network", summary="The sandbox's egress policy and its decision counts")
+async def network_status(sandbox_id: str, state: State, tenant: TenantCaller) -> dict[str, Any]:
+    return (await state.service.network_status(sandbox_id, tenant=tenant)).to_wire()
 
 
 @router.post("/{sandbox_id}/pause", summary="Pause (its deadline is suspended)")

@@ -1,0 +1,157 @@
+"""A test's own "internet", run inside the upstream network namespace the test made (no route out of it).
+
+``python _upstream.py ZONE_JSON CERT KEY`` serves, on every address of its namespace:
+- DNS on port 53 (UDP and TCP): the A records of ZONE_JSON (``{"name": ["198.18.1.1", ...]}``); other
+  names NXDOMAIN. Every query is appended to ``queries.log`` beside the zone file (what reached upstream);
+- HTTP on 80 and HTTPS on 443 (the self-signed CERT): ``GET /`` answers ``host=<Host> local=<address>
+  sni=<server name>``; ``GET /bytes/N`` answers N bytes; ``GET /dns?name=N`` (DoH-style) answers the
+  zone's addresses for N as text;
+- a raw TCP service on 7000 that answers ``banner <address>`` and then echoes;
+- UDP echo on 7001.
+Prints ``ready`` once listening. Stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import socketserver
+import ssl
+import struct
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import dns.message
+import dns.rcode
+import dns.rrset
+
+with open(sys.argv[1]) as _f:
+    ZONE: dict[str, list[str]] = json.loads(_f.read())
+LOG = os.path.join(os.path.dirname(sys.argv[1]), "queries.log")
+_lock = threading.Lock()
+
+
+def _answer(packet: bytes) -> bytes:
+    query = dns.message.from_wire(packet)
+    name = query.question[0].name.to_text(omit_final_dot=True).lower()
+    with _lock, open(LOG, "a") as f:
+        f.write(name + "\n")
+    response = dns.message.make_response(query)
+    addrs = ZONE.get(name)
+    if addrs is None:
+        response.set_rcode(dns.rcode.NXDOMAIN)
+    elif query.question[0].rdtype == 1:
+        response.answer.append(dns.rrset.from_text_list(query.question[0].name, 30, "IN", "A", addrs))
+    return response.to_wire()
+
+
+class _Udp(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        sock.sendto(_answer(data), self.client_address)
+
+
+class _Tcp(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        size = struct.unpack("!H", self.rfile.read(2))[0]
+        reply = _answer(self.rfile.read(size))
+        self.wfile.write(struct.pack("!H", len(reply)) + reply)
+
+
+class _Http(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        sni = getattr(self.connection, "sni", "")
+        local = self.connection.getsockname()[0]
+        if self.path.startswith("/bytes/"):
+            n = int(self.path.split("/")[2])
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            chunk = b"x" * 65536
+            while n > 0:
+                self.wfile.write(chunk[: min(n, len(chunk))])
+                n -= len(chunk)
+            return
+        if self.path.startswith("/dns?name="):
+            body = " ".join(ZONE.get(self.path.split("=", 1)[1], [])).encode()
+        elif self.path.startswith("/slow"):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"y" * 1000)
+                    self.wfile.flush()
+                    threading.Event().wait(0.05)
+            except OSError:
+                pass
+            return
+        else:
+            body = f"host={self.headers.get('Host')} local={local} sni={sni}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _Tls(ThreadingHTTPServer):
+    def __init__(self, addr: tuple[str, int], context: ssl.SSLContext) -> None:
+        super().__init__(addr, _Http)
+        self.context = context
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, addr = super().get_request()
+        holder: dict[str, str] = {}
+
+        def remember(conn: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+            holder["sni"] = name or ""
+
+        self.context.sni_callback = remember  # type: ignore[assignment]
+        tls = self.context.wrap_socket(sock, server_side=True)
+        tls.sni = holder.get("sni", "")  # type: ignore[attr-defined]
+        return tls, addr
+
+
+class _Banner(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        self.wfile.write(f"banner {self.connection.getsockname()[0]}\n".encode())
+        while data := self.connection.recv(65536):
+            self.connection.sendall(data)
+
+
+class _UdpEcho(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        sock.sendto(data, self.client_address)
+
+
+def main() -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[2], sys.argv[3])
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    servers = [
+        socketserver.ThreadingUDPServer(("0.0.0.0", 53), _Udp),
+        socketserver.ThreadingTCPServer(("0.0.0.0", 53), _Tcp),
+        ThreadingHTTPServer(("0.0.0.0", 80), _Http),
+        _Tls(("0.0.0.0", 443), context),
+        socketserver.ThreadingTCPServer(("0.0.0.0", 7000), _Banner),
+        socketserver.ThreadingUDPServer(("0.0.0.0", 7001), _UdpEcho),
+    ]
+    for server in servers:
+        server.daemon_threads = True  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    print("ready", flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    main()
