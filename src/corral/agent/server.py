@@ -40,6 +40,9 @@ HEADER_ROOM = MAX_HEADER - 4096  # what an answer's fields may take, leaving roo
 Handler = Callable[[Connection, str, Frame], None]
 
 
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07): reseed the CRNG from the input pool now (needs CAP_SYS_ADMIN)
+
+
 def _invalid(message: str) -> AgentError:
     return AgentError(AgentErrorCode.INVALID, message)
 
@@ -95,6 +98,7 @@ class Agent:
             Op.HELLO: self.op_hello,
             Op.PING: self.op_ping,
             Op.CONFIGURE: self.op_configure,
+            Op.RESEED: self.op_reseed,
             Op.EXEC: self.op_exec,
             Op.ATTACH: self.op_attach,
             Op.DETACH: self.op_detach,
@@ -208,6 +212,32 @@ class Agent:
 
     def op_ping(self, conn: Connection, rid: str, frame: Frame) -> None:
         conn.finish(rid, {"ev": "ok"})
+
+    def op_reseed(self, conn: Connection, rid: str, frame: Frame) -> None:
+        """Mix ``seed`` into the kernel's entropy pool and reseed its CRNG at once: every sandbox restored from
+        one memory image (a fork, a warm-pool member) would otherwise draw the same "random" numbers. Answers
+        ``reseeded: false`` where the agent may not (not root in a VM: the other runtimes share the host's)."""
+        seed = _opt(frame.header, "seed", str, "")
+        try:
+            data = bytes.fromhex(seed)
+        except ValueError:
+            raise _invalid("seed must be hex") from None
+        if not 16 <= len(data) <= 512:
+            raise _invalid("seed must be 16 to 512 bytes")
+        reseeded = False
+        try:
+            fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, data)
+                import fcntl
+
+                fcntl.ioctl(fd, RNDRESEEDCRNG)
+                reseeded = True
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        conn.finish(rid, {"ev": "ok", "reseeded": reseeded})
 
     def op_configure(self, conn: Connection, rid: str, frame: Frame) -> None:
         h = frame.header

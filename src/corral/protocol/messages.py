@@ -54,6 +54,7 @@ class Op(StrEnum):
     WATCH = "watch"  # a directory's changes, until cancelled
     # agent-wide
     CONFIGURE = "configure"  # late-bound env defaults, set after boot (warm pools)
+    RESEED = "reseed"  # ``seed`` (hex): fresh entropy for the kernel's RNG after a memory restore (a fork)
     # ports
     PORT_CONNECT = "port.connect"  # a TCP connection to a port inside the sandbox, relayed both ways
     CANCEL = "cancel"  # ends a long-lived request (watch, attach) with the same id; not answered itself

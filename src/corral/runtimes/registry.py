@@ -17,6 +17,7 @@ __all__ = ["RUNTIMES", "load_runtime"]
 RUNTIMES: dict[str, str] = {
     "namespace": "corral.runtimes.namespace:NamespaceRuntime",
     "gvisor": "corral.runtimes.gvisor:GVisorRuntime",
+    "microvm": "corral.runtimes.microvm.runtime:MicroVMRuntime",
     "fake": "corral.runtimes.fake:FakeRuntime",
 }
 

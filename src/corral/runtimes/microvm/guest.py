@@ -113,6 +113,7 @@ echo "$(arg pids)" >/newroot/sys/fs/cgroup/sandbox/pids.max
 cpu=$(arg cpu); [ -n "$cpu" ] && echo "$cpu 100000" >/newroot/sys/fs/cgroup/sandbox/cpu.max
 echo $$ >/newroot/sys/fs/cgroup/sandbox/cgroup.procs
 hostname "$(arg hostname)"
+ip link set lo up
 loader=$(arg loader)
 exec switch_root /newroot "/.corral/lib/$loader" --library-path /.corral/lib /.corral/bin/python3 \
   -I -S -B -m corral.agent 0<&3 1>&3 3>&-

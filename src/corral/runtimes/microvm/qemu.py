@@ -46,7 +46,9 @@ class QemuEngine:
             _proc.require_binary(tool)
         return binary
 
-    def argv(self, binary: str, config: VmConfig, state_dir: Path, *, incoming: Path | None = None) -> list[str]:
+    def argv(
+        self, binary: str, config: VmConfig, state_dir: Path, *, incoming: Path | None = None
+    ) -> list[str]:
         """The command that boots ``config`` (or, with ``incoming``, restores the memory image there)."""
         accel = "kvm" if self.accel == "kvm" else "tcg,thread=" + ("multi" if config.vcpus > 1 else "single")
         argv = [
@@ -65,6 +67,10 @@ class QemuEngine:
             "-no-user-config",
             "-nographic",
             "-no-reboot",
+            # snapshots stop the VM before migrating (one consistent cut, no dirty-page rounds): without
+            # this the "paused" run state travels with the image and every restore would stay paused
+            "-global",
+            "migration.store-global-state=off",
             "-kernel",
             config.kernel,
             "-initrd",
@@ -96,7 +102,15 @@ class QemuEngine:
 
     def checkpoint_argv(self, python: str, state_dir: Path, image: Path) -> list[str]:
         """A command that saves the VM's memory to ``image`` and ends QEMU (the shim's ``shim.checkpoint``)."""
-        return [python, "-I", "-m", "corral.runtimes.microvm.qmp", str(state_dir / "qmp.sock"), "save", str(image)]
+        return [
+            python,
+            "-I",
+            "-m",
+            "corral.runtimes.microvm.qmp",
+            str(state_dir / "qmp.sock"),
+            "save",
+            str(image),
+        ]
 
     # -- operations on a running VM (blocking; run in worker threads) -----------------------------------
     def pause(self, state_dir: Path) -> None:

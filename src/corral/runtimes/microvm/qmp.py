@@ -46,7 +46,7 @@ def command(sock: Path, name: str, *, timeout: float = 30.0, **args: Any) -> Any
         raise RuntimeFailure("the microVM's monitor does not answer") from exc
     try:
         client.settimeout(timeout)
-        return client.cmd(name, **args) if not args else client.cmd(name, args)
+        return client.cmd(name, **args)
     except (OSError, QMPError) as exc:
         log.error("QMP %s failed: %s", name, exc)
         raise RuntimeFailure(f"the microVM refused {name}") from exc
@@ -62,7 +62,7 @@ def save(sock: Path, image: Path, *, quit: bool, timeout: float) -> None:
         raise RuntimeFailure("the microVM's monitor does not answer") from exc
     try:
         client.cmd("stop")
-        client.cmd("migrate", {"uri": f"exec:cat > {shlex.quote(str(image))}"})
+        client.cmd("migrate", uri=f"exec:cat > {shlex.quote(str(image))}")
         deadline = time.monotonic() + timeout
         while True:
             info = client.cmd("query-migrate")
