@@ -51,6 +51,7 @@ BINARY_MARKERS = {
     "bwrap": ("bwrap", "bubblewrap"),
     "runsc": ("runsc", "runsc"),
     "busybox": ("busybox", "busybox-static"),
+    "qemu": ("qemu-system-x86_64", "qemu-system-x86"),
 }
 
 _DATA_DIR = pytest.StashKey[Path]()

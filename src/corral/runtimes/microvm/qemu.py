@@ -13,10 +13,11 @@ otherwise: on nested hosts like this one KVM hangs QEMU, possibly unkillably.
 from __future__ import annotations
 
 import shlex
+import shutil
 import time
 from pathlib import Path
 
-from corral.errors import InvalidRequest, RuntimeFailure
+from corral.errors import InvalidRequest, RuntimeFailure, RuntimeUnavailable
 from corral.runtimes import _proc
 from corral.runtimes.microvm import qmp
 from corral.runtimes.microvm.vm import VmConfig, kernel_cmdline
@@ -41,7 +42,13 @@ class QemuEngine:
         self.accel = accel
 
     def check(self) -> str:
-        binary = _proc.require_binary(self.binary_name)
+        binary = shutil.which(self.binary_name)
+        if binary is None:
+            raise RuntimeUnavailable(
+                f"QEMU ({self.binary_name}) is not installed on this host; install it with: "
+                "apt-get install qemu-system-x86",
+                details={"binary": self.binary_name, "install": "apt-get install qemu-system-x86"},
+            )
         for tool in ("qemu-img", "mkfs.erofs", "mkfs.ext4", "lz4"):
             _proc.require_binary(tool)
         return binary

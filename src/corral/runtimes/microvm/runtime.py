@@ -33,39 +33,40 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import anyio
-import anyio.lowlevel
 import anyio.to_thread
 
 from corral.errors import Conflict, InvalidRequest, RuntimeFailure, RuntimeUnavailable, Timeout
-from corral.runtimes import _proc, _rootfs, _shimctl
-from corral.runtimes._bundle import AgentBundle, ensure_bundle
+from corral.runtimes import _shimctl
+from corral.runtimes._bundle import AgentBundle
+from corral.runtimes._local import SNAPSHOTS, LocalRuntime, LocalSandbox, host_layers
 from corral.runtimes._shimspec import ShimSpec
 from corral.runtimes.base import (
-    ByteStream,
+    Artifact,
+    ArtifactKind,
     Capabilities,
     Instance,
     Observed,
     ObservedState,
-    RuntimeConfig,
     SandboxSpec,
     Snapshot,
 )
 from corral.runtimes.microvm import disks
 from corral.runtimes.microvm.guest import Guest, ensure_guest
-from corral.runtimes.microvm.qemu import QemuEngine
+from corral.runtimes.microvm.qemu import ACCELERATORS, QemuEngine
 from corral.runtimes.microvm.vm import AGENT_SERIAL, UPPER_SERIAL, Disk, VmConfig
 
-__all__ = ["MicroVMRuntime"]
+__all__ = ["MicroVMOptions", "MicroVMRuntime"]
 
 log = logging.getLogger("corral.runtimes.microvm")
 
-BOOT_TIMEOUT = 180.0  # create → agent hello: 3-8 s under TCG here, far more on a loaded CI host
-COMMAND_TIMEOUT = 30.0
+BOOT_TIMEOUT = 180.0  # create → agent hello: 3-10 s under TCG here, far more on a loaded CI host
+CHECKPOINT_TIMEOUT = 300.0  # memory to disk and back: ~0.5 s per 256 MiB guest here
 CHECKPOINT_DIR = "checkpoint"  # below the state dir: the memory image of a sandbox paused to disk
 CONSOLE_LINES = 40  # of the guest console, logged when a boot fails (never sent to a client)
 MAX_SOCKET_PATH = 107
@@ -75,150 +76,119 @@ _POLL = 0.005
 STOP_TIMEOUT = 5.0
 
 
-class MicroVMRuntime:
+@dataclass(frozen=True, kw_only=True)
+class MicroVMOptions:
+    """``[runtime.microvm]``: ``accel`` (``tcg``, the default, or ``kvm``: never chosen or probed on its own,
+    since KVM hangs on nested hosts), ``qemu`` (the binary), ``pause`` (``memory``: QMP stop, the guest's
+    RAM stays allocated; ``disk``: its memory goes to a file and QEMU exits until resume) and ``cache_dir``
+    (guest kernel, initramfs and disk images, keyed by their inputs; default below the cache root)."""
+
+    accel: str = "tcg"
+    qemu: str | None = None
+    pause: str = "memory"
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.accel not in ACCELERATORS:
+            raise InvalidRequest(f"[runtime.microvm] accel must be one of {', '.join(ACCELERATORS)}")
+        if self.pause not in PAUSE_MODES:
+            raise InvalidRequest(f"[runtime.microvm] pause must be one of {', '.join(PAUSE_MODES)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Host:
+    binary: str
+    guest: Guest
+
+
+class MicroVMRuntime(LocalRuntime[_Host]):
     """A QEMU ``-M microvm`` guest per sandbox (see the module docstring)."""
 
     name: ClassVar[str] = "microvm"
-    capabilities: ClassVar[Capabilities] = Capabilities(pause=True, checkpoint=True, snapshot_fs=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        pause=True, snapshot=frozenset({ArtifactKind.DISK, ArtifactKind.MEMORY})
+    )
+    Options: ClassVar[type[Any]] = MicroVMOptions
+    ready_timeout: ClassVar[float] = BOOT_TIMEOUT
+    options: MicroVMOptions
 
-    def __init__(
-        self,
-        config: RuntimeConfig,
-        *,
-        accel: str = "tcg",
-        qemu: str | None = None,
-        pause: str = "memory",
-        boot_timeout: float = BOOT_TIMEOUT,
-        cache_dir: Path | None = None,
-    ) -> None:
-        """``cache_dir``: where the guest kernel, initramfs and disk images are kept (default below the
-        runtime's cache root; they are keyed by their inputs, so a host-wide directory can be shared)."""
-        if pause not in PAUSE_MODES:
-            raise InvalidRequest(f"[runtime.microvm] pause must be one of {', '.join(PAUSE_MODES)}")
-        self.config = config
-        self.engine = QemuEngine(binary=qemu, accel=accel)
-        self.pause_mode = pause
-        self.boot_timeout = boot_timeout
-        self.cache_dir = cache_dir if cache_dir is not None else config.cache_root
-        self._binary: str | None = None
-        self._guest: Guest | None = None
-        self._bundle: AgentBundle | None = None
+    def __init__(self, config: Any, options: Any = None) -> None:
+        super().__init__(config, options)
+        self.engine = QemuEngine(binary=self.options.qemu, accel=self.options.accel)
+        self.cache_dir = Path(self.options.cache_dir) if self.options.cache_dir else config.cache_root
 
-    # -- host check ---------------------------------------------------------------------------------------
-    async def check(self) -> None:
-        await self._host()
-
-    async def _host(self) -> str:
-        if self._binary is None:
-            self._binary = await anyio.to_thread.run_sync(self.engine.check)
-        return self._binary
-
-    async def _assets(self) -> tuple[str, Guest, AgentBundle]:
-        binary = await self._host()
-        if self._guest is None:
-            self._guest = await anyio.to_thread.run_sync(partial(ensure_guest, self.cache_dir))
-        if self._bundle is None:
-            self._bundle = await anyio.to_thread.run_sync(ensure_bundle, self.config.cache_root)
-        return binary, self._guest, self._bundle
+    def check_host(self) -> _Host:
+        binary = self.engine.check()
+        return _Host(binary=binary, guest=ensure_guest(self.cache_dir))
 
     # -- create ---------------------------------------------------------------------------------------------
     async def create(self, spec: SandboxSpec) -> Instance:
-        binary, guest, bundle = await self._assets()
         if not _HOSTNAME.match(spec.hostname):
             raise InvalidRequest("hostname must be letters, digits, dots and dashes (at most 63)")
-        state_dir = self.config.state_root / spec.sandbox_id
-        socket_path = state_dir / "agent.sock"
-        if len(str(socket_path)) > MAX_SOCKET_PATH:
-            raise RuntimeUnavailable("the runtime state directory path is too long for a Unix socket")
-        self.config.state_root.mkdir(parents=True, exist_ok=True)
         try:
-            state_dir.mkdir(mode=0o700)
-        except FileExistsError as exc:
-            raise Conflict(f"sandbox {spec.sandbox_id} already exists on this host") from exc
-        handle: _shimctl.ShimHandle | None = None
-        try:
-            shim_spec = await anyio.to_thread.run_sync(self._prepare, spec, state_dir, binary, guest, bundle)
-            handle = _shimctl.launcher.spawn(state_dir, shim_spec)
-            try:
-                await _shimctl.launcher.wait_ready(
-                    handle, what="start the microVM", timeout=self.boot_timeout
-                )
-            except (Timeout, RuntimeFailure) as exc:
-                _log_console(spec.sandbox_id, state_dir)
-                if isinstance(exc, Timeout):
-                    raise RuntimeFailure(
-                        f"the microVM did not start its agent within {self.boot_timeout:g} s "
-                        "(the guest console is in the server log)",
-                        details={"stage": "boot"},
-                    ) from exc
-                raise
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            return Instance(
-                sandbox_id=spec.sandbox_id,
-                runtime=self.name,
-                state_dir=str(state_dir),
-                shim_pid=handle.pid,
-                shim_start_ticks=handle.start_ticks,
-                socket_path=str(socket_path),
-                extra={"engine": self.engine.name},
-            )
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(
-                    _teardown,
-                    state_dir,
-                    handle.pid if handle else None,
-                    handle.start_ticks if handle else None,
-                )
-            raise
+            return await super().create(spec)
+        except Timeout as exc:  # the skeleton removed everything; the console went to the log first
+            raise RuntimeFailure(
+                f"the microVM did not start its agent within {self.ready_timeout:g} s "
+                "(the guest console is in the server log)",
+                details={"stage": "boot"},
+            ) from exc
 
-    def _prepare(
-        self, spec: SandboxSpec, state_dir: Path, binary: str, guest: Guest, bundle: AgentBundle
-    ) -> ShimSpec:
-        """The writable disk, ``vm.json`` and the shim spec (the caller cleans up on failure)."""
+    def prepare(self, spec: SandboxSpec, sandbox: LocalSandbox) -> ShimSpec:
+        """The writable disk, ``vm.json`` and the shim spec (the skeleton cleans up on failure)."""
+        if len(sandbox.socket) > MAX_SOCKET_PATH or len(sandbox.control) > MAX_SOCKET_PATH:
+            raise RuntimeUnavailable("the runtime state directory path is too long for a Unix socket")
+        state_dir = sandbox.state_dir
+        sandbox.extra["booting"] = True  # until the agent said hello: a failed boot logs the console
+        sandbox.extra["engine"] = self.engine.name
         (state_dir / CHECKPOINT_DIR).mkdir(mode=0o700)
         upper = state_dir / "upper.qcow2"
         incoming: Path | None = None
         if spec.restore_from is not None:
-            config = self._restored_config(spec, upper)
-            incoming = spec.restore_from / "memory"
+            memory = spec.restore_from.path
+            config = _restored_config(spec, memory, upper)
+            incoming = memory / "memory"
+            # a restored agent says no new hello: keep its first one here, for snapshots of this sandbox
+            shutil.copyfile(memory / "hello.frame", state_dir / "hello.frame")
         else:
-            config = self._fresh_config(spec, guest, bundle, upper)
+            config = self._fresh_config(spec, self.bundle, upper)
             if spec.upper_seed is not None:
-                disks.copy_upper(spec.upper_seed, upper)
+                disks.copy_upper(_disk_seed(spec.upper_seed), upper)
             else:
                 size = spec.limits.disk_mb or disks.DEFAULT_DISK_MB
                 disks.make_upper(upper, disks.ensure_empty_ext4(self.cache_dir, size))
         config.save(state_dir / "vm.json")
         image = state_dir / CHECKPOINT_DIR / "memory"
+        binary = self.host.binary
         return ShimSpec(
             argv=self.engine.argv(binary, config, state_dir, incoming=incoming),
-            socket=str(state_dir / "agent.sock"),
+            socket=sandbox.socket,
+            control=sandbox.control,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             deadline=spec.deadline,
             restored=incoming is not None,
-            hello_file=str(spec.restore_from / "hello.frame") if spec.restore_from is not None else None,
+            hello_file=str(state_dir / "hello.frame") if incoming is not None else None,
             checkpoint_argv=self.engine.checkpoint_argv(sys.executable, state_dir, image),
             restore_argv=self.engine.argv(binary, config, state_dir, incoming=image),
             reseed_on_restore=True,
         )
 
-    def _fresh_config(self, spec: SandboxSpec, guest: Guest, bundle: AgentBundle, upper: Path) -> VmConfig:
+    async def started(self, spec: SandboxSpec, sandbox: LocalSandbox) -> None:
+        sandbox.extra.pop("booting", None)
+
+    def _fresh_config(self, spec: SandboxSpec, bundle: AgentBundle, upper: Path) -> VmConfig:
+        rootfs = host_layers(spec, self.name)
         vcpus = max(1, math.ceil(spec.limits.cpus))
         images: list[Disk] = []
-        args = {
-            "pids": str(spec.limits.pids),
-            "hostname": spec.hostname,
-            "loader": bundle.loader_name,
-        }
-        if spec.limits.cpus < vcpus:
+        args = {"pids": str(spec.limits.pids), "hostname": spec.hostname, "loader": bundle.loader_name}
+        if spec.limits.cpus < vcpus:  # a fraction of a vCPU: the guest cgroup's cpu.max
             args["cpu"] = str(max(1000, int(spec.limits.cpus * 100_000)))
-        for index, layer in enumerate(spec.rootfs.lower):
+        for index, layer in enumerate(rootfs.lower):
             images.append(
                 Disk(serial=f"corral-l{index}", path=str(disks.ensure_erofs(self.cache_dir, layer)))
             )
             args[f"l{index}"] = "1"
-        for index, bind in enumerate(spec.rootfs.binds):
+        for index, bind in enumerate(rootfs.binds):
             if not bind.target.startswith("/") or any(c.isspace() or c == "," for c in bind.target):
                 raise InvalidRequest(f"bind target {bind.target!r} cannot be given to a microVM")
             path = disks.ensure_erofs(self.cache_dir, bind.source, tree=True)
@@ -227,100 +197,135 @@ class MicroVMRuntime:
         images.append(Disk(serial=UPPER_SERIAL, path=str(upper), format="qcow2", readonly=False))
         images.append(Disk(serial=AGENT_SERIAL, path=str(disks.ensure_erofs(self.cache_dir, bundle.path))))
         return VmConfig(
-            kernel=str(guest.kernel),
-            initramfs=str(guest.initramfs),
+            kernel=str(self.host.guest.kernel),
+            initramfs=str(self.host.guest.initramfs),
             memory_mb=spec.limits.memory_mb,
             vcpus=vcpus,
             disks=tuple(images),
             args=args,
         )
 
-    def _restored_config(self, spec: SandboxSpec, upper: Path) -> VmConfig:
-        """The machine a memory image was taken of, with this sandbox's own copy of its disk."""
-        assert spec.restore_from is not None
-        try:
-            config = VmConfig.load(spec.restore_from / "vm.json")
-        except (OSError, ValueError, TypeError) as exc:
-            raise InvalidRequest("that snapshot is not a microVM memory image") from exc
-        if config.memory_mb != spec.limits.memory_mb:
-            raise InvalidRequest(
-                f"a microVM memory image restores with the memory it was taken with ({config.memory_mb} MiB)",
-                details={"memory_mb": config.memory_mb},
-            )
-        missing = [d for d in config.disks if d.serial != UPPER_SERIAL and not Path(d.path).exists()]
-        if missing:
-            raise RuntimeFailure("a disk image of that snapshot is gone from this host")
-        disks.copy_upper(spec.upper_seed or spec.restore_from / "upper.qcow2", upper)
-        return config.with_upper(str(upper))
-
     # -- operations on a running sandbox --------------------------------------------------------------------
-    async def connect(self, instance: Instance) -> ByteStream:
-        return await _shimctl.connect(instance.socket_path)
-
     async def pause(self, instance: Instance) -> None:
-        state_dir = Path(instance.state_dir)
-        if not await anyio.to_thread.run_sync(state_dir.exists):
+        sandbox = LocalSandbox.of(instance)
+        if not await anyio.to_thread.run_sync(sandbox.state_dir.exists):
             raise RuntimeFailure("could not pause the microVM: it no longer exists")
-        if self.pause_mode == "disk":
-            await anyio.to_thread.run_sync(_clear_dir, state_dir / CHECKPOINT_DIR)
-            await _shimctl.call(
-                instance.socket_path,
-                "shim.checkpoint",
+        if self.options.pause == "disk":
+            await anyio.to_thread.run_sync(_clear_dir, sandbox.state_dir / CHECKPOINT_DIR)
+            await _shimctl.control(
+                sandbox.control,
+                sandbox.socket,
+                "checkpoint",
                 what="pause the microVM",
-                timeout=COMMAND_TIMEOUT * 10,
+                timeout=CHECKPOINT_TIMEOUT,
             )
         else:
-            await anyio.to_thread.run_sync(self.engine.pause, state_dir)
+            await anyio.to_thread.run_sync(self.engine.pause, sandbox.state_dir)
 
     async def resume(self, instance: Instance) -> None:
-        state_dir = Path(instance.state_dir)
-        if await anyio.to_thread.run_sync(
-            (state_dir / "paused").exists
-        ):  # paused to disk: the shim restores the image
-            await _shimctl.call(
-                instance.socket_path, "shim.restore", what="resume the microVM", timeout=COMMAND_TIMEOUT * 10
+        sandbox = LocalSandbox.of(instance)
+        if await anyio.to_thread.run_sync((sandbox.state_dir / "paused").exists):  # paused to disk
+            await _shimctl.control(
+                sandbox.control,
+                sandbox.socket,
+                "restore",
+                what="resume the microVM",
+                timeout=CHECKPOINT_TIMEOUT,
             )
         else:
-            await anyio.to_thread.run_sync(self.engine.resume, state_dir)
+            await anyio.to_thread.run_sync(self.engine.resume, sandbox.state_dir)
 
-    async def snapshot(self, instance: Instance, dest: Path) -> Snapshot:
-        """Stop, write memory + device state and a copy of the writable disk to ``dest/memory``, continue."""
-        state_dir = Path(instance.state_dir)
-        if await anyio.to_thread.run_sync((state_dir / "paused").exists):
+    async def snapshot(self, instance: Instance, key: str) -> Snapshot:
+        """Stop, write memory + device state and a copy of the writable disk below
+        ``cache_root/snapshots/KEY``, continue: a DISK and a MEMORY artifact (a fork restores both)."""
+        sandbox = LocalSandbox.of(instance)
+        if "/" in key or key in ("", ".", ".."):
+            raise InvalidRequest("a snapshot key is one path component")
+        if await anyio.to_thread.run_sync((sandbox.state_dir / "paused").exists):
             raise Conflict("resume the microVM before taking a snapshot of it")
-        await anyio.to_thread.run_sync(partial(dest.mkdir, mode=0o700))
+        dest = self.config.cache_root / SNAPSHOTS / key
         memory = dest / "memory"
-        await anyio.to_thread.run_sync(partial(memory.mkdir, mode=0o700))
         try:
-            await anyio.to_thread.run_sync(
-                partial(self.engine.save_memory, state_dir, memory / "memory", then_quit=False)
-            )
-            await anyio.to_thread.run_sync(_capture, state_dir, memory)
-        finally:
+            await anyio.to_thread.run_sync(partial(memory.mkdir, mode=0o700, parents=True))
+            try:
+                await anyio.to_thread.run_sync(
+                    partial(self.engine.save_memory, sandbox.state_dir, memory / "memory", then_quit=False)
+                )
+                await anyio.to_thread.run_sync(_capture, sandbox.state_dir, memory)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self.engine.resume, sandbox.state_dir)
+        except BaseException:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.engine.resume, state_dir)
-        return Snapshot(layer=memory / "upper.qcow2", memory=memory)
+                await anyio.to_thread.run_sync(partial(shutil.rmtree, dest, ignore_errors=True))
+            raise
+        return Snapshot(
+            files=Artifact.at(ArtifactKind.DISK, memory / "upper.qcow2", runtime=self.name),
+            memory=Artifact.at(ArtifactKind.MEMORY, memory, runtime=self.name),
+        )
 
-    async def inspect(self, instance: Instance) -> Observed:
-        state_dir = Path(instance.state_dir)
-        observed = await anyio.to_thread.run_sync(_observe, instance)
-        if observed.state is not ObservedState.RUNNING:
-            return observed
-        status = await anyio.to_thread.run_sync(self.engine.status, state_dir)
+    async def discard(self, snapshot: Snapshot) -> None:
+        roots = {
+            a.path.parent.parent if a.kind is ArtifactKind.DISK else a.path.parent
+            for a in (snapshot.files, snapshot.memory)
+            if a is not None
+        }
+        for root in roots:
+            if root.parent != self.config.cache_root / SNAPSHOTS:
+                raise InvalidRequest("that snapshot was not made by this runtime")
+            await anyio.to_thread.run_sync(partial(shutil.rmtree, root, ignore_errors=True))
+
+    async def refine_running(self, sandbox: LocalSandbox) -> Observed:
+        status = await anyio.to_thread.run_sync(self.engine.status, sandbox.state_dir)
         if status in ("paused", "postmigrate", "finish-migrate"):
             return Observed(state=ObservedState.PAUSED)
-        if status is None:  # QEMU is going away; the shim records the exit in a moment
-            return await anyio.to_thread.run_sync(_observe, instance)
+        if status is None and not await anyio.to_thread.run_sync(_vm_processes, sandbox.state_dir):
+            return Observed(state=ObservedState.EXITED)  # the shim records the exit in a moment
         return Observed(state=ObservedState.RUNNING)
 
-    async def destroy(self, instance: Instance) -> None:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(
-                _teardown, Path(instance.state_dir), instance.shim_pid, instance.shim_start_ticks
-            )
+    # -- teardown hooks -------------------------------------------------------------------------------------
+    def kill_sandbox(self, sandbox: LocalSandbox) -> None:
+        """SIGKILL the VMM (and a checkpoint helper): the shim records the exit and leaves by itself."""
+        if sandbox.extra.get("booting"):
+            _log_console(sandbox.sandbox_id, sandbox.state_dir)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while pids := _vm_processes(sandbox.state_dir):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if time.monotonic() > deadline:
+                raise RuntimeFailure("could not stop the microVM", details={"left": len(pids)})
+            time.sleep(_POLL)  # bounded; dying processes we do not parent have no event to wait on
+
+    def shim_exits_by_itself(self, sandbox: LocalSandbox) -> bool:
+        return not (sandbox.state_dir / "paused").exists()  # paused to disk: no VMM whose exit ends the shim
 
 
 # -- blocking helpers (worker threads) -----------------------------------------------------------------------
+
+
+def _disk_seed(artifact: Artifact) -> Path:
+    if artifact.kind is not ArtifactKind.DISK:
+        raise InvalidRequest(f"a microVM starts from a disk snapshot, not a {artifact.kind}")
+    return artifact.path
+
+
+def _restored_config(spec: SandboxSpec, memory: Path, upper: Path) -> VmConfig:
+    """The machine a memory image was taken of, with this sandbox's own copy of its disk."""
+    try:
+        config = VmConfig.load(memory / "vm.json")
+    except (OSError, ValueError, TypeError) as exc:
+        raise InvalidRequest("that snapshot is not a microVM memory image") from exc
+    if config.memory_mb != spec.limits.memory_mb:
+        raise InvalidRequest(
+            f"a microVM memory image restores with the memory it was taken with ({config.memory_mb} MiB)",
+            details={"memory_mb": config.memory_mb},
+        )
+    if any(d.serial != UPPER_SERIAL and not Path(d.path).exists() for d in config.disks):
+        raise RuntimeFailure("a disk image of that snapshot is gone from this host")
+    seed = _disk_seed(spec.upper_seed) if spec.upper_seed is not None else memory / "upper.qcow2"
+    disks.copy_upper(seed, upper)
+    return config.with_upper(str(upper))
 
 
 def _capture(state_dir: Path, memory: Path) -> None:
@@ -333,16 +338,6 @@ def _capture(state_dir: Path, memory: Path) -> None:
 def _clear_dir(path: Path) -> None:
     for item in path.iterdir():
         item.unlink()
-
-
-def _observe(instance: Instance) -> Observed:
-    state_dir = Path(instance.state_dir)
-    if not state_dir.exists():
-        return Observed(state=ObservedState.MISSING)
-    observed = _shimctl.observe(state_dir, _shimctl.ShimHandle(instance.shim_pid, instance.shim_start_ticks))
-    if observed.state is ObservedState.RUNNING and (state_dir / "paused").exists():
-        return Observed(state=ObservedState.PAUSED)
-    return observed
 
 
 def _log_console(sandbox_id: str, state_dir: Path) -> None:
@@ -368,27 +363,3 @@ def _vm_processes(state_dir: Path) -> set[int]:
                 if marker in Path(entry.path, "cmdline").read_bytes():
                     found.add(int(entry.name))
     return found
-
-
-def _teardown(state_dir: Path, shim_pid: int | None, shim_ticks: int | None) -> None:
-    """SIGKILL the VMM (the shim records the exit and leaves), make sure the shim is gone, remove the state
-    dir with the writable disk. Idempotent; needs nothing but the Instance."""
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while pids := _vm_processes(state_dir):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if time.monotonic() > deadline:
-            raise RuntimeFailure("could not stop the microVM", details={"left": len(pids)})
-        time.sleep(_POLL)
-    if shim_pid is not None and shim_ticks is not None:
-        if (state_dir / "paused").exists():
-            _proc.kill_pid(shim_pid, shim_ticks, signal.SIGTERM)  # paused to disk: no VMM whose exit ends it
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while _proc.pid_alive(shim_pid, shim_ticks) and time.monotonic() < deadline:
-            time.sleep(_POLL)
-        _proc.kill_pid(shim_pid, shim_ticks, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(shim_pid, os.WNOHANG)
-    if state_dir.exists():
-        _rootfs.remove_state_dir(state_dir)
