@@ -26,7 +26,10 @@ __all__ = ["ACCELERATORS", "QemuEngine"]
 
 ACCELERATORS = ("tcg", "kvm")
 QEMU = "qemu-system-x86_64"
-MIGRATE_TIMEOUT = 300.0  # ~0.5 s per 256 MiB guest here; generous for large guests on a loaded host
+MIGRATE_TIMEOUT = 300.0
+CONSOLE_RING = (
+    64 * 1024
+)  # bytes of guest console kept in memory once the agent is up  # ~0.5 s per 256 MiB guest here; generous for large guests on a loaded host
 
 
 class QemuEngine:
@@ -84,8 +87,15 @@ class QemuEngine:
             config.initramfs,
             "-append",
             kernel_cmdline(config, () if self.accel == "kvm" else (f"tsc_early_khz={_host_tsc_khz()}",)),
+            # QEMU's own seccomp filter: no obsolete syscalls, no set*uid, no scheduler/affinity changes
+            # (spawning stays allowed: migration to a file runs `cat`)
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
+            # the console goes to a file only until the agent is up (see quiet_console)
+            "-chardev",
+            f"file,id=console,path={_escape(str(state_dir / 'console.log'))}",
             "-serial",
-            f"file:{state_dir / 'console.log'}",
+            "chardev:console",
             "-qmp",
             f"unix:{state_dir / 'qmp.sock'},server=on,wait=off",
             "-device",
@@ -125,6 +135,16 @@ class QemuEngine:
 
     def resume(self, state_dir: Path) -> None:
         qmp.command(state_dir / "qmp.sock", "cont")
+
+    def quiet_console(self, state_dir: Path) -> None:
+        """Swap the console's file for a small in-memory ring: from now on the guest runs hostile code as
+        root, which could write to the serial port without end, and the host disk must not fill up."""
+        qmp.command(
+            state_dir / "qmp.sock",
+            "chardev-change",
+            id="console",
+            backend={"type": "ringbuf", "data": {"size": CONSOLE_RING}},
+        )
 
     def save_memory(self, state_dir: Path, image: Path, *, then_quit: bool) -> None:
         """Stop the VM and write its memory and device state to ``image``; ``then_quit`` ends QEMU after."""

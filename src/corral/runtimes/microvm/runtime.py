@@ -174,6 +174,7 @@ class MicroVMRuntime(LocalRuntime[_Host]):
         )
 
     async def started(self, spec: SandboxSpec, sandbox: LocalSandbox) -> None:
+        await anyio.to_thread.run_sync(self.engine.quiet_console, sandbox.state_dir)
         sandbox.extra.pop("booting", None)
 
     def _fresh_config(self, spec: SandboxSpec, bundle: AgentBundle, upper: Path) -> VmConfig:
