@@ -76,6 +76,12 @@ def pytest_configure(config: pytest.Config) -> None:
     # Set before test modules are imported, so code under test and the processes it starts both see them.
     os.environ["CORRAL_DATA_DIR"] = str(data_dir)
     os.environ["CORRAL_TEST_SESSION"] = token
+    # the microvm guest and disk images of host trees are keyed by their inputs: keep them across sessions
+    # (the erofs image of the host's /usr takes ~1 min to build), for this process and the servers it starts
+    os.environ.setdefault(
+        "CORRAL_RUNTIME_MICROVM_CACHE_DIR",
+        str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "corral" / "microvm"),
+    )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -207,7 +207,7 @@ async def gvisor_module_sandbox(gvisor_runtime: Any, host_rootfs: Any) -> AsyncI
 # --- microvm runtime -------------------------------------------------------------------------------------
 # The guest kernel, initramfs and the erofs image of the host's /usr (~1 min to build) are kept in the user's
 # cache, keyed by their inputs, so only the first session on a host pays for them.
-MICROVM_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "corral" / "microvm"
+MICROVM_CACHE = Path(os.environ["CORRAL_RUNTIME_MICROVM_CACHE_DIR"])  # set by tests/conftest.py
 
 
 @pytest.fixture(scope="session")

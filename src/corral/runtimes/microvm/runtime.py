@@ -32,6 +32,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -95,13 +96,7 @@ class MicroVMOptions:
             raise InvalidRequest(f"[runtime.microvm] pause must be one of {', '.join(PAUSE_MODES)}")
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Host:
-    binary: str
-    guest: Guest
-
-
-class MicroVMRuntime(LocalRuntime[_Host]):
+class MicroVMRuntime(LocalRuntime[str]):
     """A QEMU ``-M microvm`` guest per sandbox (see the module docstring)."""
 
     name: ClassVar[str] = "microvm"
@@ -116,10 +111,18 @@ class MicroVMRuntime(LocalRuntime[_Host]):
         super().__init__(config, options)
         self.engine = QemuEngine(binary=self.options.qemu, accel=self.options.accel)
         self.cache_dir = Path(self.options.cache_dir) if self.options.cache_dir else config.cache_root
+        self._guest: Guest | None = None
+        self._guest_lock = threading.Lock()
 
-    def check_host(self) -> _Host:
-        binary = self.engine.check()
-        return _Host(binary=binary, guest=ensure_guest(self.cache_dir))
+    def check_host(self) -> str:
+        """Binaries only (cheap: readiness probes call it); the guest is fetched and built on first use."""
+        return self.engine.check()
+
+    def _ensure_guest(self) -> Guest:
+        with self._guest_lock:  # one build per process; concurrent processes publish atomically
+            if self._guest is None:
+                self._guest = ensure_guest(self.cache_dir)
+            return self._guest
 
     # -- create ---------------------------------------------------------------------------------------------
     async def create(self, spec: SandboxSpec) -> Instance:
@@ -151,7 +154,7 @@ class MicroVMRuntime(LocalRuntime[_Host]):
             # a restored agent says no new hello: keep its first one here, for snapshots of this sandbox
             shutil.copyfile(memory / "hello.frame", state_dir / "hello.frame")
         else:
-            config = self._fresh_config(spec, self.bundle, upper)
+            config = self._fresh_config(spec, self.bundle, self._ensure_guest(), upper)
             if spec.upper_seed is not None:
                 disks.copy_upper(_disk_seed(spec.upper_seed), upper)
             else:
@@ -159,7 +162,7 @@ class MicroVMRuntime(LocalRuntime[_Host]):
                 disks.make_upper(upper, disks.ensure_empty_ext4(self.cache_dir, size))
         config.save(state_dir / "vm.json")
         image = state_dir / CHECKPOINT_DIR / "memory"
-        binary = self.host.binary
+        binary = self.host
         return ShimSpec(
             argv=self.engine.argv(binary, config, state_dir, incoming=incoming),
             socket=sandbox.socket,
@@ -177,7 +180,7 @@ class MicroVMRuntime(LocalRuntime[_Host]):
         await anyio.to_thread.run_sync(self.engine.quiet_console, sandbox.state_dir)
         sandbox.extra.pop("booting", None)
 
-    def _fresh_config(self, spec: SandboxSpec, bundle: AgentBundle, upper: Path) -> VmConfig:
+    def _fresh_config(self, spec: SandboxSpec, bundle: AgentBundle, guest: Guest, upper: Path) -> VmConfig:
         rootfs = host_layers(spec, self.name)
         vcpus = max(1, math.ceil(spec.limits.cpus))
         images: list[Disk] = []
@@ -198,8 +201,8 @@ class MicroVMRuntime(LocalRuntime[_Host]):
         images.append(Disk(serial=UPPER_SERIAL, path=str(upper), format="qcow2", readonly=False))
         images.append(Disk(serial=AGENT_SERIAL, path=str(disks.ensure_erofs(self.cache_dir, bundle.path))))
         return VmConfig(
-            kernel=str(self.host.guest.kernel),
-            initramfs=str(self.host.guest.initramfs),
+            kernel=str(guest.kernel),
+            initramfs=str(guest.initramfs),
             memory_mb=spec.limits.memory_mb,
             vcpus=vcpus,
             disks=tuple(images),
