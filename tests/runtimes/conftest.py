@@ -207,19 +207,16 @@ async def gvisor_module_sandbox(gvisor_runtime: Any, host_rootfs: Any) -> AsyncI
 # --- microvm runtime -------------------------------------------------------------------------------------
 # The guest kernel, initramfs and the erofs image of the host's /usr (~1 min to build) are kept in the user's
 # cache, keyed by their inputs, so only the first session on a host pays for them.
-MICROVM_CACHE = Path(os.environ["CORRAL_RUNTIME_MICROVM_CACHE_DIR"])  # set by tests/conftest.py
-
-
 @pytest.fixture(scope="session")
 def microvm_cache() -> Path:
-    return MICROVM_CACHE
+    return Path(os.environ["CORRAL_RUNTIME_MICROVM_CACHE_DIR"])  # set by tests/conftest.py at start-up
 
 
 @pytest.fixture(scope="session")
-def microvm_runtime(runtime_config: RuntimeConfig) -> Any:
+def microvm_runtime(runtime_config: RuntimeConfig, microvm_cache: Path) -> Any:
     from corral.runtimes.microvm.runtime import MicroVMOptions, MicroVMRuntime
 
-    return MicroVMRuntime(runtime_config, MicroVMOptions(cache_dir=str(MICROVM_CACHE)))
+    return MicroVMRuntime(runtime_config, MicroVMOptions(cache_dir=str(microvm_cache)))
 
 
 @pytest.fixture(scope="session")

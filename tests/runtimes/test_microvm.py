@@ -6,8 +6,10 @@ under TCG); the ones about boot itself or boot-time limits boot. At most two VMs
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ async def test_microvm_conforms(
     runtime_config: RuntimeConfig, host_rootfs: HostLayers, microvm_cache: Path
 ) -> None:
     await check_runtime(
-        lambda: MicroVMRuntime(runtime_config, MicroVMOptions(cache_dir=str(microvm_cache))),
+        lambda: MicroVMRuntime(runtime_config, MicroVMOptions(cache_dir=str(microvm_cache), golden=False)),
         rootfs=host_rootfs,
         timeout=600,
     )
@@ -124,9 +126,28 @@ async def test_forks_copy_memory_and_disk_then_diverge(microvm_sandbox: Any) -> 
         # the guest RNG was reseeded at restore: the copies do not draw the same numbers
         draw = "python3 -c 'import os; print(os.urandom(16).hex())'"
         assert (await child.run(draw)).out != (await parent.run(draw)).out
+        assert abs(float((await child.run("date +%s.%N")).out) - time.time()) < 10  # its clock is the host's
     finally:
         await parent.runtime.discard(snap)
     assert not (parent.runtime.config.cache_root / "snapshots" / f"fork-test-{os.getpid()}").exists()
+
+
+async def test_a_second_create_of_one_shape_restores_the_first_ones_golden_image(
+    microvm_sandbox: Any,
+) -> None:
+    limits = Limits(memory_mb=320)  # a shape of its own: its first create boots
+    first = await microvm_sandbox(boot=True, limits=limits)
+    assert not json.loads((first.state_dir / "shim.json").read_text())["restored"]
+    second = await microvm_sandbox(boot=True, limits=limits)
+    assert json.loads((second.state_dir / "shim.json").read_text())["restored"]
+    draw = "python3 -c 'import os, time; print(os.urandom(16).hex(), time.time())'"
+    rand1, _ = (await first.run(draw)).out.split()
+    rand2, t2 = (await second.run(draw)).out.split()
+    assert rand1 != rand2  # reseeded at restore
+    assert abs(float(t2) - time.time()) < 10  # and its clock set to the host's, not the image's
+    assert (await second.run("awk '/MemTotal/ {print $2}' /proc/meminfo")).out.strip() == (
+        await first.run("awk '/MemTotal/ {print $2}' /proc/meminfo")
+    ).out.strip()
 
 
 async def test_a_guest_that_misses_its_boot_timeout_is_removed_and_logged(
@@ -138,7 +159,7 @@ async def test_a_guest_that_misses_its_boot_timeout_is_removed_and_logged(
     class Impatient(MicroVMRuntime):
         ready_timeout = 1.5  # the guest is still in its kernel then
 
-    runtime = Impatient(runtime_config, MicroVMOptions(cache_dir=str(microvm_cache)))
+    runtime = Impatient(runtime_config, MicroVMOptions(cache_dir=str(microvm_cache), golden=False))
     spec = SandboxSpec(sandbox_id=SandboxId.new(), rootfs=host_rootfs)
     with (
         caplog.at_level(logging.ERROR, logger="corral.runtimes.microvm"),

@@ -26,7 +26,7 @@ CAPABILITIES = (
     "signal",
     "list_processes",
     "configure",
-    "reseed",
+    "restored",
     "read",
     "write",
     "list",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -98,7 +99,7 @@ class Agent:
             Op.HELLO: self.op_hello,
             Op.PING: self.op_ping,
             Op.CONFIGURE: self.op_configure,
-            Op.RESEED: self.op_reseed,
+            Op.RESTORED: self.op_restored,
             Op.EXEC: self.op_exec,
             Op.ATTACH: self.op_attach,
             Op.DETACH: self.op_detach,
@@ -228,11 +229,14 @@ class Agent:
     def op_ping(self, conn: Connection, rid: str, frame: Frame) -> None:
         conn.finish(rid, {"ev": "ok"})
 
-    def op_reseed(self, conn: Connection, rid: str, frame: Frame) -> None:
-        """Mix ``seed`` into the kernel's entropy pool and reseed its CRNG at once: every sandbox restored from
-        one memory image (a fork, a warm-pool member) would otherwise draw the same "random" numbers. Answers
-        ``reseeded: false`` where the agent may not (not root in a VM: the other runtimes share the host's)."""
+    def op_restored(self, conn: Connection, rid: str, frame: Frame) -> None:
+        """This agent's machine was just restored from a memory image (a fork, a golden image): mix ``seed``
+        into the kernel's entropy pool and reseed its CRNG at once (every copy of one image would otherwise
+        draw the same "random" numbers), and set the clock to the host's ``time`` (it stood still in the
+        image). Answers which of the two it could do: only where the agent owns its kernel (a VM's root);
+        the other runtimes share the host's RNG and clock, and are refused both."""
         seed = _opt(frame.header, "seed", str, "")
+        now = _opt(frame.header, "time", (int, float), None)
         try:
             data = bytes.fromhex(seed)
         except ValueError:
@@ -252,7 +256,14 @@ class Agent:
                 os.close(fd)
         except OSError:
             pass
-        conn.finish(rid, {"ev": "ok", "reseeded": reseeded})
+        clock_set = False
+        if now is not None and not isinstance(now, bool):
+            try:
+                time.clock_settime(time.CLOCK_REALTIME, float(now))
+                clock_set = True
+            except (OSError, ValueError, OverflowError):
+                pass
+        conn.finish(rid, {"ev": "ok", "reseeded": reseeded, "clock_set": clock_set})
 
     def op_configure(self, conn: Connection, rid: str, frame: Frame) -> None:
         h = frame.header

@@ -74,9 +74,10 @@ class ShimSpec:
     restore_argv: list[str] | None = None
     restored: bool = False
     hello_file: str | None = None
-    # a restored agent is first sent a ``reseed`` with fresh host entropy (VMs: each restore of one memory
-    # image would otherwise continue the same guest RNG state)
-    reseed_on_restore: bool = False
+    # a restored agent is first sent ``restored`` with fresh host entropy and the host's time (VMs: each
+    # restore of one memory image would otherwise continue the same guest RNG state, with a clock that stood
+    # still while it was on disk)
+    announce_restore: bool = False
 
     def to_json(self) -> str:
         data = {k: v for k, v in self.__dict__.items()}

@@ -25,6 +25,8 @@ before anyone can use it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
@@ -82,12 +84,15 @@ class MicroVMOptions:
     """``[runtime.microvm]``: ``accel`` (``tcg``, the default, or ``kvm``: never chosen or probed on its own,
     since KVM hangs on nested hosts), ``qemu`` (the binary), ``pause`` (``memory``: QMP stop, the guest's
     RAM stays allocated; ``disk``: its memory goes to a file and QEMU exits until resume) and ``cache_dir``
-    (guest kernel, initramfs and disk images, keyed by their inputs; default below the cache root)."""
+    (guest kernel, initramfs and disk images, keyed by their inputs; default below the cache root);
+    ``golden``: the first boot of each machine shape is saved right after its agent said hello, and later
+    creates of that shape (warm-pool members too) restore it instead of booting."""
 
     accel: str = "tcg"
     qemu: str | None = None
     pause: str = "memory"
     cache_dir: str | None = None
+    golden: bool = True
 
     def __post_init__(self) -> None:
         if self.accel not in ACCELERATORS:
@@ -160,6 +165,13 @@ class MicroVMRuntime(LocalRuntime[str]):
             else:
                 size = spec.limits.disk_mb or disks.DEFAULT_DISK_MB
                 disks.make_upper(upper, disks.ensure_empty_ext4(self.cache_dir, size))
+                golden = self._golden_dir(config, size) if self.options.golden else None
+                if golden is not None and (golden / "memory").exists():  # this shape booted before: restore
+                    config = _restored_config(spec, golden, upper)
+                    incoming = golden / "memory"
+                    shutil.copyfile(golden / "hello.frame", state_dir / "hello.frame")
+                elif golden is not None:
+                    sandbox.extra["golden"] = str(golden)  # started() captures this boot for the next ones
         config.save(state_dir / "vm.json")
         image = state_dir / CHECKPOINT_DIR / "memory"
         binary = self.host
@@ -173,12 +185,44 @@ class MicroVMRuntime(LocalRuntime[str]):
             hello_file=str(state_dir / "hello.frame") if incoming is not None else None,
             checkpoint_argv=self.engine.checkpoint_argv(sys.executable, state_dir, image),
             restore_argv=self.engine.argv(binary, config, state_dir, incoming=image),
-            reseed_on_restore=True,
+            announce_restore=True,
         )
 
     async def started(self, spec: SandboxSpec, sandbox: LocalSandbox) -> None:
+        golden = sandbox.extra.pop("golden", None)
+        if golden is not None:  # a fresh boot nobody has talked to yet: the golden image of its shape
+            await self._capture_golden(sandbox.state_dir, Path(golden))
         await anyio.to_thread.run_sync(self.engine.quiet_console, sandbox.state_dir)
         sandbox.extra.pop("booting", None)
+
+    def _golden_dir(self, config: VmConfig, disk_mb: int) -> Path:
+        """Where the golden image of machines like ``config`` is kept: keyed by everything the guest saw at
+        boot (kernel, initramfs, the content-keyed disk images, the empty disk's size, memory, vCPUs and the
+        init's arguments), so a change to any of them means a new boot."""
+        shape = json.loads(config.with_upper("").to_json())
+        shape["upper_backing"] = str(disks.ensure_empty_ext4(self.cache_dir, disk_mb))
+        key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:24]
+        return self.config.cache_root / "microvm-golden" / key  # with the data dir: it holds an agent bundle
+
+    async def _capture_golden(self, state_dir: Path, golden: Path) -> None:
+        """Stop, save, continue (~0.5 s under TCG); published atomically, so concurrent first boots of
+        one shape are harmless (one image wins). A failure costs only the speed-up, never the sandbox."""
+        tmp = golden.with_name(f".{golden.name}-{os.getpid()}-{threading.get_ident()}")
+        try:
+            await anyio.to_thread.run_sync(partial(tmp.mkdir, mode=0o700, parents=True))
+            try:
+                await anyio.to_thread.run_sync(
+                    partial(self.engine.save_memory, state_dir, tmp / "memory", then_quit=False)
+                )
+                await anyio.to_thread.run_sync(_capture, state_dir, tmp)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self.engine.resume, state_dir)
+            await anyio.to_thread.run_sync(_publish, tmp, golden)
+        except (OSError, RuntimeFailure) as exc:
+            log.warning("could not keep a golden image of a microVM: %s", exc)
+        finally:
+            await anyio.to_thread.run_sync(partial(shutil.rmtree, tmp, ignore_errors=True))
 
     def _fresh_config(self, spec: SandboxSpec, bundle: AgentBundle, guest: Guest, upper: Path) -> VmConfig:
         rootfs = host_layers(spec, self.name)
@@ -337,6 +381,13 @@ def _capture(state_dir: Path, memory: Path) -> None:
     disks.copy_upper(state_dir / "upper.qcow2", memory / "upper.qcow2")
     shutil.copyfile(state_dir / "vm.json", memory / "vm.json")
     shutil.copyfile(state_dir / "hello.frame", memory / "hello.frame")
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    try:
+        tmp.rename(target)
+    except OSError:  # another first boot of this shape won
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _clear_dir(path: Path) -> None:
