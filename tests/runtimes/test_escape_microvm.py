@@ -50,7 +50,7 @@ def _digest(path: str) -> str:
 
 
 def _qemu_rss_mb(sb: Any) -> float:
-    from corral.runtimes.microvm.runtime import _vm_processes
+    from corral.runtimes.microvm.hostside import vm_processes as _vm_processes
 
     (pid,) = _vm_processes(sb.state_dir)
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -20,7 +20,8 @@ from corral.errors import InvalidRequest, RuntimeFailure, RuntimeUnavailable
 from corral.ids import SandboxId
 from corral.runtimes.base import HostLayers, Limits, ObservedState, RuntimeConfig, SandboxSpec
 from corral.runtimes.microvm.guest import _depends, module_load_order
-from corral.runtimes.microvm.runtime import MicroVMOptions, MicroVMRuntime, _vm_processes
+from corral.runtimes.microvm.hostside import vm_processes as _vm_processes
+from corral.runtimes.microvm.runtime import MicroVMOptions, MicroVMRuntime
 from corral.testing import check_runtime
 
 pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.anyio]

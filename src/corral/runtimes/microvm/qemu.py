@@ -36,7 +36,6 @@ class QemuEngine:
     """Builds QEMU command lines and drives a running QEMU over QMP."""
 
     name = "qemu"
-    disk_formats = ("raw", "qcow2")
 
     def __init__(self, *, binary: str | None = None, accel: str = "tcg") -> None:
         if accel not in ACCELERATORS:

@@ -59,7 +59,8 @@ from corral.runtimes.base import (
     SandboxSpec,
     Snapshot,
 )
-from corral.runtimes.microvm import disks
+from corral.runtimes.microvm import disks, hostside
+from corral.runtimes.microvm.engine import Engine
 from corral.runtimes.microvm.guest import Guest, ensure_guest
 from corral.runtimes.microvm.qemu import ACCELERATORS, QemuEngine
 from corral.runtimes.microvm.vm import AGENT_SERIAL, UPPER_SERIAL, Disk, VmConfig
@@ -71,7 +72,6 @@ log = logging.getLogger("corral.runtimes.microvm")
 BOOT_TIMEOUT = 180.0  # create → agent hello: 3-10 s under TCG here, far more on a loaded CI host
 CHECKPOINT_TIMEOUT = 300.0  # memory to disk and back: ~0.5 s per 256 MiB guest here
 CHECKPOINT_DIR = "checkpoint"  # below the state dir: the memory image of a sandbox paused to disk
-CONSOLE_LINES = 40  # of the guest console, logged when a boot fails (never sent to a client)
 MAX_SOCKET_PATH = 107
 PAUSE_MODES = ("memory", "disk")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
@@ -114,7 +114,7 @@ class MicroVMRuntime(LocalRuntime[str]):
 
     def __init__(self, config: Any, options: Any = None) -> None:
         super().__init__(config, options)
-        self.engine = QemuEngine(binary=self.options.qemu, accel=self.options.accel)
+        self.engine: Engine = QemuEngine(binary=self.options.qemu, accel=self.options.accel)
         self.cache_dir = Path(self.options.cache_dir) if self.options.cache_dir else config.cache_root
         self._guest: Guest | None = None
         self._guest_lock = threading.Lock()
@@ -214,11 +214,11 @@ class MicroVMRuntime(LocalRuntime[str]):
                 await anyio.to_thread.run_sync(
                     partial(self.engine.save_memory, state_dir, tmp / "memory", then_quit=False)
                 )
-                await anyio.to_thread.run_sync(_capture, state_dir, tmp)
+                await anyio.to_thread.run_sync(hostside.capture, state_dir, tmp)
             finally:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self.engine.resume, state_dir)
-            await anyio.to_thread.run_sync(_publish, tmp, golden)
+            await anyio.to_thread.run_sync(hostside.publish, tmp, golden)
         except (OSError, RuntimeFailure) as exc:
             log.warning("could not keep a golden image of a microVM: %s", exc)
         finally:
@@ -259,7 +259,7 @@ class MicroVMRuntime(LocalRuntime[str]):
         if not await anyio.to_thread.run_sync(sandbox.state_dir.exists):
             raise RuntimeFailure("could not pause the microVM: it no longer exists")
         if self.options.pause == "disk":
-            await anyio.to_thread.run_sync(_clear_dir, sandbox.state_dir / CHECKPOINT_DIR)
+            await anyio.to_thread.run_sync(hostside.clear_dir, sandbox.state_dir / CHECKPOINT_DIR)
             await _shimctl.control(
                 sandbox.control,
                 sandbox.socket,
@@ -299,7 +299,7 @@ class MicroVMRuntime(LocalRuntime[str]):
                 await anyio.to_thread.run_sync(
                     partial(self.engine.save_memory, sandbox.state_dir, memory / "memory", then_quit=False)
                 )
-                await anyio.to_thread.run_sync(_capture, sandbox.state_dir, memory)
+                await anyio.to_thread.run_sync(hostside.capture, sandbox.state_dir, memory)
             finally:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self.engine.resume, sandbox.state_dir)
@@ -327,7 +327,7 @@ class MicroVMRuntime(LocalRuntime[str]):
         status = await anyio.to_thread.run_sync(self.engine.status, sandbox.state_dir)
         if status in ("paused", "postmigrate", "finish-migrate"):
             return Observed(state=ObservedState.PAUSED)
-        if status is None and not await anyio.to_thread.run_sync(_vm_processes, sandbox.state_dir):
+        if status is None and not await anyio.to_thread.run_sync(hostside.vm_processes, sandbox.state_dir):
             return Observed(state=ObservedState.EXITED)  # the shim records the exit in a moment
         return Observed(state=ObservedState.RUNNING)
 
@@ -335,9 +335,9 @@ class MicroVMRuntime(LocalRuntime[str]):
     def kill_sandbox(self, sandbox: LocalSandbox) -> None:
         """SIGKILL the VMM (and a checkpoint helper): the shim records the exit and leaves by itself."""
         if sandbox.extra.get("booting"):
-            _log_console(sandbox.sandbox_id, sandbox.state_dir)
+            hostside.log_console(sandbox.sandbox_id, sandbox.state_dir)
         deadline = time.monotonic() + STOP_TIMEOUT
-        while pids := _vm_processes(sandbox.state_dir):
+        while pids := hostside.vm_processes(sandbox.state_dir):
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -374,47 +374,3 @@ def _restored_config(spec: SandboxSpec, memory: Path, upper: Path) -> VmConfig:
     seed = _disk_seed(spec.upper_seed) if spec.upper_seed is not None else memory / "upper.qcow2"
     disks.copy_upper(seed, upper)
     return config.with_upper(str(upper))
-
-
-def _capture(state_dir: Path, memory: Path) -> None:
-    """With the VM stopped (its disks flushed): the disk copy, the machine and the agent's hello."""
-    disks.copy_upper(state_dir / "upper.qcow2", memory / "upper.qcow2")
-    shutil.copyfile(state_dir / "vm.json", memory / "vm.json")
-    shutil.copyfile(state_dir / "hello.frame", memory / "hello.frame")
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    try:
-        tmp.rename(target)
-    except OSError:  # another first boot of this shape won
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _clear_dir(path: Path) -> None:
-    for item in path.iterdir():
-        item.unlink()
-
-
-def _log_console(sandbox_id: str, state_dir: Path) -> None:
-    """The guest console's last lines, for the operator (they may name host details: never for clients)."""
-    with contextlib.suppress(OSError):
-        lines = (state_dir / "console.log").read_text(errors="replace").splitlines()[-CONSOLE_LINES:]
-        log.error(
-            "sandbox %s: the microVM did not boot; its console ended with:\n%s", sandbox_id, "\n".join(lines)
-        )
-    with contextlib.suppress(OSError):
-        tail = (state_dir / "sandbox.log").read_text(errors="replace")[-4000:]
-        if tail.strip():
-            log.error("sandbox %s: the VMM wrote:\n%s", sandbox_id, tail)
-
-
-def _vm_processes(state_dir: Path) -> set[int]:
-    """Host processes of one VM: the VMM and a checkpoint helper, both of which name its QMP socket."""
-    marker = str(state_dir / "qmp.sock").encode()
-    found: set[int] = set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if marker in Path(entry.path, "cmdline").read_bytes():
-                    found.add(int(entry.name))
-    return found
