@@ -62,42 +62,48 @@ def ensure_erofs(
     cache_root: Path, source: Path, *, tree: bool = False, progress: Progress | None = None
 ) -> Path:
     """A read-only erofs image of the directory ``source``, built once (atomically) and cached."""
-    root = cache_root / "microvm" / "erofs"
-    target = root / f"{_source_key(source, tree=tree)}.erofs"
+    target = cache_root / "microvm" / "erofs" / f"{_source_key(source, tree=tree)}.erofs"
     if target.exists():
         return target
     message = f"Building a guest disk image of {source.name or '/'}…"
     log.info("%s (%s)", message, source)
     if progress is not None:
         progress(message)
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".erofs", dir=root)
-    os.close(fd)
-    try:
-        # lz4 (not lz4hc): ~3x faster to build, and the guest decompresses it at the same speed
-        _proc.run_blocking(
-            [_proc.require_binary("mkfs.erofs"), "-zlz4", "--quiet", tmp, str(source)],
+    # lz4 (not lz4hc): ~3x faster to build, and the guest decompresses it at the same speed
+    return _build_file(
+        target,
+        lambda tmp: _proc.run_blocking(
+            [_proc.require_binary("mkfs.erofs"), "-zlz4", "--quiet", str(tmp), str(source)],
             timeout=EROFS_TIMEOUT,
             what="build a guest disk image",
-        )
-        os.chmod(tmp, 0o444)
+        ),
+    )
+
+
+def _build_file(target: Path, build: Callable[[Path], object]) -> Path:
+    """Run ``build`` on a temporary file next to ``target``, then publish it read-only under that name
+    (atomically: a concurrent build of the same thing is harmless, one of them wins)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".build-", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        build(tmp)
+        tmp.chmod(0o444)
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return target
 
 
 def ensure_empty_ext4(cache_root: Path, size_mb: int) -> Path:
     """A sparse, empty ext4 of ``size_mb`` MiB: the shared backing file of every writable upper that size."""
-    root = cache_root / "microvm" / "ext4"
-    target = root / f"empty-{size_mb}m.ext4"
+    target = cache_root / "microvm" / "ext4" / f"empty-{size_mb}m.ext4"
     if target.exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".ext4", dir=root)
-    os.close(fd)
-    try:
+
+    def build(tmp: Path) -> None:
         os.truncate(tmp, size_mb * 1024 * 1024)
         _proc.run_blocking(
             [
@@ -110,17 +116,13 @@ def ensure_empty_ext4(cache_root: Path, size_mb: int) -> Path:
                 "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
                 "-O",
                 "^has_journal",  # the upper dies with the sandbox; a journal only costs writes
-                tmp,
+                str(tmp),
             ],
             timeout=120,
             what="format the sandbox's writable disk",
         )
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+
+    return _build_file(target, build)
 
 
 def make_upper(dest: Path, backing: Path) -> None:
