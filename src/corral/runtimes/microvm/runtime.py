@@ -84,7 +84,9 @@ class MicroVMOptions:
     """``[runtime.microvm]``: ``accel`` (``tcg``, the default, or ``kvm``: never chosen or probed on its own,
     since KVM hangs on nested hosts), ``qemu`` (the binary), ``pause`` (``memory``: QMP stop, the guest's
     RAM stays allocated; ``disk``: its memory goes to a file and QEMU exits until resume) and ``cache_dir``
-    (guest kernel, initramfs and disk images, keyed by their inputs; default below the cache root);
+    (the guest kernel, initramfs and erofs images of host trees such as ``/usr``, keyed by their inputs, so
+    one host-wide directory can serve every data dir; default below the cache root; template layers and the
+    agent bundle, which live in the data dir, get their images there);
     ``golden``: the first boot of each machine shape is saved right after its agent said hello, and later
     creates of that shape (warm-pool members too) restore it instead of booting."""
 
@@ -233,7 +235,7 @@ class MicroVMRuntime(LocalRuntime[str]):
             args["cpu"] = str(max(1000, int(spec.limits.cpus * 100_000)))
         for index, layer in enumerate(rootfs.lower):
             images.append(
-                Disk(serial=f"corral-l{index}", path=str(disks.ensure_erofs(self.cache_dir, layer)))
+                Disk(serial=f"corral-l{index}", path=str(disks.ensure_erofs(self.config.cache_root, layer)))
             )
             args[f"l{index}"] = "1"
         for index, bind in enumerate(rootfs.binds):
@@ -243,7 +245,9 @@ class MicroVMRuntime(LocalRuntime[str]):
             images.append(Disk(serial=f"corral-b{index}", path=str(path)))
             args[f"b{index}"] = bind.target
         images.append(Disk(serial=UPPER_SERIAL, path=str(upper), format="qcow2", readonly=False))
-        images.append(Disk(serial=AGENT_SERIAL, path=str(disks.ensure_erofs(self.cache_dir, bundle.path))))
+        images.append(
+            Disk(serial=AGENT_SERIAL, path=str(disks.ensure_erofs(self.config.cache_root, bundle.path)))
+        )
         return VmConfig(
             kernel=str(guest.kernel),
             initramfs=str(guest.initramfs),
