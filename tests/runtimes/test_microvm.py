@@ -27,6 +27,10 @@ from corral.testing import check_runtime
 pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.anyio]
 
 
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
 async def test_microvm_conforms(
     runtime_config: RuntimeConfig, host_rootfs: HostLayers, microvm_cache: Path
 ) -> None:
@@ -128,6 +132,8 @@ async def test_forks_copy_memory_and_disk_then_diverge(microvm_sandbox: Any) -> 
         draw = "python3 -c 'import os; print(os.urandom(16).hex())'"
         assert (await child.run(draw)).out != (await parent.run(draw)).out
         assert abs(float((await child.run("date +%s.%N")).out) - time.time()) < 10  # its clock is the host's
+        store = parent.runtime.config.cache_root / "snapshots"
+        assert _mode(store) == _mode(snap.memory.path) == 0o700  # private to root, like the other runtimes'
     finally:
         await parent.runtime.discard(snap)
     assert not (parent.runtime.config.cache_root / "snapshots" / f"fork-test-{os.getpid()}").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from corral.runtimes.microvm import disks
 
-__all__ = ["capture", "clear_dir", "log_console", "publish", "vm_processes"]
+__all__ = ["capture", "clear_dir", "log_console", "private_dirs", "publish", "vm_processes"]
 
 log = logging.getLogger("corral.runtimes.microvm")
 
@@ -30,6 +30,15 @@ def publish(tmp: Path, target: Path) -> None:
         tmp.rename(target)
     except OSError:  # another first boot of this shape won
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def private_dirs(path: Path) -> None:
+    """``path`` and every missing parent, each mode 0700 (``mkdir(parents=True)`` would make the parents
+    0755: a snapshot store other host users could list)."""
+    if path.is_dir():
+        return
+    private_dirs(path.parent)
+    path.mkdir(mode=0o700)
 
 
 def clear_dir(path: Path) -> None:

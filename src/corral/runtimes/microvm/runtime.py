@@ -211,7 +211,7 @@ class MicroVMRuntime(LocalRuntime[str]):
         one shape are harmless (one image wins). A failure costs only the speed-up, never the sandbox."""
         tmp = golden.with_name(f".{golden.name}-{os.getpid()}-{threading.get_ident()}")
         try:
-            await anyio.to_thread.run_sync(partial(tmp.mkdir, mode=0o700, parents=True))
+            await anyio.to_thread.run_sync(hostside.private_dirs, tmp)
             try:
                 await anyio.to_thread.run_sync(
                     partial(self.engine.save_memory, state_dir, tmp / "memory", then_quit=False)
@@ -298,7 +298,7 @@ class MicroVMRuntime(LocalRuntime[str]):
         dest = self.config.cache_root / SNAPSHOTS / key
         memory = dest / "memory"
         try:
-            await anyio.to_thread.run_sync(partial(memory.mkdir, mode=0o700, parents=True))
+            await anyio.to_thread.run_sync(hostside.private_dirs, memory)
             try:
                 await anyio.to_thread.run_sync(
                     partial(self.engine.save_memory, sandbox.state_dir, memory / "memory", then_quit=False)
