@@ -54,6 +54,7 @@ BINARY_MARKERS = {
     "runsc": ("runsc", "runsc"),
     "busybox": ("busybox", "busybox-static"),
     "chromium": ("chromium", "chromium"),
+    "qemu": ("qemu-system-x86_64", "qemu-system-x86"),
 }
 
 _DATA_DIR = pytest.StashKey[Path]()
@@ -83,6 +84,12 @@ def pytest_configure(config: pytest.Config) -> None:
     # reaching the host's real uplink or its resolvers.
     os.environ["CORRAL_EGRESS_UPLINK_NETNS"] = "/run/netns/corral-test-no-uplink-configured"
     os.environ["CORRAL_EGRESS_RESOLVERS"] = "198.18.0.53"
+    # the microvm guest and disk images of host trees are keyed by their inputs: keep them across sessions
+    # (the erofs image of the host's /usr takes ~1 min to build), for this process and the servers it starts
+    os.environ.setdefault(
+        "CORRAL_RUNTIME_MICROVM_CACHE_DIR",
+        str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "corral" / "microvm"),
+    )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

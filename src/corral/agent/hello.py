@@ -26,6 +26,7 @@ CAPABILITIES = (
     "signal",
     "list_processes",
     "configure",
+    "restored",
     "read",
     "write",
     "list",

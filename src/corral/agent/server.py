@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,9 @@ LIST_CHUNK_BYTES = 48 * 1024  # entries per streamed ``chunk`` frame, well under
 HEADER_ROOM = MAX_HEADER - 4096  # what an answer's fields may take, leaving room for id and the rest
 
 Handler = Callable[[Connection, str, Frame], None]
+
+
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07): reseed the CRNG from the input pool now (needs CAP_SYS_ADMIN)
 
 
 def _invalid(message: str) -> AgentError:
@@ -97,6 +101,7 @@ class Agent:
             Op.HELLO: self.op_hello,
             Op.PING: self.op_ping,
             Op.CONFIGURE: self.op_configure,
+            Op.RESTORED: self.op_restored,
             Op.EXEC: self.op_exec,
             Op.ATTACH: self.op_attach,
             Op.DETACH: self.op_detach,
@@ -226,6 +231,42 @@ class Agent:
 
     def op_ping(self, conn: Connection, rid: str, frame: Frame) -> None:
         conn.finish(rid, {"ev": "ok"})
+
+    def op_restored(self, conn: Connection, rid: str, frame: Frame) -> None:
+        """This agent's machine was just restored from a memory image (a fork, a golden image): mix ``seed``
+        into the kernel's entropy pool and reseed its CRNG at once (every copy of one image would otherwise
+        draw the same "random" numbers), and set the clock to the host's ``time`` (it stood still in the
+        image). Answers which of the two it could do: only where the agent owns its kernel (a VM's root);
+        the other runtimes share the host's RNG and clock, and are refused both."""
+        seed = _opt(frame.header, "seed", str, "")
+        now = _opt(frame.header, "time", (int, float), None)
+        try:
+            data = bytes.fromhex(seed)
+        except ValueError:
+            raise _invalid("seed must be hex") from None
+        if not 16 <= len(data) <= 512:
+            raise _invalid("seed must be 16 to 512 bytes")
+        reseeded = False
+        try:
+            fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, data)
+                import fcntl
+
+                fcntl.ioctl(fd, RNDRESEEDCRNG)
+                reseeded = True
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        clock_set = False
+        if now is not None and not isinstance(now, bool):
+            try:
+                time.clock_settime(time.CLOCK_REALTIME, float(now))
+                clock_set = True
+            except (OSError, ValueError, OverflowError):
+                pass
+        conn.finish(rid, {"ev": "ok", "reseeded": reseeded, "clock_set": clock_set})
 
     def op_configure(self, conn: Connection, rid: str, frame: Frame) -> None:
         h = frame.header

@@ -39,7 +39,7 @@ def create_options(fn: F) -> F:
         [
             click.option(
                 "--isolation",
-                type=click.Choice(["namespace", "gvisor"]),
+                type=click.Choice(["namespace", "gvisor", "microvm"]),
                 default=None,
                 help="Isolation level (default: gvisor, or $CORRAL_ISOLATION).",
             ),

@@ -101,7 +101,7 @@ class Settings:
     max_timeout: float = 24 * 3600.0
     default_limits: Limits = field(default_factory=Limits)
     max_file_bytes: int = 4 * 1024**3  # largest single upload accepted
-    enabled_runtimes: tuple[str, ...] = ("namespace", "gvisor")
+    enabled_runtimes: tuple[str, ...] = ("namespace", "gvisor", "microvm")
     reap_interval: float = 5.0  # seconds between reconcile passes when no deadline is sooner
     database_url: str | None = None  # postgresql://… for a server that must not lose state; None = SQLite
     # server (corral serve)

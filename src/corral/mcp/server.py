@@ -152,10 +152,11 @@ def build_server(session: Session, *, name: str = "corral") -> MCPServer:
             str | None, Field(description="Template (root file system) to start from; default 'base'.")
         ] = None,
         isolation: Annotated[
-            Literal["namespace", "gvisor"] | None,
+            Literal["namespace", "gvisor", "microvm"] | None,
             Field(
-                description="'gvisor' (a user-space kernel: the stronger boundary, the default) or "
-                "'namespace' (Linux namespaces: faster, shares the host kernel)."
+                description="'gvisor' (a user-space kernel: the stronger boundary, the default), "
+                "'namespace' (Linux namespaces: faster, shares the host kernel) or 'microvm' (a virtual "
+                "machine with its own kernel: the strongest boundary, slow to boot without KVM)."
             ),
         ] = None,
         timeout: Annotated[

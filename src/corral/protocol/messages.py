@@ -55,6 +55,9 @@ class Op(StrEnum):
     WATCH = "watch"  # a directory's changes, until cancelled
     # agent-wide
     CONFIGURE = "configure"  # late-bound env defaults, set after boot (warm pools)
+    # after a restore from a memory image (a fork, a VM's golden image): ``seed`` (hex) is fresh entropy for
+    # the kernel's RNG, ``time`` the host's Unix time for the guest clock, which stood still in the image
+    RESTORED = "restored"
     # ports
     PORT_CONNECT = "port.connect"  # a TCP connection to a port inside the sandbox, relayed both ways
     CANCEL = "cancel"  # ends a long-lived request (watch, attach) with the same id; not answered itself

@@ -36,6 +36,13 @@ _INSTALL_HINTS = {
     "runsc": "apt-get install runsc",
     "mount": "apt-get install mount",
     "qemu-system-x86_64": "apt-get install qemu-system-x86",
+    "qemu-img": "apt-get install qemu-utils",
+    "mkfs.erofs": "apt-get install erofs-utils",
+    "mkfs.ext4": "apt-get install e2fsprogs",
+    "lz4": "apt-get install lz4",
+    "apt-get": "run Corral on Debian (the microvm guest kernel is a Debian package)",
+    "apt-cache": "run Corral on Debian (the microvm guest kernel is a Debian package)",
+    "dpkg": "run Corral on Debian (the microvm guest kernel is a Debian package)",
 }
 
 
@@ -103,6 +110,7 @@ def run_blocking(
     check: bool = True,
     env: Mapping[str, str] | None = None,
     input: bytes | None = None,
+    cwd: Path | None = None,
 ) -> ProcResult:
     """:func:`run` for code already in a worker thread (building the agent bundle). Same errors."""
     try:
@@ -114,6 +122,7 @@ def run_blocking(
             input=input,
             stdin=subprocess.DEVNULL if input is None else None,
             env=dict(env) if env is not None else None,
+            cwd=cwd,
         )
     except subprocess.TimeoutExpired as exc:
         log.error("host command timed out after %ss: %s", timeout, argv)

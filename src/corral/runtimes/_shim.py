@@ -474,6 +474,10 @@ class _Shim:
 
     def send_ping(self) -> None:
         """Ask a restored agent for a sign of life; :meth:`read_agent` treats the answer as "ready"."""
+        if self.spec.announce_restore:  # answered before the ping: ready means reseeded and on time
+            self.to_agent += encode(
+                {"id": self.own_id(), "op": "restored", "seed": os.urandom(64).hex(), "time": time.time()}
+            )
         self.ping_id = self.own_id()
         self.to_agent += encode({"id": self.ping_id, "op": "ping"})
         self.update_interest()

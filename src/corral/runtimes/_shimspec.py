@@ -75,6 +75,10 @@ class ShimSpec:
     restored: bool = False
     hello_file: str | None = None
     netns: str | None = None  # a network namespace file (/run/netns/…) the sandbox joins instead of its own
+    # a restored agent is first sent ``restored`` with fresh host entropy and the host's time (VMs: each
+    # restore of one memory image would otherwise continue the same guest RNG state, with a clock that stood
+    # still while it was on disk)
+    announce_restore: bool = False
 
     def to_json(self) -> str:
         data = {k: v for k, v in self.__dict__.items()}

@@ -22,6 +22,7 @@ __all__ = ["RUNTIMES", "check_options", "load_runtime", "parse_options"]
 RUNTIMES: dict[str, str] = {
     "namespace": "corral.runtimes.namespace:NamespaceRuntime",
     "gvisor": "corral.runtimes.gvisor:GVisorRuntime",
+    "microvm": "corral.runtimes.microvm.runtime:MicroVMRuntime",
     "fake": "corral.runtimes.fake:FakeRuntime",
 }
 

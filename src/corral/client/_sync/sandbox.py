@@ -422,7 +422,8 @@ class Sandbox(CodeInterpreter):
     ) -> Sandbox:
         """Create a sandbox and wait until it is ready.
 
-        ``isolation``: "namespace" (fast, shared kernel) or "gvisor" (user-space kernel). ``timeout``: seconds
+        ``isolation``: "namespace" (fast, shared kernel), "gvisor" (user-space kernel) or "microvm" (a VM with
+        its own kernel). ``timeout``: seconds
         until it is killed (default 300; change it later with ``set_timeout``). ``files``: path -> content,
         written (as the default user) before this returns. ``public_ports``: let anyone with the URL reach
         its ports through the server (``get_url``); by default a request needs ``traffic_token``. Served from

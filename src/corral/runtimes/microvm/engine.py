@@ -1,0 +1,49 @@
+"""The engine interface: what the microvm runtime needs from a VMM, and nothing more.
+
+Everything else (guest, disks, the shim, snapshots as files, teardown by the VM's processes) is engine-
+independent and lives in :mod:`.runtime`. An engine turns a :class:`~.vm.VmConfig` into the command the shim
+runs, whose stdin/stdout must be the agent's byte stream (QEMU: a virtio-serial port on its ``stdio``
+chardev), and drives that running VMM through its control socket in the state dir. Every method but
+:meth:`Engine.argv` and :meth:`Engine.checkpoint_argv` blocks and runs in a worker thread.
+
+Only ``qemu`` exists (:mod:`.qemu`). Firecracker and cloud-hypervisor would implement the same methods over
+their REST sockets (``PATCH /vm`` pause/resume, ``PUT /snapshot/create``/``load``), with raw disks only and
+the agent on vsock behind a small relay process in the command's place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from corral.runtimes.microvm.vm import VmConfig
+
+__all__ = ["Engine"]
+
+
+class Engine(Protocol):
+    name: str
+
+    def check(self) -> str:
+        """The VMM binary, or RuntimeUnavailable naming the package (never probes /dev/kvm on its own)."""
+
+    def argv(
+        self, binary: str, config: VmConfig, state_dir: Path, *, incoming: Path | None = None
+    ) -> list[str]:
+        """Boot ``config`` (or restore the memory image ``incoming``); stdio = the agent's channel."""
+
+    def checkpoint_argv(self, python: str, state_dir: Path, image: Path) -> list[str]:
+        """A command that saves the VM's memory to ``image`` and ends the VMM (a pause to disk)."""
+
+    def pause(self, state_dir: Path) -> None: ...
+
+    def resume(self, state_dir: Path) -> None: ...
+
+    def save_memory(self, state_dir: Path, image: Path, *, then_quit: bool) -> None:
+        """Stop the VM and write its memory and device state to ``image`` (a snapshot)."""
+
+    def status(self, state_dir: Path) -> str | None:
+        """The VMM's run state ("running", "paused", …), None if it does not answer."""
+
+    def quiet_console(self, state_dir: Path) -> None:
+        """Stop writing the guest console to the host's disk (the guest now runs untrusted code)."""

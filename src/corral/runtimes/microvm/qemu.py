@@ -1,0 +1,183 @@
+"""The ``qemu`` engine: QEMU ``-M microvm``, TCG unless the operator configures KVM.
+
+The VM is the shim's sandbox command, like ``runsc run`` for gVisor: the virtio-serial port ``agent`` is
+QEMU's ``stdio`` chardev, so the shim's stdio pipes *are* the agent's channel and everything the shim does
+(relay, deadline, exit record, checkpoint/restore) works unchanged. The guest console goes to a file in the
+state dir (never to a client); QMP listens on a Unix socket there for pause, resume and snapshots.
+
+No NIC is configured (``-nodefaults``, no ``-netdev``): the guest has loopback only. Accelerator: ``tcg`` by
+default; ``kvm`` only when ``[runtime.microvm] accel = "kvm"`` is set. /dev/kvm is never opened or probed
+otherwise: on nested hosts like this one KVM hangs QEMU, possibly unkillably.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+from corral.errors import InvalidRequest, RuntimeFailure, RuntimeUnavailable
+from corral.runtimes import _proc
+from corral.runtimes.microvm import qmp
+from corral.runtimes.microvm.vm import VmConfig, kernel_cmdline
+
+__all__ = ["ACCELERATORS", "QemuEngine"]
+
+ACCELERATORS = ("tcg", "kvm")
+QEMU = "qemu-system-x86_64"
+MIGRATE_TIMEOUT = 300.0
+CONSOLE_RING = (
+    64 * 1024
+)  # bytes of guest console kept in memory once the agent is up  # ~0.5 s per 256 MiB guest here; generous for large guests on a loaded host
+
+
+class QemuEngine:
+    """Builds QEMU command lines and drives a running QEMU over QMP."""
+
+    name = "qemu"
+
+    def __init__(self, *, binary: str | None = None, accel: str = "tcg") -> None:
+        if accel not in ACCELERATORS:
+            raise InvalidRequest(f"[runtime.microvm] accel must be one of {', '.join(ACCELERATORS)}")
+        self.binary_name = binary or QEMU
+        self.accel = accel
+
+    def check(self) -> str:
+        binary = shutil.which(self.binary_name)
+        if binary is None:
+            raise RuntimeUnavailable(
+                f"QEMU ({self.binary_name}) is not installed on this host; install it with: "
+                "apt-get install qemu-system-x86",
+                details={"binary": self.binary_name, "install": "apt-get install qemu-system-x86"},
+            )
+        for tool in ("qemu-img", "mkfs.erofs", "mkfs.ext4", "lz4"):
+            _proc.require_binary(tool)
+        return binary
+
+    def argv(
+        self, binary: str, config: VmConfig, state_dir: Path, *, incoming: Path | None = None
+    ) -> list[str]:
+        """The command that boots ``config`` (or, with ``incoming``, restores the memory image there)."""
+        accel = "kvm" if self.accel == "kvm" else "tcg,thread=" + ("multi" if config.vcpus > 1 else "single")
+        argv = [
+            binary,
+            "-M",
+            "microvm,x-option-roms=off,isa-serial=on,pit=on,pic=off,rtc=on,acpi=on",
+            "-accel",
+            accel,
+            "-cpu",
+            "host" if self.accel == "kvm" else "max",
+            "-m",
+            str(config.memory_mb),
+            "-smp",
+            str(config.vcpus),
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            # snapshots stop the VM before migrating (one consistent cut, no dirty-page rounds): without
+            # this the "paused" run state travels with the image and every restore would stay paused
+            "-global",
+            "migration.store-global-state=off",
+            "-kernel",
+            config.kernel,
+            "-initrd",
+            config.initramfs,
+            "-append",
+            kernel_cmdline(config, () if self.accel == "kvm" else (f"tsc_early_khz={_host_tsc_khz()}",)),
+            # QEMU's own seccomp filter: no obsolete syscalls, no set*uid, no scheduler/affinity changes
+            # (spawning stays allowed: migration to a file runs `cat`)
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
+            # the console goes to a file only until the agent is up (see quiet_console)
+            "-chardev",
+            f"file,id=console,path={_escape(str(state_dir / 'console.log'))}",
+            "-serial",
+            "chardev:console",
+            "-qmp",
+            f"unix:{state_dir / 'qmp.sock'},server=on,wait=off",
+            "-device",
+            "virtio-serial-device,max_ports=2",
+            "-chardev",
+            "stdio,id=agent,signal=off",
+            "-device",
+            "virtserialport,chardev=agent,name=agent",
+        ]
+        for index, disk in enumerate(config.disks):
+            ro = ",readonly=on" if disk.readonly else ""
+            argv += [
+                "-drive",
+                f"id=d{index},file={_escape(disk.path)},format={disk.format},if=none{ro},cache=writeback,discard=unmap",
+                "-device",
+                f"virtio-blk-device,drive=d{index},serial={disk.serial}",
+            ]
+        if incoming is not None:
+            argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
+        return argv
+
+    def checkpoint_argv(self, python: str, state_dir: Path, image: Path) -> list[str]:
+        """A command that saves the VM's memory to ``image`` and ends QEMU (the shim's ``shim.checkpoint``)."""
+        return [
+            python,
+            "-I",
+            "-m",
+            "corral.runtimes.microvm.qmp",
+            str(state_dir / "qmp.sock"),
+            "save",
+            str(image),
+        ]
+
+    # -- operations on a running VM (blocking; run in worker threads) -----------------------------------
+    def pause(self, state_dir: Path) -> None:
+        qmp.command(state_dir / "qmp.sock", "stop")
+
+    def resume(self, state_dir: Path) -> None:
+        qmp.command(state_dir / "qmp.sock", "cont")
+
+    def quiet_console(self, state_dir: Path) -> None:
+        """Swap the console's file for a small in-memory ring: from now on the guest runs hostile code as
+        root, which could write to the serial port without end, and the host disk must not fill up."""
+        qmp.command(
+            state_dir / "qmp.sock",
+            "chardev-change",
+            id="console",
+            backend={"type": "ringbuf", "data": {"size": CONSOLE_RING}},
+        )
+
+    def save_memory(self, state_dir: Path, image: Path, *, then_quit: bool) -> None:
+        """Stop the VM and write its memory and device state to ``image``; ``then_quit`` ends QEMU after."""
+        qmp.save(state_dir / "qmp.sock", image, quit=then_quit, timeout=MIGRATE_TIMEOUT)
+
+    def status(self, state_dir: Path) -> str | None:
+        """QEMU's run state ("running", "paused", "inmigrate", …) or None if it does not answer."""
+        try:
+            reply = qmp.command(state_dir / "qmp.sock", "query-status", timeout=5.0)
+        except (RuntimeFailure, OSError):
+            return None
+        status = reply.get("status") if isinstance(reply, dict) else None
+        return status if isinstance(status, str) else None
+
+    def wait_status(self, state_dir: Path, want: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.status(state_dir) != want:
+            if time.monotonic() > deadline:
+                raise RuntimeFailure(f"the microVM did not reach the {want} state")
+            time.sleep(0.01)  # bounded; QMP has no event for "run state reached" we could wait on here
+
+
+def _host_tsc_khz() -> int:
+    """Under TCG the guest reads the host's TSC but cannot calibrate it (no PIT/HPET reference that keeps
+    up): without this the guest kernel marks the TSC unstable and hangs. The host's nominal rate will do."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return 2_000_000
+
+
+def _escape(path: str) -> str:
+    """QEMU option values escape a comma by doubling it."""
+    return path.replace(",", ",,")
