@@ -1,4 +1,4 @@
-"""``python3 -I -S -B -m corral.agent [--listen unix:PATH | --listen tcp:HOST:PORT]``
+"""``python3 -I -S -B -m corral.agent [--listen unix:PATH|tcp:HOST:PORT|vsock:PORT [--secret-file PATH]]``
 
 Stdio (the default): the protocol runs over stdin/stdout and the agent exits, killing its processes, when stdin
 reaches EOF. The agent moves the protocol to private fds and points fds 0 and 1 at /dev/null and stderr, so no
@@ -7,8 +7,9 @@ the agent is even imported: the runtime's ``create`` waits for it.
 
 Listen: serve any number of connections, concurrently, each with its own ``hello``; processes outlive
 connections (foreground ones are killed with the connection that started them). A unix socket is created mode
-0600, so only root in the sandbox can connect. A TCP listener has no authentication: bind it where only the
-host can reach it.
+0600, so only root in the sandbox can connect. TCP and vsock listeners need ``--secret-file``: every peer must
+prove it holds that secret before its ``hello`` (:mod:`corral.protocol.auth`). The secret is read once and its
+file removed (where the mount allows); it never travels in argv or the environment.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from corral.agent.hello import hello_fields
 from corral.protocol.frames import encode
 
-USAGE = "usage: python -m corral.agent [--listen unix:PATH | --listen tcp:HOST:PORT]"
+USAGE = "usage: python -m corral.agent [--listen unix:PATH|tcp:HOST:PORT|vsock:PORT [--secret-file PATH]]"
 
 
 def _stdio_fds() -> tuple[int, int]:
@@ -34,6 +35,7 @@ def _stdio_fds() -> tuple[int, int]:
 
 def main(argv: list[str]) -> int:
     listen = None
+    secret_file = None
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -41,6 +43,8 @@ def main(argv: list[str]) -> int:
             listen = args.pop(0)
         elif arg.startswith("--listen="):
             listen = arg.split("=", 1)[1]
+        elif arg == "--secret-file" and args:
+            secret_file = args.pop(0)
         elif arg in ("-h", "--help"):
             print(USAGE)
             return 0
@@ -48,6 +52,9 @@ def main(argv: list[str]) -> int:
             print(USAGE, file=sys.stderr)
             return 2
     os.umask(0o022)
+    if secret_file is not None and listen is None:
+        print("--secret-file goes with --listen", file=sys.stderr)
+        return 2
     if listen is None:
         rfd, wfd = _stdio_fds()
         hello = encode({"ev": "hello", **hello_fields()})
@@ -60,7 +67,12 @@ def main(argv: list[str]) -> int:
         return serve_stdio(rfd, wfd)
     from corral.agent._serve import serve_listen
 
-    return serve_listen(listen)
+    keyring = None
+    if secret_file is not None:
+        from corral.agent.auth import load_secret
+
+        keyring = load_secret(secret_file)
+    return serve_listen(listen, keyring)
 
 
 if __name__ == "__main__":
