@@ -54,7 +54,10 @@ STAND_IN_SECRETS_CRD: dict[str, Any] = {
                         "properties": {
                             "type": {"type": "string"},
                             "immutable": {"type": "boolean"},
-                            "data": {"type": "object", "additionalProperties": {"type": "string", "format": "byte"}},
+                            "data": {
+                                "type": "object",
+                                "additionalProperties": {"type": "string", "format": "byte"},
+                            },
                         },
                     }
                 },
@@ -145,9 +148,21 @@ class CrdApiServer:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "test", "cluster": {"server": self.url, "certificate-authority": str(pki / "ca.crt")}}],
-            "users": [{"name": name, "user": {"client-certificate": str(pki / f"user-{name}.crt"),
-                                               "client-key": str(pki / f"user-{name}.key")}}],  # fmt: skip
+            "clusters": [
+                {
+                    "name": "test",
+                    "cluster": {"server": self.url, "certificate-authority": str(pki / "ca.crt")},
+                }
+            ],
+            "users": [
+                {
+                    "name": name,
+                    "user": {
+                        "client-certificate": str(pki / f"user-{name}.crt"),
+                        "client-key": str(pki / f"user-{name}.key"),
+                    },
+                }
+            ],
             "contexts": [{"name": name, "context": {"cluster": "test", "user": name}}],
             "current-context": name,
         }
@@ -250,7 +265,7 @@ class CrdApiServer:
         req = urllib.request.Request(f"{self.url}{path}", data=data, method=method)
         req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, context=self._ssl(), timeout=30) as resp:  # noqa: S310 - our server
+            with urllib.request.urlopen(req, context=self._ssl(), timeout=30) as resp:
                 return resp.status, json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
@@ -272,8 +287,12 @@ class CrdApiServer:
         for crd in crds:
             while not _established(self.get(f"{base}/{crd['metadata']['name']}")):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"CRD {crd['metadata']['name']} not Established in {ESTABLISH_TIMEOUT}s")
-                time.sleep(0.1)  # Established is a condition the server sets on its own; a watch is overkill here
+                    raise RuntimeError(
+                        f"CRD {crd['metadata']['name']} not Established in {ESTABLISH_TIMEOUT}s"
+                    )
+                time.sleep(
+                    0.1
+                )  # Established is a condition the server sets on its own; a watch is overkill here
 
 
 def _established(crd: Any) -> bool:
@@ -283,7 +302,7 @@ def _established(crd: Any) -> bool:
 
 def _http_ok(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - etcd on loopback
+        with urllib.request.urlopen(url, timeout=2) as resp:
             return bool(resp.status == 200)
     except OSError:
         return False
@@ -299,4 +318,3 @@ def list_objects(server: CrdApiServer, namespace: str) -> list[str]:
         for item in (body or {}).get("items", []):
             found.append(f"{spec['names']['kind']}/{item['metadata']['name']}")
     return found
-

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from corral.images.rootfs import ensure_host_template
+from corral.runtimes.base import RootfsSpec, RuntimeConfig
+from corral.runtimes.kubernetes import KubernetesRuntime, KubernetesSettings
+from corral.runtimes.namespace import NamespaceRuntime
+
 from .apiserver import CrdApiServer, find_binaries, list_objects
+from .standin import StandInController
 
 IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
@@ -49,3 +57,55 @@ def k8s_namespace(k8s_api: CrdApiServer) -> Iterator[str]:
         k8s_api.start_apiserver()
     left = list_objects(k8s_api, namespace)
     assert not left, f"Kubernetes objects left behind in {namespace}: {left}"
+
+
+@pytest.fixture(scope="session")
+def local_runtime_config(corral_data_dir: Path) -> RuntimeConfig:
+    return RuntimeConfig(state_root=corral_data_dir / "state", cache_root=corral_data_dir / "cache")
+
+
+@pytest.fixture(scope="session")
+def local_rootfs(local_runtime_config: RuntimeConfig) -> RootfsSpec:
+    return ensure_host_template(local_runtime_config.cache_root)
+
+
+def k8s_settings(server: CrdApiServer, namespace: str, **overrides: Any) -> KubernetesSettings:
+    """Settings for the runtime under test against the test server (its Secrets are the stand-in's)."""
+    values: dict[str, Any] = {
+        "kubeconfig": str(server.admin.kubeconfig),
+        "namespace": namespace,
+        "secret_api": "standin.corral.test/v1/Secret/secrets",
+        "ready_timeout": 90.0,
+        "node": "test-node",
+    }
+    values.update(overrides)
+    return KubernetesSettings(**values)
+
+
+@pytest.fixture
+async def standin(
+    k8s_api: CrdApiServer, k8s_namespace: str, local_runtime_config: RuntimeConfig, local_rootfs: RootfsSpec
+) -> AsyncIterator[StandInController]:
+    """The STAND-IN controller + kubelet (tests/k8s/standin.py) for this test's namespace."""
+    controller = StandInController(
+        kubeconfig=k8s_api.admin.kubeconfig,
+        namespace=k8s_namespace,
+        runtime=NamespaceRuntime(local_runtime_config),
+        rootfs=local_rootfs,
+    )
+    async with controller.running():
+        yield controller
+
+
+@pytest.fixture
+async def k8s_runtime(
+    k8s_api: CrdApiServer, k8s_namespace: str, standin: StandInController, local_runtime_config: RuntimeConfig
+) -> AsyncIterator[KubernetesRuntime]:
+    """The runtime under test, on this test's namespace; its blueprints are pruned at the end."""
+    runtime = KubernetesRuntime(local_runtime_config, k8s_settings(k8s_api, k8s_namespace))
+    try:
+        yield runtime
+    finally:
+        await runtime.prune()
+        await runtime.aclose()
+        await standin.settled()

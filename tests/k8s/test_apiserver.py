@@ -7,7 +7,9 @@ from .apiserver import CrdApiServer
 SANDBOXES = "/apis/agents.x-k8s.io/v1beta1/namespaces/{ns}/sandboxes"
 
 
-def test_it_serves_the_agent_sandbox_crds_and_rejects_invalid_objects(k8s_api: CrdApiServer, k8s_namespace: str) -> None:
+def test_it_serves_the_agent_sandbox_crds_and_rejects_invalid_objects(
+    k8s_api: CrdApiServer, k8s_namespace: str
+) -> None:
     path = SANDBOXES.format(ns=k8s_namespace)
     bad = {"apiVersion": "agents.x-k8s.io/v1beta1", "kind": "Sandbox", "metadata": {"name": "x"},
            "spec": {"podTemplate": {"spec": {"containers": []}}, "operatingMode": "Sideways"}}  # fmt: skip
