@@ -114,7 +114,7 @@ def idle_density(backend: LocalBackend, isolation: str) -> None:
     store = backend._backend.service.store
     records = backend._portal.call(lambda: store.list_sandboxes(tenant_id=POOL_TENANT))
     shims = [
-        r.instance.shim_pid
+        r.instance.extra["shim_pid"]
         for r in records
         if r.isolation == isolation and r.state is SandboxState.RUNNING and r.instance is not None
     ]

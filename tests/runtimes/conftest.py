@@ -62,7 +62,7 @@ class SandboxHandle:
 
     @property
     def state_dir(self) -> Path:
-        return Path(self.instance.state_dir)
+        return Path(self.instance.ref)
 
     @property
     def upper(self) -> Path:
@@ -104,8 +104,10 @@ SandboxFactory = Callable[..., Awaitable[SandboxHandle]]
 
 def assert_nothing_left(instance: Instance) -> None:
     """Nothing of a destroyed local sandbox remains: no shim, no cgroup dirs, no state dir."""
-    assert not _proc.pid_alive(instance.shim_pid, instance.shim_start_ticks) or _is_zombie(instance.shim_pid)
-    assert not Path(instance.state_dir).exists(), f"state dir left: {instance.state_dir}"
+    assert not _proc.pid_alive(instance.extra["shim_pid"], instance.extra["shim_start_ticks"]) or _is_zombie(
+        instance.extra["shim_pid"]
+    )
+    assert not Path(instance.ref).exists(), f"state dir left: {instance.ref}"
     cgroup = instance.extra.get("cgroup")
     if isinstance(cgroup, dict):
         for d in cgroup["dirs"].values():

@@ -32,7 +32,7 @@ from corral.ids import SandboxId
 from corral.images import rootfs as _images_rootfs
 from corral.runtimes import _oci
 from corral.runtimes import gvisor as gvisor_mod
-from corral.runtimes.base import Instance, Limits, ObservedState, RootfsSpec, SandboxSpec
+from corral.runtimes.base import HostLayers, Instance, Limits, ObservedState, SandboxSpec
 
 
 def real(test):  # type: ignore[no-untyped-def]
@@ -79,9 +79,9 @@ def _host_processes_naming(text: str) -> list[str]:
 
 def assert_gone(instance: Instance, mounts_before: list[str] | None = None) -> None:
     """No runsc/shim process names the sandbox's state dir, no cgroup dir, no state dir, no new mount."""
-    assert not _host_processes_naming(instance.state_dir)
+    assert not _host_processes_naming(instance.ref)
     assert not _cgroup_dirs(instance.sandbox_id)
-    assert not Path(instance.state_dir).exists()
+    assert not Path(instance.ref).exists()
     if mounts_before is not None:
         assert _mounts() == mounts_before
 
@@ -116,7 +116,7 @@ async def test_create_exec_inspect_destroy(gvisor_sandbox) -> None:
     assert (await sb.runtime.inspect(sb.instance)).state is ObservedState.RUNNING
     # the sandbox runs under runsc, inside gVisor's kernel (not the host's)
     assert (await sb.run(["uname", "-r"])).out.strip() != os.uname().release
-    assert _host_processes_naming(sb.instance.state_dir)  # runsc run, gofer, sentry
+    assert _host_processes_naming(sb.instance.ref)  # runsc run, gofer, sentry
     # the overlay lives in the shim child's mount namespace, never in the host's table
     assert _mounts() == mounts_before
     await sb.runtime.destroy(sb.instance)
@@ -179,7 +179,7 @@ async def test_files_through_the_agent_land_in_the_upper_dir(shared, host_rootfs
     entry = await files.stat(shared.client, path)
     assert (entry.size, entry.uid) == (n, 1000)
     # the writable layer is the per-sandbox overlay upper dir, on the host's disk (snapshot_fs)
-    upper = Path(shared.instance.state_dir) / "fs" / "upper"
+    upper = Path(shared.instance.ref) / "fs" / "upper"
     assert (upper / "home/user/notes/a.txt").read_bytes() == got
     assert not (host_rootfs.lower[0] / "home/user/notes").exists()  # the template is untouched
     assert (await shared.run(f"cat {path} | wc -c")).out.strip() == str(n)
@@ -288,7 +288,7 @@ async def test_disk_quota_gives_enospc(gvisor_sandbox) -> None:
     sb = await gvisor_sandbox(limits=Limits(disk_mb=32))
     fill = await sb.run("dd if=/dev/zero of=/root/big bs=1M count=64 2>&1; echo rc=$?")
     assert "No space left on device" in fill.out and "rc=0" not in fill.out, fill
-    image = Path(sb.instance.state_dir) / "disk.img"
+    image = Path(sb.instance.ref) / "disk.img"
     assert image.stat().st_blocks * 512 < 40 * 1024 * 1024  # the host paid at most the quota (sparse image)
     assert (await sb.run("rm /root/big && echo ok > /root/small && cat /root/small")).out == "ok\n"
 
@@ -346,8 +346,8 @@ async def test_destroy_from_a_fresh_runtime_after_the_shim_was_killed(gvisor_run
     mounts_before = _mounts()
     instance = await gvisor_runtime.create(SandboxSpec(sandbox_id=SandboxId.new(), rootfs=host_rootfs))
     try:
-        os.kill(instance.shim_pid, signal.SIGKILL)
-        await anyio.to_thread.run_sync(_reap, instance.shim_pid)
+        os.kill(instance.extra["shim_pid"], signal.SIGKILL)
+        await anyio.to_thread.run_sync(_reap, instance.extra["shim_pid"])
         stored = Instance.from_json(instance.to_json())
         other = gvisor_mod.GVisorRuntime(gvisor_runtime.config)
         observed = await other.inspect(stored)
@@ -382,7 +382,7 @@ async def test_missing_rootfs_cleans_up(gvisor_runtime) -> None:
     sid = SandboxId.new()
     with pytest.raises(InvalidRequest) as err:
         await gvisor_runtime.create(
-            SandboxSpec(sandbox_id=sid, rootfs=RootfsSpec(lower=(Path("/nonexistent"),)))
+            SandboxSpec(sandbox_id=sid, rootfs=HostLayers(lower=(Path("/nonexistent"),)))
         )
     assert "/nonexistent" not in str(err.value)
     assert _state_entries(gvisor_runtime) == before

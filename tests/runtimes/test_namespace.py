@@ -28,7 +28,7 @@ from corral.images.layers import LayerStore
 from corral.protocol.frames import encode
 from corral.runtimes import _cgroups, _proc, _rootfs, _seccomp
 from corral.runtimes import _shim as _shim_module
-from corral.runtimes.base import Bind, Limits, ObservedState, RootfsSpec, SandboxSpec
+from corral.runtimes.base import Bind, HostLayers, Limits, ObservedState, SandboxSpec
 
 
 def _mounts() -> list[str]:
@@ -242,7 +242,7 @@ async def test_missing_rootfs_cleans_up(ns_runtime) -> None:
     before, mounts = _state_entries(ns_runtime), _mounts()
     sid = SandboxId.new()
     with pytest.raises(InvalidRequest):
-        await ns_runtime.create(SandboxSpec(sandbox_id=sid, rootfs=RootfsSpec(lower=(Path("/nonexistent"),))))
+        await ns_runtime.create(SandboxSpec(sandbox_id=sid, rootfs=HostLayers(lower=(Path("/nonexistent"),))))
     assert _state_entries(ns_runtime) == before
     assert not _cgroup_dirs(sid)
     assert _mounts() == mounts
@@ -255,7 +255,7 @@ async def test_bwrap_failure_cleans_up(ns_runtime, host_rootfs) -> None:
     before, mounts = _state_entries(ns_runtime), _mounts()
     sid = SandboxId.new()
     # a mount point below a regular file: bwrap cannot create it and exits before the agent starts
-    bad = RootfsSpec(lower=host_rootfs.lower, binds=(Bind(source=Path("/usr"), target="/etc/passwd/usr"),))
+    bad = HostLayers(lower=host_rootfs.lower, binds=(Bind(source=Path("/usr"), target="/etc/passwd/usr"),))
     with pytest.raises(RuntimeFailure):
         await ns_runtime.create(SandboxSpec(sandbox_id=sid, rootfs=bad))
     assert _state_entries(ns_runtime) == before
@@ -406,8 +406,8 @@ async def test_a_killed_shim_takes_the_sandbox_with_it(ns_sandbox) -> None:
     stream = await sb.runtime.connect(sb.instance)
     cgroup = _cgroups.SandboxCgroup.from_json(dict(sb.instance.extra["cgroup"]))
     assert len(cgroup.pids()) >= 2  # bwrap and the agent
-    shim_fd = os.pidfd_open(sb.instance.shim_pid)
-    os.kill(sb.instance.shim_pid, signal.SIGKILL)  # the supervisor crashes
+    shim_fd = os.pidfd_open(sb.instance.extra["shim_pid"])
+    os.kill(sb.instance.extra["shim_pid"], signal.SIGKILL)  # the supervisor crashes
     with anyio.fail_after(10):
         while True:  # its socket closes when it dies
             try:
@@ -601,17 +601,24 @@ def test_host_template_copies_no_secrets(tmp_path: Path) -> None:
 
 @pytest.mark.root
 def test_teardown_never_deletes_through_a_mount(tmp_path: Path) -> None:
-    from corral.runtimes import namespace
+    from corral.ids import SandboxId
+    from corral.runtimes._local import LocalSandbox
+    from corral.runtimes.base import RuntimeConfig
+    from corral.runtimes.namespace import NamespaceRuntime
 
     state_dir = tmp_path / "sb-aaaaaaaaaaaaaaaa"
     target = state_dir / "fs" / "merged"
     target.mkdir(parents=True)
     cgroup = _cgroups.SandboxCgroup(version=1, dirs={"pids": tmp_path / "no-such-cgroup"})
     subprocess.run(["mount", "-t", "tmpfs", "corral-test", str(target)], check=True)
+    runtime = NamespaceRuntime(RuntimeConfig(state_root=tmp_path, cache_root=tmp_path / "cache"))
+    sandbox = LocalSandbox(
+        sandbox_id=SandboxId("sb-aaaaaaaaaaaaaaaa"), state_dir=state_dir, extra={"cgroup": cgroup.to_json()}
+    )
     try:
         (target / "precious").write_text("keep me")
         with pytest.raises(RuntimeFailure):
-            namespace._teardown_sync(tmp_path, "sb-aaaaaaaaaaaaaaaa", state_dir, cgroup, None, None, None)
+            runtime._teardown(sandbox)
         assert (target / "precious").read_text() == "keep me"
     finally:
         subprocess.run(["umount", str(target)], check=True)
@@ -648,7 +655,7 @@ async def test_clients_that_hang_up_mid_stream_do_not_take_the_sandbox_down(ns_s
     event (KeyError), and the sandbox with it (seen as "crashed"); now such events are skipped."""
     sb = await ns_sandbox()
     for i in range(40):
-        with _shim_module.unix_path(sb.instance.socket_path) as path:
+        with _shim_module.unix_path(str(sb.state_dir / "agent.sock")) as path:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(path)
         sock.sendall(encode({"id": f"r{i}", "op": "exec", "argv": ["yes", "x" * 200], "user": "root"}))
@@ -659,4 +666,4 @@ async def test_clients_that_hang_up_mid_stream_do_not_take_the_sandbox_down(ns_s
         sock.close()
     result = await sb.run(["echo", "still here"])
     assert result.exit_code == 0 and result.stdout == b"still here\n"
-    assert _proc.pid_alive(sb.instance.shim_pid, sb.instance.shim_start_ticks)
+    assert _proc.pid_alive(sb.instance.extra["shim_pid"], sb.instance.extra["shim_start_ticks"])

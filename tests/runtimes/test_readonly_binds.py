@@ -18,7 +18,7 @@ import pytest
 from corral.core.agent_client import AgentClient
 from corral.ids import SandboxId
 from corral.models import ExecParams
-from corral.runtimes.base import Bind, RootfsSpec, Runtime, RuntimeConfig, SandboxSpec
+from corral.runtimes.base import Bind, HostLayers, Runtime, RuntimeConfig, SandboxSpec
 from corral.runtimes.gvisor import GVisorRuntime
 from corral.runtimes.namespace import NamespaceRuntime
 from corral.testing import run_command
@@ -54,7 +54,7 @@ def _digest(root: Path) -> dict[str, tuple[str, int]]:
 async def test_read_only_binds_cannot_be_changed(
     runtime_cls: Callable[[RuntimeConfig], Runtime],
     runtime_config: RuntimeConfig,
-    host_rootfs: RootfsSpec,
+    host_rootfs: HostLayers,
     tmp_path: Path,
 ) -> None:
     victim_dir = tmp_path / "victim"
@@ -62,7 +62,7 @@ async def test_read_only_binds_cannot_be_changed(
     (victim_dir / "victim").write_bytes(b"precious host data\n" * 100)
     (victim_dir / "victim").chmod(0o644)
     before = _digest(victim_dir)
-    rootfs = RootfsSpec(
+    rootfs = HostLayers(
         lower=host_rootfs.lower, binds=(*host_rootfs.binds, Bind(source=victim_dir, target="/mnt/host"))
     )
     runtime = runtime_cls(runtime_config)

@@ -36,7 +36,7 @@ async def test_the_next_create_is_served_by_the_waiting_standby(ns_sandbox: Any)
     assert os.getpriority(os.PRIO_PROCESS, standby.pid) == 10  # it imports without slowing a sandbox's boot
 
     sb = await ns_sandbox()
-    assert sb.instance.shim_pid == standby.pid
+    assert sb.instance.extra["shim_pid"] == standby.pid
     # from here on it is the shim of that state dir, as if started for it
     assert _cmdline(standby.pid)[-2:] == [str(_shimctl.SHIM_SCRIPT), str(sb.state_dir)]
     assert os.getpriority(os.PRIO_PROCESS, standby.pid) == 0
@@ -52,8 +52,8 @@ async def test_a_dead_standby_falls_back_to_a_new_shim(ns_sandbox: Any) -> None:
     os.kill(standby.pid, signal.SIGKILL)
     standby.wait()
     sb = await ns_sandbox()
-    assert sb.instance.shim_pid != standby.pid
-    assert _proc.pid_alive(sb.instance.shim_pid, sb.instance.shim_start_ticks)
+    assert sb.instance.extra["shim_pid"] != standby.pid
+    assert _proc.pid_alive(sb.instance.extra["shim_pid"], sb.instance.extra["shim_start_ticks"])
     assert (await sb.run(["echo", "ok"])).stdout == b"ok\n"
 
 
@@ -64,5 +64,5 @@ async def test_close_ends_the_standby_and_the_next_create_starts_one(ns_sandbox:
     assert standby.poll() is not None  # exited (EOF on its stdin) and reaped
     assert _shimctl.launcher._standby is None
     sb = await ns_sandbox()  # started the slow way
-    assert sb.instance.shim_pid != standby.pid
-    assert _standby().pid != sb.instance.shim_pid
+    assert sb.instance.extra["shim_pid"] != standby.pid
+    assert _standby().pid != sb.instance.extra["shim_pid"]

@@ -55,7 +55,9 @@ def clock() -> Clock:
 def make_service(
     settings: Settings, clock: Clock, runtime_cls: type[FakeRuntime] = FakeRuntime, store: object = None
 ) -> SandboxService:
-    runtime = runtime_cls(RuntimeConfig(state_root=settings.state_root, cache_root=settings.cache_root))
+    runtime = runtime_cls(
+        RuntimeConfig(state_root=settings.state_root, cache_root=settings.cache_root, node=settings.node)
+    )
 
     def runtime_for(name: str) -> Runtime:
         if name != "fake":
@@ -115,8 +117,8 @@ async def members(svc: SandboxService) -> list[SandboxRecord]:
 
 async def kill_shim(record: SandboxRecord) -> None:
     assert record.instance is not None
-    fd = os.pidfd_open(record.instance.shim_pid)
-    os.kill(record.instance.shim_pid, signal.SIGKILL)
+    fd = os.pidfd_open(record.instance.extra["shim_pid"])
+    os.kill(record.instance.extra["shim_pid"], signal.SIGKILL)
     with anyio.fail_after(10):
         await anyio.wait_readable(fd)  # readable once it has exited
     os.close(fd)

@@ -56,7 +56,9 @@ def clock() -> Clock:
 def make_service(
     settings: Settings, clock: Clock, runtime_cls: type[FakeRuntime] = FakeRuntime
 ) -> SandboxService:
-    runtime = runtime_cls(RuntimeConfig(state_root=settings.state_root, cache_root=settings.cache_root))
+    runtime = runtime_cls(
+        RuntimeConfig(state_root=settings.state_root, cache_root=settings.cache_root, node=settings.node)
+    )
 
     def runtime_for(name: str) -> Runtime:
         if name != "fake":
@@ -144,8 +146,8 @@ async def test_a_dead_sandbox_is_noticed_and_cleaned(service: SandboxService, se
     info = await service.create(CreateParams())
     record = await service.store.get_sandbox(SandboxId(info.sandbox_id))
     assert record is not None and record.instance is not None
-    shim_fd = os.pidfd_open(record.instance.shim_pid)
-    os.kill(record.instance.shim_pid, signal.SIGKILL)  # the supervisor dies (OOM killer, admin, bug)
+    shim_fd = os.pidfd_open(record.instance.extra["shim_pid"])
+    os.kill(record.instance.extra["shim_pid"], signal.SIGKILL)  # the supervisor dies (OOM killer, admin, bug)
     with anyio.fail_after(10):
         await anyio.wait_readable(shim_fd)  # readable once the process has exited
     os.close(shim_fd)

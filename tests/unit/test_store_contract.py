@@ -57,11 +57,9 @@ async def test_put_new_then_get_round_trips_every_field(store: Store) -> None:
     inst = Instance(
         sandbox_id=SandboxId.new(),
         runtime="fake",
-        state_dir="/x",
-        shim_pid=1,
-        shim_start_ticks=2,
-        socket_path="/x/s",
-        extra={"k": [1, 2]},
+        node="node-a",
+        ref="/x",
+        extra={"k": [1, 2], "shim_pid": 1},
     )
     rec = record(metadata={"a": "1"}, env={"E": "v"}, instance=inst, limits=Limits(memory_mb=64, cpus=0.5))
     stored = await store.put_sandbox(rec, expect_version=None)

@@ -50,7 +50,7 @@ from corral.models import (
     SandboxState,
     TemplateInfo,
 )
-from corral.store import open_service
+from corral.wiring import open_service
 
 __all__ = ["AsyncLocalBackend", "LocalBackend", "open_service"]
 

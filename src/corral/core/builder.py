@@ -30,7 +30,7 @@ from corral.ids import SandboxId
 from corral.images.build import build_layers
 from corral.models import BuildEvent, BuildEventKind, BuildParams, EventKind, ExecParams
 from corral.protocol import Op
-from corral.runtimes.base import LayerExporter, Limits, RootfsSpec, Runtime, SandboxSpec
+from corral.runtimes.base import ArtifactKind, HostLayers, LayerExporter, Limits, Runtime, SandboxSpec
 
 __all__ = ["READY_TIMEOUT", "SandboxStepRunner", "apply_defaults", "build_template"]
 
@@ -46,7 +46,7 @@ class SandboxStepRunner:
     """:class:`corral.images.build.StepRunner` over a runtime: one fresh sandbox per step."""
 
     def __init__(self, runtime: Runtime, *, clock: Callable[[], float] = time.time) -> None:
-        if not runtime.capabilities.snapshot_fs or not isinstance(runtime, LayerExporter):
+        if ArtifactKind.LAYER not in runtime.capabilities.snapshot or not isinstance(runtime, LayerExporter):
             raise Unsupported(f"{runtime.name} sandboxes cannot run build steps (no layer export)")
         self._runtime = runtime
         self._exporter: LayerExporter = runtime
@@ -65,7 +65,7 @@ class SandboxStepRunner:
     ) -> int:
         spec = SandboxSpec(
             sandbox_id=SandboxId.new(),
-            rootfs=RootfsSpec(lower=lowers),
+            rootfs=HostLayers(lower=lowers),
             limits=STEP_LIMITS,
             env=env,
             deadline=self._clock() + STEP_TIMEOUT + 60,

@@ -20,6 +20,9 @@ Reconcile
     the record, then destroy), so a member being claimed at that moment is never destroyed under its new
     owner, and a pass that dies halfway leaves records the next pass (or the reaper) finishes.
 
+Nodes: each Corral node keeps its own members (``target`` per node) and reconciles, claims and removes only
+those; a pool deleted on one node leaves the others' members orphaned, and their nodes remove them.
+
 Servers own :meth:`PoolManager.run` in their task group; a claim wakes it. Embedded mode has no background
 task: ``corral pool set`` fills synchronously through :meth:`PoolManager.fill`, and a claim leaves the pool one
 short until the next pass. Members carry no user deadline, but the shim holds a safety deadline
@@ -128,7 +131,7 @@ class PoolManager:
         """Forget the pool and kill its members now (a crash halfway is finished by the next pass)."""
         pool = await self._pool(template, isolation)
         await self._store.delete_pool(pool.template, pool.isolation)
-        for member in await self._store.list_pool_members(pool.pool_id):
+        for member in await self._members(pool.pool_id):
             await self._retire(member)
         self.wake()
 
@@ -156,7 +159,7 @@ class PoolManager:
         pool = await self._store.get_pool(template, isolation)
         if pool is None or pool.limits != limits:
             return None
-        for member in await self._store.list_pool_members(pool.pool_id):
+        for member in await self._members(pool.pool_id):
             if member.state is not SandboxState.RUNNING or member.instance is None:
                 continue
             now = self._now()
@@ -196,7 +199,7 @@ class PoolManager:
     async def _bind(self, record: SandboxRecord, env: dict[str, str], files: dict[str, bytes]) -> None:
         """Late binding: what a cold start sets at boot, applied to an already booted sandbox."""
         client = await self._svc._agent(record)
-        await self._svc._tell_shim_deadline(record, record.deadline)
+        await self._svc._set_deadline(record, record.deadline)
         if env:
             await client.call(Op.CONFIGURE, {"env": env})
         await _files.write_all(client, files, max_bytes=self._svc.settings.max_file_bytes)
@@ -210,7 +213,11 @@ class PoolManager:
     async def reconcile(self) -> list[PoolInfo]:
         """One level-triggered pass over every pool and member (see the module docstring)."""
         pools = {p.pool_id: p for p in await self._store.list_pools()}
-        members = await self._store.list_sandboxes(tenant_id=POOL_TENANT, states=_LIVE)
+        members = [
+            m
+            for m in await self._store.list_sandboxes(tenant_id=POOL_TENANT, states=_LIVE)
+            if self._svc.owns(m)
+        ]
         for member in members:
             if member.pool_id is None:  # a removal interrupted after its CAS: finish it
                 await self._discard(member, StopReason.KILLED)
@@ -278,7 +285,7 @@ class PoolManager:
         max_age = self._svc.settings.pool_member_max_age
         ready: list[SandboxRecord] = []
         starting: list[SandboxRecord] = []
-        for member in await self._store.list_pool_members(pool.pool_id):
+        for member in await self._members(pool.pool_id):
             if member.state is SandboxState.CREATING:
                 if now - member.created_at > BOOT_ABANDONED_AFTER:
                     await self._retire(member)  # its booter died; the record alone is left
@@ -322,7 +329,7 @@ class PoolManager:
 
     async def _start_member(self, pool: PoolRecord) -> None:
         runtime = self._svc._runtime(pool.isolation)
-        rootfs = await self._svc.templates.resolve(pool.template)
+        rootfs = await self._svc.templates.resolve(pool.template, accepts=runtime.capabilities.rootfs)
         now = self._now()
         max_age = self._svc.settings.pool_member_max_age
         record = await self._store.put_sandbox(
@@ -337,6 +344,7 @@ class PoolManager:
                 timeout=max_age,
                 deadline=now + max_age,
                 pool_id=pool.pool_id,
+                node=self._svc.node,
             ),
             expect_version=None,
         )
@@ -378,6 +386,11 @@ class PoolManager:
         await self._discard(record, reason)
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    async def _members(self, pool_id: PoolId) -> list[SandboxRecord]:
+        """This node's members of the pool: each node keeps its own ``target`` members (a claim needs a
+        member this node can reach) and leaves other nodes' members to them."""
+        return [m for m in await self._store.list_pool_members(pool_id) if self._svc.owns(m)]
+
     async def _pool(self, template: str, isolation: str | None) -> PoolRecord:
         isolation = isolation or self._svc.settings.default_isolation
         pool = await self._store.get_pool(template, isolation)
@@ -386,7 +399,7 @@ class PoolManager:
         return pool
 
     async def _info(self, pool: PoolRecord) -> PoolInfo:
-        members = await self._store.list_pool_members(pool.pool_id)
+        members = await self._members(pool.pool_id)
         return PoolInfo(
             template=pool.template,
             isolation=pool.isolation,

@@ -2,6 +2,11 @@
 
 A record is frozen; changes go through ``dataclasses.replace`` and :meth:`Store.put` with the version read,
 so two processes (a CLI call and a server, say) cannot overwrite each other's changes unnoticed.
+
+Records written by older versions keep loading (``from_json`` migrates them): a sandbox record without a
+``node`` belongs to :data:`~corral.runtimes.base.LEGACY_NODE` (the first node to reconcile it adopts it), an
+instance in the first format moves its host fields into ``ref``/``extra`` (:meth:`Instance.from_dict`), and a
+snapshot template with memory but no ``memory_runtime`` was made by gVisor, the only runtime that could.
 """
 
 from __future__ import annotations
@@ -9,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from corral.ids import PoolId, SandboxId, TenantId, new_traffic_token
 from corral.models import SandboxInfo, SandboxState, StopReason
-from corral.runtimes.base import Instance, Limits
+from corral.runtimes.base import LEGACY_NODE, Artifact, ArtifactKind, Instance, Limits
 
 __all__ = ["LOCAL_TENANT", "POOL_TENANT", "PoolRecord", "SandboxRecord", "TemplateRecord", "pool_key"]
 
@@ -47,6 +53,9 @@ class SandboxRecord:
     # The port proxy's access rule (server/proxy.py): public, or callers presenting this sandbox's token.
     public_ports: bool = False
     traffic_token: str = field(default_factory=new_traffic_token)
+    # The Corral node that owns the sandbox (Settings.node): only it reconciles the record and reaches the
+    # instance of a node-local runtime. Set when the record is made, before the instance exists.
+    node: str = LEGACY_NODE
 
     def info(self) -> SandboxInfo:
         return SandboxInfo(
@@ -78,7 +87,7 @@ class SandboxRecord:
         data["state"] = SandboxState(data["state"])
         data["limits"] = Limits(**data["limits"])
         data["stop_reason"] = StopReason(data["stop_reason"]) if data.get("stop_reason") else None
-        data["instance"] = Instance.from_json(json.dumps(data["instance"])) if data.get("instance") else None
+        data["instance"] = Instance.from_dict(data["instance"]) if data.get("instance") else None
         data["pool_id"] = PoolId(data["pool_id"]) if data.get("pool_id") else None
         return cls(**data)
 
@@ -102,6 +111,7 @@ class TemplateRecord:
     # ``memory`` is a runtime's memory image of the sandbox (None: file system only)
     parent: str | None = None
     memory: str | None = None
+    memory_runtime: str | None = None  # the runtime that captured ``memory``: the only one that restores it
     # built templates (corral.images): every read-only layer, topmost first (``rootfs`` is then the top one),
     # their layer-store keys, and what sandboxes start with (workdir, user, cmd, start_cmd, ready_cmd)
     layers: list[str] = field(default_factory=list)
@@ -113,12 +123,20 @@ class TemplateRecord:
     def usable_by(self, tenant: str) -> bool:
         return self.owner is None or self.owner == tenant
 
+    def memory_artifact(self) -> Artifact | None:
+        if self.memory is None or self.memory_runtime is None:
+            return None
+        return Artifact.at(ArtifactKind.MEMORY, Path(self.memory), runtime=self.memory_runtime)
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TemplateRecord:
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        if data.get("memory") and not data.get("memory_runtime"):
+            data["memory_runtime"] = "gvisor"  # format 1: gVisor was the only runtime that captured memory
+        return cls(**data)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,9 +8,12 @@ It owns the lifecycle (create, kill, timeouts, pause/resume), the agent connecti
   data directory: the loser of a race re-reads and tries again or gives up cleanly.
 - The reaper is level-triggered: each pass compares every live record with its deadline and with what the
   runtime observes, and repairs the difference. A crash halfway through a pass is repaired by the next one.
-- Each sandbox's shim also holds its hard deadline, so a sandbox dies on time even with no Corral process
-  running at all. Embedded mode therefore needs no background task: records are reconciled when read, and a
-  server runs :meth:`SandboxService.run_reaper` in a task group it owns.
+- Each sandbox's runtime also holds its hard deadline (:meth:`Runtime.set_deadline`), so a sandbox dies on
+  time even with no Corral process running at all. Embedded mode therefore needs no background task: records
+  are reconciled when read, and a server runs :meth:`SandboxService.run_reaper` in a task group it owns.
+- Every record belongs to one node (``Settings.node``): only that node reconciles it, so several servers can
+  share one store without marking each other's sandboxes crashed. A record from before nodes existed
+  (:data:`~corral.runtimes.base.LEGACY_NODE`) is adopted by the first node that reconciles it.
 """
 
 from __future__ import annotations
@@ -74,7 +77,15 @@ from corral.models import (
     TemplateInfo,
 )
 from corral.protocol import Op
-from corral.runtimes.base import Limits, ObservedState, Runtime, SandboxSpec, Snapshot
+from corral.runtimes.base import (
+    LEGACY_NODE,
+    ArtifactKind,
+    Limits,
+    ObservedState,
+    Runtime,
+    SandboxSpec,
+    Snapshot,
+)
 
 __all__ = ["SandboxService"]
 
@@ -117,6 +128,7 @@ class SandboxService:
         self._wake_reaper = anyio.Event()
         self.audit = AuditLog(store, clock=clock)
         self._quota_locks: dict[str, anyio.Lock] = {}
+        self.node = settings.node
         self.pools = PoolManager(self)
 
     # -- lifetime --------------------------------------------------------------------------------------------
@@ -171,11 +183,17 @@ class SandboxService:
             return claimed.info()
         await runtime.check()
         await self._check_template_access(template, tenant)
-        rootfs = await self.templates.resolve(template)
-        # a snapshot template with memory restores instead of booting, where the runtime can restore
-        memory = await self.templates.memory(template) if runtime.capabilities.checkpoint else None
+        rootfs = await self.templates.resolve(template, accepts=runtime.capabilities.rootfs)
+        # a snapshot template with memory restores instead of booting, where the runtime can restore it
+        memory = await self.templates.memory(template)
+        seed = None
         if start_from is not None:
-            memory = start_from.memory if runtime.capabilities.checkpoint else None
+            memory, seed = start_from.memory, start_from.files
+        restorable = runtime.capabilities.snapshot
+        if memory is not None and not (ArtifactKind.MEMORY in restorable and memory.runtime == runtime.name):
+            memory = None
+        if seed is not None and seed.kind not in restorable:
+            raise Unsupported(f"{isolation} sandboxes cannot start from a {seed.kind} snapshot")
         # The quota check and the insert of the "creating" record are one step per tenant, so concurrent
         # creates in this process cannot together pass a limit that each alone respects.
         async with self._quota_locks.setdefault(str(tenant), anyio.Lock()):
@@ -195,6 +213,7 @@ class SandboxService:
                     metadata=metadata,
                     env=env,
                     public_ports=bool(request.public_ports),
+                    node=self.node,
                 ),
                 expect_version=None,
             )
@@ -207,7 +226,7 @@ class SandboxService:
                     limits=limits,
                     env=env,
                     deadline=record.deadline,
-                    upper_seed=start_from.layer if start_from is not None else None,
+                    upper_seed=seed,
                     restore_from=memory,
                 )
             )
@@ -294,7 +313,7 @@ class SandboxService:
             new = dataclasses.replace(record, timeout=seconds, paused_remaining=seconds)
         else:
             deadline = self._clock() + seconds
-            await self._tell_shim_deadline(record, deadline)
+            await self._set_deadline(record, deadline)
             new = dataclasses.replace(record, timeout=seconds, deadline=deadline)
         record = await self.store.put_sandbox(new, expect_version=record.version)
         self._wake_reaper.set()
@@ -303,17 +322,17 @@ class SandboxService:
     async def pause(self, sandbox_id: str, *, tenant: TenantId = LOCAL_TENANT) -> SandboxInfo:
         record = await self._reconciled(await self._record(sandbox_id, tenant))
         require_state(record.state, Action.PAUSE, SandboxState.RUNNING, sandbox_id=sandbox_id)
-        runtime = self._runtime(record.isolation)
+        runtime = self._require_reachable(record)
         if not runtime.capabilities.pause:
             raise Unsupported(f"{record.isolation} sandboxes cannot be paused")
         assert record.instance is not None and record.deadline is not None
         remaining = max(0.0, record.deadline - self._clock())
-        await self._tell_shim_deadline(record, None)  # a paused sandbox's deadline is suspended
+        await self._set_deadline(record, None)  # a paused sandbox's deadline is suspended
         try:
             await runtime.pause(record.instance)
         except BaseException:
             with anyio.CancelScope(shield=True):  # still running: its deadline must hold again
-                await self._tell_shim_deadline(record, record.deadline)
+                await self._set_deadline(record, record.deadline)
             raise
         record = await self.store.put_sandbox(
             dataclasses.replace(
@@ -330,9 +349,9 @@ class SandboxService:
         record = await self._record(sandbox_id, tenant)
         require_state(record.state, Action.RESUME, SandboxState.PAUSED, sandbox_id=sandbox_id)
         assert record.instance is not None
-        await self._runtime(record.isolation).resume(record.instance)
+        await self._require_reachable(record).resume(record.instance)
         deadline = self._clock() + (record.paused_remaining or 0.0)
-        await self._tell_shim_deadline(record, deadline)
+        await self._set_deadline(record, deadline)
         record = await self.store.put_sandbox(
             dataclasses.replace(
                 record,
@@ -630,6 +649,8 @@ class SandboxService:
         """One reconcile pass over every live sandbox. Returns the soonest deadline still pending."""
         soonest: float | None = None
         for record in await self.store.list_sandboxes(states=_LIVE):
+            if not self.owns(record):
+                continue  # another node's: it reconciles its own
             try:
                 record = await self._reconciled(record)
             except Conflict:
@@ -654,7 +675,15 @@ class SandboxService:
                 await self._wake_reaper.wait()
 
     async def _reconciled(self, record: SandboxRecord) -> SandboxRecord:
-        """Bring one record in line with its deadline and with what its runtime observes."""
+        """Bring one record in line with its deadline and with what its runtime observes.
+
+        Only the record's own node does that; another node's record is returned as stored (that node keeps it
+        true), and a record of no node yet is adopted first.
+        """
+        if not self.owns(record):
+            return record
+        if record.node == LEGACY_NODE:
+            record = await self._adopt(record)
         now = self._clock()
         if record.state is SandboxState.CREATING:
             if now - record.created_at > ABANDONED_CREATE_AFTER:
@@ -670,6 +699,37 @@ class SandboxService:
             return await self._stop(record, reason)
         return record
 
+    def owns(self, record: SandboxRecord) -> bool:
+        """Whether this node reconciles ``record`` (its own, or one from before nodes existed)."""
+        return record.node in (self.node, LEGACY_NODE)
+
+    async def _adopt(self, record: SandboxRecord) -> SandboxRecord:
+        """Stamp a record (and its instance) from before nodes existed with this node."""
+        instance = record.instance
+        if instance is not None and instance.node == LEGACY_NODE:
+            instance = dataclasses.replace(instance, node=self.node)
+        try:
+            return await self.store.put_sandbox(
+                dataclasses.replace(record, node=self.node, instance=instance), expect_version=record.version
+            )
+        except Conflict:
+            fresh = await self.store.get_sandbox(record.sandbox_id)
+            if fresh is None:
+                raise NotFound(f"sandbox {record.sandbox_id} not found") from None
+            return fresh
+
+    def _require_reachable(self, record: SandboxRecord) -> Runtime:
+        """The record's runtime, if this node can act on its instance; a node-local instance of another node
+        is reachable only through that node's server."""
+        runtime = self._runtime(record.isolation)
+        if runtime.capabilities.node_local and not self.owns(record):
+            raise Conflict(
+                f"sandbox {record.sandbox_id} runs on Corral node {record.node!r}, not on this one "
+                f"({self.node!r}); send the request to that node's server",
+                details={"node": record.node},
+            )
+        return runtime
+
     async def _stop(self, record: SandboxRecord, reason: StopReason) -> SandboxRecord:
         if reason is not StopReason.KILLED:  # a kill is recorded by kill(), with who asked
             await self.audit.record(
@@ -677,10 +737,11 @@ class SandboxService:
                 tenant_id=record.tenant_id,
                 sandbox_id=record.sandbox_id,
             )
+        runtime = self._require_reachable(record)
         await self._drop_agent(record.sandbox_id)
         if record.instance is not None:
             with anyio.CancelScope(shield=True):
-                await self._runtime(record.isolation).destroy(record.instance)
+                await runtime.destroy(record.instance)
         while True:
             try:
                 return await self.store.put_sandbox(
@@ -789,7 +850,7 @@ class SandboxService:
             if client is not None and not client.closed:
                 return client
             assert record.instance is not None
-            stream = await self._runtime(record.isolation).connect(record.instance)
+            stream = await self._require_reachable(record).connect(record.instance)
             client = await AgentClient.open(stream, sandbox_id=key)
             self._agents[key] = client
             return client
@@ -800,13 +861,13 @@ class SandboxService:
         if client is not None:
             await client.aclose()
 
-    async def _tell_shim_deadline(self, record: SandboxRecord, deadline: float | None) -> None:
-        """Move the hard deadline held by the sandbox's shim (local runtimes; others answer unsupported)."""
-        client = await self._agent(record)
+    async def _set_deadline(self, record: SandboxRecord, deadline: float | None) -> None:
+        """Move the hard deadline the sandbox's runtime holds (the reaper enforces the stored one too)."""
+        assert record.instance is not None
         try:
-            await client.call("shim.deadline", {"deadline": deadline})
+            await self._require_reachable(record).set_deadline(record.instance, deadline)
         except Unsupported:
-            log.debug("sandbox %s has no shim deadline; the reaper alone enforces it", record.sandbox_id)
+            log.debug("sandbox %s has no runtime deadline; the reaper alone enforces it", record.sandbox_id)
 
     # -- snapshots and forks (core.snapshots) ----------------------------------------------------------------
     async def snapshot(

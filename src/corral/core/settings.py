@@ -1,22 +1,40 @@
 """One frozen Settings object, loaded once at start-up and passed down (DESIGN §6).
 
-Precedence: defaults < ``CORRAL_*`` environment variables < explicit arguments. Nothing else in Corral reads
-the environment after start-up.
+Precedence: defaults < the TOML file < ``CORRAL_*`` environment variables < explicit arguments (CLI flags).
+Nothing else in Corral reads the environment after start-up.
+
+The file (``--config``, ``CORRAL_CONFIG``, or ``$XDG_CONFIG_HOME/corral/config.toml`` when it exists) is
+grouped by what each setting is about; :data:`FILE_KEYS` maps each ``[group] key`` to its Settings field::
+
+    data_dir = "/var/lib/corral"
+    [server]  host, port, admin_key, sandbox_domain, max_request_bytes
+    [store]   database_url
+    [sandbox] default_template, default_timeout, max_timeout, max_file_bytes
+    [limits]  memory_mb, cpus, pids, disk_mb                 (the default limits of a sandbox)
+    [pools]   max_size, interval, start_concurrency, member_max_age
+    [runtime] default, enabled, node, reap_interval
+    [runtime.gvisor]    platform = "systrap"               (one table per runtime: its own options)
+
+A runtime's table is checked against the options that runtime declares when the runtime is first loaded
+(:func:`corral.runtimes.registry.parse_options`); ``CORRAL_RUNTIME_<NAME>_<OPTION>`` sets one option.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import socket
+import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from corral.errors import InvalidRequest
 from corral.runtimes.base import Limits
 
-__all__ = ["Settings"]
+__all__ = ["FILE_KEYS", "Settings"]
 
 _DOMAIN = re.compile(r"(?=.{1,253}(:|$))[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?", re.IGNORECASE)
 
@@ -24,6 +42,50 @@ _DOMAIN = re.compile(r"(?=.{1,253}(:|$))[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,
 def _default_data_dir() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME")
     return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "corral"
+
+
+def _default_config_file(env: Mapping[str, str]) -> Path:
+    xdg = env.get("XDG_CONFIG_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".config") / "corral" / "config.toml"
+
+
+def default_node(data_dir: Path) -> str:
+    """This host's node id: its name plus a digest of its machine id and data dir, so two servers on one
+    host with their own data dirs (whose sandboxes they cannot see) are two nodes, and a restart is the same."""
+    try:
+        machine = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        machine = ""
+    digest = hashlib.sha256(f"{machine}\0{data_dir}".encode()).hexdigest()[:8]
+    host = re.sub(r"[^a-z0-9.-]", "-", socket.gethostname().lower())[:48] or "host"
+    return f"{host}-{digest}"
+
+
+_NODE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._:-]{0,62}")
+
+# [group] key in the config file -> Settings field ("" = top level)
+FILE_KEYS: dict[tuple[str, str], str] = {
+    ("", "data_dir"): "data_dir",
+    ("server", "host"): "host",
+    ("server", "port"): "port",
+    ("server", "admin_key"): "admin_key",
+    ("server", "sandbox_domain"): "sandbox_domain",
+    ("server", "max_request_bytes"): "max_request_bytes",
+    ("store", "database_url"): "database_url",
+    ("sandbox", "default_template"): "default_template",
+    ("sandbox", "default_timeout"): "default_timeout",
+    ("sandbox", "max_timeout"): "max_timeout",
+    ("sandbox", "max_file_bytes"): "max_file_bytes",
+    ("pools", "max_size"): "max_pool_size",
+    ("pools", "interval"): "pool_interval",
+    ("pools", "start_concurrency"): "pool_start_concurrency",
+    ("pools", "member_max_age"): "pool_member_max_age",
+    ("runtime", "default"): "default_isolation",
+    ("runtime", "enabled"): "enabled_runtimes",
+    ("runtime", "node"): "node",
+    ("runtime", "reap_interval"): "reap_interval",
+}
+_LIMIT_KEYS = ("memory_mb", "cpus", "pids", "disk_mb")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +113,18 @@ class Settings:
     pool_interval: float = 5.0  # seconds between pool reconcile passes when nothing wakes them sooner
     pool_start_concurrency: int = 2  # members booting at once: a boot is CPU-bound (2 cores here)
     pool_member_max_age: float = 6 * 3600.0  # safety deadline of unclaimed members; replaced before it
+    # runtimes: this server's node id (the reaper acts only on its own node's sandboxes; "" = derived from
+    # the host and data dir, see default_node) and each runtime's own options ([runtime.<name>] tables)
+    node: str = ""
+    runtime_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.node:
+            object.__setattr__(self, "node", default_node(self.data_dir.expanduser().absolute()))
+        elif not _NODE.fullmatch(self.node):
+            raise InvalidRequest(
+                f"the node id must be 1-63 characters a-z, A-Z, 0-9, '.', '_', ':', '-', got {self.node!r}"
+            )
 
     @property
     def ports_domain(self) -> str:
@@ -69,10 +143,31 @@ class Settings:
     def db_path(self) -> Path:
         return self.data_dir / "corral.db"
 
+    def options_for(self, runtime: str) -> Mapping[str, Any]:
+        """The ``[runtime.<runtime>]`` table (empty when there is none)."""
+        return self.runtime_options.get(runtime, {})
+
     @classmethod
-    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    def load(
+        cls, env: Mapping[str, str] | None = None, *, config: Path | None = None, **overrides: Any
+    ) -> Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
+        runtime_options: dict[str, dict[str, Any]] = {}
+        path = config or (Path(env["CORRAL_CONFIG"]) if env.get("CORRAL_CONFIG") else None)
+        if path is None and _default_config_file(env).is_file():
+            path = _default_config_file(env)
+        if path is not None:
+            file_values, file_options = _read_file(path)
+            values.update(file_values)
+            runtime_options.update(file_options)
+        if env.get("CORRAL_NODE"):
+            values["node"] = env["CORRAL_NODE"]
+        for name, value in env.items():
+            if name.startswith("CORRAL_RUNTIME_") and value:
+                runtime, _, option = name[len("CORRAL_RUNTIME_") :].lower().partition("_")
+                if runtime and option:
+                    runtime_options.setdefault(runtime, {})[option] = value
         if env.get("CORRAL_DATA_DIR"):
             values["data_dir"] = Path(env["CORRAL_DATA_DIR"])
         if env.get("CORRAL_ISOLATION"):
@@ -105,7 +200,10 @@ class Settings:
                     values[key] = float(env[name])
                 except ValueError as exc:
                     raise InvalidRequest(f"{name} must be a number of seconds, got {env[name]!r}") from exc
+        for runtime, table in (overrides.pop("runtime_options", None) or {}).items():
+            runtime_options.setdefault(runtime, {}).update(table)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        values["runtime_options"] = runtime_options
         settings = cls(**values)
         if settings.sandbox_domain is not None and not _DOMAIN.fullmatch(settings.sandbox_domain):
             raise InvalidRequest(
@@ -113,3 +211,58 @@ class Settings:
                 f"or localhost:8700 (no scheme, no path), got {settings.sandbox_domain!r}"
             )
         return replace(settings, data_dir=settings.data_dir.expanduser().absolute())
+
+
+def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The config file's Settings fields and runtime tables; InvalidRequest names a bad file or key."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read the config file {path}: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the config file {path} is not valid TOML: {exc}") from exc
+    types = {f.name: f.type for f in fields(Settings)}
+    values: dict[str, Any] = {}
+    options: dict[str, dict[str, Any]] = {}
+
+    def put(group: str, key: str, value: Any) -> None:
+        name = FILE_KEYS.get((group, key))
+        where = f"[{group}] {key}" if group else key
+        if name is None:
+            raise InvalidRequest(f"the config file {path} has an unknown setting {where}")
+        kind = str(types[name])
+        if name == "data_dir":
+            value = Path(str(value))
+        elif name == "enabled_runtimes":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidRequest(f"{where} in {path} must be a list of runtime names")
+            value = tuple(value)
+        elif kind.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = {"str": str, "int": int, "float": float}
+        want = next((t for k, t in ok.items() if kind.startswith(k)), None)
+        if want is not None and (not isinstance(value, want) or isinstance(value, bool)):
+            raise InvalidRequest(f"{where} in {path} must be a {want.__name__}, got {value!r}")
+        values[name] = value
+
+    for key, value in data.items():
+        if isinstance(value, dict) and key == "runtime":
+            for rkey, rvalue in value.items():
+                if isinstance(rvalue, dict):
+                    options[rkey] = dict(rvalue)
+                else:
+                    put("runtime", rkey, rvalue)
+        elif isinstance(value, dict) and key == "limits":
+            unknown = sorted(set(value) - set(_LIMIT_KEYS))
+            if unknown:
+                raise InvalidRequest(f"the config file {path} has an unknown setting [limits] {unknown[0]}")
+            try:
+                values["default_limits"] = Limits(**value)
+            except TypeError as exc:
+                raise InvalidRequest(f"[limits] in {path}: {exc}") from exc
+        elif isinstance(value, dict):
+            for gkey, gvalue in value.items():
+                put(key, gkey, gvalue)
+        else:
+            put("", key, value)
+    return values, options

@@ -11,20 +11,17 @@ What is captured depends on the runtime's :class:`~corral.runtimes.base.Capabili
   variable keeps its value. Without it, forks start fresh processes on the copied files (say so to users:
   ``TemplateInfo.memory`` is False).
 
-Files: a snapshot lives in ``cache_root/snapshots/<name>-<random>/`` (``layer/``, ``memory/``) and goes when
-its template is deleted; a fork's capture is a temporary directory removed once every fork has its copy.
-Nothing of it is reachable from inside any sandbox: these directories are mounted nowhere but as read-only
-overlay layers.
+What a runtime captured is a :class:`~corral.runtimes.base.Snapshot` of artifact references, which the core
+stores and hands back without looking inside: a snapshot template keeps its files artifact as its top layer
+(a LAYER artifact; other kinds cannot be a template yet) and its memory artifact with the runtime that made
+it; a fork's capture is discarded (:meth:`Runtime.discard`) once every fork has its copy. The local runtimes
+keep both under ``cache_root/snapshots/KEY/``, mounted nowhere but as read-only overlay layers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
-import shutil
 import time
-from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
@@ -36,7 +33,7 @@ from corral.core.templates import check_template_name
 from corral.errors import InvalidRequest, Unsupported
 from corral.ids import TenantId
 from corral.models import CreateParams, SandboxInfo, SandboxState, TemplateInfo
-from corral.runtimes.base import Snapshot
+from corral.runtimes.base import ArtifactKind, Runtime, Snapshot
 
 if TYPE_CHECKING:
     from corral.core.service import SandboxService
@@ -57,20 +54,17 @@ def template_info(record: TemplateRecord) -> TemplateInfo:
 
 
 async def _capture(
-    service: SandboxService, sandbox_id: str, tenant: TenantId, action: Action, dest: Path
-) -> tuple[Snapshot, str, str]:
-    """Capture a running sandbox into ``dest``. Returns the snapshot, its isolation and template."""
+    service: SandboxService, sandbox_id: str, tenant: TenantId, action: Action, key: str
+) -> tuple[Snapshot, Runtime, str, str]:
+    """Capture a running sandbox under ``key``. Returns the snapshot, its runtime, isolation and template."""
     record = await service._reconciled(await service._record(sandbox_id, tenant))
     require_state(record.state, action, SandboxState.RUNNING, sandbox_id=sandbox_id)
-    runtime = service._runtime(record.isolation)
-    if not runtime.capabilities.snapshot_fs:
+    runtime = service._require_reachable(record)
+    if not runtime.capabilities.snapshot:
         raise Unsupported(f"{record.isolation} sandboxes cannot be snapshotted or forked")
     assert record.instance is not None
-    await anyio.to_thread.run_sync(partial(dest.parent.mkdir, mode=0o700, parents=True, exist_ok=True))
-    snap = await runtime.snapshot(record.instance, dest)
-    if not runtime.capabilities.checkpoint:
-        snap = dataclasses.replace(snap, memory=None)
-    return snap, record.isolation, record.template
+    snap = await runtime.snapshot(record.instance, key)
+    return snap, runtime, record.isolation, record.template
 
 
 async def snapshot(
@@ -84,24 +78,27 @@ async def snapshot(
     """Capture a running sandbox into a new template ``name`` (it keeps running)."""
     check_template_name(name)
     await service.templates.check_new(name)  # fail before the sandbox is disturbed
-    dest = service.settings.cache_root / "snapshots" / f"{name}-{secrets.token_hex(4)}"
+    key = f"{name}-{secrets.token_hex(4)}"
+    snap, runtime, isolation, parent = await _capture(service, sandbox_id, tenant, Action.SNAPSHOT, key)
     try:
-        snap, isolation, parent = await _capture(service, sandbox_id, tenant, Action.SNAPSHOT, dest)
+        if snap.files.kind is not ArtifactKind.LAYER:
+            raise Unsupported(f"{isolation} snapshots cannot become templates yet (they capture a disk)")
         record = await service.templates.add(
             TemplateRecord(
                 name=name,
                 kind="snapshot",
-                rootfs=str(snap.layer),
+                rootfs=str(snap.files.path),
                 created_at=time.time(),
                 description=description or f"snapshot of {sandbox_id} ({isolation})",
                 parent=parent,
-                memory=str(snap.memory) if snap.memory is not None else None,
+                memory=str(snap.memory.path) if snap.memory is not None else None,
+                memory_runtime=snap.memory.runtime if snap.memory is not None else None,
                 owner=str(tenant),  # a snapshot is the tenant's own data: no other tenant may start from it
             )
         )
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(partial(shutil.rmtree, dest, ignore_errors=True))
+            await runtime.discard(snap)
         raise
     return template_info(record)
 
@@ -116,10 +113,11 @@ async def fork(
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORKS:
         raise InvalidRequest(f"count must be a whole number from 1 to {MAX_FORKS}")
     parent = await service._record(sandbox_id, tenant)
-    dest = service.settings.cache_root / "forks" / secrets.token_hex(8)
     made: list[SandboxInfo] = []
+    snap, runtime, isolation, template = await _capture(
+        service, sandbox_id, tenant, Action.FORK, f"fork-{secrets.token_hex(8)}"
+    )
     try:
-        snap, isolation, template = await _capture(service, sandbox_id, tenant, Action.FORK, dest)
         for _ in range(count):
             params = CreateParams(
                 template=template,
@@ -138,5 +136,5 @@ async def fork(
         raise
     finally:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(partial(shutil.rmtree, dest, ignore_errors=True))
+            await runtime.discard(snap)
     return made

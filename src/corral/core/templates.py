@@ -22,10 +22,10 @@ import anyio.to_thread
 
 from corral.core.records import TemplateRecord
 from corral.core.store import Store
-from corral.errors import Conflict, InvalidRequest, NotFound
+from corral.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from corral.images import rootfs as _rootfs
 from corral.images.layers import LayerStore
-from corral.runtimes.base import RootfsSpec
+from corral.runtimes.base import Artifact, HostLayers, RootfsKind, RootfsSource
 
 __all__ = ["BASE_TEMPLATE", "LAYER_KIND", "TemplateRegistry"]
 
@@ -50,8 +50,25 @@ class TemplateRegistry:
         self.layers = LayerStore(cache_root / "layers")
         self.oci_layout = cache_root / "oci"
 
-    async def resolve(self, name: str) -> RootfsSpec:
-        """The root file system for template ``name``; NotFound lists what exists."""
+    async def resolve(
+        self, name: str, *, accepts: tuple[RootfsKind, ...] = (RootfsKind.HOST_LAYERS,)
+    ) -> RootfsSource:
+        """Template ``name``'s root file system in the first form a runtime ``accepts`` that the template
+        offers (``Capabilities.rootfs``); NotFound lists what exists, Unsupported says what was offered.
+
+        Every template offers host layers today; an OCI-image or disk-image form is offered by templates
+        that record one (a runtime that takes only those names the forms it takes in the error).
+        """
+        layers = await self._host_layers(name)
+        if RootfsKind.HOST_LAYERS in accepts:
+            return layers
+        raise Unsupported(
+            f"template {name!r} is offered as {RootfsKind.HOST_LAYERS}; this isolation takes "
+            f"{', '.join(accepts)}",
+            details={"offered": [RootfsKind.HOST_LAYERS], "accepted": list(accepts)},
+        )
+
+    async def _host_layers(self, name: str) -> HostLayers:
         check_template_name(name)
         if name == BASE_TEMPLATE:
             return await anyio.to_thread.run_sync(_rootfs.ensure_host_template, self._cache_root)
@@ -64,22 +81,22 @@ class TemplateRegistry:
             )
         if record.kind == LAYER_KIND:
             base = await anyio.to_thread.run_sync(_rootfs.ensure_host_template, self._cache_root)
-            return RootfsSpec(lower=(Path(record.rootfs), *base.lower), binds=base.binds)
+            return HostLayers(lower=(Path(record.rootfs), *base.lower), binds=base.binds)
 
         if record.kind == "snapshot" and record.parent is not None:  # its layer on top of its parent's
-            parent = await self.resolve(record.parent)
-            return RootfsSpec(lower=(Path(record.rootfs), *parent.lower), binds=parent.binds)
+            parent = await self._host_layers(record.parent)
+            return HostLayers(lower=(Path(record.rootfs), *parent.lower), binds=parent.binds)
         if record.layers:
             layers = tuple(Path(p) for p in record.layers)
             if not await anyio.to_thread.run_sync(lambda: all(p.is_dir() for p in layers)):
                 raise NotFound(f"template {name!r} lost layers from the layer store; build it again")
-            return RootfsSpec(lower=layers)
+            return HostLayers(lower=layers)
         return _rootfs.rootfs_from_directory(Path(record.rootfs))
 
-    async def memory(self, name: str) -> Path | None:
-        """The memory image a snapshot template holds, if any."""
+    async def memory(self, name: str) -> Artifact | None:
+        """The memory image a snapshot template holds, if any (restorable by its ``runtime`` only)."""
         record = None if name == BASE_TEMPLATE else await self._store.get_template(name)
-        return Path(record.memory) if record is not None and record.memory else None
+        return record.memory_artifact() if record is not None else None
 
     async def add(self, record: TemplateRecord) -> TemplateRecord:
         """Register a template built elsewhere (a snapshot); Conflict if the name is taken."""

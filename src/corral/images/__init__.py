@@ -2,7 +2,7 @@
 (directories, tarballs, debootstrap, the host template).
 
 Sits between the core and the runtimes: it produces tuples of read-only layer directories
-(:class:`~corral.runtimes.base.RootfsSpec`) that the runtimes stack under a per-sandbox writable layer. It
+(:class:`~corral.runtimes.base.HostLayers`) that the runtimes stack under a per-sandbox writable layer. It
 never starts a sandbox itself: build steps run through a :class:`~corral.images.build.StepRunner` that the
 core passes in.
 

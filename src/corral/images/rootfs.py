@@ -28,7 +28,7 @@ from corral.images._extract import Devices, UnsafeMember, safe_extract
 from corral.images.layers import LayerResult, LayerStore
 from corral.runtimes import _proc
 from corral.runtimes._rootfs import SANDBOX_USER_UID
-from corral.runtimes.base import Bind, RootfsSpec
+from corral.runtimes.base import Bind, HostLayers
 
 __all__ = [
     "debian_mirror",
@@ -107,7 +107,7 @@ def _etc_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def ensure_host_template(cache_root: Path) -> RootfsSpec:
+def ensure_host_template(cache_root: Path) -> HostLayers:
     """The ``base`` template: skeleton dirs, a safe ``/etc``, and the host's ``/usr`` bound read-only.
 
     Built once per host (atomically: built in a temporary directory and renamed), rebuilt when an allowed
@@ -132,7 +132,7 @@ def ensure_host_template(cache_root: Path) -> RootfsSpec:
         host = Path("/") / name
         if host.is_dir() and not host.is_symlink():
             binds.append(Bind(source=host, target=f"/{name}"))
-    return RootfsSpec(lower=(target,), binds=tuple(binds))
+    return HostLayers(lower=(target,), binds=tuple(binds))
 
 
 def _build_skeleton(dest: Path) -> None:
@@ -199,12 +199,12 @@ def _build_skeleton(dest: Path) -> None:
     os.chown(dest, 0, 0)
 
 
-def rootfs_from_directory(path: Path) -> RootfsSpec:
+def rootfs_from_directory(path: Path) -> HostLayers:
     """A template from an existing directory tree (owned by in-sandbox uids, see the module docstring)."""
     path = path.resolve()
     if not path.is_dir():
         raise InvalidRequest("the root file system directory does not exist", details={"path": path.name})
-    return RootfsSpec(lower=(path,))
+    return HostLayers(lower=(path,))
 
 
 def _file_digest(path: Path) -> str:

@@ -1,6 +1,6 @@
 """Per-sandbox writable layers over read-only template layers, shared by the namespace and gVisor runtimes.
 
-A template is an ordered tuple of read-only layer directories (:class:`~corral.runtimes.base.RootfsSpec`,
+A template is an ordered tuple of read-only layer directories (:class:`~corral.runtimes.base.HostLayers`,
 topmost first: an OCI image's layers, build steps, or a single unpacked tree); building them is
 :mod:`corral.images`' job. Every sandbox gets its own writable layer on top (overlayfs ``upperdir``/``workdir``
 under its state dir, with several ``lowerdir``s), so sandboxes never see each other's changes and throwing one
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.errors import InvalidRequest
-from corral.runtimes.base import RootfsSpec
+from corral.runtimes.base import HostLayers
 
 __all__ = [
     "SANDBOX_USER_UID",
@@ -44,7 +44,7 @@ class LayerDirs:
     """The per-sandbox directories of a writable overlay, all under the sandbox's state dir."""
 
     lowers: tuple[Path, ...]  # mount points for the (idmapped) read-only layers, topmost first
-    binds: tuple[Path, ...]  # mount points for the (idmapped) read-only binds, in RootfsSpec.binds order
+    binds: tuple[Path, ...]  # mount points for the (idmapped) read-only binds, in HostLayers.binds order
     upper: Path
     work: Path
     merged: Path
@@ -56,7 +56,7 @@ class LayerDirs:
 
 
 def make_layer_dirs(
-    state_dir: Path, rootfs: RootfsSpec, *, owner: int, disk_mb: int | None = None
+    state_dir: Path, rootfs: HostLayers, *, owner: int, disk_mb: int | None = None
 ) -> LayerDirs:
     """Create the directories of a sandbox's writable layer.
 

@@ -12,18 +12,20 @@ Run as ``python -I -S _shim.py STATE_DIR`` by a local runtime, in its own sessio
    is what the runtime's ``create`` waits for;
 4. relays whole frames between the agent and one client at a time (a new client replaces the old one, and is
    first sent the agent's cached ``hello``), applying back-pressure instead of buffering without bound;
-5. kills the sandbox at ``deadline`` (changed at run time by the ``shim.deadline`` op) or on SIGTERM,
+5. kills the sandbox at ``deadline`` (moved at run time through the control channel) or on SIGTERM,
    records ``exit.json`` and exits when the sandbox is gone.
 
 Run as ``python -I -S _shim.py --standby BLANK`` it starts ahead of need (at a low priority) and waits for its
 state dir on stdin, so a cold create does not wait for an interpreter to start and import this module
 (~25 ms); it then shows the command line of a shim started for that state dir (BLANK, spaces, makes room).
 
-Frames whose ``op`` starts with ``shim.`` are answered by the shim itself: ``shim.deadline`` {deadline},
-``shim.status``, and for runtimes that can checkpoint (``checkpoint_argv``): ``shim.checkpoint`` (save the
-sandbox to disk; its command exits, the shim stays, paused, and keeps its clients: requests to the agent are
-refused while paused) and ``shim.restore`` (start ``restore_argv`` with new stdio pipes; answered once the
-restored agent answers a ping, so the connection a client held before the pause works again).
+The **control channel** is a socket of its own (``control``, mode 0600), separate from the agent's stream:
+every frame there is a request to the shim, never relayed. Ops: ``deadline`` {deadline: Unix time | null},
+``status``, and for runtimes that can checkpoint (``checkpoint_argv``): ``checkpoint`` (save the sandbox to
+disk; its command exits, the shim stays, paused, and keeps its clients: requests to the agent are refused
+while paused) and ``restore`` (start ``restore_argv`` with new stdio pipes; answered once the restored agent
+answers a ping, so the connection a client held before the pause works again). Frames on the agent socket
+all go to the agent.
 """
 
 from __future__ import annotations
@@ -411,11 +413,12 @@ class _Client:
     """One host-side connection. Its request ids reach the agent as ``<tag>:<id>`` so clients cannot collide,
     and the shim knows which foreground processes and uploads each client still owns."""
 
-    __slots__ = ("dec", "execs", "foreground", "out", "sock", "streams", "tag", "uploads")
+    __slots__ = ("control", "dec", "execs", "foreground", "out", "sock", "streams", "tag", "uploads")
 
-    def __init__(self, sock: socket.socket, tag: str) -> None:
+    def __init__(self, sock: socket.socket, tag: str, *, control: bool = False) -> None:
         self.sock = sock
         self.tag = tag
+        self.control = control  # a control-channel connection: its frames are requests to the shim
         self.dec = Decoder()
         self.out = bytearray()
         self.execs: set[str] = set()  # agent-side ids of foreground execs not yet ended
@@ -452,18 +455,8 @@ class _Shim:
 
     # -- start ---------------------------------------------------------------------------------------------
     def start(self) -> None:
-        sock_path = self.spec.socket
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock_path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            with unix_path(sock_path) as usable:
-                self.listener.bind(usable)
-        finally:
-            os.umask(old)
-        self.listener.listen(8)
-        self.listener.setblocking(False)
+        self.listener = _listen(self.spec.socket)
+        self.control_listener = _listen(self.spec.control) if self.spec.control else None
         if self.spec.restored:
             assert self.spec.hello_file, "a restored start needs the agent's hello"
             with open(self.spec.hello_file, "rb") as f:
@@ -473,6 +466,8 @@ class _Shim:
         else:
             self.spawn(self.spec.argv)
         self.sel.register(self.listener, selectors.EVENT_READ, "accept")
+        if self.control_listener is not None:
+            self.sel.register(self.control_listener, selectors.EVENT_READ, "accept_control")
 
     def send_ping(self) -> None:
         """Ask a restored agent for a sign of life; :meth:`read_agent` treats the answer as "ready"."""
@@ -575,7 +570,9 @@ class _Shim:
             with contextlib.suppress(BlockingIOError):
                 os.read(self.wake_r, 512)
         elif what == "accept":
-            self.accept()
+            self.accept(self.listener)
+        elif what == "accept_control":
+            self.accept(self.control_listener, control=True)
         elif what == "agent_out":
             self.read_agent()
         elif what.startswith("client:"):
@@ -596,15 +593,16 @@ class _Shim:
                 self.sel.unregister(self.setup_err_fd)
                 os.close(self.setup_err_fd)
 
-    def accept(self) -> None:
+    def accept(self, listener: Any, *, control: bool = False) -> None:
         try:
-            conn, _ = self.listener.accept()
+            conn, _ = listener.accept()
         except BlockingIOError:
             return
         conn.setblocking(False)
         self.next_client += 1
-        client = _Client(conn, f"c{self.next_client}")
-        client.out += self.hello or b""
+        client = _Client(conn, f"c{self.next_client}", control=control)
+        if not control:
+            client.out += self.hello or b""
         self.clients[client.tag] = client
         self.sel.register(conn, selectors.EVENT_READ | selectors.EVENT_WRITE, "client:" + client.tag)
 
@@ -710,9 +708,9 @@ class _Shim:
         for frame in frames:
             op = frame.get("op")
             rid = frame.get("id")
-            if isinstance(op, str) and op.startswith("shim."):
+            if client.control:
                 answer = self.shim_op(frame, tag)
-                if answer is not None:  # shim.restore answers later, once the agent is back
+                if answer is not None:  # restore answers later, once the agent is back
                     client.out += encode(answer)
                 continue
             if not isinstance(rid, str):
@@ -746,17 +744,17 @@ class _Shim:
 
     def shim_op(self, frame: Frame, tag: str) -> dict[str, Any] | None:
         rid = frame.get("id")
-        if frame.get("op") == "shim.checkpoint":
+        if frame.get("op") == "checkpoint":
             return self.checkpoint(rid)
-        if frame.get("op") == "shim.restore":
+        if frame.get("op") == "restore":
             return self.restore(rid, tag)
-        if frame.get("op") == "shim.deadline":
+        if frame.get("op") == "deadline":
             deadline = frame.get("deadline")
             if deadline is not None and (not isinstance(deadline, int | float) or isinstance(deadline, bool)):
                 return {"id": rid, "ev": "error", "code": "invalid", "message": "deadline must be a number"}
             self.deadline = float(deadline) if deadline is not None else None
             return {"id": rid, "ev": "ok", "deadline": self.deadline}
-        if frame.get("op") == "shim.status":
+        if frame.get("op") == "status":
             return {
                 "id": rid,
                 "ev": "ok",
@@ -825,7 +823,7 @@ class _Shim:
         """Save the sandbox to disk with ``checkpoint_argv``; the sandbox command then exits by itself.
 
         Blocking (the sandbox is being stopped anyway). Everything the agent wrote before it stopped is read
-        and routed first, so the byte stream to each client continues seamlessly after ``shim.restore``.
+        and routed first, so the byte stream to each client continues seamlessly after ``restore``.
         """
         if not self.spec.checkpoint_argv or not self.spec.restore_argv:
             return {
@@ -945,8 +943,26 @@ class _Shim:
                 self.sel.unregister(client.sock)
             client.sock.close()
         self.clients.clear()
-        with contextlib.suppress(OSError):
-            os.unlink(self.spec.socket)
+        for path in (self.spec.socket, self.spec.control):
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+
+def _listen(path: str) -> socket.socket:
+    """A non-blocking Unix listener at ``path``, mode 0600 (only the host's root reaches a sandbox)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        with unix_path(path) as usable:
+            listener.bind(usable)
+    finally:
+        os.umask(old)
+    listener.listen(8)
+    listener.setblocking(False)
+    return listener
 
 
 def _await_assignment() -> str | None:

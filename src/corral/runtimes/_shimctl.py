@@ -37,6 +37,7 @@ __all__ = [
     "ShimLauncher",
     "call",
     "connect",
+    "control",
     "launcher",
     "observe",
     "spawn",
@@ -273,14 +274,36 @@ async def stop(handle: ShimHandle, *, grace: float = 10.0) -> None:
         os.waitpid(handle.pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks; reaps our own child
 
 
+CONTROL_TIMEOUT = 30.0  # a control op other than checkpoint/restore answers within ms
+
+
+async def control(
+    control_socket: str,
+    agent_socket: str,
+    op: str,
+    *,
+    what: str,
+    timeout: float = CONTROL_TIMEOUT,
+    **fields: object,
+) -> dict[str, object]:
+    """One request on the shim's control channel (``deadline``, ``status``, ``checkpoint``, ``restore``).
+
+    A shim started by an older Corral (an instance persisted before the control channel existed) has no
+    ``control.sock``; it takes the same request as ``shim.<op>`` on its agent socket instead.
+    """
+    if await anyio.Path(control_socket).exists() or not await anyio.Path(agent_socket).exists():
+        return await call(control_socket, op, what=what, timeout=timeout, **fields)
+    return await call(agent_socket, f"shim.{op}", what=what, timeout=timeout, **fields)
+
+
 async def call(
     socket_path: str, op: str, *, what: str, timeout: float, **fields: object
 ) -> dict[str, object]:
-    """Send one ``shim.*`` request on a connection of its own and return the shim's answer header.
+    """Send one request to the shim on a connection of its own and return the shim's answer header.
 
-    The runtime's own line to the shim (checkpoint, restore): it does not disturb the core's agent
-    connection, which the shim keeps across a pause. An ``error`` answer becomes a RuntimeFailure whose
-    message is safe for clients (the shim's text goes to the log).
+    The runtime's own line to the shim: it does not disturb the core's agent connection, which the shim
+    keeps across a pause. An ``error`` answer becomes a RuntimeFailure whose message is safe for clients
+    (the shim's text goes to the log).
     """
     stream = await connect(socket_path)
     decoder = Decoder()

@@ -57,7 +57,8 @@ class FdFile:
 @dataclass(frozen=True, kw_only=True)
 class ShimSpec:
     argv: list[str]
-    socket: str
+    socket: str  # the agent protocol, relayed to and from the agent's stdio
+    control: str | None = None  # the shim's own control channel (deadline, status, checkpoint, restore)
     env: dict[str, str] = field(default_factory=dict)
     cgroup_procs: list[str] = field(default_factory=list)  # cgroup.procs files to join before anything else
     mounts: list[Mount] = field(default_factory=list)  # non-empty ⇒ private mount namespace
@@ -65,8 +66,8 @@ class ShimSpec:
     kill_argv: list[str] | None = None  # how to kill the sandbox if SIGKILL to the child is not enough
     deadline: float | None = None
     files: list[FdFile] = field(default_factory=list)  # opened as the given fds of the sandbox command
-    # checkpoint/restore (gVisor): ``shim.checkpoint`` runs checkpoint_argv, after which the sandbox command
-    # exits and the shim waits, paused; ``shim.restore`` starts restore_argv in its place with new stdio pipes.
+    # checkpoint/restore (gVisor): ``checkpoint`` (control op) runs checkpoint_argv, after which the sandbox
+    # command exits and the shim waits, paused; ``restore`` starts restore_argv in its place with new pipes.
     # ``restored``: ``argv`` itself restores a checkpoint (a fork, or a template with memory), so the agent's
     # hello, which a restored agent does not send again, is read from ``hello_file``.
     checkpoint_argv: list[str] | None = None

@@ -7,11 +7,25 @@ semantics and one conformance suite (:func:`corral.testing.check_runtime`) tests
 Runtimes never decide policy (states, deadlines, tenants): the core does. They declare what they can do in
 :class:`Capabilities`, and the core checks those instead of testing a runtime's name.
 
-Process model shared by the local runtimes (namespace, gvisor, qemu): each sandbox has a host-side **shim**
-(:mod:`corral.runtimes._shim`, the containerd-shim/conmon role) that owns the sandbox's stdio pipes, relays the
-agent protocol over a Unix socket in the sandbox's state directory, enforces the hard deadline, and records the
-exit status. The shim outlives the process that created the sandbox, so a CLI call or a restarted server can
-re-attach with :meth:`Runtime.connect`.
+The contract, in short (DESIGN §9):
+
+- :class:`Instance` is a *reference* (``sandbox_id``, ``runtime``, ``node``, ``ref``, ``extra``), never host
+  fields: a state dir, a VM id or a ``namespace/name`` of a Kubernetes object is the runtime's ``ref``. The core
+  persists it and acts on it only from its ``node`` when ``Capabilities.node_local`` says it must.
+- A root file system is a *source* (:class:`HostLayers`, :class:`OciImage`, :class:`DiskImage`); a runtime
+  lists the kinds it takes in ``Capabilities.rootfs`` and the template registry hands over one of those.
+- A snapshot is a set of :class:`Artifact` references (kinds in ``Capabilities.snapshot``), which the core
+  stores and passes back (``SandboxSpec.upper_seed``/``restore_from``) without looking inside, and ends with
+  :meth:`Runtime.discard`.
+- The hard deadline travels core → runtime (:meth:`Runtime.set_deadline`).
+- A runtime is made by the registry as ``cls(config, options)``: :class:`RuntimeConfig` (roots, node) plus its
+  own typed ``Options`` parsed from the ``[runtime.<name>]`` settings table.
+
+The local runtimes (namespace, gvisor, fake, microVMs) share one skeleton, :mod:`corral.runtimes._local`: a
+state dir and a host-side **shim** per sandbox (:mod:`corral.runtimes._shim`, the containerd-shim/conmon role)
+that owns the agent's stdio, relays the agent protocol over a Unix socket, answers its own control channel,
+enforces the hard deadline and records the exit status. The shim outlives the process that created the
+sandbox, so a CLI call or a restarted server can re-attach with :meth:`Runtime.connect`.
 """
 
 from __future__ import annotations
@@ -22,23 +36,32 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
+from urllib.parse import unquote
 
 from anyio.abc import ByteStream
 
 from corral.ids import SandboxId
 
 __all__ = [
+    "LEGACY_NODE",
+    "Artifact",
+    "ArtifactKind",
     "Bind",
     "ByteStream",
     "Capabilities",
+    "DiskImage",
+    "HostLayers",
     "Instance",
     "Isolation",
     "LayerExporter",
     "Limits",
     "NetworkMode",
+    "NoOptions",
     "Observed",
     "ObservedState",
-    "RootfsSpec",
+    "OciImage",
+    "RootfsKind",
+    "RootfsSource",
     "Runtime",
     "RuntimeConfig",
     "SandboxSpec",
@@ -89,69 +112,150 @@ class Bind:
     target: str
 
 
+class RootfsKind(StrEnum):
+    """The forms a template's root file system can be handed to a runtime in (``Capabilities.rootfs``)."""
+
+    HOST_LAYERS = "host_layers"  # :class:`HostLayers`: read-only directories on this host, overlay order
+    OCI_IMAGE = "oci_image"  # :class:`OciImage`: an image reference a runtime pulls (a Pod, a VM builder)
+    DISK_IMAGE = "disk_image"  # :class:`DiskImage`: a file-system image file (erofs, ext4) for a VM disk
+
+
 @dataclass(frozen=True, kw_only=True)
-class RootfsSpec:
-    """The root file system of one sandbox.
+class HostLayers:
+    """A root file system as read-only host directories.
 
     ``lower`` are read-only layers shared by every sandbox of the template (topmost first, overlayfs order).
     The runtime adds a per-sandbox writable layer on top and removes it with the sandbox. ``binds`` are host
     directories mounted read-only at a path inside (the host template's ``/usr``).
     """
 
+    kind: ClassVar[RootfsKind] = RootfsKind.HOST_LAYERS
     lower: tuple[Path, ...]
     binds: tuple[Bind, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
+class OciImage:
+    """A root file system as an OCI image: ``reference`` (``registry/repo:tag`` or ``@sha256:…``), resolved
+    by the runtime itself (a kubelet, a VM image builder)."""
+
+    kind: ClassVar[RootfsKind] = RootfsKind.OCI_IMAGE
+    reference: str
+    digest: str | None = None  # the manifest digest the template was built from, when known
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiskImage:
+    """A root file system as one image file (read-only; the runtime adds its own writable disk)."""
+
+    kind: ClassVar[RootfsKind] = RootfsKind.DISK_IMAGE
+    path: Path
+    fstype: str  # "erofs", "ext4", "squashfs"
+
+
+RootfsSource = HostLayers | OciImage | DiskImage
+
+
+class ArtifactKind(StrEnum):
+    """What a captured artifact holds (``Capabilities.snapshot`` / ``Capabilities.restore``)."""
+
+    LAYER = "layer"  # a file tree in the in-sandbox ownership convention: a template layer or an upper seed
+    DISK = "disk"  # a writable disk image (a VM's upper disk)
+    MEMORY = "memory"  # processes and memory: restorable only by the runtime that made it
+
+
+@dataclass(frozen=True, kw_only=True)
+class Artifact:
+    """A reference to something a runtime captured, which the core stores and hands back without looking in.
+
+    ``uri`` says where it is: ``file:///…`` for a host path (local runtimes), any other scheme for what a
+    remote backend keeps (a VolumeSnapshot, an object-store key). ``runtime`` is the runtime that made it;
+    a ``MEMORY`` artifact is restorable only by that one.
+    """
+
+    kind: ArtifactKind
+    uri: str
+    runtime: str
+
+    @classmethod
+    def at(cls, kind: ArtifactKind, path: Path, *, runtime: str) -> Artifact:
+        return cls(kind=kind, uri=path.absolute().as_uri(), runtime=runtime)
+
+    @property
+    def path(self) -> Path:
+        """The host path of a ``file://`` artifact; InvalidRequest for any other scheme."""
+        from corral.errors import InvalidRequest
+
+        if not self.uri.startswith("file://"):
+            raise InvalidRequest(f"a {self.kind} artifact of {self.runtime} is not a file on this host")
+        return Path(unquote(self.uri[len("file://") :]))
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": str(self.kind), "uri": self.uri, "runtime": self.runtime}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Artifact:
+        return cls(kind=ArtifactKind(data["kind"]), uri=str(data["uri"]), runtime=str(data["runtime"]))
+
+
+@dataclass(frozen=True, kw_only=True)
 class SandboxSpec:
     sandbox_id: SandboxId
-    rootfs: RootfsSpec
+    rootfs: RootfsSource  # one of the kinds in the runtime's Capabilities.rootfs
     limits: Limits = field(default_factory=Limits)
     network: NetworkMode = NetworkMode.NONE
     env: Mapping[str, str] = field(default_factory=dict)  # defaults for every process, set in the agent
     hostname: str = "sandbox"
-    deadline: float | None = None  # Unix time; the shim kills the sandbox then even if no server is running
-    # Start from a captured state (:meth:`Runtime.snapshot`) instead of from scratch: ``upper_seed`` is copied
-    # into the new writable layer (a fork's own copy of its parent's changes); ``restore_from`` is a memory
-    # image to restore instead of booting (only given to runtimes with ``Capabilities.checkpoint``).
-    upper_seed: Path | None = None
-    restore_from: Path | None = None
+    deadline: float | None = None  # Unix time; the runtime kills the sandbox then even if no server runs
+    # Start from a captured state (:meth:`Runtime.snapshot`) instead of from scratch: ``upper_seed`` (a LAYER
+    # or DISK artifact) becomes the new sandbox's own copy of its writable layer (a fork diverges from its
+    # parent from then on); ``restore_from`` (a MEMORY artifact of this runtime) is restored instead of booting.
+    # The core passes only kinds the runtime declares in ``Capabilities.restore``.
+    upper_seed: Artifact | None = None
+    restore_from: Artifact | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class Capabilities:
-    pause: bool = False  # stop all CPU use and resume later (freezer, runsc pause)
-    checkpoint: bool = False  # save processes and memory to disk and restore them (runsc checkpoint, CRIU)
-    snapshot_fs: bool = False  # copy the writable layer into a new template
-    # checkpoint=True also means: pause keeps memory on disk (nothing of the sandbox runs or stays in RAM),
-    # snapshot() captures memory, and a SandboxSpec.restore_from starts a sandbox (a fork) from it
+    pause: bool = False  # stop all CPU use and resume later (freezer, runsc checkpoint, QMP stop)
+    checkpoint: bool = False  # pause keeps memory on disk: nothing of a paused sandbox stays in RAM
+    snapshot_fs: bool = False  # snapshot() captures the writable layer (a template layer / a fork's seed)
     network_policy: bool = False  # egress allowlists
     resource_limits: bool = True
+    # what create() accepts as SandboxSpec.rootfs, best first
+    rootfs: tuple[RootfsKind, ...] = (RootfsKind.HOST_LAYERS,)
+    # what snapshot() produces and SandboxSpec.upper_seed / restore_from accept (empty: no snapshots, no forks)
+    snapshot: frozenset[ArtifactKind] = frozenset()
+    # True: an instance is reachable only from the node that made it (host processes, host paths)
+    node_local: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
 class Snapshot:
-    """What :meth:`Runtime.snapshot` captured: ``layer`` (the writable layer, usable as a read-only template
-    layer or as a new sandbox's ``upper_seed``) and, where the runtime can, ``memory`` (a ``restore_from``)."""
+    """What :meth:`Runtime.snapshot` captured: ``files`` (the writable layer: a LAYER artifact, usable as a
+    read-only template layer, or a DISK one) and, where the runtime can, ``memory`` (a MEMORY artifact)."""
 
-    layer: Path
-    memory: Path | None = None
+    files: Artifact
+    memory: Artifact | None = None
+
+
+LEGACY_NODE = ""  # the node of instances persisted before nodes existed: adopted by the first node to see it
 
 
 @dataclass(frozen=True, kw_only=True)
 class Instance:
-    """What a runtime needs to find a sandbox again, even from another process or after a restart.
+    """A reference to one sandbox, enough for its runtime to find it again from any process of its node.
 
-    Persisted by the core as JSON (:meth:`to_json`). ``extra`` holds runtime-specific facts (cgroup paths,
-    runsc root, container id); only the runtime that made the instance reads it.
+    Persisted by the core as JSON (:meth:`to_json`). ``node`` is the Corral node that owns it (only that node
+    reconciles it); ``ref`` is the runtime's own handle (a state dir, a VM id, ``namespace/name`` of a
+    Sandbox object); ``extra`` holds more runtime-specific facts (pids, sockets, cgroup paths). Only the
+    runtime that made an instance reads ``ref`` and ``extra``.
     """
 
     sandbox_id: SandboxId
     runtime: str
-    state_dir: str
-    shim_pid: int
-    shim_start_ticks: int  # /proc/PID/stat starttime: guards against a recycled pid
-    socket_path: str
+    node: str
+    ref: str
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -161,9 +265,27 @@ class Instance:
 
     @classmethod
     def from_json(cls, text: str) -> Instance:
-        data = json.loads(text)
-        data["sandbox_id"] = SandboxId(data["sandbox_id"])
-        return cls(**data)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Instance:
+        """Also reads the first format (host fields ``state_dir``, ``shim_pid``, ``shim_start_ticks``,
+        ``socket_path`` at the top, no node): those move into ``ref`` and ``extra``, the node is
+        :data:`LEGACY_NODE`."""
+        data = dict(data)
+        extra = dict(data.pop("extra", None) or {})
+        if "state_dir" in data:  # format 1 (before nodes): a local runtime's host fields
+            data["ref"] = data.pop("state_dir")
+            extra["shim_pid"] = data.pop("shim_pid")
+            extra["shim_start_ticks"] = data.pop("shim_start_ticks")
+            data.pop("socket_path", None)  # always STATE_DIR/agent.sock, which the runtime derives from ref
+        return cls(
+            sandbox_id=SandboxId(data["sandbox_id"]),
+            runtime=str(data["runtime"]),
+            node=str(data.get("node", LEGACY_NODE)),
+            ref=str(data["ref"]),
+            extra=extra,
+        )
 
 
 class ObservedState(StrEnum):
@@ -182,18 +304,30 @@ class Observed:
 
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
-    """Host-side settings every local runtime gets (a slice of the server's Settings)."""
+    """What every runtime gets from the server's Settings, besides its own ``[runtime.<name>]`` options."""
 
-    state_root: Path  # per-sandbox state dirs live below this
-    cache_root: Path  # built artifacts shared by sandboxes (the agent bundle, template skeletons)
+    state_root: Path  # per-sandbox state dirs of the local runtimes live below this
+    cache_root: Path  # built artifacts shared by sandboxes (the agent bundle, template skeletons, snapshots)
+    node: str = "local"  # this Corral node's id, stamped on every Instance the runtime makes
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoOptions:
+    """The options of a runtime that has none (its ``[runtime.<name>]`` table must be empty)."""
 
 
 @runtime_checkable
 class Runtime(Protocol):
-    """An isolation backend. All methods are safe to call from any process that can see ``state_root``."""
+    """An isolation backend.
+
+    Made by the registry as ``cls(config, options)``: ``options`` is an instance of the class's ``Options``
+    (a frozen dataclass, :class:`NoOptions` when there are none) built from its ``[runtime.<name>]`` table.
+    Every method that takes an :class:`Instance` works from any process of the instance's node.
+    """
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    Options: ClassVar[type[Any]]
 
     async def check(self) -> None:
         """Raise :class:`~corral.errors.RuntimeUnavailable` (with the command that fixes it) if this runtime
@@ -208,27 +342,35 @@ class Runtime(Protocol):
     async def connect(self, instance: Instance) -> ByteStream:
         """Open a byte stream to the sandbox's agent. The agent's ``hello`` frame is the first thing read."""
 
+    async def set_deadline(self, instance: Instance, deadline: float | None) -> None:
+        """Move the hard deadline (Unix time; None: none) at which the runtime itself ends the sandbox, even
+        with no Corral process running. The core keeps its own copy and reaps on it too."""
+
     async def pause(self, instance: Instance) -> None: ...
 
     async def resume(self, instance: Instance) -> None: ...
 
     async def destroy(self, instance: Instance) -> None:
-        """Kill the sandbox and remove everything it owned on the host. Idempotent."""
+        """Kill the sandbox and remove everything it owned. Idempotent."""
 
-    async def snapshot(self, instance: Instance, dest: Path) -> Snapshot:
-        """Capture a running sandbox into the new directory ``dest`` and let it run on.
+    async def snapshot(self, instance: Instance, key: str) -> Snapshot:
+        """Capture a running sandbox under ``key`` (unique per call) and let it run on.
 
-        Always its writable layer (``Capabilities.snapshot_fs``), as a tree whose owners are the uids seen
-        inside the sandbox (a template layer); with ``Capabilities.checkpoint`` also its memory. Everything
-        lands below ``dest``; the caller owns it (and removes it on failure).
+        The kinds captured are those in ``Capabilities.snapshot``: the writable layer (a LAYER artifact in the
+        in-sandbox ownership convention, or a DISK), and a MEMORY artifact where the runtime can. On failure
+        nothing of it is left; on success the caller owns it and ends it with :meth:`discard`.
         """
+
+    async def discard(self, snapshot: Snapshot) -> None:
+        """Remove what :meth:`snapshot` captured. Idempotent."""
 
     async def inspect(self, instance: Instance) -> Observed: ...
 
 
 @runtime_checkable
 class LayerExporter(Protocol):
-    """Runtimes whose writable layer can become a template layer (``Capabilities.snapshot_fs``)."""
+    """Runtimes whose writable layer can become a template layer (``ArtifactKind.LAYER`` in
+    ``Capabilities.snapshot``)."""
 
     async def export_layer(self, instance: Instance, dest: Path) -> None:
         """Copy the sandbox's writable layer into ``dest`` (an empty host directory) as a read-only layer in

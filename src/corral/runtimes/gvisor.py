@@ -36,14 +36,13 @@ code 137, not as ``reason="oom"`` (runsc removes the cgroup, and its counters, o
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 import shutil
 import signal
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -53,25 +52,25 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from corral.errors import Conflict, InvalidRequest, RuntimeFailure, RuntimeUnavailable, Unsupported
+from corral.errors import Conflict, InvalidRequest, RuntimeFailure, RuntimeUnavailable
 from corral.runtimes import _layers, _oci, _proc, _rootfs, _shimctl
-from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
+from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv
 from corral.runtimes._cgroups import SandboxCgroup
+from corral.runtimes._local import STOP_TIMEOUT, LocalRuntime, LocalSandbox, host_layers
 from corral.runtimes._rootfs import LayerDirs
 from corral.runtimes._shimspec import Mount, ShimSpec
 from corral.runtimes.base import (
-    ByteStream,
+    ArtifactKind,
     Capabilities,
+    HostLayers,
     Instance,
     Limits,
     Observed,
     ObservedState,
-    RuntimeConfig,
     SandboxSpec,
-    Snapshot,
 )
 
-__all__ = ["GVisorRuntime"]
+__all__ = ["GVisorOptions", "GVisorRuntime"]
 
 log = logging.getLogger("corral.runtimes.gvisor")
 
@@ -88,28 +87,37 @@ MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 HOST_THREADS_PER_PROCESS = 16
 
 
-class GVisorRuntime:
+@dataclass(frozen=True, kw_only=True)
+class GVisorOptions:
+    """``[runtime.gvisor]``: ``platform`` (runsc's ``--platform``: ptrace, systrap; kvm hangs on this host)
+    and ``runsc`` (the binary; default ``runsc`` on PATH, e.g. a newer static build)."""
+
+    platform: str = "ptrace"
+    runsc: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.platform not in PLATFORMS:
+            raise InvalidRequest(
+                f"[runtime.gvisor] platform must be one of {', '.join(PLATFORMS)}, got {self.platform!r}"
+            )
+
+
+PLATFORMS = ("ptrace", "systrap", "kvm")
+
+
+class GVisorRuntime(LocalRuntime[str]):
     """runsc (ptrace platform) over an OCI bundle with a host overlayfs root. See the module docstring."""
 
     name: ClassVar[str] = "gvisor"
-    capabilities: ClassVar[Capabilities] = Capabilities(pause=True, checkpoint=True, snapshot_fs=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        pause=True, checkpoint=True, snapshot=frozenset({ArtifactKind.LAYER, ArtifactKind.MEMORY})
+    )
+    Options: ClassVar[type[Any]] = GVisorOptions
+    ready_timeout: ClassVar[float] = READY_TIMEOUT
+    options: GVisorOptions
 
-    def __init__(self, config: RuntimeConfig, *, platform: str = "ptrace", runsc: str | None = None) -> None:
-        """``runsc``: the binary to use (default: ``runsc`` on PATH), e.g. a newer static build."""
-        self.config = config
-        self.platform = platform
-        self._runsc_override = runsc
-        self._runsc: str | None = None
-        self._bundle: AgentBundle | None = None
-
-    # -- host check ---------------------------------------------------------------------------------------
-    async def check(self) -> None:
-        await self._host()
-
-    async def _host(self) -> str:
-        if self._runsc is None:
-            self._runsc = await anyio.to_thread.run_sync(_check_host, self._runsc_override)
-        return self._runsc
+    def check_host(self) -> str:
+        return _check_host(self.options.runsc)
 
     def _global_flags(self, runsc: str, state_dir: Path) -> list[str]:
         """The flags every runsc command for this sandbox gets (stored in the Instance: a config change
@@ -117,159 +125,110 @@ class GVisorRuntime:
         return [
             runsc,
             f"--root={state_dir / 'runsc'}",
-            f"--platform={self.platform}",
+            f"--platform={self.options.platform}",
             "--network=none",
             "--overlay2=none",  # our host overlayfs is the rw root (newer runsc default to a sentry overlay)
             f"--debug-log={state_dir / 'logs'}/runsc.%COMMAND%.log",
         ]
 
     # -- create -------------------------------------------------------------------------------------------
-    async def create(self, spec: SandboxSpec) -> Instance:
-        runsc = await self._host()
-        if self._bundle is None:
-            self._bundle = await anyio.to_thread.run_sync(ensure_bundle, self.config.cache_root)
-        bundle = self._bundle
-        state_dir = self.config.state_root / spec.sandbox_id
-        socket_path = state_dir / "agent.sock"
-        if len(str(socket_path)) > MAX_SOCKET_PATH:
+    def prepare(self, spec: SandboxSpec, sandbox: LocalSandbox) -> ShimSpec:
+        if len(sandbox.socket) > MAX_SOCKET_PATH or len(sandbox.control) > MAX_SOCKET_PATH:
             raise RuntimeUnavailable(
                 "the runtime state directory path is too long for a Unix socket",
-                details={"max": MAX_SOCKET_PATH - len("/sb-…/agent.sock")},
+                details={"max": MAX_SOCKET_PATH - len("/sb-…/control.sock")},
             )
-        self.config.state_root.mkdir(parents=True, exist_ok=True)
-        try:
-            state_dir.mkdir(mode=0o700)
-        except FileExistsError as exc:
-            raise Conflict(f"sandbox {spec.sandbox_id} already exists on this host") from exc
-        flags = self._global_flags(runsc, state_dir)
-        handle: _shimctl.ShimHandle | None = None
-        try:
-            shim_spec = await anyio.to_thread.run_sync(_prepare, spec, state_dir, bundle, flags)
-            handle = await _shimctl.launcher.launch(
-                state_dir, shim_spec, what="start the gVisor sandbox", timeout=READY_TIMEOUT
-            )
-            await anyio.to_thread.run_sync(_verify_limits, spec.sandbox_id, spec.limits)
-            # a cancel that arrived while a worker thread ran is only seen at the next checkpoint: take it
-            # here, inside the clean-up scope, or the caller would vanish and leave a running sandbox behind
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            return Instance(
-                sandbox_id=spec.sandbox_id,
-                runtime=self.name,
-                state_dir=str(state_dir),
-                shim_pid=handle.pid,
-                shim_start_ticks=handle.start_ticks,
-                socket_path=str(socket_path),
-                extra={"container_id": str(spec.sandbox_id), "runsc_flags": flags},
-            )
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(
-                    _teardown,
-                    spec.sandbox_id,
-                    state_dir,
-                    handle.pid if handle else None,
-                    handle.start_ticks if handle else None,
-                )
-            raise
+        flags = self._global_flags(self.host, sandbox.state_dir)
+        sandbox.extra.update(container_id=str(spec.sandbox_id), runsc_flags=flags)
+        return _prepare(spec, sandbox, self.bundle, flags)
+
+    async def started(self, spec: SandboxSpec, sandbox: LocalSandbox) -> None:
+        await anyio.to_thread.run_sync(_verify_limits, spec.sandbox_id, spec.limits)
 
     # -- operations on a running sandbox ----------------------------------------------------------------
-    async def connect(self, instance: Instance) -> ByteStream:
-        return await _shimctl.connect(instance.socket_path)
-
     async def pause(self, instance: Instance) -> None:
         """``runsc checkpoint`` through the shim: memory, processes and open files go to an image in the state
         dir and the sandbox stops (no CPU, no memory). The shim stays, holding the clients' connections."""
-        if not await anyio.to_thread.run_sync(_trim_logs, Path(instance.state_dir)):
+        await self._checkpoint(LocalSandbox.of(instance))
+
+    async def _checkpoint(self, sandbox: LocalSandbox) -> None:
+        if not await anyio.to_thread.run_sync(_trim_logs, sandbox.state_dir):
             raise RuntimeFailure("could not pause the gVisor sandbox: the sandbox no longer exists")
         # runsc will not overwrite an image: drop the previous pause's (its restore finished long ago)
-        await anyio.to_thread.run_sync(_clear_dir, Path(instance.state_dir) / CHECKPOINT_DIR)
-        await _shimctl.call(
-            instance.socket_path,
-            "shim.checkpoint",
+        await anyio.to_thread.run_sync(_clear_dir, sandbox.state_dir / CHECKPOINT_DIR)
+        await _shimctl.control(
+            sandbox.control,
+            sandbox.socket,
+            "checkpoint",
             what="pause the gVisor sandbox",
             timeout=CHECKPOINT_TIMEOUT,
         )
 
     async def resume(self, instance: Instance) -> None:
+        await self._restore(LocalSandbox.of(instance))
+
+    async def _restore(self, sandbox: LocalSandbox) -> None:
         """``runsc restore`` of the pause image, with new stdio pipes to the same shim."""
         # runsc applies NO limits to a cgroup that already exists (see _refuse_existing_cgroups); the old
         # one is empty now (its processes are gone) and is removed before the restore makes it again
-        await anyio.to_thread.run_sync(_cgroup(instance.sandbox_id).remove)
-        await anyio.to_thread.run_sync(_forget_stopped_container, Path(instance.state_dir) / "runsc")
-        await _shimctl.call(
-            instance.socket_path, "shim.restore", what="resume the gVisor sandbox", timeout=CHECKPOINT_TIMEOUT
+        await anyio.to_thread.run_sync(_cgroup(sandbox.sandbox_id).remove)
+        await anyio.to_thread.run_sync(_forget_stopped_container, sandbox.state_dir / "runsc")
+        await _shimctl.control(
+            sandbox.control,
+            sandbox.socket,
+            "restore",
+            what="resume the gVisor sandbox",
+            timeout=CHECKPOINT_TIMEOUT,
         )
 
-    async def snapshot(self, instance: Instance, dest: Path) -> Snapshot:
+    async def capture(self, sandbox: LocalSandbox, dest: Path) -> bool:
         """Checkpoint (the sandbox stops, so its files and memory agree), copy the writable layer and the
         image to ``dest``, restore. The sandbox is back when this returns, with a short gap in between."""
-        state_dir = Path(instance.state_dir)
-        if (state_dir / "disk.img").exists():
-            raise Unsupported("snapshots of gVisor sandboxes with a disk quota are not supported yet")
-        await self.pause(instance)
+        await self._checkpoint(sandbox)
         try:
-            await anyio.to_thread.run_sync(_capture, state_dir, dest)
+            await anyio.to_thread.run_sync(_capture, sandbox.state_dir, dest)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.resume(instance)
-        return Snapshot(layer=dest / "layer", memory=dest / "memory")
+                await self._restore(sandbox)
+        return True
 
-    async def export_layer(self, instance: Instance, dest: Path) -> None:
-        """The writable layer as a template layer (see :func:`._rootfs.export_upper`); not with a disk quota,
-        whose upper dir is visible only inside the sandbox's own mount namespace."""
-        fs = Path(instance.state_dir) / "fs"
-        if (fs / "disk").exists() or not (fs / "upper").is_dir():
-            raise InvalidRequest("only sandboxes without a disk quota can be saved as a layer")
-        await anyio.to_thread.run_sync(partial(_rootfs.export_upper, fs / "upper", dest, id_base=0))
-
-    async def inspect(self, instance: Instance) -> Observed:
-        observed = await anyio.to_thread.run_sync(_observe, instance)
-        if observed.state is not ObservedState.RUNNING:  # includes PAUSED: checkpointed, runsc knows nothing
-            return observed
-        # the shim is up: ask runsc whether the sentry is paused (its state files are runsc's private format)
-        result = await self._runsc_command(instance, "state", what="inspect the gVisor sandbox", check=False)
+    async def refine_running(self, sandbox: LocalSandbox) -> Observed:
+        """The shim is up: ask runsc whether the sentry is paused (its state files are runsc's private
+        format)."""
+        result = await self._runsc_command(sandbox, "state", what="inspect the gVisor sandbox", check=False)
         status = _status(result.stdout) if result.returncode == 0 else None
         if status == "paused":
             return Observed(state=ObservedState.PAUSED)
         if status == "stopped":  # the agent is gone; the shim writes exit.json in a moment
-            return await anyio.to_thread.run_sync(_observe, instance)
+            return Observed(state=ObservedState.EXITED)
         return Observed(state=ObservedState.RUNNING)
 
-    async def destroy(self, instance: Instance) -> None:
-        with anyio.CancelScope(shield=True):  # runs even when asked inside a cancelled scope
-            await anyio.to_thread.run_sync(
-                _teardown,
-                instance.sandbox_id,
-                Path(instance.state_dir),
-                instance.shim_pid,
-                instance.shim_start_ticks,
-            )
+    # -- teardown hooks -------------------------------------------------------------------------------------
+    def kill_sandbox(self, sandbox: LocalSandbox) -> None:
+        """SIGKILL the sandbox's host processes (found by their ``--root``). The shim sees ``runsc run`` exit,
+        records exit.json and exits by itself; the private mount namespace, and with it the overlay, goes
+        with its last process. Teardown does not use ``runsc delete`` (1.2-2 s here)."""
+        _kill_processes(sandbox.state_dir / "runsc")
+
+    def shim_exits_by_itself(self, sandbox: LocalSandbox) -> bool:
+        return not (sandbox.state_dir / "paused").exists()  # paused: no child whose exit would end the shim
+
+    def cgroup(self, sandbox: LocalSandbox) -> SandboxCgroup | None:
+        return _cgroup(sandbox.sandbox_id)  # runsc removes them only on a clean exit
 
     async def _runsc_command(
-        self, instance: Instance, *args: str, what: str, check: bool = True
+        self, sandbox: LocalSandbox, *args: str, what: str, check: bool = True
     ) -> _proc.ProcResult:
         """Run ``runsc <the instance's global flags> <args> <container id>``."""
-        flags = [str(f) for f in instance.extra["runsc_flags"]]
-        if not await anyio.to_thread.run_sync(_trim_logs, Path(instance.state_dir)):
+        flags = [str(f) for f in sandbox.extra["runsc_flags"]]
+        if not await anyio.to_thread.run_sync(_trim_logs, sandbox.state_dir):
             raise RuntimeFailure(f"could not {what}: the sandbox no longer exists")
         return await _proc.run(
-            [*flags, *args, str(instance.extra["container_id"])],
+            [*flags, *args, str(sandbox.extra["container_id"])],
             timeout=COMMAND_TIMEOUT,
             what=what,
             check=check,
         )
-
-
-def _observe(instance: Instance) -> Observed:
-    """What the host shows without asking runsc: missing, exited (exit.json, or a dead shim), paused (the shim
-    holds a checkpointed sandbox) or running."""
-    state_dir = Path(instance.state_dir)
-    if not state_dir.exists():
-        return Observed(state=ObservedState.MISSING)
-    observed = _shimctl.observe(state_dir, _shimctl.ShimHandle(instance.shim_pid, instance.shim_start_ticks))
-    if observed.state is ObservedState.RUNNING and (state_dir / "paused").exists():
-        return Observed(state=ObservedState.PAUSED)
-    return observed
 
 
 def _forget_stopped_container(runsc_root: Path) -> None:
@@ -289,7 +248,6 @@ def _clear_dir(path: Path) -> None:
 
 def _capture(state_dir: Path, dest: Path) -> None:
     """Copy a checkpointed sandbox's writable layer and memory image (+ the agent's hello) into ``dest``."""
-    dest.mkdir(mode=0o700)
     _layers.capture(state_dir / "fs" / "upper", dest / "layer")
     memory = dest / "memory"
     memory.mkdir(mode=0o700)
@@ -307,10 +265,12 @@ def _status(stdout: bytes) -> str | None:
     return status if isinstance(status, str) else None
 
 
-def _prepare(spec: SandboxSpec, state_dir: Path, bundle: AgentBundle, flags: list[str]) -> ShimSpec:
+def _prepare(spec: SandboxSpec, sandbox: LocalSandbox, bundle: AgentBundle, flags: list[str]) -> ShimSpec:
     """Writable layer, OCI bundle and shim spec for one sandbox (the caller cleans up on failure)."""
+    state_dir = sandbox.state_dir
+    rootfs = host_layers(spec, "gvisor")
     _refuse_existing_cgroups(spec.sandbox_id)
-    layers = _make_layer_dirs(state_dir, spec)
+    layers = _make_layer_dirs(state_dir, spec, rootfs)
     (state_dir / CHECKPOINT_DIR).mkdir(mode=0o700)
     (state_dir / "runsc").mkdir(mode=0o700)
     (state_dir / "logs").mkdir(mode=0o700)
@@ -322,7 +282,7 @@ def _prepare(spec: SandboxSpec, state_dir: Path, bundle: AgentBundle, flags: lis
     staged: list[Mount] = []
     mounts = []
     for index, (source, target) in enumerate(
-        [*((b.source, b.target) for b in spec.rootfs.binds), (bundle.path, MOUNT_POINT)]
+        [*((b.source, b.target) for b in rootfs.binds), (bundle.path, MOUNT_POINT)]
     ):
         stage = state_dir / "ro" / str(index)
         stage.mkdir(parents=True)
@@ -345,11 +305,12 @@ def _prepare(spec: SandboxSpec, state_dir: Path, bundle: AgentBundle, flags: lis
     # in the same foreground/stdio-pipe position as `run`: the agent gets new pipes and carries on.
     images = state_dir / CHECKPOINT_DIR
     restore = [*flags, "restore", f"--image-path={images}", f"--bundle={bundle_dir}", container_id]
-    if spec.restore_from is not None:
+    memory = spec.restore_from.path if spec.restore_from is not None else None
+    if memory is not None:
         argv = [
             *flags,
             "restore",
-            f"--image-path={spec.restore_from}",
+            f"--image-path={memory}",
             f"--bundle={bundle_dir}",
             container_id,
         ]
@@ -357,11 +318,12 @@ def _prepare(spec: SandboxSpec, state_dir: Path, bundle: AgentBundle, flags: lis
         argv = [*flags, "run", f"--bundle={bundle_dir}", container_id]
     return ShimSpec(
         argv=argv,
-        restored=spec.restore_from is not None,
-        hello_file=str(spec.restore_from / "hello.frame") if spec.restore_from is not None else None,
+        restored=memory is not None,
+        hello_file=str(memory / "hello.frame") if memory is not None else None,
         checkpoint_argv=[*flags, "checkpoint", f"--image-path={images}", container_id],
         restore_argv=restore,
-        socket=str(state_dir / "agent.sock"),
+        socket=sandbox.socket,
+        control=sandbox.control,
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
         mounts=[
             *(
@@ -395,7 +357,7 @@ def _check_host(runsc_override: str | None) -> str:
     return runsc
 
 
-def _make_layer_dirs(state_dir: Path, spec: SandboxSpec) -> LayerDirs:
+def _make_layer_dirs(state_dir: Path, spec: SandboxSpec, rootfs: HostLayers) -> LayerDirs:
     """The writable layer (:func:`._rootfs.make_layer_dirs`, owner 0: no user namespace here, the sentry is
     the boundary). The template's layers are the overlay's lower dirs directly (no idmapped copies). With
     ``disk_mb`` the upper dir lives on a size-capped ext4 image, formatted here, that the shim loop-mounts in
@@ -405,14 +367,14 @@ def _make_layer_dirs(state_dir: Path, spec: SandboxSpec) -> LayerDirs:
             "disk quotas need loop devices; load the driver with: modprobe loop",
             details={"fix": "modprobe loop"},
         )
-    dirs = _rootfs.make_layer_dirs(state_dir, spec.rootfs, owner=0, disk_mb=spec.limits.disk_mb)
+    dirs = _rootfs.make_layer_dirs(state_dir, rootfs, owner=0, disk_mb=spec.limits.disk_mb)
     if spec.upper_seed is not None:
-        _layers.seed(spec.upper_seed, dirs.seed / "upper" if dirs.seed is not None else dirs.upper)
+        _layers.seed(spec.upper_seed.path, dirs.seed / "upper" if dirs.seed is not None else dirs.upper)
     if dirs.image is not None and dirs.seed is not None:
         argv = [_proc.require_binary("mkfs.ext4"), *_rootfs.mkfs_argv(dirs)[1:]]
         anyio.from_thread.run(partial(_proc.run, argv, timeout=60, what="format the sandbox's disk"))
         shutil.rmtree(dirs.seed)
-    return replace(dirs, lowers=spec.rootfs.lower)
+    return replace(dirs, lowers=rootfs.lower)
 
 
 def _cgroup(sandbox_id: str) -> SandboxCgroup:
@@ -498,7 +460,6 @@ def _sandbox_processes(runsc_root: Path) -> set[int]:
     return found
 
 
-STOP_TIMEOUT = 5.0  # SIGKILL → processes gone; they normally go within a few ms
 _POLL = 0.005
 
 
@@ -511,62 +472,3 @@ def _kill_processes(runsc_root: Path) -> None:
         if time.monotonic() > deadline:
             raise RuntimeFailure("could not stop the gVisor sandbox's processes", details={"left": len(pids)})
         time.sleep(_POLL)  # bounded; dying processes have no event we could wait on from here
-
-
-def _teardown(sandbox_id: str, state_dir: Path, shim_pid: int | None, shim_ticks: int | None) -> None:
-    """Remove everything of a sandbox, in dependency order. Idempotent; needs no in-memory state.
-
-    1. SIGKILL the sandbox's host processes (found by their ``--root``). The shim sees ``runsc run`` exit,
-       records exit.json and exits by itself; the private mount namespace, and with it the overlay, goes
-       with its last process.
-    2. Make sure the shim is gone (SIGKILL if it lingers).
-    3. Remove the cgroups (runsc removes them only on a clean exit), then the state dir.
-    """
-    _kill_processes(state_dir / "runsc")
-    if shim_pid is not None and shim_ticks is not None and (state_dir / "paused").exists():
-        _proc.kill_pid(shim_pid, shim_ticks, signal.SIGTERM)  # paused: no child whose exit would end the shim
-    if shim_pid is not None and shim_ticks is not None:
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while _proc.pid_alive(shim_pid, shim_ticks) and time.monotonic() < deadline:
-            time.sleep(_POLL)  # bounded: the shim exits within ms of its child
-        _proc.kill_pid(shim_pid, shim_ticks, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(shim_pid, os.WNOHANG)  # reap it if we are its parent
-    try:
-        _cgroup(sandbox_id).remove()
-    except OSError as exc:
-        log.error("sandbox %s: could not remove its cgroups: %s", sandbox_id, exc)
-        raise RuntimeFailure("could not remove the sandbox's cgroups") from exc
-    _wait_loop_released(state_dir / "disk.img")
-    if state_dir.exists():
-        _refuse_if_mounted(state_dir)
-        _rootfs.remove_state_dir(state_dir)
-
-
-def _wait_loop_released(image: Path) -> None:
-    """A disk-quota sandbox's loop device detaches itself (autoclear) once the shim child's mount namespace is
-    gone, which the kernel finishes shortly after the last process exits."""
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while time.monotonic() < deadline:
-        in_use = False
-        for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-            with contextlib.suppress(OSError):
-                in_use = in_use or backing.read_text().strip() == str(image)
-        if not in_use:
-            return
-        time.sleep(_POLL)  # bounded; loop detach has no event we can wait on
-    log.warning("a loop device still uses %s after the sandbox ended", image)
-
-
-def _refuse_if_mounted(path: Path) -> None:
-    """Never ``rm -r`` through a mount: the sandbox's mounts live in the shim child's mount namespace, so one
-    showing up in ours means something is badly wrong, and we stop instead of deleting host files."""
-    prefix = str(path.resolve()) + "/"
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        mount_point = line.split()[4].replace("\\040", " ")
-        if mount_point.startswith(prefix):
-            log.error("sandbox state dir %s still has a mount at %s", path, mount_point)
-            raise RuntimeFailure(
-                "the sandbox's state directory still has mounts; refusing to delete it",
-                details={"errno": errno.EBUSY},
-            )

@@ -34,37 +34,28 @@ import json
 import logging
 import os
 import shutil
-import signal
-import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
+import anyio.from_thread
+import anyio.to_thread
 
-from corral.errors import (
-    Conflict,
-    CorralError,
-    InvalidRequest,
-    InvalidState,
-    RuntimeFailure,
-    RuntimeUnavailable,
-    Unsupported,
-)
-from corral.runtimes import _layers, _proc, _rootfs, _seccomp, _shimctl
-from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv, ensure_bundle
+from corral.errors import CorralError, InvalidState, RuntimeFailure, RuntimeUnavailable
+from corral.runtimes import _layers, _proc, _rootfs, _seccomp
+from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv
 from corral.runtimes._cgroups import CgroupLayout, SandboxCgroup, detect_layout
+from corral.runtimes._local import LocalRuntime, LocalSandbox, host_layers
 from corral.runtimes._shimspec import FdFile, Mount, ShimSpec, UserNs
 from corral.runtimes.base import (
-    ByteStream,
+    ArtifactKind,
     Capabilities,
+    HostLayers,
     Instance,
     Observed,
     ObservedState,
-    RuntimeConfig,
     SandboxSpec,
-    Snapshot,
 )
 
 __all__ = ["NamespaceRuntime"]
@@ -72,7 +63,6 @@ __all__ = ["NamespaceRuntime"]
 log = logging.getLogger("corral.runtimes.namespace")
 
 READY_TIMEOUT = 30.0  # create → agent hello; ~0.1 s normally, generous for a loaded host
-SHIM_STOP_TIMEOUT = 5.0  # SIGTERM → shim gone, before SIGKILL
 SECCOMP_FD = 9
 # Where each sandbox's private mount namespace shows its state_dir/fs: bwrap runs as the sandbox's uid,
 # which may not traverse state_root's parents (often mode 0700), so the shim binds fs/ onto this
@@ -151,194 +141,81 @@ class _UidAllocator:
         return cls.UID_BASE + slot * cls.RANGE
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Prepared:
-    state_dir: Path
-    cgroup: SandboxCgroup
-    slot: int
+_Host = tuple[str, CgroupLayout, bytes]  # bwrap's path, the cgroup layout, the seccomp program
 
 
-class NamespaceRuntime:
+class NamespaceRuntime(LocalRuntime[_Host]):
     """bubblewrap + user namespace + seccomp + cgroups + overlayfs. See the module docstring."""
 
     name: ClassVar[str] = "namespace"
-    capabilities: ClassVar[Capabilities] = Capabilities(pause=True, checkpoint=False, snapshot_fs=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(pause=True, snapshot=frozenset({ArtifactKind.LAYER}))
+    ready_timeout: ClassVar[float] = READY_TIMEOUT
 
-    def __init__(self, config: RuntimeConfig) -> None:
-        self.config = config
-        self._checked: tuple[str, CgroupLayout, bytes] | None = None
-        self._bundle: AgentBundle | None = None
+    def check_host(self) -> _Host:
+        return _check_host()
 
-    # -- host check ---------------------------------------------------------------------------------------
-    async def check(self) -> None:
-        await self._host()
-
-    async def _host(self) -> tuple[str, CgroupLayout, bytes]:
-        if self._checked is None:
-            self._checked = await anyio.to_thread.run_sync(_check_host)
-        return self._checked
-
-    # -- create -------------------------------------------------------------------------------------------
-    async def create(self, spec: SandboxSpec) -> Instance:
-        bwrap, layout, program = await self._host()
-        if self._bundle is None:
-            self._bundle = await anyio.to_thread.run_sync(ensure_bundle, self.config.cache_root)
-        bundle = self._bundle
-        state_dir = self.config.state_root / spec.sandbox_id
-        self.config.state_root.mkdir(parents=True, exist_ok=True)
-        try:
-            # private: env values, logs and the sandbox's files are below it (bwrap never walks it: it
-            # reaches fs/ through MOUNT_STAGE)
-            state_dir.mkdir(mode=0o700)
-        except FileExistsError as exc:
-            raise Conflict(f"sandbox {spec.sandbox_id} already exists on this host") from exc
+    def prepare(self, spec: SandboxSpec, sandbox: LocalSandbox) -> ShimSpec:
+        bwrap, layout, program = self.host
         cgroup = SandboxCgroup.for_sandbox(layout, spec.sandbox_id)
-        slot: int | None = None
-        shim: _shimctl.ShimHandle | None = None
-        try:
-            allocator = _UidAllocator(self.config.state_root)
-            slot = await anyio.to_thread.run_sync(allocator.allocate, spec.sandbox_id)
-            base = _UidAllocator.base(slot)
-            shim_spec = await anyio.to_thread.run_sync(
-                _prepare, spec, state_dir, cgroup, base, bwrap, program, bundle
-            )
-            shim = _shimctl.launcher.spawn(
-                state_dir, shim_spec
-            )  # held from here, so teardown can wait for it
-            await _shimctl.launcher.wait_ready(
-                shim, what="start the namespace sandbox", timeout=READY_TIMEOUT
-            )
-            return Instance(
-                sandbox_id=spec.sandbox_id,
-                runtime=self.name,
-                state_dir=str(state_dir),
-                shim_pid=shim.pid,
-                shim_start_ticks=shim.start_ticks,
-                socket_path=shim_spec.socket,
-                extra={"cgroup": cgroup.to_json(), "uid_slot": slot, "uid_base": base},
-            )
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._teardown(
-                    spec.sandbox_id,
-                    state_dir,
-                    cgroup,
-                    slot,
-                    shim.pid if shim else None,
-                    shim.start_ticks if shim else None,
-                )
-            raise
+        sandbox.extra["cgroup"] = cgroup.to_json()  # recorded before it exists: a failure below removes it
+        slot = _UidAllocator(self.config.state_root).allocate(spec.sandbox_id)
+        sandbox.extra["uid_slot"] = slot
+        sandbox.extra["uid_base"] = base = _UidAllocator.base(slot)
+        return _prepare(spec, sandbox, cgroup, base, bwrap, program, self.bundle)
 
-    # -- operations on a running sandbox ----------------------------------------------------------------
-    async def connect(self, instance: Instance) -> ByteStream:
-        return await _shimctl.connect(instance.socket_path)  # handles socket paths longer than sun_path
+    # -- teardown and inspect hooks -------------------------------------------------------------------------
+    def cgroup(self, sandbox: LocalSandbox) -> SandboxCgroup | None:
+        data = sandbox.extra.get("cgroup")
+        return SandboxCgroup.from_json(dict(data)) if data is not None else None
 
+    def release(self, sandbox: LocalSandbox) -> None:
+        slot = sandbox.extra.get("uid_slot")
+        if slot is not None:
+            _UidAllocator(self.config.state_root).release(int(slot), sandbox.sandbox_id)
+
+    async def refine_running(self, sandbox: LocalSandbox) -> Observed:
+        cgroup = self.cgroup(sandbox)
+        frozen = cgroup is not None and await anyio.to_thread.run_sync(cgroup.frozen)
+        return Observed(state=ObservedState.PAUSED if frozen else ObservedState.RUNNING)
+
+    def layer_id_base(self, sandbox: LocalSandbox) -> int:
+        return int(sandbox.extra["uid_base"])
+
+    # -- pause and snapshots --------------------------------------------------------------------------------
     async def pause(self, instance: Instance) -> None:
-        await self._freezer(instance, freeze=True)
+        await self._freezer(LocalSandbox.of(instance), freeze=True)
 
     async def resume(self, instance: Instance) -> None:
-        await self._freezer(instance, freeze=False)
+        await self._freezer(LocalSandbox.of(instance), freeze=False)
 
-    async def snapshot(self, instance: Instance, dest: Path) -> Snapshot:
+    async def capture(self, sandbox: LocalSandbox, dest: Path) -> bool:
         """Freeze, copy the writable layer (owners shifted back to the sandbox's own uids), thaw. File system
         only: memory would need CRIU, and Debian 12's CRIU 3.17 fails on this kernel (README, snapshots)."""
-        state_dir = Path(instance.state_dir)
-        if (state_dir / "disk.img").exists():
-            raise Unsupported("snapshots of sandboxes with a disk quota are not supported yet")
-        cgroup = self._cgroup(instance)
+        cgroup = self.cgroup(sandbox)
+        assert cgroup is not None
         was_frozen = await anyio.to_thread.run_sync(cgroup.frozen)
-        await self._freezer(instance, freeze=True)  # the files stop changing while they are copied
+        await self._freezer(sandbox, freeze=True)  # the files stop changing while they are copied
         try:
-            base = int(instance.extra["uid_base"])
+            base = self.layer_id_base(sandbox)
             await anyio.to_thread.run_sync(
-                partial(_layers.capture, state_dir / "fs" / "upper", dest / "layer", base=base)
+                partial(_layers.capture, sandbox.state_dir / "fs" / "upper", dest / "layer", base=base)
             )
         finally:
             if not was_frozen:
                 with anyio.CancelScope(shield=True):
-                    await self._freezer(instance, freeze=False)
-        return Snapshot(layer=dest / "layer")
+                    await self._freezer(sandbox, freeze=False)
+        return False
 
-    async def _freezer(self, instance: Instance, *, freeze: bool) -> None:
-        cgroup = self._cgroup(instance)
+    async def _freezer(self, sandbox: LocalSandbox, *, freeze: bool) -> None:
+        cgroup = self.cgroup(sandbox)
+        assert cgroup is not None
         try:
             await anyio.to_thread.run_sync(cgroup.freeze if freeze else cgroup.thaw)
         except FileNotFoundError as exc:  # destroyed meanwhile (or by another process)
             raise InvalidState("the sandbox is no longer on this host") from exc
         except OSError as exc:
-            log.error("sandbox %s: freezer failed: %s", instance.sandbox_id, exc)
+            log.error("sandbox %s: freezer failed: %s", sandbox.sandbox_id, exc)
             raise RuntimeFailure(f"could not {'pause' if freeze else 'resume'} the sandbox") from exc
-
-    async def export_layer(self, instance: Instance, dest: Path) -> None:
-        """The writable layer as a template layer (see :func:`._rootfs.export_upper`); not with a disk quota,
-        whose upper dir is visible only inside the sandbox's own mount namespace."""
-        fs = Path(instance.state_dir) / "fs"
-        if (fs / "disk").exists() or not (fs / "upper").is_dir():
-            raise InvalidRequest("only sandboxes without a disk quota can be saved as a layer")
-        await anyio.to_thread.run_sync(
-            partial(_rootfs.export_upper, fs / "upper", dest, id_base=int(instance.extra["uid_base"]))
-        )
-
-    async def inspect(self, instance: Instance) -> Observed:
-        return await anyio.to_thread.run_sync(self._inspect, instance)
-
-    def _inspect(self, instance: Instance) -> Observed:
-        state_dir = Path(instance.state_dir)
-        if not state_dir.exists():
-            return Observed(state=ObservedState.MISSING)
-        cgroup = self._cgroup(instance)
-        try:
-            record = json.loads((state_dir / "exit.json").read_text())
-        except (FileNotFoundError, ValueError):
-            record = None
-        if record is None and _proc.pid_alive(instance.shim_pid, instance.shim_start_ticks):
-            return Observed(state=ObservedState.PAUSED if cgroup.frozen() else ObservedState.RUNNING)
-        if record is None:
-            return Observed(state=ObservedState.EXITED, reason="crashed")
-        reason = record.get("reason")
-        if reason in ("exited", "killed") and cgroup.oom_kills() > 0:
-            reason = "oom"
-        return Observed(state=ObservedState.EXITED, exit_code=record.get("exit_code"), reason=reason)
-
-    async def destroy(self, instance: Instance) -> None:
-        extra = instance.extra
-        await self._teardown(
-            instance.sandbox_id,
-            Path(instance.state_dir),
-            self._cgroup(instance),
-            extra.get("uid_slot"),
-            instance.shim_pid,
-            instance.shim_start_ticks,
-        )
-
-    @staticmethod
-    def _cgroup(instance: Instance) -> SandboxCgroup:
-        return SandboxCgroup.from_json(dict(instance.extra["cgroup"]))
-
-    async def _teardown(
-        self,
-        sandbox_id: str,
-        state_dir: Path,
-        cgroup: SandboxCgroup,
-        slot: int | None,
-        shim_pid: int | None,
-        shim_ticks: int | None,
-    ) -> None:
-        """Remove everything a sandbox owns, in dependency order; safe to repeat and to run anywhere.
-
-        Shielded: a teardown asked for inside a cancelled scope (a caller's deadline passed) still runs.
-        """
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(
-                _teardown_sync,
-                self.config.state_root,
-                sandbox_id,
-                state_dir,
-                cgroup,
-                slot,
-                shim_pid,
-                shim_ticks,
-            )
 
 
 # -- blocking helpers (run in worker threads) ---------------------------------------------------------------
@@ -378,7 +255,7 @@ def _check_host() -> tuple[str, CgroupLayout, bytes]:
 
 def _prepare(
     spec: SandboxSpec,
-    state_dir: Path,
+    sandbox: LocalSandbox,
     cgroup: SandboxCgroup,
     base: int,
     bwrap: str,
@@ -386,6 +263,8 @@ def _prepare(
     bundle: AgentBundle,
 ) -> ShimSpec:
     """Cgroups, writable layer, seccomp program and shim.json for one sandbox (the caller cleans up)."""
+    state_dir = sandbox.state_dir
+    rootfs = host_layers(spec, "namespace")
     cgroup.create(spec.limits)
     disk_mb = spec.limits.disk_mb
     if disk_mb is not None and not Path("/dev/loop-control").exists():
@@ -393,9 +272,10 @@ def _prepare(
             "disk quotas need loop devices; load the driver with: modprobe loop",
             details={"fix": "modprobe loop"},
         )
-    dirs = _rootfs.make_layer_dirs(state_dir, spec.rootfs, owner=base, disk_mb=disk_mb)
+    dirs = _rootfs.make_layer_dirs(state_dir, rootfs, owner=base, disk_mb=disk_mb)
     if spec.upper_seed is not None:  # a fork: its own copy of its parent's changes
-        _layers.seed(spec.upper_seed, dirs.seed / "upper" if dirs.seed is not None else dirs.upper, base=base)
+        seed = spec.upper_seed.path
+        _layers.seed(seed, dirs.seed / "upper" if dirs.seed is not None else dirs.upper, base=base)
     if dirs.image is not None and dirs.disk is not None and dirs.seed is not None:
         _proc.require_binary("mkfs.ext4")
         argv = _rootfs.mkfs_argv(dirs)
@@ -404,11 +284,11 @@ def _prepare(
     _seccomp.write_filter(state_dir / "seccomp.bpf", program)
     mounts = [
         Mount(kind="idmap", source=str(src), target=str(dst), ro=True)
-        for src, dst in zip(spec.rootfs.lower, dirs.lowers, strict=True)
+        for src, dst in zip(rootfs.lower, dirs.lowers, strict=True)
     ]
     mounts += [
         Mount(kind="idmap", source=str(b.source), target=str(dst), ro=True)
-        for b, dst in zip(spec.rootfs.binds, dirs.binds, strict=True)
+        for b, dst in zip(rootfs.binds, dirs.binds, strict=True)
     ]
     bundle_dir = dirs.merged.parent / "bundle"
     bundle_dir.mkdir(mode=0o700)
@@ -417,10 +297,11 @@ def _prepare(
         mounts.append(Mount(kind="loop", source=str(dirs.image), target=str(dirs.disk), fstype="ext4"))
     mounts.append(Mount(kind="overlay", target=str(dirs.merged), options=_rootfs.overlay_options(dirs)))
     mounts.append(Mount(kind="bind", source=str(dirs.merged.parent), target=str(MOUNT_STAGE)))
-    argv = _bwrap_argv(spec, bwrap, bundle)
+    argv = _bwrap_argv(spec, rootfs, bwrap, bundle)
     shim_spec = ShimSpec(
         argv=argv,
-        socket=str(state_dir / "agent.sock"),
+        socket=sandbox.socket,
+        control=sandbox.control,
         env={"PATH": SANDBOX_PATH},
         cgroup_procs=cgroup.procs_files,
         mounts=mounts,
@@ -458,10 +339,10 @@ _BWRAP_FS = [
 ]
 
 
-def _bwrap_argv(spec: SandboxSpec, bwrap: str, bundle: AgentBundle) -> list[str]:
+def _bwrap_argv(spec: SandboxSpec, rootfs: HostLayers, bwrap: str, bundle: AgentBundle) -> list[str]:
     """bwrap's command line; every source path is below MOUNT_STAGE (see its comment)."""
     argv = [bwrap, *_BWRAP_SETUP, "--hostname", spec.hostname, "--bind", str(MOUNT_STAGE / "merged"), "/"]
-    for i, b in enumerate(spec.rootfs.binds):
+    for i, b in enumerate(rootfs.binds):
         argv += ["--ro-bind", str(MOUNT_STAGE / f"bind{i}"), b.target]
     argv += ["--ro-bind", str(MOUNT_STAGE / "bundle"), MOUNT_POINT, *_BWRAP_FS]
     env = {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", "HOSTNAME": spec.hostname, **spec.env}
@@ -477,61 +358,3 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-
-
-def _teardown_sync(
-    state_root: Path,
-    sandbox_id: str,
-    state_dir: Path,
-    cgroup: SandboxCgroup,
-    slot: int | None,
-    shim_pid: int | None,
-    shim_ticks: int | None,
-) -> None:
-    if shim_pid is not None and shim_ticks is not None and _proc.pid_alive(shim_pid, shim_ticks):
-        _proc.kill_pid(shim_pid, shim_ticks, signal.SIGTERM)  # the shim kills the sandbox and records exit
-        deadline = time.monotonic() + SHIM_STOP_TIMEOUT
-        while _proc.pid_alive(shim_pid, shim_ticks) and time.monotonic() < deadline:
-            time.sleep(0.005)  # bounded: the shim normally exits within milliseconds
-        _proc.kill_pid(shim_pid, shim_ticks, signal.SIGKILL)
-    try:
-        cgroup.remove()  # kills whatever is left: the sandbox's mount namespace dies with its last task
-    except OSError as exc:
-        log.error("sandbox %s: could not remove its cgroups: %s", sandbox_id, exc)
-        raise RuntimeFailure("could not remove the sandbox's cgroups") from exc
-    if state_dir.exists():
-        _wait_loop_released(state_dir)
-        _refuse_if_mounted(state_dir)
-        _rootfs.remove_state_dir(state_dir)
-    if slot is not None:
-        _UidAllocator(state_root).release(slot, sandbox_id)
-
-
-def _wait_loop_released(state_dir: Path) -> None:
-    """A disk-quota sandbox's loop device detaches itself (autoclear) once its mount namespace is gone; the
-    kernel may finish that just after the last task exits. Wait for it, briefly, so nothing is left."""
-    image = str(state_dir / "disk.img")
-    if not Path(image).exists():
-        return
-    for _ in range(400):  # x 5 ms = 2 s at most; normally it is already gone
-        backing = []
-        for f in Path("/sys/block").glob("loop*/loop/backing_file"):
-            with contextlib.suppress(OSError):
-                backing.append(f.read_text().strip())
-        if image not in backing:
-            return
-        time.sleep(0.005)
-    log.warning("a loop device still uses %s after the sandbox ended", image)
-
-
-def _refuse_if_mounted(path: Path) -> None:
-    """Never ``rm -r`` through a mount (a bound host ``/usr``): the sandbox's mounts live in its own mount
-    namespace, so one showing up here means something is badly wrong, and we stop instead of deleting."""
-    prefix = str(path.resolve()) + "/"
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        mount_point = line.split()[4].replace("\\040", " ")
-        if mount_point.startswith(prefix):
-            raise RuntimeFailure(
-                "the sandbox's state directory still has mounts; refusing to delete it",
-                details={"mount": mount_point},
-            )

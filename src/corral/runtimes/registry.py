@@ -1,18 +1,23 @@
 """Lazy registry of runtimes by name ("module:Class" strings, as uvicorn does for apps).
 
 Importing a runtime module only when it is asked for keeps start-up fast and lets a host without runsc or QEMU
-use the others.
+use the others. The registry also turns a runtime's ``[runtime.<name>]`` settings table into its typed
+``Options`` (a frozen dataclass the runtime class declares) and makes the runtime as ``cls(config, options)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from typing import cast
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, cast
 
 from corral.errors import InvalidRequest
 from corral.runtimes.base import Runtime, RuntimeConfig
 
-__all__ = ["RUNTIMES", "load_runtime"]
+__all__ = ["RUNTIMES", "load_runtime", "parse_options"]
 
 RUNTIMES: dict[str, str] = {
     "namespace": "corral.runtimes.namespace:NamespaceRuntime",
@@ -21,7 +26,14 @@ RUNTIMES: dict[str, str] = {
 }
 
 
-def load_runtime(name: str, config: RuntimeConfig, *, enabled: tuple[str, ...] | None = None) -> Runtime:
+def load_runtime(
+    name: str,
+    config: RuntimeConfig,
+    *,
+    options: Mapping[str, Any] | None = None,
+    enabled: tuple[str, ...] | None = None,
+) -> Runtime:
+    """The runtime ``name``, made with ``config`` and its ``[runtime.<name>]`` table ``options``."""
     choices = [n for n in RUNTIMES if enabled is None or n in enabled]
     if name not in choices:
         raise InvalidRequest(
@@ -29,4 +41,46 @@ def load_runtime(name: str, config: RuntimeConfig, *, enabled: tuple[str, ...] |
         )
     module_name, _, attr = RUNTIMES[name].partition(":")
     cls = getattr(importlib.import_module(module_name), attr)
-    return cast(Runtime, cls(config))
+    return cast(Runtime, cls(config, parse_options(cls.Options, options or {}, runtime=name)))
+
+
+def parse_options(options_cls: type[Any], table: Mapping[str, Any], *, runtime: str) -> Any:
+    """``options_cls(**table)`` with the table checked: unknown keys and values of the wrong type are an
+    InvalidRequest naming ``[runtime.<runtime>]``. Strings (from ``CORRAL_RUNTIME_…`` variables) are
+    converted to the field's type (int, float, bool)."""
+    where = f"[runtime.{runtime}]"
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        known = ", ".join(sorted(fields)) or "none"
+        raise InvalidRequest(f"{where} has no option {unknown[0]!r} (its options: {known})")
+    hints = typing.get_type_hints(options_cls)
+    values = {key: _coerce(value, hints[key], f"{where} {key}") for key, value in table.items()}
+    return options_cls(**values)
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _coerce(value: Any, hint: Any, what: str) -> Any:
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    kinds = tuple(typing.get_origin(k) or k for k in allowed if k is not type(None))
+    if value is None and type(None) in allowed:
+        return None
+    if isinstance(value, str) and str not in kinds:
+        for kind in kinds:
+            try:
+                if kind is bool:
+                    return _BOOLS[value.strip().lower()]
+                if kind in (int, float):
+                    return kind(value)
+            except (KeyError, ValueError):
+                continue
+    if bool in kinds and isinstance(value, bool):
+        return value
+    if float in kinds and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if any(isinstance(value, k) and not (k is int and isinstance(value, bool)) for k in kinds):
+        return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in kinds)
+    raise InvalidRequest(f"{what} must be {names}, got {value!r}")

@@ -31,7 +31,7 @@ from corral.ids import KeyId, TenantId, new_request_id
 from corral.server._asgi import send_error
 from corral.server.metrics import Metrics
 from corral.server.proxy import PortProxy
-from corral.store import open_service
+from corral.wiring import open_service
 
 __all__ = ["AppState", "Caller", "TenantCaller", "create_app"]
 
@@ -218,7 +218,7 @@ def create_app(
     service: SandboxService | None = None,
     run_background: bool = True,
 ) -> FastAPI:
-    """The Corral API. ``service`` defaults to :func:`corral.store.open_service`; the app closes what it built."""
+    """The Corral API. ``service`` defaults to :func:`corral.wiring.open_service`; the app closes what it built."""
     from corral.server.routes import (
         admin,
         code,

@@ -1,0 +1,42 @@
+"""The composition root: one host's Corral stack (store, runtimes, service) made from its Settings.
+
+The server (:func:`corral.server.app.create_app`) and the SDK's embedded mode both start here; nothing below
+this module reads Settings to decide what to build. The store comes from :func:`corral.store.open_store`;
+each runtime is loaded by name from the registry when first asked for, with a :class:`RuntimeConfig` (state
+and cache roots, this node's id) and its ``[runtime.<name>]`` table from the settings, then cached.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from corral.core.service import SandboxService
+from corral.core.settings import Settings
+from corral.runtimes.base import Runtime, RuntimeConfig
+from corral.runtimes.registry import load_runtime
+from corral.store import open_store
+
+__all__ = ["open_service", "runtime_loader"]
+
+
+def runtime_loader(settings: Settings) -> Callable[[str], Runtime]:
+    """A name → Runtime function for the enabled runtimes, each made once with its own options."""
+    config = RuntimeConfig(state_root=settings.state_root, cache_root=settings.cache_root, node=settings.node)
+    runtimes: dict[str, Runtime] = {}
+
+    def runtime_for(name: str) -> Runtime:
+        if name not in runtimes:
+            runtimes[name] = load_runtime(
+                name, config, options=settings.options_for(name), enabled=settings.enabled_runtimes
+            )
+        return runtimes[name]
+
+    return runtime_for
+
+
+def open_service(settings: Settings, *, clock: Callable[[], float] = time.time) -> SandboxService:
+    """The service for this host: the configured store and the enabled runtimes (loaded lazily)."""
+    return SandboxService(
+        settings=settings, store=open_store(settings), runtime_for=runtime_loader(settings), clock=clock
+    )
