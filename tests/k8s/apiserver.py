@@ -290,13 +290,19 @@ class CrdApiServer:
                     raise RuntimeError(
                         f"CRD {crd['metadata']['name']} not Established in {ESTABLISH_TIMEOUT}s"
                     )
-                time.sleep(
-                    0.1
-                )  # Established is a condition the server sets on its own; a watch is overkill here
+                # Established is a condition the server sets on its own; a watch is overkill here
+                time.sleep(0.1)
+            spec = crd["spec"]
+            version = next(v["name"] for v in spec["versions"] if v.get("storage"))
+            path = f"/apis/{spec['group']}/{version}/namespaces/default/{spec['names']['plural']}"
+            while self.get(path) is None:  # 429 "storage is (re)initializing" for a moment after Established
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{spec['names']['plural']} not served in {ESTABLISH_TIMEOUT}s")
+                time.sleep(0.1)
 
 
 def _established(crd: Any) -> bool:
-    conditions = (crd or {}).get("status", {}).get("conditions", [])
+    conditions = ((crd or {}).get("status") or {}).get("conditions") or []
     return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from corral.images.rootfs import ensure_host_template
-from corral.runtimes.base import RootfsSpec, RuntimeConfig
+from corral.runtimes.base import HostLayers, RuntimeConfig
 from corral.runtimes.kubernetes import KubernetesRuntime, KubernetesSettings
 from corral.runtimes.namespace import NamespaceRuntime
 
@@ -65,7 +65,7 @@ def local_runtime_config(corral_data_dir: Path) -> RuntimeConfig:
 
 
 @pytest.fixture(scope="session")
-def local_rootfs(local_runtime_config: RuntimeConfig) -> RootfsSpec:
+def local_rootfs(local_runtime_config: RuntimeConfig) -> HostLayers:
     return ensure_host_template(local_runtime_config.cache_root)
 
 
@@ -76,15 +76,19 @@ def k8s_settings(server: CrdApiServer, namespace: str, **overrides: Any) -> Kube
         "namespace": namespace,
         "secret_api": "standin.corral.test/v1/Secret/secrets",
         "ready_timeout": 90.0,
-        "node": "test-node",
     }
     values.update(overrides)
     return KubernetesSettings(**values)
 
 
+def k8s_config(local: RuntimeConfig, node: str = "k8s-node-a") -> RuntimeConfig:
+    """The k8s runtime's config: the same roots (it writes nothing there), its own Corral node id."""
+    return RuntimeConfig(state_root=local.state_root, cache_root=local.cache_root, node=node)
+
+
 @pytest.fixture
 async def standin(
-    k8s_api: CrdApiServer, k8s_namespace: str, local_runtime_config: RuntimeConfig, local_rootfs: RootfsSpec
+    k8s_api: CrdApiServer, k8s_namespace: str, local_runtime_config: RuntimeConfig, local_rootfs: HostLayers
 ) -> AsyncIterator[StandInController]:
     """The STAND-IN controller + kubelet (tests/k8s/standin.py) for this test's namespace."""
     controller = StandInController(
@@ -102,7 +106,7 @@ async def k8s_runtime(
     k8s_api: CrdApiServer, k8s_namespace: str, standin: StandInController, local_runtime_config: RuntimeConfig
 ) -> AsyncIterator[KubernetesRuntime]:
     """The runtime under test, on this test's namespace; its blueprints are pruned at the end."""
-    runtime = KubernetesRuntime(local_runtime_config, k8s_settings(k8s_api, k8s_namespace))
+    runtime = KubernetesRuntime(k8s_config(local_runtime_config), k8s_settings(k8s_api, k8s_namespace))
     try:
         yield runtime
     finally:

@@ -42,7 +42,7 @@ from corral.core.ports import open_port
 from corral.core.processes import exec_stream
 from corral.ids import SandboxId
 from corral.models import EventKind, ExecParams
-from corral.runtimes.base import Instance, RootfsSpec, Runtime, SandboxSpec
+from corral.runtimes.base import HostLayers, Instance, Limits, Runtime, SandboxSpec
 from corral.testing import run_command
 
 log = logging.getLogger("tests.k8s.standin")
@@ -81,6 +81,15 @@ def _owned_by(obj: Any, kind: str) -> str | None:
     return None
 
 
+def _limits(amounts: dict[str, str]) -> Limits:
+    """The container's resource limits as the kubelet applies them (cgroups): CPU and memory only."""
+    cpu = amounts.get("cpu", "1")
+    cpus = int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    memory = amounts.get("memory", "512Mi")
+    assert memory.endswith("Mi"), memory
+    return Limits(cpus=cpus, memory_mb=int(memory[:-2]))
+
+
 @dataclass
 class _Pod:
     instance: Instance
@@ -92,7 +101,7 @@ class _Pod:
 class StandInController:
     """Run with ``async with controller.running():``; it stops and destroys every local sandbox on exit."""
 
-    def __init__(self, *, kubeconfig: Path, namespace: str, runtime: Runtime, rootfs: RootfsSpec) -> None:
+    def __init__(self, *, kubeconfig: Path, namespace: str, runtime: Runtime, rootfs: HostLayers) -> None:
         self.namespace = namespace
         self.runtime = runtime
         self.rootfs = rootfs
@@ -105,6 +114,7 @@ class StandInController:
         self._tg: TaskGroup | None = None
         self._pool_lock = anyio.Lock()
         self._changed = anyio.Condition()
+        self._expiries: dict[str, tuple[str, anyio.CancelScope]] = {}
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     def running(self) -> Any:
@@ -206,13 +216,16 @@ class StandInController:
                 if _owned_by(sandbox, "SandboxClaim") == name:
                     await self._delete(Sandbox, sandbox["metadata"]["name"])
             return
+        if claim["metadata"].get("deletionTimestamp"):  # deleted, held by a finalizer: its Sandbox goes now
+            for sandbox in [s async for s in self.k8s.list(Sandbox)]:
+                if _owned_by(sandbox, "SandboxClaim") == name:
+                    await self._delete(Sandbox, sandbox["metadata"]["name"])
+            self._schedule_expiry(name, None)
+            return
+        self._schedule_expiry(name, (claim["spec"].get("lifecycle") or {}).get("shutdownTime"))
         status = claim.get("status") or {}
         if (status.get("sandbox") or {}).get("name"):
             return
-        lifecycle = claim["spec"].get("lifecycle") or {}
-        if lifecycle.get("shutdownTime"):
-            assert self._tg is not None
-            self._tg.start_soon(self._expire, name, lifecycle["shutdownTime"])
         pool_name = claim["spec"]["warmPoolRef"]["name"]
         pool = await self._get(Pool, pool_name)
         template = await self._get(
@@ -250,11 +263,27 @@ class StandInController:
         await self._status(Claim, claim, {"sandbox": {"name": sandbox["metadata"]["name"], "podIPs": ips},
                                           "conditions": [_cond("Ready", True, "SandboxReady")]})  # fmt: skip
 
-    async def _expire(self, claim: str, when: str) -> None:
+    def _schedule_expiry(self, claim: str, when: str | None) -> None:
+        """lifecycle.shutdownTime (policy Delete): one timer per claim, moved when the time changes."""
+        current = self._expiries.get(claim)
+        if current is not None and current[0] == when:
+            return
+        if current is not None:
+            current[1].cancel()
+            del self._expiries[claim]
+        if when is None:
+            return
+        scope = anyio.CancelScope()
+        self._expiries[claim] = (when, scope)
+        assert self._tg is not None
+        self._tg.start_soon(self._expire, claim, when, scope)
+
+    async def _expire(self, claim: str, when: str, scope: anyio.CancelScope) -> None:
         deadline = dt.datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
-        await anyio.sleep(max(0.0, deadline - time.time()))  # a timer, as the controller's requeue-after
-        await self._delete(Claim, claim)
-        await self._on_claim("DELETED", {"metadata": {"name": claim}})
+        with scope:
+            await anyio.sleep(max(0.0, deadline - time.time()))  # a timer, as the controller's requeue-after
+            self._expiries.pop(claim, None)
+            await self._delete(Claim, claim)
 
     @staticmethod
     def _ready(sandbox: dict[str, Any]) -> bool:
@@ -297,7 +326,10 @@ class StandInController:
         name = sandbox["metadata"]["name"]
         pod = sandbox["spec"]["podTemplate"]["spec"]
         container = pod["containers"][0]
-        instance = await self.runtime.create(SandboxSpec(sandbox_id=SandboxId.new(), rootfs=self.rootfs))
+        limits = _limits(container.get("resources", {}).get("limits", {}))
+        instance = await self.runtime.create(
+            SandboxSpec(sandbox_id=SandboxId.new(), rootfs=self.rootfs, limits=limits)
+        )
         self.started += 1
         client = await AgentClient.open(
             await self.runtime.connect(instance), sandbox_id=str(instance.sandbox_id)

@@ -9,23 +9,23 @@ import pytest
 from corral.core.agent_client import AgentClient
 from corral.ids import SandboxId
 from corral.models import ExecParams
-from corral.runtimes.base import ObservedState, RootfsSpec, SandboxSpec
+from corral.runtimes.base import ObservedState, OciImage, SandboxSpec
 from corral.runtimes.kubernetes import KubernetesRuntime
-from corral.testing import run_command
+from corral.testing import check_runtime, run_command
 
-from .apiserver import CrdApiServer
 from .standin import StandInController
 
 pytestmark = [pytest.mark.anyio, pytest.mark.root, pytest.mark.bwrap]
 
+IMAGE = OciImage(reference="docker.io/library/python:3.12-slim")
 
-async def test_create_exec_destroy(
-    k8s_runtime: KubernetesRuntime,
-    standin: StandInController,
-    local_rootfs: RootfsSpec,
-    k8s_api: CrdApiServer,
-) -> None:
-    spec = SandboxSpec(sandbox_id=SandboxId.new(), rootfs=local_rootfs, deadline=time.time() + 300)
+
+async def test_the_kubernetes_runtime_conforms(k8s_runtime: KubernetesRuntime) -> None:
+    await check_runtime(lambda: k8s_runtime, rootfs=IMAGE)
+
+
+async def test_create_exec_destroy(k8s_runtime: KubernetesRuntime, standin: StandInController) -> None:
+    spec = SandboxSpec(sandbox_id=SandboxId.new(), rootfs=IMAGE, deadline=time.time() + 300)
     instance = await k8s_runtime.create(spec)
     try:
         assert (await k8s_runtime.inspect(instance)).state is ObservedState.RUNNING

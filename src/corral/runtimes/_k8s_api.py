@@ -93,6 +93,19 @@ def translate(
     return RuntimeFailure(f"Kubernetes: {verb} {what} failed: {type(exc).__name__}")
 
 
+async def _retrying(call: Callable[[], Any]) -> Any:
+    """``call()``, again after a 429 (throttled, or a resource's storage re-initializing): the server asks
+    for a retry, a few times with growing delays; any other error at once."""
+    for delay in RETRY_DELAYS:
+        try:
+            return await call()
+        except ApiError as exc:
+            if exc.status.code != 429:
+                raise
+            await anyio.sleep(delay)
+    return await call()
+
+
 def _is_status(exc: BaseException, *codes: int) -> bool:
     return isinstance(exc, ApiError) and exc.status.code in codes
 
@@ -129,7 +142,7 @@ class KubeApi:
 
     async def _call(self, verb: str, api: Api, name: str | None, call: Callable[[], Any]) -> Any:
         try:
-            return await call()
+            return await _retrying(call)
         except (ApiError, httpx2.HTTPError, OSError) as exc:
             raise translate(exc, verb=verb, api=api, namespace=self.namespace, name=name) from exc
 
@@ -143,7 +156,7 @@ class KubeApi:
     async def get(self, api: Api, name: str) -> dict[str, Any] | None:
         res = self.resource(api)
         try:
-            got = await self.client.get(res, name, namespace=self.namespace)
+            got = await _retrying(lambda: self.client.get(res, name, namespace=self.namespace))
         except ApiError as exc:
             if exc.status.code == 404 and exc.status.details is not None:
                 return None
@@ -161,17 +174,20 @@ class KubeApi:
         result: list[dict[str, Any]] = await self._call("list", api, None, collect)
         return result
 
-    async def patch(self, api: Api, name: str, patch: Mapping[str, Any], *, status: bool = False) -> None:
-        res = self.resource(api)
-        target = res.Status if status else res
+    async def patch(self, api: Api, name: str, patch: Mapping[str, Any], *, missing_ok: bool = False) -> bool:
+        """A JSON merge patch; False when the object is gone and ``missing_ok``."""
         from lightkube.types import PatchType
 
-        await self._call(
-            "patch",
-            api,
-            name,
-            lambda: self.client.patch(target, name, dict(patch), patch_type=PatchType.MERGE),
-        )
+        res = self.resource(api)
+        try:
+            await _retrying(lambda: self.client.patch(res, name, dict(patch), patch_type=PatchType.MERGE))
+        except ApiError as exc:
+            if missing_ok and exc.status.code == 404 and exc.status.details is not None:
+                return False
+            raise translate(exc, verb="patch", api=api, namespace=self.namespace, name=name) from exc
+        except (httpx2.HTTPError, OSError) as exc:
+            raise translate(exc, verb="patch", api=api, namespace=self.namespace, name=name) from exc
+        return True
 
     async def delete(self, api: Api, name: str) -> bool:
         """Delete; False when it was already gone. Idempotent.
@@ -180,7 +196,7 @@ class KubeApi:
         (a foreground delete would leave it, finalized, until they are gone)."""
         res = self.resource(api)
         try:
-            await self.client.delete(res, name)
+            await _retrying(lambda: self.client.delete(res, name))
         except ApiError as exc:
             if exc.status.code == 404 and exc.status.details is not None:
                 return False

@@ -60,6 +60,9 @@ LABEL_SANDBOX = "corral.dev/sandbox"
 LABEL_NODE = "corral.dev/node"
 LABEL_BLUEPRINT = "corral.dev/blueprint"
 BOOTSTRAP_KEY = "agent-secret"
+# On every claim: a deletion (by the deadline, or by someone else) leaves it, marked, until Corral has seen it,
+# so a reaper can tell "ended at its deadline" from "deleted behind Corral's back" (destroy removes it).
+FINALIZER = "corral.dev/reap"
 
 AGENT_DIR = "/.corral"  # the bundle, where the local runtimes mount it too
 SECRET_DIR = "/.corral-secret"  # noqa: S105 - a path, not a password; the copied secret (memory-backed), deleted by the agent at start
@@ -275,11 +278,9 @@ def claim(
     spec: dict[str, Any] = {"warmPoolRef": {"name": bp.name}}
     if shutdown_time is not None:
         spec["lifecycle"] = {"shutdownTime": shutdown_time, "shutdownPolicy": "Delete"}
-    return {
-        **_api(CLAIM_API),
-        "metadata": _meta(name, namespace, {LABEL_SANDBOX: name, LABEL_NODE: node, LABEL_BLUEPRINT: bp.name}),
-        "spec": spec,
-    }
+    meta = _meta(name, namespace, {LABEL_SANDBOX: name, LABEL_NODE: node, LABEL_BLUEPRINT: bp.name})
+    meta["finalizers"] = [FINALIZER]
+    return {**_api(CLAIM_API), "metadata": meta, "spec": spec}
 
 
 def owner_reference(obj: Mapping[str, Any]) -> dict[str, Any]:

@@ -222,6 +222,7 @@ class Capabilities:
     snapshot_fs: bool = False  # snapshot() captures the writable layer (a template layer / a fork's seed)
     network_policy: bool = False  # egress allowlists
     resource_limits: bool = True
+    pids_limit: bool = True  # Limits.pids holds too (False: only memory and CPU are enforced per sandbox)
     # what create() accepts as SandboxSpec.rootfs, best first
     rootfs: tuple[RootfsKind, ...] = (RootfsKind.HOST_LAYERS,)
     # what snapshot() produces and SandboxSpec.upper_seed / restore_from accept (empty: no snapshots, no forks)

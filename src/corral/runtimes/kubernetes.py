@@ -20,13 +20,13 @@ the template. A claim or Sandbox deleted behind Corral's back is reported as mis
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
+import math
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
@@ -44,6 +44,8 @@ from corral.runtimes.base import (
     Limits,
     Observed,
     ObservedState,
+    OciImage,
+    RootfsKind,
     RuntimeConfig,
     SandboxSpec,
     Snapshot,
@@ -83,15 +85,6 @@ class KubernetesSettings:
     server_namespace_labels: Mapping[str, str] | None = None  # set when Corral runs in another namespace
     secret_api: str = "/v1/Secret/secrets"  # noqa: S105 - a resource name; group/version/Kind/plural of the bootstrap Secrets
     ready_timeout: float = 300.0  # seconds for a claim to become Ready (image pulls on a cold node)
-    node: str = field(default_factory=socket.gethostname)  # this Corral server, on the claims it makes
-
-    @classmethod
-    def from_mapping(cls, table: Mapping[str, Any]) -> KubernetesSettings:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise InvalidRequest(f"[runtime.kubernetes]: unknown settings {', '.join(unknown)}")
-        return cls(**dict(table))
 
     @property
     def secret_resource(self) -> Api:
@@ -100,7 +93,12 @@ class KubernetesSettings:
 
 
 def _rfc3339(when: float) -> str:
-    return dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Kubernetes times have whole seconds: round up, so a deadline never comes early."""
+    return dt.datetime.fromtimestamp(math.ceil(when), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: str) -> float:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 def _condition(obj: Mapping[str, Any] | None, kind: str) -> Mapping[str, Any] | None:
@@ -118,13 +116,17 @@ def _is_true(obj: Mapping[str, Any] | None, kind: str) -> bool:
 class KubernetesRuntime:
     name: ClassVar[str] = "kubernetes"
     # pause is agent-sandbox's Suspended: the Pod is deleted, so nothing of the processes or memory survives
+    # any Corral server with the cluster's credentials reaches any sandbox: not node-local
     capabilities: ClassVar[Capabilities] = Capabilities(
-        pause=False, checkpoint=False, snapshot_fs=False, network_policy=False, resource_limits=True
-    )
+        pause=False, checkpoint=False, snapshot_fs=False, network_policy=False, resource_limits=True,
+        pids_limit=False,  # a Pod spec has no pids limit: that is the kubelet's --pod-max-pids, node-wide
+        rootfs=(RootfsKind.OCI_IMAGE,), node_local=False,
+    )  # fmt: skip
+    Options: ClassVar[type[KubernetesSettings]] = KubernetesSettings
 
-    def __init__(self, config: RuntimeConfig, settings: KubernetesSettings | None = None) -> None:
+    def __init__(self, config: RuntimeConfig, options: KubernetesSettings | None = None) -> None:
         self.config = config
-        self.settings = settings or KubernetesSettings()
+        self.settings = options or KubernetesSettings()
         self._api: KubeApi | None = None
         self._secrets: dict[str, bytes] = {}  # blueprint name -> bootstrap secret (immutable Secrets)
         self._lock = anyio.Lock()
@@ -164,7 +166,14 @@ class KubernetesRuntime:
         for resource in (objects.CLAIM_API, objects.TEMPLATE_API, objects.POOL_API, objects.SANDBOX_API):
             await api.list(resource, {objects.LABEL_MANAGED: "corral", "corral.dev/probe": "none"})
 
-    async def create(self, spec: SandboxSpec, *, image: str | None = None) -> Instance:
+    async def create(self, spec: SandboxSpec) -> Instance:
+        if not isinstance(spec.rootfs, OciImage):
+            raise InvalidRequest(f"the kubernetes runtime runs OCI images, not {spec.rootfs.kind}")
+        if spec.upper_seed is not None or spec.restore_from is not None:
+            raise Unsupported("the kubernetes runtime cannot start a sandbox from a snapshot")
+        image = spec.rootfs.reference
+        if spec.rootfs.digest is not None:  # pin what the template was built from
+            image = f"{image.split('@')[0]}@{spec.rootfs.digest}"
         bp = self.blueprint(image=image, limits=spec.limits)
         api = self.api()
         await self.ensure_blueprint(bp)
@@ -172,17 +181,16 @@ class KubernetesRuntime:
         shutdown = _rfc3339(spec.deadline) if spec.deadline is not None else None
         await api.create(
             objects.CLAIM_API,
-            objects.claim(name, bp, api.namespace, node=self.settings.node, shutdown_time=shutdown),
+            objects.claim(name, bp, api.namespace, node=self.config.node, shutdown_time=shutdown),
         )
-        salt = auth.new_salt()
         instance = Instance(
-            sandbox_id=spec.sandbox_id, runtime=self.name, state_dir="", shim_pid=0, shim_start_ticks=0,
-            socket_path="", extra={"namespace": api.namespace, "claim": name, "blueprint": bp.name, "salt": salt},
+            sandbox_id=spec.sandbox_id, runtime=self.name, node=self.config.node, ref=f"{api.namespace}/{name}",
+            extra={"claim": name, "blueprint": bp.name, "salt": auth.new_salt()},
         )  # fmt: skip
         try:
             sandbox_name, ip = await self._wait_bound(name)
-            instance = Instance(
-                **{**instance.__dict__, "extra": {**instance.extra, "sandbox": sandbox_name, "pod_ip": ip}}
+            instance = dataclasses.replace(
+                instance, extra={**instance.extra, "sandbox": sandbox_name, "pod_ip": ip}
             )
             stream = await self._dial_new(instance, bp.name, ip)
             await stream.aclose()
@@ -213,13 +221,20 @@ class KubernetesRuntime:
     async def resume(self, instance: Instance) -> None:
         raise Unsupported("the kubernetes runtime cannot pause or resume sandboxes")
 
-    async def snapshot(self, instance: Instance, dest: Path) -> Snapshot:
+    async def snapshot(self, instance: Instance, key: str) -> Snapshot:
         raise Unsupported("the kubernetes runtime cannot snapshot sandboxes")
+
+    async def discard(self, snapshot: Snapshot) -> None:
+        raise Unsupported("the kubernetes runtime makes no snapshots")
 
     async def destroy(self, instance: Instance) -> None:
         """Delete the claim; agent-sandbox deletes its Sandbox and Pod. Idempotent."""
         with anyio.CancelScope(shield=True):
-            await self.api().delete(objects.CLAIM_API, instance.extra["claim"])
+            claim = instance.extra["claim"]
+            await self.api().patch(
+                objects.CLAIM_API, claim, {"metadata": {"finalizers": None}}, missing_ok=True
+            )
+            await self.api().delete(objects.CLAIM_API, claim)
             sandbox = instance.extra.get("sandbox")
             if sandbox:  # a claim whose controller is gone would leave it; delete it ourselves too
                 await self.api().delete(objects.SANDBOX_API, sandbox)
@@ -228,6 +243,12 @@ class KubernetesRuntime:
         api = self.api()
         claim = await api.get(objects.CLAIM_API, instance.extra["claim"])
         if claim is None:
+            return Observed(state=ObservedState.MISSING, reason="missing")
+        deleted = claim["metadata"].get("deletionTimestamp")
+        if deleted:  # held by Corral's finalizer: who deleted it, the deadline or someone else?
+            shutdown = (claim["spec"].get("lifecycle") or {}).get("shutdownTime")
+            if shutdown and _parse_time(deleted) >= _parse_time(shutdown):
+                return Observed(state=ObservedState.EXITED, reason="deadline")
             return Observed(state=ObservedState.MISSING, reason="missing")
         name = ((claim.get("status") or {}).get("sandbox") or {}).get("name") or instance.extra.get("sandbox")
         sandbox = await api.get(objects.SANDBOX_API, name) if name else None
