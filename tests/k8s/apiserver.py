@@ -13,18 +13,20 @@ What the server cannot do (it serves no core API: no Pods, Namespaces, Secrets) 
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import shutil
 import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -65,6 +67,29 @@ STAND_IN_SECRETS_CRD: dict[str, Any] = {
         ],
     },
 }
+
+
+class _AccessReviews(http.server.BaseHTTPRequestHandler):
+    """STAND-IN for the cluster's authorizer (RBAC): the server's delegated authorization asks it, as a real
+    apiextensions-apiserver asks kube-apiserver, with a SubjectAccessReview. Users in ``denied`` are refused
+    everything; system:masters never reaches it (the server allows that group itself)."""
+
+    denied: ClassVar[set[str]] = set()
+
+    def do_POST(self) -> None:
+        review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        user = review.get("spec", {}).get("user", "")
+        allowed = user not in self.denied
+        review["status"] = {"allowed": allowed, "reason": "" if allowed else f"RBAC: {user} has no role here"}
+        body = json.dumps(review).encode()
+        self.send_response(201)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 def find_binaries() -> Path | None:
@@ -120,6 +145,8 @@ class CrdApiServer:
     identities: dict[str, Identity] = field(default_factory=dict)
     etcd_url: str = ""
     port: int = 0
+    installed: list[dict[str, Any]] = field(default_factory=list)
+    authorizer: http.server.ThreadingHTTPServer | None = None
 
     # --- certificates --------------------------------------------------------------------------------------
     def _make_ca(self) -> None:
@@ -205,6 +232,7 @@ class CrdApiServer:
         """(Re)start the API server on the same port and etcd (tests restart it to cut watches)."""
         pki = self.base / "pki"
         self_config = self.identity("apiserver", groups=("system:masters",)).kubeconfig
+        authz_config = self._authorizer()
         disabled = ("NamespaceLifecycle,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,"
                     "ValidatingAdmissionPolicy,MutatingAdmissionPolicy")  # fmt: skip
         self._spawn(
@@ -214,10 +242,33 @@ class CrdApiServer:
              "--tls-cert-file", str(pki / "server.crt"), "--tls-private-key-file", str(pki / "server.key"),
              "--client-ca-file", str(pki / "ca.crt"), "--authentication-skip-lookup",
              "--kubeconfig", str(self_config), "--authentication-kubeconfig", str(self_config),
-             "--authorization-kubeconfig", str(self_config), "--disable-admission-plugins", disabled,
+             "--authorization-kubeconfig", str(authz_config), "--disable-admission-plugins", disabled,
              "--enable-priority-and-fairness=false"],
         )  # fmt: skip
         self._wait(lambda: self.get("/apis/apiextensions.k8s.io/v1") is not None, "apiserver")
+        if self.installed:  # a restart: the custom resources are served again only after a moment
+            self._wait_served(self.installed)
+
+    def deny(self, user: str) -> None:
+        """Make the stand-in authorizer refuse ``user`` (a client certificate's CN) everything."""
+        _AccessReviews.denied.add(user)
+
+    def _authorizer(self) -> Path:
+        """Start the stand-in authorizer once; return a kubeconfig that points the server at it."""
+        path = self.base / "kubeconfig-authorizer.yaml"
+        if self.authorizer is None:
+            pki = self.base / "pki"
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AccessReviews)
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
+            server.socket = ctx.wrap_socket(server.socket, server_side=True)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            self.authorizer = server
+            me = self.identity("apiserver", groups=("system:masters",))
+            config = yaml.safe_load(me.kubeconfig.read_text())
+            config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{server.server_address[1]}"
+            path.write_text(yaml.safe_dump(config))
+        return path
 
     def stop_apiserver(self) -> None:
         self._stop("apiserver")
@@ -250,6 +301,9 @@ class CrdApiServer:
     def stop(self) -> None:
         self._stop("apiserver")
         self._stop("etcd")
+        if self.authorizer is not None:
+            self.authorizer.shutdown()
+            self.authorizer.server_close()
         shutil.rmtree(self.base, ignore_errors=True)
 
     # --- plain HTTP for set-up (the code under test uses its own client) -----------------------------------
@@ -268,7 +322,11 @@ class CrdApiServer:
             with urllib.request.urlopen(req, context=self._ssl(), timeout=30) as resp:
                 return resp.status, json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
+            body = exc.read()
+            try:
+                return exc.code, json.loads(body or b"null")
+            except ValueError:  # "404 page not found": a path the server does not serve (yet)
+                return exc.code, {"message": body.decode(errors="replace")}
 
     def get(self, path: str) -> Any:
         with contextlib.suppress(OSError):
@@ -292,10 +350,16 @@ class CrdApiServer:
                     )
                 # Established is a condition the server sets on its own; a watch is overkill here
                 time.sleep(0.1)
+        self._wait_served(crds)
+        self.installed.extend(crds)
+
+    def _wait_served(self, crds: list[dict[str, Any]]) -> None:
+        deadline = time.monotonic() + ESTABLISH_TIMEOUT
+        for crd in crds:
             spec = crd["spec"]
             version = next(v["name"] for v in spec["versions"] if v.get("storage"))
             path = f"/apis/{spec['group']}/{version}/namespaces/default/{spec['names']['plural']}"
-            while self.get(path) is None:  # 429 "storage is (re)initializing" for a moment after Established
+            while self.get(path) is None:  # 404, then 429 "storage is (re)initializing", for a moment
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{spec['names']['plural']} not served in {ESTABLISH_TIMEOUT}s")
                 time.sleep(0.1)

@@ -53,28 +53,22 @@ def translate(
     """One place where Kubernetes errors become Corral errors, with what to do about them."""
     what = _describe(api, name)
     resource = f"{api[3]}.{api[0]}" if api[0] else api[3]
-    if isinstance(exc, ApiError):
-        status = exc.status
-        code, message = status.code or 0, status.message or ""
-        details = {
-            "kubernetes": {"status": code, "reason": status.reason, "verb": verb, "resource": resource}
-        }
+    if isinstance(exc, ApiError | httpx2.HTTPStatusError):
+        code, message, reason, causes = _status_of(exc)
+        details = {"kubernetes": {"status": code, "reason": reason, "verb": verb, "resource": resource}}
         if code == 409:
             return Conflict(f"Kubernetes: {what} in {namespace}: {message}", details=details)
         if code in (401, 403):
             return RuntimeFailure(
                 f"Kubernetes refused Corral's identity: it may not {verb} {resource} in namespace {namespace!r}"
-                f" ({code} {status.reason}). Grant its ServiceAccount that verb (the Role in deploy/), or fix"
+                f" ({code} {reason}). Grant its ServiceAccount that verb (the Role in deploy/), or fix"
                 " [runtime.kubernetes] kubeconfig.",
                 details=details,
             )
         if code == 422:
-            causes = [
-                f"{c.field}: {c.message}" for c in ((status.details.causes or []) if status.details else [])
-            ]
             return RuntimeFailure(
                 f"Kubernetes rejected the {what} Corral made: {'; '.join(causes) or message}. Check the"
-                " template's image and [runtime.kubernetes] (runtime_classes, agent_image).",
+                " template's image and [runtime.kubernetes] (runtime_classes, agent_image, warm_replicas).",
                 details=details,
             )
         if code == 404 and name is None:
@@ -93,6 +87,23 @@ def translate(
     return RuntimeFailure(f"Kubernetes: {verb} {what} failed: {type(exc).__name__}")
 
 
+def _status_of(exc: ApiError | httpx2.HTTPStatusError) -> tuple[int, str, str, list[str]]:
+    """(code, message, reason, field causes) of an API error, whether or not its body was a Status."""
+    if isinstance(exc, ApiError):
+        st = exc.status
+        causes = [f"{c.field}: {c.message}" for c in ((st.details.causes or []) if st.details else [])]
+        return st.code or 0, st.message or "", st.reason or "", causes
+    response = exc.response
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    found = (body.get("details") or {}).get("causes") or []
+    causes = [f"{c.get('field')}: {c.get('message')}" for c in found]
+    return response.status_code, str(body.get("message", "")), str(body.get("reason", "")), causes
+
+
 async def _retrying(call: Callable[[], Any]) -> Any:
     """``call()``, again after a 429 (throttled, or a resource's storage re-initializing): the server asks
     for a retry, a few times with growing delays; any other error at once."""
@@ -107,7 +118,9 @@ async def _retrying(call: Callable[[], Any]) -> Any:
 
 
 def _is_status(exc: BaseException, *codes: int) -> bool:
-    return isinstance(exc, ApiError) and exc.status.code in codes
+    if isinstance(exc, ApiError | httpx2.HTTPStatusError):
+        return _status_of(exc)[0] in codes
+    return False
 
 
 class KubeApi:

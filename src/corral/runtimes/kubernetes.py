@@ -273,34 +273,44 @@ class KubernetesRuntime:
 
     # --- blueprints ------------------------------------------------------------------------------------------
     async def ensure_blueprint(self, bp: objects.Blueprint) -> None:
-        """Template, warm pool and bootstrap Secret for ``bp``; each made once, by whichever server is first."""
+        """Template, bootstrap Secret and warm pool for ``bp``; each made once, by whichever server is first.
+
+        On failure the objects this call made are deleted again (those another server made stay)."""
         if bp.name in self._secrets:
             return
         async with self._lock:
             if bp.name in self._secrets:
                 return
-            api = self.api()
-            ns = api.namespace
-            made = await self._create_or_get(objects.TEMPLATE_API, objects.template(bp, ns))
-            owner = objects.owner_reference(made)
-            value = os.urandom(32)
-            secret_obj = objects.secret(bp, ns, value, self.settings.secret_resource, owner)
-            await self._create_or_get(self.settings.secret_resource, secret_obj)
-            await self._create_or_get(
-                objects.POOL_API, objects.warm_pool(bp, ns, self.settings.warm_replicas)
-            )
-            await self._bootstrap(bp.name)
+            ns = self.api().namespace
+            made: list[tuple[Api, str]] = []
+            try:
+                template = await self._create_or_get(objects.TEMPLATE_API, objects.template(bp, ns), made)
+                value = os.urandom(32)
+                owner = objects.owner_reference(template)
+                secret = objects.secret(bp, ns, value, self.settings.secret_resource, owner)
+                await self._create_or_get(self.settings.secret_resource, secret, made)
+                pool = objects.warm_pool(bp, ns, self.settings.warm_replicas)
+                await self._create_or_get(objects.POOL_API, pool, made)
+                await self._bootstrap(bp.name)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    for api, name in reversed(made):
+                        await self.api().delete(api, name)
+                raise
 
-    async def _create_or_get(self, api: Api, obj: Mapping[str, Any]) -> dict[str, Any]:
+    async def _create_or_get(
+        self, api: Api, obj: Mapping[str, Any], made: list[tuple[Api, str]]
+    ) -> dict[str, Any]:
+        name = obj["metadata"]["name"]
         try:
-            return await self.api().create(api, obj)
+            created = await self.api().create(api, obj)
         except Conflict:  # another server (or an earlier run) made it: same name, same blueprint
-            found = await self.api().get(api, obj["metadata"]["name"])
+            found = await self.api().get(api, name)
             if found is None:
-                raise RuntimeFailure(
-                    f"Kubernetes: {api[2]} {obj['metadata']['name']} keeps changing"
-                ) from None
+                raise RuntimeFailure(f"Kubernetes: {api[2]} {name} keeps changing") from None
             return found
+        made.append((api, name))
+        return created
 
     async def _bootstrap(self, blueprint: str) -> bytes:
         cached = self._secrets.get(blueprint)
