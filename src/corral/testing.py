@@ -245,6 +245,13 @@ async def _check_snapshot(
     await runtime.discard(snap)  # idempotent
 
 
+async def _python_number(runtime: Runtime, instance: Instance, script: str) -> tuple[float, bytes]:
+    """Run a python3 script as root in the sandbox; the number it printed last (-1 if none) and its stderr."""
+    out, err, _ = await _run(runtime, instance, ExecParams(argv=["python3", "-c", script], user="root"))
+    words = out.split()
+    return (float(words[-1]) if words else -1.0), err
+
+
 async def _check_limits(runtime: Runtime, instance: Instance) -> None:
     """The limits of :data:`CHECK_LIMITS` hold inside the sandbox (memory last: it may end the sandbox)."""
     limits = CHECK_LIMITS
@@ -263,10 +270,9 @@ async def _check_limits(runtime: Runtime, instance: Instance) -> None:
         "os.killpg(0, 9)\n"
     )
     if runtime.capabilities.pids_limit:
-        out, err, _ = await _run(runtime, instance, ExecParams(argv=["python3", "-c", forks], user="root"))
-        started = int(out.split()[0]) if out.split() else -1
+        started, err = await _python_number(runtime, instance, forks)
         assert 0 <= started < limits.pids, (
-            f"{started} processes started under a limit of {limits.pids} pids ({err[-200:]!r})"
+            f"{started:g} processes started under a limit of {limits.pids} pids ({err[-200:]!r})"
         )
     # two busy threads for one second of wall time get about `cpus` seconds of CPU, not two
     burn = (
@@ -278,8 +284,7 @@ async def _check_limits(runtime: Runtime, instance: Instance) -> None:
         "t0 = os.times(); [t.start() for t in ts]; [t.join() for t in ts]; t1 = os.times()\n"
         "print(t1.user + t1.system - t0.user - t0.system)\n"
     )
-    out, err, _ = await _run(runtime, instance, ExecParams(argv=["python3", "-c", burn], user="root"))
-    used = float(out.split()[0]) if out.split() else -1.0
+    used, _ = await _python_number(runtime, instance, burn)
     assert 0 < used <= limits.cpus * 2.0 + 0.2, (
         f"two busy threads used {used:.2f} s of CPU in 1 s under a limit of {limits.cpus} cpus"
     )
