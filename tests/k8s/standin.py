@@ -179,12 +179,26 @@ class StandInController:
         for sandbox in [s async for s in self.k8s.list(Sandbox, labels={POOL_LABEL: name})]:
             await self._delete(Sandbox, sandbox["metadata"]["name"])  # the garbage collector's part
 
+    async def warm(self, pool: str, timeout: float = 60) -> None:
+        """Wait until the pool has a Ready Sandbox (nothing else tells: a real pool's status would)."""
+        with anyio.fail_after(timeout):
+            while True:
+                members = [dict(s.to_dict()) async for s in self.k8s.list(Sandbox, labels={POOL_LABEL: pool})]
+                if any(self._ready(m) for m in members):
+                    return
+                # a change may land between the look and the wait: look again at least every second
+                with anyio.move_on_after(1):
+                    async with self._changed:
+                        await self._changed.wait()
+
     async def settled(self, timeout: float = 60) -> None:
         """Wait until no local sandbox runs or starts (after the objects that made them were deleted)."""
         with anyio.fail_after(timeout):
             while self.pods or self.starting:
-                async with self._changed:
-                    await self._changed.wait()
+                # a change may land between the look and the wait: look again at least every second
+                with anyio.move_on_after(1):
+                    async with self._changed:
+                        await self._changed.wait()
 
     async def _fill(self, pool_name: str) -> None:
         async with self._pool_lock:
@@ -355,6 +369,8 @@ class StandInController:
         await self._status(
             Sandbox, name, {"podIPs": [ip], "conditions": [_cond("Ready", True, "DependenciesReady")]}
         )
+        async with self._changed:
+            self._changed.notify_all()
         current = await self._get(Sandbox, name)
         claim = _owned_by(current, "SandboxClaim") if current else None
         if claim is not None and current is not None:
@@ -366,7 +382,10 @@ class StandInController:
         """The bootstrap secret where the agent expects it (``--secret-file``), owned by the Pod's user."""
         secret_name = next(v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v)
         secret = await self._get(Secret, secret_name)
-        assert secret is not None, f"the Pod's Secret {secret_name} does not exist"
+        with anyio.fail_after(30):
+            while secret is None:  # a kubelet retries a Secret volume it cannot mount yet
+                await anyio.sleep(0.2)
+                secret = await self._get(Secret, secret_name)
         ((_key, value),) = secret["data"].items()
         target = container["command"][container["command"].index("--secret-file") + 1]
 

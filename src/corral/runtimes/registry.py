@@ -23,6 +23,7 @@ RUNTIMES: dict[str, str] = {
     "namespace": "corral.runtimes.namespace:NamespaceRuntime",
     "gvisor": "corral.runtimes.gvisor:GVisorRuntime",
     "fake": "corral.runtimes.fake:FakeRuntime",
+    "kubernetes": "corral.runtimes.kubernetes:KubernetesRuntime",  # needs the [k8s] extra (lightkube)
 }
 
 
