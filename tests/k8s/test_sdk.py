@@ -18,7 +18,7 @@ from corral.wiring import open_service
 
 from .apiserver import CrdApiServer, list_objects
 from .conftest import k8s_settings
-from .standin import StandInController
+from .standin import Claim, Sandbox, StandInController
 
 pytestmark = [pytest.mark.anyio, pytest.mark.root, pytest.mark.bwrap]
 TEMPLATE = "py"
@@ -100,5 +100,18 @@ async def test_a_restarted_server_reconnects(
             assert (await again.commands.run("cat /tmp/state")).stdout == "kept\n"
         finally:
             await restarted.aclose()
+    finally:
+        await sbx.kill()
+
+
+async def test_a_pod_deleted_behind_corrals_back_is_stopped_missing(
+    backend: AsyncLocalBackend, standin: StandInController
+) -> None:
+    sbx = await AsyncSandbox.create(TEMPLATE, isolation="kubernetes", backend=backend)
+    try:
+        claim = await standin.k8s.get(Claim, sbx.sandbox_id)
+        await standin.k8s.delete(Sandbox, claim.status["sandbox"]["name"])  # an operator's kubectl delete
+        info = await sbx.get_info()
+        assert info.state is SandboxState.STOPPED and info.stop_reason is StopReason.MISSING
     finally:
         await sbx.kill()
