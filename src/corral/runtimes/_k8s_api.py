@@ -166,17 +166,22 @@ class KubeApi:
         made = await self._call("create", api, name, lambda: self.client.create(res.from_dict(dict(obj))))
         return dict(made.to_dict())
 
-    async def get(self, api: Api, name: str) -> dict[str, Any] | None:
-        res = self.resource(api)
+    async def _on_object(self, verb: str, api: Api, name: str, call: Callable[[], Any]) -> tuple[bool, Any]:
+        """``(True, result)``, or ``(False, None)`` when the object does not exist (a 404 Status about it,
+        not a path the server does not serve: that is an error)."""
         try:
-            got = await _retrying(lambda: self.client.get(res, name, namespace=self.namespace))
+            return True, await _retrying(call)
         except ApiError as exc:
             if exc.status.code == 404 and exc.status.details is not None:
-                return None
-            raise translate(exc, verb="get", api=api, namespace=self.namespace, name=name) from exc
+                return False, None
+            raise translate(exc, verb=verb, api=api, namespace=self.namespace, name=name) from exc
         except (httpx2.HTTPError, OSError) as exc:
-            raise translate(exc, verb="get", api=api, namespace=self.namespace, name=name) from exc
-        return dict(got.to_dict())
+            raise translate(exc, verb=verb, api=api, namespace=self.namespace, name=name) from exc
+
+    async def get(self, api: Api, name: str) -> dict[str, Any] | None:
+        res = self.resource(api)
+        found, got = await self._on_object("get", api, name, lambda: self.client.get(res, name))
+        return dict(got.to_dict()) if found else None
 
     async def list(self, api: Api, labels: Mapping[str, str]) -> list[dict[str, Any]]:
         res = self.resource(api)
@@ -192,15 +197,12 @@ class KubeApi:
         from lightkube.types import PatchType
 
         res = self.resource(api)
-        try:
-            await _retrying(lambda: self.client.patch(res, name, dict(patch), patch_type=PatchType.MERGE))
-        except ApiError as exc:
-            if missing_ok and exc.status.code == 404 and exc.status.details is not None:
-                return False
-            raise translate(exc, verb="patch", api=api, namespace=self.namespace, name=name) from exc
-        except (httpx2.HTTPError, OSError) as exc:
-            raise translate(exc, verb="patch", api=api, namespace=self.namespace, name=name) from exc
-        return True
+        found, _ = await self._on_object(
+            "patch", api, name, lambda: self.client.patch(res, name, dict(patch), patch_type=PatchType.MERGE)
+        )
+        if not found and not missing_ok:
+            raise RuntimeFailure(f"Kubernetes: {api[2]} {name} in {self.namespace} is gone")
+        return found
 
     async def delete(self, api: Api, name: str) -> bool:
         """Delete; False when it was already gone. Idempotent.
@@ -208,15 +210,8 @@ class KubeApi:
         Background propagation: the object goes at once and the garbage collector removes its dependents
         (a foreground delete would leave it, finalized, until they are gone)."""
         res = self.resource(api)
-        try:
-            await _retrying(lambda: self.client.delete(res, name))
-        except ApiError as exc:
-            if exc.status.code == 404 and exc.status.details is not None:
-                return False
-            raise translate(exc, verb="delete", api=api, namespace=self.namespace, name=name) from exc
-        except (httpx2.HTTPError, OSError) as exc:
-            raise translate(exc, verb="delete", api=api, namespace=self.namespace, name=name) from exc
-        return True
+        found, _ = await self._on_object("delete", api, name, lambda: self.client.delete(res, name))
+        return found
 
     # --- waiting ---------------------------------------------------------------------------------------------
     async def wait_for(
