@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from corral.client._async.pools import AsyncPools
 from corral.client._async.sandbox import AsyncSandbox
 from corral.client._local import AsyncLocalBackend
 from corral.core.records import TemplateRecord
@@ -115,3 +116,19 @@ async def test_a_pod_deleted_behind_corrals_back_is_stopped_missing(
         assert info.state is SandboxState.STOPPED and info.stop_reason is StopReason.MISSING
     finally:
         await sbx.kill()
+
+
+async def test_a_corral_pool_serves_claims_with_late_bound_env_and_files(backend: AsyncLocalBackend) -> None:
+    pools = AsyncPools(backend)
+    await pools.set(TEMPLATE, 1, isolation="kubernetes")
+    async for _ in pools.fill(TEMPLATE, isolation="kubernetes"):
+        pass
+    sbx = await AsyncSandbox.create(
+        TEMPLATE, isolation="kubernetes", envs={"WHO": "tenant-a"}, files={"/tmp/who": b"a"}, backend=backend
+    )
+    try:
+        assert (await sbx.get_info()).from_pool
+        assert (await sbx.commands.run("echo $WHO; cat /tmp/who")).stdout == "tenant-a\na"
+    finally:
+        await sbx.kill()
+        await pools.delete(TEMPLATE, isolation="kubernetes")
