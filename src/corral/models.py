@@ -65,6 +65,9 @@ class StopReason(StrEnum):
     KILLED = "killed"  # someone asked for it
     TIMEOUT = "timeout"  # its deadline passed
     CRASHED = "crashed"  # the sandbox or its agent died on its own (OOM, runtime failure)
+    MISSING = (
+        "missing"  # its runtime no longer has it and did not end it (a Pod deleted behind Corral's back)
+    )
 
 
 class EventKind(StrEnum):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import signal
-import socket
-import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import TIMEOUT, AgentProcess, Client, ListeningAgent, pid_exited
+from .conftest import AgentProcess, Client, ListeningAgent, pid_exited
 
 PRINT_WAIT_PRINT = "echo one; read line; echo two $line"
 
@@ -170,39 +168,6 @@ def test_termination_signal_stops_the_agent_and_kills_everything(agent_proc: Age
     client.wait_closed()
     assert agent_proc.proc.wait(timeout=30) == 0
     assert pid_exited(frames[0].header["pid"])
-
-
-def test_tcp_listener_serves_concurrent_connections(tmp_path: Path) -> None:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    proc = AgentProcess(tmp_path, "--listen", f"tcp:127.0.0.1:{port}")
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(2):
-            socks.append(_connect_when_listening(proc, port))
-        a, b = (Client(s.fileno(), s.fileno()) for s in socks)
-        rid = a.start("exec", argv=["cat"], stdin=True)
-        process_id = a.next_frame(rid).header["process_id"]
-        b.ok("ping")
-        a.ok("stdin", b"over tcp", process_id=process_id, eof=True)
-        assert b"".join(f.payload for f in a.collect(rid)) == b"over tcp"
-    finally:
-        for sock in socks:
-            sock.close()
-        proc.proc.terminate()
-        proc.stop()
-
-
-def _connect_when_listening(proc: AgentProcess, port: int) -> socket.socket:
-    deadline = time.monotonic() + TIMEOUT
-    while True:  # nothing announces that the agent has bound its port: retry refused connections
-        try:
-            return socket.create_connection(("127.0.0.1", port))
-        except ConnectionRefusedError:
-            assert time.monotonic() < deadline and proc.proc.poll() is None, proc.log_text()
-            time.sleep(0.01)
 
 
 def test_a_closed_channel_ends_what_its_client_owned_and_nothing_else(agent: Client) -> None:

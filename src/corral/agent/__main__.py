@@ -1,5 +1,5 @@
-"""``python3 -I -S -B -m corral.agent [--listen unix:PATH | --listen tcp:HOST:PORT] [--memory-limit BYTES]
-[--oom-events-fd FD]``
+"""``python3 -I -S -B -m corral.agent [--listen unix:PATH|tcp:HOST:PORT|vsock:PORT [--secret-file PATH]]
+[--memory-limit BYTES] [--oom-events-fd FD]``
 
 Stdio (the default): the protocol runs over stdin/stdout and the agent exits, killing its processes, when stdin
 reaches EOF. The agent moves the protocol to private fds and points fds 0 and 1 at /dev/null and stderr, so no
@@ -8,8 +8,9 @@ the agent is even imported: the runtime's ``create`` waits for it.
 
 Listen: serve any number of connections, concurrently, each with its own ``hello``; processes outlive
 connections (foreground ones are killed with the connection that started them). A unix socket is created mode
-0600, so only root in the sandbox can connect. A TCP listener has no authentication: bind it where only the
-host can reach it.
+0600, so only root in the sandbox can connect. TCP and vsock listeners need ``--secret-file``: every peer must
+prove it holds that secret before its ``hello`` (:mod:`corral.protocol.auth`). The secret is read once and its
+file removed (where the mount allows); it never travels in argv or the environment.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from corral.agent.hello import hello_fields
 from corral.protocol.frames import encode
 
 USAGE = (
-    "usage: python -m corral.agent [--listen unix:PATH | --listen tcp:HOST:PORT] [--memory-limit BYTES] "
-    "[--oom-events-fd FD]"
+    "usage: python -m corral.agent [--listen unix:PATH|tcp:HOST:PORT|vsock:PORT [--secret-file PATH]] "
+    "[--memory-limit BYTES] [--oom-events-fd FD]"
 )
 
 
@@ -40,6 +41,7 @@ def main(argv: list[str]) -> int:
     listen = None
     memory_limit: int | None = None
     oom_events_fd: int | None = None
+    secret_file = None
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -51,6 +53,8 @@ def main(argv: list[str]) -> int:
             oom_events_fd = int(args.pop(0))
         elif arg.startswith("--listen="):
             listen = arg.split("=", 1)[1]
+        elif arg == "--secret-file" and args:
+            secret_file = args.pop(0)
         elif arg in ("-h", "--help"):
             print(USAGE)
             return 0
@@ -58,6 +62,9 @@ def main(argv: list[str]) -> int:
             print(USAGE, file=sys.stderr)
             return 2
     os.umask(0o022)
+    if secret_file is not None and listen is None:
+        print("--secret-file goes with --listen", file=sys.stderr)
+        return 2
     if listen is None:
         rfd, wfd = _stdio_fds()
         hello = encode({"ev": "hello", **hello_fields()})
@@ -76,7 +83,12 @@ def main(argv: list[str]) -> int:
     configure(memory_limit, oom_events_fd)
     from corral.agent._serve import serve_listen
 
-    return serve_listen(listen)
+    keyring = None
+    if secret_file is not None:
+        from corral.agent.auth import load_secret
+
+        keyring = load_secret(secret_file)
+    return serve_listen(listen, keyring)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Transports: wire the agent to stdio or to a listening socket, then run the loop."""
+"""Transports: wire the agent to stdio or to a listening socket, then run the loop.
+
+A listener reachable from outside the sandbox (TCP, vsock) always authenticates its peers
+(:mod:`corral.agent.auth`); a unix socket does when given a keyring (it is mode 0600 either way).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import contextlib
 import os
 import socket
 
+from corral.agent.auth import Gate, Keyring
 from corral.agent.conn import Connection
 from corral.agent.loop import Loop, log
 from corral.agent.server import Agent
@@ -57,17 +62,31 @@ def _listener(address: str) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, int(port)))
         sock.listen(64)
+    elif kind == "vsock" and rest.isdigit():
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.bind((socket.VMADDR_CID_ANY, int(rest)))
+        sock.listen(64)
     else:
-        raise SystemExit(f"--listen wants unix:PATH or tcp:HOST:PORT, not {address!r}")
+        raise SystemExit(f"--listen wants unix:PATH, tcp:HOST:PORT or vsock:PORT, not {address!r}")
     sock.setblocking(False)
     return sock
 
 
-def serve_listen(address: str) -> int:
+def needs_auth(address: str) -> bool:
+    """Whether a listener at ``address`` is reachable from outside the sandbox, so must authenticate."""
+    return not address.startswith("unix:")
+
+
+def serve_listen(address: str, keyring: Keyring | None) -> int:
+    if keyring is None and needs_auth(address):
+        raise SystemExit(
+            f"--listen {address.partition(':')[0]}: needs --secret-file (peers must authenticate)"
+        )
     loop, agent = _agent()
     sock = _listener(address)
-    log(f"listening on {address}")
+    log(f"listening on {address}" + (" (peers authenticate)" if keyring is not None else ""))
     serial = 0
+    gate = Gate(loop, keyring, lambda fd, name: agent.connect(fd, fd, name)) if keyring is not None else None
 
     def accept() -> None:
         nonlocal serial
@@ -84,10 +103,14 @@ def serve_listen(address: str) -> int:
                 loop.call_later(ACCEPT_BACKOFF, lambda: loop.add_reader(sock.fileno(), accept))
                 return
             serial += 1
-            if conn.family != socket.AF_UNIX:
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             fd = conn.detach()
-            agent.connect(fd, fd, f"#{serial} {peer or 'unix'}")
+            name = f"#{serial} {peer or 'unix'}"
+            if gate is not None:
+                gate.accept(fd, name)
+            else:
+                agent.connect(fd, fd, name)
 
     loop.add_reader(sock.fileno(), accept)
     loop.run()

@@ -134,6 +134,7 @@ async def build_template(
                     description=params.description or params.source,
                     layers=[str(p) for p in built.layers],
                     layer_keys=list(built.layer_keys),
+                    image=params.source.strip() if built.kind == "image" and not params.steps else None,
                     defaults={
                         "workdir": d.workdir,
                         "user": d.user,

@@ -134,6 +134,9 @@ class TemplateRecord:
     # the only tenant that may use it (a snapshot holds that tenant's files and memory); None: every tenant
     owner: str | None = None
     source: str | None = None  # kind "snapshot": the id of the sandbox it was captured from
+    # the OCI reference of a template built from an image with no steps: runtimes that run images themselves
+    # (a kubelet pulls it) take it as is (``RootfsKind.OCI_IMAGE``); None: only host layers are offered
+    image: str | None = None
 
     def usable_by(self, tenant: str) -> bool:
         return self.owner is None or self.owner == tenant

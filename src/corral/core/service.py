@@ -887,7 +887,9 @@ class SandboxService:
             return await self._stop(record, StopReason.TIMEOUT)
         observed = await self._runtime(record.isolation).inspect(record.instance)
         if observed.state in (ObservedState.EXITED, ObservedState.MISSING):
-            reason = StopReason.TIMEOUT if observed.reason == "deadline" else StopReason.CRASHED
+            reason = {"deadline": StopReason.TIMEOUT, "missing": StopReason.MISSING}.get(
+                observed.reason or "", StopReason.CRASHED
+            )
             return await self._stop(record, reason)
         return record
 

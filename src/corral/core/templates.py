@@ -25,7 +25,7 @@ from corral.core.store import Store
 from corral.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from corral.images import rootfs as _rootfs
 from corral.images.layers import LayerStore
-from corral.runtimes.base import Artifact, HostLayers, RootfsKind, RootfsSource
+from corral.runtimes.base import Artifact, HostLayers, OciImage, RootfsKind, RootfsSource
 
 __all__ = ["BASE_TEMPLATE", "LAYER_KIND", "TemplateRegistry"]
 
@@ -56,16 +56,25 @@ class TemplateRegistry:
         """Template ``name``'s root file system in the first form a runtime ``accepts`` that the template
         offers (``Capabilities.rootfs``); NotFound lists what exists, Unsupported says what was offered.
 
-        Every template offers host layers today; an OCI-image or disk-image form is offered by templates
-        that record one (a runtime that takes only those names the forms it takes in the error).
+        Every template offers host layers; one built from an image with no steps also offers that image's
+        reference (a runtime that takes only other forms names the forms it takes in the error).
         """
+        offered = [RootfsKind.HOST_LAYERS]
+        if RootfsKind.OCI_IMAGE in accepts:
+            record = (
+                None if name == BASE_TEMPLATE else await self._store.get_template(check_template_name(name))
+            )
+            if record is not None and record.image:
+                return OciImage(reference=record.image)
+            if record is None and name != BASE_TEMPLATE:
+                await self._host_layers(name)  # raises NotFound listing what exists
         layers = await self._host_layers(name)
         if RootfsKind.HOST_LAYERS in accepts:
             return layers
         raise Unsupported(
-            f"template {name!r} is offered as {RootfsKind.HOST_LAYERS}; this isolation takes "
-            f"{', '.join(accepts)}",
-            details={"offered": [RootfsKind.HOST_LAYERS], "accepted": list(accepts)},
+            f"template {name!r} is offered as {', '.join(offered)}; this isolation takes {', '.join(accepts)}"
+            " (build a template from an image, with no --run steps, for it)",
+            details={"offered": offered, "accepted": list(accepts)},
         )
 
     async def _host_layers(self, name: str) -> HostLayers:

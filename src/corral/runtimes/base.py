@@ -223,6 +223,7 @@ class Capabilities:
         False  # egress by policy (SandboxSpec.network); such a runtime is a NetworkController
     )
     resource_limits: bool = True
+    pids_limit: bool = True  # Limits.pids holds too (False: only memory and CPU are enforced per sandbox)
     # what create() accepts as SandboxSpec.rootfs, best first
     rootfs: tuple[RootfsKind, ...] = (RootfsKind.HOST_LAYERS,)
     # what snapshot() produces and SandboxSpec.upper_seed / restore_from accept (empty: no snapshots, no forks)

@@ -24,6 +24,7 @@ RUNTIMES: dict[str, str] = {
     "gvisor": "corral.runtimes.gvisor:GVisorRuntime",
     "microvm": "corral.runtimes.microvm.runtime:MicroVMRuntime",
     "fake": "corral.runtimes.fake:FakeRuntime",
+    "kubernetes": "corral.runtimes.kubernetes:KubernetesRuntime",  # needs the [k8s] extra (lightkube)
 }
 
 

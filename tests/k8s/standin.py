@@ -1,0 +1,451 @@
+"""STAND-IN for agent-sandbox's controller and the kubelet. Tests only.
+
+The test API server stores and watches the agent-sandbox objects but runs nothing: no controller, no Pods.
+This stand-in watches the same objects in one namespace and does, in a few lines each, what agent-sandbox's
+controller (with ``--extensions``) and a kubelet would:
+
+- SandboxWarmPool: keeps ``spec.replicas`` Sandboxes made from its template (labelled as the pool's).
+- SandboxClaim: adopts a Ready warm Sandbox of its pool, else creates one named after the claim (cold start);
+  writes ``status.sandbox`` and the Ready condition; ``WarmPoolNotFound`` / ``TemplateNotFound`` otherwise;
+  enforces ``lifecycle.shutdownTime`` (policy Delete: the claim goes too); deleting a claim deletes its Sandbox
+  (the garbage collector's job in a real cluster).
+- Sandbox ("the Pod"): starts a REAL local sandbox (Corral's namespace runtime, the host template: images are
+  not pulled), plays the init container (writes the bootstrap secret named by the Pod's Secret volume where
+  the container expects it, owned by ``runAsUser``), runs the container's own ``command`` (Corral's agent on
+  TCP) as that user, and gives the "Pod" an IP: a loopback address ``127.0.0.N`` whose agent port is relayed
+  into the sandbox's network namespace through the sandbox's stdio agent (``port.connect``). Once the agent
+  listens (the readiness probe) it writes Ready and ``podIPs``. Deleting the Sandbox destroys it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import SocketStream, TaskGroup
+from lightkube import ApiError, AsyncClient, KubeConfig
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.types import PatchType
+
+from corral.core import files
+from corral.core.agent_client import AgentClient
+from corral.core.ports import open_port
+from corral.core.processes import exec_stream
+from corral.ids import SandboxId
+from corral.models import EventKind, ExecParams
+from corral.runtimes.base import HostLayers, Instance, Limits, Runtime, SandboxSpec
+from corral.testing import run_command
+
+log = logging.getLogger("tests.k8s.standin")
+
+Sandbox = create_namespaced_resource("agents.x-k8s.io", "v1beta1", "Sandbox", "sandboxes")
+Template = create_namespaced_resource(
+    "extensions.agents.x-k8s.io", "v1beta1", "SandboxTemplate", "sandboxtemplates"
+)
+Pool = create_namespaced_resource(
+    "extensions.agents.x-k8s.io", "v1beta1", "SandboxWarmPool", "sandboxwarmpools"
+)
+Claim = create_namespaced_resource("extensions.agents.x-k8s.io", "v1beta1", "SandboxClaim", "sandboxclaims")
+Secret = create_namespaced_resource("standin.corral.test", "v1", "Secret", "secrets")
+POOL_LABEL = "agents.x-k8s.io/warm-pool-sandbox"
+_ips = itertools.count(2)  # 127.0.0.2, .3, ... per "Pod", for the whole session
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cond(kind: str, status: bool, reason: str, message: str = "") -> dict[str, Any]:
+    return {"type": kind, "status": "True" if status else "False", "reason": reason, "message": message,
+            "lastTransitionTime": _now()}  # fmt: skip
+
+
+def _owner(obj: Any) -> dict[str, Any]:
+    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": obj["metadata"]["name"],
+            "uid": obj["metadata"]["uid"], "controller": True}  # fmt: skip
+
+
+def _owned_by(obj: Any, kind: str) -> str | None:
+    for ref in obj["metadata"].get("ownerReferences") or []:
+        if ref["kind"] == kind:
+            return str(ref["name"])
+    return None
+
+
+def _limits(amounts: dict[str, str]) -> Limits:
+    """The container's resource limits as the kubelet applies them (cgroups): CPU and memory only."""
+    cpu = amounts.get("cpu", "1")
+    cpus = int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    memory = amounts.get("memory", "512Mi")
+    assert memory.endswith("Mi"), memory
+    return Limits(cpus=cpus, memory_mb=int(memory[:-2]))
+
+
+@dataclass
+class _Pod:
+    instance: Instance
+    client: AgentClient
+    ip: str
+    cancel: anyio.CancelScope
+
+
+class StandInController:
+    """Run with ``async with controller.running():``; it stops and destroys every local sandbox on exit."""
+
+    def __init__(self, *, kubeconfig: Path, namespace: str, runtime: Runtime, rootfs: HostLayers) -> None:
+        self.namespace = namespace
+        self.runtime = runtime
+        self.rootfs = rootfs
+        config = KubeConfig.from_file(str(kubeconfig))
+        self.k8s = AsyncClient(config, namespace=namespace, field_manager="standin", trust_env=False)
+        self.pods: dict[str, _Pod] = {}
+        self.starting: set[str] = set()
+        self.doomed: set[str] = set()  # deleted while still starting
+        self.started = 0  # local sandboxes started, for tests that tell warm from cold
+        self._tg: TaskGroup | None = None
+        self._pool_lock = anyio.Lock()
+        self._changed = anyio.Condition()
+        self._expiries: dict[str, tuple[str, anyio.CancelScope]] = {}
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+    def running(self) -> Any:
+        controller = self
+
+        class _Running:
+            async def __aenter__(self) -> StandInController:
+                controller._tg = anyio.create_task_group()
+                await controller._tg.__aenter__()
+                for res, handler in ((Pool, controller._on_pool), (Claim, controller._on_claim),
+                                     (Sandbox, controller._on_sandbox)):  # fmt: skip
+                    controller._tg.start_soon(controller._watch, res, handler)
+                return controller
+
+            async def __aexit__(self, *exc: object) -> None:
+                assert controller._tg is not None
+                controller._tg.cancel_scope.cancel()
+                await controller._tg.__aexit__(None, None, None)
+                with anyio.CancelScope(shield=True):
+                    for name in list(controller.pods):
+                        await controller._stop_pod(name)
+                    await controller.k8s.close()
+
+        return _Running()
+
+    async def _watch(self, res: Any, handler: Callable[[str, dict[str, Any]], Any]) -> None:
+        while True:  # a watch cut by an API server restart is simply opened again (list + watch)
+            try:
+                async for event, obj in self.k8s.watch(res, namespace=self.namespace):
+                    try:
+                        await handler(event, dict(obj.to_dict()))
+                    except ApiError as exc:  # a conflict or a vanished object: the next event repairs it
+                        log.debug("stand-in: %s on %s", exc.status.code, res.__name__)
+            except Exception as exc:
+                log.debug("stand-in: watch on %s ended (%s); again", res.__name__, exc)
+                await anyio.sleep(0.2)
+
+    async def _get(self, res: Any, name: str) -> dict[str, Any] | None:
+        try:
+            return dict((await self.k8s.get(res, name)).to_dict())
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return None
+            raise
+
+    async def _delete(self, res: Any, name: str) -> None:
+        try:
+            await self.k8s.delete(res, name)
+        except ApiError as exc:
+            if exc.status.code != 404:
+                raise
+
+    async def _status(self, res: Any, name: str, status: dict[str, Any]) -> None:
+        await self.k8s.patch(res.Status, name, {"status": status}, patch_type=PatchType.MERGE)
+
+    # --- warm pools ------------------------------------------------------------------------------------------
+    async def _on_pool(self, event: str, pool: dict[str, Any]) -> None:
+        name = pool["metadata"]["name"]
+        if event != "DELETED":
+            await self._fill(name)
+            return
+        for sandbox in [s async for s in self.k8s.list(Sandbox, labels={POOL_LABEL: name})]:
+            await self._delete(Sandbox, sandbox["metadata"]["name"])  # the garbage collector's part
+
+    async def warm(self, pool: str, timeout: float = 60) -> None:
+        """Wait until the pool has a Ready Sandbox (nothing else tells: a real pool's status would)."""
+        with anyio.fail_after(timeout):
+            while True:
+                members = [dict(s.to_dict()) async for s in self.k8s.list(Sandbox, labels={POOL_LABEL: pool})]
+                if any(self._ready(m) for m in members):
+                    return
+                # a change may land between the look and the wait: look again at least every second
+                with anyio.move_on_after(1):
+                    async with self._changed:
+                        await self._changed.wait()
+
+    async def settled(self, timeout: float = 60) -> None:
+        """Wait until no local sandbox runs or starts (after the objects that made them were deleted)."""
+        with anyio.fail_after(timeout):
+            while self.pods or self.starting:
+                # a change may land between the look and the wait: look again at least every second
+                with anyio.move_on_after(1):
+                    async with self._changed:
+                        await self._changed.wait()
+
+    async def _fill(self, pool_name: str) -> None:
+        async with self._pool_lock:
+            pool = await self._get(Pool, pool_name)
+            if pool is None:
+                return
+            members = [s async for s in self.k8s.list(Sandbox, labels={POOL_LABEL: pool_name})]
+            template = await self._get(Template, pool["spec"]["sandboxTemplateRef"]["name"])
+            if template is None:
+                return
+            for _ in range(pool["spec"].get("replicas", 1) - len(members)):
+                await self._make_sandbox(
+                    f"{pool_name}-{secrets.token_hex(3)}", template, pool, {POOL_LABEL: pool_name}
+                )
+
+    async def _make_sandbox(
+        self, name: str, template: dict[str, Any], owner: dict[str, Any], labels: dict[str, str]
+    ) -> None:
+        body = {"apiVersion": "agents.x-k8s.io/v1beta1", "kind": "Sandbox",
+                "metadata": {"name": name, "labels": labels, "ownerReferences": [_owner(owner)]},
+                "spec": {"podTemplate": template["spec"]["podTemplate"]}}  # fmt: skip
+        await self.k8s.create(Sandbox.from_dict(body))
+
+    # --- claims ----------------------------------------------------------------------------------------------
+    async def _on_claim(self, event: str, claim: dict[str, Any]) -> None:
+        name = claim["metadata"]["name"]
+        if event == "DELETED":  # the garbage collector's part: the claim's Sandbox goes with it
+            for sandbox in [s async for s in self.k8s.list(Sandbox)]:
+                if _owned_by(sandbox, "SandboxClaim") == name:
+                    await self._delete(Sandbox, sandbox["metadata"]["name"])
+            return
+        if claim["metadata"].get("deletionTimestamp"):  # deleted, held by a finalizer: its Sandbox goes now
+            for sandbox in [s async for s in self.k8s.list(Sandbox)]:
+                if _owned_by(sandbox, "SandboxClaim") == name:
+                    await self._delete(Sandbox, sandbox["metadata"]["name"])
+            self._schedule_expiry(name, None)
+            return
+        self._schedule_expiry(name, (claim["spec"].get("lifecycle") or {}).get("shutdownTime"))
+        status = claim.get("status") or {}
+        if (status.get("sandbox") or {}).get("name"):
+            return
+        pool_name = claim["spec"]["warmPoolRef"]["name"]
+        pool = await self._get(Pool, pool_name)
+        template = await self._get(
+            Template, (pool or {}).get("spec", {}).get("sandboxTemplateRef", {}).get("name", "")
+        )
+        if pool is None or template is None:
+            reason = "WarmPoolNotFound" if pool is None else "TemplateNotFound"
+            await self._status(
+                Claim, name, {"conditions": [_cond("Ready", False, reason, f"{pool_name} not found")]}
+            )
+            return
+        async with self._pool_lock:
+            warm = [s async for s in self.k8s.list(Sandbox, labels={POOL_LABEL: pool_name})]
+            ready = [
+                dict(s.to_dict())
+                for s in warm
+                if name not in self.starting and self._ready(dict(s.to_dict()))
+            ]
+            if ready:  # adopt: the claim owns it now, it leaves the pool
+                chosen = ready[0]["metadata"]["name"]
+                patch = {"metadata": {"labels": {POOL_LABEL: None}, "ownerReferences": [_owner(claim)]}}
+                await self.k8s.patch(Sandbox, chosen, patch, patch_type=PatchType.MERGE)
+            else:
+                chosen = name
+                await self._make_sandbox(chosen, template, claim, {"agents.x-k8s.io/launch-type": "cold"})
+        await self._status(Claim, name, {"sandbox": {"name": chosen},
+                                         "conditions": [_cond("Ready", False, "SandboxNotReady")]})  # fmt: skip
+        await self._fill(pool_name)
+        sandbox = await self._get(Sandbox, chosen)
+        if sandbox is not None and self._ready(sandbox):
+            await self._claim_ready(name, sandbox)
+
+    async def _claim_ready(self, claim: str, sandbox: dict[str, Any]) -> None:
+        ips = sandbox["status"]["podIPs"]
+        await self._status(Claim, claim, {"sandbox": {"name": sandbox["metadata"]["name"], "podIPs": ips},
+                                          "conditions": [_cond("Ready", True, "SandboxReady")]})  # fmt: skip
+
+    def _schedule_expiry(self, claim: str, when: str | None) -> None:
+        """lifecycle.shutdownTime (policy Delete): one timer per claim, moved when the time changes."""
+        current = self._expiries.get(claim)
+        if current is not None and current[0] == when:
+            return
+        if current is not None:
+            current[1].cancel()
+            del self._expiries[claim]
+        if when is None:
+            return
+        scope = anyio.CancelScope()
+        self._expiries[claim] = (when, scope)
+        assert self._tg is not None
+        self._tg.start_soon(self._expire, claim, when, scope)
+
+    async def _expire(self, claim: str, when: str, scope: anyio.CancelScope) -> None:
+        deadline = dt.datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+        with scope:
+            await anyio.sleep(max(0.0, deadline - time.time()))  # a timer, as the controller's requeue-after
+            self._expiries.pop(claim, None)
+            await self._delete(Claim, claim)
+
+    @staticmethod
+    def _ready(sandbox: dict[str, Any]) -> bool:
+        conds = (sandbox.get("status") or {}).get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+    # --- sandboxes: the "kubelet" ----------------------------------------------------------------------------
+    async def _on_sandbox(self, event: str, sandbox: dict[str, Any]) -> None:
+        name = sandbox["metadata"]["name"]
+        if event == "DELETED":
+            if name in self.starting:
+                self.doomed.add(name)
+            await self._stop_pod(name)
+            pool = sandbox["metadata"].get("labels", {}).get(POOL_LABEL)
+            if pool:
+                await self._fill(pool)
+            return
+        if name not in self.pods and name not in self.starting:
+            self.starting.add(name)
+            assert self._tg is not None
+            self._tg.start_soon(self._start_pod, sandbox)
+
+    async def _start_pod(self, sandbox: dict[str, Any]) -> None:
+        name = sandbox["metadata"]["name"]
+        try:
+            await self._boot(sandbox)
+        except Exception as exc:  # a Pod that fails to start: what a kubelet reports, not a crash of ours
+            log.warning("stand-in: sandbox %s failed to start: %r", name, exc)
+            self.starting.discard(name)
+            await self._stop_pod(name)
+            if await self._get(Sandbox, name) is not None:
+                await self._status(
+                    Sandbox, name, {"conditions": [_cond("Ready", False, "PodFailed", repr(exc))]}
+                )
+        if name in self.doomed:
+            self.doomed.discard(name)
+            await self._stop_pod(name)
+
+    async def _boot(self, sandbox: dict[str, Any]) -> None:
+        name = sandbox["metadata"]["name"]
+        pod = sandbox["spec"]["podTemplate"]["spec"]
+        container = pod["containers"][0]
+        limits = _limits(container.get("resources", {}).get("limits", {}))
+        instance = await self.runtime.create(
+            SandboxSpec(sandbox_id=SandboxId.new(), rootfs=self.rootfs, limits=limits)
+        )
+        self.started += 1
+        client = await AgentClient.open(
+            await self.runtime.connect(instance), sandbox_id=str(instance.sandbox_id)
+        )
+        ip = f"127.0.0.{next(_ips)}"
+        port = container["ports"][0]["containerPort"]
+        scope = anyio.CancelScope()
+        self.pods[name] = _Pod(instance, client, ip, scope)
+        self.starting.discard(name)
+        await self._init_container(client, pod, container)
+        user = "user" if pod["securityContext"].get("runAsUser", 0) != 0 else "root"
+        async for ev in exec_stream(
+            client, ExecParams(argv=container["command"], user=user, background=True)
+        ):
+            if ev.kind in (EventKind.STARTED, EventKind.DETACHED):
+                break
+        listener = await anyio.create_tcp_listener(local_host=ip, local_port=port)
+        assert self._tg is not None
+        self._tg.start_soon(self._serve, listener, client, port, str(instance.sandbox_id), scope)
+        await self._readiness(client, port, str(instance.sandbox_id))
+        if await self._get(Sandbox, name) is None or name not in self.pods:
+            return  # deleted while starting: _on_sandbox's DELETED stops it
+        await self._status(
+            Sandbox, name, {"podIPs": [ip], "conditions": [_cond("Ready", True, "DependenciesReady")]}
+        )
+        async with self._changed:
+            self._changed.notify_all()
+        current = await self._get(Sandbox, name)
+        claim = _owned_by(current, "SandboxClaim") if current else None
+        if claim is not None and current is not None:
+            await self._claim_ready(claim, current)
+
+    async def _init_container(
+        self, client: AgentClient, pod: dict[str, Any], container: dict[str, Any]
+    ) -> None:
+        """The bootstrap secret where the agent expects it (``--secret-file``), owned by the Pod's user."""
+        secret_name = next(v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v)
+        secret = await self._get(Secret, secret_name)
+        with anyio.fail_after(30):
+            while secret is None:  # a kubelet retries a Secret volume it cannot mount yet
+                await anyio.sleep(0.2)
+                secret = await self._get(Secret, secret_name)
+        ((_key, value),) = secret["data"].items()
+        target = container["command"][container["command"].index("--secret-file") + 1]
+
+        async def chunks() -> Any:
+            yield base64.b64decode(value)
+
+        await files.write(client, target, chunks(), max_bytes=4096, user="root")
+        uid = pod["securityContext"]["runAsUser"]
+        parent = target.rsplit("/", 1)[0]
+        out = await run_command(client, ExecParams(argv=["chown", "-R", f"{uid}:{uid}", parent], user="root"))
+        assert out[2].exit_code == 0, out
+
+    async def _readiness(self, client: AgentClient, port: int, sandbox_id: str) -> None:
+        """The Pod's readiness probe (tcpSocket on the agent port)."""
+        while True:
+            try:
+                stream = await open_port(client, port, sandbox_id=sandbox_id, timeout=5)
+            except Exception:
+                await anyio.sleep(0.02)  # the probe's period, shortened
+                continue
+            await stream.aclose()
+            return
+
+    async def _serve(
+        self, listener: Any, client: AgentClient, port: int, sandbox_id: str, scope: anyio.CancelScope
+    ) -> None:
+        async def relay(conn: SocketStream) -> None:
+            async with conn:
+                try:
+                    inner = await open_port(client, port, sandbox_id=sandbox_id)
+                except Exception:
+                    return
+                async with inner, anyio.create_task_group() as tg:
+
+                    async def up() -> None:
+                        try:
+                            async for chunk in conn:
+                                await inner.send(chunk)
+                            await inner.send_eof()
+                        except Exception:
+                            tg.cancel_scope.cancel()
+
+                    tg.start_soon(up)
+                    try:
+                        async for chunk in inner:
+                            await conn.send(chunk)
+                    except Exception:
+                        pass
+                    tg.cancel_scope.cancel()
+
+        with scope:
+            async with listener:
+                await listener.serve(relay)
+
+    async def _stop_pod(self, name: str) -> None:
+        pod = self.pods.pop(name, None)
+        if pod is not None:
+            pod.cancel.cancel()
+            with anyio.CancelScope(shield=True):
+                await pod.client.aclose()
+                await self.runtime.destroy(pod.instance)
+        async with self._changed:
+            self._changed.notify_all()
