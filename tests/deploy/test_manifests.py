@@ -178,3 +178,16 @@ def test_eks_node_groups_carry_the_labels_the_runtime_classes_select() -> None:
                 assert taint["key"] in tolerated
         if kit == "kata-fc":  # Firecracker needs /dev/kvm: bare metal only
             assert all(g["instanceType"].endswith(".metal") for g in sandbox_groups)
+
+
+def test_verification_pods_validate_and_run_unprivileged_on_their_runtime_class() -> None:
+    pods = sorted((ROOT / "deploy" / "eks").glob("*/verify-pod.yaml"))
+    assert [p.parent.name for p in pods] == ["gvisor", "kata-fc"]
+    for path in pods:
+        (pod,) = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        spec = pod["spec"]
+        assert spec["runtimeClassName"] == path.parent.name
+        assert (
+            spec["automountServiceAccountToken"] is False and spec["securityContext"]["runAsNonRoot"] is True
+        )
