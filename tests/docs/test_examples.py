@@ -39,7 +39,11 @@ from corral import Sandbox
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.runsc, pytest.mark.busybox, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-DOCS = ["README.md"]  # user-facing docs with runnable examples (spec/ documents wire formats: no examples)
+DOCS = [
+    "README.md",
+    "deploy/README.md",
+    "deploy/eks/README.md",
+]  # user-facing docs (spec/ documents wire formats: no examples)
 RUNNABLE = {"python": "python", "bash": "bash", "sh": "bash", "shell": "bash"}
 TIMEOUT = 240  # seconds per example, under the suite's 300 s per test; a hung one fails
 _FENCE = re.compile(r"^```([\w+-]*)\s*$")

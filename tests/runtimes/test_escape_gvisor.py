@@ -162,7 +162,7 @@ async def test_host_files_are_invisible(gvisor_sandbox, corral_data_dir: Path, t
     for path in (
         str(secret),
         str(corral_data_dir),
-        sb.instance.state_dir,
+        sb.instance.ref,
         "/work",
         "/etc/machine-id",
         "/etc/ssh",
@@ -277,11 +277,11 @@ async def test_kill_everything_inside_touches_nothing_outside(gvisor_sandbox, sh
         except CorralError:  # the sandbox may end instead; either way only it is affected
             pass
         assert canary.returncode is None and _exists(f"/proc/{canary.pid}")
-        assert _proc_alive(sb.instance.shim_pid) or (await sb.runtime.inspect(sb.instance)).state in (
-            ObservedState.EXITED,
-        )
+        assert _proc_alive(sb.instance.extra["shim_pid"]) or (
+            await sb.runtime.inspect(sb.instance)
+        ).state in (ObservedState.EXITED,)
         assert (await shared.run(["echo", "neighbour ok"])).stdout == b"neighbour ok\n"
-        assert _exists(sb.instance.state_dir)  # the sandbox cannot touch its host-side state either
+        assert _exists(sb.instance.ref)  # the sandbox cannot touch its host-side state either
     finally:
         canary.kill()
         await canary.wait()
@@ -303,7 +303,7 @@ async def test_sandboxes_cannot_see_each_other(gvisor_sandbox, shared) -> None:
         assert (await other.run(["python3", "-c", dial])).exit_code != 0
     assert (await other.run("test -e /tmp/a-secret || test -e /root/a-secret")).exit_code == 1
     assert (await other.run("pgrep -x sleep")).exit_code == 1
-    assert (await other.run(["test", "-e", str(Path(shared.instance.state_dir) / "fs")])).exit_code == 1
+    assert (await other.run(["test", "-e", str(Path(shared.instance.ref) / "fs")])).exit_code == 1
 
 
 async def test_limits_hold_and_the_host_stays_responsive(gvisor_sandbox) -> None:

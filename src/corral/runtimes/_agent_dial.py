@@ -16,14 +16,18 @@ from corral.errors import AgentUnavailable
 from corral.protocol import auth
 from corral.protocol.frames import encode
 
-__all__ = ["AuthRefused", "authenticate", "dial_tcp"]
+__all__ = ["AUTH_REFUSED", "auth_refused", "authenticate", "dial_tcp"]
 
 HANDSHAKE_TIMEOUT = 10.0  # one round trip; the agent gives up on us after auth.AUTH_TIMEOUT too
 _MAX_LINE = 4096
 
 
-class AuthRefused(AgentUnavailable):
-    """The peer is not this sandbox's agent, or does not hold the secret we tried."""
+AUTH_REFUSED = "auth_refused"  # AgentUnavailable.details["reason"]: the peer is not this sandbox's agent, or
+# does not hold the secret we tried (one error class on the wire: corral.errors is the whole error tree)
+
+
+def auth_refused(exc: AgentUnavailable) -> bool:
+    return exc.details.get("reason") == AUTH_REFUSED
 
 
 class _Prefixed(ByteStream):
@@ -69,7 +73,8 @@ async def _line(stream: ByteStream, buf: bytearray) -> dict[str, Any]:
 async def authenticate(
     stream: ByteStream, secret: bytes, *, rekey: str | None = None, what: str = "the sandbox agent"
 ) -> ByteStream:
-    """Run the client side of the handshake; on failure close ``stream`` and raise :class:`AuthRefused`."""
+    """Run the client side of the handshake; on failure close ``stream`` and raise ``AgentUnavailable`` (with
+    ``details["reason"] == AUTH_REFUSED`` when the peer's answer was wrong, see :func:`auth_refused`)."""
     buf = bytearray()
     try:
         with anyio.fail_after(HANDSHAKE_TIMEOUT):
@@ -79,7 +84,9 @@ async def authenticate(
             auth.check_agent_proof(secret, challenge, answer, await _line(stream, buf))
     except auth.AuthError as exc:
         await stream.aclose()
-        raise AuthRefused(f"{what} did not authenticate: {exc}") from exc
+        raise AgentUnavailable(
+            f"{what} did not authenticate: {exc}", details={"reason": AUTH_REFUSED}
+        ) from exc
     except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
         await stream.aclose()
         raise AgentUnavailable(f"{what} closed or stalled the connection during authentication") from exc

@@ -36,7 +36,7 @@ from corral.agent import AGENT_VERSION
 from corral.errors import AgentUnavailable, Conflict, InvalidRequest, RuntimeFailure, Unsupported
 from corral.protocol import auth
 from corral.runtimes import _k8s_objects as objects
-from corral.runtimes._agent_dial import AuthRefused, dial_tcp
+from corral.runtimes._agent_dial import auth_refused, dial_tcp
 from corral.runtimes._k8s_api import Api, Gone, KubeApi
 from corral.runtimes.base import (
     Capabilities,
@@ -377,7 +377,10 @@ class KubernetesRuntime:
         salt = instance.extra["salt"]
         try:
             return await dial_tcp(ip, self.settings.agent_port, bootstrap, rekey=salt)
-        except AuthRefused:  # a rekey whose answer we lost: the Pod already holds the derived secret
+        except AgentUnavailable as exc:
+            if not auth_refused(exc):
+                raise
+            # a rekey whose answer we lost: the Pod already holds the derived secret
             return await dial_tcp(ip, self.settings.agent_port, auth.derive(bootstrap, salt))
 
     async def _pod_ip(self, instance: Instance) -> str | None:
