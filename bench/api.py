@@ -53,8 +53,12 @@ async def timed(fn: Callable[[], Awaitable[object]], runs: int, warmup: int = 3)
     return out
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    env = {**os.environ, "CORRAL_DATA_DIR": str(data_dir)}
+def start_server(
+    data_dir: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """``corral serve`` on a free port over ``data_dir`` (``env``: more of its environment) and a key of tenant
+    "bench"; returns the process, its URL and the key."""
+    env = {**os.environ, **(env or {}), "CORRAL_DATA_DIR": str(data_dir)}
     corral = [sys.executable, "-m", "corral.cli.main"]
     made = subprocess.run(
         [*corral, "keys", "create", "--tenant", "bench"], env=env, capture_output=True, text=True, check=True

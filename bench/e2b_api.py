@@ -21,17 +21,15 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from _stats import quantile
+from api import start_server, timed
 
 import corral
 from corral.client._async.remote import AsyncRemoteBackend
@@ -43,45 +41,17 @@ def fmt(samples: list[float]) -> str:
     return f"p50 {statistics.median(samples) * 1000:8.2f} ms  p99 {quantile(samples, 0.99) * 1000:8.2f} ms"
 
 
-def key(env: dict[str, str], *args: str) -> str:
+def e2b_key(data_dir: Path) -> str:
+    """A key of the same tenant, in E2B's form (made in the server's store while it runs)."""
+    env = {**os.environ, "CORRAL_DATA_DIR": str(data_dir)}
     made = subprocess.run(
-        [*CORRAL, "keys", "create", *args], env=env, capture_output=True, text=True, check=True
+        [*CORRAL, "keys", "create", "--tenant", "bench", "--e2b"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return made.stdout.strip().splitlines()[-1]
-
-
-def start_server(data_dir: Path, isolation: str) -> tuple[subprocess.Popen[bytes], str, str, str]:
-    env = {**os.environ, "CORRAL_DATA_DIR": str(data_dir), "CORRAL_ISOLATION": isolation}
-    e2b_key, corral_key = key(env, "--tenant", "bench", "--e2b"), key(env, "--tenant", "bench")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [*CORRAL, "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=1).close()
-            return proc, url, e2b_key, corral_key
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("corral serve did not start")
-
-
-async def timed(fn: Callable[[], Awaitable[object]], runs: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        await fn()
-    out = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        await fn()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 async def paired(
@@ -107,9 +77,14 @@ async def main(runs: int, isolation: str) -> None:
     from e2b import SandboxQuery
 
     data_dir = Path(tempfile.mkdtemp(prefix="corral-bench-e2b-"))
-    proc, url, e2b_key, corral_key = start_server(data_dir, isolation)
+    proc, url, corral_key = start_server(data_dir, {"CORRAL_ISOLATION": isolation})
     os.environ.update(
-        {"E2B_API_URL": url, "E2B_SANDBOX_URL": url, "E2B_API_KEY": e2b_key, "E2B_DOMAIN": "localhost"}
+        {
+            "E2B_API_URL": url,
+            "E2B_SANDBOX_URL": url,
+            "E2B_API_KEY": e2b_key(data_dir),
+            "E2B_DOMAIN": "localhost",
+        }
     )
     backend = AsyncRemoteBackend(url, api_key=corral_key)
     try:

@@ -58,6 +58,13 @@ Seconds = Annotated[int, Field(ge=0)]
 StrMap = dict[Annotated[str, Field(max_length=256)], Annotated[str, Field(max_length=32768)]]
 
 
+def _refuse(asked: dict[str, bool], why: str) -> None:
+    """InvalidRequest naming every option asked for (True) that this server cannot provide, and why."""
+    names = [name for name, on in asked.items() if on]
+    if names:
+        raise InvalidRequest(f"this Corral server cannot provide {', '.join(names)}: {why}")
+
+
 class NewSandbox(_Body):
     templateID: Annotated[str, Field(min_length=1, max_length=128)]
     timeout: Seconds = DEFAULT_TIMEOUT
@@ -73,20 +80,17 @@ class NewSandbox(_Body):
     volumeMounts: list[Any] | None = None
 
     def params(self, idempotency_key: str | None = None) -> CreateParams:
-        refuse = {
-            "network.allowOut": bool((self.network or {}).get("allowOut")),
-            "autoResume": bool((self.autoResume or {}).get("enabled")),
-            "mcp": bool(self.mcp),
-            "iam": bool(self.iam),
-            "volumeMounts": bool(self.volumeMounts),
-        }
-        asked = [name for name, on in refuse.items() if on]
-        if asked:
-            raise InvalidRequest(
-                f"this Corral server cannot provide {', '.join(asked)}: its sandboxes have no route out "
-                "(loopback only), are resumed by connect only, and have no MCP gateway, workload identity "
-                "or volumes; leave these options unset"
-            )
+        _refuse(
+            {
+                "network.allowOut": bool((self.network or {}).get("allowOut")),
+                "autoResume": bool((self.autoResume or {}).get("enabled")),
+                "mcp": bool(self.mcp),
+                "iam": bool(self.iam),
+                "volumeMounts": bool(self.volumeMounts),
+            },
+            "its sandboxes have no route out (loopback only), are resumed by connect only, and have no MCP "
+            "gateway, workload identity or volumes; leave these options unset",
+        )
         public = (self.network or {}).get("allowPublicTraffic", True)  # E2B's ports are public by default
         if not isinstance(public, bool):
             raise InvalidRequest("network.allowPublicTraffic must be true or false")
@@ -251,18 +255,15 @@ async def update_network(
     """Deny rules already hold (nothing goes out); an allow rule is something this server cannot grant."""
     await _live(state.service, sandbox_id, tenant)
     body = body or NetworkUpdate()
-    asked = {
-        "allowOut": bool(body.allowOut),
-        "allow_internet_access": body.allow_internet_access is True,
-        "egressProxy": bool(body.egressProxy),
-        "rules": bool(body.rules),
-    }
-    refused = [name for name, on in asked.items() if on]
-    if refused:
-        raise InvalidRequest(
-            f"this Corral server cannot provide {', '.join(refused)}: its sandboxes have no route out "
-            "(loopback only)"
-        )
+    _refuse(
+        {
+            "allowOut": bool(body.allowOut),
+            "allow_internet_access": body.allow_internet_access is True,
+            "egressProxy": bool(body.egressProxy),
+            "rules": bool(body.rules),
+        },
+        "its sandboxes have no route out (loopback only)",
+    )
     return Response(status_code=204)
 
 
@@ -290,6 +291,7 @@ def _states(values: list[str]) -> frozenset[SandboxState] | None:
 
 
 def _since(value: str | None) -> datetime.datetime | None:
+    """``startedAfter``, compared as the time E2B's SDK was shown: to the microsecond, as ``startedAt`` is."""
     if not value:
         return None
     try:
@@ -318,8 +320,6 @@ async def list_v2(
     )
     since = _since(started_after)
     if since is not None:
-        # compared as the times the SDK was shown (startedAt, microseconds): a float round trip through
-        # fromtimestamp may round up and drop the very sandbox whose startedAt was given
         found = [i for i in found if datetime.datetime.fromtimestamp(i.created_at, datetime.UTC) >= since]
     if template:
         found = [i for i in found if i.template == corral_template(template)]
