@@ -164,6 +164,7 @@ def test_bad_input_is_a_400_in_e2bs_shape(e2b_server: E2BServer) -> None:
     with client(e2b_server, e2b_server.key_a) as a:
         cases = [
             a.post("/v2/sandboxes", json={}),  # templateID is required
+            a.post("/v2/sandboxes", content=b"{not json", headers={"content-type": "application/json"}),
             a.post("/v2/sandboxes", json={"templateID": "base", "timeout": "long"}),
             a.post("/v2/sandboxes", json={"templateID": "base", "metadata": {"k": 1}}),
             a.post(

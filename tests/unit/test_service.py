@@ -17,7 +17,7 @@ import pytest
 from corral.core.records import LOCAL_TENANT
 from corral.core.service import SandboxService
 from corral.core.settings import Settings
-from corral.errors import InvalidRequest, InvalidState, NotFound, RuntimeFailure, Unsupported
+from corral.errors import InvalidRequest, InvalidState, NotFound, RuntimeFailure
 from corral.ids import SandboxId, TenantId
 from corral.models import CreateParams, EventKind, ExecParams, SandboxState, StopReason
 from corral.runtimes.base import Instance, Runtime, RuntimeConfig, SandboxSpec
@@ -292,6 +292,6 @@ async def test_auto_pause_pauses_at_the_deadline_and_resume_can_extend(
 
 
 async def test_auto_pause_needs_a_runtime_that_pauses(service: SandboxService) -> None:
-    with pytest.raises(Unsupported, match="cannot pause at their timeout"):
+    with pytest.raises(InvalidRequest, match="cannot pause at their timeout"):
         await service.create(CreateParams(auto_pause=True), tenant=LOCAL_TENANT)
     assert await service.list_sandboxes(tenant=LOCAL_TENANT) == []

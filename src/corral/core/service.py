@@ -182,8 +182,9 @@ class SandboxService:
         files = _files.check_files(request.files)
         auto_pause = bool(request.auto_pause)
         if auto_pause and not runtime.capabilities.pause:
-            raise Unsupported(
-                f"{isolation} sandboxes cannot be paused, so they cannot pause at their timeout"
+            raise InvalidRequest(
+                f"{isolation} sandboxes cannot be paused, so they cannot pause at their timeout; choose an "
+                "isolation that can pause, or leave auto-pause off"
             )
         claimed = None
         if not auto_pause and request.idempotency_key is None:  # (pool claims keep neither; rare enough)

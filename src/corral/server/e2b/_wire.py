@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.utils import generate_unique_id
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral.core.code_template import CODE_INTERPRETER_TEMPLATE
 from corral.core.settings import Settings
@@ -78,6 +79,9 @@ class E2BRoute(APIRoute):
             except CorralError as exc:
                 _count(request, exc)
                 return e2b_error(exc)
+            except StarletteHTTPException as exc:  # FastAPI's own, e.g. a body that is not JSON at all
+                status = exc.status_code if 400 <= exc.status_code < 500 else 400
+                return JSONResponse({"code": status, "message": str(exc.detail)}, status_code=status)
             except RequestValidationError as exc:
                 problem = next(iter(exc.errors()), {"loc": (), "msg": "invalid request"})
                 where = ".".join(str(p) for p in problem.get("loc", ()) if p != "body")

@@ -289,7 +289,8 @@ def _states(values: list[str]) -> frozenset[SandboxState] | None:
     return frozenset(_STATES[n] for n in names) or None
 
 
-def _since(value: str | None) -> float | None:
+def _since(value: str | None) -> datetime.datetime | None:
+    """``startedAfter``, compared as the time E2B's SDK was shown: to the microsecond, as ``startedAt`` is."""
     if not value:
         return None
     try:
@@ -298,7 +299,7 @@ def _since(value: str | None) -> float | None:
         raise InvalidRequest("startedAfter must be an RFC 3339 time, like 2026-12-02T06:00:00Z") from exc
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.UTC)
-    return when.timestamp()
+    return when
 
 
 @router.get("/v2/sandboxes", summary="E2B: list sandboxes, filtered and one page at a time (x-next-token)")
@@ -318,7 +319,7 @@ async def list_v2(
     )
     since = _since(started_after)
     if since is not None:
-        found = [i for i in found if i.created_at >= since]
+        found = [i for i in found if datetime.datetime.fromtimestamp(i.created_at, datetime.UTC) >= since]
     if template:
         found = [i for i in found if i.template == corral_template(template)]
     newest_first = order != "asc"  # E2B lists the newest first unless told otherwise
