@@ -31,8 +31,11 @@ def new_key(env: dict[str, str], *args: str) -> str:
 
 
 class Server:
-    def __init__(self, env: dict[str, str], log: Path, port: int | None = None) -> None:
-        self.env, self.log = env, log
+    def __init__(
+        self, env: dict[str, str], log: Path, port: int | None = None, *, wrap: list[str] | None = None
+    ) -> None:
+        """``wrap``: a command prefix the server runs under (``unshare …``)."""
+        self.env, self.log, self.wrap = env, log, wrap or []
         self.port = port if port is not None else free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -43,7 +46,7 @@ class Server:
     def start(self, timeout: float = 60) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*CORRAL, "serve", "--port", str(self.port)],
+                [*self.wrap, *CORRAL, "serve", "--port", str(self.port)],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

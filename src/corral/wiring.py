@@ -14,14 +14,16 @@ from collections.abc import Callable
 from corral.core.service import SandboxService
 from corral.core.settings import Settings
 from corral.runtimes.base import Runtime, RuntimeConfig
-from corral.runtimes.registry import load_runtime
+from corral.runtimes.registry import check_options, load_runtime
 from corral.store import open_store
 
 __all__ = ["open_service", "runtime_loader"]
 
 
 def runtime_loader(settings: Settings) -> Callable[[str], Runtime]:
-    """A name → Runtime function for the enabled runtimes, each made once with its own options."""
+    """A name → Runtime function for the enabled runtimes, each made once with its own options (all the
+    ``[runtime.<name>]`` tables are checked now)."""
+    check_options(settings.runtime_options)
     config = RuntimeConfig(
         state_root=settings.state_root,
         cache_root=settings.cache_root,

@@ -203,3 +203,52 @@ def _connect_when_listening(proc: AgentProcess, port: int) -> socket.socket:
         except ConnectionRefusedError:
             assert time.monotonic() < deadline and proc.proc.poll() is None, proc.log_text()
             time.sleep(0.01)
+
+
+def test_a_closed_channel_ends_what_its_client_owned_and_nothing_else(agent: Client) -> None:
+    """Channels (``ch``) are virtual connections on one connection, as the host's shim relays its clients:
+    ``channel.close`` kills that channel's foreground processes and ends its attaches, like a closed
+    connection; another channel's foreground process and the connection itself carry on."""
+    agent.send({"id": "a:1", "op": "exec", "cmd": "sleep 300 & echo $!; wait", "ch": "a"})
+    process_id, _pid = _started(agent, "a:1")
+    child = int(agent.next_frame("a:1").payload)
+    agent.send({"id": "b:1", "op": "exec", "cmd": PRINT_WAIT_PRINT, "stdin": True, "ch": "b"})
+    other, _ = _started(agent, "b:1")
+    assert agent.next_frame("b:1").payload == b"one\n"
+    agent.send({"id": "b:2", "op": "attach", "process_id": process_id, "replay": False, "ch": "b"})
+    assert agent.next_frame("b:2").get("ev") == "started"
+    agent.send({"id": "a:2", "op": "attach", "process_id": other, "replay": False, "ch": "a"})
+    assert agent.next_frame("a:2").get("ev") == "started"
+
+    agent.send({"op": "channel.close", "ch": "a"})
+    end = agent.collect("b:2")[-1]  # channel b watches a's foreground process die with its channel
+    assert end.header["signal"] == signal.SIGKILL
+    assert pid_exited(child)  # the whole group
+    running = {p["process_id"]: p["running"] for p in agent.ok("list_processes")["processes"]}
+    assert running[other] is True  # b's own foreground process lives on
+    agent.send({"id": "b:3", "op": "stdin", "process_id": other, "eof": True, "ch": "b"}, b"z\n")
+    assert agent.next_frame("b:3").get("ev") == "ok"
+    frames = agent.collect("b:1")
+    assert frames[-1].header["exit_code"] == 0
+    assert not agent.frames["a:2"], "a closed channel's attach still got frames"
+
+
+def test_a_channel_upload_is_aborted_when_its_channel_closes(agent: Client, tmp_path: Path) -> None:
+    target = tmp_path / "partial.bin"
+    agent.send({"id": "a:1", "op": "write", "path": str(target), "user": "root", "ch": "a"})
+    agent.send({"id": "a:1", "op": "data", "ch": "a"}, b"half of it")
+    agent.send({"op": "channel.close", "ch": "a"})
+    assert agent.ok("ping")  # the connection is fine
+    assert not target.exists(), "an upload of a closed channel was committed"
+    # a new client may reuse the name and its ids: the old upload is gone, not "already in flight"
+    agent.send({"id": "a:1", "op": "write", "path": str(target), "user": "root", "ch": "a"})
+    agent.send({"id": "a:1", "op": "data", "eof": True, "ch": "a"}, b"all of it")
+    assert agent.next_frame("a:1").get("ev") == "ok"
+    assert target.read_bytes() == b"all of it"
+
+
+def test_bad_channel_names_are_refused(agent: Client) -> None:
+    agent.send({"id": "x", "op": "ping", "ch": ""})
+    assert agent.next_frame("x").get("code") == "invalid"
+    agent.send({"id": "y", "op": "ping", "ch": 7})
+    assert agent.next_frame("y").get("code") == "invalid"

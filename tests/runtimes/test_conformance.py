@@ -32,3 +32,10 @@ async def test_the_suite_fails_a_runtime_without_isolation(
     with pytest.raises(AssertionError, match="a sandbox without network has interfaces"):
         await check_runtime(lambda: FakeRuntime(runtime_config), rootfs=host_rootfs)
     assert not list(runtime_config.state_root.glob("sb-*/exit.json"))  # and it still cleaned up after itself
+
+
+async def test_the_fake_runtime_passes_everything_but_isolation(
+    runtime_config: RuntimeConfig, host_rootfs: HostLayers
+) -> None:
+    """Its shim, deadline, re-attach and cleanup are the local skeleton's, like the real runtimes'."""
+    await check_runtime(lambda: FakeRuntime(runtime_config), rootfs=host_rootfs, isolated=False)

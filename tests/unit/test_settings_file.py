@@ -121,3 +121,15 @@ def test_runtimes_without_options_refuse_any(tmp_path: Path) -> None:
     config = RuntimeConfig(state_root=tmp_path / "s", cache_root=tmp_path / "c")
     with pytest.raises(InvalidRequest, match=r"\[runtime.fake\] has no option 'x' \(its options: none\)"):
         load_runtime("fake", config, options={"x": 1})
+
+
+def test_the_composition_root_checks_every_runtime_table_at_start(tmp_path: Path) -> None:
+    from corral.wiring import runtime_loader
+
+    for tables, match in (
+        ({"gvisor": {"platfrom": "ptrace"}}, r"\[runtime.gvisor\] has no option 'platfrom'"),
+        ({"qemuu": {}}, r"a table \[runtime.qemuu\] but there is no runtime 'qemuu'"),
+    ):
+        settings = Settings.load(env={}, data_dir=tmp_path, runtime_options=tables)
+        with pytest.raises(InvalidRequest, match=match):
+            runtime_loader(settings)

@@ -17,6 +17,12 @@ and flushed with ``writev`` when the fd becomes writable.
 
 Any ``OSError`` on the connection's fds (EPIPE, ECONNRESET, ECONNABORTED after a gVisor restore, ...) closes this
 connection only.
+
+A peer that relays several clients over one connection (the host's shim) tags each client's frames with a
+channel name (header ``ch``); each channel is a :class:`Channel`, a virtual connection that owns what its
+client started exactly as a connection would (foreground processes, uploads, attaches, watches, ports), so
+the agent applies its connection rules per client. ``channel.close`` from the peer ends one channel as if
+that client's connection had closed; closing the real connection closes its channels first.
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ from typing import Any, Protocol
 from corral.agent.loop import Loop, log
 from corral.protocol.frames import Decoder, Frame, ProtocolError, encode
 
-__all__ = ["HIGH_WATER", "LOW_WATER", "Connection", "Producer"]
+__all__ = ["HIGH_WATER", "LOW_WATER", "MAX_CHANNELS", "Channel", "Connection", "Producer"]
 
 HIGH_WATER = 1024 * 1024  # queued bytes above which producers stop: ~8 chunks, enough to keep a pipe full
 LOW_WATER = 256 * 1024  # resume producers once the peer took most of it, so wake-ups are not per-frame
 INPUT_PAUSE = 4 * 1024 * 1024  # answers queued (beyond what producers add) before we stop reading requests
 READ_SIZE = 256 * 1024
 IOV_MAX = 64
+MAX_CHANNELS = 1024  # virtual connections open at once on one connection (the shim opens one per client)
 
 
 class Producer(Protocol):
@@ -56,6 +63,7 @@ class Connection:
         name: str,
         on_frame: Callable[[Connection, Frame], None],
         on_close: Callable[[Connection], None],
+        on_channel_close: Callable[[Connection], None] | None = None,
     ) -> None:
         self.loop = loop
         self.rfd = rfd
@@ -73,6 +81,8 @@ class Connection:
         self._paused_for_output = False
         self.inflight: set[str] = set()
         self.closed = False
+        self.channels: dict[str, Channel] = {}
+        self._on_channel_close = on_channel_close
         try:
             os.set_blocking(rfd, False)
             os.set_blocking(wfd, False)
@@ -221,10 +231,27 @@ class Connection:
         finally:
             self._pumping = False
 
+    # --- channels --------------------------------------------------------------------------------------------
+    def channel(self, name: str) -> Connection:
+        """The channel ``name`` of this connection, opened on its first frame."""
+        chan = self.channels.get(name)
+        if chan is None:
+            if len(self.channels) >= MAX_CHANNELS:
+                raise OverflowError(f"more than {MAX_CHANNELS} channels on one connection")
+            chan = self.channels[name] = Channel(self, name, self._on_channel_close)
+        return chan
+
+    def close_channel(self, name: str) -> None:
+        chan = self.channels.pop(name, None)
+        if chan is not None:
+            chan.close("its client left")
+
     # --- closing ---------------------------------------------------------------------------------------------
     def close(self, reason: str = "closed") -> None:
         if self.closed:
             return
+        for name in list(self.channels):  # their clients are gone with this connection
+            self.close_channel(name)
         self.closed = True
         log(f"connection {self.name} closed: {reason}")
         self.loop.forget(self.rfd)
@@ -242,3 +269,77 @@ class Connection:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._on_close(self)
+
+
+class Channel(Connection):
+    """A virtual connection: one relayed client's share of a real connection (see the module docstring).
+
+    Frames go out through the parent (ids are the peer's own, so the peer routes them); producers are pumped
+    by the parent but owned here, so closing the channel cancels only this client's streams.
+    """
+
+    def __init__(
+        self, parent: Connection, name: str, on_close: Callable[[Connection], None] | None
+    ) -> None:  # no fds of its own: Connection.__init__ is not called
+        self.parent = parent
+        self.key = name
+        self.loop = parent.loop
+        self.name = f"{parent.name}/{name}"
+        self._channel_on_close = on_close
+        self._producers = set()
+        self.inflight = set()
+        self.closed = False
+        self.channels = {}
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        if not self.closed:
+            self.parent.send(header, payload)
+
+    @property
+    def has_room(self) -> bool:
+        return self.parent.has_room and not self.closed
+
+    @property
+    def queued(self) -> int:  # type: ignore[override]
+        return self.parent.queued
+
+    def pause_reading(self) -> None:
+        self.parent.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.parent.resume_reading()
+
+    def add_producer(self, producer: Producer) -> None:
+        if not self.closed:
+            self._producers.add(producer)
+            self.parent.add_producer(producer)
+
+    def remove_producer(self, producer: Producer) -> None:
+        self._producers.discard(producer)
+        self.parent.remove_producer(producer)
+
+    def wake(self, producer: Producer) -> None:
+        if not self.closed and producer in self._producers:
+            self.parent.wake(producer)
+
+    def pump(self) -> None:
+        self.parent.pump()
+
+    def channel(self, name: str) -> Connection:
+        raise OverflowError("channels do not nest")
+
+    def close(self, reason: str = "closed") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        log(f"channel {self.name} closed: {reason}")
+        producers, self._producers = self._producers, set()
+        for producer in producers:
+            self.parent.remove_producer(producer)
+            try:
+                producer.cancel()
+            except Exception as exc:  # keep cancelling the others
+                log(f"cancelling a producer failed: {exc!r}")
+        self.parent.channels.pop(self.key, None)
+        if self._channel_on_close is not None:
+            self._channel_on_close(self)

@@ -28,7 +28,7 @@ from corral.agent.users import Identities, Identity
 from corral.agent.watch import Watches
 from corral.agent.worker import Worker, WorkerPool, WorkerReply
 from corral.protocol.frames import MAX_HEADER, Frame
-from corral.protocol.messages import CHUNK_SIZE, AgentErrorCode, Op
+from corral.protocol.messages import CHANNEL, CHUNK_SIZE, AgentErrorCode, Op
 
 __all__ = ["Agent"]
 
@@ -133,7 +133,9 @@ class Agent:
             if on_close is not None:
                 on_close(conn)
 
-        conn = Connection(self.loop, rfd, wfd, name, self.on_frame, closed)
+        conn = Connection(
+            self.loop, rfd, wfd, name, self.on_frame, closed, on_channel_close=self._connection_closed
+        )
         self.connections.add(conn)
         if send_hello:
             conn.send({"ev": "hello", **hello_fields()})
@@ -161,6 +163,19 @@ class Agent:
         h = frame.header
         op = h.get("op")
         rid = h.get("id")
+        if CHANNEL in h:  # relayed for one of several clients (see agent.conn): that client's channel
+            name = h[CHANNEL]
+            if not isinstance(name, str) or not 0 < len(name) <= 64:
+                conn.error(rid if isinstance(rid, str) else "", AgentErrorCode.INVALID, "bad channel name")
+                return
+            if op == Op.CHANNEL_CLOSE:
+                conn.close_channel(name)
+                return
+            try:
+                conn = conn.channel(name)
+            except OverflowError as exc:
+                conn.error(rid if isinstance(rid, str) else "", AgentErrorCode.INVALID, str(exc))
+                return
         if op == Op.DATA:
             self.on_data(conn, frame)
             return

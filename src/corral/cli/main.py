@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from corral.cli import code as code_cmd
 from corral.cli import files as files_cmd
@@ -112,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     except CorralError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {exc.message}")
+        err_console.print(
+            f"[bold red]error:[/bold red] {escape(exc.message)}"
+        )  # messages may hold [brackets]
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -51,15 +52,46 @@ def _with_auth(fn: Callable[[_Admin], Awaitable[T]]) -> T:
 @click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1, or CORRAL_HOST].")
 @click.option("--port", type=int, default=None, help="Port [default: 8700, or CORRAL_PORT].")
 @click.option("--database-url", default=None, help="postgresql://… instead of the embedded SQLite store.")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML settings file [default: CORRAL_CONFIG, or ~/.config/corral/config.toml if it exists].",
+)
+@click.option(
+    "--node", default=None, help="This server's node id [default: CORRAL_NODE, or host + data dir]."
+)
+@click.option(
+    "--runtime-option",
+    "runtime_option",
+    multiple=True,
+    metavar="RUNTIME.KEY=VALUE",
+    help="One option of a runtime's [runtime.<name>] table, e.g. gvisor.platform=systrap (repeatable).",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(host: str | None, port: int | None, database_url: str | None, log_level: str) -> None:
+def serve(
+    host: str | None,
+    port: int | None,
+    database_url: str | None,
+    config: Path | None,
+    node: str | None,
+    runtime_option: tuple[str, ...],
+    log_level: str,
+) -> None:
     """Run the Corral API server (REST, NDJSON and WebSocket streams, /metrics, /healthz, /readyz)."""
     import uvicorn
 
     from corral.server.app import create_app
     from corral.server.logs import configure_json_logging
 
-    settings = Settings.load(host=host, port=port, database_url=database_url)
+    settings = Settings.load(
+        config=config,
+        host=host,
+        port=port,
+        database_url=database_url,
+        node=node,
+        runtime_options=_runtime_options(runtime_option),
+    )
     configure_json_logging(getattr(logging, log_level.upper()))
     app = create_app(settings)
     err_console.print(
@@ -75,6 +107,18 @@ def serve(host: str | None, port: int | None, database_url: str | None, log_leve
         timeout_graceful_shutdown=5,
         ws_max_size=8 * 1024 * 1024,
     )
+
+
+def _runtime_options(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``gvisor.platform=systrap`` → ``{"gvisor": {"platform": "systrap"}}`` (typed by the runtime later)."""
+    tables: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        runtime, dot, option = key.partition(".")
+        if not sep or not dot or not runtime or not option:
+            raise click.BadParameter(f"{item!r} is not RUNTIME.KEY=VALUE", param_hint="--runtime-option")
+        tables.setdefault(runtime.strip(), {})[option.strip()] = value
+    return tables
 
 
 # -- tenants ---------------------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """Snapshots and forks: a running sandbox captured into a template, or copied into new sandboxes.
 
-What is captured depends on the runtime's :class:`~corral.runtimes.base.Capabilities`, never on its name:
+What is captured depends on the runtime's ``Capabilities.snapshot`` (artifact kinds), never on its name:
 
-- ``snapshot_fs``: the sandbox's writable layer. A snapshot template is that layer stacked on the sandbox's
+- ``LAYER``: the sandbox's writable layer. A snapshot template is that layer stacked on the sandbox's
   own template (``TemplateRecord.parent``), so nothing of the parent is copied and chains of snapshots are
   chains of layers. A fork gets its *own copy* of the layer as its writable upper dir, so forks and their
   parent diverge independently from the moment of the fork.
-- ``checkpoint``: memory and processes too (gVisor's checkpoint image). Sandboxes created from such a
+- ``MEMORY``: memory and processes too (gVisor's checkpoint image). Sandboxes created from such a
   template, and forks, are restored from the image instead of booted: a counter keeps counting, a Python
   variable keeps its value. Without it, forks start fresh processes on the copied files (say so to users:
   ``TemplateInfo.memory`` is False).

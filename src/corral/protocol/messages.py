@@ -10,6 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = [
+    "CHANNEL",
     "CHUNK_SIZE",
     "PORT_WINDOW_BYTES",
     "PORT_WINDOW_FRAMES",
@@ -57,6 +58,11 @@ class Op(StrEnum):
     # ports
     PORT_CONNECT = "port.connect"  # a TCP connection to a port inside the sandbox, relayed both ways
     CANCEL = "cancel"  # ends a long-lived request (watch, attach) with the same id; not answered itself
+    # channels: a peer relaying several clients (the host's shim) tags each client's frames with CHANNEL
+    CHANNEL_CLOSE = "channel.close"  # that client left: end what it owned, as a closed connection would
+
+
+CHANNEL = "ch"  # header field: the virtual connection (channel) a relayed frame belongs to
 
 
 class Event(StrEnum):

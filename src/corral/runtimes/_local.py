@@ -28,14 +28,17 @@ the host (cgroups, a uid range, runsc's processes, a VM's disks); this class doe
 Extension points, for a new local runtime (a VM engine plugs in here; nothing else needs to change):
 
 - class attributes ``name``, ``capabilities``, ``Options`` (a frozen dataclass of its ``[runtime.<name>]``
-  table), ``ready_timeout`` (create → agent hello), ``uses_bundle`` (the agent bundle is built before
-  ``prepare``; it is then ``self.bundle``);
+  table, given as ``self.options``), ``ready_timeout`` (create → agent hello), ``uses_bundle`` (the agent
+  bundle is built before ``prepare``; it is then ``self.bundle``), ``state_dir_mode``;
 - ``check_host()`` (blocking, once): raise ``RuntimeUnavailable`` naming the fix, or return facts ``prepare``
   needs (binaries found, a cgroup layout, ...), kept as ``self.host``;
 - ``prepare(spec, sandbox)`` (blocking): make everything the sandbox needs below ``sandbox.state_dir`` (and
   record anything made elsewhere in ``sandbox.extra`` *first*, so a failure half-way is cleaned up), return
-  the :class:`~._shimspec.ShimSpec` (argv the shim runs with the agent on its stdio; checkpoint/restore argv
-  where the runtime pauses to disk);
+  the :class:`~._shimspec.ShimSpec`: ``argv`` is what the shim runs with the agent's channel on that
+  process's stdio (bwrap → the agent; ``runsc run``; a VMM whose guest agent's serial port is its stdio,
+  e.g. QEMU ``-chardev stdio`` on a virtio-serial port), ``socket=sandbox.socket``,
+  ``control=sandbox.control``, ``deadline=spec.deadline``, and where the runtime pauses to disk
+  ``checkpoint_argv``/``restore_argv`` (driven through the control channel) and a ``kill_argv``;
 - ``started(spec, sandbox)`` (async): checks after the agent said hello (gVisor: the memory limit is in force);
 - ``kill_sandbox(sandbox)``, ``cgroup(sandbox)``, ``release(sandbox)`` (blocking): the teardown hooks above;
   ``shim_exits_by_itself(sandbox)``: True when killing the sandbox ends the shim (no SIGTERM needed);
@@ -146,6 +149,7 @@ class LocalRuntime(Generic[HostT]):
         self.config = config
         self.options = options if options is not None else self.Options()
         self._host: HostT | None = None
+        self._checked = False
         self._bundle: AgentBundle | None = None
 
     # -- hooks ------------------------------------------------------------------------------------------------
@@ -190,14 +194,15 @@ class LocalRuntime(Generic[HostT]):
         await self.host_facts()
 
     async def host_facts(self) -> HostT:
-        if self._host is None:
+        if not self._checked:
             self._host = await anyio.to_thread.run_sync(self.check_host)
-        return self._host
+            self._checked = True
+        return self.host
 
     @property
     def host(self) -> HostT:
-        assert self._host is not None, "host_facts() runs before prepare()"
-        return self._host
+        assert self._checked, "host_facts() runs before prepare()"
+        return self._host  # type: ignore[return-value]  # set with _checked
 
     @property
     def bundle(self) -> AgentBundle:

@@ -10,8 +10,12 @@ Run as ``python -I -S _shim.py STATE_DIR`` by a local runtime, in its own sessio
    table), and optionally enters a user namespace mapped to an unprivileged uid range;
 3. prints ``ready`` on stdout once the agent's ``hello`` frame arrived (``failed <reason>`` otherwise), which
    is what the runtime's ``create`` waits for;
-4. relays whole frames between the agent and one client at a time (a new client replaces the old one, and is
-   first sent the agent's cached ``hello``), applying back-pressure instead of buffering without bound;
+4. relays whole frames between the agent and its clients (each is first sent the agent's cached ``hello``),
+   applying back-pressure instead of buffering without bound. Each client is a *channel* of the agent's one
+   stdio connection: its request ids reach the agent as ``<client>:<id>`` and every frame of it carries
+   ``ch: <client>``; when it disconnects the shim sends ``channel.close``, and the agent ends what that client
+   owned (foreground processes, uploads, attaches, watches) by its own connection rules. The shim knows no op
+   but its own control ops: it never reads a relayed request to decide anything;
 5. kills the sandbox at ``deadline`` (moved at run time through the control channel) or on SIGTERM,
    records ``exit.json`` and exits when the sandbox is gone.
 
@@ -412,15 +416,14 @@ def _kill_cgroups(procs_files: list[str]) -> None:
                     _write(os.path.join(d, name), value)
 
 
-TERMINAL = frozenset({"ok", "exit", "error"})
 CHECKPOINT_TIMEOUT = 300.0  # a checkpoint writes the sandbox's memory to disk: ~1 s per 200 MiB here
 
 
 class _Client:
-    """One host-side connection. Its request ids reach the agent as ``<tag>:<id>`` so clients cannot collide,
-    and the shim knows which foreground processes and uploads each client still owns."""
+    """One host-side connection: a channel of the agent's connection (its request ids reach the agent as
+    ``<tag>:<id>``, so clients cannot collide), or a control connection to the shim itself."""
 
-    __slots__ = ("control", "dec", "execs", "foreground", "out", "sock", "streams", "tag", "uploads")
+    __slots__ = ("control", "dec", "out", "sock", "tag")
 
     def __init__(self, sock: socket.socket, tag: str, *, control: bool = False) -> None:
         self.sock = sock
@@ -428,12 +431,6 @@ class _Client:
         self.control = control  # a control-channel connection: its frames are requests to the shim
         self.dec = Decoder()
         self.out = bytearray()
-        self.execs: set[str] = set()  # agent-side ids of foreground execs not yet ended
-        self.foreground: dict[str, str] = {}  # agent-side exec id -> process id, once started
-        self.uploads: set[str] = set()  # agent-side ids of writes not yet ended
-        self.streams: set[str] = (
-            set()
-        )  # agent-side ids of attaches and watches not yet ended (cancelled on drop)
 
 
 class _Shim:
@@ -446,7 +443,6 @@ class _Shim:
         self.clients: dict[str, _Client] = {}
         self.next_client = 0
         self.next_own_id = 0
-        self.orphan_execs: set[str] = set()  # foreground execs whose client left before they started
         self.agent_dec = Decoder()
         self.to_agent = bytearray()
         self.child_pid = 0
@@ -614,22 +610,15 @@ class _Shim:
         self.sel.register(conn, selectors.EVENT_READ | selectors.EVENT_WRITE, "client:" + client.tag)
 
     def drop_client(self, tag: str) -> None:
-        """Forget a client; what it left running in the foreground is killed, its uploads are aborted."""
+        """Forget a client; the agent ends its channel (what it owned) by its own connection rules."""
         client = self.clients.pop(tag, None)
         if client is None:
             return
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(client.sock)
         client.sock.close()
-        for process_id in client.foreground.values():
-            self.to_agent += encode(
-                {"id": self.own_id(), "op": "signal", "process_id": process_id, "signal": 9}
-            )
-        self.orphan_execs |= client.execs - client.foreground.keys()
-        for aid in client.uploads:
-            self.to_agent += encode({"id": aid, "op": "data", "eof": True, "abort": True})
-        for aid in client.streams:  # nobody reads them any more: the agent need not produce them
-            self.to_agent += encode({"id": aid, "op": "cancel"})
+        if not client.control:
+            self.to_agent += encode({"op": "channel.close", "ch": tag})  # protocol.messages.Op.CHANNEL_CLOSE
         self.update_interest()
 
     def own_id(self) -> str:
@@ -675,25 +664,9 @@ class _Shim:
         if not isinstance(aid, str):
             return
         tag, _, rid = aid.partition(":")
-        ev = frame.get("ev")
-        if aid in self.orphan_execs:
-            if ev == "started":  # its client is gone: a foreground process nobody watches must not live on
-                self.to_agent += encode(
-                    {"id": self.own_id(), "op": "signal", "process_id": frame.get("process_id"), "signal": 9}
-                )
-            if ev in TERMINAL:
-                self.orphan_execs.discard(aid)
-            return
         client = self.clients.get(tag)
         if client is None:
             return  # frames for a client that left (or for the shim's own requests) are dropped
-        if ev == "started" and aid in client.execs:
-            client.foreground[aid] = str(frame.get("process_id"))
-        elif ev in TERMINAL:
-            client.execs.discard(aid)
-            client.foreground.pop(aid, None)
-            client.uploads.discard(aid)
-            client.streams.discard(aid)
         client.out += encode({**frame.header, "id": rid}, frame.payload)
 
     def read_client(self, tag: str) -> None:
@@ -713,7 +686,6 @@ class _Shim:
             self.drop_client(tag)
             return
         for frame in frames:
-            op = frame.get("op")
             rid = frame.get("id")
             if client.control:
                 answer = self.shim_op(frame, tag)
@@ -735,18 +707,8 @@ class _Shim:
                     {"id": rid, "ev": "error", "code": "busy", "message": "the sandbox is paused; resume it"}
                 )
                 continue
-            aid = f"{tag}:{rid}"
-            if op == "exec" and not frame.get("background"):
-                client.execs.add(aid)
-            elif op in ("write", "port.connect"):  # both end with an abort if the client leaves
-                client.uploads.add(aid)
-            elif op in ("attach", "watch"):
-                client.streams.add(aid)
-            elif op == "detach":
-                client.foreground = {
-                    k: v for k, v in client.foreground.items() if v != frame.get("process_id")
-                }
-            self.to_agent += encode({**frame.header, "id": aid}, frame.payload)
+            # the client's channel (protocol.messages.CHANNEL): the agent keeps its connection rules per client
+            self.to_agent += encode({**frame.header, "id": f"{tag}:{rid}", "ch": tag}, frame.payload)
         self.flush_agent()  # writes at once and then updates interest: no write interest taken and dropped
 
     def shim_op(self, frame: Frame, tag: str) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from typing import Any, cast
 from corral.errors import InvalidRequest
 from corral.runtimes.base import Runtime, RuntimeConfig
 
-__all__ = ["RUNTIMES", "load_runtime", "parse_options"]
+__all__ = ["RUNTIMES", "check_options", "load_runtime", "parse_options"]
 
 RUNTIMES: dict[str, str] = {
     "namespace": "corral.runtimes.namespace:NamespaceRuntime",
@@ -39,9 +39,24 @@ def load_runtime(
         raise InvalidRequest(
             f"unknown isolation {name!r}; choose one of: {', '.join(choices)}", details={"choices": choices}
         )
-    module_name, _, attr = RUNTIMES[name].partition(":")
-    cls = getattr(importlib.import_module(module_name), attr)
+    cls = _runtime_class(name)
     return cast(Runtime, cls(config, parse_options(cls.Options, options or {}, runtime=name)))
+
+
+def check_options(tables: Mapping[str, Mapping[str, Any]]) -> None:
+    """Check every ``[runtime.<name>]`` table at start-up (a typo fails then, not at the first create)."""
+    for name, table in tables.items():
+        if name not in RUNTIMES:
+            raise InvalidRequest(
+                f"settings have a table [runtime.{name}] but there is no runtime {name!r} "
+                f"(runtimes: {', '.join(RUNTIMES)})"
+            )
+        parse_options(_runtime_class(name).Options, table, runtime=name)
+
+
+def _runtime_class(name: str) -> Any:
+    module_name, _, attr = RUNTIMES[name].partition(":")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def parse_options(options_cls: type[Any], table: Mapping[str, Any], *, runtime: str) -> Any:
