@@ -35,13 +35,16 @@ class BareNet:
         self.net = net
         self.config = config
 
-    def probe(self, *args: str, timeout: float = 30) -> dict[str, Any]:
+    def python(self, *args: str, timeout: float = 60) -> str:
+        """``/usr/bin/python3 ARGS`` inside the namespace; its stdout."""
         done = subprocess.run(
-            ["ip", "netns", "exec", self.net.plan.netns, "/usr/bin/python3", str(CLIENT), *args],
+            ["ip", "netns", "exec", self.net.plan.netns, "/usr/bin/python3", *args],
             capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+        return done.stdout
+
+    def probe(self, *args: str, timeout: float = 30) -> dict[str, Any]:
+        return json.loads(self.python(str(CLIENT), *args, timeout=timeout).strip().splitlines()[-1])  # type: ignore[no-any-return]
 
     def update(self, policy: object) -> int:
         return anyio.run(_net.update, self.net, NetworkPolicy.parse(policy), self.config)
@@ -215,11 +218,8 @@ def test_connection_cap(bare_net) -> None:
         "t=socket.create_connection(('198.19.0.1',7000),timeout=3);"
         "print(repr(t.recv(100)))"
     )
-    done = subprocess.run(
-        ["ip", "netns", "exec", sbx.net.plan.netns, "/usr/bin/python3", "-c", script],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert "banner" not in done.stdout, done.stdout  # the third one was reset, not served
+    out = sbx.python("-c", script)
+    assert "banner" not in out, out  # the third one was reset, not served
     assert any(d["rule"] == "connection-cap" for d in sbx.stats()["decisions"])
 
 
@@ -254,10 +254,6 @@ def test_bandwidth_cap(bare_net) -> None:
         "while (c:=s.recv(65536)): n+=len(c)\n"
         "print(n, time.monotonic()-t)"
     )
-    done = subprocess.run(
-        ["ip", "netns", "exec", sbx.net.plan.netns, "/usr/bin/python3", "-c", script],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    size, took = done.stdout.split()
+    size, took = sbx.python("-c", script).split()
     assert int(size) > 3 * 1024 * 1024  # all of it (plus the response head) …
     assert float(took) >= 1.8  # … at no more than 1 MiB/s after the first second's burst: a cap, not a speed
