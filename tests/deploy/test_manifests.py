@@ -6,13 +6,16 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
+
+from corral.core.settings import Settings
+from corral.runtimes.kubernetes import KubernetesSettings
+from corral.runtimes.registry import check_options, parse_options
 
 ROOT = Path(__file__).resolve().parents[2]
 KUSTOMIZE = ROOT / "deploy" / "kustomize"
@@ -80,7 +83,7 @@ def test_sandbox_pods_are_denied_by_default(rendered: tuple[str, list[dict[str, 
     policy = one(docs, "NetworkPolicy", "corral-sandbox-default-deny")
     assert policy["metadata"]["namespace"] == "corral-sandboxes"
     spec = policy["spec"]
-    assert spec["podSelector"] == {"matchLabels": {"corral.dev/role": "sandbox"}}
+    assert spec["podSelector"] == {"matchLabels": {"app.kubernetes.io/managed-by": "corral"}}
     assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
     assert spec["egress"] == []  # no DNS, no RFC1918, no metadata, no internet
     (rule,) = spec["ingress"]  # only the Corral server reaches the agent
@@ -95,7 +98,7 @@ def test_rbac_is_namespaced_and_minimal(rendered: tuple[str, list[dict[str, Any]
     role = one(docs, "Role", "corral-server")
     assert role["metadata"]["namespace"] == "corral-sandboxes"
     groups = {g for rule in role["rules"] for g in rule["apiGroups"]}
-    assert groups == {"agents.x-k8s.io", "extensions.agents.x-k8s.io", "", "networking.k8s.io"}
+    assert groups == {"agents.x-k8s.io", "extensions.agents.x-k8s.io", ""}
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
         if "" in rule["apiGroups"]:
@@ -128,29 +131,38 @@ def test_server_runs_unprivileged_with_a_stable_node_id(rendered: tuple[str, lis
     assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"] != "corral-config"
 
 
-def test_config_maps_isolation_to_the_overlays_runtime_classes(
-    rendered: tuple[str, list[dict[str, Any]]],
+def test_config_is_what_the_server_loads_and_matches_the_manifests(
+    rendered: tuple[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
+    """The ConfigMap's corral.toml goes through the server's own loader and the Kubernetes runtime's option
+    check (what ``corral serve`` does at start-up), and names the RuntimeClasses and labels the manifests use."""
     overlay, docs = rendered
     (cm,) = by_kind(docs, "ConfigMap")
-    config = tomllib.loads(cm["data"]["corral.toml"])
-    assert config["enabled_runtimes"] == ["kubernetes"]
-    kube = config["runtime"]["kubernetes"]
-    assert kube["namespace"] == "corral-sandboxes" and kube["in_cluster"] is True
-    classes = kube["runtime_classes"]
+    path = tmp_path / "corral.toml"
+    path.write_text(cm["data"]["corral.toml"])
+    settings = Settings.load(env={}, config=path)
+    check_options(settings.runtime_options)  # unknown keys or wrong types fail here, as at start-up
+    assert settings.enabled_runtimes == ("kubernetes",) and settings.default_isolation == "kubernetes"
+    kube = parse_options(KubernetesSettings, settings.options_for("kubernetes"), runtime="kubernetes")
+    assert kube.namespace == "corral-sandboxes" and kube.kubeconfig is None  # in-cluster ServiceAccount
     want = {
-        "gvisor": {"gvisor": "gvisor"},
-        "kata-fc": {"microvm": "kata-fc"},
-        "eks": {"gvisor": "gvisor", "microvm": "kata-fc"},
+        "gvisor": ("gvisor", {"gvisor"}),
+        "kata-fc": ("kata-fc", {"kata-fc"}),
+        "eks": ("gvisor", {"gvisor", "kata-fc"}),
     }
-    assert classes == want[overlay]
+    isolation, classes = want[overlay]
+    assert kube.isolation == isolation and set(kube.runtime_classes.values()) == classes
     # every RuntimeClass the config names is shipped, with the handler containerd knows it by
     shipped = {rc["metadata"]["name"]: rc for rc in by_kind(docs, "RuntimeClass")}
-    assert set(shipped) == set(classes.values())
+    assert set(shipped) == classes
     handlers = {"gvisor": "runsc", "kata-fc": "kata-fc"}
     for name, rc in shipped.items():
         assert rc["handler"] == handlers[name]
         assert rc["scheduling"]["nodeSelector"] == {f"corral.dev/runtime-{name}": "true"}
+    # the agent port admits exactly the server's Pods, in the server's namespace
+    server = one(docs, "StatefulSet", "corral-server")
+    assert kube.server_pod_labels.items() <= server["spec"]["template"]["metadata"]["labels"].items()
+    assert kube.server_namespace_labels == {"kubernetes.io/metadata.name": server["metadata"]["namespace"]}
 
 
 def test_eks_overlay_exposes_the_api_on_an_internal_nlb() -> None:
