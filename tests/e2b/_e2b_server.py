@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,3 +63,24 @@ def sdk_release(*requirements: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def run_sdk_script(server: E2BServer, script: Path, release: str | None, **env_extra: str) -> None:
+    """Run an ``sdk_scripts/`` script with the SDK ``release`` (None: the venv's own), configured by E2B's
+    environment variables only, and check it exited 0 having printed ``e2b <version>: ok``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("E2B_", "CORRAL_"))}
+    env |= {
+        "E2B_API_URL": server.url,
+        "E2B_SANDBOX_URL": server.url,
+        "E2B_API_KEY": server.key_a,
+        "E2B_DOMAIN": "localhost",  # anything formed from a domain stays on this machine
+        **env_extra,
+    }
+    if release is not None:
+        env["PYTHONPATH"] = str(sdk_release(release))
+    done = subprocess.run(
+        [sys.executable, "-s", str(script)], env=env, capture_output=True, text=True, timeout=540
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    version = release.split("==")[1] if release else importlib.metadata.version("e2b")
+    assert f"e2b {version}: ok" in done.stderr
