@@ -13,6 +13,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
+from corral.cli import certs as certs_cmd
 from corral.cli import code as code_cmd
 from corral.cli import files as files_cmd
 from corral.cli import mcp_cmd
@@ -89,6 +90,7 @@ cli.add_command(server_cmd.serve)
 cli.add_command(server_cmd.tenants)
 cli.add_command(server_cmd.keys)
 cli.add_command(server_cmd.audit)
+cli.add_command(certs_cmd.certs)
 cli.add_command(code_cmd.run_code)
 templates_cmd.template.add_command(code_cmd.build_code_interpreter)
 sandbox_cmd.sandbox.add_command(ports_cmd.forward)

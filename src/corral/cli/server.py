@@ -68,6 +68,18 @@ def _with_auth(fn: Callable[[_Admin], Awaitable[T]]) -> T:
     metavar="RUNTIME.KEY=VALUE",
     help="One option of a runtime's [runtime.<name>] table, e.g. gvisor.platform=systrap (repeatable).",
 )
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM certificate (chain) to serve HTTPS with [default: [server] tls_cert, or CORRAL_TLS_CERT].",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM private key of --tls-cert [default: [server] tls_key, or CORRAL_TLS_KEY].",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option(
     "--log-format",
@@ -83,6 +95,8 @@ def serve(
     config: Path | None,
     node: str | None,
     runtime_option: tuple[str, ...],
+    tls_cert: Path | None,
+    tls_key: Path | None,
     log_level: str,
     log_format: str,
     log_file: str | None,
@@ -90,6 +104,7 @@ def serve(
     """Run the Corral API server (REST, NDJSON and WebSocket streams, /metrics, /healthz, /readyz)."""
     import uvicorn
 
+    from corral.server import tls
     from corral.server.app import create_app
     from corral.server.logs import configure_logging
 
@@ -99,21 +114,35 @@ def serve(
         port=port,
         database_url=database_url,
         node=node,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         runtime_options=_runtime_options(runtime_option),
     )
+    files = tls.check(settings)  # before anything starts: a bad file is a clear error, not a traceback
     try:
         configure_logging(getattr(logging, log_level.upper()), fmt=log_format, file=log_file)
     except OSError as exc:
         raise click.UsageError(f"cannot write the log file {log_file}: {exc.strerror}") from None
+    if files is not None and settings.e2b_domain:
+        for name in tls.uncovered_e2b_names(files, settings.e2b_domain):
+            err_console.print(
+                f"[bold yellow]warning:[/bold yellow] the TLS certificate is not valid for {name}: E2B's SDK "
+                f"(E2B_DOMAIN={settings.e2b_domain}) will refuse it; see corral certs make"
+            )
     app = create_app(settings)
+    scheme = "https" if files is not None else "http"
     err_console.print(
-        f"corral: serving on http://{settings.host}:{settings.port} (data: {settings.data_dir}); "
-        "point clients at it with CORRAL_URL and CORRAL_API_KEY" + (f"; logs: {log_file}" if log_file else "")
+        f"corral: serving on {scheme}://{settings.host}:{settings.port} (data: {settings.data_dir}); "
+        "point clients at it with CORRAL_URL and CORRAL_API_KEY"
+        + (f"; E2B's SDK with E2B_DOMAIN={settings.e2b_domain}" if settings.e2b_domain else "")
+        + (f"; logs: {log_file}" if log_file else "")
     )
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
+        ssl_certfile=files.cert if files is not None else None,
+        ssl_keyfile=files.key if files is not None else None,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,

@@ -7,7 +7,9 @@ The file (``--config``, ``CORRAL_CONFIG``, or ``$XDG_CONFIG_HOME/corral/config.t
 grouped by what each setting is about; :data:`FILE_KEYS` maps each ``[group] key`` to its Settings field::
 
     data_dir = "/var/lib/corral"
-    [server]  host, port, admin_key, sandbox_domain, max_request_bytes
+    [server]  host, port, admin_key, sandbox_domain, max_request_bytes, tls_cert, tls_key
+    [e2b]     domain                                     (E2B's SDK with E2B_DOMAIN alone: api.{domain} and
+                                                          {port}-{sandbox_id}.{domain}, wildcard DNS + TLS)
     [store]   database_url
     [sandbox] default_template, default_timeout, max_timeout, max_file_bytes
     [limits]  memory_mb, cpus, pids, disk_mb                 (the default limits of a sandbox)
@@ -38,9 +40,14 @@ from corral.errors import InvalidRequest
 from corral.runtimes._net.config import EgressConfig
 from corral.runtimes.base import Limits
 
-__all__ = ["FILE_KEYS", "Settings"]
+__all__ = ["FILE_KEYS", "Settings", "valid_domain"]
 
 _DOMAIN = re.compile(r"(?=.{1,253}(:|$))[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?", re.IGNORECASE)
+
+
+def valid_domain(domain: str) -> bool:
+    """A host name with an optional port (no scheme, no path): what the domain settings take."""
+    return _DOMAIN.fullmatch(domain) is not None
 
 
 def _default_data_dir() -> Path:
@@ -75,6 +82,9 @@ FILE_KEYS: dict[tuple[str, str], str] = {
     ("server", "admin_key"): "admin_key",
     ("server", "sandbox_domain"): "sandbox_domain",
     ("server", "max_request_bytes"): "max_request_bytes",
+    ("server", "tls_cert"): "tls_cert",
+    ("server", "tls_key"): "tls_key",
+    ("e2b", "domain"): "e2b_domain",
     ("store", "database_url"): "database_url",
     ("sandbox", "default_template"): "default_template",
     ("sandbox", "default_timeout"): "default_timeout",
@@ -112,6 +122,12 @@ class Settings:
     # server); None: localhost:{port}, since browsers and curl resolve *.localhost to the loopback address
     sandbox_domain: str | None = None
     max_request_bytes: int = 1024 * 1024  # JSON bodies; file uploads stream and are bounded by max_file_bytes
+    # CORRAL_TLS_CERT / CORRAL_TLS_KEY: PEM files; with both, corral serve speaks HTTPS only (server/tls.py)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # CORRAL_E2B_DOMAIN: E2B's domain mode (E2B_DOMAIN on the client): the API at api.{domain}, envd and the
+    # code interpreter at {port}-{sandbox_id}.{domain}; every name under it is E2B's (server/e2b/sandbox_host)
+    e2b_domain: str | None = None
     # warm pools (core/pools.py)
     max_pool_size: int = 64  # members one pool may keep
     pool_interval: float = 5.0  # seconds between pool reconcile passes when nothing wakes them sooner
@@ -137,6 +153,15 @@ class Settings:
     def ports_domain(self) -> str:
         """Where the port proxy serves sandbox ports: ``{port}-{sandbox_id}.{ports_domain}``."""
         return self.sandbox_domain or f"localhost:{self.port}"
+
+    @property
+    def e2b_sandbox_domain(self) -> str | None:
+        """The ``domain`` E2B's create/connect answers name: where the SDK reaches envd (None: its own)."""
+        return self.e2b_domain or self.sandbox_domain
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def state_root(self) -> Path:
@@ -194,6 +219,11 @@ class Settings:
             values["admin_key"] = env["CORRAL_ADMIN_KEY"]
         if env.get("CORRAL_SANDBOX_DOMAIN"):
             values["sandbox_domain"] = env["CORRAL_SANDBOX_DOMAIN"]
+        if env.get("CORRAL_E2B_DOMAIN"):
+            values["e2b_domain"] = env["CORRAL_E2B_DOMAIN"]
+        for key, name in (("tls_cert", "CORRAL_TLS_CERT"), ("tls_key", "CORRAL_TLS_KEY")):
+            if env.get(name):
+                values[key] = Path(env[name])
         if env.get("CORRAL_RUNTIMES"):
             values["enabled_runtimes"] = tuple(
                 x.strip() for x in env["CORRAL_RUNTIMES"].split(",") if x.strip()
@@ -214,13 +244,29 @@ class Settings:
             runtime_options.setdefault(runtime, {}).update(table)
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["runtime_options"] = runtime_options
+        if isinstance(values.get("e2b_domain"), str):
+            values["e2b_domain"] = values["e2b_domain"].lower().rstrip(".")
         settings = cls(**values)
-        if settings.sandbox_domain is not None and not _DOMAIN.fullmatch(settings.sandbox_domain):
+        for name, domain in (
+            ("CORRAL_SANDBOX_DOMAIN", settings.sandbox_domain),
+            ("CORRAL_E2B_DOMAIN ([e2b] domain)", settings.e2b_domain),
+        ):
+            if domain is not None and not valid_domain(domain):
+                raise InvalidRequest(
+                    f"{name} must be a host name with an optional port, like sandbox.example.com "
+                    f"or localhost:8700 (no scheme, no path), got {domain!r}"
+                )
+        if (settings.tls_cert is None) != (settings.tls_key is None):
             raise InvalidRequest(
-                f"CORRAL_SANDBOX_DOMAIN must be a host name with an optional port, like sandbox.example.com "
-                f"or localhost:8700 (no scheme, no path), got {settings.sandbox_domain!r}"
+                "TLS needs both a certificate and its key: set [server] tls_cert and tls_key "
+                "(CORRAL_TLS_CERT, CORRAL_TLS_KEY), or neither; `corral certs make` makes a pair"
             )
-        return replace(settings, data_dir=settings.data_dir.expanduser().absolute())
+        return replace(
+            settings,
+            data_dir=settings.data_dir.expanduser().absolute(),
+            tls_cert=settings.tls_cert.expanduser().absolute() if settings.tls_cert else None,
+            tls_key=settings.tls_key.expanduser().absolute() if settings.tls_key else None,
+        )
 
 
 def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -247,6 +293,10 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise InvalidRequest(f"{where} in {path} must be a list of runtime names")
             value = tuple(value)
+        elif kind.startswith("pathlib.Path") or kind.startswith("Path"):
+            if not isinstance(value, str) or not value:
+                raise InvalidRequest(f"{where} in {path} must be a file path (a string)")
+            value = path.parent / Path(value).expanduser()  # relative: to the config file's folder
         elif kind.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         ok = {"str": str, "int": int, "float": float}

@@ -288,7 +288,13 @@ def create_app(
     # outermost: sandbox-port traffic never meets the API's body limit, auth or access log
     app.add_middleware(PortProxy, service=svc, metrics=lambda: state.metrics)
     # E2B's SDK names sandboxes by E2b-Sandbox-* headers or {port}-{id} host names: before Corral's proxy
-    app.add_middleware(E2BSandboxHost, service=svc, watchers=watchers, metrics=lambda: state.metrics)
+    app.add_middleware(
+        E2BSandboxHost,
+        service=svc,
+        watchers=watchers,
+        metrics=lambda: state.metrics,
+        domain=settings.e2b_domain,
+    )
     return app
 
 

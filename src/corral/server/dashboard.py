@@ -6,7 +6,8 @@ The files are served with headers that keep anything else from scripting or fram
 another host), ``frame-ancestors 'none'``, ``nosniff``, ``no-referrer`` and a same-origin opener and resource
 policy. The dashboard's origin is never a sandbox port's: requests for ``{port}-{id}.{domain}`` are relayed
 by the port proxy before routing (server/proxy.py), and ``/ui`` also refuses any host name under the ports
-domain, so a page served from a sandbox port can neither be the dashboard nor share its storage.
+domain or the E2B domain (``api.{domain}`` included, a sibling of sandbox hosts), so a page served from a
+sandbox port can neither be the dashboard nor share its storage.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def _under_ports_domain(host: str, ports_domain: str) -> bool:
 
 
 def _file(request: Request, state: State, path: str) -> Response:
-    if _under_ports_domain(request.headers.get("host", ""), state.settings.ports_domain):
+    host = request.headers.get("host", "")
+    if any(_under_ports_domain(host, d) for d in (state.settings.ports_domain, state.settings.e2b_domain) if d):
         raise NotFound("the dashboard is not served on sandbox port host names; open it on the API's address")
     parts = [p for p in path.split("/") if p]
     if any(p in (".", "..") or p.startswith(".") or "\\" in p for p in parts):

@@ -154,7 +154,7 @@ def sandbox(info: SandboxInfo, settings: Settings) -> dict[str, Any]:
         "envdAccessToken": info.envd_access_token,
         # E2B's private ports: the SDK sends it to port traffic; public sandboxes need none
         "trafficAccessToken": None if info.public_ports else info.traffic_token,
-        "domain": settings.sandbox_domain,  # None: the SDK keeps E2B_SANDBOX_URL / E2B_DOMAIN
+        "domain": settings.e2b_sandbox_domain,  # None: the SDK keeps E2B_SANDBOX_URL / E2B_DOMAIN
     }
 
 
@@ -163,7 +163,7 @@ def detail(info: SandboxInfo, settings: Settings, now: float) -> dict[str, Any]:
     return {
         **_common(info, settings, now),
         "envdAccessToken": info.envd_access_token,
-        "domain": settings.sandbox_domain,
+        "domain": settings.e2b_sandbox_domain,
         "allowInternetAccess": False,  # sandboxes have loopback only
         "lifecycle": {"onTimeout": "pause" if info.auto_pause else "kill", "autoResume": False},
     }

@@ -3,7 +3,13 @@
 A request is E2B sandbox traffic when it carries ``E2b-Sandbox-Id`` (single-URL mode, ``E2B_SANDBOX_URL``:
 every request goes to one address; the SDK names the sandbox and port in ``E2b-Sandbox-Id`` and
 ``E2b-Sandbox-Port``), or when its host is ``{port}-{sandbox_id}.{domain}`` for port 49983 or 49999 (domain
-mode, ``E2B_DOMAIN`` and wildcard DNS). By port:
+mode, ``E2B_DOMAIN`` and wildcard DNS). A sandbox host name decides over the headers (as at E2B's edge): a
+request for ``49983-{a}.{domain}`` goes to sandbox ``a`` whatever ``E2b-Sandbox-Id`` says.
+
+With ``[e2b] domain`` set (``Settings.e2b_domain``), every name under that domain is E2B's: ``api.{domain}``
+is the API, ``sandbox.{domain}`` is routed by the headers, ``{port}-{id}.{domain}`` by its name for any port,
+and any other name under it routes nowhere (404, E2B's edge body). Without it, ``{port}-{id}`` names under
+any domain are recognised for ports 49983 and 49999 only. By port:
 
 - 49983 → envd (:func:`~corral.server.e2b.envd.serve_envd`), 49999 → the code interpreter. Both need the
   sandbox's envd access token in ``X-Access-Token`` (or, for ``/files``, a URL signed with it). The code
@@ -52,7 +58,8 @@ ID_HEADER = b"e2b-sandbox-id"
 PORT_HEADER = b"e2b-sandbox-port"
 ACCESS_HEADER = b"x-access-token"
 TRAFFIC_HEADER = b"e2b-traffic-access-token"
-_HOST = re.compile(rb"(49983|49999)-([a-z0-9-]{1,64})")
+_HOST = re.compile(r"(49983|49999)-([a-z0-9-]{1,64})")
+_DOMAIN_HOST = re.compile(r"([0-9]{1,5})-([a-z0-9-]{1,64})")  # any port, under the E2B domain
 MAX_SIGNED_SCAN = 10_000  # live sandboxes checked for an unnamed signed URL
 
 
@@ -62,7 +69,31 @@ class E2BTarget:
     port: int
 
 
-def e2b_target(scope: Scope) -> E2BTarget | None:
+NO_ROUTE = 0  # E2BTarget.port of a name under the E2B domain that names no sandbox
+
+
+def _host_name(scope: Scope) -> str:
+    host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host  # an IPv6 literal names no sandbox
+    return host.rsplit(":", 1)[0].rstrip(".")
+
+
+def e2b_target(scope: Scope, domain: str | None = None) -> E2BTarget | None:
+    """The sandbox and port a request is for, or None for the API (``domain``: ``Settings.e2b_domain``)."""
+    name = _host_name(scope)
+    base = domain.rsplit(":", 1)[0] if domain else None
+    if base is not None and name.endswith("." + base):
+        label = name[: -len(base) - 1]
+        match = _DOMAIN_HOST.fullmatch(label)
+        if match is not None:
+            return E2BTarget(sandbox_id=match[2], port=int(match[1]))
+        if label not in ("api", "sandbox"):
+            return E2BTarget(sandbox_id="", port=NO_ROUTE)
+    else:
+        match = _HOST.fullmatch(name.split(".", 1)[0])
+        if match is not None:
+            return E2BTarget(sandbox_id=match[2], port=int(match[1]))
     headers = dict(scope["headers"])
     sandbox_id = headers.get(ID_HEADER)
     if sandbox_id is not None:
@@ -70,10 +101,6 @@ def e2b_target(scope: Scope) -> E2BTarget | None:
         return E2BTarget(
             sandbox_id=sandbox_id.decode("latin-1").strip(), port=int(port) if port.isdigit() else ENVD_PORT
         )
-    label = headers.get(b"host", b"").split(b".", 1)[0].lower()
-    match = _HOST.fullmatch(label)
-    if match is not None:
-        return E2BTarget(sandbox_id=match[2].decode(), port=int(match[1]))
     if scope["path"] == "/files" and b"signature=" in scope.get("query_string", b""):
         return E2BTarget(sandbox_id="", port=ENVD_PORT)
     return None
@@ -87,6 +114,10 @@ async def send_refusal(send: Send, sandbox_id: str, exc: CorralError) -> None:
         status, message = 502, f"The sandbox {sandbox_id} is running but port is not open"
     else:
         status, message = exc.status, exc.message
+    await send_edge_error(send, sandbox_id, status, message)
+
+
+async def send_edge_error(send: Send, sandbox_id: str, status: int, message: str) -> None:
     body = json.dumps({"sandboxId": sandbox_id, "message": message, "code": status}).encode()
     await send(
         {
@@ -108,17 +139,22 @@ class E2BSandboxHost:
         service: SandboxService,
         watchers: Watchers,
         metrics: Callable[[], Metrics | None],
+        domain: str | None = None,
     ) -> None:
         self.app = app
+        self.domain = domain
         self.service = service
         self.access = SandboxAccess(service)
         self.proxy = PortProxy(app, service=service, metrics=metrics)
         self.watchers = watchers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        target = e2b_target(scope) if scope["type"] in ("http", "websocket") else None
+        target = e2b_target(scope, self.domain) if scope["type"] in ("http", "websocket") else None
         if target is None:
             await self.app(scope, receive, send)
+            return
+        if target.port == NO_ROUTE:
+            await self._no_route(scope, send)
             return
         if target.port not in (ENVD_PORT, INTERPRETER_PORT):
             await self._proxy(scope, receive, send, target)
@@ -160,6 +196,14 @@ class E2BSandboxHost:
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                 },
             )
+
+    async def _no_route(self, scope: Scope, send: Send) -> None:
+        name = _host_name(scope)[:253]
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "no sandbox at this host name"})
+            return
+        message = f"no sandbox is served at {name}: sandbox hosts are {{port}}-{{sandbox_id}}.{self.domain}"
+        await send_edge_error(send, "", 404, message)
 
     async def _authorize(self, scope: Scope, target: E2BTarget) -> SandboxCall:
         headers = dict(scope["headers"])
