@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -32,21 +33,29 @@ def new_key(env: dict[str, str], *args: str) -> str:
 
 class Server:
     def __init__(
-        self, env: dict[str, str], log: Path, port: int | None = None, *, wrap: list[str] | None = None
+        self,
+        env: dict[str, str],
+        log: Path,
+        port: int | None = None,
+        *,
+        wrap: list[str] | None = None,
+        host: str = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        """``wrap``: a command prefix the server runs under (``unshare …``)."""
-        self.env, self.log, self.wrap = env, log, wrap or []
+        """``wrap``: a command prefix the server runs under (``unshare …``); ``tls``: the client context that
+        trusts the server's certificate, when ``env`` makes it serve HTTPS (``CORRAL_TLS_CERT``/``_KEY``)."""
+        self.env, self.log, self.wrap, self.host, self.tls = env, log, wrap or [], host, tls
         self.port = port if port is not None else free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 60) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*self.wrap, *CORRAL, "serve", "--port", str(self.port)],
+                [*self.wrap, *CORRAL, "serve", "--host", self.host, "--port", str(self.port)],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -54,7 +63,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2):
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2, context=self.tls):
                     return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
