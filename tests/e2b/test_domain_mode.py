@@ -207,7 +207,9 @@ def _https(
 ) -> tuple[int, Any]:
     """One HTTPS request to the server with ``name`` as SNI and Host (what a client resolving it sends)."""
     context = context or ssl.create_default_context(cafile=str(net.ca))
-    sock = context.wrap_socket(socket.create_connection((net.server_ip, 443), timeout=60), server_hostname=name)
+    sock = context.wrap_socket(
+        socket.create_connection((net.server_ip, 443), timeout=60), server_hostname=name
+    )
     conn = http.client.HTTPConnection(name, timeout=60)
     conn.sock = sock
     try:
@@ -234,7 +236,10 @@ def test_host_names_route_only_to_their_own_tenants_sandbox(domain_net: DomainNe
     envd_a, envd_b = f"49983-{a['sandboxID']}.{DOMAIN}", f"49983-{b['sandboxID']}.{DOMAIN}"
     rpc = {"Content-Type": "application/json", "Connect-Protocol-Version": "1"}
     try:
-        assert _https(domain_net, envd_a, "GET", "/health", headers={"X-Access-Token": a["envdAccessToken"]})[0] == 204
+        assert (
+            _https(domain_net, envd_a, "GET", "/health", headers={"X-Access-Token": a["envdAccessToken"]})[0]
+            == 204
+        )
         status, body = _https(
             domain_net, envd_a, "POST", "/process.Process/List", body="{}",
             headers={**rpc, "X-Access-Token": a["envdAccessToken"]},
@@ -243,14 +248,29 @@ def test_host_names_route_only_to_their_own_tenants_sandbox(domain_net: DomainNe
         # tenant B's token on A's host; and B's headers naming B's own sandbox on A's host: the host decides
         for headers in (
             {"X-Access-Token": b["envdAccessToken"]},
-            {"X-Access-Token": b["envdAccessToken"], "E2b-Sandbox-Id": b["sandboxID"], "E2b-Sandbox-Port": "49983"},
+            {
+                "X-Access-Token": b["envdAccessToken"],
+                "E2b-Sandbox-Id": b["sandboxID"],
+                "E2b-Sandbox-Port": "49983",
+            },
         ):
-            status, body = _https(domain_net, envd_a, "POST", "/process.Process/List", body="{}", headers={**rpc, **headers})
+            status, body = _https(
+                domain_net, envd_a, "POST", "/process.Process/List", body="{}", headers={**rpc, **headers}
+            )
             assert (status, body["message"]) == (502, f"The sandbox {a['sandboxID']} was not found"), body
         # B's key on the API host: A's sandbox does not exist for it
-        status, body = _https(domain_net, f"api.{DOMAIN}", "GET", f"/sandboxes/{a['sandboxID']}", headers={"X-API-Key": domain_net.key_b})
+        status, body = _https(
+            domain_net,
+            f"api.{DOMAIN}",
+            "GET",
+            f"/sandboxes/{a['sandboxID']}",
+            headers={"X-API-Key": domain_net.key_b},
+        )
         assert status == 404 and body["code"] == 404, body
-        assert _https(domain_net, envd_b, "GET", "/health", headers={"X-Access-Token": b["envdAccessToken"]})[0] == 204
+        assert (
+            _https(domain_net, envd_b, "GET", "/health", headers={"X-Access-Token": b["envdAccessToken"]})[0]
+            == 204
+        )
         # names that route nowhere: an unknown sandbox, a name under the domain that is no sandbox host
         status, body = _https(domain_net, f"49983-sb-aaaaaaaaaaaaaaaa.{DOMAIN}", "GET", "/health")
         assert (status, body["message"]) == (502, "The sandbox sb-aaaaaaaaaaaaaaaa was not found"), body
@@ -258,14 +278,27 @@ def test_host_names_route_only_to_their_own_tenants_sandbox(domain_net: DomainNe
         loose.check_hostname = False  # "*" covers one label: a client that skips the name check reaches it
         for name in (f"www.{DOMAIN}", f"x.49983-{a['sandboxID']}.{DOMAIN}"):
             status, body = _https(
-                domain_net, name, "GET", "/v2/sandboxes", context=loose, headers={"X-API-Key": domain_net.key_a}
+                domain_net,
+                name,
+                "GET",
+                "/v2/sandboxes",
+                context=loose,
+                headers={"X-API-Key": domain_net.key_a},
             )
-            assert status == 404 and body["code"] == 404 and "no sandbox is served at" in body["message"], body
+            assert status == 404 and body["code"] == 404 and "no sandbox is served at" in body["message"], (
+                body
+            )
         # the dashboard is not served on a name that sandbox hosts share a domain with
         assert _https(domain_net, f"api.{DOMAIN}", "GET", "/ui/")[0] == 404
     finally:
         for sbx, key in ((a, domain_net.key_a), (b, domain_net.key_b)):
-            _https(domain_net, f"api.{DOMAIN}", "DELETE", f"/sandboxes/{sbx['sandboxID']}", headers={"X-API-Key": key})
+            _https(
+                domain_net,
+                f"api.{DOMAIN}",
+                "DELETE",
+                f"/sandboxes/{sbx['sandboxID']}",
+                headers={"X-API-Key": key},
+            )
     # a client that does not trust the CA gets no answer at all
     with pytest.raises(ssl.SSLCertVerificationError):
         _https(domain_net, f"api.{DOMAIN}", "GET", "/healthz", context=ssl.create_default_context())

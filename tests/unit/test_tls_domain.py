@@ -143,9 +143,7 @@ def _handshake(client: ssl.SSLContext, server: ssl.SSLContext, name: str) -> str
     return "no handshake"
 
 
-@pytest.mark.parametrize(
-    "domain", ["bad domain", "has:port", "single"], ids=["space", "port", "one-label"]
-)
+@pytest.mark.parametrize("domain", ["bad domain", "has:port", "single"], ids=["space", "port", "one-label"])
 def test_certs_make_refuses_a_bad_domain(tmp_path: Path, domain: str) -> None:
     with pytest.raises(InvalidRequest, match="--domain must be a DNS name"):
         make_certs(domain, tmp_path)
@@ -192,7 +190,12 @@ def _scope(host: str, path: str = "/", **headers: str) -> dict[str, object]:
         ("api.sandbox.test", {}, DOMAIN, None),
         ("api.sandbox.test", {"e2b_sandbox_id": "sb-b"}, DOMAIN, E2BTarget(sandbox_id="sb-b", port=49983)),
         ("sandbox.test", {}, DOMAIN, None),
-        ("sandbox.sandbox.test", {"e2b_sandbox_id": "sb-b"}, DOMAIN, E2BTarget(sandbox_id="sb-b", port=49983)),
+        (
+            "sandbox.sandbox.test",
+            {"e2b_sandbox_id": "sb-b"},
+            DOMAIN,
+            E2BTarget(sandbox_id="sb-b", port=49983),
+        ),
         ("www.sandbox.test", {}, DOMAIN, E2BTarget(sandbox_id="", port=NO_ROUTE)),
         ("a.49983-sb-a.sandbox.test", {}, DOMAIN, E2BTarget(sandbox_id="", port=NO_ROUTE)),
         ("49983-sb-a.evil.test", {}, DOMAIN, E2BTarget(sandbox_id="sb-a", port=49983)),
@@ -200,8 +203,12 @@ def _scope(host: str, path: str = "/", **headers: str) -> dict[str, object]:
         ("notsandbox.test", {}, DOMAIN, None),
         # no domain configured: the envd and interpreter ports under any domain, else the headers
         ("49983-sb-a.localhost:8700", {}, None, E2BTarget(sandbox_id="sb-a", port=49983)),
-        ("127.0.0.1:8700", {"e2b_sandbox_id": "sb-b", "e2b_sandbox_port": "49999"}, None,
-         E2BTarget(sandbox_id="sb-b", port=49999)),  # fmt: skip
+        (
+            "127.0.0.1:8700",
+            {"e2b_sandbox_id": "sb-b", "e2b_sandbox_port": "49999"},
+            None,
+            E2BTarget(sandbox_id="sb-b", port=49999),
+        ),
         ("127.0.0.1:8700", {}, None, None),
         ("[::1]:8700", {}, None, None),
     ],

@@ -67,7 +67,9 @@ def _under_ports_domain(host: str, ports_domain: str) -> bool:
 
 def _file(request: Request, state: State, path: str) -> Response:
     host = request.headers.get("host", "")
-    if any(_under_ports_domain(host, d) for d in (state.settings.ports_domain, state.settings.e2b_domain) if d):
+    if any(
+        _under_ports_domain(host, d) for d in (state.settings.ports_domain, state.settings.e2b_domain) if d
+    ):
         raise NotFound("the dashboard is not served on sandbox port host names; open it on the API's address")
     parts = [p for p in path.split("/") if p]
     if any(p in (".", "..") or p.startswith(".") or "\\" in p for p in parts):

@@ -21,7 +21,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtensionOID
 
 from corral.core.settings import Settings
 from corral.errors import InvalidRequest
@@ -78,7 +77,7 @@ def check(settings: Settings) -> TlsFiles | None:
 
 def _dns_names(cert: x509.Certificate) -> tuple[str, ...]:
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return ()
     return tuple(n.lower() for n in san.get_values_for_type(x509.DNSName))

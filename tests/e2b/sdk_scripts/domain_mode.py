@@ -12,8 +12,9 @@ import os
 import sys
 import urllib.request
 
-from e2b import NotFoundException
 from e2b_code_interpreter import AsyncSandbox, Sandbox
+
+from e2b import NotFoundException
 
 DOMAIN = os.environ["E2B_DOMAIN"]
 assert "E2B_API_URL" not in os.environ and "E2B_SANDBOX_URL" not in os.environ

@@ -73,7 +73,8 @@ NO_ROUTE = 0  # E2BTarget.port of a name under the E2B domain that names no sand
 
 
 def _host_name(scope: Scope) -> str:
-    host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").strip().lower()
+    raw: bytes = dict(scope["headers"]).get(b"host", b"")
+    host = raw.decode("latin-1").strip().lower()
     if host.startswith("["):
         return host  # an IPv6 literal names no sandbox
     return host.rsplit(":", 1)[0].rstrip(".")
