@@ -3,6 +3,7 @@ which sandbox and port a host name routes to (``e2b_target``, a pure function of
 
 from __future__ import annotations
 
+import os
 import ssl
 import subprocess
 import sys
@@ -217,3 +218,20 @@ def test_which_sandbox_a_host_name_routes_to(
     host: str, headers: dict[str, str], domain: str | None, want: E2BTarget | None
 ) -> None:
     assert e2b_target(_scope(host, **headers), domain) == want  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("which", ["cert", "key"])
+def test_serve_refuses_a_missing_tls_file_before_it_starts(tmp_path: Path, certs: Path, which: str) -> None:
+    files = {"cert": certs / f"{DOMAIN}.pem", "key": certs / f"{DOMAIN}.key"}
+    files[which] = tmp_path / "gone.pem"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_TLS")}
+    done = subprocess.run(
+        [sys.executable, "-m", "corral.cli.main", "serve", "--port", "1", "--tls-cert", str(files["cert"]),
+         "--tls-key", str(files["key"])],
+        capture_output=True, text=True, timeout=60, env={**env, "CORRAL_DATA_DIR": str(tmp_path / "data")},
+    )  # fmt: skip
+    assert done.returncode != 0
+    said = " ".join(done.stderr.split())  # the console wraps long lines
+    assert f"TLS {'certificate' if which == 'cert' else 'key'} file {tmp_path}/gone.pem" in said
+    assert "Traceback" not in done.stderr and "serving on" not in done.stderr
+    assert not (tmp_path / "data").exists()  # nothing made before the check
