@@ -168,6 +168,7 @@ def test_unchanged_sdk_code_runs_with_e2b_domain_alone(
     assert f"api.{DOMAIN}" in names
     for sandbox_id in ids:
         assert {f"49983-{sandbox_id}.{DOMAIN}", f"49999-{sandbox_id}.{DOMAIN}"} <= names, names
+    assert f"8080-{ids[0]}.{DOMAIN}" in names
 
 
 def _venv_version() -> str:
@@ -258,6 +259,11 @@ def test_host_names_route_only_to_their_own_tenants_sandbox(domain_net: DomainNe
                 domain_net, envd_a, "POST", "/process.Process/List", body="{}", headers={**rpc, **headers}
             )
             assert (status, body["message"]) == (502, f"The sandbox {a['sandboxID']} was not found"), body
+        status, body = _https(
+            domain_net, f"49999-{a['sandboxID']}.{DOMAIN}", "POST", "/execute", body='{"code": "1"}',
+            headers={"X-Access-Token": b["envdAccessToken"], "Content-Type": "application/json"},
+        )  # fmt: skip
+        assert (status, body["message"]) == (502, f"The sandbox {a['sandboxID']} was not found"), body
         # B's key on the API host: A's sandbox does not exist for it
         status, body = _https(
             domain_net,

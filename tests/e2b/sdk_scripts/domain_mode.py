@@ -1,7 +1,7 @@
 """E2B's domain mode as an agent drives it: ``E2B_DOMAIN`` and ``E2B_API_KEY`` only (no E2B_API_URL, no
 E2B_SANDBOX_URL), the CA in ``SSL_CERT_FILE``, names resolved by the test's DNS server. Sync then async, with
-``e2b_code_interpreter.Sandbox``: create, commands.run, files write/read, a signed download URL, run_code,
-kill; another tenant's key (``OTHER_E2B_API_KEY``) finds the sandbox NotFound. Run by test_domain_mode.py in
+``e2b_code_interpreter.Sandbox``: create, commands.run, files write/read, a signed download URL, a server in
+the sandbox at ``get_host(8080)``, run_code, kill; another tenant's key (``OTHER_E2B_API_KEY``) finds the sandbox NotFound. Run by test_domain_mode.py in
 the test's network namespace; prints ``sandbox <id>`` per sandbox and ``e2b <version>: ok`` at the end."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import asyncio
 import importlib.metadata
 import os
 import sys
+import time
+import urllib.error
 import urllib.request
 
 from e2b_code_interpreter import AsyncSandbox, Sandbox
@@ -36,6 +38,17 @@ def sync_mode() -> None:
         assert url.startswith(f"https://49983-{sbx.sandbox_id}.{DOMAIN}/files?"), url
         with urllib.request.urlopen(url) as answer:  # Python's own TLS, trusting SSL_CERT_FILE
             assert answer.read() == b"domain mode"
+        # a server in the sandbox, at the host name get_host() gives (E2B's ports are public by default)
+        sbx.commands.run("python3 -m http.server 8080", background=True, timeout=0)
+        listing = b""
+        deadline = time.monotonic() + 30
+        while b"d.txt" not in listing:
+            try:
+                with urllib.request.urlopen(f"https://{sbx.get_host(8080)}/", timeout=10) as answer:
+                    listing = answer.read()
+            except urllib.error.HTTPError as exc:  # 502 until it listens
+                assert exc.code == 502 and time.monotonic() < deadline, exc
+                time.sleep(0.2)
         execution = sbx.run_code("x = 6 * 7\nx")
         assert execution.error is None and execution.text == "42", execution
         assert sbx.run_code("x + 1").text == "43"  # state across cells
