@@ -220,7 +220,9 @@ def test_refused_options_say_why(e2b_env: E2BServer) -> None:
     with pytest.raises(SandboxException, match=r"network\.egressProxy"):
         Sandbox.create(network={"egress_proxy": {"address": "proxy.example.com:1080"}})
     with pytest.raises(SandboxException, match=r"network\.dnsServers"):
-        Sandbox.create(network={"allow_out": ["x.test"], "deny_out": ["0.0.0.0/0"], "dns_servers": ["192.0.2.53"]})
+        Sandbox.create(
+            network={"allow_out": ["x.test"], "deny_out": ["0.0.0.0/0"], "dns_servers": ["192.0.2.53"]}
+        )
     with pytest.raises(SandboxException, match="autoResume"):
         Sandbox.create(lifecycle={"on_timeout": "pause", "auto_resume": True})
     with pytest.raises(SandboxException, match="timeout must be between"):

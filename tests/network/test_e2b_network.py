@@ -62,7 +62,9 @@ def egress_env(internet) -> dict[str, str]:  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def secure_server(tmp_path_factory, egress_env, corral_data_dir) -> Iterator[dict[str, str]]:  # type: ignore[no-untyped-def]
-    yield from _server(tmp_path_factory, egress_env, corral_data_dir, "e2b-net-secure", CORRAL_ISOLATION="namespace")
+    yield from _server(
+        tmp_path_factory, egress_env, corral_data_dir, "e2b-net-secure", CORRAL_ISOLATION="namespace"
+    )
 
 
 @pytest.fixture(scope="module")

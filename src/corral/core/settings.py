@@ -9,7 +9,7 @@ grouped by what each setting is about; :data:`FILE_KEYS` maps each ``[group] key
     data_dir = "/var/lib/corral"
     [server]  host, port, admin_key, sandbox_domain, max_request_bytes
     [store]   database_url
-    [sandbox] default_template, default_timeout, max_timeout, max_file_bytes
+    [sandbox] default_template, default_timeout, max_timeout, max_file_bytes, metrics_interval
     [limits]  memory_mb, cpus, pids, disk_mb                 (the default limits of a sandbox)
     [pools]   max_size, interval, start_concurrency, member_max_age
     [runtime] default, enabled, node, reap_interval
@@ -81,6 +81,7 @@ FILE_KEYS: dict[tuple[str, str], str] = {
     ("sandbox", "default_timeout"): "default_timeout",
     ("sandbox", "max_timeout"): "max_timeout",
     ("sandbox", "max_file_bytes"): "max_file_bytes",
+    ("sandbox", "metrics_interval"): "metrics_interval",
     ("pools", "max_size"): "max_pool_size",
     ("pools", "interval"): "pool_interval",
     ("pools", "start_concurrency"): "pool_start_concurrency",
@@ -103,6 +104,7 @@ class Settings:
     max_timeout: float = 24 * 3600.0
     default_limits: Limits = field(default_factory=Limits)
     max_file_bytes: int = 4 * 1024**3  # largest single upload accepted
+    metrics_interval: float = 5.0  # seconds between a server's resource samples of each running sandbox
     enabled_runtimes: tuple[str, ...] = ("namespace", "gvisor", "microvm")
     reap_interval: float = 5.0  # seconds between reconcile passes when no deadline is sooner
     database_url: str | None = None  # postgresql://… for a server that must not lose state; None = SQLite
@@ -270,7 +272,9 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
             value = float(value)
         ok = {"str": str, "int": int, "float": float, "bool": bool}
         want = next((t for k, t in ok.items() if kind.startswith(k)), None)
-        if want is not None and (not isinstance(value, want) or (want is not bool and isinstance(value, bool))):
+        if want is not None and (
+            not isinstance(value, want) or (want is not bool and isinstance(value, bool))
+        ):
             raise InvalidRequest(f"{where} in {path} must be a {want.__name__}, got {value!r}")
         values[name] = value
 
