@@ -87,8 +87,9 @@ def _use(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
 
 
 def test_secure_default_allow_lists_and_updates(secure_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from e2b import Sandbox
     from e2b.exceptions import SandboxException
+
+    from e2b import Sandbox
 
     _use(monkeypatch, secure_server)
     # no choice (2.63 sends nothing; 2.45 sends allow_internet_access=true on every create): no network at all

@@ -497,7 +497,9 @@ class AsyncSandbox(AsyncCodeInterpreter):
     async def is_running(self) -> bool:
         return (await self.get_info()).state is SandboxState.RUNNING
 
-    async def get_metrics(self, start: float | None = None, end: float | None = None) -> list[ResourceSample]:
+    async def get_metrics(
+        self, start: float | None = None, end: float | None = None
+    ) -> builtins.list[ResourceSample]:
         """CPU, memory and disk use over time (:class:`~corral.ResourceSample`), oldest first, a fresh one
         last while the sandbox runs; ``start``/``end`` (Unix seconds) narrow it. A server samples every
         ``[sandbox] metrics_interval`` seconds; embedded mode samples when asked."""

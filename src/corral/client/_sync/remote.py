@@ -30,7 +30,6 @@ from corral.client._core import (
 from corral.client._remote_forward import forward_through_server
 from corral.errors import InvalidState
 from corral.models import (
-    ResourceSample,
     BuildEvent,
     BuildParams,
     CodeContext,
@@ -46,6 +45,7 @@ from corral.models import (
     ProcessEvent,
     ProcessInfo,
     PtyParams,
+    ResourceSample,
     RunCodeParams,
     SandboxInfo,
     SandboxState,

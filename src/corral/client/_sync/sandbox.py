@@ -25,7 +25,6 @@ from corral.client._sync.pty import Pty
 from corral.client._sync.watch import WatchHandle, open_watch
 from corral.errors import CommandFailed, InvalidRequest, NotFound, Unsupported
 from corral.models import (
-    ResourceSample,
     CommandResult,
     CreateParams,
     EntryInfo,
@@ -36,6 +35,7 @@ from corral.models import (
     PortForward,
     ProcessEvent,
     ProcessInfo,
+    ResourceSample,
     SandboxInfo,
     SandboxState,
     TemplateInfo,
@@ -498,7 +498,9 @@ class Sandbox(CodeInterpreter):
     def is_running(self) -> bool:
         return (self.get_info()).state is SandboxState.RUNNING
 
-    def get_metrics(self, start: float | None = None, end: float | None = None) -> list[ResourceSample]:
+    def get_metrics(
+        self, start: float | None = None, end: float | None = None
+    ) -> builtins.list[ResourceSample]:
         """CPU, memory and disk use over time (:class:`~corral.ResourceSample`), oldest first, a fresh one
         last while the sandbox runs; ``start``/``end`` (Unix seconds) narrow it. A server samples every
         ``[sandbox] metrics_interval`` seconds; embedded mode samples when asked."""
