@@ -43,8 +43,11 @@ def test_memory_and_cpu_rise_with_use(e2b_env: E2BServer, monkeypatch: pytest.Mo
         busy = sbx.get_metrics()[-1]
         assert busy.cpu_used_pct > 20, busy
 
+        time.sleep(6)  # longer than the server's metrics_interval (5 s), asking nothing meanwhile
         everything = sbx.get_metrics()
         stamps = [m.timestamp for m in everything]
+        between = [t for t in stamps if busy.timestamp < t < stamps[-1]]
+        assert between, "the server samples running sandboxes on its own"
         assert stamps == sorted(stamps) and len(everything) >= 4
         later = Sandbox.get_metrics(sbx.sandbox_id, start=stamps[-1] - timedelta(seconds=0.5))
         assert 1 <= len(later) < len(everything)  # start narrows the series

@@ -411,8 +411,15 @@ class SandboxService:
         a fresh sample first. Samples live in this server's memory (core/usage.py)."""
         record = await self._reconciled(await self._record(sandbox_id, tenant))
         if record.state is SandboxState.RUNNING and self.owns(record):
-            await self.usage.take(record, await self._agent(record))
+            await self._sample(record)
         return self.usage.samples(str(record.sandbox_id), start, end)
+
+    async def _sample(self, record: SandboxRecord) -> None:
+        """One sample, never while the sandbox is being paused (a frozen agent would answer nothing)."""
+        async with self._pause_locks.setdefault(str(record.sandbox_id), anyio.Lock()):
+            fresh = await self.store.get_sandbox(record.sandbox_id)
+            if fresh is not None and fresh.state is SandboxState.RUNNING:
+                await self.usage.take(fresh, await self._agent(fresh))
 
     async def run_sampler(self) -> None:
         """Sample every running sandbox of this node each ``metrics_interval`` seconds. Run it in a task group."""
@@ -420,7 +427,7 @@ class SandboxService:
         async def live() -> list[SandboxRecord]:
             return [r for r in await self.store.list_sandboxes(states=_LIVE) if self.owns(r)]
 
-        await self.usage.run(live, self._agent, self.settings.metrics_interval, anyio.sleep)
+        await self.usage.run(live, self._sample, self.settings.metrics_interval, anyio.sleep)
 
     async def set_timeout(self, sandbox_id: str, seconds: float, *, tenant: TenantId) -> SandboxInfo:
         """Give the sandbox ``seconds`` more life from now (E2B semantics: not added to the old deadline)."""

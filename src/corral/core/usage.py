@@ -89,19 +89,19 @@ class UsageMeter:
     async def run(
         self,
         live: Callable[[], Awaitable[list[SandboxRecord]]],
-        agent: Callable[[SandboxRecord], Awaitable[AgentClient]],
+        sample: Callable[[SandboxRecord], Awaitable[object]],
         interval: float,
         sleep: Callable[[float], Awaitable[None]],
     ) -> None:
-        """Sample every running sandbox of ``live()`` each ``interval`` seconds, forever; forget the samples
-        of sandboxes no longer live (paused ones keep theirs)."""
+        """``sample`` every running sandbox of ``live()`` each ``interval`` seconds, forever; forget the
+        samples of sandboxes no longer live (paused ones keep theirs)."""
         while True:
             records = await live()
             for record in records:
                 if record.state is not SandboxState.RUNNING:
                     continue
                 try:
-                    await self.take(record, await agent(record))
+                    await sample(record)
                 except (CorralError, TimeoutError) as exc:  # stopped or paused since the listing: next round
                     log.debug("sandbox %s: no usage sample: %s", record.sandbox_id, exc)
             names = {str(r.sandbox_id) for r in records}
