@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "EventKind": "corral.models",
     "ProcessEvent": "corral.models",
     "ProcessInfo": "corral.models",
+    "ResourceSample": "corral.models",
     "SandboxInfo": "corral.models",
     "SandboxState": "corral.models",
     "CorralError": "corral.errors",
@@ -66,6 +67,7 @@ __all__ = [
     "ProcessInfo",
     "PtyHandle",
     "ResourceExhausted",
+    "ResourceSample",
     "RuntimeUnavailable",
     "Sandbox",
     "SandboxInfo",
@@ -103,6 +105,7 @@ if TYPE_CHECKING:
         FilesystemEventType,
         ProcessEvent,
         ProcessInfo,
+        ResourceSample,
         SandboxInfo,
         SandboxState,
     )

@@ -44,6 +44,7 @@ __all__ = [
     "ProcessEvent",
     "ProcessInfo",
     "PtyParams",
+    "ResourceSample",
     "Result",
     "RunCodeParams",
     "SandboxInfo",
@@ -609,3 +610,23 @@ class NetworkStatus(_Wire):
     totals: dict[str, int] = field(default_factory=dict)
     decisions: list[dict[str, Any]] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResourceSample(_Wire):
+    """What a sandbox used at ``timestamp`` (Unix time), as it sees it (``sbx.get_metrics()``).
+
+    ``cpu_used_pct``: CPU time used since the sample before, as a share of the sandbox's ``cpu_count`` CPUs
+    (100 = all of them busy); ``mem_used``: bytes in use, not counting page cache that can be dropped
+    (``mem_cache``), of ``mem_total`` (its memory limit); ``disk_used`` / ``disk_total``: bytes of the file
+    system that holds the sandbox's writes, as ``df /`` shows it inside.
+    """
+
+    timestamp: float
+    cpu_count: int
+    cpu_used_pct: float
+    mem_used: int
+    mem_total: int
+    mem_cache: int
+    disk_used: int
+    disk_total: int

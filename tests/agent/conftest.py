@@ -161,7 +161,9 @@ def agent_env() -> dict[str, str]:
 class AgentProcess:
     """The agent as a subprocess. Its stderr (the agent log) is kept, and checked for internal errors."""
 
-    def __init__(self, tmp: Path, *args: str, prefix: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, tmp: Path, *args: str, prefix: tuple[str, ...] = (), pass_fds: tuple[int, ...] = ()
+    ) -> None:
         self.log_path = tmp / f"agent-{os.getpid()}-{id(self)}.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -171,6 +173,7 @@ class AgentProcess:
             stderr=self.log,
             env=agent_env(),
             cwd="/",
+            pass_fds=pass_fds,
         )
         self.pid = self.proc.pid
 

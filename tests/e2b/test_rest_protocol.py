@@ -170,7 +170,17 @@ def test_bad_input_is_a_400_in_e2bs_shape(e2b_server: E2BServer) -> None:
             a.post(
                 "/v2/sandboxes", json={"templateID": "base", "volumeMounts": [{"name": "v", "path": "/v"}]}
             ),
-            a.post("/v2/sandboxes", json={"templateID": "base", "network": {"allowOut": ["192.0.2.1"]}}),
+            a.post(
+                "/v2/sandboxes", json={"templateID": "base", "network": {"egressProxy": {"address": "p:1"}}}
+            ),
+            a.post("/v2/sandboxes", json={"templateID": "base", "network": {"denyOut": ["not a rule!"]}}),
+            a.post(  # an exception carved out of a partial denyOut: Corral has no allow-beats-deny rule
+                "/v2/sandboxes",
+                json={
+                    "templateID": "base",
+                    "network": {"allowOut": ["198.51.100.7"], "denyOut": ["198.51.100.0/24"]},
+                },
+            ),
             a.post("/v2/sandboxes", json={"templateID": "base", "timeout": 0}),
             a.get("/v2/sandboxes", params={"state": "sleeping"}),
             a.get("/v2/sandboxes", params={"nextToken": "not-a-token"}),

@@ -33,6 +33,7 @@ TENANTLESS = {
     "aclose",
     "reap",
     "run_reaper",
+    "run_sampler",  # resource samples of every running sandbox of this node
     "usable_runtimes",
     "build_template",  # templates are shared; the routes let only admins build them
     "open_port_for_traffic",  # the port proxy: the traffic token finds the tenant

@@ -133,3 +133,16 @@ def test_the_composition_root_checks_every_runtime_table_at_start(tmp_path: Path
         settings = Settings.load(env={}, data_dir=tmp_path, runtime_options=tables)
         with pytest.raises(InvalidRequest, match=match):
             runtime_loader(settings)
+
+
+def test_e2b_internet_by_default_and_metrics_interval(tmp_path: Path) -> None:
+    assert Settings.load(env={}).e2b_internet_by_default is False  # Corral's rule: no network unless asked
+    path = _write(tmp_path, "[e2b]\ninternet_by_default = true\n[sandbox]\nmetrics_interval = 2\n")
+    settings = Settings.load(env={}, config=path)
+    assert settings.e2b_internet_by_default is True and settings.metrics_interval == 2.0
+    env = {"CORRAL_CONFIG": str(path), "CORRAL_E2B_INTERNET_BY_DEFAULT": "no"}
+    assert Settings.load(env=env).e2b_internet_by_default is False
+    with pytest.raises(InvalidRequest, match="must be a bool"):
+        Settings.load(env={}, config=_write(tmp_path, '[e2b]\ninternet_by_default = "yes"\n'))
+    with pytest.raises(InvalidRequest, match="true or false"):
+        Settings.load(env={"CORRAL_E2B_INTERNET_BY_DEFAULT": "maybe"})

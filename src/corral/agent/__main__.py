@@ -1,5 +1,6 @@
 """``python3 -I -S -B -m corral.agent [--listen unix:PATH|tcp:HOST:PORT|vsock:PORT [--secret-file PATH]]
-[--memory-limit BYTES] [--oom-events-fd FD]``
+[--memory-limit BYTES] [--oom-events-fd FD]
+[--memory-usage-fd FD --memory-stat-fd FD]``
 
 Stdio (the default): the protocol runs over stdin/stdout and the agent exits, killing its processes, when stdin
 reaches EOF. The agent moves the protocol to private fds and points fds 0 and 1 at /dev/null and stderr, so no
@@ -23,7 +24,7 @@ from corral.protocol.frames import encode
 
 USAGE = (
     "usage: python -m corral.agent [--listen unix:PATH|tcp:HOST:PORT|vsock:PORT [--secret-file PATH]] "
-    "[--memory-limit BYTES] [--oom-events-fd FD]"
+    "[--memory-limit BYTES] [--oom-events-fd FD] [--memory-usage-fd FD --memory-stat-fd FD]"
 )
 
 
@@ -41,6 +42,7 @@ def main(argv: list[str]) -> int:
     listen = None
     memory_limit: int | None = None
     oom_events_fd: int | None = None
+    usage_fds: dict[str, int] = {}
     secret_file = None
     args = list(argv)
     while args:
@@ -51,6 +53,8 @@ def main(argv: list[str]) -> int:
             memory_limit = int(args.pop(0))
         elif arg == "--oom-events-fd" and args and args[0].isdigit():
             oom_events_fd = int(args.pop(0))
+        elif arg in ("--memory-usage-fd", "--memory-stat-fd") and args and args[0].isdigit():
+            usage_fds[arg] = int(args.pop(0))
         elif arg.startswith("--listen="):
             listen = arg.split("=", 1)[1]
         elif arg == "--secret-file" and args:
@@ -75,12 +79,18 @@ def main(argv: list[str]) -> int:
         from corral.agent.memory import configure  # the sandbox's own OOM killer: see there
 
         configure(memory_limit, oom_events_fd)
+        from corral.agent import usage
+
+        usage.configure(usage_fds.get("--memory-usage-fd"), usage_fds.get("--memory-stat-fd"))
         from corral.agent._serve import serve_stdio
 
         return serve_stdio(rfd, wfd)
     from corral.agent.memory import configure
 
     configure(memory_limit, oom_events_fd)
+    from corral.agent import usage
+
+    usage.configure(usage_fds.get("--memory-usage-fd"), usage_fds.get("--memory-stat-fd"))
     from corral.agent._serve import serve_listen
 
     keyring = None

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from corral.agent import usage
 from corral.agent.conn import Connection
 from corral.agent.errors import AgentError, from_oserror, short_repr
 from corral.agent.hello import hello_fields
@@ -102,6 +103,7 @@ class Agent:
             Op.PING: self.op_ping,
             Op.CONFIGURE: self.op_configure,
             Op.RESTORED: self.op_restored,
+            Op.USAGE: self.op_usage,
             Op.EXEC: self.op_exec,
             Op.ATTACH: self.op_attach,
             Op.DETACH: self.op_detach,
@@ -231,6 +233,9 @@ class Agent:
 
     def op_ping(self, conn: Connection, rid: str, frame: Frame) -> None:
         conn.finish(rid, {"ev": "ok"})
+
+    def op_usage(self, conn: Connection, rid: str, frame: Frame) -> None:
+        conn.finish(rid, {"ev": "ok", **usage.sample()})
 
     def op_restored(self, conn: Connection, rid: str, frame: Frame) -> None:
         """This agent's machine was just restored from a memory image (a fork, a golden image): mix ``seed``

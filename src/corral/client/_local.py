@@ -47,6 +47,7 @@ from corral.models import (
     ProcessEvent,
     ProcessInfo,
     PtyParams,
+    ResourceSample,
     RunCodeParams,
     SandboxInfo,
     SandboxState,
@@ -92,6 +93,11 @@ class AsyncLocalBackend:
 
     async def network_status(self, sandbox_id: str) -> NetworkStatus:
         return await self.service.network_status(sandbox_id, tenant=self.tenant)
+
+    async def sandbox_metrics(
+        self, sandbox_id: str, start: float | None = None, end: float | None = None
+    ) -> list[ResourceSample]:
+        return await self.service.metrics(sandbox_id, tenant=self.tenant, start=start, end=end)
 
     async def snapshot_sandbox(self, sandbox_id: str, name: str, *, description: str = "") -> TemplateInfo:
         return await self.service.snapshot(sandbox_id, name, description=description, tenant=self.tenant)
@@ -352,6 +358,11 @@ class LocalBackend:
 
     def network_status(self, sandbox_id: str) -> NetworkStatus:
         return self._call(self._backend.network_status, sandbox_id)
+
+    def sandbox_metrics(
+        self, sandbox_id: str, start: float | None = None, end: float | None = None
+    ) -> list[ResourceSample]:
+        return self._call(self._backend.sandbox_metrics, sandbox_id, start, end)
 
     def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return self._call(self._backend.pause_sandbox, sandbox_id)

@@ -49,6 +49,7 @@ from corral.core.settings import Settings
 from corral.core.state import Action, require_state, transition
 from corral.core.store import Store
 from corral.core.templates import TemplateRegistry
+from corral.core.usage import UsageMeter
 from corral.errors import (
     Conflict,
     CorralError,
@@ -75,6 +76,7 @@ from corral.models import (
     ProcessEvent,
     ProcessInfo,
     PtyParams,
+    ResourceSample,
     RunCodeParams,
     SandboxInfo,
     SandboxState,
@@ -145,6 +147,7 @@ class SandboxService:
         self._idempotency_locks: dict[tuple[str, str], anyio.Lock] = {}
         self.pools = PoolManager(self)
         self.egress_decisions: _network.Tally = _network.Tally()  # copied into the audit log, for metrics
+        self.usage = UsageMeter(clock)  # resource samples of running sandboxes (core/usage.py)
 
     # -- lifetime --------------------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -399,6 +402,32 @@ class SandboxService:
             decisions=list(stats.get("decisions", [])),
             dropped=dict(stats.get("dropped", {})),
         )
+
+    # -- resource use ---------------------------------------------------------------------------------------
+    async def metrics(
+        self, sandbox_id: str, *, tenant: TenantId, start: float | None = None, end: float | None = None
+    ) -> list[ResourceSample]:
+        """The sandbox's resource samples in ``[start, end]`` (Unix seconds), oldest first; a running one takes
+        a fresh sample first. Samples live in this server's memory (core/usage.py)."""
+        record = await self._reconciled(await self._record(sandbox_id, tenant))
+        if record.state is SandboxState.RUNNING and self.owns(record):
+            await self._sample(record)
+        return self.usage.samples(str(record.sandbox_id), start, end)
+
+    async def _sample(self, record: SandboxRecord) -> None:
+        """One sample, never while the sandbox is being paused (a frozen agent would answer nothing)."""
+        async with self._pause_locks.setdefault(str(record.sandbox_id), anyio.Lock()):
+            fresh = await self.store.get_sandbox(record.sandbox_id)
+            if fresh is not None and fresh.state is SandboxState.RUNNING:
+                await self.usage.take(fresh, await self._agent(fresh))
+
+    async def run_sampler(self) -> None:
+        """Sample every running sandbox of this node each ``metrics_interval`` seconds. Run it in a task group."""
+
+        async def live() -> list[SandboxRecord]:
+            return [r for r in await self.store.list_sandboxes(states=_LIVE) if self.owns(r)]
+
+        await self.usage.run(live, self._sample, self.settings.metrics_interval, anyio.sleep)
 
     async def set_timeout(self, sandbox_id: str, seconds: float, *, tenant: TenantId) -> SandboxInfo:
         """Give the sandbox ``seconds`` more life from now (E2B semantics: not added to the old deadline)."""
@@ -943,6 +972,7 @@ class SandboxService:
             )
         runtime = self._require_reachable(record)
         await self._drop_agent(record.sandbox_id)
+        self.usage.forget(str(record.sandbox_id))
         if record.instance is not None:
             with anyio.CancelScope(shield=True):
                 instance = record.instance

@@ -11,13 +11,14 @@ grouped by what each setting is about; :data:`FILE_KEYS` maps each ``[group] key
     [e2b]     domain                                     (E2B's SDK with E2B_DOMAIN alone: api.{domain} and
                                                           {port}-{sandbox_id}.{domain}, wildcard DNS + TLS)
     [store]   database_url
-    [sandbox] default_template, default_timeout, max_timeout, max_file_bytes
+    [sandbox] default_template, default_timeout, max_timeout, max_file_bytes, metrics_interval
     [limits]  memory_mb, cpus, pids, disk_mb                 (the default limits of a sandbox)
     [pools]   max_size, interval, start_concurrency, member_max_age
     [runtime] default, enabled, node, reap_interval
     [network] uplink_netns, resolvers, denied_ranges, subnet, max_connections, bandwidth_bytes
                                                               (sandbox egress: where it leaves, and its caps)
     [runtime.gvisor]    platform = "systrap"               (one table per runtime: its own options)
+    [e2b]     internet_by_default                             (the E2B adapter: see the field's comment)
 
 A runtime's table is checked against the options that runtime declares when the runtime is first loaded
 (:func:`corral.runtimes.registry.parse_options`); ``CORRAL_RUNTIME_<NAME>_<OPTION>`` sets one option.
@@ -90,6 +91,7 @@ FILE_KEYS: dict[tuple[str, str], str] = {
     ("sandbox", "default_timeout"): "default_timeout",
     ("sandbox", "max_timeout"): "max_timeout",
     ("sandbox", "max_file_bytes"): "max_file_bytes",
+    ("sandbox", "metrics_interval"): "metrics_interval",
     ("pools", "max_size"): "max_pool_size",
     ("pools", "interval"): "pool_interval",
     ("pools", "start_concurrency"): "pool_start_concurrency",
@@ -98,6 +100,7 @@ FILE_KEYS: dict[tuple[str, str], str] = {
     ("runtime", "enabled"): "enabled_runtimes",
     ("runtime", "node"): "node",
     ("runtime", "reap_interval"): "reap_interval",
+    ("e2b", "internet_by_default"): "e2b_internet_by_default",
 }
 _LIMIT_KEYS = ("memory_mb", "cpus", "pids", "disk_mb")
 
@@ -111,6 +114,7 @@ class Settings:
     max_timeout: float = 24 * 3600.0
     default_limits: Limits = field(default_factory=Limits)
     max_file_bytes: int = 4 * 1024**3  # largest single upload accepted
+    metrics_interval: float = 5.0  # seconds between a server's resource samples of each running sandbox
     enabled_runtimes: tuple[str, ...] = ("namespace", "gvisor", "microvm")
     reap_interval: float = 5.0  # seconds between reconcile passes when no deadline is sooner
     database_url: str | None = None  # postgresql://… for a server that must not lose state; None = SQLite
@@ -140,6 +144,11 @@ class Settings:
     # sandbox egress ([network], CORRAL_EGRESS_*): the uplink namespace (default: the host's own, its default
     # route), upstream resolvers, ranges never reachable besides the fixed ones (cluster/service CIDRs), caps
     egress: EgressConfig = field(default_factory=EgressConfig)
+    # [e2b] internet_by_default (CORRAL_E2B_INTERNET_BY_DEFAULT): what an E2B create that makes no egress
+    # choice gets. E2B gives such a sandbox the internet; Corral gives every sandbox no network unless asked,
+    # and SDKs up to 2.45 send allow_internet_access=true on every create, so "true" is no choice either.
+    # False (the default) keeps Corral's rule; true is E2B's (public addresses only, as network="internet").
+    e2b_internet_by_default: bool = False
 
     def __post_init__(self) -> None:
         if not self.node:
@@ -237,6 +246,8 @@ class Settings:
                     values[key] = float(env[name])
                 except ValueError as exc:
                     raise InvalidRequest(f"{name} must be a number of seconds, got {env[name]!r}") from exc
+        if env.get("CORRAL_E2B_INTERNET_BY_DEFAULT"):
+            values["e2b_internet_by_default"] = _flag("CORRAL_E2B_INTERNET_BY_DEFAULT", env)
         egress = _egress_from_env(env, values.get("egress"))
         if egress is not None:
             values["egress"] = egress
@@ -269,6 +280,16 @@ class Settings:
         )
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _flag(name: str, env: Mapping[str, str]) -> bool:
+    value = env[name].strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise InvalidRequest(f"{name} must be true or false, got {env[name]!r}")
+    return value in _TRUE
+
+
 def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The config file's Settings fields and runtime tables; InvalidRequest names a bad file or key."""
     try:
@@ -299,9 +320,11 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
             value = path.parent / Path(value).expanduser()  # relative: to the config file's folder
         elif kind.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        ok = {"str": str, "int": int, "float": float}
+        ok = {"str": str, "int": int, "float": float, "bool": bool}
         want = next((t for k, t in ok.items() if kind.startswith(k)), None)
-        if want is not None and (not isinstance(value, want) or isinstance(value, bool)):
+        if want is not None and (
+            not isinstance(value, want) or (want is not bool and isinstance(value, bool))
+        ):
             raise InvalidRequest(f"{where} in {path} must be a {want.__name__}, got {value!r}")
         values[name] = value
 

@@ -58,6 +58,7 @@ class Op(StrEnum):
     # after a restore from a memory image (a fork, a VM's golden image): ``seed`` (hex) is fresh entropy for
     # the kernel's RNG, ``time`` the host's Unix time for the guest clock, which stood still in the image
     RESTORED = "restored"
+    USAGE = "usage"  # CPU seconds, memory and disk the sandbox uses, as it sees them (corral.agent.usage)
     # ports
     PORT_CONNECT = "port.connect"  # a TCP connection to a port inside the sandbox, relayed both ways
     CANCEL = "cancel"  # ends a long-lived request (watch, attach) with the same id; not answered itself

@@ -70,15 +70,20 @@ def agent_argv(
     mount_point: str = MOUNT_POINT,
     memory_limit: int | None = None,
     oom_events_fd: int | None = None,
+    memory_usage_fds: tuple[int, int] | None = None,
 ) -> list[str]:
     """The command that starts the agent inside a sandbox that has ``bundle`` mounted at ``mount_point``.
 
     ``memory_limit`` (bytes) arms the agent's own OOM killer, for sandboxes whose ``/proc/meminfo`` is their
     own and whose kernel kills nothing (gVisor); ``oom_events_fd`` is the sandbox's memory cgroup events file,
-    opened as that fd, from which the agent learns of the kernel's OOM kills (see ``corral.agent.memory``)."""
+    opened as that fd, from which the agent learns of the kernel's OOM kills (see ``corral.agent.memory``);
+    ``memory_usage_fds`` are its memory cgroup's usage and statistics files, for sandboxes whose
+    ``/proc/meminfo`` is not their own (see ``corral.agent.usage``)."""
     extra = [] if memory_limit is None else ["--memory-limit", str(memory_limit)]
     if oom_events_fd is not None:
         extra += ["--oom-events-fd", str(oom_events_fd)]
+    if memory_usage_fds is not None:
+        extra += ["--memory-usage-fd", str(memory_usage_fds[0]), "--memory-stat-fd", str(memory_usage_fds[1])]
     return [
         f"{mount_point}/lib/{bundle.loader_name}",
         "--library-path",

@@ -215,6 +215,14 @@ class SandboxCgroup:
         """The file whose ``oom_kill`` line counts the kernel's OOM kills in this sandbox."""
         return str(self._dir("memory") / ("memory.oom_control" if self.version == 1 else "memory.events"))
 
+    @property
+    def memory_usage_files(self) -> tuple[str, str]:
+        """The memory controller's usage and statistics files (read by the agent: ``corral.agent.usage``)."""
+        mem = self._dir("memory")
+        if self.version == 1:
+            return str(mem / "memory.usage_in_bytes"), str(mem / "memory.stat")
+        return str(mem / "memory.current"), str(mem / "memory.stat")
+
     def oom_kills(self) -> int:
         """How many processes the kernel OOM-killed in this sandbox (0 if the kernel does not say)."""
         name = "memory.oom_control" if self.version == 1 else "memory.events"

@@ -69,6 +69,7 @@ log = logging.getLogger("corral.runtimes.namespace")
 READY_TIMEOUT = 30.0  # create → agent hello; ~0.1 s normally, generous for a loaded host
 SECCOMP_FD = 9
 OOM_EVENTS_FD = 10  # the agent's view of its memory cgroup's OOM kills (corral.agent.memory)
+MEMORY_USAGE_FDS = (11, 12)  # its memory cgroup's usage and statistics (corral.agent.usage)
 # Where each sandbox's private mount namespace shows its state_dir/fs: bwrap runs as the sandbox's uid,
 # which may not traverse state_root's parents (often mode 0700), so the shim binds fs/ onto this
 # world-traversable, always-empty host directory first, in the private namespace only.
@@ -320,6 +321,10 @@ def _prepare(
         files=[
             FdFile(fd=SECCOMP_FD, path=str(state_dir / "seccomp.bpf")),
             FdFile(fd=OOM_EVENTS_FD, path=cgroup.oom_events_file),
+            *(
+                FdFile(fd=fd, path=f)
+                for fd, f in zip(MEMORY_USAGE_FDS, cgroup.memory_usage_files, strict=True)
+            ),
         ],
         netns=net.plan.netns_path if net is not None else None,
     )
@@ -370,7 +375,9 @@ def _bwrap_argv(
     argv += ["--cap-drop", "ALL"]
     for cap in SANDBOX_CAPS:
         argv += ["--cap-add", cap]
-    agent = agent_argv(bundle, oom_events_fd=OOM_EVENTS_FD)  # the kernel kills; the agent is told (memory)
+    agent = agent_argv(
+        bundle, oom_events_fd=OOM_EVENTS_FD, memory_usage_fds=MEMORY_USAGE_FDS
+    )  # the kernel kills; the agent is told (memory)
     return [*argv, "--seccomp", str(SECCOMP_FD), "--", *agent]
 
 

@@ -247,6 +247,7 @@ def create_app(
             tg.start_soon(watchers.run)
             if run_background:
                 tg.start_soon(svc.run_reaper)
+                tg.start_soon(svc.run_sampler)
                 tg.start_soon(svc.pools.run)
             log.info(
                 "corral server ready", extra={"store": type(getattr(svc.store, "inner", svc.store)).__name__}

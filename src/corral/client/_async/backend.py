@@ -26,6 +26,7 @@ from corral.models import (
     ProcessEvent,
     ProcessInfo,
     PtyParams,
+    ResourceSample,
     RunCodeParams,
     SandboxInfo,
     SandboxState,
@@ -56,6 +57,10 @@ class AsyncBackend(Protocol):
     async def update_network(self, sandbox_id: str, network: Any) -> SandboxInfo: ...
 
     async def network_status(self, sandbox_id: str) -> NetworkStatus: ...
+
+    async def sandbox_metrics(
+        self, sandbox_id: str, start: float | None = None, end: float | None = None
+    ) -> list[ResourceSample]: ...
 
     async def pause_sandbox(self, sandbox_id: str) -> SandboxInfo: ...
 

@@ -44,6 +44,7 @@ from corral.models import (
     ProcessEvent,
     ProcessInfo,
     PtyParams,
+    ResourceSample,
     RunCodeParams,
     SandboxInfo,
     SandboxState,
@@ -145,6 +146,13 @@ class AsyncRemoteBackend:
 
     async def network_status(self, sandbox_id: str) -> NetworkStatus:
         return NetworkStatus.from_wire(await self._json("GET", sandbox_path(sandbox_id, "network")))
+
+    async def sandbox_metrics(
+        self, sandbox_id: str, start: float | None = None, end: float | None = None
+    ) -> list[ResourceSample]:
+        params = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
+        found = await self._json("GET", sandbox_path(sandbox_id, "metrics"), params=params)
+        return [ResourceSample.from_wire(s) for s in found]
 
     async def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return SandboxInfo.from_wire(await self._json("POST", sandbox_path(sandbox_id, "pause")))

@@ -34,6 +34,7 @@ from corral.models import (
     PortForward,
     ProcessEvent,
     ProcessInfo,
+    ResourceSample,
     SandboxInfo,
     SandboxState,
     TemplateInfo,
@@ -495,6 +496,14 @@ class AsyncSandbox(AsyncCodeInterpreter):
 
     async def is_running(self) -> bool:
         return (await self.get_info()).state is SandboxState.RUNNING
+
+    async def get_metrics(
+        self, start: float | None = None, end: float | None = None
+    ) -> builtins.list[ResourceSample]:
+        """CPU, memory and disk use over time (:class:`~corral.ResourceSample`), oldest first, a fresh one
+        last while the sandbox runs; ``start``/``end`` (Unix seconds) narrow it. A server samples every
+        ``[sandbox] metrics_interval`` seconds; embedded mode samples when asked."""
+        return await self._backend.sandbox_metrics(self.sandbox_id, start, end)
 
     async def set_timeout(self, seconds: float) -> None:
         """Kill the sandbox ``seconds`` from now (replaces the previous deadline)."""

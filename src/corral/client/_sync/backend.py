@@ -27,6 +27,7 @@ from corral.models import (
     ProcessEvent,
     ProcessInfo,
     PtyParams,
+    ResourceSample,
     RunCodeParams,
     SandboxInfo,
     SandboxState,
@@ -57,6 +58,10 @@ class Backend(Protocol):
     def update_network(self, sandbox_id: str, network: Any) -> SandboxInfo: ...
 
     def network_status(self, sandbox_id: str) -> NetworkStatus: ...
+
+    def sandbox_metrics(
+        self, sandbox_id: str, start: float | None = None, end: float | None = None
+    ) -> list[ResourceSample]: ...
 
     def pause_sandbox(self, sandbox_id: str) -> SandboxInfo: ...
 

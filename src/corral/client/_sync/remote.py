@@ -45,6 +45,7 @@ from corral.models import (
     ProcessEvent,
     ProcessInfo,
     PtyParams,
+    ResourceSample,
     RunCodeParams,
     SandboxInfo,
     SandboxState,
@@ -146,6 +147,13 @@ class RemoteBackend:
 
     def network_status(self, sandbox_id: str) -> NetworkStatus:
         return NetworkStatus.from_wire(self._json("GET", sandbox_path(sandbox_id, "network")))
+
+    def sandbox_metrics(
+        self, sandbox_id: str, start: float | None = None, end: float | None = None
+    ) -> list[ResourceSample]:
+        params = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
+        found = self._json("GET", sandbox_path(sandbox_id, "metrics"), params=params)
+        return [ResourceSample.from_wire(s) for s in found]
 
     def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return SandboxInfo.from_wire(self._json("POST", sandbox_path(sandbox_id, "pause")))

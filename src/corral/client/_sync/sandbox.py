@@ -35,6 +35,7 @@ from corral.models import (
     PortForward,
     ProcessEvent,
     ProcessInfo,
+    ResourceSample,
     SandboxInfo,
     SandboxState,
     TemplateInfo,
@@ -496,6 +497,14 @@ class Sandbox(CodeInterpreter):
 
     def is_running(self) -> bool:
         return (self.get_info()).state is SandboxState.RUNNING
+
+    def get_metrics(
+        self, start: float | None = None, end: float | None = None
+    ) -> builtins.list[ResourceSample]:
+        """CPU, memory and disk use over time (:class:`~corral.ResourceSample`), oldest first, a fresh one
+        last while the sandbox runs; ``start``/``end`` (Unix seconds) narrow it. A server samples every
+        ``[sandbox] metrics_interval`` seconds; embedded mode samples when asked."""
+        return self._backend.sandbox_metrics(self.sandbox_id, start, end)
 
     def set_timeout(self, seconds: float) -> None:
         """Kill the sandbox ``seconds`` from now (replaces the previous deadline)."""

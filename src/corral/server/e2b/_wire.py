@@ -25,6 +25,7 @@ from corral.core.code_template import CODE_INTERPRETER_TEMPLATE
 from corral.core.settings import Settings
 from corral.errors import CorralError, InvalidRequest, NotFound
 from corral.models import SandboxInfo, SandboxState
+from corral.server.e2b.network import e2b_network
 
 __all__ = [
     "CLIENT_ID",
@@ -159,12 +160,14 @@ def sandbox(info: SandboxInfo, settings: Settings) -> dict[str, Any]:
 
 
 def detail(info: SandboxInfo, settings: Settings, now: float) -> dict[str, Any]:
-    """E2B's ``SandboxDetail`` (get_info)."""
+    """E2B's ``SandboxDetail`` (get_info), with the egress policy the sandbox really has."""
+    internet, network = e2b_network(info.network, info.public_ports)
     return {
         **_common(info, settings, now),
         "envdAccessToken": info.envd_access_token,
         "domain": settings.e2b_sandbox_domain,
-        "allowInternetAccess": False,  # sandboxes have loopback only
+        "allowInternetAccess": internet,
+        "network": network,
         "lifecycle": {"onTimeout": "pause" if info.auto_pause else "kill", "autoResume": False},
     }
 

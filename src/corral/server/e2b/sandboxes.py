@@ -9,10 +9,11 @@ of translation written down at the route:
 - ``secure`` is accepted and always on: every sandbox has an ``envdAccessToken``;
 - ``autoPause`` (the SDK's ``lifecycle={"on_timeout": "pause"}``) pauses the sandbox at its timeout; connect
   resumes it. Auto-resume on traffic is not there yet;
-- what Corral cannot do yet (outbound allow-lists, auto-resume, MCP, IAM, volumes) is refused with a message
-  that says so, rather than accepted and silently dropped. ``allow_internet_access`` is the exception: SDKs up
-  to 2.45 send ``true`` on every create, so refusing it would refuse them all; it is accepted, the sandbox has
-  loopback only, and get_info says so (``allowInternetAccess: false``).
+- ``allow_internet_access`` and ``network`` become a Corral egress policy (:mod:`.network`, which says how,
+  and why a create that makes no choice gets the server's ``[e2b] internet_by_default``); get_info reports the
+  policy the sandbox really has, and ``update_network`` replaces it in place;
+- what Corral cannot do yet (auto-resume, MCP, IAM, volumes, E2B's egress proxy and header rules) is refused
+  with a message that says so, rather than accepted and silently dropped.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.core.service import SandboxService
-from corral.errors import Conflict, InvalidRequest
+from corral.core.settings import Settings
+from corral.errors import Conflict, InvalidRequest, Unsupported
 from corral.ids import TenantId
 from corral.models import CreateParams, SandboxInfo, SandboxState
 from corral.server.app import State, TenantCaller
@@ -41,6 +43,7 @@ from corral.server.e2b._wire import (
     sandbox,
     visible,
 )
+from corral.server.e2b.network import UPDATABLE_NONE, corral_policy, refuse
 
 __all__ = ["router"]
 
@@ -58,13 +61,6 @@ Seconds = Annotated[int, Field(ge=0)]
 StrMap = dict[Annotated[str, Field(max_length=256)], Annotated[str, Field(max_length=32768)]]
 
 
-def _refuse(asked: dict[str, bool], why: str) -> None:
-    """InvalidRequest naming every option asked for (True) that this server cannot provide, and why."""
-    names = [name for name, on in asked.items() if on]
-    if names:
-        raise InvalidRequest(f"this Corral server cannot provide {', '.join(names)}: {why}")
-
-
 class NewSandbox(_Body):
     templateID: Annotated[str, Field(min_length=1, max_length=128)]
     timeout: Seconds = DEFAULT_TIMEOUT
@@ -79,17 +75,19 @@ class NewSandbox(_Body):
     iam: dict[str, Any] | None = None
     volumeMounts: list[Any] | None = None
 
-    def params(self, idempotency_key: str | None = None) -> CreateParams:
-        _refuse(
+    def params(self, settings: Settings, idempotency_key: str | None = None) -> CreateParams:
+        refuse(
             {
-                "network.allowOut": bool((self.network or {}).get("allowOut")),
                 "autoResume": bool((self.autoResume or {}).get("enabled")),
                 "mcp": bool(self.mcp),
                 "iam": bool(self.iam),
                 "volumeMounts": bool(self.volumeMounts),
             },
-            "its sandboxes have no route out (loopback only), are resumed by connect only, and have no MCP "
-            "gateway, workload identity or volumes; leave these options unset",
+            "its sandboxes are resumed by connect only, and have no MCP gateway, workload identity or volumes; "
+            "leave these options unset",
+        )
+        network = corral_policy(
+            self.network, self.allow_internet_access, internet_by_default=settings.e2b_internet_by_default
         )
         public = (self.network or {}).get("allowPublicTraffic", True)  # E2B's ports are public by default
         if not isinstance(public, bool):
@@ -102,6 +100,7 @@ class NewSandbox(_Body):
             public_ports=public,
             auto_pause=bool(self.autoPause),
             idempotency_key=idempotency_key,
+            network=network,
         )
 
 
@@ -128,7 +127,7 @@ def _created(state: State, info: SandboxInfo, status: int = 201) -> JSONResponse
 
 @router.post("/sandboxes", status_code=201, summary="E2B: create a sandbox (v1)")
 async def create_v1(body: NewSandbox, state: State, tenant: TenantCaller) -> JSONResponse:
-    return _created(state, await state.service.create(body.params(), tenant=tenant))
+    return _created(state, await state.service.create(body.params(state.settings), tenant=tenant))
 
 
 @router.post("/v2/sandboxes", status_code=201, summary="E2B: create a sandbox")
@@ -139,7 +138,8 @@ async def create(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JSONResponse:
     """``Idempotency-Key``: a retry of a create that already made a (still live) sandbox gets that sandbox."""
-    return _created(state, await state.service.create(body.params(idempotency_key), tenant=tenant))
+    params = body.params(state.settings, idempotency_key)
+    return _created(state, await state.service.create(params, tenant=tenant))
 
 
 async def _live(service: SandboxService, sandbox_id: str, tenant: TenantId) -> SandboxInfo:
@@ -244,26 +244,30 @@ class NetworkUpdate(_Body):
     allowOut: list[Any] | None = None
     denyOut: list[Any] | None = None
     allow_internet_access: bool | None = None
+    dnsServers: list[Any] | None = None
     egressProxy: dict[str, Any] | None = None
     rules: dict[str, Any] | None = None
 
 
-@router.put("/sandboxes/{sandbox_id}/network", status_code=204, summary="E2B: change outbound rules")
+@router.put("/sandboxes/{sandbox_id}/network", status_code=204, summary="E2B: replace the egress rules")
 async def update_network(
     sandbox_id: str, state: State, tenant: TenantCaller, body: NetworkUpdate | None = None
 ) -> Response:
-    """Deny rules already hold (nothing goes out); an allow rule is something this server cannot grant."""
-    await _live(state.service, sandbox_id, tenant)
+    """E2B replaces every rule: a field left out is cleared (no rules at all is the server's E2B default)."""
+    info = await _live(state.service, sandbox_id, tenant)
     body = body or NetworkUpdate()
-    _refuse(
-        {
-            "allowOut": bool(body.allowOut),
-            "allow_internet_access": body.allow_internet_access is True,
-            "egressProxy": bool(body.egressProxy),
-            "rules": bool(body.rules),
-        },
-        "its sandboxes have no route out (loopback only)",
+    policy = corral_policy(
+        body.model_dump(exclude={"allow_internet_access"}, exclude_none=True),
+        body.allow_internet_access,
+        internet_by_default=state.settings.e2b_internet_by_default,
+        internet_is_a_choice=True,  # only newer SDKs update, and they send it only when asked
     )
+    try:
+        await state.service.update_network(sandbox_id, policy, tenant=tenant)
+    except Unsupported as exc:
+        if info.network != "none":
+            raise
+        raise Unsupported(f"sandbox {sandbox_id} has no network to change: {UPDATABLE_NONE}") from exc
     return Response(status_code=204)
 
 

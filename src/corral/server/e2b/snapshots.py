@@ -14,7 +14,6 @@ from fastapi import Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from corral.errors import Unsupported
 from corral.ids import TenantId
 from corral.server.app import State, TenantCaller
 from corral.server.e2b._wire import (
@@ -87,9 +86,3 @@ async def list_snapshots(
 async def delete_template(template_id: str, state: State, tenant: TenantCaller) -> Response:
     await state.service.delete_own_template(corral_template(template_id), tenant=tenant)
     return Response(status_code=204)
-
-
-@router.get("/sandboxes/{sandbox_id}/metrics", summary="E2B: resource use over time (not collected here)")
-async def metrics(sandbox_id: str, state: State, tenant: TenantCaller) -> JSONResponse:
-    await visible_sandbox(state, sandbox_id, tenant)
-    raise Unsupported("this Corral server does not collect sandbox metrics (CPU, memory, disk) yet")

@@ -105,6 +105,18 @@ async def update_network(
     return _wire(state, await state.service.update_network(sandbox_id, body.value(), tenant=tenant))
 
 
+@router.get("/{sandbox_id}/metrics", summary="The sandbox's CPU, memory and disk use over time, oldest first")
+async def metrics(
+    sandbox_id: str,
+    state: State,
+    tenant: TenantCaller,
+    start: Annotated[float | None, Query(description="Unix seconds")] = None,
+    end: Annotated[float | None, Query(description="Unix seconds")] = None,
+) -> list[dict[str, Any]]:
+    found = await state.service.metrics(sandbox_id, tenant=tenant, start=start, end=end)
+    return [s.to_wire() for s in found]
+
+
 @router.get("/{sandbox_id}/network", summary="The sandbox's egress policy and its decision counts")
 async def network_status(sandbox_id: str, state: State, tenant: TenantCaller) -> dict[str, Any]:
     return (await state.service.network_status(sandbox_id, tenant=tenant)).to_wire()
