@@ -814,21 +814,37 @@ class _Shim:
                 self.spec.checkpoint_argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                stderr=2,  # shim.log
+                stderr=subprocess.PIPE,
                 timeout=CHECKPOINT_TIMEOUT,
                 check=False,
             )
-            failed = done.returncode != 0
+            said = done.stderr.decode(errors="replace").strip()
+            reason = f"exit {done.returncode}: {said}" if done.returncode != 0 else None
         except (OSError, subprocess.SubprocessError) as exc:
-            print(f"corral-shim: checkpoint failed: {exc}", file=sys.stderr)
-            failed = True
-        if failed:
-            return {"id": rid, "ev": "error", "code": "internal", "message": "checkpoint failed"}
+            reason = str(exc)
+        if reason is not None:
+            # the helper's own words (e.g. QEMU's migration error) for the operator's log: the runtime logs
+            # this header and sends clients only its generic message
+            reason = reason[-2000:]
+            print(f"corral-shim: checkpoint failed: {reason}", file=sys.stderr)
+            return {
+                "id": rid,
+                "ev": "error",
+                "code": "internal",
+                "message": "checkpoint failed",
+                "reason": reason,
+            }
         end = time.monotonic() + CHECKPOINT_TIMEOUT
         while not os.waitpid(self.child_pid, os.WNOHANG)[0]:
             if time.monotonic() > end:
                 self.kill("checkpoint did not stop the sandbox")
-                return {"id": rid, "ev": "error", "code": "internal", "message": "checkpoint failed"}
+                return {
+                    "id": rid,
+                    "ev": "error",
+                    "code": "internal",
+                    "message": "checkpoint failed",
+                    "reason": "the sandbox command did not exit after its checkpoint",
+                }
             time.sleep(0.005)  # bounded; the sandbox command exits within ms of a completed checkpoint
         drain_end = time.monotonic() + 5.0  # the writers are gone: EOF comes at once unless a stray holds it
         while not self._agent_eof and time.monotonic() < drain_end:
