@@ -5,15 +5,16 @@ or from the small command below, which the shim runs as its ``checkpoint_argv``:
 
     python -I -m corral.runtimes.microvm.qmp QMP_SOCKET save IMAGE
 
-It stops the VM, migrates its memory and device state to IMAGE, waits for the migration to finish and quits
-QEMU: the shim then sees its sandbox command exit, as after ``runsc checkpoint``.
+It stops the VM, migrates its memory and device state to IMAGE (created here, passed to QEMU as a
+descriptor), waits for the migration to finish and quits QEMU: the shim then sees its sandbox command exit,
+as after ``runsc checkpoint``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import shlex
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = ["command", "save"]
 
 log = logging.getLogger("corral.runtimes.microvm.qmp")
 
+MIGRATION_FD = "corral-migration"  # the name QEMU knows the image's descriptor by
 COMMAND_TIMEOUT = 60.0  # one QMP command (``stop`` waits for every vCPU to leave TCG: slow on a loaded host)
 _FAILURES = (OSError, EOFError, QMPError)  # EOFError: the VMM hung up (qemu.qmp raises it from close too)
 
@@ -61,6 +63,15 @@ class _Session:
             log.error("QMP %s on %s failed: %r", name, self.sock, exc)
             raise RuntimeFailure(f"could not {self.what}") from exc
 
+    def send_fd(self, fd: int, name: str) -> None:
+        """Give QEMU a descriptor of ours under ``name`` (SCM_RIGHTS, then ``getfd``)."""
+        try:
+            self.client.send_fd_scm(fd)
+        except _FAILURES as exc:
+            log.error("QMP could not pass a descriptor to %s: %r", self.sock, exc)
+            raise RuntimeFailure(f"could not {self.what}") from exc
+        self.cmd("getfd", fdname=name)
+
     def __enter__(self) -> _Session:
         return self
 
@@ -86,7 +97,18 @@ def save(sock: Path, image: Path, *, quit: bool, timeout: float) -> None:
     with _Session(sock, "save the microVM's memory") as session:
         session.cmd("stop")
         try:
-            session.cmd("migrate", uri=f"exec:cat > {shlex.quote(str(image))}")
+            # QEMU runs as an unprivileged uid that cannot open files in the (root-only) state dir or
+            # snapshot store, and may not spawn a `cat`: it gets the image as a descriptor we opened
+            try:
+                fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                log.error("could not create the memory image %s: %s", image, exc)
+                raise RuntimeFailure("could not save the microVM's memory") from exc
+            try:
+                session.send_fd(fd, MIGRATION_FD)
+            finally:
+                os.close(fd)
+            session.cmd("migrate", uri=f"fd:{MIGRATION_FD}")
             deadline = time.monotonic() + timeout
             while True:
                 info = session.cmd("query-migrate")

@@ -49,6 +49,7 @@ from corral.runtimes import _shimctl
 from corral.runtimes._bundle import AgentBundle
 from corral.runtimes._local import SNAPSHOTS, LocalRuntime, LocalSandbox, host_layers
 from corral.runtimes._shimspec import ShimSpec
+from corral.runtimes._uids import UidAllocator
 from corral.runtimes.base import (
     Artifact,
     ArtifactKind,
@@ -177,8 +178,14 @@ class MicroVMRuntime(LocalRuntime[str]):
         config.save(state_dir / "vm.json")
         image = state_dir / CHECKPOINT_DIR / "memory"
         binary = self.host
+        # the VMM's own unprivileged uid (recorded first: a failure below releases it)
+        sandbox.extra["uid_slot"] = slot = UidAllocator(self.config.state_root).allocate(spec.sandbox_id)
+        uid = UidAllocator.base(slot)
+        boot = self.engine.launch(binary, config, state_dir, uid=uid, incoming=incoming)
+        restore = self.engine.launch(binary, config, state_dir, uid=uid, incoming=image)
         return ShimSpec(
-            argv=self.engine.argv(binary, config, state_dir, incoming=incoming),
+            argv=boot.argv,
+            files=boot.files,
             socket=sandbox.socket,
             control=sandbox.control,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
@@ -186,7 +193,8 @@ class MicroVMRuntime(LocalRuntime[str]):
             restored=incoming is not None,
             hello_file=str(state_dir / "hello.frame") if incoming is not None else None,
             checkpoint_argv=self.engine.checkpoint_argv(sys.executable, state_dir, image),
-            restore_argv=self.engine.argv(binary, config, state_dir, incoming=image),
+            restore_argv=restore.argv,
+            restore_files=restore.files,
             announce_restore=True,
         )
 
@@ -348,6 +356,11 @@ class MicroVMRuntime(LocalRuntime[str]):
             if time.monotonic() > deadline:
                 raise RuntimeFailure("could not stop the microVM", details={"left": len(pids)})
             time.sleep(_POLL)  # bounded; dying processes we do not parent have no event to wait on
+
+    def release(self, sandbox: LocalSandbox) -> None:
+        slot = sandbox.extra.get("uid_slot")
+        if slot is not None:
+            UidAllocator(self.config.state_root).release(int(slot), sandbox.sandbox_id)
 
     def shim_exits_by_itself(self, sandbox: LocalSandbox) -> bool:
         return not (sandbox.state_dir / "paused").exists()  # paused to disk: no VMM whose exit ends the shim
