@@ -6,9 +6,11 @@ runs, whose stdin/stdout must be the agent's byte stream (QEMU: a virtio-serial 
 chardev), and drives that running VMM through its control socket in the state dir. Every method but
 :meth:`Engine.launch` and :meth:`Engine.checkpoint_argv` blocks and runs in a worker thread.
 
-Only ``qemu`` exists (:mod:`.qemu`). Firecracker and cloud-hypervisor would implement the same methods over
-their REST sockets (``PATCH /vm`` pause/resume, ``PUT /snapshot/create``/``load``), with raw disks only and
-the agent on vsock behind a small relay process in the command's place.
+``qemu`` (:mod:`.qemu`) is the one that runs sandboxes. ``firecracker`` and ``cloud-hypervisor``
+(:mod:`.firecracker`) have their API calls (``PATCH /vm`` / ``vm.pause``, snapshot create/load, the machine
+config), REST client and vsock handshake (:mod:`.rest`), but not yet the relay that would stand in the
+command's place (start the VMM, configure it, splice the authenticated vsock stream to stdio), so selecting
+them is a typed refusal at ``check_host``.
 """
 
 from __future__ import annotations
