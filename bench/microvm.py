@@ -39,6 +39,7 @@ from _stats import quantile
 from corral.core.agent_client import AgentClient
 from corral.ids import SandboxId
 from corral.images.rootfs import ensure_host_template
+from corral.runtimes._uids import UidAllocator
 from corral.runtimes.base import Instance, RuntimeConfig, SandboxSpec
 from corral.runtimes.microvm.guest import BUSYBOX, _Cpio, ensure_guest
 from corral.runtimes.microvm.hostside import vm_processes as _vm_processes
@@ -96,7 +97,7 @@ def bare_boot(engine: QemuEngine, binary: str, config: VmConfig, work: Path) -> 
     bare = VmConfig(
         kernel=config.kernel, initramfs=str(initrd), memory_mb=config.memory_mb, vcpus=1, disks=(), args={}
     )
-    argv = engine.argv(binary, bare, work)
+    argv = engine.launch(binary, bare, work, uid=UidAllocator.base(UidAllocator.SLOTS - 1)).argv
     # the console on stdout instead of a file, and nothing on the agent port
     i = argv.index("chardev:console")
     argv[i] = "stdio"

@@ -254,6 +254,18 @@ async def microvm_sandbox(
         yield _restore_or_boot(make, microvm_golden)
 
 
+@pytest.fixture
+async def microvm_disk_sandbox(
+    runtime_config: RuntimeConfig, microvm_cache: Path, microvm_golden: Any, host_rootfs: Any
+) -> AsyncIterator[SandboxFactory]:
+    """Like ``microvm_sandbox``, on a runtime whose pause writes the VM's memory to disk (``pause = "disk"``)."""
+    from corral.runtimes.microvm.runtime import MicroVMOptions, MicroVMRuntime
+
+    runtime = MicroVMRuntime(runtime_config, MicroVMOptions(cache_dir=str(microvm_cache), pause="disk"))
+    async for make in _sandbox_factory(runtime, host_rootfs):
+        yield _restore_or_boot(make, microvm_golden)
+
+
 def _restore_or_boot(make: SandboxFactory, golden: Any) -> SandboxFactory:
     async def restore_or_boot(boot: bool = False, **spec_fields: Any) -> SandboxHandle:
         if not boot:

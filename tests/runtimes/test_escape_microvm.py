@@ -17,6 +17,8 @@ from typing import Any
 import anyio
 import pytest
 
+from corral.errors import RuntimeFailure
+
 pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.anyio]
 
 
@@ -57,6 +59,10 @@ def _qemu_rss_mb(sb: Any) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    return dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
 
 
 async def test_host_processes_are_invisible(microvm_sandbox: Any) -> None:
@@ -170,3 +176,43 @@ async def test_memory_and_console_floods_stay_inside(microvm_sandbox: Any) -> No
     await sb.run("dd if=/dev/zero of=/dev/ttyS0 bs=1M count=20 2>/dev/null; echo done", timeout=120)
     await anyio.sleep(0.5)
     assert console.stat().st_size == size  # after boot the console is a 64 KiB ring in QEMU, not a file
+
+
+async def test_a_compromised_qemu_is_an_unprivileged_stranger_on_the_host(
+    microvm_sandbox: Any, tmp_path: Path
+) -> None:
+    """Code that took over QEMU (a device-emulation bug) runs as the VM's own uid, without capabilities, and
+    under QEMU's seccomp filter (which also denies spawning programs): it cannot read root's files. Driven here through QMP,
+    which makes QEMU itself open a file, as such code would."""
+    from corral.runtimes._uids import UidAllocator
+    from corral.runtimes.microvm import qmp
+    from corral.runtimes.microvm.hostside import vm_processes
+
+    sb = await microvm_sandbox()
+    other = await microvm_sandbox()
+    (pid,) = vm_processes(sb.state_dir)
+    status = _proc_status(pid)
+    uids = {int(u) for u in status["Uid"].split()} | {int(g) for g in status["Gid"].split()}
+    assert len(uids) == 1 and uids.pop() >= UidAllocator.UID_BASE  # real, effective, saved, fs: one stranger
+    assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 0
+    assert status["Groups"].split() in ([], status["Gid"].split()[:1])  # no supplementary host group
+    assert int(status["Seccomp"]) == 2  # QEMU's own filter is loaded
+    (other_pid,) = vm_processes(other.state_dir)
+    assert _proc_status(other_pid)["Uid"] != status["Uid"]  # one uid per VMM
+
+    secret = tmp_path / "root-only"
+    secret.write_text("host secret\n")
+    secret.chmod(0o600)
+    with pytest.raises(RuntimeFailure) as refused:
+        await anyio.to_thread.run_sync(
+            lambda: qmp.command(
+                sb.state_dir / "qmp.sock",
+                "blockdev-add",
+                driver="file",
+                filename=str(secret),
+                **{"node-name": "stolen", "read-only": True},
+            )
+        )
+    assert "Permission denied" in str(refused.value.__cause__)
+    # the VM it serves still works, and its disks (opened by root before the drop) are all there
+    assert (await sb.run("echo fine")).out == "fine\n"

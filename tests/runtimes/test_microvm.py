@@ -78,43 +78,40 @@ async def test_pause_stops_the_guest_and_resume_continues_it(microvm_sandbox: An
     assert (await sb.run("cat /tmp/tick")).out != before
 
 
-async def test_pause_to_disk_frees_the_vm_and_resume_restores_it(
-    runtime_config: RuntimeConfig,
-    microvm_golden: Any,
-    host_rootfs: HostLayers,
-    nothing_left: Any,
-    microvm_cache: Path,
-) -> None:
-    from corral.core.agent_client import AgentClient
-    from corral.models import ExecParams
-    from corral.testing import run_command
+async def test_pause_to_disk_frees_the_vm_and_resume_restores_it(microvm_disk_sandbox: Any) -> None:
+    sb = await microvm_disk_sandbox()
+    await sb.run('echo kept > /tmp/note; python3 -c \'open("/dev/shm/m","w").write("x"*1000)\'')
+    await sb.runtime.pause(sb.instance)
+    assert (await sb.runtime.inspect(sb.instance)).state is ObservedState.PAUSED
+    assert not _vm_processes(sb.state_dir)  # no QEMU while paused: the memory is on disk
+    assert (sb.state_dir / "checkpoint" / "memory").stat().st_size > 1 << 20
+    await sb.runtime.resume(sb.instance)
+    # files and RAM (a tmpfs) came back, on the same connection
+    assert (await sb.run("cat /tmp/note; wc -c < /dev/shm/m")).out.split() == ["kept", "1000"]
 
-    runtime = MicroVMRuntime(runtime_config, MicroVMOptions(cache_dir=str(microvm_cache), pause="disk"))
-    spec = SandboxSpec(
-        sandbox_id=SandboxId.new(),
-        rootfs=host_rootfs,
-        upper_seed=microvm_golden.files,
-        restore_from=microvm_golden.memory,
+
+async def test_a_failed_pause_to_disk_logs_qemus_reason_and_the_vm_runs_on(
+    microvm_disk_sandbox: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    sb = await microvm_disk_sandbox()
+    checkpoint = sb.state_dir / "checkpoint"
+    # a memory image that cannot fit: QEMU's migration fails part-way with ENOSPC
+    await anyio.run_process(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "corral-test", str(checkpoint)]
     )
-    instance = await runtime.create(spec)
-    state_dir = Path(instance.ref)
     try:
-        client = await AgentClient.open(await runtime.connect(instance), sandbox_id=spec.sandbox_id)
-        await run_command(
-            client,
-            ExecParams(cmd='echo kept > /tmp/note; python3 -c \'open("/dev/shm/m","w").write("x"*1000)\''),
-        )
-        await runtime.pause(instance)
-        assert (await runtime.inspect(instance)).state is ObservedState.PAUSED
-        assert not _vm_processes(state_dir)  # no QEMU while paused: the memory is on disk
-        assert (state_dir / "checkpoint" / "memory").stat().st_size > 1 << 20
-        await runtime.resume(instance)
-        out, _, _ = await run_command(client, ExecParams(cmd="cat /tmp/note; wc -c < /dev/shm/m"))
-        assert out.split() == [b"kept", b"1000"]  # files and RAM (a tmpfs) came back; the same connection
-        await client.aclose()
+        with (
+            caplog.at_level(logging.ERROR),
+            pytest.raises(RuntimeFailure, match=r"^could not pause the microVM$"),
+        ):
+            await sb.runtime.pause(sb.instance)
     finally:
-        await runtime.destroy(instance)
-    nothing_left(instance)
+        await anyio.run_process(["umount", str(checkpoint)])
+    # the operator's log says why, in QEMU's words, not only that the shim's helper failed
+    assert "'status': 'failed'" in caplog.text and "error-desc" in caplog.text, caplog.text
+    assert (await sb.runtime.inspect(sb.instance)).state is ObservedState.RUNNING  # not left stopped
+    assert await anyio.to_thread.run_sync(sb.runtime.engine.status, sb.state_dir) == "running"
+    assert (await sb.run("echo still-here")).out == "still-here\n"
 
 
 async def test_forks_copy_memory_and_disk_then_diverge(microvm_sandbox: Any) -> None:

@@ -375,9 +375,9 @@ async def test_parallel_creates_get_disjoint_uid_ranges(ns_sandbox) -> None:
 
 
 def test_uid_allocator_reclaims_and_releases(tmp_path: Path) -> None:
-    from corral.runtimes.namespace import _UidAllocator
+    from corral.runtimes._uids import UidAllocator
 
-    alloc = _UidAllocator(tmp_path)
+    alloc = UidAllocator(tmp_path)
     for name in ("sb-a", "sb-b", "sb-c", "sb-d", "sb-e"):  # a slot is held while its state dir exists
         (tmp_path / name).mkdir()
     assert [alloc.allocate("sb-a"), alloc.allocate("sb-b")] == [0, 1]
@@ -387,7 +387,7 @@ def test_uid_allocator_reclaims_and_releases(tmp_path: Path) -> None:
     assert alloc.allocate("sb-d") == 0
     (tmp_path / "sb-b").rmdir()  # a sandbox whose destroyer died before releasing its slot
     assert alloc.allocate("sb-e") == 1
-    assert _UidAllocator.base(1) - _UidAllocator.base(0) == 65536 and _UidAllocator.base(0) >= 100_000
+    assert UidAllocator.base(1) - UidAllocator.base(0) == 65536 and UidAllocator.base(0) >= 100_000
 
 
 def test_check_explains_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:

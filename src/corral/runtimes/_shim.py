@@ -99,6 +99,7 @@ def load_spec(text: str) -> ShimSpec:
     data["mounts"] = [SimpleNamespace(**m) for m in data["mounts"]]
     data["userns"] = SimpleNamespace(**data["userns"]) if data["userns"] else None
     data["files"] = [SimpleNamespace(**f) for f in data["files"]]
+    data["restore_files"] = [SimpleNamespace(**f) for f in data.get("restore_files", [])]
     return SimpleNamespace(**data)  # type: ignore[return-value]
 
 
@@ -300,10 +301,10 @@ def _mapping_userns_fd(userns: UserNs) -> int:
         os.waitpid(pid, 0)
 
 
-def _setup_child(spec: ShimSpec, sync_r: int, sync_w: int) -> dict[int, int]:
+def _setup_child(spec: ShimSpec, files: list[FdFile], sync_r: int, sync_w: int) -> dict[int, int]:
     """Everything between fork and exec. Raises on failure; the caller reports it and exits 127.
 
-    Returns the opened ``spec.files`` (target fd → parked fd) for :func:`_install_fds`."""
+    Returns the opened ``files`` (target fd → parked fd) for :func:`_install_fds`."""
     for procs in spec.cgroup_procs:
         _write(procs, str(os.getpid()))
     if spec.netns:  # a prepared network namespace (owned by host root, so nothing inside can reconfigure it)
@@ -339,7 +340,7 @@ def _setup_child(spec: ShimSpec, sync_r: int, sync_w: int) -> dict[int, int]:
                 raise ValueError(f"unknown mount kind {m.kind!r}")
         if userns_fd >= 0:
             os.close(userns_fd)
-    parked = _open_fd_files(spec.files)
+    parked = _open_fd_files(files)
     if spec.userns:
         _check(_libc.unshare(CLONE_NEWUSER), "unshare(user)")
         os.write(sync_w, b"u")  # parent writes our uid/gid maps …
@@ -381,7 +382,8 @@ def _open_fd_files(files: list[FdFile]) -> dict[int, int]:
     """Open ``files`` (target fd → parked fd)."""
     parked: dict[int, int] = {}
     for i, f in enumerate(files):
-        fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+        mode = os.O_RDWR if getattr(f, "write", False) else os.O_RDONLY
+        fd = os.open(f.path, mode | os.O_CLOEXEC)
         parked[f.fd] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _FD_PARK + i)
         os.close(fd)
     return parked
@@ -464,10 +466,10 @@ class _Shim:
             assert self.spec.hello_file, "a restored start needs the agent's hello"
             with open(self.spec.hello_file, "rb") as f:
                 self.hello = f.read()
-            self.spawn(self.spec.argv)
+            self.spawn(self.spec.argv, self.spec.files)
             self.send_ping()
         else:
-            self.spawn(self.spec.argv)
+            self.spawn(self.spec.argv, self.spec.files)
         self.sel.register(self.listener, selectors.EVENT_READ, "accept")
         if self.control_listener is not None:
             self.sel.register(self.control_listener, selectors.EVENT_READ, "accept_control")
@@ -482,7 +484,7 @@ class _Shim:
         self.to_agent += encode({"id": self.ping_id, "op": "ping"})
         self.update_interest()
 
-    def spawn(self, argv: list[str]) -> None:
+    def spawn(self, argv: list[str], files: list[FdFile]) -> None:
         """Fork the sandbox command ``argv`` with fresh stdio pipes (see the module docstring, step 2)."""
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -496,7 +498,7 @@ class _Shim:
                 os.close(c2p_r)
                 os.setpgid(0, 0)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                extra_fds = _setup_child(self.spec, p2c_r, c2p_w)
+                extra_fds = _setup_child(self.spec, files, p2c_r, c2p_w)
                 os.dup2(in_r, 0)
                 os.dup2(out_w, 1)
                 os.dup2(log_fd, 2)
@@ -814,21 +816,37 @@ class _Shim:
                 self.spec.checkpoint_argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                stderr=2,  # shim.log
+                stderr=subprocess.PIPE,
                 timeout=CHECKPOINT_TIMEOUT,
                 check=False,
             )
-            failed = done.returncode != 0
+            said = done.stderr.decode(errors="replace").strip()
+            reason = f"exit {done.returncode}: {said}" if done.returncode != 0 else None
         except (OSError, subprocess.SubprocessError) as exc:
-            print(f"corral-shim: checkpoint failed: {exc}", file=sys.stderr)
-            failed = True
-        if failed:
-            return {"id": rid, "ev": "error", "code": "internal", "message": "checkpoint failed"}
+            reason = str(exc)
+        if reason is not None:
+            # the helper's own words (e.g. QEMU's migration error) for the operator's log: the runtime logs
+            # this header and sends clients only its generic message
+            reason = reason[-2000:]
+            print(f"corral-shim: checkpoint failed: {reason}", file=sys.stderr)
+            return {
+                "id": rid,
+                "ev": "error",
+                "code": "internal",
+                "message": "checkpoint failed",
+                "reason": reason,
+            }
         end = time.monotonic() + CHECKPOINT_TIMEOUT
         while not os.waitpid(self.child_pid, os.WNOHANG)[0]:
             if time.monotonic() > end:
                 self.kill("checkpoint did not stop the sandbox")
-                return {"id": rid, "ev": "error", "code": "internal", "message": "checkpoint failed"}
+                return {
+                    "id": rid,
+                    "ev": "error",
+                    "code": "internal",
+                    "message": "checkpoint failed",
+                    "reason": "the sandbox command did not exit after its checkpoint",
+                }
             time.sleep(0.005)  # bounded; the sandbox command exits within ms of a completed checkpoint
         drain_end = time.monotonic() + 5.0  # the writers are gone: EOF comes at once unless a stray holds it
         while not self._agent_eof and time.monotonic() < drain_end:
@@ -853,7 +871,7 @@ class _Shim:
         with contextlib.suppress(OSError):
             os.unlink(self._path("paused"))
         self.restore_waiter = (tag, rid)
-        self.spawn(self.spec.restore_argv)
+        self.spawn(self.spec.restore_argv, self.spec.restore_files)
         self.send_ping()
         return None
 

@@ -52,6 +52,7 @@ class FdFile:
 
     fd: int
     path: str
+    write: bool = False  # opened read-write (a VM's writable disk), else read-only
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +73,7 @@ class ShimSpec:
     # hello, which a restored agent does not send again, is read from ``hello_file``.
     checkpoint_argv: list[str] | None = None
     restore_argv: list[str] | None = None
+    restore_files: list[FdFile] = field(default_factory=list)  # ``files`` of restore_argv (its image)
     restored: bool = False
     hello_file: str | None = None
     netns: str | None = None  # a network namespace file (/run/netns/…) the sandbox joins instead of its own
@@ -85,6 +87,7 @@ class ShimSpec:
         data["mounts"] = [m.__dict__ for m in self.mounts]
         data["userns"] = self.userns.__dict__ if self.userns else None
         data["files"] = [f.__dict__ for f in self.files]
+        data["restore_files"] = [f.__dict__ for f in self.restore_files]
         return json.dumps(data)
 
     @classmethod
@@ -93,4 +96,5 @@ class ShimSpec:
         data["mounts"] = [Mount(**m) for m in data.get("mounts", [])]
         data["userns"] = UserNs(**data["userns"]) if data.get("userns") else None
         data["files"] = [FdFile(**f) for f in data.get("files", [])]
+        data["restore_files"] = [FdFile(**f) for f in data.get("restore_files", [])]
         return cls(**data)

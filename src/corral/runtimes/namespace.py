@@ -10,7 +10,7 @@ One sandbox is, from the outside in (each layer set up by the shim's child befor
    the sandbox's root), and an **overlayfs** with a per-sandbox upper dir on disk (:mod:`._rootfs`), or on a
    loop-mounted ext4 image of ``disk_mb`` when the sandbox has a disk quota;
 3. a **user namespace** mapping sandbox uids 0..65535 to a host range no other sandbox and no host account
-   uses (:class:`_UidAllocator`): root inside is an unprivileged stranger outside. The shim also trims the
+   uses (:class:`UidAllocator`): root inside is an unprivileged stranger outside. The shim also trims the
    capability bounding set there to :data:`SANDBOX_CAPS` (bwrap 0.8 leaves it full when run as uid 0);
 4. **bubblewrap** (no ``--unshare-user``: it runs as uid 0 of that user namespace and keeps its capabilities
    there) makes pid, ipc, uts, net and cgroup namespaces, pivots into the overlay, mounts a fresh ``/proc``,
@@ -31,27 +31,25 @@ limit, and they are kept by file-system snapshots like everything else.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
 import os
 import shutil
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import anyio
 import anyio.from_thread
 import anyio.to_thread
 
-from corral.errors import CorralError, InvalidState, RuntimeFailure, RuntimeUnavailable
+from corral.errors import InvalidState, RuntimeFailure, RuntimeUnavailable
 from corral.runtimes import _layers, _proc, _rootfs, _seccomp
 from corral.runtimes._bundle import MOUNT_POINT, AgentBundle, agent_argv
 from corral.runtimes._cgroups import CgroupLayout, SandboxCgroup, detect_layout
 from corral.runtimes._local import LocalRuntime, LocalSandbox, host_layers, sandbox_net
 from corral.runtimes._net.stack import SandboxNet
 from corral.runtimes._shimspec import FdFile, Mount, ShimSpec, UserNs
+from corral.runtimes._uids import UidAllocator
 from corral.runtimes.base import (
     ArtifactKind,
     Capabilities,
@@ -92,61 +90,6 @@ SANDBOX_CAPS = {  # name -> number (linux/capability.h)
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-class _UidAllocator:
-    """Hands out disjoint 65536-uid host ranges, one per sandbox, across processes.
-
-    Ranges start at ``UID_BASE`` (1e9), far above the ids ``useradd`` and ``/etc/subuid`` hand out, so no
-    sandbox uid is ever a host account. The table is a JSON file under ``state_root``, changed under an
-    ``flock``; a slot whose sandbox no longer has a state directory is reclaimed (its sandbox was destroyed by
-    a process that died before releasing it).
-    """
-
-    UID_BASE = 1_000_000_000
-    RANGE = 65536
-    SLOTS = 16384  # 1e9 + 16384 x 65536 ~ 2.07e9 < 2^31, clear of the 32-bit "-1" uid
-
-    def __init__(self, state_root: Path) -> None:
-        self.state_root = state_root
-        self.table = state_root / "uid-slots.json"
-        self.lock = state_root / "uid-slots.lock"
-
-    @contextlib.contextmanager
-    def _locked(self) -> Any:
-        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                slots: dict[str, str] = json.loads(self.table.read_text())
-            except FileNotFoundError:
-                slots = {}
-            yield slots
-            tmp = self.table.with_suffix(".tmp")
-            tmp.write_text(json.dumps(slots, sort_keys=True))
-            tmp.rename(self.table)
-        finally:
-            os.close(fd)
-
-    def allocate(self, sandbox_id: str) -> int:
-        with self._locked() as slots:
-            for slot, owner in list(slots.items()):
-                if not (self.state_root / owner).exists():
-                    del slots[slot]
-            for slot in range(self.SLOTS):
-                if str(slot) not in slots:
-                    slots[str(slot)] = sandbox_id
-                    return slot
-        raise CorralError("no free uid range for another sandbox on this host")
-
-    def release(self, slot: int, sandbox_id: str) -> None:
-        with self._locked() as slots:
-            if slots.get(str(slot)) == sandbox_id:
-                del slots[str(slot)]
-
-    @classmethod
-    def base(cls, slot: int) -> int:
-        return cls.UID_BASE + slot * cls.RANGE
-
-
 _Host = tuple[str, CgroupLayout, bytes]  # bwrap's path, the cgroup layout, the seccomp program
 
 
@@ -166,9 +109,9 @@ class NamespaceRuntime(LocalRuntime[_Host]):
         bwrap, layout, program = self.host
         cgroup = SandboxCgroup.for_sandbox(layout, spec.sandbox_id)
         sandbox.extra["cgroup"] = cgroup.to_json()  # recorded before it exists: a failure below removes it
-        slot = _UidAllocator(self.config.state_root).allocate(spec.sandbox_id)
+        slot = UidAllocator(self.config.state_root).allocate(spec.sandbox_id)
         sandbox.extra["uid_slot"] = slot
-        sandbox.extra["uid_base"] = base = _UidAllocator.base(slot)
+        sandbox.extra["uid_base"] = base = UidAllocator.base(slot)
         return _prepare(spec, sandbox, cgroup, base, bwrap, program, self.bundle, sandbox_net(sandbox))
 
     # -- teardown and inspect hooks -------------------------------------------------------------------------
@@ -179,7 +122,7 @@ class NamespaceRuntime(LocalRuntime[_Host]):
     def release(self, sandbox: LocalSandbox) -> None:
         slot = sandbox.extra.get("uid_slot")
         if slot is not None:
-            _UidAllocator(self.config.state_root).release(int(slot), sandbox.sandbox_id)
+            UidAllocator(self.config.state_root).release(int(slot), sandbox.sandbox_id)
 
     async def refine_running(self, sandbox: LocalSandbox) -> Observed:
         cgroup = self.cgroup(sandbox)

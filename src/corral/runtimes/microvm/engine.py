@@ -4,21 +4,34 @@ Everything else (guest, disks, the shim, snapshots as files, teardown by the VM'
 independent and lives in :mod:`.runtime`. An engine turns a :class:`~.vm.VmConfig` into the command the shim
 runs, whose stdin/stdout must be the agent's byte stream (QEMU: a virtio-serial port on its ``stdio``
 chardev), and drives that running VMM through its control socket in the state dir. Every method but
-:meth:`Engine.argv` and :meth:`Engine.checkpoint_argv` blocks and runs in a worker thread.
+:meth:`Engine.launch` and :meth:`Engine.checkpoint_argv` blocks and runs in a worker thread.
 
-Only ``qemu`` exists (:mod:`.qemu`). Firecracker and cloud-hypervisor would implement the same methods over
-their REST sockets (``PATCH /vm`` pause/resume, ``PUT /snapshot/create``/``load``), with raw disks only and
-the agent on vsock behind a small relay process in the command's place.
+``qemu`` (:mod:`.qemu`) is the one that runs sandboxes. ``firecracker`` and ``cloud-hypervisor``
+(:mod:`.firecracker`) have their API calls (``PATCH /vm`` / ``vm.pause``, snapshot create/load, the machine
+config), REST client and vsock handshake (:mod:`.rest`), but not yet the relay that would stand in the
+command's place (start the VMM, configure it, splice the authenticated vsock stream to stdio), so selecting
+them is a typed refusal at ``check_host``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from corral.runtimes._shimspec import FdFile
 from corral.runtimes.microvm.vm import VmConfig
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "Launch"]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the shim starts a VMM: its command, and host files it opens for it as descriptors (a memory image
+    to restore: the VMM runs as an unprivileged uid that cannot open the root-only state dir itself)."""
+
+    argv: list[str]
+    files: list[FdFile] = field(default_factory=list)
 
 
 class Engine(Protocol):
@@ -27,10 +40,11 @@ class Engine(Protocol):
     def check(self) -> str:
         """The VMM binary, or RuntimeUnavailable naming the package (never probes /dev/kvm on its own)."""
 
-    def argv(
-        self, binary: str, config: VmConfig, state_dir: Path, *, incoming: Path | None = None
-    ) -> list[str]:
-        """Boot ``config`` (or restore the memory image ``incoming``); stdio = the agent's channel."""
+    def launch(
+        self, binary: str, config: VmConfig, state_dir: Path, *, uid: int, incoming: Path | None = None
+    ) -> Launch:
+        """Boot ``config`` (or restore the memory image ``incoming``) as host ``uid``; stdio = the agent's
+        channel."""
 
     def checkpoint_argv(self, python: str, state_dir: Path, image: Path) -> list[str]:
         """A command that saves the VM's memory to ``image`` and ends the VMM (a pause to disk)."""

@@ -1,5 +1,5 @@
 """Blocking host-side helpers of the microvm runtime (run in worker threads): a VM's processes, its console,
-and the files a memory image is made of."""
+the files a memory image is made of, and the machine a memory image restores."""
 
 from __future__ import annotations
 
@@ -9,9 +9,21 @@ import os
 import shutil
 from pathlib import Path
 
+from corral.errors import InvalidRequest, RuntimeFailure
+from corral.runtimes.base import Artifact, ArtifactKind, SandboxSpec
 from corral.runtimes.microvm import disks
+from corral.runtimes.microvm.vm import UPPER_SERIAL, VmConfig
 
-__all__ = ["capture", "clear_dir", "log_console", "private_dirs", "publish", "vm_processes"]
+__all__ = [
+    "capture",
+    "clear_dir",
+    "disk_seed",
+    "log_console",
+    "private_dirs",
+    "publish",
+    "restored_config",
+    "vm_processes",
+]
 
 log = logging.getLogger("corral.runtimes.microvm")
 
@@ -69,3 +81,27 @@ def vm_processes(state_dir: Path) -> set[int]:
                 if marker in Path(entry.path, "cmdline").read_bytes():
                     found.add(int(entry.name))
     return found
+
+
+def disk_seed(artifact: Artifact) -> Path:
+    if artifact.kind is not ArtifactKind.DISK:
+        raise InvalidRequest(f"a microVM starts from a disk snapshot, not a {artifact.kind}")
+    return artifact.path
+
+
+def restored_config(spec: SandboxSpec, memory: Path, upper: Path) -> VmConfig:
+    """The machine a memory image was taken of, with this sandbox's own copy of its disk."""
+    try:
+        config = VmConfig.load(memory / "vm.json")
+    except (OSError, ValueError, TypeError) as exc:
+        raise InvalidRequest("that snapshot is not a microVM memory image") from exc
+    if config.memory_mb != spec.limits.memory_mb:
+        raise InvalidRequest(
+            f"a microVM memory image restores with the memory it was taken with ({config.memory_mb} MiB)",
+            details={"memory_mb": config.memory_mb},
+        )
+    if any(d.serial != UPPER_SERIAL and not Path(d.path).exists() for d in config.disks):
+        raise RuntimeFailure("a disk image of that snapshot is gone from this host")
+    seed = disk_seed(spec.upper_seed) if spec.upper_seed is not None else memory / "upper.qcow2"
+    disks.copy_upper(seed, upper)
+    return config.with_upper(str(upper))

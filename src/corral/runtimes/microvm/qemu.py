@@ -12,24 +12,25 @@ otherwise: on nested hosts like this one KVM hangs QEMU, possibly unkillably.
 
 from __future__ import annotations
 
-import shlex
 import shutil
 import time
 from pathlib import Path
 
 from corral.errors import InvalidRequest, RuntimeFailure, RuntimeUnavailable
 from corral.runtimes import _proc
+from corral.runtimes._shimspec import FdFile
 from corral.runtimes.microvm import qmp
+from corral.runtimes.microvm.engine import Launch
 from corral.runtimes.microvm.vm import VmConfig, kernel_cmdline
 
 __all__ = ["ACCELERATORS", "QemuEngine"]
 
 ACCELERATORS = ("tcg", "kvm")
 QEMU = "qemu-system-x86_64"
-MIGRATE_TIMEOUT = 300.0
-CONSOLE_RING = (
-    64 * 1024
-)  # bytes of guest console kept in memory once the agent is up  # ~0.5 s per 256 MiB guest here; generous for large guests on a loaded host
+MIGRATE_TIMEOUT = 300.0  # ~0.5 s per 256 MiB guest here; generous for large guests on a loaded host
+CONSOLE_RING = 64 * 1024  # bytes of guest console kept in memory once the agent is up
+INCOMING_FD = 3  # the memory image a restore reads, opened by the shim
+DISK_FD_BASE = 10  # then two descriptors per writable disk (see launch)
 
 
 class QemuEngine:
@@ -55,10 +56,14 @@ class QemuEngine:
             _proc.require_binary(tool)
         return binary
 
-    def argv(
-        self, binary: str, config: VmConfig, state_dir: Path, *, incoming: Path | None = None
-    ) -> list[str]:
-        """The command that boots ``config`` (or, with ``incoming``, restores the memory image there)."""
+    def launch(
+        self, binary: str, config: VmConfig, state_dir: Path, *, uid: int, incoming: Path | None = None
+    ) -> Launch:
+        """The command that boots ``config`` (or, with ``incoming``, restores the memory image there).
+
+        QEMU opens everything on its command line (disks, kernel, console file, QMP socket) as root, then
+        drops to ``uid`` (``-runas``: no capabilities, no supplementary groups) before the guest runs; its
+        seccomp filter then also denies spawning processes, so memory images come and go as descriptors."""
         accel = "kvm" if self.accel == "kvm" else "tcg,thread=" + ("multi" if config.vcpus > 1 else "single")
         argv = [
             binary,
@@ -86,10 +91,14 @@ class QemuEngine:
             config.initramfs,
             "-append",
             kernel_cmdline(config, () if self.accel == "kvm" else (f"tsc_early_khz={_host_tsc_khz()}",)),
-            # QEMU's own seccomp filter: no obsolete syscalls, no set*uid, no scheduler/affinity changes
-            # (spawning stays allowed: migration to a file runs `cat`)
+            # an unprivileged uid and group of its own (the allocator's, never a host account)
+            "-runas",
+            f"{uid}:{uid}",
+            # QEMU's own seccomp filter: no obsolete syscalls, no spawning, no scheduler/affinity changes.
+            # set*uid stays allowed only because the filter is loaded before -runas drops to `uid`; after
+            # that QEMU has no capability left to change ids with
             "-sandbox",
-            "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
+            "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
             # the console goes to a file only until the agent is up (see quiet_console)
             "-chardev",
             f"file,id=console,path={_escape(str(state_dir / 'console.log'))}",
@@ -104,17 +113,31 @@ class QemuEngine:
             "-device",
             "virtserialport,chardev=agent,name=agent",
         ]
+        files: list[FdFile] = []
         for index, disk in enumerate(config.disks):
             ro = ",readonly=on" if disk.readonly else ""
+            path = _escape(disk.path)
+            if not disk.readonly:
+                # QEMU reopens a writable image read-only when a migration ends (and read-write when an
+                # incoming one does), which as `uid` it could not do by path: an fd set holding one
+                # descriptor of each mode, opened by the shim, lets it pick the one it needs. Two open files
+                # would take QEMU's image locks against each other: the image is this VM's alone (in the
+                # root-only state dir), so it needs none
+                fdset = index + 1
+                for mode, fd in enumerate((DISK_FD_BASE + 2 * index, DISK_FD_BASE + 2 * index + 1)):
+                    files.append(FdFile(fd=fd, path=disk.path, write=mode == 0))
+                    argv += ["-add-fd", f"fd={fd},set={fdset}"]
+                path = f"/dev/fdset/{fdset},file.locking=off"
             argv += [
                 "-drive",
-                f"id=d{index},file={_escape(disk.path)},format={disk.format},if=none{ro},cache=writeback,discard=unmap",
+                f"id=d{index},file={path},format={disk.format},if=none{ro},cache=writeback,discard=unmap",
                 "-device",
                 f"virtio-blk-device,drive=d{index},serial={disk.serial}",
             ]
         if incoming is not None:
-            argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
-        return argv
+            argv += ["-incoming", f"fd:{INCOMING_FD}"]
+            files.append(FdFile(fd=INCOMING_FD, path=str(incoming)))
+        return Launch(argv, files)
 
     def checkpoint_argv(self, python: str, state_dir: Path, image: Path) -> list[str]:
         """A command that saves the VM's memory to ``image`` and ends QEMU (the shim's ``shim.checkpoint``)."""

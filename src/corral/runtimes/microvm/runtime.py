@@ -5,8 +5,9 @@ From the outside in:
 1. the **shim** (:mod:`.._shim`) runs the VMM as its sandbox command; the agent's channel is the VMM's stdio
    (QEMU: a virtio-serial port on the ``stdio`` chardev), so relaying, the hard deadline, the exit record and
    checkpoint/restore are the shim's, exactly as for gVisor;
-2. the **engine** (:mod:`.qemu`; Firecracker and cloud-hypervisor behind the same methods) builds the VMM's
-   command line and drives the running VMM (pause, resume, memory images);
+2. the **engine** (:mod:`.qemu`; ``[runtime.microvm] engine`` may name Firecracker or cloud-hypervisor,
+   :mod:`.firecracker`, which are not usable yet) builds the VMM's command line and drives the running VMM
+   (pause, resume, memory images);
 3. the **guest** (:mod:`.guest`): a Debian cloud kernel and Corral's initramfs, whose ``/init`` mounts the
    **disks** (:mod:`.disks`): the template's layers and binds as read-only erofs images, a thin per-sandbox
    qcow2 upper, the agent bundle; then it becomes the agent.
@@ -49,6 +50,7 @@ from corral.runtimes import _shimctl
 from corral.runtimes._bundle import AgentBundle
 from corral.runtimes._local import SNAPSHOTS, LocalRuntime, LocalSandbox, host_layers
 from corral.runtimes._shimspec import ShimSpec
+from corral.runtimes._uids import UidAllocator
 from corral.runtimes.base import (
     Artifact,
     ArtifactKind,
@@ -61,6 +63,7 @@ from corral.runtimes.base import (
 )
 from corral.runtimes.microvm import disks, hostside
 from corral.runtimes.microvm.engine import Engine
+from corral.runtimes.microvm.firecracker import CloudHypervisorEngine, FirecrackerEngine
 from corral.runtimes.microvm.guest import Guest, ensure_guest
 from corral.runtimes.microvm.qemu import ACCELERATORS, QemuEngine
 from corral.runtimes.microvm.vm import AGENT_SERIAL, UPPER_SERIAL, Disk, VmConfig
@@ -74,6 +77,7 @@ CHECKPOINT_TIMEOUT = 300.0  # memory to disk and back: ~0.5 s per 256 MiB guest 
 CHECKPOINT_DIR = "checkpoint"  # below the state dir: the memory image of a sandbox paused to disk
 MAX_SOCKET_PATH = 107
 PAUSE_MODES = ("memory", "disk")
+ENGINES = ("qemu", "firecracker", "cloud-hypervisor")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
 _POLL = 0.005
 STOP_TIMEOUT = 5.0
@@ -81,7 +85,10 @@ STOP_TIMEOUT = 5.0
 
 @dataclass(frozen=True, kw_only=True)
 class MicroVMOptions:
-    """``[runtime.microvm]``: ``accel`` (``tcg``, the default, or ``kvm``: never chosen or probed on its own,
+    """``[runtime.microvm]``: ``engine`` (``qemu``, the default; ``firecracker`` (with ``jailer``) and
+    ``cloud-hypervisor`` are found on PATH, or at the ``firecracker``, ``jailer``, ``cloud_hypervisor``
+    options, but refuse to start until their agent relay exists, see :mod:`.firecracker`),
+    ``accel`` (``tcg``, the default, or ``kvm``: never chosen or probed on its own,
     since KVM hangs on nested hosts), ``qemu`` (the binary), ``pause`` (``memory``: QMP stop, the guest's
     RAM stays allocated; ``disk``: its memory goes to a file and QEMU exits until resume) and ``cache_dir``
     (the guest kernel, initramfs and erofs images of host trees such as ``/usr``, keyed by their inputs, so
@@ -90,13 +97,19 @@ class MicroVMOptions:
     ``golden``: the first boot of each machine shape is saved right after its agent said hello, and later
     creates of that shape (warm-pool members too) restore it instead of booting."""
 
+    engine: str = "qemu"
     accel: str = "tcg"
     qemu: str | None = None
+    firecracker: str | None = None
+    jailer: str | None = None
+    cloud_hypervisor: str | None = None
     pause: str = "memory"
     cache_dir: str | None = None
     golden: bool = True
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise InvalidRequest(f"[runtime.microvm] engine must be one of {', '.join(ENGINES)}")
         if self.accel not in ACCELERATORS:
             raise InvalidRequest(f"[runtime.microvm] accel must be one of {', '.join(ACCELERATORS)}")
         if self.pause not in PAUSE_MODES:
@@ -117,12 +130,19 @@ class MicroVMRuntime(LocalRuntime[str]):
     def __init__(self, config: Any, options: Any = None) -> None:
         super().__init__(config, options)
         self.engine: Engine = QemuEngine(binary=self.options.qemu, accel=self.options.accel)
+        self._rest_engine: FirecrackerEngine | CloudHypervisorEngine | None = None
+        if self.options.engine == "firecracker":
+            self._rest_engine = FirecrackerEngine(binary=self.options.firecracker, jailer=self.options.jailer)
+        elif self.options.engine == "cloud-hypervisor":
+            self._rest_engine = CloudHypervisorEngine(binary=self.options.cloud_hypervisor)
         self.cache_dir = Path(self.options.cache_dir) if self.options.cache_dir else config.cache_root
         self._guest: Guest | None = None
         self._guest_lock = threading.Lock()
 
     def check_host(self) -> str:
         """Binaries only (cheap: readiness probes call it); the guest is fetched and built on first use."""
+        if self._rest_engine is not None:
+            self._rest_engine.check()  # RuntimeUnavailable: what to install, or what is not built yet
         return self.engine.check()
 
     def _ensure_guest(self) -> Guest:
@@ -156,20 +176,20 @@ class MicroVMRuntime(LocalRuntime[str]):
         incoming: Path | None = None
         if spec.restore_from is not None:
             memory = spec.restore_from.path
-            config = _restored_config(spec, memory, upper)
+            config = hostside.restored_config(spec, memory, upper)
             incoming = memory / "memory"
             # a restored agent says no new hello: keep its first one here, for snapshots of this sandbox
             shutil.copyfile(memory / "hello.frame", state_dir / "hello.frame")
         else:
             config = self._fresh_config(spec, self.bundle, self._ensure_guest(), upper)
             if spec.upper_seed is not None:
-                disks.copy_upper(_disk_seed(spec.upper_seed), upper)
+                disks.copy_upper(hostside.disk_seed(spec.upper_seed), upper)
             else:
                 size = spec.limits.disk_mb or disks.DEFAULT_DISK_MB
                 disks.make_upper(upper, disks.ensure_empty_ext4(self.cache_dir, size))
                 golden = self._golden_dir(config, size) if self.options.golden else None
                 if golden is not None and (golden / "memory").exists():  # this shape booted before: restore
-                    config = _restored_config(spec, golden, upper)
+                    config = hostside.restored_config(spec, golden, upper)
                     incoming = golden / "memory"
                     shutil.copyfile(golden / "hello.frame", state_dir / "hello.frame")
                 elif golden is not None:
@@ -177,8 +197,14 @@ class MicroVMRuntime(LocalRuntime[str]):
         config.save(state_dir / "vm.json")
         image = state_dir / CHECKPOINT_DIR / "memory"
         binary = self.host
+        # the VMM's own unprivileged uid (recorded first: a failure below releases it)
+        sandbox.extra["uid_slot"] = slot = UidAllocator(self.config.state_root).allocate(spec.sandbox_id)
+        uid = UidAllocator.base(slot)
+        boot = self.engine.launch(binary, config, state_dir, uid=uid, incoming=incoming)
+        restore = self.engine.launch(binary, config, state_dir, uid=uid, incoming=image)
         return ShimSpec(
-            argv=self.engine.argv(binary, config, state_dir, incoming=incoming),
+            argv=boot.argv,
+            files=boot.files,
             socket=sandbox.socket,
             control=sandbox.control,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
@@ -186,7 +212,8 @@ class MicroVMRuntime(LocalRuntime[str]):
             restored=incoming is not None,
             hello_file=str(state_dir / "hello.frame") if incoming is not None else None,
             checkpoint_argv=self.engine.checkpoint_argv(sys.executable, state_dir, image),
-            restore_argv=self.engine.argv(binary, config, state_dir, incoming=image),
+            restore_argv=restore.argv,
+            restore_files=restore.files,
             announce_restore=True,
         )
 
@@ -349,32 +376,10 @@ class MicroVMRuntime(LocalRuntime[str]):
                 raise RuntimeFailure("could not stop the microVM", details={"left": len(pids)})
             time.sleep(_POLL)  # bounded; dying processes we do not parent have no event to wait on
 
+    def release(self, sandbox: LocalSandbox) -> None:
+        slot = sandbox.extra.get("uid_slot")
+        if slot is not None:
+            UidAllocator(self.config.state_root).release(int(slot), sandbox.sandbox_id)
+
     def shim_exits_by_itself(self, sandbox: LocalSandbox) -> bool:
         return not (sandbox.state_dir / "paused").exists()  # paused to disk: no VMM whose exit ends the shim
-
-
-# -- blocking helpers (worker threads) -----------------------------------------------------------------------
-
-
-def _disk_seed(artifact: Artifact) -> Path:
-    if artifact.kind is not ArtifactKind.DISK:
-        raise InvalidRequest(f"a microVM starts from a disk snapshot, not a {artifact.kind}")
-    return artifact.path
-
-
-def _restored_config(spec: SandboxSpec, memory: Path, upper: Path) -> VmConfig:
-    """The machine a memory image was taken of, with this sandbox's own copy of its disk."""
-    try:
-        config = VmConfig.load(memory / "vm.json")
-    except (OSError, ValueError, TypeError) as exc:
-        raise InvalidRequest("that snapshot is not a microVM memory image") from exc
-    if config.memory_mb != spec.limits.memory_mb:
-        raise InvalidRequest(
-            f"a microVM memory image restores with the memory it was taken with ({config.memory_mb} MiB)",
-            details={"memory_mb": config.memory_mb},
-        )
-    if any(d.serial != UPPER_SERIAL and not Path(d.path).exists() for d in config.disks):
-        raise RuntimeFailure("a disk image of that snapshot is gone from this host")
-    seed = _disk_seed(spec.upper_seed) if spec.upper_seed is not None else memory / "upper.qcow2"
-    disks.copy_upper(seed, upper)
-    return config.with_upper(str(upper))
