@@ -10,6 +10,7 @@ pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.anyio]
 RULES = {"allow_out": ["allowed.test", "a.cdn.test", "198.19.0.1/32:7000"], "deny_out": ["evil.files.test"]}
 
 
+V6_ALLOWED, V6_OTHER = "2001:db8:1::1", "2001:db8:1::2"  # conftest.ZONE's
 ISOLATIONS = ["namespace", pytest.param("gvisor", marks=pytest.mark.runsc)]
 
 
@@ -27,6 +28,12 @@ async def test_sandbox_reaches_allowed_destinations_only(net_sandbox, isolation:
     assert not (await sbx.probe("http", "198.18.1.3", "443", "b.cdn.test", "/", "b.cdn.test", "1"))["ok"]
     assert not (await sbx.probe("banner", "169.254.169.254", "80", "2"))["ok"]
     assert not (await sbx.probe("udp", "198.18.1.1", "7001"))["ok"]
+    # the same over IPv6: the allowed name by its AAAA answer, nothing else
+    six = await sbx.probe("url", "allowed.test", "/", "0", "", "6")
+    assert six["ok"] and six["body"].startswith(f"host=allowed.test local={V6_ALLOWED}"), six
+    assert not (await sbx.probe("resolve", "other.test", "6"))["ok"]
+    for ip in (V6_OTHER, "fd00:ec2::254", "::ffff:10.0.0.1", "64:ff9b::a9fe:a9fe"):
+        assert not (await sbx.probe("banner", ip, "80", "2"))["ok"], ip
     await sbx.runtime.update_network(sbx.instance, NetworkPolicy.parse({"allow_out": ["other.test"]}))
     assert (await sbx.probe("url", "other.test"))["ok"]
     assert not (await sbx.probe("resolve", "allowed.test"))["ok"]
@@ -84,6 +91,11 @@ async def test_a_sandbox_without_network_cannot_get_it_later(net_sandbox) -> Non
     code, out, _ = await sbx.run(["cat", "/proc/net/dev"])
     assert code == 0
     assert "eth0" not in out
+    code, out, _ = await sbx.run(["cat", "/proc/net/if_inet6"])  # IPv6: loopback's ::1 at most
+    assert code == 0 and all(line.split()[-1] == "lo" for line in out.splitlines()), out
+    for ip in (V6_ALLOWED, "198.18.1.1"):
+        result = await sbx.probe("banner", ip, "80", "2")
+        assert not result["ok"] and "unreachable" in result["error"], result
     with pytest.raises(Unsupported):
         await sbx.runtime.update_network(sbx.instance, NetworkPolicy.parse("internet"))
 

@@ -29,12 +29,22 @@ def probe(sbx: Sandbox, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def egress_env(internet, corral_data_dir: Path) -> dict[str, str]:
-    env = {"CORRAL_EGRESS_UPLINK_NETNS": internet.path, "CORRAL_EGRESS_RESOLVERS": "198.18.0.53"}
-    # the uplink is the test's own namespace, and it has no route out
-    routes = subprocess.run(
-        ["ip", "-n", internet.netns, "route", "show", "default"], capture_output=True, text=True
-    )
-    assert routes.stdout.strip() == "" and Path(env["CORRAL_EGRESS_UPLINK_NETNS"]).exists()
+    env = {
+        "CORRAL_EGRESS_UPLINK_NETNS": internet.path,
+        "CORRAL_EGRESS_RESOLVERS": "198.18.0.53",
+        "CORRAL_EGRESS_LAB_RANGES": "2001:db8::/32",  # the upstream's IPv6 addresses, and only those
+    }
+    # the uplink is the test's own namespace, and it has no route out, of either family
+    for family in ("-4", "-6"):
+        routes = subprocess.run(
+            ["ip", family, "-n", internet.netns, "route", "show", "default"], capture_output=True, text=True
+        )
+        assert routes.returncode == 0 and routes.stdout.strip() == "", routes.stdout
+    assert Path(env["CORRAL_EGRESS_UPLINK_NETNS"]).exists()
+    from corral.core.settings import Settings
+
+    egress = Settings.load(env=env).egress  # what the embedded service and the server are configured with
+    assert egress.uplink_netns == internet.path and egress.lab_ranges == ("2001:db8::/32",)
     return env
 
 
