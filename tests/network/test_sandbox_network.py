@@ -1,4 +1,5 @@
-"""Egress policies enforced on real sandboxes (namespace and gVisor runtimes), against the test's own upstream."""
+"""Egress policies enforced on real sandboxes (namespace, gVisor and microVM runtimes), against the test's own
+upstream. The microVM ones boot a QEMU TCG guest each (several seconds; at most one at a time here)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ RULES = {"allow_out": ["allowed.test", "a.cdn.test", "198.19.0.1/32:7000"], "den
 
 
 V6_ALLOWED, V6_OTHER = "2001:db8:1::1", "2001:db8:1::2"  # conftest.ZONE's
-ISOLATIONS = ["namespace", pytest.param("gvisor", marks=pytest.mark.runsc)]
+ISOLATIONS = [
+    "namespace",
+    pytest.param("gvisor", marks=pytest.mark.runsc),
+    pytest.param("microvm", marks=pytest.mark.qemu),
+]
 
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_sandbox_reaches_allowed_destinations_only(net_sandbox, isolation: str) -> None:
-    """The same policy, the same answers, in both runtimes (gVisor through its own netstack)."""
+    """The same policy, the same answers, in every runtime (gVisor through its own netstack, the microVM
+    through its guest kernel on a tap bridged to the same veth)."""
     from corral.netpolicy import NetworkPolicy
 
     sbx = await net_sandbox(RULES, isolation=isolation)

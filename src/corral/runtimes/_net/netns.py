@@ -31,7 +31,7 @@ from typing import Any
 from corral.errors import ResourceExhausted
 from corral.runtimes import _proc
 
-__all__ = ["NETNS_DIR", "NetPlan", "allocate", "create", "exists", "release", "remove"]
+__all__ = ["NETNS_DIR", "TAP", "NetPlan", "allocate", "attach_tap", "create", "exists", "release", "remove"]
 
 NETNS_DIR = Path("/run/netns")
 SLOT_TABLE = Path("/run/corral/net-slots.json")
@@ -177,6 +177,43 @@ def create(plan: NetPlan) -> None:
         timeout=IP_TIMEOUT,
         what="address the sandbox's network link",
         input=batch_guest.encode(),
+    )
+
+
+TAP = "tap0"  # a VM's NIC inside the namespace (the same name in every namespace: one VM each)
+BRIDGE = "br0"
+
+
+def attach_tap(plan: NetPlan) -> None:
+    """For a VM: move the sandbox's addresses off the namespace's end of the veth onto the VM (its guest
+    configures ``guest_ip``/``guest_ip6`` itself) by bridging that end with a new tap device, ``TAP``. The
+    host side, its rules and its egress process see exactly what they see for any sandbox.
+    The namespace itself keeps no address and no IPv6 stack on these links: only the VM speaks on them."""
+    ip = _proc.require_binary("ip")
+    batch = (
+        f"addr flush dev {plan.guest_if}\n"
+        f"link add {BRIDGE} type bridge\n"
+        f"tuntap add dev {TAP} mode tap\n"
+        f"link set {plan.guest_if} master {BRIDGE}\n"
+        f"link set {TAP} master {BRIDGE}\n"
+    )
+    _proc.run_blocking(
+        [ip, "-netns", plan.netns, "-batch", "-"],
+        timeout=IP_TIMEOUT,
+        what="attach the VM's network device",
+        input=batch.encode(),
+    )
+    _proc.run_blocking(
+        [ip, "netns", "exec", plan.netns, "sysctl", "-q", "-w",
+         *[f"net.ipv6.conf.{dev}.disable_ipv6=1" for dev in (plan.guest_if, BRIDGE, TAP)]],
+        timeout=IP_TIMEOUT,
+        what="attach the VM's network device",
+    )  # fmt: skip
+    _proc.run_blocking(
+        [ip, "-netns", plan.netns, "-batch", "-"],
+        timeout=IP_TIMEOUT,
+        what="attach the VM's network device",
+        input=f"link set {TAP} up\nlink set {BRIDGE} up\n".encode(),
     )
 
 

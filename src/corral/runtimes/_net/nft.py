@@ -4,7 +4,8 @@
 never see each other's rules. What it does to packets from the sandbox, in hook order:
 
 - ``c_guard`` (prerouting, before NAT): IPv6 neighbour discovery (on-link only: hop limit 255) let through;
-  DNS (port 53, any address) let through to be redirected; destinations in ``blocked``/``blocked6``
+  any other packet not from the sandbox's own ``guest_ip``/``guest_ip6`` dropped (spoofing: a microVM's
+  guest can set any address); DNS (port 53, any address) let through to be redirected; destinations in ``blocked``/``blocked6``
   (always-denied ranges, the NAT64 forms of the IPv4 ones, the host's addresses, the sandboxes' own
   subnets, configured cluster and not-routed ranges, deny CIDRs) and anything not TCP rejected; TCP accepted
   under ``internet`` or to ``allowed`` / ``allowed_ports`` (allow CIDRs) / ``pinned`` (addresses the
@@ -144,6 +145,9 @@ def render(
     body += "".join(f"  counter {name} {{\n  }}\n" for name in COUNTERS) if create else ""
     guard = [
         f"{_NDP} accept" if v6 else "meta nfproto ipv6 counter name ipv6_denied drop",
+        # only the sandbox's own addresses (a VM's guest kernel is the sandbox's to reconfigure)
+        f"ip saddr != {plan.guest_ip} counter name other_denied drop",
+        *([f"ip6 saddr != {plan.guest_ip6} counter name ipv6_denied drop"] if v6 else []),
         "meta l4proto { tcp, udp } th dport 53 accept",
         f"ip daddr @blocked meta l4proto tcp {deny}",
         *([f"ip6 daddr @blocked6 meta l4proto tcp {deny}"] if v6 else []),
