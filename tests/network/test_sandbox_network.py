@@ -89,11 +89,12 @@ async def test_runtime_update_in_place(net_sandbox) -> None:
     assert not (await sbx.probe("banner", "169.254.169.254", "80", "2"))["ok"]
 
 
-async def test_a_sandbox_without_network_cannot_get_it_later(net_sandbox) -> None:
+@pytest.mark.parametrize("isolation", ["namespace", pytest.param("microvm", marks=pytest.mark.qemu)])
+async def test_a_sandbox_without_network_cannot_get_it_later(net_sandbox, isolation: str) -> None:
     from corral.errors import Unsupported
     from corral.netpolicy import NetworkPolicy
 
-    sbx = await net_sandbox("none")
+    sbx = await net_sandbox("none", isolation=isolation)  # a microVM: no NIC at all
     code, out, _ = await sbx.run(["cat", "/proc/net/dev"])
     assert code == 0
     assert "eth0" not in out
@@ -128,8 +129,44 @@ async def test_cleanup_after_a_crash_and_from_a_new_runtime_object(net_sandbox, 
     assert not _netns.exists(plan)
 
 
-async def test_pause_and_resume_keep_the_policy(net_sandbox) -> None:
-    sbx = await net_sandbox({"allow_out": ["allowed.test"]})
+@pytest.mark.qemu
+async def test_a_microvm_guest_root_cannot_widen_its_network(net_sandbox) -> None:
+    """Root in a microVM owns its guest kernel: it can readdress eth0, add routes and send raw packets. The
+    policy is enforced on the host side of the link, so none of that reaches anything more."""
+    from corral.errors import Unsupported
+    from corral.runtimes._net.stack import SandboxNet
+
+    sbx = await net_sandbox({"allow_out": ["198.19.0.1/32:7000"]}, isolation="microvm")
+    assert (await sbx.probe("banner", "198.19.0.1", "7000"))["ok"]
+    plan = SandboxNet.from_json(sbx.instance.extra["net"]).plan
+    spoofed = str(__import__("ipaddress").ip_address(plan.guest_ip) + 4)  # the next sandbox's address
+    for argv in (
+        ["ip", "addr", "add", f"{spoofed}/32", "dev", "eth0"],
+        ["ip", "route", "add", "198.19.0.2/32", "dev", "eth0"],  # on-link: nothing answers ARP for it
+    ):
+        code, _, err = await _root(sbx, argv)
+        assert code == 0, err  # the guest kernel is the sandbox's …
+    script = (
+        "import socket\n"
+        "def go(src, ip, port):\n"
+        "    s = socket.socket(); s.settimeout(3)\n"
+        "    if src: s.bind((src, 0))\n"
+        "    try: s.connect((ip, port)); return s.recv(100).decode().split()[0]\n"
+        "    except OSError as e: return type(e).__name__\n"
+        f"print(go('{spoofed}', '198.19.0.1', 7000), go('', '198.19.0.2', 7000), go('', '198.19.0.1', 7000))"
+    )
+    code, out, err = await _root(sbx, ["/usr/bin/python3", "-c", script])
+    spoofed_result, routed, plain = out.split()
+    assert spoofed_result == "TimeoutError", out  # … but a spoofed source is dropped on the host side
+    assert routed in ("TimeoutError", "OSError", "ConnectionRefusedError"), out  # no other way around
+    assert plain == "banner", out  # the policy itself still holds, unchanged
+    with pytest.raises(Unsupported):  # its memory image would hold a NIC on a tap only it has
+        await sbx.runtime.snapshot(sbx.instance, "net-vm")
+
+
+@pytest.mark.parametrize("isolation", ["namespace", pytest.param("microvm", marks=pytest.mark.qemu)])
+async def test_pause_and_resume_keep_the_policy(net_sandbox, isolation: str) -> None:
+    sbx = await net_sandbox({"allow_out": ["allowed.test"]}, isolation=isolation)
     assert (await sbx.probe("url", "allowed.test"))["ok"]
     await sbx.runtime.pause(sbx.instance)
     await sbx.runtime.resume(sbx.instance)
