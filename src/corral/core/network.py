@@ -36,7 +36,7 @@ def check_policy(value: object, runtime: Runtime, isolation: str, denied: list[I
     if policy.enabled and not runtime.capabilities.network_policy:
         raise Unsupported(
             f"{isolation} sandboxes cannot have network; use network='none' or an isolation that enforces "
-            "egress policies (namespace, gvisor)",
+            "egress policies (namespace, gvisor, microvm)",
             details={"isolation": isolation},
         )
     return policy
