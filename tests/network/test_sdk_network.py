@@ -250,3 +250,34 @@ def test_without_a_configured_uplink_no_sandbox_gets_network(monkeypatch) -> Non
     with pytest.raises(RuntimeUnavailable):
         Sandbox.create(isolation=ISO, network="internet", timeout=60)
     assert ours() <= before
+
+
+@pytest.mark.runsc
+def test_gvisor_with_network_refuses_pause_fork_and_auto_pause_up_front(mode: str) -> None:
+    """runsc 20240729 restores its netstack without the namespace's interfaces (loopback only), so a gVisor
+    sandbox with network says so (Capabilities.pause_network/snapshot_network) instead of coming back
+    without its network, or being stopped at an auto-pause timeout."""
+    with Sandbox.create(isolation="gvisor", network={"allow_out": ["allowed.test"]}, timeout=120) as sbx:
+        with pytest.raises(Unsupported, match="with network cannot be paused"):
+            sbx.pause()
+        with pytest.raises(Unsupported, match="with network cannot be snapshotted or forked"):
+            sbx.fork()
+        assert sbx.get_info().state == "running"
+        assert probe(sbx, "url", "allowed.test")["ok"]  # untouched
+
+
+def test_auto_pause_with_network_is_refused_where_pause_loses_it(egress_env) -> None:
+    import anyio
+
+    from corral.core.records import LOCAL_TENANT
+    from corral.core.settings import Settings
+    from corral.models import CreateParams
+    from corral.wiring import open_service
+
+    async def create() -> None:
+        async with open_service(Settings.load(env={**__import__("os").environ, **egress_env})) as service:
+            params = CreateParams(isolation="gvisor", network="internet", auto_pause=True, timeout=60)
+            await service.create(params, tenant=LOCAL_TENANT)
+
+    with pytest.raises(InvalidRequest, match="cannot pause at their timeout"):
+        anyio.run(create)

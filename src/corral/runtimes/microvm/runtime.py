@@ -113,7 +113,10 @@ class MicroVMRuntime(LocalRuntime[str]):
 
     name: ClassVar[str] = "microvm"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        pause=True, snapshot=frozenset({ArtifactKind.DISK, ArtifactKind.MEMORY}), network_policy=True
+        pause=True,
+        snapshot=frozenset({ArtifactKind.DISK, ArtifactKind.MEMORY}),
+        network_policy=True,
+        snapshot_network=False,  # a memory image holds the NIC, on a tap only its sandbox has
     )
     Options: ClassVar[type[Any]] = MicroVMOptions
     ready_timeout: ClassVar[float] = BOOT_TIMEOUT
