@@ -7,8 +7,8 @@ Three forms, the same in the SDK, over REST and in the CLI (:meth:`NetworkPolicy
 - ``{"allow_out": [...], "deny_out": [...]}``: rules. With ``allow_out`` present, nothing else is reached
   (default deny); with only ``deny_out``, everything public but those. A rule is a host name
   (``pypi.org``), a wildcard (``*.files.example.com``: any name below it, not the name itself), an address
-  or CIDR (``203.0.113.0/24``; IPv6 ones such as ``[2001:db8::/32]:443`` only in ``deny_out``: there is
-  no IPv6 egress yet), each optionally with a port (``github.com:22``, ``203.0.113.0/24:443``).
+  or CIDR (``203.0.113.0/24``, ``2001:db8::/32``; with a port an IPv6 one is bracketed,
+  ``[2001:db8::/32]:443``), each optionally with a port (``github.com:22``, ``203.0.113.0/24:443``).
   ``0.0.0.0/0`` / ``::/0`` in ``deny_out`` means "deny
   what is not allowed" (E2B's all-traffic rule), which is already what ``allow_out`` does.
 
@@ -107,7 +107,13 @@ def _embedded_v4(ip: IpAddress) -> IpAddress:
 
 
 def always_denied(ip: IpAddress, extra: Iterable[IpNetwork] = ()) -> str | None:
-    """Why ``ip`` may never be reached (``"private"``, ``"loopback"``, …, ``"host"`` for ``extra``), or None."""
+    """Why ``ip`` may never be reached (``"private"``, ``"loopback"``, …, ``"host"`` for ``extra``), or None.
+
+    A NAT64 address (64:ff9b::/96) is judged as the IPv4 address it maps to; an IPv4-mapped one
+    (::ffff:0:0/96) is never a destination at all: on the wire it is IPv4 (a dual-stack socket sends it as
+    such), so an AAAA answer with one is withheld like a rebinding answer."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return "ipv4-mapped"
     ip = _embedded_v4(ip)
     for net, why in ALWAYS_DENIED:
         if ip.version == net.version and ip in net:
@@ -202,12 +208,6 @@ class NetworkPolicy:
         if len(rules) > MAX_RULES:
             raise InvalidNetworkPolicy(f"a network policy holds at most {MAX_RULES} rules, got {len(rules)}")
         for rule in rules:
-            if rule.allow and rule.net is not None and rule.net.version == 6:
-                raise InvalidNetworkPolicy(
-                    f"allow_out rule {rule.text!r} is an IPv6 destination; sandboxes have no IPv6 egress yet "
-                    "(names resolve to IPv4 only), so it could never be reached",
-                    details={"rule": rule.text},
-                )
             if rule.allow and rule.net is not None:
                 why = _inside_denied(rule.net)
                 if why is not None:

@@ -11,9 +11,10 @@ import sys
 import time
 
 
-def resolve(name):
+def resolve(name, family="4"):
+    af = socket.AF_INET6 if family == "6" else socket.AF_INET
     try:
-        return {"ok": True, "addrs": sorted({a[4][0] for a in socket.getaddrinfo(name, 80, socket.AF_INET)})}
+        return {"ok": True, "addrs": sorted({a[4][0] for a in socket.getaddrinfo(name, 80, af)})}
     except socket.gaierror as exc:
         return {"ok": False, "error": str(exc)}
 
@@ -36,8 +37,8 @@ def http(ip, port, host, path="/", sni=None, tls=False, timeout=5.0):
         return {"ok": False, "error": type(exc).__name__ + ": " + str(exc)}
 
 
-def url(name, path="/", tls="0", sni=None):
-    r = resolve(name)
+def url(name, path="/", tls="0", sni=None, family="4"):
+    r = resolve(name, family)
     if not r["ok"] or not r["addrs"]:
         return {"ok": False, "error": "resolve", "resolve": r}
     return http(r["addrs"][0], 443 if tls == "1" else 80, name, path, sni=sni or name, tls=tls)
@@ -79,7 +80,7 @@ def banner(ip, port, timeout=5.0):
 
 
 def udp(ip, port):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM)
     sock.settimeout(1.5)
     try:
         sock.sendto(b"ping", (ip, int(port)))

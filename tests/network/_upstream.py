@@ -1,13 +1,14 @@
 """A test's own "internet", run inside the upstream network namespace the test made (no route out of it).
 
 ``python _upstream.py ZONE_JSON CERT KEY`` serves, on every address of its namespace:
-- DNS on port 53 (UDP and TCP): the A records of ZONE_JSON (``{"name": ["198.18.1.1", ...]}``); other
-  names NXDOMAIN. Every query is appended to ``queries.log`` beside the zone file (what reached upstream);
+- DNS on port 53 (UDP and TCP): the A and AAAA records of ZONE_JSON (``{"name": ["198.18.1.1",
+  "2001:db8:1::1", ...]}``, the family told by the address); other names NXDOMAIN. Every query is appended to ``queries.log`` beside the zone file (what reached upstream);
 - HTTP on 80 and HTTPS on 443 (the self-signed CERT): ``GET /`` answers ``host=<Host> local=<address>
   sni=<server name>``; ``GET /bytes/N`` answers N bytes; ``GET /dns?name=N`` (DoH-style) answers the
   zone's addresses for N as text;
 - a raw TCP service on 7000 that answers ``banner <address>`` and then echoes;
 - UDP echo on 7001.
+Every TCP/UDP service listens on IPv4 and (separately, IPv6-only sockets) on IPv6.
 Prints ``ready`` once listening. Stops on SIGTERM.
 """
 
@@ -41,10 +42,14 @@ def _answer(packet: bytes) -> bytes:
         f.write(name + "\n")
     response = dns.message.make_response(query)
     addrs = ZONE.get(name)
+    rdtype = query.question[0].rdtype
     if addrs is None:
         response.set_rcode(dns.rcode.NXDOMAIN)
-    elif query.question[0].rdtype == 1:
-        response.answer.append(dns.rrset.from_text_list(query.question[0].name, 30, "IN", "A", addrs))
+    elif rdtype in (1, 28):
+        family = [a for a in addrs if (":" in a) == (rdtype == 28)]
+        if family:
+            kind = "A" if rdtype == 1 else "AAAA"
+            response.answer.append(dns.rrset.from_text_list(query.question[0].name, 30, "IN", kind, family))
     return response.to_wire()
 
 
@@ -133,18 +138,33 @@ class _UdpEcho(socketserver.BaseRequestHandler):
         sock.sendto(data, self.client_address)
 
 
+def _v6(cls: type) -> type:
+    """``cls`` on an IPv6-only socket (its IPv4 twin serves IPv4, so addresses read back unmapped)."""
+
+    class V6(cls):  # type: ignore[valid-type, misc]
+        address_family = socket.AF_INET6
+
+        def server_bind(self) -> None:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            super().server_bind()
+
+    return V6
+
+
 def main() -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(sys.argv[2], sys.argv[3])
     socketserver.ThreadingTCPServer.allow_reuse_address = True
-    servers = [
-        socketserver.ThreadingUDPServer(("0.0.0.0", 53), _Udp),
-        socketserver.ThreadingTCPServer(("0.0.0.0", 53), _Tcp),
-        ThreadingHTTPServer(("0.0.0.0", 80), _Http),
-        _Tls(("0.0.0.0", 443), context),
-        socketserver.ThreadingTCPServer(("0.0.0.0", 7000), _Banner),
-        socketserver.ThreadingUDPServer(("0.0.0.0", 7001), _UdpEcho),
-    ]
+    servers = []
+    for any_addr, wrap in (("0.0.0.0", lambda c: c), ("::", _v6)):
+        servers += [
+            wrap(socketserver.ThreadingUDPServer)((any_addr, 53), _Udp),
+            wrap(socketserver.ThreadingTCPServer)((any_addr, 53), _Tcp),
+            wrap(ThreadingHTTPServer)((any_addr, 80), _Http),
+            wrap(_Tls)((any_addr, 443), context),
+            wrap(socketserver.ThreadingTCPServer)((any_addr, 7000), _Banner),
+            wrap(socketserver.ThreadingUDPServer)((any_addr, 7001), _UdpEcho),
+        ]
     for server in servers:
         server.daemon_threads = True  # type: ignore[attr-defined]
         threading.Thread(target=server.serve_forever, daemon=True).start()

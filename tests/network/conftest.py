@@ -1,10 +1,12 @@
 """A private "internet" for egress tests: an upstream network namespace with no route out.
 
 ``internet`` (module-scoped) makes namespace ``corral-test-inet-<token>`` with only a loopback interface, holding
-addresses of 198.18.0.0/15 (the benchmarking range), a DNS server (198.18.0.53) and HTTP/HTTPS/raw TCP/UDP
-servers on every address (``_upstream.py``). ``egress_config`` points Corral's egress uplink at that
-namespace and its resolver at that DNS server, and asserts both, and that the namespace has no route
-leaving it, before any sandbox gets network: no test traffic can reach the host's real uplink.
+addresses of 198.18.0.0/15 (the benchmarking range) and of 2001:db8::/32 (the IPv6 documentation range), a
+DNS server (198.18.0.53) and HTTP/HTTPS/raw TCP/UDP servers on every address (``_upstream.py``).
+``egress_config`` points Corral's egress uplink at that namespace, its resolver at that DNS server and opens
+the documentation range (``lab_ranges``, denied by default) for the upstream's IPv6 addresses, and asserts
+all three, and that the namespace has no route of either family leaving it, before any sandbox gets
+network: no test traffic can reach the host's real uplink.
 """
 
 from __future__ import annotations
@@ -26,9 +28,14 @@ from corral.runtimes._net.config import EgressConfig
 
 UPSTREAM = Path(__file__).with_name("_upstream.py")
 DNS_IP = "198.18.0.53"
+V6_ALLOWED, V6_OTHER, V6_BANNER = "2001:db8:1::1", "2001:db8:1::2", "2001:db8:2::1"
+LAB_RANGES = ("2001:db8::/32",)
 ZONE = {
-    "allowed.test": ["198.18.1.1"],
-    "other.test": ["198.18.1.2"],
+    "allowed.test": ["198.18.1.1", V6_ALLOWED],
+    "other.test": ["198.18.1.2", V6_OTHER],
+    "six.test": [V6_ALLOWED],  # IPv6 only
+    # AAAA rebinding: unique-local, link-local, loopback, IPv4-mapped private, NAT64 of private, metadata
+    "rebind6.test": ["fd00::1", "fe80::1", "::1", "::ffff:10.0.0.1", "64:ff9b::a00:1", "fd00:ec2::254"],
     "a.cdn.test": ["198.18.1.3"],
     "b.cdn.test": ["198.18.1.3"],
     "x.files.test": ["198.18.1.4"],
@@ -43,6 +50,9 @@ ADDRESSES = [
     *{a for v in ZONE.values() for a in v if a.startswith("198.")},
     "198.19.0.1",
     "198.19.0.2",
+    V6_ALLOWED,
+    V6_OTHER,
+    V6_BANNER,
 ]
 
 
@@ -77,12 +87,13 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
     try:
         _ip("-n", name, "link", "set", "lo", "up")
         for addr in ADDRESSES:  # on its loopback: the namespace has no other interface at all
-            _ip("-n", name, "addr", "add", f"{addr}/32", "dev", "lo")
+            _ip("-n", name, "addr", "add", f"{addr}/{128 if ':' in addr else 32}", "dev", "lo")
         # the test's internet: addresses of its own and nothing else; no default route, no link out
-        routes = subprocess.run(
-            ["ip", "-n", name, "route", "show", "default"], capture_output=True, text=True
-        )
-        assert routes.stdout.strip() == "", routes.stdout
+        for family in ("-4", "-6"):
+            routes = subprocess.run(
+                ["ip", family, "-n", name, "route", "show", "default"], capture_output=True, text=True
+            )
+            assert routes.returncode == 0 and routes.stdout.strip() == "", (family, routes.stdout)
         links = subprocess.run(["ip", "-n", name, "-o", "link"], capture_output=True, text=True).stdout
         assert {ln.split(":")[1].strip().split("@")[0] for ln in links.splitlines()} == {"lo"}
         with open(work / "upstream.log", "wb") as log:
@@ -103,11 +114,17 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
 @pytest.fixture
 def egress_config(internet: Internet) -> EgressConfig:
     config = EgressConfig(
-        uplink_netns=internet.path, resolvers=(DNS_IP,), max_connections=64, subnet="10.231.0.0/16"
+        uplink_netns=internet.path,
+        resolvers=(DNS_IP,),
+        max_connections=64,
+        subnet="10.231.0.0/16",
+        lab_ranges=LAB_RANGES,
     )
     # THE rule: sandbox traffic goes only to the test's own upstream namespace, never the host's uplink
     assert config.uplink_netns == internet.path and Path(config.uplink_netns).exists()
     assert config.resolvers == (DNS_IP,)
+    # the documentation range is opened for the upstream's IPv6 addresses, and nothing else is
+    assert config.lab_ranges == LAB_RANGES and all(a.startswith("2001:db8:") for a in ADDRESSES if ":" in a)
     return config
 
 

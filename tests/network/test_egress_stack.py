@@ -28,6 +28,7 @@ from corral.runtimes._net import stack as _net
 
 pytestmark = [pytest.mark.root]
 CLIENT = Path(__file__).with_name("_client.py")
+V6_ALLOWED, V6_OTHER, V6_BANNER = "2001:db8:1::1", "2001:db8:1::2", "2001:db8:2::1"  # conftest.ZONE's
 
 
 class BareNet:
@@ -155,14 +156,90 @@ def test_internet_reaches_public_addresses_only(bare_net) -> None:
             assert not sbx.probe("banner", ip.split("/")[0], "22", "2")["ok"], ip
 
 
-def test_no_ipv6_and_no_udp_but_dns(bare_net, internet) -> None:
+def test_no_udp_but_dns(bare_net, internet) -> None:
     sbx = bare_net("internet")
-    assert not sbx.probe("tcp6", "2001:db8::1", "80")["ok"]
-    assert not sbx.probe("tcp6", "fd00:ec2::254", "80")["ok"]
     assert not sbx.probe("udp", "198.18.1.1", "7001")["ok"]  # the upstream echoes UDP; nothing gets there
     assert not sbx.probe("udp", "198.18.0.53", "7001")["ok"]
-    dropped = sbx.stats()["dropped"]
-    assert dropped["udp_denied"] >= 2 and dropped["ipv6_denied"] + dropped["other_denied"] >= 0
+    assert not sbx.probe("udp", V6_ALLOWED, "7001")["ok"]
+    assert sbx.stats()["dropped"]["udp_denied"] >= 3
+
+
+def test_an_allowed_name_over_ipv6_and_nothing_else(bare_net, internet) -> None:
+    sbx = bare_net(RULES)
+    assert sbx.probe("resolve", "allowed.test", "6") == {"ok": True, "addrs": [V6_ALLOWED]}
+    ok = sbx.probe("url", "allowed.test", "/", "0", "", "6")
+    assert ok["ok"] and ok["body"].startswith(f"host=allowed.test local={V6_ALLOWED}"), ok
+    tls = sbx.probe("url", "allowed.test", "/", "1", "", "6")
+    assert tls["ok"] and "sni=allowed.test" in tls["body"], tls
+    assert sbx.probe("resolve", "six.test", "6")["ok"] is False  # not allowed: NXDOMAIN for AAAA too
+    assert not sbx.probe("resolve", "other.test", "6")["ok"]
+    # other.test's IPv6 address with an allowed Host, and an address no rule names: not pinned, refused
+    assert not sbx.probe("http", V6_OTHER, "80", "allowed.test")["ok"]
+    assert not sbx.probe("banner", V6_BANNER, "7000", "2")["ok"]
+    # the pin is per family and per address: allowed.test's IPv6 address is usable, only by its name
+    assert not sbx.probe("http", V6_ALLOWED, "80", "other.test")["ok"]
+    decisions = sbx.stats()["decisions"]
+    assert any(d["dest"] == V6_ALLOWED and d["allowed"] for d in decisions), decisions
+    assert any(d["dest"] == V6_OTHER and not d["allowed"] for d in decisions), decisions
+
+
+def test_ipv6_rebinding_answers_are_withheld(bare_net) -> None:
+    sbx = bare_net({"allow_out": ["rebind6.test"]})
+    assert sbx.probe("resolve", "rebind6.test", "6").get("addrs", []) == []
+    withheld = {d["dest"] for d in sbx.stats()["decisions"] if d["rule"] == "always-denied:answer"}
+    assert withheld == {"fd00::1", "fe80::1", "::1", "::ffff:a00:1", "64:ff9b::a00:1", "fd00:ec2::254"}
+
+
+def _host_link_local(sbx: BareNet) -> str:
+    done = subprocess.run(
+        ["ip", "-j", "-6", "addr", "show", "dev", sbx.net.plan.host_if, "scope", "link"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return next(
+        a["local"] for a in json.loads(done.stdout)[0]["addr_info"] if a.get("local", "").startswith("fe80:")
+    )
+
+
+def test_ipv6_bypasses_are_refused_under_internet(bare_net) -> None:
+    sbx = bare_net("internet")
+    assert sbx.probe("banner", V6_BANNER, "7000") == {"ok": True, "banner": f"banner {V6_BANNER}"}
+    plan = sbx.net.plan
+    assert plan.host_ip6 is not None
+    bypasses = [
+        ("fd00::1", "80"),  # unique-local
+        ("fd00:ec2::254", "80"),  # the EC2 metadata address
+        (plan.host_ip6, "15001"),  # the egress path itself, straight
+        (plan.host_ip6, "53"),
+        (f"{_host_link_local(sbx)}%eth0", "15001"),  # link-local: the host's end of the veth
+        ("fe80::1%eth0", "80"),
+        ("::ffff:10.0.0.1", "80"),  # IPv4-mapped: leaves as IPv4 to a private address
+        ("::ffff:169.254.169.254", "80"),
+        ("64:ff9b::a00:1", "80"),  # NAT64 of a private address
+        ("64:ff9b::a9fe:a9fe", "80"),  # NAT64 of the metadata address
+    ]
+    for ip in sbx.net.extra_denied:  # every IPv6 address of the host itself (link-local ones on the link)
+        if ":" in ip and ip.endswith("/128") and ip != "::1/128":
+            address = ip.split("/")[0]
+            bypasses.append((f"{address}%eth0" if address.startswith("fe80:") else address, "22"))
+    for ip, port in bypasses:
+        result = sbx.probe("banner", ip, port, "2")
+        # refused by the egress path: reset at its deny port
+        assert not result["ok"] and result["error"].startswith(("ConnectionResetError", "TimeoutError")), (
+            ip,
+            result,
+        )
+    # ICMPv6 (but neighbour discovery) is dropped before anything answers it
+    before = sbx.stats()["dropped"]["ipv6_denied"]
+    sbx.python("-c", "import socket; s=socket.socket(socket.AF_INET6, socket.SOCK_RAW, 58); "
+               f"[s.sendto(bytes([128, 0, 0, 0, 0, 1, 0, i]), ('{V6_ALLOWED}', 0)) for i in range(20)]")  # fmt: skip
+    assert sbx.stats()["dropped"]["ipv6_denied"] >= before + 20
+
+
+def test_the_documentation_range_is_denied_unless_opened(bare_net) -> None:
+    sbx = bare_net("internet", lab_ranges=())
+    assert sbx.probe("resolve", "six.test", "6").get("addrs", []) == []  # the answer is withheld
+    assert not sbx.probe("banner", V6_BANNER, "7000", "2")["ok"]
+    assert sbx.probe("url", "allowed.test")["ok"]  # IPv4 untouched
 
 
 def test_doh_to_an_allowed_resolver_does_not_open_other_names(bare_net) -> None:

@@ -29,12 +29,22 @@ def probe(sbx: Sandbox, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def egress_env(internet, corral_data_dir: Path) -> dict[str, str]:
-    env = {"CORRAL_EGRESS_UPLINK_NETNS": internet.path, "CORRAL_EGRESS_RESOLVERS": "198.18.0.53"}
-    # the uplink is the test's own namespace, and it has no route out
-    routes = subprocess.run(
-        ["ip", "-n", internet.netns, "route", "show", "default"], capture_output=True, text=True
-    )
-    assert routes.stdout.strip() == "" and Path(env["CORRAL_EGRESS_UPLINK_NETNS"]).exists()
+    env = {
+        "CORRAL_EGRESS_UPLINK_NETNS": internet.path,
+        "CORRAL_EGRESS_RESOLVERS": "198.18.0.53",
+        "CORRAL_EGRESS_LAB_RANGES": "2001:db8::/32",  # the upstream's IPv6 addresses, and only those
+    }
+    # the uplink is the test's own namespace, and it has no route out, of either family
+    for family in ("-4", "-6"):
+        routes = subprocess.run(
+            ["ip", family, "-n", internet.netns, "route", "show", "default"], capture_output=True, text=True
+        )
+        assert routes.returncode == 0 and routes.stdout.strip() == "", routes.stdout
+    assert Path(env["CORRAL_EGRESS_UPLINK_NETNS"]).exists()
+    from corral.core.settings import Settings
+
+    egress = Settings.load(env=env).egress  # what the embedded service and the server are configured with
+    assert egress.uplink_netns == internet.path and egress.lab_ranges == ("2001:db8::/32",)
     return env
 
 
@@ -240,3 +250,34 @@ def test_without_a_configured_uplink_no_sandbox_gets_network(monkeypatch) -> Non
     with pytest.raises(RuntimeUnavailable):
         Sandbox.create(isolation=ISO, network="internet", timeout=60)
     assert ours() <= before
+
+
+@pytest.mark.runsc
+def test_gvisor_with_network_refuses_pause_fork_and_auto_pause_up_front(mode: str) -> None:
+    """runsc 20240729 restores its netstack without the namespace's interfaces (loopback only), so a gVisor
+    sandbox with network says so (Capabilities.pause_network/snapshot_network) instead of coming back
+    without its network, or being stopped at an auto-pause timeout."""
+    with Sandbox.create(isolation="gvisor", network={"allow_out": ["allowed.test"]}, timeout=120) as sbx:
+        with pytest.raises(Unsupported, match="with network cannot be paused"):
+            sbx.pause()
+        with pytest.raises(Unsupported, match="with network cannot be snapshotted or forked"):
+            sbx.fork()
+        assert sbx.get_info().state == "running"
+        assert probe(sbx, "url", "allowed.test")["ok"]  # untouched
+
+
+def test_auto_pause_with_network_is_refused_where_pause_loses_it(egress_env) -> None:
+    import anyio
+
+    from corral.core.records import LOCAL_TENANT
+    from corral.core.settings import Settings
+    from corral.models import CreateParams
+    from corral.wiring import open_service
+
+    async def create() -> None:
+        async with open_service(Settings.load(env={**__import__("os").environ, **egress_env})) as service:
+            params = CreateParams(isolation="gvisor", network="internet", auto_pause=True, timeout=60)
+            await service.create(params, tenant=LOCAL_TENANT)
+
+    with pytest.raises(InvalidRequest, match="cannot pause at their timeout"):
+        anyio.run(create)

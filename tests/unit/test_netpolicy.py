@@ -46,7 +46,8 @@ def test_forms_round_trip() -> None:
         {"allow_out": ["100.64.0.0/16"]},
         {"allow_out": ["[fd00:ec2::254]:80"]},
         {"allow_out": ["::ffff:10.0.0.1"]},
-        {"allow_out": ["2001:db8::/32"]},  # no IPv6 egress: could never be reached
+        {"allow_out": ["fe80::/64"]},
+        {"allow_out": ["[64:ff9b::a00:0/104]:443"]},  # NAT64 of 10.0.0.0/8
         {"allow_out": [7]},
         {"allow_out": ["x.test"] * 600},
     ],
@@ -70,6 +71,32 @@ def test_always_denied_whatever_the_policy() -> None:
     assert always_denied(ip("203.0.113.9"), host) == "host"
     assert not internet.decide(ip("203.0.113.9"), 22, name=None, pinned=False, extra_denied=host).allowed
     assert internet.decide(ip("198.18.1.1"), 443, name=None, pinned=False).allowed
+
+
+def test_ipv6_rules_and_the_not_routed_ranges() -> None:
+    from corral.runtimes._net.config import EgressConfig
+    from corral.runtimes._net.nft import _sets
+
+    p = NetworkPolicy.parse({"allow_out": ["[2001:db8:1::/48]:443", "198.51.100.0/24"]})
+    assert p.decide(ip("2001:db8:1::5"), 443, name=None, pinned=False).allowed
+    assert not p.decide(ip("2001:db8:1::5"), 80, name=None, pinned=False).allowed
+    assert p.decide(ip("64:ff9b::c633:6405"), 22, name=None, pinned=False).allowed  # NAT64 of 198.51.100.5
+    # an IPv4-mapped address is never a destination (on the wire it is IPv4), even of a public address
+    assert always_denied(ip("::ffff:198.51.100.5")) == "ipv4-mapped"
+    # the documentation range is denied by the server's settings unless a lab opens it
+    with pytest.raises(InvalidNetworkPolicy):
+        p.check_ranges(EgressConfig().denied_networks())
+    p.check_ranges(EgressConfig(lab_ranges=("2001:db8::/32",)).denied_networks())
+    assert EgressConfig(lab_ranges=("2001:db8::/32",)).denied_networks() == []
+    with pytest.raises(InvalidRequest):
+        EgressConfig(lab_ranges=("2001:4860::/32",))  # only inside the not-routed ranges
+    with pytest.raises(InvalidRequest):
+        EgressConfig(subnet6="2001:db8::/48")  # the sandboxes' own subnet is unique-local
+    sets = _sets(p, [])
+    assert "64:ff9b::a00:0/104" in sets["blocked6"] and "::ffff:0:0/96" in sets["blocked6"]
+    assert "64:ff9b::c633:6400/120" in sets["allowed6"] and sets["allowed_ports6"] == [
+        "2001:db8:1::/48 . 443"
+    ]
 
 
 def test_names_wildcards_specificity_and_pins() -> None:

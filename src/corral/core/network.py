@@ -22,7 +22,7 @@ from corral.errors import Conflict, CorralError, Unsupported
 from corral.netpolicy import IpNetwork, NetworkPolicy
 from corral.runtimes.base import NetworkController, Runtime
 
-__all__ = ["Tally", "check_policy", "controller", "ingest_decisions"]
+__all__ = ["Tally", "check_policy", "controller", "ingest_decisions", "require_with_network"]
 
 log = logging.getLogger("corral.core.network")
 
@@ -36,10 +36,20 @@ def check_policy(value: object, runtime: Runtime, isolation: str, denied: list[I
     if policy.enabled and not runtime.capabilities.network_policy:
         raise Unsupported(
             f"{isolation} sandboxes cannot have network; use network='none' or an isolation that enforces "
-            "egress policies (namespace, gvisor)",
+            "egress policies (namespace, gvisor, microvm)",
             details={"isolation": isolation},
         )
     return policy
+
+
+def require_with_network(record: SandboxRecord, capable: bool, what: str) -> None:
+    """Unsupported when ``record`` has network and its runtime is not ``capable`` of being ``what``
+    ("paused": ``Capabilities.pause_network``; "snapshotted or forked": ``snapshot_network``) with it."""
+    if not capable and NetworkPolicy.parse(record.network).enabled:
+        raise Unsupported(
+            f"{record.isolation} sandboxes with network cannot be {what}; use network='none' for that",
+            details={"isolation": record.isolation},
+        )
 
 
 def controller(runtime: Runtime, isolation: str) -> NetworkController:

@@ -212,6 +212,12 @@ class SandboxService:
         network = _network.check_policy(
             request.network, runtime, isolation, self.settings.egress.denied_networks()
         )
+        if auto_pause and network.enabled and not runtime.capabilities.pause_network:
+            raise InvalidRequest(
+                f"{isolation} sandboxes with network cannot be paused, so they cannot pause at their timeout; "
+                "leave auto-pause off, use network='none', or an isolation that pauses with network",
+                details={"isolation": isolation},
+            )
         claimed = None
         # pool members have no network, and pool claims keep neither auto-pause nor an idempotency key
         if not auto_pause and request.idempotency_key is None and not network.enabled:
@@ -461,6 +467,7 @@ class SandboxService:
         runtime = self._require_reachable(record)
         if not runtime.capabilities.pause:
             raise Unsupported(f"{record.isolation} sandboxes cannot be paused")
+        _network.require_with_network(record, runtime.capabilities.pause_network, "paused")
         async with self._pause_locks.setdefault(str(record.sandbox_id), anyio.Lock()):
             fresh = await self.store.get_sandbox(record.sandbox_id)
             if fresh is None or fresh.version != record.version:

@@ -357,7 +357,9 @@ _EGRESS_KEYS = {
     "uplink_netns": str,
     "resolvers": tuple,
     "denied_ranges": tuple,
+    "lab_ranges": tuple,
     "subnet": str,
+    "subnet6": str,
     "max_connections": int,
     "bandwidth_bytes": int,
 }

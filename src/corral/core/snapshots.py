@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.to_thread
 
+from corral.core import network as _network
 from corral.core.records import TemplateRecord
 from corral.core.state import Action, require_state
 from corral.core.templates import check_template_name
@@ -62,6 +63,7 @@ async def _capture(
     runtime = service._require_reachable(record)
     if not runtime.capabilities.snapshot:
         raise Unsupported(f"{record.isolation} sandboxes cannot be snapshotted or forked")
+    _network.require_with_network(record, runtime.capabilities.snapshot_network, "snapshotted or forked")
     assert record.instance is not None
     snap = await runtime.snapshot(record.instance, key)
     return snap, runtime, record.isolation, record.template

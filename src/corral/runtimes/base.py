@@ -222,6 +222,9 @@ class Capabilities:
     network_policy: bool = (
         False  # egress by policy (SandboxSpec.network); such a runtime is a NetworkController
     )
+    # with network (a policy but "none"): pause keeps it / snapshot and fork work (False: refused, Unsupported)
+    pause_network: bool = True
+    snapshot_network: bool = True
     resource_limits: bool = True
     pids_limit: bool = True  # Limits.pids holds too (False: only memory and CPU are enforced per sandbox)
     # what create() accepts as SandboxSpec.rootfs, best first

@@ -120,6 +120,10 @@ class GVisorRuntime(LocalRuntime[str]):
         checkpoint=True,
         snapshot=frozenset({ArtifactKind.LAYER, ArtifactKind.MEMORY}),
         network_policy=True,
+        # runsc 20240729 restores netstack without the namespace's interfaces and routes (gVisor issue 4595:
+        # the restored stack is created anew): a restored sandbox would have loopback only
+        pause_network=False,
+        snapshot_network=False,
     )
     Options: ClassVar[type[Any]] = GVisorOptions
     ready_timeout: ClassVar[float] = READY_TIMEOUT
@@ -164,7 +168,7 @@ class GVisorRuntime(LocalRuntime[str]):
         await self._checkpoint(LocalSandbox.of(instance))
 
     async def _checkpoint(self, sandbox: LocalSandbox) -> None:
-        if sandbox_net(sandbox) is not None:
+        if sandbox_net(sandbox) is not None:  # Capabilities.pause_network: the service refuses first
             # runsc 20240729 restores netstack without the namespace's interface and routes: the sandbox
             # would come back with no network at all, so refuse instead of breaking it
             raise Unsupported(

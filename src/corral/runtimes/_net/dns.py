@@ -2,11 +2,11 @@
 
 Every DNS packet from the sandbox (to any address, port 53, UDP or TCP) is redirected here by nftables. For
 a name the policy does not allow the answer is NXDOMAIN; an allowed name is resolved upstream (the configured
-resolvers, reached from the egress uplink) and answered with its IPv4 addresses minus any in an
-always-denied range (a rebinding answer like ``10.0.0.1`` or ``127.0.0.1`` is dropped, never passed on).
-What is answered is returned as pins (address -> seconds), which the egress process adds to the proxy's and
-nftables' view of what the sandbox may connect to. AAAA queries get an empty answer: there is no IPv6 path.
-Anything else (TXT, MX, HTTPS, …) gets an empty answer too: only addresses are needed to connect, and other
+resolvers, reached from the egress uplink) and answered with its IPv4 (A) or IPv6 (AAAA) addresses minus
+any in an always-denied range (a rebinding answer like ``10.0.0.1``, ``127.0.0.1``, ``fd00::1``, an
+IPv4-mapped ``::ffff:10.0.0.1`` or a NAT64 ``64:ff9b::a00:1`` is dropped, never passed on). What is
+answered is returned as pins (address -> seconds), which the egress process adds to the proxy's and
+nftables' view of what the sandbox may connect to. Anything else (TXT, MX, HTTPS, …) gets an empty answer too: only addresses are needed to connect, and other
 record types are a way to carry data out.
 """
 
@@ -31,6 +31,7 @@ __all__ = ["Answer", "answer"]
 MIN_PIN_SECONDS = 600  # clients cache answers longer than their TTL (Java, long-lived pools)
 MAX_PIN_SECONDS = 24 * 3600
 Resolve = Callable[[bytes], Awaitable[bytes]]
+ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,9 +65,9 @@ async def answer(
     decision = policy.resolves(name)
     if not decision.allowed:
         return Answer(wire=_reply(query, dns.rcode.NXDOMAIN).to_wire(), name=name, decision=decision)
-    if question.rdtype != dns.rdatatype.A or question.rdclass != dns.rdataclass.IN:
+    if question.rdtype not in ADDRESS_TYPES or question.rdclass != dns.rdataclass.IN:
         return Answer(wire=_reply(query, dns.rcode.NOERROR).to_wire(), name=name, decision=decision)
-    upstream_query = dns.message.make_query(question.name, dns.rdatatype.A)
+    upstream_query = dns.message.make_query(question.name, question.rdtype)
     try:
         upstream = dns.message.from_wire(await resolve(upstream_query.to_wire()))
     except Exception:
@@ -80,8 +81,8 @@ async def answer(
     addresses = []
     ttl = MAX_PIN_SECONDS
     for rrset in upstream.answer:
-        if rrset.rdtype != dns.rdatatype.A:
-            continue  # CNAMEs are followed by the upstream resolver; their A records follow them
+        if rrset.rdtype != question.rdtype:
+            continue  # CNAMEs are followed by the upstream resolver; their address records follow them
         for rdata in rrset:
             ip = ipaddress.ip_address(rdata.address)
             if always_denied(ip, extra) is not None:
@@ -91,7 +92,13 @@ async def answer(
             ttl = min(ttl, rrset.ttl)
     if addresses:
         response.answer.append(
-            dns.rrset.from_text_list(question.name, min(ttl, 300), "IN", "A", sorted(set(addresses)))
+            dns.rrset.from_text_list(
+                question.name,
+                min(ttl, 300),
+                "IN",
+                dns.rdatatype.to_text(question.rdtype),
+                sorted(set(addresses)),
+            )
         )
         seconds = max(MIN_PIN_SECONDS, min(ttl, MAX_PIN_SECONDS))
         pins = dict.fromkeys(addresses, seconds)

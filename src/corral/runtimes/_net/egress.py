@@ -91,6 +91,7 @@ class Egress:
         self.cfg = cfg
         self.sandbox_id: str = cfg["sandbox_id"]
         self.host_ip: str = cfg["host_ip"]
+        self.hosts: list[str] = [self.host_ip, *([cfg["host_ip6"]] if cfg.get("host_ip6") else [])]
         self.extra: list[IpNetwork] = [ipaddress.ip_network(n) for n in cfg.get("extra_denied", [])]
         self.resolvers: list[str] = cfg["resolvers"]
         self.max_connections: int = int(cfg.get("max_connections", 0))
@@ -108,13 +109,13 @@ class Egress:
         with open(os.path.join(self.net_dir, "policy.json")) as f:
             return NetworkPolicy.parse(json.loads(f.read()))
 
-    def uplink_socket(self, kind: int) -> socket.socket:
+    def uplink_socket(self, kind: int, family: int = socket.AF_INET) -> socket.socket:
         """A socket of the egress uplink's network namespace (the host's own unless configured)."""
         if self.uplink_fd is None:
-            return socket.socket(socket.AF_INET, kind)
+            return socket.socket(family, kind)
         _setns(self.uplink_fd)
         try:
-            return socket.socket(socket.AF_INET, kind)
+            return socket.socket(family, kind)
         finally:
             _setns(self.home_fd)
 
@@ -223,7 +224,7 @@ class Egress:
         conn = _Conn(ip=ip, port=port, name=name, web=web, writers=[writer])
         self.conns.add(conn)
         try:
-            up = self.uplink_socket(socket.SOCK_STREAM)
+            up = self.uplink_socket(socket.SOCK_STREAM, socket.AF_INET6 if ":" in ip else socket.AF_INET)
             up.setblocking(False)
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -327,13 +328,14 @@ class Egress:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         dns_port = int(self.cfg.get("dns_port", 53))
-        udp = await loop.create_datagram_endpoint(
-            lambda: _DnsUdp(self), local_addr=(self.host_ip, dns_port), reuse_port=False
-        )
-        dns_tcp = await asyncio.start_server(self._dns_tcp, self.host_ip, dns_port)
+        udp = [
+            await loop.create_datagram_endpoint(lambda: _DnsUdp(self), local_addr=(host, dns_port))
+            for host in self.hosts
+        ]
+        dns_tcp = await asyncio.start_server(self._dns_tcp, self.hosts, dns_port)
         port = int(self.cfg["proxy_port"])
-        proxy = await asyncio.start_server(self.handle, self.host_ip, port, backlog=512)
-        refuser = await asyncio.start_server(self.refuse, self.host_ip, port + 1, backlog=512)
+        proxy = await asyncio.start_server(self.handle, self.hosts, port, backlog=512)
+        refuser = await asyncio.start_server(self.refuse, self.hosts, port + 1, backlog=512)
         os.chdir(self.net_dir)  # a relative socket name: the state dir may be deeper than sun_path allows
         with contextlib.suppress(FileNotFoundError):
             os.unlink("ctl.sock")
@@ -347,7 +349,8 @@ class Egress:
         flusher.cancel()
         for server in (dns_tcp, proxy, refuser, ctl):
             server.close()
-        udp[0].close()
+        for transport, _ in udp:
+            transport.close()
         self.ledger.flush()
 
     async def _flush_loop(self) -> None:
@@ -415,8 +418,12 @@ async def _peek(reader: asyncio.StreamReader) -> tuple[bytes, Sniffed | None]:
 
 def _original_dst(writer: asyncio.StreamWriter) -> tuple[str, int] | None:
     """Where the sandbox sent the connection before nftables redirected it here."""
+    sock = writer.get_extra_info("socket")
     try:
-        raw = writer.get_extra_info("socket").getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        if sock.family == socket.AF_INET6:  # IP6T_SO_ORIGINAL_DST (also 80): a sockaddr_in6
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack_from("!H", raw, 2)[0]
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     except OSError:
         return None
     return socket.inet_ntoa(raw[4:8]), struct.unpack_from("!H", raw, 2)[0]

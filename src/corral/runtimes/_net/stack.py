@@ -137,11 +137,12 @@ def _setup_sync(
         )
     policy.check_ranges(config.denied_networks())
     net_dir.mkdir(mode=0o700, exist_ok=True)
-    plan = _netns.allocate(sandbox_id, config.subnet)
+    plan = _netns.allocate(sandbox_id, config.subnet, config.subnet6)
     net = SandboxNet(plan=plan, net_dir=str(net_dir))
     try:
         _netns.create(plan)
-        extra = [*config.denied_ranges, *_host_addresses(), config.subnet]
+        denied = [str(n) for n in config.denied_networks()]
+        extra = [*denied, *_host_addresses(), config.subnet, config.subnet6]
         net = SandboxNet(plan=plan, net_dir=str(net_dir), extra_denied=extra)
         extra_nets = [ipaddress.ip_network(n) for n in extra]
         _nft.apply(
@@ -154,6 +155,7 @@ def _setup_sync(
                 {
                     "sandbox_id": sandbox_id,
                     "host_ip": plan.host_ip,
+                    "host_ip6": plan.host_ip6,
                     "proxy_port": config.proxy_port,
                     "uplink_netns": config.uplink_netns,
                     "resolvers": list(resolvers),

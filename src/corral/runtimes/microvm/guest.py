@@ -14,7 +14,8 @@ costs a stat.
 What ``/init`` does, in order (see :data:`INIT`): mount devtmpfs/proc/sys, load the modules, find each disk by
 its virtio-blk ``serial`` (``corral-agent``, ``corral-upper``, ``corral-l<N>`` lowers topmost first,
 ``corral-b<N>`` binds), mount the ext4 upper and the erofs lowers as an overlay root, the binds and the agent
-bundle read-only on top, cap processes with a guest cgroup (``pids.max``, ``cpu.max``), open the
+bundle read-only on top, cap processes with a guest cgroup (``pids.max``, ``cpu.max``), address ``eth0`` when the sandbox has network
+(``corral.net4``/``gw4``/``net6``/``gw6``: the sandbox's veth addresses, see :mod:`.._net.netns`), open the
 virtio-serial port named ``agent`` ONCE (reopening it loses data), and ``switch_root`` into the agent as
 PID 1 with that fd as its stdin and stdout. The agent's exit ends the guest (``panic=-1``, ``-no-reboot``).
 """
@@ -43,7 +44,7 @@ log = logging.getLogger("corral.runtimes.microvm.guest")
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
 # What the guest needs that the cloud kernel builds as modules (their dependencies are added automatically).
-GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "erofs", "overlay")
+GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "erofs", "overlay")
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 BUILD_VERSION = "1"  # bump when the build itself changes in a way the inputs below do not show
 
@@ -114,6 +115,23 @@ cpu=$(arg cpu); [ -n "$cpu" ] && echo "$cpu 100000" >/newroot/sys/fs/cgroup/sand
 echo $$ >/newroot/sys/fs/cgroup/sandbox/cgroup.procs
 hostname "$(arg hostname)"
 ip link set lo up
+# network (only a sandbox with a policy has a NIC): the addresses of its veth, the host end as the gateway
+# and the egress path's answerer as the resolver; no router advertisements, no autoconfiguration
+net4=$(arg net4)
+if [ -n "$net4" ]; then
+  i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 500 ]; do i=$((i + 1)); usleep 10000; done
+  for k in accept_ra autoconf accept_dad; do
+    for c in all default eth0; do echo 0 >"/proc/sys/net/ipv6/conf/$c/$k" 2>/dev/null; done
+  done
+  ip link set eth0 up || fail "no network device"
+  ip addr add "$net4" dev eth0 && ip route add default via "$(arg gw4)" || fail "cannot address eth0"
+  net6=$(arg net6)
+  if [ -n "$net6" ]; then
+    ip -6 addr add "$net6" dev eth0 && ip -6 route add default via "$(arg gw6)" || fail "cannot address eth0"
+  fi
+  rm -f /newroot/etc/resolv.conf
+  printf 'nameserver %s\noptions ndots:0\n' "$(arg gw4)" >/newroot/etc/resolv.conf
+fi
 loader=$(arg loader)
 exec switch_root /newroot "/.corral/lib/$loader" --library-path /.corral/lib /.corral/bin/python3 \
   -I -S -B -m corral.agent 0<&3 1>&3 3>&-

@@ -5,7 +5,8 @@ QEMU's ``stdio`` chardev, so the shim's stdio pipes *are* the agent's channel an
 (relay, deadline, exit record, checkpoint/restore) works unchanged. The guest console goes to a file in the
 state dir (never to a client); QMP listens on a Unix socket there for pause, resume and snapshots.
 
-No NIC is configured (``-nodefaults``, no ``-netdev``): the guest has loopback only. Accelerator: ``tcg`` by
+No NIC unless the sandbox has network (``-nodefaults``; ``VmConfig.nic``: a virtio-net device on the tap
+the runtime made in the sandbox's network namespace, which QEMU runs in). Accelerator: ``tcg`` by
 default; ``kvm`` only when ``[runtime.microvm] accel = "kvm"`` is set. /dev/kvm is never opened or probed
 otherwise: on nested hosts like this one KVM hangs QEMU, possibly unkillably.
 """
@@ -26,6 +27,7 @@ from corral.runtimes.microvm.vm import VmConfig, kernel_cmdline
 __all__ = ["ACCELERATORS", "QemuEngine"]
 
 ACCELERATORS = ("tcg", "kvm")
+NIC_MAC = "52:54:00:c0:a1:01"  # alone on its own bridge, so one address serves every VM
 QEMU = "qemu-system-x86_64"
 MIGRATE_TIMEOUT = 300.0  # ~0.5 s per 256 MiB guest here; generous for large guests on a loaded host
 CONSOLE_RING = 64 * 1024  # bytes of guest console kept in memory once the agent is up
@@ -133,6 +135,13 @@ class QemuEngine:
                 f"id=d{index},file={path},format={disk.format},if=none{ro},cache=writeback,discard=unmap",
                 "-device",
                 f"virtio-blk-device,drive=d{index},serial={disk.serial}",
+            ]
+        if config.nic is not None:  # the tap the runtime made in the netns QEMU runs in; else no NIC at all
+            argv += [
+                "-netdev",
+                f"tap,id=net0,ifname={config.nic},script=no,downscript=no",
+                "-device",
+                f"virtio-net-device,netdev=net0,mac={NIC_MAC}",
             ]
         if incoming is not None:
             argv += ["-incoming", f"fd:{INCOMING_FD}"]

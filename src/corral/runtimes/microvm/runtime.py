@@ -14,7 +14,10 @@ From the outside in:
 
 Limits: ``memory_mb`` is the guest's RAM (``-m``); ``cpus`` rounds up to vCPUs, a fraction is a guest cgroup
 ``cpu.max``; ``pids`` is the guest cgroup's ``pids.max``; ``disk_mb`` is the size of the writable disk (ENOSPC
-past it; without it 4 GiB, sparse). The guest has no network device at all.
+past it; without it 4 GiB, sparse). Network: none at all (no device) by default; with a policy, a virtio-net
+device on a tap in the sandbox's prepared network namespace (QEMU runs there), bridged to its veth, so the
+egress path, its rules and its proxy are exactly the other runtimes' (:mod:`.._net`); the guest's ``/init``
+addresses it. Pause keeps it; snapshots and forks of a VM with network are refused (its image holds the NIC).
 
 Pause: ``QMP stop`` (the VM's memory stays in RAM; sub-millisecond) or, with ``pause = "disk"``, the memory
 goes to a file in the state dir and QEMU exits (the shim's checkpoint), restored on resume. Snapshot and fork:
@@ -45,10 +48,12 @@ from typing import Any, ClassVar
 import anyio
 import anyio.to_thread
 
-from corral.errors import Conflict, InvalidRequest, RuntimeFailure, RuntimeUnavailable, Timeout
+from corral.errors import Conflict, InvalidRequest, RuntimeFailure, RuntimeUnavailable, Timeout, Unsupported
 from corral.runtimes import _shimctl
 from corral.runtimes._bundle import AgentBundle
-from corral.runtimes._local import SNAPSHOTS, LocalRuntime, LocalSandbox, host_layers
+from corral.runtimes._local import SNAPSHOTS, LocalRuntime, LocalSandbox, host_layers, sandbox_net
+from corral.runtimes._net import netns as _netns
+from corral.runtimes._net.stack import SandboxNet
 from corral.runtimes._shimspec import ShimSpec
 from corral.runtimes._uids import UidAllocator
 from corral.runtimes.base import (
@@ -121,7 +126,10 @@ class MicroVMRuntime(LocalRuntime[str]):
 
     name: ClassVar[str] = "microvm"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        pause=True, snapshot=frozenset({ArtifactKind.DISK, ArtifactKind.MEMORY})
+        pause=True,
+        snapshot=frozenset({ArtifactKind.DISK, ArtifactKind.MEMORY}),
+        network_policy=True,
+        snapshot_network=False,  # a memory image holds the NIC, on a tap only its sandbox has
     )
     Options: ClassVar[type[Any]] = MicroVMOptions
     ready_timeout: ClassVar[float] = BOOT_TIMEOUT
@@ -174,6 +182,11 @@ class MicroVMRuntime(LocalRuntime[str]):
         (state_dir / CHECKPOINT_DIR).mkdir(mode=0o700)
         upper = state_dir / "upper.qcow2"
         incoming: Path | None = None
+        net = sandbox_net(sandbox)
+        if net is not None and spec.restore_from is not None:
+            raise Unsupported(
+                "a microVM restored from a memory image cannot have network; create it with network='none'"
+            )
         if spec.restore_from is not None:
             memory = spec.restore_from.path
             config = hostside.restored_config(spec, memory, upper)
@@ -181,13 +194,16 @@ class MicroVMRuntime(LocalRuntime[str]):
             # a restored agent says no new hello: keep its first one here, for snapshots of this sandbox
             shutil.copyfile(memory / "hello.frame", state_dir / "hello.frame")
         else:
-            config = self._fresh_config(spec, self.bundle, self._ensure_guest(), upper)
+            config = self._fresh_config(spec, self.bundle, self._ensure_guest(), upper, net)
+            if net is not None:  # its NIC: a tap bridged to the sandbox's veth, in the netns QEMU runs in
+                _netns.attach_tap(net.plan)  # makes _netns.TAP
             if spec.upper_seed is not None:
                 disks.copy_upper(hostside.disk_seed(spec.upper_seed), upper)
             else:
                 size = spec.limits.disk_mb or disks.DEFAULT_DISK_MB
                 disks.make_upper(upper, disks.ensure_empty_ext4(self.cache_dir, size))
-                golden = self._golden_dir(config, size) if self.options.golden else None
+                # a VM with network has its own addresses on its kernel command line: no shared shape
+                golden = self._golden_dir(config, size) if self.options.golden and net is None else None
                 if golden is not None and (golden / "memory").exists():  # this shape booted before: restore
                     config = hostside.restored_config(spec, golden, upper)
                     incoming = golden / "memory"
@@ -215,6 +231,7 @@ class MicroVMRuntime(LocalRuntime[str]):
             restore_argv=restore.argv,
             restore_files=restore.files,
             announce_restore=True,
+            netns=net.plan.netns_path if net is not None else None,
         )
 
     async def started(self, spec: SandboxSpec, sandbox: LocalSandbox) -> None:
@@ -253,11 +270,18 @@ class MicroVMRuntime(LocalRuntime[str]):
         finally:
             await anyio.to_thread.run_sync(partial(shutil.rmtree, tmp, ignore_errors=True))
 
-    def _fresh_config(self, spec: SandboxSpec, bundle: AgentBundle, guest: Guest, upper: Path) -> VmConfig:
+    def _fresh_config(
+        self, spec: SandboxSpec, bundle: AgentBundle, guest: Guest, upper: Path, net: SandboxNet | None
+    ) -> VmConfig:
         rootfs = host_layers(spec, self.name)
         vcpus = max(1, math.ceil(spec.limits.cpus))
         images: list[Disk] = []
         args = {"pids": str(spec.limits.pids), "hostname": spec.hostname, "loader": bundle.loader_name}
+        if net is not None:  # the guest's /init addresses eth0 with what the namespace's end of the veth had
+            plan = net.plan
+            args.update(net4=f"{plan.guest_ip}/{plan.prefix}", gw4=plan.host_ip)
+            if plan.guest_ip6 is not None and plan.host_ip6 is not None:
+                args.update(net6=f"{plan.guest_ip6}/{plan.prefix6}", gw6=plan.host_ip6)
         if spec.limits.cpus < vcpus:  # a fraction of a vCPU: the guest cgroup's cpu.max
             args["cpu"] = str(max(1000, int(spec.limits.cpus * 100_000)))
         for index, layer in enumerate(rootfs.lower):
@@ -282,6 +306,7 @@ class MicroVMRuntime(LocalRuntime[str]):
             vcpus=vcpus,
             disks=tuple(images),
             args=args,
+            nic=_netns.TAP if net is not None else None,
         )
 
     # -- operations on a running sandbox --------------------------------------------------------------------
@@ -320,6 +345,11 @@ class MicroVMRuntime(LocalRuntime[str]):
         sandbox = LocalSandbox.of(instance)
         if "/" in key or key in ("", ".", ".."):
             raise InvalidRequest("a snapshot key is one path component")
+        if sandbox_net(sandbox) is not None:  # its image holds a NIC on a tap only this sandbox has
+            raise Unsupported(
+                "microVM sandboxes with network cannot be snapshotted or forked yet; use network='none' for "
+                "those (pause and resume keep the network)"
+            )
         if await anyio.to_thread.run_sync((sandbox.state_dir / "paused").exists):
             raise Conflict("resume the microVM before taking a snapshot of it")
         dest = self.config.cache_root / SNAPSHOTS / key

@@ -52,6 +52,7 @@ class VmConfig:
     vcpus: int
     disks: tuple[Disk, ...]
     args: dict[str, str] = field(default_factory=dict)  # corral.<key>=<value> on the kernel command line
+    nic: str | None = None  # a virtio-net device on this tap of the network namespace the VMM runs in
 
     def with_upper(self, path: str) -> VmConfig:
         """The same machine with its writable disk at ``path`` (a fork's or a restore's own copy)."""
