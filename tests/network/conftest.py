@@ -51,9 +51,59 @@ class Internet:
     netns: str
     path: str
     queries: Path  # names that reached the upstream DNS server, one a line
+    ca: Path  # the test CA the upstream's HTTPS certificate is signed by
+    requests: Path  # every HTTP(S) request the upstream received: one JSON line each (_upstream.py)
 
     def queried(self) -> list[str]:
         return self.queries.read_text().split() if self.queries.exists() else []
+
+    def received(self) -> list[dict[str, Any]]:
+        if not self.requests.exists():
+            return []
+        return [json.loads(line) for line in self.requests.read_text().splitlines() if line.strip()]
+
+
+def _test_pki(work: Path, names: list[str]) -> None:
+    """ca.pem (a test CA) and cert.pem/key.pem (the upstream's certificate, for every name and *.name)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "corral-test upstream CA")])
+
+    def builder(subject: x509.Name, public: Any) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        )  # fmt: skip
+
+    ca = (
+        builder(ca_name, ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    sans = [x509.DNSName(n) for name in names for n in (name, f"*.{name}")]
+    leaf = (
+        builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "corral-test")]), key.public_key())
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (work / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (work / "cert.pem").write_bytes(leaf.public_bytes(pem))
+    (work / "key.pem").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
 
 
 def _ip(*args: str) -> None:
@@ -67,11 +117,7 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
     name = f"corral-test-inet-{secrets.token_hex(4)}"
     work = tmp_path_factory.mktemp("internet")
     (work / "zone.json").write_text(json.dumps(ZONE))
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=corral-test", "-days", "1",
-         "-keyout", str(work / "key.pem"), "-out", str(work / "cert.pem")],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    _test_pki(work, sorted(ZONE))  # a test CA, and the servers' certificate for every name of the zone
     _ip("netns", "add", name)
     proc = None
     try:
@@ -92,7 +138,13 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
                 stdout=subprocess.PIPE, stderr=log,
             )  # fmt: skip
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        yield Internet(netns=name, path=f"/run/netns/{name}", queries=work / "queries.log")
+        yield Internet(
+            netns=name,
+            path=f"/run/netns/{name}",
+            queries=work / "queries.log",
+            ca=work / "ca.pem",
+            requests=work / "requests.log",
+        )
     finally:
         if proc is not None:
             proc.terminate()

@@ -13,8 +13,9 @@ grouped by what each setting is about; :data:`FILE_KEYS` maps each ``[group] key
     [limits]  memory_mb, cpus, pids, disk_mb                 (the default limits of a sandbox)
     [pools]   max_size, interval, start_concurrency, member_max_age
     [runtime] default, enabled, node, reap_interval
-    [network] uplink_netns, resolvers, denied_ranges, subnet, max_connections, bandwidth_bytes
-                                                              (sandbox egress: where it leaves, and its caps)
+    [network] uplink_netns, resolvers, denied_ranges, subnet, max_connections, bandwidth_bytes,
+              upstream_ca_file                                (sandbox egress: where it leaves, and its caps)
+    [secrets] key_file                                        (the key sandbox secrets are sealed with)
     [runtime.gvisor]    platform = "systrap"               (one table per runtime: its own options)
 
 A runtime's table is checked against the options that runtime declares when the runtime is first loaded
@@ -88,6 +89,7 @@ FILE_KEYS: dict[tuple[str, str], str] = {
     ("runtime", "enabled"): "enabled_runtimes",
     ("runtime", "node"): "node",
     ("runtime", "reap_interval"): "reap_interval",
+    ("secrets", "key_file"): "secrets_key_file",
 }
 _LIMIT_KEYS = ("memory_mb", "cpus", "pids", "disk_mb")
 
@@ -124,6 +126,9 @@ class Settings:
     # sandbox egress ([network], CORRAL_EGRESS_*): the uplink namespace (default: the host's own, its default
     # route), upstream resolvers, ranges never reachable besides the fixed ones (cluster/service CIDRs), caps
     egress: EgressConfig = field(default_factory=EgressConfig)
+    # the key sandbox secrets are sealed with at rest ([secrets] key_file, CORRAL_SECRETS_KEY_FILE); None:
+    # <data_dir>/secrets.key, made 0600 on first use. Servers sharing a database share this key.
+    secrets_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.node:
@@ -149,6 +154,10 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "corral.db"
+
+    @property
+    def secrets_key_path(self) -> Path:
+        return self.secrets_key_file or self.data_dir / "secrets.key"
 
     def options_for(self, runtime: str) -> Mapping[str, Any]:
         """The ``[runtime.<runtime>]`` table (empty when there is none)."""
@@ -177,6 +186,8 @@ class Settings:
                     runtime_options.setdefault(runtime, {})[option] = value
         if env.get("CORRAL_DATA_DIR"):
             values["data_dir"] = Path(env["CORRAL_DATA_DIR"])
+        if env.get("CORRAL_SECRETS_KEY_FILE"):
+            values["secrets_key_file"] = Path(env["CORRAL_SECRETS_KEY_FILE"])
         if env.get("CORRAL_ISOLATION"):
             values["default_isolation"] = env["CORRAL_ISOLATION"]
         if env.get("CORRAL_DATABASE_URL"):
@@ -241,7 +252,7 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         if name is None:
             raise InvalidRequest(f"the config file {path} has an unknown setting {where}")
         kind = str(types[name])
-        if name == "data_dir":
+        if name in ("data_dir", "secrets_key_file"):
             value = Path(str(value))
         elif name == "enabled_runtimes":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -287,6 +298,7 @@ _EGRESS_KEYS = {
     "subnet": str,
     "max_connections": int,
     "bandwidth_bytes": int,
+    "upstream_ca_file": str,
 }
 
 
