@@ -159,6 +159,7 @@ def parse_secrets(value: object, policy: NetworkPolicy) -> tuple[SecretBinding, 
             )
         for host in hosts:
             rule = _host_rule(name, host)
+            assert rule.name is not None  # _host_rule refuses address rules
             probe = rule.name if not rule.wildcard else f"corral-probe.{rule.name}"
             if not policy.resolves(probe).allowed:
                 raise InvalidRequest(

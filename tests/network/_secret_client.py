@@ -7,6 +7,7 @@ server's certificate against the default trust store (SSL_CERT_FILE, which Corra
 holding the sandbox's egress CA), for the SNI name.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -18,10 +19,8 @@ import sys
 def main(spec):
     raw = re.sub(r"\$([A-Z_][A-Z0-9_]*)", lambda m: os.environ.get(m.group(1), ""), spec["raw"])
     for name in spec.get("resolve") or ["allowed.test", "other.test"]:  # pins: the proxy checks them
-        try:
+        with contextlib.suppress(OSError):
             socket.getaddrinfo(name, 443, socket.AF_INET)
-        except OSError:
-            pass
     try:
         sock = socket.create_connection((spec["ip"], int(spec.get("port", 443))), timeout=10)
         if spec.get("tls", True):

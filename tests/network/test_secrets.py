@@ -64,7 +64,9 @@ def egress_env(internet) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def secret_server(egress_env, corral_data_dir: Path, tmp_path_factory) -> Iterator[tuple[Any, dict[str, str]]]:
+def secret_server(
+    egress_env, corral_data_dir: Path, tmp_path_factory
+) -> Iterator[tuple[Any, dict[str, str]]]:
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from _corral_server import Server, new_key
 
@@ -102,21 +104,32 @@ def test_the_value_reaches_only_the_bound_host(mode: str, internet) -> None:
     real = value()
     network = {"allow_out": ["allowed.test", "other.test"]}
     with Sandbox.create(
-        isolation=ISO, network=network, secrets={"API_KEY": {"value": real, "hosts": ["allowed.test"]}}, timeout=120
+        isolation=ISO,
+        network=network,
+        secrets={"API_KEY": {"value": real, "hosts": ["allowed.test"]}},
+        timeout=120,
     ) as sbx:
-        placeholder = sbx.commands.run("printf %s \"$API_KEY\"").stdout
+        placeholder = sbx.commands.run('printf %s "$API_KEY"').stdout
         assert placeholder.startswith("CORRAL_SECRET_API_KEY_") and real not in placeholder
         assert sbx.get_info().secrets == ["API_KEY"]
         # HTTPS to the bound host, the certificate verified by the sandbox (it trusts its egress CA)
         got = send(sbx, get("/headers", "allowed.test", "Authorization: Bearer $API_KEY"))
         assert got["status"] == 200, got
-        assert [h[1] for h in json.loads(got["body"]) if h[0] == "authorization"] == ["Bearer " + "*" * len(real)]
+        assert [h[1] for h in json.loads(got["body"]) if h[0] == "authorization"] == [
+            "Bearer " + "*" * len(real)
+        ]
         carried = seen(internet, real)
         assert [(r["local"], r["sni"], r["tls"]) for r in carried] == [(ALLOWED, "allowed.test", True)]
         assert ["authorization", "Bearer " + real] in carried[0]["headers"]
         # an allowed host the secret is not bound to: passed through untouched (the sandbox talks TLS with the
         # upstream itself), and it gets the placeholder
-        got = send(sbx, get("/", "other.test", "Authorization: Bearer $API_KEY"), ip=OTHER, sni="other.test", verify=False)
+        got = send(
+            sbx,
+            get("/", "other.test", "Authorization: Bearer $API_KEY"),
+            ip=OTHER,
+            sni="other.test",
+            verify=False,
+        )
         assert got["status"] == 200, got
         # plain HTTP to the bound host: nothing is substituted outside TLS
         got = send(sbx, get("/", "allowed.test", "X-Key: $API_KEY"), port=80, tls=False, sni=None)
@@ -126,7 +139,7 @@ def test_the_value_reaches_only_the_bound_host(mode: str, internet) -> None:
         assert {(r["local"], r["tls"]) for r in with_placeholder} == {(OTHER, True), (ALLOWED, False)}
         # a second sandbox gets a placeholder of its own
         with Sandbox.create(isolation=ISO, network=network, secrets={"API_KEY": real}, timeout=120) as second:
-            assert second.commands.run("printf %s \"$API_KEY\"").stdout not in (placeholder, real)
+            assert second.commands.run('printf %s "$API_KEY"').stdout not in (placeholder, real)
 
 
 @pytest.mark.anyio
@@ -161,8 +174,14 @@ def test_hostile_sandbox_cannot_get_the_value_out(embedded, internet) -> None:
         placeholder = sbx.commands.run('printf %s "$K"').stdout
         assert [(r["local"], r["sni"]) for r in seen(internet, placeholder)] == [(OTHER, "other.test")]
         # CONNECT through the intercepted connection, and an absolute-form target naming another host
-        assert send(sbx, "CONNECT other.test:443 HTTP/1.1\r\nHost: allowed.test\r\nX-K: $K\r\n\r\n")["status"] == 405
-        got = send(sbx, "GET http://other.test/ HTTP/1.1\r\nHost: allowed.test\r\nX-K: $K\r\nConnection: close\r\n\r\n")
+        assert (
+            send(sbx, "CONNECT other.test:443 HTTP/1.1\r\nHost: allowed.test\r\nX-K: $K\r\n\r\n")["status"]
+            == 405
+        )
+        got = send(
+            sbx,
+            "GET http://other.test/ HTTP/1.1\r\nHost: allowed.test\r\nX-K: $K\r\nConnection: close\r\n\r\n",
+        )
         assert got["status"] == 400, got
         # the bound SNI at another allowed host's address: refused (not the bound name's address)
         assert not send(sbx, get("/", "allowed.test", "X-K: $K"), ip=OTHER)["ok"]
@@ -183,9 +202,12 @@ def test_hostile_sandbox_cannot_get_the_value_out(embedded, internet) -> None:
         state = net_dir.parent
         hits = subprocess.run(["grep", "-rl", "--", real, str(state)], capture_output=True, text=True)
         assert hits.stdout == "", hits.stdout
-        assert "BEGIN PRIVATE KEY" not in subprocess.run(
-            ["grep", "-rl", "--", "PRIVATE KEY", str(state)], capture_output=True, text=True
-        ).stdout
+        assert (
+            "BEGIN PRIVATE KEY"
+            not in subprocess.run(
+                ["grep", "-rl", "--", "PRIVATE KEY", str(state)], capture_output=True, text=True
+            ).stdout
+        )
 
 
 def _instance_extra(sbx: Sandbox) -> dict:
@@ -276,7 +298,7 @@ def test_a_fork_or_snapshot_gets_no_secrets(embedded, internet) -> None:
     real = value()
     network = {"allow_out": ["allowed.test"]}
     with Sandbox.create(isolation=ISO, network=network, secrets={"K": real}, timeout=120) as sbx:
-        placeholder = sbx.commands.run("printf %s \"$K\"").stdout
+        placeholder = sbx.commands.run('printf %s "$K"').stdout
         sbx.files.write("/home/user/token", placeholder.encode())
         name = f"secret-snap-{secrets.token_hex(3)}"
         sbx.snapshot(name)
@@ -314,7 +336,9 @@ def test_bad_secrets_are_typed_errors_that_echo_no_value(embedded) -> None:
             Sandbox.create(isolation=ISO, network=network, secrets=given, timeout=60)
         assert real not in str(err.value) and real not in json.dumps(err.value.details)
     with pytest.raises(InvalidRequest):  # a secret's name is also an env variable
-        Sandbox.create(isolation=ISO, network={"allow_out": ["allowed.test"]}, secrets={"K": real}, envs={"K": "x"})
+        Sandbox.create(
+            isolation=ISO, network={"allow_out": ["allowed.test"]}, secrets={"K": real}, envs={"K": "x"}
+        )
     assert {s.sandbox_id for s in Sandbox.list()} == before
 
 
@@ -323,7 +347,9 @@ def test_rest_and_cli(secret_server, internet) -> None:
     real = value()
     headers = {"Authorization": f"Bearer {client_env['CORRAL_API_KEY']}"}
     with httpx.Client(base_url=client_env["CORRAL_URL"], headers=headers, timeout=120) as http:
-        bad = http.post("/v1/sandboxes", json={"isolation": ISO, "secrets": {"K": {"value": real, "hosts": 3}}})
+        bad = http.post(
+            "/v1/sandboxes", json={"isolation": ISO, "secrets": {"K": {"value": real, "hosts": 3}}}
+        )
         assert bad.status_code == 400 and real not in bad.text, bad.text
         made = http.post(
             "/v1/sandboxes",
@@ -344,6 +370,10 @@ def test_rest_and_cli(secret_server, internet) -> None:
     assert done.returncode == 0, done.stderr
     made = json.loads(done.stdout)
     assert made["secrets"] == ["CLI_SECRET"] and real not in done.stdout
-    subprocess.run([sys.executable, "-m", "corral.cli.main", "sandbox", "kill", made["sandbox_id"]], env=env, timeout=60)
-    missing = subprocess.run([*cli[:-1], "NOT_SET_ANYWHERE"], env=env, capture_output=True, text=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-m", "corral.cli.main", "sandbox", "kill", made["sandbox_id"]], env=env, timeout=60
+    )
+    missing = subprocess.run(
+        [*cli[:-1], "NOT_SET_ANYWHERE"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert missing.returncode != 0 and "NOT_SET_ANYWHERE" in missing.stderr

@@ -15,7 +15,7 @@ from corral.errors import InvalidRequest
 from corral.models import CreateParams
 from corral.netpolicy import NetworkPolicy
 from corral.runtimes._net import intercept
-from corral.secrets import SecretBinding, check_shape, parse_secrets
+from corral.secrets import SecretBinding, parse_secrets
 
 VALUE = "sk-unit-0123456789abcdef"
 POLICY = NetworkPolicy.parse({"allow_out": ["api.example.com", "*.files.example.com", "203.0.113.0/24"]})
@@ -25,7 +25,10 @@ def test_default_binding_is_the_allow_out_names_and_placeholders_are_fresh() -> 
     (one,) = parse_secrets({"KEY": VALUE}, POLICY)
     (two,) = parse_secrets({"KEY": VALUE}, POLICY)
     assert one.hosts == ("api.example.com", "*.files.example.com")  # names only, not the CIDR
-    assert one.placeholder.startswith("CORRAL_SECRET_KEY_") and len(one.placeholder) == len("CORRAL_SECRET_KEY_") + 32
+    assert (
+        one.placeholder.startswith("CORRAL_SECRET_KEY_")
+        and len(one.placeholder) == len("CORRAL_SECRET_KEY_") + 32
+    )
     assert one.placeholder != two.placeholder and VALUE not in one.placeholder
     assert VALUE not in repr(one) and one.placeholder not in repr(one)
     assert one.binds("API.example.com.") and one.binds("a.files.example.com")
