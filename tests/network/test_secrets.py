@@ -377,3 +377,16 @@ def test_rest_and_cli(secret_server, internet) -> None:
         [*cli[:-1], "NOT_SET_ANYWHERE"], env=env, capture_output=True, text=True, timeout=60
     )
     assert missing.returncode != 0 and "NOT_SET_ANYWHERE" in missing.stderr
+
+
+@pytest.mark.runsc
+def test_gvisor_sandboxes_get_the_same_substitution(embedded, internet) -> None:
+    real = value()
+    with Sandbox.create(
+        isolation="gvisor", network={"allow_out": ["allowed.test"]}, secrets={"K": real}, timeout=120
+    ) as sbx:
+        assert real not in sbx.commands.run("env").stdout
+        done = sbx.commands.run('curl -sS -H "X-K: $K" https://allowed.test/headers')
+        assert done.exit_code == 0, done.stderr
+        assert "*" * len(real) in done.stdout and real not in done.stdout
+    assert [(r["local"], r["sni"]) for r in seen(internet, real)] == [(ALLOWED, "allowed.test")]
