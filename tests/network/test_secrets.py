@@ -277,6 +277,7 @@ def test_secrets_at_rest_logs_audit_and_api(
         sandbox_id = sbx.sandbox_id
     # killed: the egress process (the only holder of the CA key) and every file of it are gone
     assert not Path(f"/proc/{egress_pid}").exists() and not net_dir.exists()
+    assert not net_dir.parent.exists()  # the writable layer with the CA bundle went with the state dir
     assert real not in caplog.text
     import anyio
 
