@@ -155,7 +155,24 @@ async def test_async_sdk_binds_to_allow_out_names_by_default(embedded, internet)
         done = await sbx.commands.run('curl -sS -H "X-Token: $TOKEN" https://allowed.test/headers')
         assert done.exit_code == 0, done.stderr
         assert real not in done.stdout and "*" * len(real) in done.stdout
-    assert [r["sni"] for r in seen(internet, real)] == ["allowed.test"]
+        # Python's own client: two requests on one kept-alive connection, both substituted
+        script = (
+            "import http.client, os\n"
+            "c = http.client.HTTPSConnection('allowed.test', timeout=10)\n"
+            "for path in ('/headers', '/'):\n"
+            "    c.request('GET', path, headers={'X-Token': os.environ['TOKEN']})\n"
+            "    print(c.getresponse().read().decode())\n"
+        )
+        done = await sbx.commands.run(["/usr/bin/python3", "-c", script])
+        assert done.exit_code == 0, done.stderr
+        # Node (NODE_EXTRA_CA_CERTS)
+        js = "fetch('https://allowed.test/headers',{headers:{'x-token':process.env.TOKEN}}).then(r=>r.text()).then(console.log)"
+        done = await sbx.commands.run(["node", "-e", js])
+        assert done.exit_code == 0, done.stderr
+        assert "*" * len(real) in done.stdout and real not in done.stdout
+    carried = seen(internet, real)
+    assert [r["sni"] for r in carried] == ["allowed.test"] * 4
+    assert [r["path"] for r in carried] == ["/headers", "/headers", "/", "/headers"]
 
 
 def test_hostile_sandbox_cannot_get_the_value_out(embedded, internet) -> None:
