@@ -227,6 +227,26 @@ def test_hostile_sandbox_cannot_get_the_value_out(embedded, internet) -> None:
         )
 
 
+def test_a_policy_update_cuts_an_intercepted_connection(embedded, internet) -> None:
+    import time
+
+    real = value()
+    with Sandbox.create(
+        isolation=ISO, network={"allow_out": ["allowed.test", "other.test"]}, secrets={"K": real}, timeout=120
+    ) as sbx:
+        # /slow takes ~50 s; secrets bound to both names, so this connection is intercepted
+        handle = sbx.commands.start('curl -sS -o /dev/null -H "X-K: $K" https://allowed.test/slow; echo rc=$?')
+        for _ in range(100):
+            if seen(internet, real):
+                break
+            time.sleep(0.1)
+        started = time.monotonic()
+        assert sbx.network.update(allow_out=["other.test"]).allow_out == ("other.test",)
+        result = handle.wait()
+        assert time.monotonic() - started < 20 and "rc=0" not in result.stdout, result.stdout
+    assert [r["path"] for r in seen(internet, real)] == ["/slow"]
+
+
 def _instance_extra(sbx: Sandbox) -> dict:
     import anyio
 
