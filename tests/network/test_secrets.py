@@ -200,6 +200,11 @@ def test_hostile_sandbox_cannot_get_the_value_out(embedded, internet) -> None:
             "GET http://other.test/ HTTP/1.1\r\nHost: allowed.test\r\nX-K: $K\r\nConnection: close\r\n\r\n",
         )
         assert got["status"] == 400, got
+        # pipelined: a good request, then one for another Host on the same connection
+        first = "GET /first HTTP/1.1\r\nHost: allowed.test\r\nX-K: $K\r\n\r\n"
+        got = send(sbx, first + get("/second", "other.test", "X-K: $K"))
+        assert got["status"] == 200 and "421" in got["body"], got
+        assert [r["path"] for r in seen(internet, real)] == ["/first"]
         # the bound SNI at another allowed host's address: refused (not the bound name's address)
         assert not send(sbx, get("/", "allowed.test", "X-K: $K"), ip=OTHER)["ok"]
         # a WebSocket upgrade (the rest of the stream would not be HTTP any more)
@@ -213,8 +218,8 @@ def test_hostile_sandbox_cannot_get_the_value_out(embedded, internet) -> None:
         assert "_net.egress" not in probe.stdout and real not in probe.stdout
         net_dir = Path(json.loads(json.dumps(_instance_extra(sbx)))["net"]["net_dir"])
         assert sbx.commands.run(f"ls {net_dir}").exit_code != 0
-        # the upstream never saw the value, but the placeholder went to other.test as it was
-        assert seen(internet, real) == []
+        # the upstream saw the value in the one request meant for it, nowhere else
+        assert [(r["local"], r["path"]) for r in seen(internet, real)] == [(ALLOWED, "/first")]
         # and it is in no file of the sandbox's state (writable layer, egress dir, shim spec)
         state = net_dir.parent
         hits = subprocess.run(["grep", "-rl", "--", real, str(state)], capture_output=True, text=True)
@@ -235,7 +240,9 @@ def test_a_policy_update_cuts_an_intercepted_connection(embedded, internet) -> N
         isolation=ISO, network={"allow_out": ["allowed.test", "other.test"]}, secrets={"K": real}, timeout=120
     ) as sbx:
         # /slow takes ~50 s; secrets bound to both names, so this connection is intercepted
-        handle = sbx.commands.start('curl -sS -o /dev/null -H "X-K: $K" https://allowed.test/slow; echo rc=$?')
+        handle = sbx.commands.start(
+            'curl -sS -o /dev/null -H "X-K: $K" https://allowed.test/slow; echo rc=$?'
+        )
         for _ in range(100):
             if seen(internet, real):
                 break

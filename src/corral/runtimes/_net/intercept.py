@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import json
 import os
 import ssl
@@ -32,19 +31,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import h11
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
+from corral.runtimes._net.tlsterm import CHUNK, Leaves, ServerTls
 from corral.secrets import SecretBinding
 
 __all__ = ["Interceptor", "load"]
 
-CHUNK = 64 * 1024
+MAX_HEAD = 64 * 1024  # a request's head (line and headers)
 MAX_BODY = 1024 * 1024  # a request body a ``body`` secret is substituted in is held whole, up to this
 HANDSHAKE_TIMEOUT = 10.0
-LEAF_DAYS = 7
-MAX_LEAVES = 256
 Take = Callable[[int], Awaitable[None]]
 
 
@@ -55,67 +50,6 @@ class _Abort(Exception):
         super().__init__(why)
         self.status = status
         self.why = why
-
-
-class _ServerTls:
-    """The sandbox-facing TLS of one connection, over memory BIOs (its first bytes were already read)."""
-
-    def __init__(
-        self, ctx: ssl.SSLContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes
-    ) -> None:
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
-        self.reader, self.writer = reader, writer
-        self.incoming.write(head)
-
-    async def _flush(self) -> None:
-        data = self.outgoing.read()
-        if data:
-            self.writer.write(data)
-            await self.writer.drain()
-
-    async def _fill(self) -> bool:
-        data = await self.reader.read(CHUNK)
-        if not data:
-            self.incoming.write_eof()
-            return False
-        self.incoming.write(data)
-        return True
-
-    async def handshake(self) -> None:
-        while True:
-            try:
-                self.obj.do_handshake()
-                await self._flush()
-                return
-            except ssl.SSLWantReadError:
-                await self._flush()
-                if not await self._fill():
-                    raise ConnectionResetError("the sandbox left during the TLS handshake") from None
-
-    async def recv(self) -> bytes:
-        while True:
-            try:
-                data = self.obj.read(CHUNK)
-                await self._flush()
-                return data
-            except ssl.SSLWantReadError:
-                await self._flush()
-                if not await self._fill():
-                    return b""
-            except ssl.SSLZeroReturnError:
-                return b""
-
-    async def send(self, data: bytes) -> None:
-        if data:
-            self.obj.write(data)
-            await self._flush()
-
-    async def close(self) -> None:
-        with contextlib.suppress(ssl.SSLError, OSError):
-            self.obj.unwrap()
-        with contextlib.suppress(OSError, RuntimeError):
-            await self._flush()
 
 
 @dataclass(frozen=True)
@@ -166,13 +100,8 @@ class Interceptor:
     """The secrets of one sandbox, its CA, and the TLS contexts of both legs."""
 
     def __init__(self, wire: dict[str, Any], upstream_ca_file: str | None) -> None:
-        self.ca_cert = x509.load_pem_x509_certificate(wire["ca_cert"].encode())
-        ca_key = serialization.load_pem_private_key(wire["ca_key"].encode(), password=None)
-        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-        self._ca_key = ca_key
+        self.leaves = Leaves(wire["ca_cert"], wire["ca_key"])
         self.secrets = tuple(SecretBinding.from_wire(s) for s in wire["secrets"])
-        self._leaf_key = ec.generate_private_key(ec.SECP256R1())
-        self._contexts: dict[str, ssl.SSLContext] = {}
         self.upstream = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         if upstream_ca_file:
             self.upstream.load_verify_locations(cafile=upstream_ca_file)
@@ -183,49 +112,6 @@ class Interceptor:
 
     def _bound(self, host: str) -> tuple[SecretBinding, ...]:
         return tuple(s for s in self.secrets if s.binds(host))
-
-    # -- certificates ---------------------------------------------------------------------------------------
-    def server_context(self, name: str) -> ssl.SSLContext:
-        ctx = self._contexts.get(name)
-        if ctx is None:
-            if len(self._contexts) >= MAX_LEAVES:
-                self._contexts.clear()
-            ctx = self._contexts[name] = self._make_context(name)
-        return ctx
-
-    def _make_context(self, name: str) -> ssl.SSLContext:
-        now = datetime.datetime.now(datetime.UTC)
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, name)]))
-            .issuer_name(self.ca_cert.subject)
-            .public_key(self._leaf_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(min(now + datetime.timedelta(days=LEAF_DAYS), self.ca_cert.not_valid_after_utc))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()), critical=False
-            )
-            .sign(self._ca_key, hashes.SHA256())
-        )
-        pem = leaf.public_bytes(serialization.Encoding.PEM) + self._leaf_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_alpn_protocols(["http/1.1"])
-        fd = os.memfd_create(
-            "leaf", os.MFD_CLOEXEC
-        )  # the key is never in a file: load_cert_chain wants a path
-        try:
-            os.write(fd, pem)
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        return ctx
 
     # -- one connection -------------------------------------------------------------------------------------
     async def relay(
@@ -239,7 +125,8 @@ class Interceptor:
         take: Take,
     ) -> str:
         """Serve one intercepted connection; returns how it ended (for the log: never a value)."""
-        tls = _ServerTls(self.server_context(name), reader, writer, head)
+        name = name.rstrip(".").lower()
+        tls = ServerTls(self.leaves.context(name), reader, writer, head)
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 await tls.handshake()
@@ -268,12 +155,12 @@ class Interceptor:
         self,
         name: str,
         bound: tuple[SecretBinding, ...],
-        tls: _ServerTls,
+        tls: ServerTls,
         up_reader: asyncio.StreamReader,
         up_writer: asyncio.StreamWriter,
         take: Take,
     ) -> str:
-        down = h11.Connection(h11.SERVER)  # facing the sandbox
+        down = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)  # facing the sandbox
         up = h11.Connection(h11.CLIENT)  # facing the upstream
         masker = _Masker(tuple(b.value.encode() for b in bound))
 
@@ -334,7 +221,7 @@ class Interceptor:
         self,
         down: h11.Connection,
         up: h11.Connection,
-        tls: _ServerTls,
+        tls: ServerTls,
         up_reader: asyncio.StreamReader,
         masker: _Masker,
         take: Take,
@@ -371,7 +258,7 @@ class Interceptor:
             else:
                 raise _Abort(0, "upstream-closed")
 
-    async def _answer(self, tls: _ServerTls, down: h11.Connection, status: int, why: str) -> None:
+    async def _answer(self, tls: ServerTls, down: h11.Connection, status: int, why: str) -> None:
         """A short plain-text error to the sandbox, then the end of the connection."""
         body = f"corral egress: {why}\n".encode()
         with contextlib.suppress(h11.ProtocolError, ssl.SSLError, OSError, RuntimeError):

@@ -139,11 +139,11 @@ def test_the_sandbox_ca_vouches_for_its_bound_hosts_only(tmp_path: Path) -> None
     (tmp_path / "ca.pem").write_text(egress.ca_cert)
     client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
     client.set_alpn_protocols(["h2", "http/1.1"])
-    assert _handshake(proxy.server_context("api.example.com"), client, "api.example.com") == "http/1.1"
-    assert proxy.server_context("api.example.com") is proxy.server_context("api.example.com")  # cached
+    assert _handshake(proxy.leaves.context("api.example.com"), client, "api.example.com") == "http/1.1"
+    assert proxy.leaves.context("api.example.com") is proxy.leaves.context("api.example.com")  # cached
     # a leaf for any other name, even signed by the same key, fails the CA's name constraints
     with pytest.raises(ssl.SSLCertVerificationError):
-        _handshake(proxy.server_context("bank.example.org"), client, "bank.example.org")
+        _handshake(proxy.leaves.context("bank.example.org"), client, "bank.example.org")
     assert proxy.binds("api.example.com") and not proxy.binds("other.example.com") and not proxy.binds(None)
 
 
