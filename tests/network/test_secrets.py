@@ -140,6 +140,15 @@ def test_the_value_reaches_only_the_bound_host(mode: str, internet) -> None:
         # a second sandbox gets a placeholder of its own
         with Sandbox.create(isolation=ISO, network=network, secrets={"API_KEY": real}, timeout=120) as second:
             assert second.commands.run('printf %s "$API_KEY"').stdout not in (placeholder, real)
+            # the first sandbox's placeholder means nothing to the second's proxy, even on a bound host
+            got = send(second, get("/", "allowed.test", "X-Key: " + placeholder))
+            assert got["status"] == 200, got
+        assert len(seen(internet, real)) == 1
+        assert {(r["local"], r["tls"]) for r in seen(internet, placeholder)} == {
+            (OTHER, True),
+            (ALLOWED, False),
+            (ALLOWED, True),
+        }
 
 
 @pytest.mark.anyio
@@ -165,6 +174,11 @@ async def test_async_sdk_binds_to_allow_out_names_by_default(embedded, internet)
         )
         done = await sbx.commands.run(["/usr/bin/python3", "-c", script])
         assert done.exit_code == 0, done.stderr
+        # HTTP/2 is asked for, HTTP/1.1 is what the intercepted leg offers (ALPN)
+        done = await sbx.commands.run(
+            "curl -sS --http2 -o /dev/null -w '%{http_version}' https://allowed.test/"
+        )
+        assert done.exit_code == 0 and done.stdout == "1.1", (done.stdout, done.stderr)
         # Node (NODE_EXTRA_CA_CERTS)
         js = "fetch('https://allowed.test/headers',{headers:{'x-token':process.env.TOKEN}}).then(r=>r.text()).then(console.log)"
         done = await sbx.commands.run(["node", "-e", js])
@@ -172,7 +186,7 @@ async def test_async_sdk_binds_to_allow_out_names_by_default(embedded, internet)
         assert "*" * len(real) in done.stdout and real not in done.stdout
     carried = seen(internet, real)
     assert [r["sni"] for r in carried] == ["allowed.test"] * 4
-    assert [r["path"] for r in carried] == ["/headers", "/headers", "/", "/headers"]
+    assert [r["path"] for r in carried] == ["/headers", "/headers", "/", "/headers"]  # not the bare curl
 
 
 def test_hostile_sandbox_cannot_get_the_value_out(embedded, internet) -> None:
@@ -435,3 +449,44 @@ def test_gvisor_sandboxes_get_the_same_substitution(embedded, internet) -> None:
         assert done.exit_code == 0, done.stderr
         assert "*" * len(real) in done.stdout and real not in done.stdout
     assert [(r["local"], r["sni"]) for r in seen(internet, real)] == [(ALLOWED, "allowed.test")]
+
+
+def test_substitution_outlives_a_server_restart_and_goes_with_the_sandbox(
+    egress_env, internet, corral_data_dir: Path, tmp_path, monkeypatch
+) -> None:
+    """The values live in the sandbox's egress process, which outlives the server like the shim does; the
+    restarted server's kill removes it (and with it the only copy of the CA key)."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from _corral_server import Server, new_key
+
+    env = {**os.environ, **egress_env, "CORRAL_DATA_DIR": str(corral_data_dir / "secret-restart")}
+    key = new_key(env, "--tenant", "restart")
+    server = Server(env, tmp_path / "server.log")
+    server.start()
+    real = value()
+    try:
+        monkeypatch.setenv("CORRAL_URL", server.url)
+        monkeypatch.setenv("CORRAL_API_KEY", key)
+        sbx = Sandbox.create(
+            isolation=ISO, network={"allow_out": ["allowed.test"]}, secrets={"K": real}, timeout=120
+        )
+        sandbox_id = sbx.sandbox_id
+        sbx.close()
+        server.kill9()
+        server.start()
+        with Sandbox.connect(sandbox_id) as sbx:
+            assert send(sbx, get("/", "allowed.test", "X-K: $K"))["status"] == 200
+            sbx.kill()
+        assert [r["path"] for r in seen(internet, real)] == ["/"]
+        assert real not in (tmp_path / "server.log").read_text()
+        egress = [p for p in Path("/proc").glob("[0-9]*") if sandbox_id.encode() in _cmdline(p)]
+        assert egress == []
+    finally:
+        server.stop()
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
