@@ -4,9 +4,8 @@ The egress process (:mod:`.egress`) hands a connection over when its TLS ClientH
 secret of the sandbox is bound to (:mod:`corral.secrets`) and the policy allowed it there. Then:
 
 - the sandbox's TLS is answered with a leaf certificate for that SNI, signed on the fly by the sandbox's own
-  CA (cached per name; one key for all leaves of the sandbox). The already-read ClientHello is fed to an
-  ``ssl.SSLObject`` over memory BIOs, so nothing of the sandbox's stream is lost. Only ``http/1.1`` is
-  offered by ALPN on this leg (HTTP/2 clients fall back to HTTP/1.1);
+  CA (:mod:`.tlsterm`: cached per name, the already-read ClientHello fed to an ``ssl.SSLObject`` over memory
+  BIOs). Only ``http/1.1`` is offered by ALPN on this leg (HTTP/2 clients fall back to HTTP/1.1);
 - the upstream leg is a fresh TLS connection to the address the sandbox asked for, verified against the
   system trust store (plus ``EgressConfig.upstream_ca_file``) *for the SNI name*;
 - HTTP/1.1 is parsed with h11 on both legs. Every request must name the SNI host in ``Host`` (otherwise

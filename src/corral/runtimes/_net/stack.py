@@ -200,8 +200,17 @@ def _spawn_egress(net_dir: Path, secrets: dict[str, Any] | None) -> Any:
         )
     finally:
         os.close(rfd)
-    with os.fdopen(wfd, "wb") as pipe:
-        pipe.write(json.dumps(secrets).encode())
+    try:
+        with os.fdopen(wfd, "wb") as pipe:
+            pipe.write(json.dumps(secrets).encode())
+    except OSError as exc:  # it died before reading them: nothing of it may stay
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        raise RuntimeFailure(
+            "the sandbox's egress proxy exited before it took the sandbox's secrets"
+        ) from exc
     return proc
 
 
@@ -243,7 +252,7 @@ async def setup(
     ``wait=False``: return once the egress process is started, not ready (it imports and binds while the
     sandbox boots); the caller then awaits :func:`ready` before the sandbox is handed out, and tears the
     whole stack down with :func:`teardown` if that fails. ``secrets``: the egress wire of
-    :class:`corral.secrets.EgressSecrets`, for TLS interception on their hosts."""
+    :class:`corral.core.secrets.EgressSecrets`, for TLS interception on their hosts."""
     return await anyio.to_thread.run_sync(_setup_sync, sandbox_id, net_dir, policy, config, wait, secrets)
 
 
