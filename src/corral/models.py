@@ -16,6 +16,7 @@ from typing import Any, Self
 
 from corral.errors import InvalidRequest
 from corral.netpolicy import NetworkPolicy
+from corral.secrets import check_shape
 
 __all__ = [
     "BuildEvent",
@@ -123,6 +124,7 @@ class SandboxInfo(_Wire):
     auto_pause: bool = False  # at its timeout it is paused instead of stopped
     # egress policy (corral.netpolicy): "none", "internet" or {"allow_out": [...], "deny_out": [...]}
     network: str | dict[str, Any] = "none"
+    secrets: list[str] = field(default_factory=list)  # names only: values never leave the server
 
     @property
     def network_policy(self) -> NetworkPolicy:
@@ -156,10 +158,14 @@ class CreateParams(_Wire):
     # egress: None/"none" (no network, the default), "internet" (public addresses only) or
     # {"allow_out": [names, *.wildcards, CIDR[:port]], "deny_out": [...]}; see corral.netpolicy
     network: str | dict[str, Any] | None = None
+    # name -> value, or {"value": ..., "hosts": [...], "body": False}: the sandbox sees a placeholder, the
+    # egress proxy puts the value into requests to the bound hosts (default: allow_out's names); corral.secrets
+    secrets: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.network is not None:  # refuse a bad policy where it is written, with the rule it names
             object.__setattr__(self, "network", NetworkPolicy.parse(self.network).to_wire())
+        object.__setattr__(self, "secrets", check_shape(self.secrets))
 
     def to_wire(self) -> dict[str, Any]:
         out = super().to_wire()

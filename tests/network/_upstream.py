@@ -3,7 +3,9 @@
 ``python _upstream.py ZONE_JSON CERT KEY`` serves, on every address of its namespace:
 - DNS on port 53 (UDP and TCP): the A and AAAA records of ZONE_JSON (``{"name": ["198.18.1.1",
   "2001:db8:1::1", ...]}``, the family told by the address); other names NXDOMAIN. Every query is appended to ``queries.log`` beside the zone file (what reached upstream);
-- HTTP on 80 and HTTPS on 443 (the self-signed CERT): ``GET /`` answers ``host=<Host> local=<address>
+- HTTP on 80 and HTTPS on 443 (CERT, signed by the test's CA): every request (its address, SNI, headers and
+  body) is appended to ``requests.log`` as a JSON line; ``GET /headers`` and ``POST /echo`` answer the
+  request's headers / body back; ``GET /`` answers ``host=<Host> local=<address>
   sni=<server name>``; ``GET /bytes/N`` answers N bytes; ``GET /dns?name=N`` (DoH-style) answers the
   zone's addresses for N as text;
 - a raw TCP service on 7000 that answers ``banner <address>`` and then echoes;
@@ -32,6 +34,7 @@ import dns.rrset
 with open(sys.argv[1]) as _f:
     ZONE: dict[str, list[str]] = json.loads(_f.read())
 LOG = os.path.join(os.path.dirname(sys.argv[1]), "queries.log")
+REQUESTS = os.path.join(os.path.dirname(sys.argv[1]), "requests.log")
 _lock = threading.Lock()
 
 
@@ -72,9 +75,37 @@ class _Http(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
+    def _record(self, body: bytes = b"") -> None:
+        entry = {
+            "local": self.connection.getsockname()[0],
+            "sni": getattr(self.connection, "sni", ""),
+            "tls": isinstance(self.connection, ssl.SSLSocket),
+            "method": self.command,
+            "path": self.path,
+            "headers": [[k.lower(), v] for k, v in self.headers.items()],
+            "body": body.decode("latin-1"),
+        }
+        with _lock, open(REQUESTS, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def _reply(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._record(body)
+        self._reply(body)
+
     def do_GET(self) -> None:
+        self._record()
         sni = getattr(self.connection, "sni", "")
         local = self.connection.getsockname()[0]
+        if self.path == "/headers":
+            self._reply(json.dumps([[k.lower(), v] for k, v in self.headers.items()]).encode())
+            return
         if self.path.startswith("/bytes/"):
             n = int(self.path.split("/")[2])
             self.send_response(200)

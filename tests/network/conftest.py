@@ -26,6 +26,9 @@ import pytest
 
 from corral.runtimes._net.config import EgressConfig
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _pki import make_pki
+
 UPSTREAM = Path(__file__).with_name("_upstream.py")
 DNS_IP = "198.18.0.53"
 V6_ALLOWED, V6_OTHER, V6_BANNER = "2001:db8:1::1", "2001:db8:1::2", "2001:db8:2::1"
@@ -61,9 +64,16 @@ class Internet:
     netns: str
     path: str
     queries: Path  # names that reached the upstream DNS server, one a line
+    ca: Path  # the test CA the upstream's HTTPS certificate is signed by
+    requests: Path  # every HTTP(S) request the upstream received: one JSON line each (_upstream.py)
 
     def queried(self) -> list[str]:
         return self.queries.read_text().split() if self.queries.exists() else []
+
+    def received(self) -> list[dict[str, Any]]:
+        if not self.requests.exists():
+            return []
+        return [json.loads(line) for line in self.requests.read_text().splitlines() if line.strip()]
 
 
 def _ip(*args: str) -> None:
@@ -77,11 +87,7 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
     name = f"corral-test-inet-{secrets.token_hex(4)}"
     work = tmp_path_factory.mktemp("internet")
     (work / "zone.json").write_text(json.dumps(ZONE))
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=corral-test", "-days", "1",
-         "-keyout", str(work / "key.pem"), "-out", str(work / "cert.pem")],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    make_pki(work, sorted(ZONE))  # a test CA, and the servers' certificate for every name of the zone
     _ip("netns", "add", name)
     proc = None
     try:
@@ -103,7 +109,13 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
                 stdout=subprocess.PIPE, stderr=log,
             )  # fmt: skip
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        yield Internet(netns=name, path=f"/run/netns/{name}", queries=work / "queries.log")
+        yield Internet(
+            netns=name,
+            path=f"/run/netns/{name}",
+            queries=work / "queries.log",
+            ca=work / "ca.pem",
+            requests=work / "requests.log",
+        )
     finally:
         if proc is not None:
             proc.terminate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -61,10 +62,32 @@ def create_options(fn: F) -> F:
                 help="Environment variable for every process in the sandbox.",
             ),
             *network_options(),
+            click.option(
+                "--secret",
+                "secrets",
+                multiple=True,
+                metavar="NAME[@HOST,...]",
+                help="A secret from this shell's environment variable NAME: the sandbox sees a placeholder, "
+                "HTTPS requests to HOSTs (default: the --allow-out names) get the value; repeatable.",
+            ),
         ]
     ):
         fn = decorator(fn)
     return fn
+
+
+def secrets_from(items: tuple[str, ...]) -> dict[str, Any]:
+    """``--secret NAME[@HOST,...]``: the value comes from the environment, so it is in no command line."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, _, hosts = item.partition("@")
+        value = os.environ.get(name)
+        if not value:
+            raise click.BadParameter(
+                f"set the environment variable {name} to the secret's value", param_hint="--secret"
+            )
+        out[name] = {"value": value, "hosts": [h for h in hosts.split(",") if h]} if hosts else value
+    return out
 
 
 def exec_options(fn: F) -> F:
@@ -133,6 +156,7 @@ def sandbox_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
         "cpus": opts.get("cpus"),
         "metadata": key_values(opts.get("metadata", ()), "--metadata"),
         "envs": key_values(opts.get("sandbox_env", ()), "--sandbox-env"),
+        "secrets": secrets_from(opts.get("secrets", ())),
     }
 
 

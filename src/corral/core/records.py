@@ -57,6 +57,9 @@ class SandboxRecord:
     # copied into the audit log (so a restarted server neither drops nor repeats an entry)
     network: Any = "none"
     network_audit_offset: int = 0
+    # secrets (corral.secrets): their names, and the bindings sealed under the server's key (core/secrets.py)
+    secrets: list[str] = field(default_factory=list)
+    secrets_sealed: str | None = field(default=None, repr=False)
     # The Corral node that owns the sandbox (Settings.node): only it reconciles the record and reaches the
     # instance of a node-local runtime. Set when the record is made, before the instance exists.
     node: str = LEGACY_NODE
@@ -82,6 +85,7 @@ class SandboxRecord:
             from_pool=self.from_pool,
             public_ports=self.public_ports,
             network=self.network,
+            secrets=list(self.secrets),
             traffic_token=self.traffic_token,
             envd_access_token=self.envd_access_token,
             auto_pause=self.auto_pause,

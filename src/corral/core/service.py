@@ -36,6 +36,7 @@ from corral.core import network as _network
 from corral.core import ports as _ports
 from corral.core import processes as _processes
 from corral.core import pty as _pty
+from corral.core import secrets as _secrets
 from corral.core import snapshots as _snapshots
 from corral.core import watch as _watch
 from corral.core.agent_client import AgentClient
@@ -96,6 +97,7 @@ from corral.runtimes.base import (
     Snapshot,
     TeardownFinisher,
 )
+from corral.secrets import SecretBinding
 
 __all__ = ["SandboxService"]
 
@@ -148,6 +150,7 @@ class SandboxService:
         self.pools = PoolManager(self)
         self.egress_decisions: _network.Tally = _network.Tally()  # copied into the audit log, for metrics
         self.usage = UsageMeter(clock)  # resource samples of running sandboxes (core/usage.py)
+        self._sealer: _secrets.Sealer | None = None  # the secrets key, read (or made) on first use
 
     # -- lifetime --------------------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -218,6 +221,8 @@ class SandboxService:
                 "leave auto-pause off, use network='none', or an isolation that pauses with network",
                 details={"isolation": isolation},
             )
+        bindings = _secrets.bind(request.secrets, network, env)
+        sealed = await self._seal(bindings)
         claimed = None
         # pool members have no network, and pool claims keep neither auto-pause nor an idempotency key
         if not auto_pause and request.idempotency_key is None and not network.enabled:
@@ -272,17 +277,22 @@ class SandboxService:
                     auto_pause=auto_pause,
                     idempotency_key=request.idempotency_key,
                     network=network.to_wire(),
+                    secrets=[b.name for b in bindings],
+                    secrets_sealed=sealed,
                 ),
                 expect_version=None,
             )
         instance = None
+        egress = _secrets.EgressSecrets.make(record.sandbox_id, bindings) if bindings else None
+        run_env = _secrets.sandbox_env(env, bindings)
         try:
             instance = await runtime.create(
                 SandboxSpec(
                     sandbox_id=record.sandbox_id,
                     rootfs=rootfs,
                     limits=limits,
-                    env=env,
+                    env=run_env,
+                    egress_secrets=egress.to_wire() if egress is not None else None,
                     deadline=None if auto_pause else record.deadline,
                     upper_seed=seed,
                     restore_from=memory,
@@ -295,9 +305,11 @@ class SandboxService:
             client = await self._agent(record)
             built = await self.templates.get(template)
             if built is not None and (built.env or built.defaults):
-                await _builder.apply_defaults(client, built, env=env)
-            elif env:
-                await client.call(Op.CONFIGURE, {"env": env})
+                await _builder.apply_defaults(client, built, env=run_env)
+            elif run_env:
+                await client.call(Op.CONFIGURE, {"env": run_env})
+            if egress is not None:
+                await _secrets.install_trust(client, egress.ca_cert, max_bytes=self.settings.max_file_bytes)
             await _files.write_all(client, files, max_bytes=self.settings.max_file_bytes)
             record = await self.store.put_sandbox(
                 dataclasses.replace(record, state=transition(record.state, SandboxState.RUNNING)),
@@ -328,6 +340,7 @@ class SandboxService:
             memory_mb=limits.memory_mb,
             timeout=timeout,
             network=network.to_wire(),
+            secrets=[b.name for b in bindings],
         )
         return record.info()
 
@@ -1010,6 +1023,16 @@ class SandboxService:
     # -- helpers ---------------------------------------------------------------------------------------------
     def _runtime(self, isolation: str) -> Runtime:
         return self._runtime_for(isolation)
+
+    async def _seal(self, bindings: tuple[SecretBinding, ...]) -> str | None:
+        """The bindings sealed for the store (None without secrets)."""
+        if not bindings:
+            return None
+        if self._sealer is None:
+            self._sealer = await anyio.to_thread.run_sync(
+                _secrets.Sealer.from_file, self.settings.secrets_key_path
+            )
+        return self._sealer.seal(bindings)
 
     def _check_timeout(self, seconds: float) -> float:
         if (

@@ -15,8 +15,9 @@ grouped by what each setting is about; :data:`FILE_KEYS` maps each ``[group] key
     [limits]  memory_mb, cpus, pids, disk_mb                 (the default limits of a sandbox)
     [pools]   max_size, interval, start_concurrency, member_max_age
     [runtime] default, enabled, node, reap_interval
-    [network] uplink_netns, resolvers, denied_ranges, subnet, max_connections, bandwidth_bytes
-                                                              (sandbox egress: where it leaves, and its caps)
+    [network] uplink_netns, resolvers, denied_ranges, subnet, max_connections, bandwidth_bytes,
+              upstream_ca_file                                (sandbox egress: where it leaves, and its caps)
+    [secrets] key_file                                        (the key sandbox secrets are sealed with)
     [runtime.gvisor]    platform = "systrap"               (one table per runtime: its own options)
     [e2b]     internet_by_default                             (the E2B adapter: see the field's comment)
 
@@ -101,6 +102,7 @@ FILE_KEYS: dict[tuple[str, str], str] = {
     ("runtime", "node"): "node",
     ("runtime", "reap_interval"): "reap_interval",
     ("e2b", "internet_by_default"): "e2b_internet_by_default",
+    ("secrets", "key_file"): "secrets_key_file",
 }
 _LIMIT_KEYS = ("memory_mb", "cpus", "pids", "disk_mb")
 
@@ -149,6 +151,9 @@ class Settings:
     # and SDKs up to 2.45 send allow_internet_access=true on every create, so "true" is no choice either.
     # False (the default) keeps Corral's rule; true is E2B's (public addresses only, as network="internet").
     e2b_internet_by_default: bool = False
+    # the key sandbox secrets are sealed with at rest ([secrets] key_file, CORRAL_SECRETS_KEY_FILE); None:
+    # <data_dir>/secrets.key, made 0600 on first use. Servers sharing a database share this key.
+    secrets_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.node:
@@ -184,6 +189,10 @@ class Settings:
     def db_path(self) -> Path:
         return self.data_dir / "corral.db"
 
+    @property
+    def secrets_key_path(self) -> Path:
+        return self.secrets_key_file or self.data_dir / "secrets.key"
+
     def options_for(self, runtime: str) -> Mapping[str, Any]:
         """The ``[runtime.<runtime>]`` table (empty when there is none)."""
         return self.runtime_options.get(runtime, {})
@@ -211,6 +220,8 @@ class Settings:
                     runtime_options.setdefault(runtime, {})[option] = value
         if env.get("CORRAL_DATA_DIR"):
             values["data_dir"] = Path(env["CORRAL_DATA_DIR"])
+        if env.get("CORRAL_SECRETS_KEY_FILE"):
+            values["secrets_key_file"] = Path(env["CORRAL_SECRETS_KEY_FILE"])
         if env.get("CORRAL_ISOLATION"):
             values["default_isolation"] = env["CORRAL_ISOLATION"]
         if env.get("CORRAL_DATABASE_URL"):
@@ -308,7 +319,7 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         if name is None:
             raise InvalidRequest(f"the config file {path} has an unknown setting {where}")
         kind = str(types[name])
-        if name == "data_dir":
+        if name in ("data_dir", "secrets_key_file"):
             value = Path(str(value))
         elif name == "enabled_runtimes":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -362,6 +373,7 @@ _EGRESS_KEYS = {
     "subnet6": str,
     "max_connections": int,
     "bandwidth_bytes": int,
+    "upstream_ca_file": str,
 }
 
 

@@ -225,7 +225,12 @@ class LocalRuntime(Generic[HostT]):
                 if not self.capabilities.network_policy:
                     raise Unsupported(f"{self.name} sandboxes have no network; create it with network='none'")
                 net = await _net.setup(
-                    spec.sandbox_id, sandbox.state_dir / "net", spec.network, self.config.egress, wait=False
+                    spec.sandbox_id,
+                    sandbox.state_dir / "net",
+                    spec.network,
+                    self.config.egress,
+                    wait=False,
+                    secrets=dict(spec.egress_secrets) if spec.egress_secrets else None,
                 )
                 sandbox.extra["net"] = net.to_json()
             shim_spec = await anyio.to_thread.run_sync(self.prepare, spec, sandbox)

@@ -203,6 +203,9 @@ class SandboxSpec:
     limits: Limits = field(default_factory=Limits)
     # egress (corral.netpolicy): "none" is loopback only; any other policy needs Capabilities.network_policy
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    # secrets for the egress proxy (corral.core.secrets.EgressSecrets.to_wire: CA and bindings), in memory
+    # only: the runtime hands them to its egress path and writes them nowhere
+    egress_secrets: Mapping[str, Any] | None = field(default=None, repr=False)
     env: Mapping[str, str] = field(default_factory=dict)  # defaults for every process, set in the agent
     hostname: str = "sandbox"
     deadline: float | None = None  # Unix time; the runtime kills the sandbox then even if no server runs

@@ -61,6 +61,26 @@ def _network_value(value: Any) -> Any:
     return value
 
 
+SecretText = Annotated[str, Field(min_length=1, max_length=8192)]
+
+
+class SecretSpec(_Strict):
+    value: SecretText
+    hosts: (
+        Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=300)]], Field(min_length=1, max_length=64)
+        ]
+        | None
+    ) = None
+    body: bool = False
+
+
+SECRETS_HELP = (
+    "name -> value, or {value, hosts, body}: the sandbox's env gets a placeholder; the egress proxy puts the "
+    "value into HTTPS requests to the bound hosts (default: the allow_out names) and nowhere else"
+)
+
+
 class CreateSandboxBody(_Strict):
     template: Name | None = None
     isolation: Name | None = None
@@ -82,6 +102,9 @@ class CreateSandboxBody(_Strict):
         default=False, description="at its timeout, pause the sandbox instead of stopping it (resume goes on)"
     )
     network: NetworkValue | None = Field(default=None, description=NETWORK_HELP)
+    secrets: dict[Annotated[str, Field(min_length=1, max_length=64)], SecretText | SecretSpec] = Field(
+        default_factory=dict, max_length=32, description=SECRETS_HELP
+    )
 
     def params(self) -> CreateParams:
         return CreateParams.from_wire({**self.model_dump(), "network": _network_value(self.network)})

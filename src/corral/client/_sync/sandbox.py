@@ -420,6 +420,7 @@ class Sandbox(CodeInterpreter):
         files: dict[str, bytes] | None = None,
         public_ports: bool = False,
         network: str | dict[str, Any] | None = None,
+        secrets: dict[str, Any] | None = None,
     ) -> Sandbox:
         """Create a sandbox and wait until it is ready.
 
@@ -435,6 +436,11 @@ class Sandbox(CodeInterpreter):
         (``*.githubusercontent.com``) and CIDRs (``203.0.113.0/24``), each with an optional ``:port``.
         Change it later with ``sbx.network.update(...)``. Never reachable, whatever the policy: the host,
         other sandboxes, private, link-local and metadata addresses.
+
+        ``secrets``: ``{"OPENAI_KEY": "sk-..."}`` (bound to the policy's ``allow_out`` names) or
+        ``{"OPENAI_KEY": {"value": "sk-...", "hosts": ["api.openai.com"], "body": False}}``. The sandbox's env
+        gets a placeholder; the egress proxy puts the value into HTTPS requests to the bound hosts only (it
+        terminates TLS there with a CA of this sandbox, which the sandbox trusts). The info shows names only.
         """
         owns = backend is None
         backend = backend or open_default_backend()
@@ -451,6 +457,7 @@ class Sandbox(CodeInterpreter):
                     files=dict(files or {}),
                     public_ports=public_ports,
                     network=network,
+                    secrets=dict(secrets or {}),
                 )
             )
         except BaseException:

@@ -32,6 +32,9 @@ class EgressConfig:
     max_connections: int = 256  # open TCP connections per sandbox
     bandwidth_bytes: int = 0  # bytes/s per sandbox, both directions together; 0: unlimited
     proxy_port: int = 15001
+    # extra CA certificates (a PEM file) trusted for upstreams of intercepted connections (secrets), besides
+    # the system's trust store; None: the system's only
+    upstream_ca_file: str | None = None
 
     def __post_init__(self) -> None:
         try:

@@ -33,6 +33,7 @@ from typing import Any
 from corral.netpolicy import IpNetwork, NetworkPolicy
 from corral.runtimes import _proc
 from corral.runtimes._net import dns as _dns
+from corral.runtimes._net import intercept as _intercept
 from corral.runtimes._net import nft as _nft
 from corral.runtimes._net.ledger import Ledger
 from corral.runtimes._net.sniff import MAX_PEEK, HostWatch, Sniffed, sniff
@@ -84,7 +85,7 @@ class _Bucket:
 
 
 class Egress:
-    def __init__(self, net_dir: str) -> None:
+    def __init__(self, net_dir: str, secrets_fd: int | None = None) -> None:
         self.net_dir = net_dir
         with open(os.path.join(net_dir, "config.json")) as f:
             cfg = json.loads(f.read())
@@ -104,6 +105,8 @@ class Egress:
         self.conns: set[_Conn] = set()
         self.ledger = Ledger(os.path.join(net_dir, "decisions.jsonl"), self.sandbox_id)
         self.stopping = asyncio.Event()
+        # the sandbox's secrets and CA, from a pipe (never a file): TLS to their hosts is intercepted
+        self.intercept = _intercept.load(secrets_fd, cfg.get("upstream_ca_file"))
 
     def _read_policy(self) -> NetworkPolicy:
         with open(os.path.join(self.net_dir, "policy.json")) as f:
@@ -232,6 +235,18 @@ class Egress:
             except (OSError, TimeoutError):
                 up.close()
                 _reset(writer)
+                return
+            if (
+                sniffed is not None
+                and sniffed.protocol == "tls"
+                and self.intercept
+                and self.intercept.binds(name)
+            ):
+                assert name is not None
+                ended = await self.intercept.relay(
+                    name, reader, writer, head, up, conn.writers, self.bucket.take
+                )
+                log.info("intercepted connection to %s:%s ended: %s", ip, port, ended)
                 return
             up_reader, up_writer = await asyncio.open_connection(sock=up)
             conn.writers.append(up_writer)
@@ -440,7 +455,10 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s egress %(levelname)s %(message)s")
     net_dir = sys.argv[1]
-    egress = Egress(net_dir)
+    secrets_fd = int(sys.argv[3]) if sys.argv[2:3] == ["--secrets-fd"] else None
+    if secrets_fd is not None:  # no core dumps or same-user ptrace of a process holding secrets
+        _libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
+    egress = Egress(net_dir, secrets_fd)
     asyncio.run(egress.serve())
     return 0
 

@@ -123,7 +123,12 @@ _starting: dict[int, Any] = {}  # egress pid -> its Popen, between setup(wait=Fa
 
 
 def _setup_sync(
-    sandbox_id: str, net_dir: Path, policy: NetworkPolicy, config: EgressConfig, wait: bool = True
+    sandbox_id: str,
+    net_dir: Path,
+    policy: NetworkPolicy,
+    config: EgressConfig,
+    wait: bool = True,
+    secrets: dict[str, Any] | None = None,
 ) -> SandboxNet:
     resolvers = config.resolvers or _host_resolvers()
     if not resolvers:
@@ -162,13 +167,11 @@ def _setup_sync(
                     "extra_denied": extra,
                     "max_connections": config.max_connections,
                     "bandwidth_bytes": config.bandwidth_bytes,
+                    "upstream_ca_file": config.upstream_ca_file,
                 }
             ),
         )
-        proc = _proc.spawn_detached(
-            [sys.executable, "-I", "-m", "corral.runtimes._net.egress", str(net_dir)],
-            log_path=net_dir / "egress.log",
-        )
+        proc = _spawn_egress(net_dir, secrets)
         net = SandboxNet(
             plan=plan,
             net_dir=str(net_dir),
@@ -184,6 +187,33 @@ def _setup_sync(
     except BaseException:
         _teardown_sync(net)
         raise
+
+
+def _spawn_egress(net_dir: Path, secrets: dict[str, Any] | None) -> Any:
+    """The egress process; the sandbox's secrets (:mod:`corral.secrets`) reach it through a pipe, which it
+    reads to the end before anything else, so they are in no file and no command line."""
+    argv = [sys.executable, "-I", "-m", "corral.runtimes._net.egress", str(net_dir)]
+    if not secrets:
+        return _proc.spawn_detached(argv, log_path=net_dir / "egress.log")
+    rfd, wfd = os.pipe()
+    try:
+        proc = _proc.spawn_detached(
+            [*argv, "--secrets-fd", str(rfd)], log_path=net_dir / "egress.log", pass_fds=(rfd,)
+        )
+    finally:
+        os.close(rfd)
+    try:
+        with os.fdopen(wfd, "wb") as pipe:
+            pipe.write(json.dumps(secrets).encode())
+    except OSError as exc:  # it died before reading them: nothing of it may stay
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        raise RuntimeFailure(
+            "the sandbox's egress proxy exited before it took the sandbox's secrets"
+        ) from exc
+    return proc
 
 
 def _wait_ready(proc: Any) -> None:
@@ -211,14 +241,21 @@ def _wait_ready(proc: Any) -> None:
 
 
 async def setup(
-    sandbox_id: str, net_dir: Path, policy: NetworkPolicy, config: EgressConfig, *, wait: bool = True
+    sandbox_id: str,
+    net_dir: Path,
+    policy: NetworkPolicy,
+    config: EgressConfig,
+    *,
+    wait: bool = True,
+    secrets: dict[str, Any] | None = None,
 ) -> SandboxNet:
     """Namespace, link, rules and egress process for one sandbox; all removed again if any step fails.
 
     ``wait=False``: return once the egress process is started, not ready (it imports and binds while the
     sandbox boots); the caller then awaits :func:`ready` before the sandbox is handed out, and tears the
-    whole stack down with :func:`teardown` if that fails."""
-    return await anyio.to_thread.run_sync(_setup_sync, sandbox_id, net_dir, policy, config, wait)
+    whole stack down with :func:`teardown` if that fails. ``secrets``: the egress wire of
+    :class:`corral.core.secrets.EgressSecrets`, for TLS interception on their hosts."""
+    return await anyio.to_thread.run_sync(_setup_sync, sandbox_id, net_dir, policy, config, wait, secrets)
 
 
 async def ready(net: SandboxNet) -> None:
