@@ -18,10 +18,11 @@ import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio.to_thread
 
+from corral import ops
 from corral.client._forward import forward
 from corral.client._loop import LoopThread
 from corral.client._pump import Pump
@@ -53,6 +54,7 @@ from corral.models import (
     SandboxState,
     TemplateInfo,
 )
+from corral.ops import Op
 from corral.wiring import open_service
 
 __all__ = ["AsyncLocalBackend", "LocalBackend", "open_service"]
@@ -74,8 +76,12 @@ class AsyncLocalBackend:
     async def create_sandbox(self, params: CreateParams) -> SandboxInfo:
         return await self.service.create(params, tenant=self.tenant)
 
+    async def call(self, op: Op[T], **args: Any) -> T:
+        """One unary operation of the op table (corral/ops.py): the service function its row names."""
+        return cast(T, await getattr(self.service, op.name)(**args, tenant=self.tenant))
+
     async def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return await self.service.get(sandbox_id, tenant=self.tenant)
+        return await self.call(ops.GET, sandbox_id=sandbox_id)
 
     async def list_sandboxes(
         self, *, metadata: dict[str, str] | None = None, states: frozenset[SandboxState] | None = None
@@ -83,16 +89,16 @@ class AsyncLocalBackend:
         return await self.service.list_sandboxes(metadata=metadata, states=states, tenant=self.tenant)
 
     async def kill_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return await self.service.kill(sandbox_id, tenant=self.tenant)
+        return await self.call(ops.KILL, sandbox_id=sandbox_id)
 
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
-        return await self.service.set_timeout(sandbox_id, seconds, tenant=self.tenant)
+        return await self.call(ops.SET_TIMEOUT, sandbox_id=sandbox_id, seconds=seconds)
 
     async def update_network(self, sandbox_id: str, network: Any) -> SandboxInfo:
-        return await self.service.update_network(sandbox_id, network, tenant=self.tenant)
+        return await self.call(ops.UPDATE_NETWORK, sandbox_id=sandbox_id, network=network)
 
     async def network_status(self, sandbox_id: str) -> NetworkStatus:
-        return await self.service.network_status(sandbox_id, tenant=self.tenant)
+        return await self.call(ops.NETWORK_STATUS, sandbox_id=sandbox_id)
 
     async def sandbox_metrics(
         self, sandbox_id: str, start: float | None = None, end: float | None = None
@@ -100,16 +106,16 @@ class AsyncLocalBackend:
         return await self.service.metrics(sandbox_id, tenant=self.tenant, start=start, end=end)
 
     async def snapshot_sandbox(self, sandbox_id: str, name: str, *, description: str = "") -> TemplateInfo:
-        return await self.service.snapshot(sandbox_id, name, description=description, tenant=self.tenant)
+        return await self.call(ops.SNAPSHOT, sandbox_id=sandbox_id, name=name, description=description)
 
     async def fork_sandbox(self, sandbox_id: str, count: int) -> list[SandboxInfo]:
-        return await self.service.fork(sandbox_id, count, tenant=self.tenant)
+        return await self.call(ops.FORK, sandbox_id=sandbox_id, count=count)
 
     async def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return await self.service.pause(sandbox_id, tenant=self.tenant)
+        return await self.call(ops.PAUSE, sandbox_id=sandbox_id)
 
     async def resume_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return await self.service.resume(sandbox_id, tenant=self.tenant)
+        return await self.call(ops.RESUME, sandbox_id=sandbox_id)
 
     async def exec(self, sandbox_id: str, params: ExecParams) -> AsyncIterator[ProcessEvent]:
         events = await self.service.exec(sandbox_id, params, tenant=self.tenant)

@@ -234,6 +234,7 @@ def create_app(
         sandboxes,
         templates,
         terminals,
+        unary,
     )
 
     owned = service is None
@@ -272,6 +273,7 @@ def create_app(
         health,
         events,
         sandboxes,
+        unary,
         processes,
         terminals,
         files,

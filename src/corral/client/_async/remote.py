@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
 
+from corral import ops
 from corral.client._core import (
     STREAM_TIMEOUT,
     TIMEOUT,
@@ -50,10 +51,12 @@ from corral.models import (
     SandboxState,
     TemplateInfo,
 )
+from corral.ops import Op
 
 __all__ = ["AsyncRemoteBackend"]
 
 _PAGE = 500
+T = TypeVar("T")
 
 
 class AsyncRemoteBackend:
@@ -111,8 +114,15 @@ class AsyncRemoteBackend:
     async def create_sandbox(self, params: CreateParams) -> SandboxInfo:
         return SandboxInfo.from_wire(await self._json("POST", "/v1/sandboxes", json=wire_body(params)))
 
+    async def call(self, op: Op[T], **args: Any) -> T:
+        """One unary operation of the op table (corral/ops.py): path, body and answer as its row says."""
+        path = op.url(args)
+        return op.decode(
+            (await self._request(op.method, path, json=op.wire_body(args))).json() if op.answer else None
+        )
+
     async def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return SandboxInfo.from_wire(await self._json("GET", sandbox_path(sandbox_id)))
+        return await self.call(ops.GET, sandbox_id=sandbox_id)
 
     async def list_sandboxes(
         self, *, metadata: dict[str, str] | None = None, states: frozenset[SandboxState] | None = None
@@ -132,20 +142,16 @@ class AsyncRemoteBackend:
                 return out
 
     async def kill_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return SandboxInfo.from_wire(await self._json("DELETE", sandbox_path(sandbox_id)))
+        return await self.call(ops.KILL, sandbox_id=sandbox_id)
 
     async def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
-        return SandboxInfo.from_wire(
-            await self._json("POST", sandbox_path(sandbox_id, "timeout"), json={"timeout": seconds})
-        )
+        return await self.call(ops.SET_TIMEOUT, sandbox_id=sandbox_id, seconds=seconds)
 
     async def update_network(self, sandbox_id: str, network: Any) -> SandboxInfo:
-        return SandboxInfo.from_wire(
-            await self._json("PUT", sandbox_path(sandbox_id, "network"), json={"network": network})
-        )
+        return await self.call(ops.UPDATE_NETWORK, sandbox_id=sandbox_id, network=network)
 
     async def network_status(self, sandbox_id: str) -> NetworkStatus:
-        return NetworkStatus.from_wire(await self._json("GET", sandbox_path(sandbox_id, "network")))
+        return await self.call(ops.NETWORK_STATUS, sandbox_id=sandbox_id)
 
     async def sandbox_metrics(
         self, sandbox_id: str, start: float | None = None, end: float | None = None
@@ -155,20 +161,16 @@ class AsyncRemoteBackend:
         return [ResourceSample.from_wire(s) for s in found]
 
     async def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return SandboxInfo.from_wire(await self._json("POST", sandbox_path(sandbox_id, "pause")))
+        return await self.call(ops.PAUSE, sandbox_id=sandbox_id)
 
     async def resume_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return SandboxInfo.from_wire(await self._json("POST", sandbox_path(sandbox_id, "resume")))
+        return await self.call(ops.RESUME, sandbox_id=sandbox_id)
 
     async def snapshot_sandbox(self, sandbox_id: str, name: str, *, description: str = "") -> TemplateInfo:
-        body = {"name": name, "description": description}
-        return TemplateInfo.from_wire(
-            await self._json("POST", sandbox_path(sandbox_id, "snapshot"), json=body)
-        )
+        return await self.call(ops.SNAPSHOT, sandbox_id=sandbox_id, name=name, description=description)
 
     async def fork_sandbox(self, sandbox_id: str, count: int) -> list[SandboxInfo]:
-        data = await self._json("POST", sandbox_path(sandbox_id, "fork"), json={"count": count})
-        return [SandboxInfo.from_wire(s) for s in data["sandboxes"]]
+        return await self.call(ops.FORK, sandbox_id=sandbox_id, count=count)
 
     def forward_port(
         self, sandbox_id: str, port: int, *, host: str = "127.0.0.1", local_port: int = 0

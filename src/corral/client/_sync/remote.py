@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
 
+from corral import ops
 from corral.client._core import (
     STREAM_TIMEOUT,
     TIMEOUT,
@@ -51,10 +52,12 @@ from corral.models import (
     SandboxState,
     TemplateInfo,
 )
+from corral.ops import Op
 
 __all__ = ["RemoteBackend"]
 
 _PAGE = 500
+T = TypeVar("T")
 
 
 class RemoteBackend:
@@ -112,8 +115,15 @@ class RemoteBackend:
     def create_sandbox(self, params: CreateParams) -> SandboxInfo:
         return SandboxInfo.from_wire(self._json("POST", "/v1/sandboxes", json=wire_body(params)))
 
+    def call(self, op: Op[T], **args: Any) -> T:
+        """One unary operation of the op table (corral/ops.py): path, body and answer as its row says."""
+        path = op.url(args)
+        return op.decode(
+            (self._request(op.method, path, json=op.wire_body(args))).json() if op.answer else None
+        )
+
     def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return SandboxInfo.from_wire(self._json("GET", sandbox_path(sandbox_id)))
+        return self.call(ops.GET, sandbox_id=sandbox_id)
 
     def list_sandboxes(
         self, *, metadata: dict[str, str] | None = None, states: frozenset[SandboxState] | None = None
@@ -133,20 +143,16 @@ class RemoteBackend:
                 return out
 
     def kill_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return SandboxInfo.from_wire(self._json("DELETE", sandbox_path(sandbox_id)))
+        return self.call(ops.KILL, sandbox_id=sandbox_id)
 
     def set_timeout(self, sandbox_id: str, seconds: float) -> SandboxInfo:
-        return SandboxInfo.from_wire(
-            self._json("POST", sandbox_path(sandbox_id, "timeout"), json={"timeout": seconds})
-        )
+        return self.call(ops.SET_TIMEOUT, sandbox_id=sandbox_id, seconds=seconds)
 
     def update_network(self, sandbox_id: str, network: Any) -> SandboxInfo:
-        return SandboxInfo.from_wire(
-            self._json("PUT", sandbox_path(sandbox_id, "network"), json={"network": network})
-        )
+        return self.call(ops.UPDATE_NETWORK, sandbox_id=sandbox_id, network=network)
 
     def network_status(self, sandbox_id: str) -> NetworkStatus:
-        return NetworkStatus.from_wire(self._json("GET", sandbox_path(sandbox_id, "network")))
+        return self.call(ops.NETWORK_STATUS, sandbox_id=sandbox_id)
 
     def sandbox_metrics(
         self, sandbox_id: str, start: float | None = None, end: float | None = None
@@ -156,20 +162,16 @@ class RemoteBackend:
         return [ResourceSample.from_wire(s) for s in found]
 
     def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return SandboxInfo.from_wire(self._json("POST", sandbox_path(sandbox_id, "pause")))
+        return self.call(ops.PAUSE, sandbox_id=sandbox_id)
 
     def resume_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return SandboxInfo.from_wire(self._json("POST", sandbox_path(sandbox_id, "resume")))
+        return self.call(ops.RESUME, sandbox_id=sandbox_id)
 
     def snapshot_sandbox(self, sandbox_id: str, name: str, *, description: str = "") -> TemplateInfo:
-        body = {"name": name, "description": description}
-        return TemplateInfo.from_wire(
-            self._json("POST", sandbox_path(sandbox_id, "snapshot"), json=body)
-        )
+        return self.call(ops.SNAPSHOT, sandbox_id=sandbox_id, name=name, description=description)
 
     def fork_sandbox(self, sandbox_id: str, count: int) -> list[SandboxInfo]:
-        data = self._json("POST", sandbox_path(sandbox_id, "fork"), json={"count": count})
-        return [SandboxInfo.from_wire(s) for s in data["sandboxes"]]
+        return self.call(ops.FORK, sandbox_id=sandbox_id, count=count)
 
     def forward_port(
         self, sandbox_id: str, port: int, *, host: str = "127.0.0.1", local_port: int = 0

@@ -26,7 +26,7 @@ from corral.errors import CorralError
 from corral.models import SandboxState
 from corral.server.app import AppState, State, TenantCaller, _principal
 from corral.server.routes._stream import NDJSON
-from corral.server.routes.sandboxes import _wire as sandbox_wire
+from corral.server.routes.unary import present as sandbox_wire
 
 router = APIRouter(prefix="/v1", tags=["events"])
 
