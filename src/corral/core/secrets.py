@@ -25,12 +25,12 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.fernet import Fernet, InvalidToken
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from corral.core import files as _files
 from corral.core.agent_client import AgentClient
+from corral.core.pki import new_ca
 from corral.errors import InvalidRequest, NotFound
 from corral.netpolicy import NetworkPolicy
 from corral.secrets import CA_BUNDLE_PATH, CA_PATH, SecretBinding, parse_secrets, trust_env
@@ -64,43 +64,18 @@ class EgressSecrets:
 def make_ca(sandbox_id: str, hosts: list[str]) -> tuple[str, str]:
     """A CA for one sandbox (P-256), name-constrained to the bound hosts: even inside the sandbox it can
     vouch for nothing else. Returns (certificate PEM, private key PEM)."""
-    key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Corral egress"),
             x509.NameAttribute(NameOID.COMMON_NAME, f"Corral egress CA {sandbox_id}"),
         ]
     )
-    now = datetime.datetime.now(datetime.UTC)
-    permitted: list[x509.GeneralName] = [x509.DNSName(h[2:] if h.startswith("*.") else h) for h in hosts]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=None), critical=True
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
+    cert, key = new_ca(
+        name,
+        now=datetime.datetime.now(datetime.UTC),
+        days=CA_DAYS,
+        backdate=datetime.timedelta(hours=1),
+        permitted=[h[2:] if h.startswith("*.") else h for h in hosts],
     )
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
