@@ -57,12 +57,15 @@ _SIGKILL_STATUS = 128 + signal.SIGKILL  # how a shell reports a child killed by 
 _limit: int | None = None
 _events_fd: int | None = None
 _own_adj = 0  # the agent's oom_score_adj, as the runtime started it
+_available = False  # usage counts what the kernel cannot reclaim (MemAvailable), not what is free
 
 
-def configure(limit: int | None, events_fd: int | None) -> None:
-    """From the agent's command line, before the agent starts."""
-    global _limit, _events_fd, _own_adj
-    _limit, _events_fd = limit, events_fd
+def configure(limit: int | None, events_fd: int | None, *, available: bool = False) -> None:
+    """From the agent's command line, before the agent starts. ``available``: usage is ``MemTotal -
+    MemAvailable`` (a kernel of the sandbox's own, whose page cache is reclaimable: a microVM's guest, where
+    a bomb would otherwise thrash that cache, the agent's own code included, long before its OOM killer acts)."""
+    global _limit, _events_fd, _own_adj, _available
+    _limit, _events_fd, _available = limit, events_fd, available
     with contextlib.suppress(OSError, ValueError), open("/proc/self/oom_score_adj", "rb") as f:
         _own_adj = int(f.read())
     if events_fd is not None:
@@ -200,7 +203,7 @@ def _used() -> int:
                 fields[key] = int(value.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
         return 0
-    return fields.get("MemTotal", 0) - fields.get("MemFree", 0)
+    return fields.get("MemTotal", 0) - fields.get("MemAvailable" if _available else "MemFree", 0)
 
 
 def _rss(pid: str) -> int:

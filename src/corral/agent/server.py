@@ -27,6 +27,7 @@ from corral.agent.ports import MAX_PORT_STREAMS, PortStream, check_target
 from corral.agent.process import Process, ProcessTable
 from corral.agent.pty import PtyProcess, check_size, spawn_pty
 from corral.agent.spawner import Launcher
+from corral.agent.sudo import CLIENT_DIR, SudoService
 from corral.agent.users import Identities, Identity
 from corral.agent.watch import Watches
 from corral.agent.worker import Worker, WorkerPool, WorkerReply
@@ -82,7 +83,7 @@ def _str_dict(value: Any, key: str) -> dict[str, str | None]:
 
 
 class Agent:
-    def __init__(self, loop: Loop, identities: Identities) -> None:
+    def __init__(self, loop: Loop, identities: Identities, *, sudo: bool = False) -> None:
         self.loop = loop
         self.identities = identities
         self.processes = ProcessTable(loop)
@@ -98,6 +99,9 @@ class Agent:
         self.default_user = "user"
         self.default_cwd: str | None = None
         self.on_stop: Callable[[], None] = loop.stop
+        self.sudo = SudoService.start(loop, self.processes, identities) if sudo else None
+        if self.sudo is not None and not self.sudo.on_path:
+            self.base_env["PATH"] = f"{CLIENT_DIR}:{self.base_env['PATH']}"
         self.handlers: dict[str, Handler] = {
             Op.HELLO: self.op_hello,
             Op.PING: self.op_ping,
@@ -162,6 +166,8 @@ class Agent:
         self.memory.close()
         self.processes.kill_all()
         self.launcher.close()
+        if self.sudo is not None:
+            self.sudo.close()
         for pool in self.pools.values():
             pool.close()
         for conn in list(self.connections):

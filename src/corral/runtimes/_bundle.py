@@ -14,6 +14,7 @@ Layout (under ``cache_root/agent-bundle/<hash>``, built once per host and per Co
     lib/                           its dynamic loader and every shared library it and its extensions need
     lib/python3.X/                 the standard library (tests, tkinter, idle, site-packages left out)
     lib/python3.X/corral/          the agent and protocol packages (copied, so the sandbox sees nothing else)
+    sbin/sudo                      the sandbox's ``sudo``: a client of the agent (``corral.agent.sudo``)
 
 Python finds its prefix from ``bin/python3`` and the ``lib/python3.X/os.py`` landmark, so no environment
 variable is needed (``-I`` ignores them anyway).
@@ -94,6 +95,7 @@ def agent_argv(
         "-B",
         "-m",
         "corral.agent",
+        "--sudo",
         *extra,
     ]
 
@@ -156,7 +158,7 @@ def ensure_bundle(cache_root: Path, python: Path = HOST_PYTHON) -> AgentBundle:
     root = cache_root / "agent-bundle"
     target = root / digest
     stdlib, version = _host_stdlib(python)
-    loader = "ld-linux-x86-64.so.2" if os.uname().machine == "x86_64" else "ld-linux-aarch64.so.1"
+    loader = _loader_name()
     if (target / "bin" / "python3").exists():
         return AgentBundle(target, version, loader)
     root.mkdir(parents=True, exist_ok=True)
@@ -173,6 +175,20 @@ def ensure_bundle(cache_root: Path, python: Path = HOST_PYTHON) -> AgentBundle:
         raise
     log.info("built agent bundle %s", target)
     return AgentBundle(target, version, loader)
+
+
+def _loader_name() -> str:
+    return "ld-linux-x86-64.so.2" if os.uname().machine == "x86_64" else "ld-linux-aarch64.so.1"
+
+
+def _sudo_script(mount_point: str = MOUNT_POINT) -> str:
+    """``sudo`` for the sandbox's PATH: the bundle's interpreter running the agent's sudo client."""
+    lib = f"{mount_point}/lib"
+    return (
+        "#!/bin/sh\n"
+        f"exec {lib}/{_loader_name()} --library-path {lib} {mount_point}/bin/python3 -I -S -B "
+        '-m corral.agent.sudo_client "$@"\n'
+    )
 
 
 def _build(dest: Path, python: Path, stdlib: Path, version: str) -> None:
@@ -202,3 +218,6 @@ def _build(dest: Path, python: Path, stdlib: Path, version: str) -> None:
     _proc.run_blocking(
         [str(python), "-I", "-m", "compileall", "-q", str(corral_pkg)], timeout=120, what="compile the agent"
     )
+    (dest / "sbin").mkdir()
+    (dest / "sbin" / "sudo").write_text(_sudo_script())
+    (dest / "sbin" / "sudo").chmod(0o755)
