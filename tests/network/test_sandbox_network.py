@@ -138,6 +138,12 @@ async def test_a_microvm_guest_root_cannot_widen_its_network(net_sandbox) -> Non
 
     sbx = await net_sandbox({"allow_out": ["198.19.0.1/32:7000"]}, isolation="microvm")
     assert (await sbx.probe("banner", "198.19.0.1", "7000"))["ok"]
+    # the guest takes no address or route from a router advertisement (its /init turned those off)
+    conf = "/proc/sys/net/ipv6/conf"
+    code, out, err = await _root(
+        sbx, ["cat", f"{conf}/eth0/accept_ra", f"{conf}/eth0/autoconf", f"{conf}/default/accept_ra"]
+    )
+    assert (code, out.split()) == (0, ["0", "0", "0"]), (out, err)
     plan = SandboxNet.from_json(sbx.instance.extra["net"]).plan
     spoofed = str(__import__("ipaddress").ip_address(plan.guest_ip) + 4)  # the next sandbox's address
     for argv in (

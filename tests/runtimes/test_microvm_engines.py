@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -26,6 +27,7 @@ import pytest
 
 from corral.errors import InvalidRequest, RuntimeFailure, RuntimeUnavailable
 from corral.runtimes.microvm.firecracker import CloudHypervisorEngine, FirecrackerEngine
+from corral.runtimes.microvm.guest import INIT
 from corral.runtimes.microvm.rest import Call, RestApi, vsock_connect
 from corral.runtimes.microvm.runtime import MicroVMOptions, MicroVMRuntime
 from corral.runtimes.microvm.vm import AGENT_SERIAL, UPPER_SERIAL, Disk, VmConfig
@@ -120,6 +122,30 @@ def test_firecracker_sends_the_documented_bodies_for_a_machine_without_a_nic() -
         "backend_type": "File",
         "backend_path": "/snap/memory",
     }
+
+
+def test_the_guest_init_finds_a_disk_by_either_engines_serial(tmp_path: Path) -> None:
+    """The guest's /init ``disk`` function itself (busybox ash, as in the guest) over a stand-in /sys/block:
+    QEMU's serial (``corral-upper``) and Firecracker's drive id (``corral_upper``) name the same disk, and
+    no other disk is taken for it."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox is not installed")
+    func = INIT[INIT.index("disk() {") :]
+    func = func[: func.index("\n}\n") + 3].replace("/sys/block/", f"{tmp_path}/block/")
+    for name, serial in (("vda", "corral_l0"), ("vdb", "corral-upperx"), ("vdc", "corral_upper")):
+        (tmp_path / "block" / name).mkdir(parents=True)
+        (tmp_path / "block" / name / "serial").write_text(serial)
+    script = func + 'usleep() { :; }\ndisk "$1"\n'
+    found = subprocess.run([busybox, "sh", "-c", script, "sh", UPPER_SERIAL], capture_output=True, text=True)
+    assert found.returncode == 0 and found.stdout == "/dev/vdc\n"
+    (tmp_path / "block" / "vdc" / "serial").write_text(UPPER_SERIAL)  # QEMU's spelling
+    found = subprocess.run([busybox, "sh", "-c", script, "sh", UPPER_SERIAL], capture_output=True, text=True)
+    assert found.stdout == "/dev/vdc\n"
+    missing = subprocess.run(
+        [busybox, "sh", "-c", script.replace("500", "3"), "sh", AGENT_SERIAL], capture_output=True, text=True
+    )
+    assert missing.returncode == 1 and missing.stdout == ""
 
 
 def test_firecracker_takes_raw_disks_only_and_runs_jailed_as_the_vms_own_uid(tmp_path: Path) -> None:

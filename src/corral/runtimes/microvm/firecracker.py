@@ -106,9 +106,9 @@ class FirecrackerEngine:
         for disk in config.disks:
             if disk.format != "raw":
                 raise InvalidRequest("Firecracker takes raw disks only")
-            drive_id = disk.serial.replace(
-                "-", "_"
-            )  # Firecracker: [A-Za-z0-9_]; the guest reads it as the serial
+            # Firecracker: [A-Za-z0-9_], and the guest reads the drive id as the serial: its /init looks
+            # a disk up by either spelling (see guest.INIT), so both engines find disks the same way
+            drive_id = disk.serial.replace("-", "_")
             calls.append(
                 Call(
                     "PUT",

@@ -17,7 +17,9 @@ its virtio-blk ``serial`` (``corral-agent``, ``corral-upper``, ``corral-l<N>`` l
 bundle read-only on top, cap processes with a guest cgroup (``pids.max``, ``cpu.max``), address ``eth0`` when the sandbox has network
 (``corral.net4``/``gw4``/``net6``/``gw6``: the sandbox's veth addresses, see :mod:`.._net.netns`), open the
 virtio-serial port named ``agent`` ONCE (reopening it loses data), and ``switch_root`` into the agent as
-PID 1 with that fd as its stdin and stdout. The agent's exit ends the guest (``panic=-1``, ``-no-reboot``).
+PID 1 with that fd as its stdin and stdout, and the guest's ``/proc/vmstat`` as its ``--oom-events-fd`` (the
+kernel is the sandbox's own, so its ``oom_kill`` count tells the agent a SIGKILLed process was an OOM victim).
+The agent's exit ends the guest (``panic=-1``, ``-no-reboot``).
 """
 
 from __future__ import annotations
@@ -70,11 +72,13 @@ while [ -z "$port" ] && [ $i -lt 500 ]; do
 done
 [ -n "$port" ] || fail "no agent port"
 exec 3<>"$port"
+# by serial: QEMU passes ours as given; Firecracker reports its drive id, which cannot hold a dash (`_`)
 disk() {
   i=0
   while [ $i -lt 500 ]; do
     for d in /sys/block/vd*; do
-      [ "$(cat "$d/serial" 2>/dev/null)" = "$1" ] && { echo "/dev/${d##*/}"; return 0; }
+      s=$(cat "$d/serial" 2>/dev/null)
+      [ "$s" = "$1" ] || [ "$s" = "${1//-/_}" ] && { echo "/dev/${d##*/}"; return 0; }
     done
     i=$((i + 1)); usleep 10000
   done
@@ -119,9 +123,9 @@ ip link set lo up
 # and the egress path's answerer as the resolver; no router advertisements, no autoconfiguration
 net4=$(arg net4)
 if [ -n "$net4" ]; then
-  i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 500 ]; do i=$((i + 1)); usleep 10000; done
+  i=0; while [ ! -e /newroot/sys/class/net/eth0 ] && [ $i -lt 500 ]; do i=$((i + 1)); usleep 10000; done
   for k in accept_ra autoconf accept_dad; do
-    for c in all default eth0; do echo 0 >"/proc/sys/net/ipv6/conf/$c/$k" 2>/dev/null; done
+    for c in all default eth0; do echo 0 >"/newroot/proc/sys/net/ipv6/conf/$c/$k" 2>/dev/null; done
   done
   ip link set eth0 up || fail "no network device"
   ip addr add "$net4" dev eth0 && ip route add default via "$(arg gw4)" || fail "cannot address eth0"
@@ -133,8 +137,12 @@ if [ -n "$net4" ]; then
   printf 'nameserver %s\noptions ndots:0\n' "$(arg gw4)" >/newroot/etc/resolv.conf
 fi
 loader=$(arg loader)
+# the agent is the guest's OOM killer too, at 90% of its RAM in use (page cache not counted), so a bomb dies
+# before the kernel thrashes the page cache (the agent's own code included) on its way to its own OOM kill
+memtotal=$(sed -n 's/^MemTotal: *\([0-9]*\) kB$/\1/p' /newroot/proc/meminfo)
 exec switch_root /newroot "/.corral/lib/$loader" --library-path /.corral/lib /.corral/bin/python3 \
-  -I -S -B -m corral.agent 0<&3 1>&3 3>&-
+  -I -S -B -m corral.agent --sudo --memory-limit $((memtotal * 1024)) --memory-available \
+  --oom-events-fd 4 0<&3 1>&3 3>&- 4</newroot/proc/vmstat
 """
 
 
