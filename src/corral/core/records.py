@@ -130,6 +130,9 @@ class TemplateRecord:
     parent: str | None = None
     memory: str | None = None
     memory_runtime: str | None = None  # the runtime that captured ``memory``: the only one that restores it
+    # kind "snapshot" whose files are a runtime's writable disk image (a microVM's), not a layer: ``rootfs`` is
+    # that image, restorable only by ``disk_runtime``, on top of ``parent``'s rootfs; None: a layer
+    disk_runtime: str | None = None
     # built templates (corral.images): every read-only layer, topmost first (``rootfs`` is then the top one),
     # their layer-store keys, and what sandboxes start with (workdir, user, cmd, start_cmd, ready_cmd)
     layers: list[str] = field(default_factory=list)
@@ -149,6 +152,11 @@ class TemplateRecord:
         if self.memory is None or self.memory_runtime is None:
             return None
         return Artifact.at(ArtifactKind.MEMORY, Path(self.memory), runtime=self.memory_runtime)
+
+    def disk_artifact(self) -> Artifact | None:
+        if self.disk_runtime is None:
+            return None
+        return Artifact.at(ArtifactKind.DISK, Path(self.rootfs), runtime=self.disk_runtime)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

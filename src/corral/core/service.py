@@ -49,7 +49,7 @@ from corral.core.records import SandboxRecord, TemplateRecord
 from corral.core.settings import Settings
 from corral.core.state import Action, require_state, transition
 from corral.core.store import Store
-from corral.core.templates import TemplateRegistry
+from corral.core.templates import TemplateRegistry, disk_only
 from corral.core.usage import UsageMeter
 from corral.errors import (
     Conflict,
@@ -208,9 +208,10 @@ class SandboxService:
         files = _files.check_files(request.files)
         auto_pause = bool(request.auto_pause)
         if auto_pause and not runtime.capabilities.pause:
+            why = runtime.capabilities.pause_refusal
             raise InvalidRequest(
-                f"{isolation} sandboxes cannot be paused, so they cannot pause at their timeout; choose an "
-                "isolation that can pause, or leave auto-pause off"
+                f"{isolation} sandboxes cannot be paused{f' ({why})' if why else ''}, so they cannot pause at"
+                " their timeout; choose an isolation that can pause, or leave auto-pause off"
             )
         network = _network.check_policy(
             request.network, runtime, isolation, self.settings.egress.denied_networks()
@@ -243,10 +244,17 @@ class SandboxService:
         await runtime.check()
         await self._check_template_access(template, tenant)
         await self._build_on_first_use(template)
-        rootfs = await self._resolve_template(template, tenant, accepts=runtime.capabilities.rootfs)
+        # a VM's snapshot template starts as a fork does: its parent's rootfs, its disk image as the upper
+        disk = await self.templates.disk(template) if start_from is None else None
+        if disk is not None and not (ArtifactKind.DISK in runtime.capabilities.snapshot
+                                     and disk[1].runtime == runtime.name):  # fmt: skip
+            raise Unsupported(disk_only(template, disk[1].runtime), details={"isolation": isolation})
+        rootfs = await self._resolve_template(
+            disk[0] if disk is not None else template, tenant, accepts=runtime.capabilities.rootfs
+        )
         # a snapshot template with memory restores instead of booting, where the runtime can restore it
         memory = await self.templates.memory(template)
-        seed = None
+        seed = disk[1] if disk is not None else None
         if start_from is not None:
             memory, seed = start_from.memory, start_from.files
         restorable = runtime.capabilities.snapshot
@@ -479,7 +487,11 @@ class SandboxService:
         """
         runtime = self._require_reachable(record)
         if not runtime.capabilities.pause:
-            raise Unsupported(f"{record.isolation} sandboxes cannot be paused")
+            why = runtime.capabilities.pause_refusal
+            raise Unsupported(
+                f"{record.isolation} sandboxes cannot be paused" + (f": {why}" if why else ""),
+                details={"isolation": record.isolation},
+            )
         _network.require_with_network(record, runtime.capabilities.pause_network, "paused")
         async with self._pause_locks.setdefault(str(record.sandbox_id), anyio.Lock()):
             fresh = await self.store.get_sandbox(record.sandbox_id)

@@ -13,7 +13,8 @@ What is captured depends on the runtime's ``Capabilities.snapshot`` (artifact ki
 
 What a runtime captured is a :class:`~corral.runtimes.base.Snapshot` of artifact references, which the core
 stores and hands back without looking inside: a snapshot template keeps its files artifact as its top layer
-(a LAYER artifact; other kinds cannot be a template yet) and its memory artifact with the runtime that made
+(a LAYER artifact) or, for a VM, its disk image (a DISK artifact, which only the runtime that made it
+can start from: a sandbox of such a template is created the way a fork is) and its memory artifact with the runtime that made
 it; a fork's capture is discarded (:meth:`Runtime.discard`) once every fork has its copy. The local runtimes
 keep both under ``cache_root/snapshots/KEY/``, mounted nowhere but as read-only overlay layers.
 """
@@ -83,8 +84,9 @@ async def snapshot(
     key = f"{name}-{secrets.token_hex(4)}"
     snap, runtime, isolation, parent = await _capture(service, sandbox_id, tenant, Action.SNAPSHOT, key)
     try:
-        if snap.files.kind is not ArtifactKind.LAYER:
-            raise Unsupported(f"{isolation} snapshots cannot become templates yet (they capture a disk)")
+        disk = snap.files.kind is ArtifactKind.DISK  # a VM's disk: only its runtime starts from it
+        if not disk and snap.files.kind is not ArtifactKind.LAYER:
+            raise Unsupported(f"{isolation} snapshots cannot become templates ({snap.files.kind})")
         record = await service.templates.add(
             TemplateRecord(
                 name=name,
@@ -95,6 +97,7 @@ async def snapshot(
                 parent=parent,
                 memory=str(snap.memory.path) if snap.memory is not None else None,
                 memory_runtime=snap.memory.runtime if snap.memory is not None else None,
+                disk_runtime=snap.files.runtime if disk else None,
                 owner=str(tenant),  # a snapshot is the tenant's own data: no other tenant may start from it
                 source=sandbox_id,
             )

@@ -92,6 +92,8 @@ class TemplateRegistry:
             base = await anyio.to_thread.run_sync(_rootfs.ensure_host_template, self._cache_root)
             return HostLayers(lower=(Path(record.rootfs), *base.lower), binds=base.binds)
 
+        if record.disk_runtime is not None:  # a VM's disk image is no layer (the service starts it as a fork)
+            raise Unsupported(disk_only(name, record.disk_runtime))
         if record.kind == "snapshot" and record.parent is not None:  # its layer on top of its parent's
             parent = await self._host_layers(record.parent)
             return HostLayers(lower=(Path(record.rootfs), *parent.lower), binds=parent.binds)
@@ -106,6 +108,14 @@ class TemplateRegistry:
         """The memory image a snapshot template holds, if any (restorable by its ``runtime`` only)."""
         record = None if name == BASE_TEMPLATE else await self._store.get_template(name)
         return record.memory_artifact() if record is not None else None
+
+    async def disk(self, name: str) -> tuple[str, Artifact] | None:
+        """For a snapshot template holding a VM's disk image: its parent template and that image."""
+        record = None if name == BASE_TEMPLATE else await self._store.get_template(name)
+        artifact = record.disk_artifact() if record is not None else None
+        if record is None or artifact is None or record.parent is None:
+            return None
+        return record.parent, artifact
 
     async def add(self, record: TemplateRecord) -> TemplateRecord:
         """Register a template built elsewhere (a snapshot); Conflict if the name is taken."""
@@ -190,8 +200,16 @@ class TemplateRegistry:
         await self._store.delete_template(name)
         if record.kind == "snapshot":  # its files are ours (under the cache); other kinds may be the user's
             await anyio.to_thread.run_sync(
-                partial(shutil.rmtree, Path(record.rootfs).parent, ignore_errors=True)
+                partial(shutil.rmtree, self._snapshot_dir(Path(record.rootfs)), ignore_errors=True)
             )
+
+    def _snapshot_dir(self, rootfs: Path) -> Path:
+        """What a snapshot's files live in: its ``cache_root/snapshots/KEY/`` (the local runtimes' layout,
+        whatever lies below it: a layer dir, a disk image beside a memory image), else its rootfs's parent."""
+        snapshots = self._cache_root / "snapshots"
+        if rootfs.is_relative_to(snapshots) and rootfs != snapshots:
+            return snapshots / rootfs.relative_to(snapshots).parts[0]
+        return rootfs.parent
 
     async def put_built(self, record: TemplateRecord) -> TemplateRecord:
         """Store a built template (:mod:`corral.core.builder`); the name was checked before the build."""
@@ -205,3 +223,7 @@ class TemplateRegistry:
         check_template_name(name)
         if name == BASE_TEMPLATE or await self._store.get_template(name) is not None:
             raise Conflict(f"template {name!r} already exists; delete it first or pick another name")
+
+
+def disk_only(name: str, runtime: str) -> str:
+    return f"template {name!r} is a {runtime} snapshot (a disk image): only {runtime} sandboxes start from it"
