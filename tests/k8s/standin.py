@@ -12,7 +12,7 @@ controller (with ``--extensions``) and a kubelet would:
 - Sandbox ("the Pod"): starts a REAL local sandbox (Corral's namespace runtime, the host template: images are
   not pulled), plays the init container (writes the bootstrap secret named by the Pod's Secret volume where
   the container expects it, owned by ``runAsUser``), runs the container's own ``command`` (Corral's agent on
-  TCP) as that user, and gives the "Pod" an IP: a loopback address ``127.0.0.N`` whose agent port is relayed
+  TCP) as that user, and gives the "Pod" an IP: a loopback address ``127.0.X.Y`` whose port is free, relayed
   into the sandbox's network namespace through the sandbox's stdio agent (``port.connect``). Once the agent
   listens (the readiness probe) it writes Ready and ``podIPs``. Deleting the Sandbox destroys it.
 """
@@ -57,7 +57,8 @@ Pool = create_namespaced_resource(
 Claim = create_namespaced_resource("extensions.agents.x-k8s.io", "v1beta1", "SandboxClaim", "sandboxclaims")
 Secret = create_namespaced_resource("standin.corral.test", "v1", "Secret", "secrets")
 POOL_LABEL = "agents.x-k8s.io/warm-pool-sandbox"
-_ips = itertools.count(2)  # 127.0.0.2, .3, ... per "Pod", for the whole session
+# "Pod IPs" 127.0.X.Y from a random start per session (sessions share the machine): see _pod_listener
+_ips = itertools.count(secrets.randbelow(250 * 250))
 
 
 def _now() -> str:
@@ -88,6 +89,22 @@ def _limits(amounts: dict[str, str]) -> Limits:
     memory = amounts.get("memory", "512Mi")
     assert memory.endswith("Mi"), memory
     return Limits(cpus=cpus, memory_mb=int(memory[:-2]))
+
+
+async def _pod_listener(port: int) -> tuple[str, Any]:
+    """The "Pod IP": the next loopback address whose ``port`` is free, with its listener bound.
+
+    The counter is per test session, but the machine is shared: another session's stand-in (or anything
+    else) may hold ``127.0.0.N:port`` right now. Binding first and advertising only an address we hold is
+    what keeps two runs from handing out the same "Pod IP" (the cause of claims that never became Ready)."""
+    for _ in range(64):
+        n = next(_ips)
+        ip = f"127.0.{n // 250 % 250}.{n % 250 + 2}"
+        try:
+            return ip, await anyio.create_tcp_listener(local_host=ip, local_port=port)
+        except OSError:
+            continue
+    raise RuntimeError(f"stand-in: no free loopback address for port {port}")
 
 
 @dataclass
@@ -328,10 +345,13 @@ class StandInController:
             log.warning("stand-in: sandbox %s failed to start: %r", name, exc)
             self.starting.discard(name)
             await self._stop_pod(name)
-            if await self._get(Sandbox, name) is not None:
-                await self._status(
-                    Sandbox, name, {"conditions": [_cond("Ready", False, "PodFailed", repr(exc))]}
-                )
+            current = await self._get(Sandbox, name)
+            if current is not None:
+                failed = [_cond("Ready", False, "PodFailed", repr(exc))]
+                await self._status(Sandbox, name, {"conditions": failed})
+                claim = _owned_by(current, "SandboxClaim")
+                if claim is not None:  # agent-sandbox mirrors the Sandbox's failure onto its claim
+                    await self._status(Claim, claim, {"conditions": failed})
         if name in self.doomed:
             self.doomed.discard(name)
             await self._stop_pod(name)
@@ -348,8 +368,8 @@ class StandInController:
         client = await AgentClient.open(
             await self.runtime.connect(instance), sandbox_id=str(instance.sandbox_id)
         )
-        ip = f"127.0.0.{next(_ips)}"
         port = container["ports"][0]["containerPort"]
+        ip, listener = await _pod_listener(port)
         scope = anyio.CancelScope()
         self.pods[name] = _Pod(instance, client, ip, scope)
         self.starting.discard(name)
@@ -360,7 +380,6 @@ class StandInController:
         ):
             if ev.kind in (EventKind.STARTED, EventKind.DETACHED):
                 break
-        listener = await anyio.create_tcp_listener(local_host=ip, local_port=port)
         assert self._tg is not None
         self._tg.start_soon(self._serve, listener, client, port, str(instance.sandbox_id), scope)
         await self._readiness(client, port, str(instance.sandbox_id))

@@ -14,6 +14,7 @@ from corral.client._async.sandbox import AsyncSandbox
 from corral.client._local import AsyncLocalBackend
 from corral.core.records import TemplateRecord
 from corral.core.settings import Settings
+from corral.errors import Unsupported
 from corral.models import SandboxState, StopReason
 from corral.wiring import open_service
 
@@ -132,3 +133,17 @@ async def test_a_corral_pool_serves_claims_with_late_bound_env_and_files(backend
     finally:
         await sbx.kill()
         await pools.delete(TEMPLATE, isolation="kubernetes")
+
+
+async def test_pause_is_refused_saying_the_pod_and_its_memory_would_be_lost(
+    backend: AsyncLocalBackend,
+) -> None:
+    sbx = await AsyncSandbox.create(TEMPLATE, isolation="kubernetes", backend=backend)
+    try:
+        with pytest.raises(
+            Unsupported, match=r"cannot be paused: agent-sandbox suspends .* deleting its Pod"
+        ):
+            await sbx.pause()
+        assert (await sbx.commands.run("echo still")).stdout == "still\n"  # refused, not half-paused
+    finally:
+        await sbx.kill()

@@ -220,6 +220,7 @@ class SandboxSpec:
 @dataclass(frozen=True, kw_only=True)
 class Capabilities:
     pause: bool = False  # stop all CPU use and resume later (freezer, runsc checkpoint, QMP stop)
+    pause_refusal: str = ""  # with pause False: why, in words for the error a pause request gets
     checkpoint: bool = False  # pause keeps memory on disk: nothing of a paused sandbox stays in RAM
     snapshot_fs: bool = False  # snapshot() captures the writable layer (a template layer / a fork's seed)
     network_policy: bool = (

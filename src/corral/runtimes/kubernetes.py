@@ -62,6 +62,14 @@ _FATAL_CLAIM_REASONS = frozenset(
 )  # fmt: skip
 
 
+# pause would be agent-sandbox's operatingMode Suspended, which deletes the Pod: a "pause" that loses what a
+# pause keeps is not offered (a resume would be a new Pod from the template, i.e. a new sandbox)
+_PAUSE_REFUSAL = (
+    "agent-sandbox suspends a Sandbox by deleting its Pod, so its processes, memory and files would all be"
+    " lost; keep it running, or kill it and create a new one"
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class KubernetesSettings:
     """``[runtime.kubernetes]``. Every field has a default that works in a cluster set up by ``deploy/``."""
@@ -115,10 +123,9 @@ def _is_true(obj: Mapping[str, Any] | None, kind: str) -> bool:
 
 class KubernetesRuntime:
     name: ClassVar[str] = "kubernetes"
-    # pause is agent-sandbox's Suspended: the Pod is deleted, so nothing of the processes or memory survives
     # any Corral server with the cluster's credentials reaches any sandbox: not node-local
     capabilities: ClassVar[Capabilities] = Capabilities(
-        pause=False, checkpoint=False, snapshot_fs=False, network_policy=False, resource_limits=True,
+        pause=False, pause_refusal=_PAUSE_REFUSAL, checkpoint=False, snapshot_fs=False, network_policy=False, resource_limits=True,
         pids_limit=False,  # a Pod spec has no pids limit: that is the kubelet's --pod-max-pids, node-wide
         rootfs=(RootfsKind.OCI_IMAGE,), node_local=False,
     )  # fmt: skip
@@ -214,9 +221,7 @@ class KubernetesRuntime:
             return await dial_tcp(current, self.settings.agent_port, secret)
 
     async def pause(self, instance: Instance) -> None:
-        raise Unsupported(
-            "the kubernetes runtime cannot pause a sandbox: agent-sandbox suspends by deleting its Pod"
-        )
+        raise Unsupported(f"the kubernetes runtime cannot pause a sandbox: {_PAUSE_REFUSAL}")
 
     async def resume(self, instance: Instance) -> None:
         raise Unsupported("the kubernetes runtime cannot pause or resume sandboxes")
