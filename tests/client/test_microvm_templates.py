@@ -23,8 +23,9 @@ def test_a_microvm_snapshot_is_a_template_with_its_files_and_processes(
     with Sandbox.create(isolation="microvm", timeout=900) as sbx:
         sbx.files.write("/home/user/state.txt", b"taken before the snapshot")
         counter = sbx.commands.start(
-            'python3 -c \'import time\nn = 0\nwhile True:\n    n += 1; open("/tmp/n", "w").write(str(n)); '
-            "time.sleep(0.2)'"
+            # written aside and renamed: a read (or the snapshot) between truncate and write saw b""
+            'python3 -c \'import os, time\nn = 0\nwhile True:\n    n += 1; open("/tmp/n.new", "w").write(str(n)); '
+            'os.replace("/tmp/n.new", "/tmp/n"); time.sleep(0.2)\''
         )
         sbx.commands.run("while [ ! -s /tmp/n ]; do sleep 0.1; done", timeout=120)  # it counts
         info = sbx.snapshot(name)

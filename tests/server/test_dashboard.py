@@ -228,14 +228,14 @@ def test_the_terminal_runs_a_command_and_follows_resizes(tab: Page, alice: Tenan
     tab.page.goto(f"{tab.base}/ui/#/sandbox/{box.sandbox_id}")
     screen = tab.page.locator("#terminal .xterm-rows")
     screen.wait_for()
-    tab.page.wait_for_function("() => document.querySelector('#terminal').dataset.processId")
+    tab.page.wait_for_function("() => document.querySelector('#terminal')?.dataset?.processId")
     tab.page.wait_for_function(
-        "() => document.querySelector('#terminal .xterm-rows').innerText.includes('$')"
+        "() => document.querySelector('#terminal .xterm-rows')?.innerText?.includes('$')"
     )
     tab.page.click("#terminal")
     tab.page.keyboard.type("echo $((6*7))-from-the-browser; tty\n")
     tab.page.wait_for_function(
-        "() => document.querySelector('#terminal .xterm-rows').innerText.includes('42-from-the-browser')"
+        "() => document.querySelector('#terminal .xterm-rows')?.innerText?.includes('42-from-the-browser')"
     )
     assert "/dev/pts/" in screen.inner_text()
     tab.shot("terminal")
@@ -246,7 +246,7 @@ def test_the_terminal_runs_a_command_and_follows_resizes(tab: Page, alice: Tenan
         mark = f"SIZE{next(calls)}-"  # a fresh marker each time: an older answer on screen cannot match
         tab.page.keyboard.type(f"stty size | sed 's/^/{mark}/'\n")
         tab.page.wait_for_function(
-            f"() => /{mark}\\d+ \\d+/.test(document.querySelector('#terminal .xterm-rows').innerText)"
+            f"() => /{mark}\\d+ \\d+/.test(document.querySelector('#terminal .xterm-rows')?.innerText ?? '')"
         )
         found = re.findall(mark + r"(\d+) (\d+)", screen.inner_text())
         return int(found[-1][0]), int(found[-1][1])
@@ -279,7 +279,7 @@ def test_upload_view_and_download_a_file(tab: Page, alice: Tenant, box: Sandbox,
     assert "uploaded payload.bin" in tab.page.locator("#messages").inner_text()
     assert box.files.read("/tmp/payload.bin") == payload  # byte for byte, in the sandbox
     tab.page.click("#file-rows tr[data-name='notes.txt'] a.view")
-    tab.page.wait_for_function("() => document.querySelector('#file-view').innerText.includes('second line')")
+    tab.page.wait_for_function("() => document.querySelector('#file-view')?.innerText?.includes('second line')")
     tab.shot("files")
     with tab.page.expect_download() as got:
         uploaded.locator("button.download").click()
@@ -303,7 +303,7 @@ def test_processes_audit_and_ports_of_one_sandbox(tab: Page, alice: Tenant, box:
     tab.page.fill("#run-cmd", "echo out-line; echo err-line >&2; exit 3")
     tab.page.click("#pane form button[type=submit]")
     tab.page.wait_for_function(
-        "() => document.querySelector('#process-output').innerText.includes('[exit 3]')"
+        "() => document.querySelector('#process-output')?.innerText?.includes('[exit 3]')"
     )
     output = tab.page.locator("#process-output")
     assert "out-line" in output.inner_text()
@@ -313,12 +313,12 @@ def test_processes_audit_and_ports_of_one_sandbox(tab: Page, alice: Tenant, box:
     assert "running" in running.inner_text()
     running.click()  # re-attach: its kept output shows
     tab.page.wait_for_function(
-        "() => document.querySelector('#process-output').innerText.includes('started-in-background')"
+        "() => document.querySelector('#process-output')?.innerText?.includes('started-in-background')"
     )
     tab.shot("processes")
     tab.page.click("button[data-tab=Audit]")
     tab.page.wait_for_function(
-        "() => document.querySelector('#audit-rows').innerText.includes('process.start')"
+        "() => document.querySelector('#audit-rows')?.innerText?.includes('process.start')"
     )
     assert "sandbox.create" in tab.page.locator("#audit-rows").inner_text()
     tab.page.click("button[data-tab=Ports]")
@@ -348,7 +348,7 @@ def test_another_tenant_sees_none_of_alices_sandboxes(
     tab.sign_in(bob.key)
     tab.page.wait_for_selector("#live.on")
     tab.page.wait_for_function(
-        "() => document.querySelector('#sandbox-rows').innerText.includes('No sandboxes')"
+        "() => document.querySelector('#sandbox-rows')?.innerText?.includes('No sandboxes')"
     )
     assert box.sandbox_id not in tab.page.content()
     tab.page.goto(f"{tab.base}/ui/#/sandbox/{box.sandbox_id}")  # even by its id
@@ -408,11 +408,11 @@ def test_admin_pages_tenants_keys_audit_pools_and_metrics(tab: Page, server: Any
     tab.shot("tenants")
     tab.page.click("a[href='#/audit']")
     tab.page.wait_for_function(
-        "() => document.querySelector('#audit-rows').innerText.includes('tenant.create')"
+        "() => document.querySelector('#audit-rows')?.innerText?.includes('tenant.create')"
     )
     tab.page.click("button:has-text('Verify chain')")
     tab.page.wait_for_function(
-        "() => document.querySelector('#audit-verify').innerText.includes('chain intact')"
+        "() => document.querySelector('#audit-verify')?.innerText?.includes('chain intact')"
     )
     tab.shot("audit")
     tab.page.click("a[href='#/pools']")
@@ -422,7 +422,7 @@ def test_admin_pages_tenants_keys_audit_pools_and_metrics(tab: Page, server: Any
     for chart in ("states", "latency", "execs"):
         tab.page.locator(f"#chart-{chart} canvas").wait_for()
     tab.page.wait_for_function(
-        "() => document.querySelector('#metric-totals').innerText.includes('sandboxes created')"
+        "() => document.querySelector('#metric-totals')?.innerText?.includes('sandboxes created')"
     )
     tab.page.wait_for_timeout(5500)  # a second sample: the charts have a line
     tab.shot("metrics")
@@ -538,7 +538,7 @@ def test_pause_resume_extend_fork_and_snapshot_from_the_list(
         left = sbx.get_info().expires_at
         assert left is not None and 1700 < left - time.time() <= 1800
         tab.page.wait_for_function(
-            f"() => document.querySelector(\"tr[data-id='{sbx.sandbox_id}'] .left\").innerText.startsWith('29m')"
+            f"() => document.querySelector(\"tr[data-id='{sbx.sandbox_id}'] .left\")?.innerText?.startsWith('29m')"
         )
         tab.answers.append("1")
         r.locator("button[data-action=fork]").click()
