@@ -279,7 +279,9 @@ def test_upload_view_and_download_a_file(tab: Page, alice: Tenant, box: Sandbox,
     assert "uploaded payload.bin" in tab.page.locator("#messages").inner_text()
     assert box.files.read("/tmp/payload.bin") == payload  # byte for byte, in the sandbox
     tab.page.click("#file-rows tr[data-name='notes.txt'] a.view")
-    tab.page.wait_for_function("() => document.querySelector('#file-view')?.innerText?.includes('second line')")
+    tab.page.wait_for_function(
+        "() => document.querySelector('#file-view')?.innerText?.includes('second line')"
+    )
     tab.shot("files")
     with tab.page.expect_download() as got:
         uploaded.locator("button.download").click()
