@@ -87,7 +87,11 @@ def test_sandbox_lifecycle_and_files(tmp_path: Path) -> None:
         ),
         (("sandbox", "kill", "not-an-id"), 1, b"error: sandbox 'not-an-id' not found"),
         (("run", "--isolation", "namespace", "--", "no-such-program"), 1, b"no-such-program"),
-        (("run", "--isolation", "quantum", "--", "true"), 2, b"'quantum' is not one of"),
+        (
+            ("run", "--isolation", "quantum", "--", "true"),
+            1,
+            b"error: unknown isolation 'quantum'; choose one of: ",
+        ),
         (
             ("run", "--isolation", "namespace", "--template", "nope", "--", "true"),
             1,

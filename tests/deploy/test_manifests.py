@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from corral.core.settings import Settings
-from corral.runtimes.kubernetes import KubernetesSettings
-from corral.runtimes.registry import check_options, parse_options
+from corral.runtimes.base import Limits
+from corral.runtimes.kubernetes import KubernetesRuntime
+from corral.wiring import runtime_loader
 
 ROOT = Path(__file__).resolve().parents[2]
 KUSTOMIZE = ROOT / "deploy" / "kustomize"
@@ -141,17 +142,23 @@ def test_config_is_what_the_server_loads_and_matches_the_manifests(
     path = tmp_path / "corral.toml"
     path.write_text(cm["data"]["corral.toml"])
     settings = Settings.load(env={}, config=path)
-    check_options(settings.runtime_options)  # unknown keys or wrong types fail here, as at start-up
-    assert settings.enabled_runtimes == ("kubernetes",) and settings.default_isolation == "kubernetes"
-    kube = parse_options(KubernetesSettings, settings.options_for("kubernetes"), runtime="kubernetes")
-    assert kube.namespace == "corral-sandboxes" and kube.kubeconfig is None  # in-cluster ServiceAccount
+    runtime_for = runtime_loader(
+        settings
+    )  # bad keys or types, levels nobody serves: fail here, as at start-up
     want = {
-        "gvisor": ("gvisor", {"gvisor"}),
-        "kata-fc": ("kata-fc", {"kata-fc"}),
-        "eks": ("gvisor", {"gvisor", "kata-fc"}),
+        "gvisor": (("gvisor",), {"gvisor"}),
+        "kata-fc": (("kata-fc",), {"kata-fc"}),
+        "eks": (("gvisor", "kata-fc"), {"gvisor", "kata-fc"}),
     }
-    isolation, classes = want[overlay]
-    assert kube.isolation == isolation and set(kube.runtime_classes.values()) == classes
+    levels, classes = want[overlay]
+    assert settings.enabled_runtimes == levels and settings.default_isolation == levels[0]
+    kube = runtime_for(levels[0])
+    assert isinstance(kube, KubernetesRuntime) and all(runtime_for(level) is kube for level in levels)
+    assert kube.settings.namespace == "corral-sandboxes" and kube.settings.kubeconfig is None  # in-cluster
+    # each level is a Pod with the RuntimeClass of its own name
+    made = {lv: kube.blueprint(image=None, limits=Limits(), isolation=lv).runtime_class for lv in levels}
+    assert made == {lv: lv for lv in levels}
+    assert set(kube.settings.runtime_classes.values()) == classes
     # every RuntimeClass the config names is shipped, with the handler containerd knows it by
     shipped = {rc["metadata"]["name"]: rc for rc in by_kind(docs, "RuntimeClass")}
     assert set(shipped) == classes
@@ -161,8 +168,10 @@ def test_config_is_what_the_server_loads_and_matches_the_manifests(
         assert rc["scheduling"]["nodeSelector"] == {f"corral.dev/runtime-{name}": "true"}
     # the agent port admits exactly the server's Pods, in the server's namespace
     server = one(docs, "StatefulSet", "corral-server")
-    assert kube.server_pod_labels.items() <= server["spec"]["template"]["metadata"]["labels"].items()
-    assert kube.server_namespace_labels == {"kubernetes.io/metadata.name": server["metadata"]["namespace"]}
+    assert kube.settings.server_pod_labels.items() <= server["spec"]["template"]["metadata"]["labels"].items()
+    assert kube.settings.server_namespace_labels == {
+        "kubernetes.io/metadata.name": server["metadata"]["namespace"]
+    }
 
 
 def test_eks_overlay_exposes_the_api_on_an_internal_nlb() -> None:

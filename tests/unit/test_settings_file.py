@@ -146,3 +146,61 @@ def test_e2b_internet_by_default_and_metrics_interval(tmp_path: Path) -> None:
         Settings.load(env={}, config=_write(tmp_path, '[e2b]\ninternet_by_default = "yes"\n'))
     with pytest.raises(InvalidRequest, match="true or false"):
         Settings.load(env={"CORRAL_E2B_INTERNET_BY_DEFAULT": "maybe"})
+
+
+def test_kubernetes_serves_isolation_levels_as_runtime_classes(tmp_path: Path) -> None:
+    """The same ``isolation="kata-fc"`` on one box and in a cluster: a level is a runtime, or the runtime whose
+    ``serves`` names it; several levels share one runtime object (one API client, one reaper pass)."""
+    from corral.runtimes.kubernetes import KubernetesRuntime
+    from corral.wiring import runtime_loader
+
+    config = _write(tmp_path, '[runtime]\nenabled = ["gvisor", "kata-fc", "namespace"]\ndefault = "kata-fc"\n'
+                              '[runtime.kubernetes]\nserves = ["gvisor", "kata-fc"]\n')  # fmt: skip
+    runtime_for = runtime_loader(Settings.load(env={}, config=config, data_dir=tmp_path))
+    cluster = runtime_for("kata-fc")
+    assert isinstance(cluster, KubernetesRuntime) and runtime_for("gvisor") is cluster
+    assert cluster.settings.serves == ("gvisor", "kata-fc")
+    assert runtime_for("namespace").name == "namespace"  # not served: the local runtime of that name
+    with pytest.raises(
+        InvalidRequest, match=r"unknown isolation 'microvm'; choose one of: gvisor, kata-fc, names"
+    ):
+        runtime_for("microvm")  # a runtime, but not enabled here
+    with pytest.raises(InvalidRequest, match=r"unknown isolation 'kubernetes'"):
+        runtime_for("kubernetes")
+    # the same list from the environment, as a Deployment sets it
+    env = {"CORRAL_RUNTIMES": "kata-fc", "CORRAL_RUNTIME_KUBERNETES_SERVES": "kata-fc, gvisor"}
+    assert isinstance(runtime_loader(Settings.load(env=env, data_dir=tmp_path))("kata-fc"), KubernetesRuntime)
+
+
+@pytest.mark.parametrize(
+    ("enabled", "table", "match"),
+    [
+        (
+            ("kata-fc",),
+            {},
+            r"\[runtime\] enabled names 'kata-fc', which is no runtime .* and no runtime serves",
+        ),
+        (
+            ("kata-fc",),
+            {"serves": ["kata"]},
+            r"names isolation 'kata', which has no entry in runtime_classes"
+            r" \(entries: gvisor, kata-fc\)",
+        ),
+        (("kubernetes",), {"isolation": "runc"}, r"names isolation 'runc'"),  # no serves: isolation is used
+        (
+            ("kata-fc",),
+            {"serves": [1, 2]},
+            r"\[runtime.kubernetes\] serves must be a list of names, got \[1, 2\]",
+        ),
+    ],
+)
+def test_levels_nobody_serves_are_refused_at_start(
+    tmp_path: Path, enabled: tuple[str, ...], table: dict[str, object], match: str
+) -> None:
+    from corral.wiring import runtime_loader
+
+    settings = Settings.load(
+        env={}, data_dir=tmp_path, enabled_runtimes=enabled, runtime_options={"kubernetes": table}
+    )
+    with pytest.raises(InvalidRequest, match=match):
+        runtime_loader(settings)

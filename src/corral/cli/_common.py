@@ -40,9 +40,10 @@ def create_options(fn: F) -> F:
         [
             click.option(
                 "--isolation",
-                type=click.Choice(["namespace", "gvisor", "microvm"]),
                 default=None,
-                help="Isolation level (default: gvisor, or $CORRAL_ISOLATION).",
+                metavar="LEVEL",
+                help="Isolation level: namespace, gvisor, microvm, or what the server offers (a Kubernetes"
+                " server: e.g. kata-fc). Default: the server's, or $CORRAL_ISOLATION.",
             ),
             click.option("--template", default=None, help="Template to start from (default: base)."),
             click.option(

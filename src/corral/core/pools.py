@@ -353,7 +353,11 @@ class PoolManager:
         try:
             instance = await runtime.create(
                 SandboxSpec(
-                    sandbox_id=record.sandbox_id, rootfs=rootfs, limits=pool.limits, deadline=record.deadline
+                    sandbox_id=record.sandbox_id,
+                    rootfs=rootfs,
+                    limits=pool.limits,
+                    deadline=record.deadline,
+                    isolation=pool.isolation,
                 )
             )
             record = await self._store.put_sandbox(

@@ -305,6 +305,7 @@ class SandboxService:
                     upper_seed=seed,
                     restore_from=memory,
                     network=network,
+                    isolation=isolation,
                 )
             )
             record = await self.store.put_sandbox(
@@ -904,8 +905,8 @@ class SandboxService:
                 await _network.ingest_decisions(
                     self.store, self.audit, runtime, record, self.egress_decisions
                 )
-        for name in self.settings.enabled_runtimes:  # kills whose host clean-up the kernel held up
-            runtime = self._runtime(name)
+        # kills whose host clean-up the kernel held up; each runtime once (levels may share one: kubernetes)
+        for runtime in {id(r): r for r in map(self._runtime, self.settings.enabled_runtimes)}.values():
             if isinstance(runtime, TeardownFinisher):
                 await runtime.finish_teardowns()
         return soonest

@@ -208,6 +208,8 @@ class SandboxSpec:
     egress_secrets: Mapping[str, Any] | None = field(default=None, repr=False)
     env: Mapping[str, str] = field(default_factory=dict)  # defaults for every process, set in the agent
     hostname: str = "sandbox"
+    # the isolation level asked for; a runtime serving several (kubernetes: one RuntimeClass each) picks by it
+    isolation: str = ""
     deadline: float | None = None  # Unix time; the runtime kills the sandbox then even if no server runs
     # Start from a captured state (:meth:`Runtime.snapshot`) instead of from scratch: ``upper_seed`` (a LAYER
     # or DISK artifact) becomes the new sandbox's own copy of its writable layer (a fork diverges from its

@@ -81,7 +81,11 @@ class KubernetesSettings:
     runtime_classes: Mapping[str, str | None] = field(
         default_factory=lambda: {"gvisor": "gvisor", "kata-fc": "kata-fc"}
     )
-    isolation: str = "gvisor"
+    isolation: str = "gvisor"  # the entry a sandbox asking for isolation "kubernetes" gets
+    # isolation levels this runtime serves under their own names (each a runtime_classes entry): with
+    # serves = ["gvisor", "kata-fc"], Sandbox.create(isolation="kata-fc") is a Pod with RuntimeClass kata-fc,
+    # and the same code that asks for "gvisor" on one box gets gVisor in the cluster
+    serves: tuple[str, ...] = ()
     default_image: str = "docker.io/library/python:3.12-slim"  # for templates that name no OCI image
     agent_image: str = f"ghcr.io/corral-sandbox/corral-agent:{AGENT_VERSION}"
     agent_port: int = 7070
@@ -93,6 +97,15 @@ class KubernetesSettings:
     server_namespace_labels: Mapping[str, str] | None = None  # set when Corral runs in another namespace
     secret_api: str = "/v1/Secret/secrets"  # noqa: S105 - a resource name; group/version/Kind/plural of the bootstrap Secrets
     ready_timeout: float = 300.0  # seconds for a claim to become Ready (image pulls on a cold node)
+
+    def __post_init__(self) -> None:
+        # with serves, ``isolation`` matters only if "kubernetes" is enabled too (checked at the first create)
+        for level in self.serves or (self.isolation,):
+            if level not in self.runtime_classes:
+                raise InvalidRequest(
+                    f"[runtime.kubernetes] names isolation {level!r}, which has no entry in runtime_classes"
+                    f" (entries: {', '.join(sorted(self.runtime_classes)) or 'none'})"
+                )
 
     @property
     def secret_resource(self) -> Api:
@@ -181,7 +194,9 @@ class KubernetesRuntime:
         image = spec.rootfs.reference
         if spec.rootfs.digest is not None:  # pin what the template was built from
             image = f"{image.split('@')[0]}@{spec.rootfs.digest}"
-        bp = self.blueprint(image=image, limits=spec.limits)
+        # "kubernetes" (or a spec from older code, "") is the default entry; a served level is its own entry
+        level = spec.isolation if spec.isolation in self.settings.serves else None
+        bp = self.blueprint(image=image, limits=spec.limits, isolation=level)
         api = self.api()
         await self.ensure_blueprint(bp)
         name = str(spec.sandbox_id)

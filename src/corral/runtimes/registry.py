@@ -17,7 +17,7 @@ from typing import Any, cast
 from corral.errors import InvalidRequest
 from corral.runtimes.base import Runtime, RuntimeConfig
 
-__all__ = ["RUNTIMES", "check_options", "load_runtime", "parse_options"]
+__all__ = ["RUNTIMES", "check_options", "load_runtime", "parse_options", "served_levels"]
 
 RUNTIMES: dict[str, str] = {
     "namespace": "corral.runtimes.namespace:NamespaceRuntime",
@@ -33,13 +33,12 @@ def load_runtime(
     config: RuntimeConfig,
     *,
     options: Mapping[str, Any] | None = None,
-    enabled: tuple[str, ...] | None = None,
 ) -> Runtime:
     """The runtime ``name``, made with ``config`` and its ``[runtime.<name>]`` table ``options``."""
-    choices = [n for n in RUNTIMES if enabled is None or n in enabled]
-    if name not in choices:
+    if name not in RUNTIMES:
+        choices = list(RUNTIMES)
         raise InvalidRequest(
-            f"unknown isolation {name!r}; choose one of: {', '.join(choices)}", details={"choices": choices}
+            f"unknown runtime {name!r}; choose one of: {', '.join(choices)}", details={"choices": choices}
         )
     cls = _runtime_class(name)
     return cast(Runtime, cls(config, parse_options(cls.Options, options or {}, runtime=name)))
@@ -54,6 +53,20 @@ def check_options(tables: Mapping[str, Mapping[str, Any]]) -> None:
                 f"(runtimes: {', '.join(RUNTIMES)})"
             )
         parse_options(_runtime_class(name).Options, table, runtime=name)
+
+
+def served_levels(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Isolation level -> the runtime that serves it, from the runtimes' ``serves`` options (kubernetes serving
+    "gvisor" and "kata-fc" as RuntimeClasses). A level no runtime serves is the runtime of that name."""
+    served: dict[str, str] = {}
+    for name, table in tables.items():
+        for level in getattr(parse_options(_runtime_class(name).Options, table, runtime=name), "serves", ()):
+            if level in served and served[level] != name:
+                raise InvalidRequest(
+                    f"isolation {level!r} is served by both [runtime.{served[level]}] and [runtime.{name}]"
+                )
+            served[level] = name
+    return served
 
 
 def _runtime_class(name: str) -> Any:
@@ -84,6 +97,11 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
     kinds = tuple(typing.get_origin(k) or k for k in allowed if k is not type(None))
     if value is None and type(None) in allowed:
         return None
+    if tuple in kinds:  # a list of names: a TOML array, or "a,b" from a CORRAL_RUNTIME_… variable
+        items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else value
+        if isinstance(items, list | tuple) and all(isinstance(x, str) for x in items):
+            return tuple(items)
+        raise InvalidRequest(f"{what} must be a list of names, got {value!r}")
     if isinstance(value, str) and str not in kinds:
         for kind in kinds:
             try:
