@@ -7,7 +7,8 @@ installs the agent-sandbox CRDs from ``../shared/agent-sandbox/crds`` (their con
 there is no webhook here, and only v1beta1 is used), and stops and removes everything on :meth:`stop`.
 
 What the server cannot do (it serves no core API: no Pods, Namespaces, Secrets) is listed in
-``../shared/research/kubernetes-testing.md``; :data:`STAND_IN_SECRETS_CRD` covers Secrets for the tests.
+``../shared/research/kubernetes-testing.md``; :data:`STAND_IN_SECRETS_CRD` covers Secrets for the tests,
+:data:`STAND_IN_NETWORKPOLICY_CRD` NetworkPolicies (stored and validated, enforced by nothing).
 """
 
 from __future__ import annotations
@@ -67,6 +68,110 @@ STAND_IN_SECRETS_CRD: dict[str, Any] = {
         ],
     },
 }
+
+_LABELS = {  # a label selector's matchLabels, values checked as kube-apiserver checks them
+    "type": "object",
+    "properties": {
+        "matchLabels": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "string",
+                "maxLength": 63,
+                "pattern": "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+            },
+        }
+    },
+}
+# Stands in for networking.k8s.io/v1 NetworkPolicy, which this CRD-only server does not serve: same group,
+# version and path, so the runtime's real calls land here; a small schema with the fields Corral writes and
+# some of kube-apiserver's checks (enums, label values, port ranges). Nothing enforces it: no CNI here.
+STAND_IN_NETWORKPOLICY_CRD: dict[str, Any] = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {
+        "name": "networkpolicies.networking.k8s.io",
+        # a *.k8s.io group needs this annotation; "unapproved" is accepted (and reported in a condition)
+        "annotations": {"api-approved.kubernetes.io": "unapproved, a test stand-in for the built-in API"},
+    },
+    "spec": {
+        "group": "networking.k8s.io",
+        "scope": "Namespaced",
+        "names": {"plural": "networkpolicies", "singular": "networkpolicy", "kind": "NetworkPolicy"},
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {
+                                "type": "object",
+                                "required": ["podSelector"],
+                                "properties": {
+                                    "podSelector": _LABELS,
+                                    "policyTypes": {
+                                        "type": "array",
+                                        "items": {"type": "string", "enum": ["Ingress", "Egress"]},
+                                    },
+                                    "egress": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "properties": {
+                                                "to": {
+                                                    "type": "array",
+                                                    "items": {
+                                                        "type": "object",
+                                                        "properties": {
+                                                            "ipBlock": {
+                                                                "type": "object",
+                                                                "required": ["cidr"],
+                                                                "properties": {
+                                                                    "cidr": {"type": "string"},
+                                                                    "except": {
+                                                                        "type": "array",
+                                                                        "items": {"type": "string"},
+                                                                    },
+                                                                },
+                                                            },
+                                                            "namespaceSelector": _LABELS,
+                                                            "podSelector": _LABELS,
+                                                        },
+                                                    },
+                                                },
+                                                "ports": {
+                                                    "type": "array",
+                                                    "items": {
+                                                        "type": "object",
+                                                        "properties": {
+                                                            "protocol": {
+                                                                "type": "string",
+                                                                "enum": ["TCP", "UDP", "SCTP"],
+                                                            },
+                                                            "port": {"x-kubernetes-int-or-string": True},
+                                                            "endPort": {
+                                                                "type": "integer",
+                                                                "minimum": 1,
+                                                                "maximum": 65535,
+                                                            },
+                                                        },
+                                                    },
+                                                },
+                                            },
+                                        },
+                                    },
+                                },
+                            }
+                        },
+                    }
+                },
+            }
+        ],
+    },
+}
+STAND_IN_CRDS = (STAND_IN_SECRETS_CRD, STAND_IN_NETWORKPOLICY_CRD)
 
 
 class _AccessReviews(http.server.BaseHTTPRequestHandler):
@@ -210,7 +315,7 @@ class CrdApiServer:
             self.port = free_port()
             self.url = f"https://127.0.0.1:{self.port}"
             self.start_apiserver()
-            self.install_crds([*agent_sandbox_crds(), STAND_IN_SECRETS_CRD])
+            self.install_crds([*agent_sandbox_crds(), *STAND_IN_CRDS])
         except BaseException:
             self.stop()
             raise
@@ -379,9 +484,10 @@ def _http_ok(url: str) -> bool:
 
 
 def list_objects(server: CrdApiServer, namespace: str) -> list[str]:
-    """Every agent-sandbox object and stand-in Secret in ``namespace`` ("kind/name"), for leak checks."""
+    """Every agent-sandbox object and stand-in Secret and NetworkPolicy in ``namespace`` ("kind/name"), for
+    leak checks."""
     found = []
-    for crd in [*agent_sandbox_crds(), STAND_IN_SECRETS_CRD]:
+    for crd in [*agent_sandbox_crds(), *STAND_IN_CRDS]:
         spec = crd["spec"]
         version = next(v["name"] for v in spec["versions"] if v.get("storage"))
         body = server.get(f"/apis/{spec['group']}/{version}/namespaces/{namespace}/{spec['names']['plural']}")

@@ -16,6 +16,13 @@ Secret can recompute and that is never on the wire nor in the Pod spec.
 kill → delete the claim (agent-sandbox deletes the Sandbox and its Pod). pause → ``operatingMode: Suspended``,
 which deletes the Pod: processes, memory and the container's files are gone, and a resume starts a new Pod from
 the template. A claim or Sandbox deleted behind Corral's back is reported as missing.
+
+Egress: a sandbox whose policy is not ``none`` gets a NetworkPolicy of its own (:mod:`._k8s_netpol`), named
+after it, owned by its claim (the garbage collector deletes it with the claim, e.g. at the deadline), made
+right after the claim and before the wait, and deleted by destroy and by :meth:`KubernetesRuntime.prune`.
+Only address rules can be enforced this way; a policy with host names is refused before anything is made.
+A NetworkPolicy is enforced by the cluster's CNI (Calico, Cilium, the EKS VPC CNI's network policy agent):
+on a cluster whose CNI does not enforce them there is no egress control at all, and nothing here can tell.
 """
 
 from __future__ import annotations
@@ -34,10 +41,12 @@ from anyio.abc import ByteStream
 
 from corral.agent import AGENT_VERSION
 from corral.errors import AgentUnavailable, Conflict, InvalidRequest, RuntimeFailure, Unsupported
+from corral.netpolicy import NetworkPolicy
 from corral.protocol import auth
 from corral.runtimes import _k8s_objects as objects
 from corral.runtimes._agent_dial import auth_refused, dial_tcp
 from corral.runtimes._k8s_api import Api, Gone, KubeApi
+from corral.runtimes._k8s_netpol import NETPOL_API, egress_policy
 from corral.runtimes.base import (
     Capabilities,
     Instance,
@@ -93,6 +102,13 @@ class KubernetesSettings:
     server_namespace_labels: Mapping[str, str] | None = None  # set when Corral runs in another namespace
     secret_api: str = "/v1/Secret/secrets"  # noqa: S105 - a resource name; group/version/Kind/plural of the bootstrap Secrets
     ready_timeout: float = 300.0  # seconds for a claim to become Ready (image pulls on a cold node)
+    # the cluster's DNS Pods, which sandboxes with network "internet" may query on port 53 (as the local
+    # runtimes answer names under "internet" only). dns_pod_labels None: no DNS rule at all;
+    # dns_namespace_labels None: the DNS Pods are in the sandboxes' own namespace
+    dns_pod_labels: Mapping[str, str] | None = field(default_factory=lambda: {"k8s-app": "kube-dns"})
+    dns_namespace_labels: Mapping[str, str] | None = field(
+        default_factory=lambda: {"kubernetes.io/metadata.name": "kube-system"}
+    )
 
     @property
     def secret_resource(self) -> Api:
@@ -125,7 +141,8 @@ class KubernetesRuntime:
     name: ClassVar[str] = "kubernetes"
     # any Corral server with the cluster's credentials reaches any sandbox: not node-local
     capabilities: ClassVar[Capabilities] = Capabilities(
-        pause=False, pause_refusal=_PAUSE_REFUSAL, checkpoint=False, snapshot_fs=False, network_policy=False, resource_limits=True,
+        pause=False, pause_refusal=_PAUSE_REFUSAL, checkpoint=False, snapshot_fs=False, resource_limits=True,
+        network_policy=True, network_names=False,  # a NetworkPolicy per sandbox: addresses only
         pids_limit=False,  # a Pod spec has no pids limit: that is the kubelet's --pod-max-pids, node-wide
         rootfs=(RootfsKind.OCI_IMAGE,), node_local=False,
     )  # fmt: skip
@@ -170,7 +187,13 @@ class KubernetesRuntime:
     # --- Runtime ---------------------------------------------------------------------------------------------
     async def check(self) -> None:
         api = self.api()
-        for resource in (objects.CLAIM_API, objects.TEMPLATE_API, objects.POOL_API, objects.SANDBOX_API):
+        for resource in (
+            objects.CLAIM_API,
+            objects.TEMPLATE_API,
+            objects.POOL_API,
+            objects.SANDBOX_API,
+            NETPOL_API,
+        ):
             await api.list(resource, {objects.LABEL_MANAGED: "corral", "corral.dev/probe": "none"})
 
     async def create(self, spec: SandboxSpec) -> Instance:
@@ -182,11 +205,14 @@ class KubernetesRuntime:
         if spec.rootfs.digest is not None:  # pin what the template was built from
             image = f"{image.split('@')[0]}@{spec.rootfs.digest}"
         bp = self.blueprint(image=image, limits=spec.limits)
+        name = str(spec.sandbox_id)
+        self.egress_manifest(
+            name, bp.name, spec.network, owner=None
+        )  # refused (names) before anything is made
         api = self.api()
         await self.ensure_blueprint(bp)
-        name = str(spec.sandbox_id)
         shutdown = _rfc3339(spec.deadline) if spec.deadline is not None else None
-        await api.create(
+        claimed = await api.create(
             objects.CLAIM_API,
             objects.claim(name, bp, api.namespace, node=self.config.node, shutdown_time=shutdown),
         )
@@ -195,6 +221,9 @@ class KubernetesRuntime:
             extra={"claim": name, "blueprint": bp.name, "salt": auth.new_salt()},
         )  # fmt: skip
         try:
+            if spec.network.enabled:  # before the Pod can run: the sandbox has its egress when create returns
+                owner = objects.owner_reference(claimed)
+                await api.create(NETPOL_API, self.egress_manifest(name, bp.name, spec.network, owner=owner))
             sandbox_name, ip = await self._wait_bound(name)
             instance = dataclasses.replace(
                 instance, extra={**instance.extra, "sandbox": sandbox_name, "pod_ip": ip}
@@ -243,6 +272,8 @@ class KubernetesRuntime:
             sandbox = instance.extra.get("sandbox")
             if sandbox:  # a claim whose controller is gone would leave it; delete it ourselves too
                 await self.api().delete(objects.SANDBOX_API, sandbox)
+            # owned by the claim, so the garbage collector would delete it too; not waited for
+            await self.api().delete(NETPOL_API, claim)
 
     async def inspect(self, instance: Instance) -> Observed:
         api = self.api()
@@ -275,6 +306,55 @@ class KubernetesRuntime:
         if deadline:
             lifecycle["shutdownPolicy"] = "Delete"
         await self.api().patch(objects.CLAIM_API, instance.extra["claim"], {"spec": {"lifecycle": lifecycle}})
+
+    # --- network (NetworkController) -------------------------------------------------------------------------
+    def egress_manifest(
+        self, name: str, blueprint: str, policy: NetworkPolicy, *, owner: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """The sandbox's NetworkPolicy (Unsupported for name rules: :func:`._k8s_netpol.egress_policy`)."""
+        s = self.settings
+        dns: dict[str, Mapping[str, str]] | None = None
+        if s.dns_pod_labels is not None:
+            dns = {"pod": s.dns_pod_labels}
+            if s.dns_namespace_labels is not None:
+                dns["namespace"] = s.dns_namespace_labels
+        labels = {
+            objects.LABEL_MANAGED: "corral",
+            objects.LABEL_SANDBOX: name,
+            objects.LABEL_BLUEPRINT: blueprint,
+        }
+        return egress_policy(
+            policy, name=name, namespace=s.namespace,
+            selector={objects.LABEL_SANDBOX: name}, labels=labels, owner=owner,
+            extra_denied=self.config.egress.denied_networks(), dns_peer=dns,
+        )  # fmt: skip
+
+    async def update_network(self, instance: Instance, policy: NetworkPolicy) -> int:
+        """Replace the sandbox's NetworkPolicy (make it, from ``none``; delete it, to ``none``).
+
+        Returns 0: Corral cuts no connection here. A NetworkPolicy decides new connections; whether the CNI
+        also drops established ones a new policy denies is the CNI's behaviour, not Corral's."""
+        api, name = self.api(), instance.extra["claim"]
+        manifest = self.egress_manifest(name, instance.extra["blueprint"], policy, owner=None)
+        if not policy.enabled:
+            await api.delete(NETPOL_API, name)
+            return 0
+        if await api.patch(NETPOL_API, name, {"spec": manifest["spec"]}, missing_ok=True):
+            return 0
+        claim = await api.get(objects.CLAIM_API, name)
+        if claim is None:
+            raise RuntimeFailure(f"SandboxClaim {name} is gone; its sandbox has no network to change")
+        manifest["metadata"]["ownerReferences"] = [objects.owner_reference(claim)]
+        await api.create(NETPOL_API, manifest)
+        return 0
+
+    async def network_stats(self, instance: Instance) -> dict[str, Any]:
+        """Nothing counted: the CNI decides each packet and keeps its own counters (Hubble, flow logs)."""
+        return {"connections": 0, "totals": {}, "decisions": [], "dropped": {}}
+
+    async def network_decisions(self, instance: Instance, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """No decision feed: a NetworkPolicy's verdicts stay in the CNI, so none reach the audit log."""
+        return [], offset
 
     # --- blueprints ------------------------------------------------------------------------------------------
     async def ensure_blueprint(self, bp: objects.Blueprint) -> None:
@@ -334,13 +414,19 @@ class KubernetesRuntime:
         return value
 
     async def prune(self) -> list[str]:
-        """Delete every blueprint (template, pool, Secret) no claim uses any more; returns their names."""
+        """Delete every blueprint (template, pool, Secret) no claim uses any more, and NetworkPolicies of
+        claims that are gone; returns the blueprints' names."""
         api = self.api()
         managed = {objects.LABEL_MANAGED: "corral"}
-        used = {
-            c["metadata"]["labels"].get(objects.LABEL_BLUEPRINT)
-            for c in await api.list(objects.CLAIM_API, managed)
-        }
+        # NetworkPolicies of claims that are gone (the garbage collector's job too). Listed before the claims,
+        # so one made (after its claim) while this runs is never taken for an orphan.
+        policies = await api.list(NETPOL_API, managed)
+        listed = await api.list(objects.CLAIM_API, managed)
+        used = {c["metadata"]["labels"].get(objects.LABEL_BLUEPRINT) for c in listed}
+        claims = {c["metadata"]["name"] for c in listed}
+        for pol in policies:
+            if pol["metadata"]["name"] not in claims:
+                await api.delete(NETPOL_API, pol["metadata"]["name"])
         pruned = []
         for tpl in await api.list(objects.TEMPLATE_API, managed):
             name = tpl["metadata"]["name"]
