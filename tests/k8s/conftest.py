@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from corral.client._local import AsyncLocalBackend
+from corral.core.records import TemplateRecord
+from corral.core.settings import Settings
 from corral.images.rootfs import ensure_host_template
 from corral.runtimes.base import HostLayers, RuntimeConfig
 from corral.runtimes.kubernetes import KubernetesRuntime, KubernetesSettings
 from corral.runtimes.namespace import NamespaceRuntime
+from corral.wiring import open_service
 
 from .apiserver import CrdApiServer, find_binaries, list_objects
 from .standin import StandInController
@@ -112,4 +117,40 @@ async def k8s_runtime(
     finally:
         await runtime.prune()
         await runtime.aclose()
+        await standin.settled()
+
+
+TEMPLATE = "py"  # the SDK tests' template: an image with no steps, which the runtime pulls itself
+
+
+def sdk_settings(server: CrdApiServer, namespace: str, data_dir: Path, node: str) -> Settings:
+    """A Corral server's settings with only the kubernetes runtime, on the test server and ``namespace``."""
+    options = {k: v for k, v in k8s_settings(server, namespace).__dict__.items() if v is not None}
+    return Settings(
+        data_dir=data_dir,
+        node=node,
+        enabled_runtimes=("kubernetes",),
+        default_isolation="kubernetes",
+        runtime_options={"kubernetes": options},
+    )
+
+
+@pytest.fixture
+async def backend(
+    k8s_api: CrdApiServer, k8s_namespace: str, standin: StandInController, tmp_path: Path
+) -> AsyncIterator[AsyncLocalBackend]:
+    """The SDK's in-process backend on a Corral service whose sandboxes are agent-sandbox claims."""
+    service = open_service(sdk_settings(k8s_api, k8s_namespace, tmp_path / "a", "server-a"))
+    # a template made from an image with no steps offers that image to a runtime that pulls it itself
+    record = TemplateRecord(name=TEMPLATE, kind="image", rootfs="", created_at=time.time(),
+                            image="docker.io/library/python:3.12-slim")  # fmt: skip
+    await service.store.put_template(record, expect_version=None)
+    backend = AsyncLocalBackend(service)
+    try:
+        yield backend
+    finally:
+        runtime = service._runtime("kubernetes")
+        await backend.aclose()
+        await runtime.prune()  # type: ignore[attr-defined]
+        await runtime.aclose()  # type: ignore[attr-defined]
         await standin.settled()
