@@ -130,6 +130,20 @@ async def test_host_names_are_refused_before_anything_is_made(
     assert await AsyncSandbox.list(include_stopped=True, backend=backend) == []  # and no record
 
 
+async def test_secrets_are_refused_as_there_is_no_egress_proxy_to_put_them_in(
+    backend: AsyncLocalBackend, k8s_api: CrdApiServer, k8s_namespace: str
+) -> None:
+    """Under "internet" a secret bound to a host passes the policy check; with no proxy to substitute it, the
+    sandbox would send its placeholder: refused instead, before anything is made."""
+    secrets = {"API_KEY": {"value": "sk-test", "hosts": ["api.example.com"]}}
+    with pytest.raises(Unsupported, match="cannot have secrets"):
+        await AsyncSandbox.create(
+            TEMPLATE, isolation="kubernetes", network="internet", secrets=secrets, backend=backend
+        )
+    assert list_objects(k8s_api, k8s_namespace) == []
+    assert await AsyncSandbox.list(include_stopped=True, backend=backend) == []
+
+
 async def test_the_runtime_refuses_host_names_itself(
     k8s_runtime: KubernetesRuntime, k8s_api: CrdApiServer, k8s_namespace: str
 ) -> None:

@@ -143,6 +143,7 @@ class KubernetesRuntime:
     capabilities: ClassVar[Capabilities] = Capabilities(
         pause=False, pause_refusal=_PAUSE_REFUSAL, checkpoint=False, snapshot_fs=False, resource_limits=True,
         network_policy=True, network_names=False,  # a NetworkPolicy per sandbox: addresses only
+        egress_secrets=False,  # no egress proxy to substitute them
         pids_limit=False,  # a Pod spec has no pids limit: that is the kubelet's --pod-max-pids, node-wide
         rootfs=(RootfsKind.OCI_IMAGE,), node_local=False,
     )  # fmt: skip
@@ -206,9 +207,10 @@ class KubernetesRuntime:
             image = f"{image.split('@')[0]}@{spec.rootfs.digest}"
         bp = self.blueprint(image=image, limits=spec.limits)
         name = str(spec.sandbox_id)
-        self.egress_manifest(
-            name, bp.name, spec.network, owner=None
-        )  # refused (names) before anything is made
+        if spec.egress_secrets:
+            raise Unsupported("the kubernetes runtime has no egress proxy to put secrets into requests")
+        # refused (host names) before anything is made
+        self.egress_manifest(name, bp.name, spec.network, owner=None)
         api = self.api()
         await self.ensure_blueprint(bp)
         shutdown = _rfc3339(spec.deadline) if spec.deadline is not None else None
