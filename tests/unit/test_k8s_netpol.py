@@ -7,6 +7,7 @@ import ipaddress
 import random
 from typing import Any
 
+import kubernetes_validate
 import pytest
 
 from corral.errors import InvalidNetworkPolicy, Unsupported
@@ -116,6 +117,22 @@ def test_allow_rule_inside_a_configured_range_is_refused() -> None:
         manifest({"allow_out": ["2001:db8:1::/48"]})
 
 
+@pytest.mark.parametrize("value", ["none", "internet", {"deny_out": ["203.0.113.7/32:25"]},
+                                   {"allow_out": ["[2001:db8::/32]:443", "198.51.100.0/24"]}])  # fmt: skip
+def test_manifests_validate_against_the_real_networkpolicy_schema(value: object) -> None:
+    """The stand-in CRD of tests/k8s has a small schema; Kubernetes' own (strict: no unknown field) has all."""
+    owner = {"apiVersion": "extensions.agents.x-k8s.io/v1beta1", "kind": "SandboxClaim", "name": "sb-1",
+             "uid": "0b7e6c4e-1f2a-4c3d-9e8f-5a6b7c8d9e0f", "blockOwnerDeletion": False}  # fmt: skip
+    m = manifest(value, extra_denied=[], labels={"corral.dev/sandbox": "sb-1"}, owner=owner)
+    kubernetes_validate.validate(m, "1.33.0", strict=True)
+    bad = {
+        **m,
+        "spec": {**m["spec"], "egress": [{"ports": [{"protocol": "TCP", "port": 1, "endPort": "x"}]}]},
+    }
+    with pytest.raises(kubernetes_validate.ValidationError):  # the check can fail
+        kubernetes_validate.validate(bad, "1.33.0", strict=True)
+
+
 # --- the same decisions as the local stack --------------------------------------------------------------------
 def allows(m: dict[str, Any], ip: str, port: int) -> bool:
     """What a CNI decides for a TCP connection to ip:port under this one policy."""
@@ -205,3 +222,24 @@ def test_the_service_refuses_name_rules_for_an_address_only_runtime() -> None:
         check_policy({"allow_out": ["*.example.com"]}, KubernetesRuntime, "kubernetes", [])  # type: ignore[arg-type]
     assert check_policy({"allow_out": ["203.0.113.0/24"]}, KubernetesRuntime, "kubernetes", []).enabled  # type: ignore[arg-type]
     assert check_policy({"allow_out": ["*.example.com"]}, NamespaceRuntime, "namespace", []).enabled  # type: ignore[arg-type]
+
+
+def test_the_runtime_uses_the_servers_denied_ranges_and_dns_settings(tmp_path: Any) -> None:
+    from corral.runtimes.base import RuntimeConfig
+    from corral.runtimes.kubernetes import KubernetesRuntime, KubernetesSettings
+
+    config = RuntimeConfig(
+        state_root=tmp_path, cache_root=tmp_path, egress=EgressConfig(denied_ranges=("198.18.0.0/15",))
+    )
+    settings = KubernetesSettings(namespace="sbx", dns_pod_labels={"app": "dns"}, dns_namespace_labels=None)
+    m = KubernetesRuntime(config, settings).egress_manifest(
+        "sb-1", "bp", NetworkPolicy.parse("internet"), owner=None
+    )
+    assert m["metadata"]["namespace"] == "sbx"
+    dns, v4, _ = m["spec"]["egress"]
+    assert dns["to"] == [{"podSelector": {"matchLabels": {"app": "dns"}}}]  # in the sandboxes' own namespace
+    assert "198.18.0.0/15" in v4["to"][0]["ipBlock"]["except"]
+    none_dns = KubernetesSettings(dns_pod_labels=None)
+    assert len(KubernetesRuntime(config, none_dns).egress_manifest(
+        "sb-1", "bp", NetworkPolicy.parse("internet"), owner=None
+    )["spec"]["egress"]) == 2  # fmt: skip
