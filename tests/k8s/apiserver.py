@@ -174,17 +174,45 @@ STAND_IN_NETWORKPOLICY_CRD: dict[str, Any] = {
 STAND_IN_CRDS = (STAND_IN_SECRETS_CRD, STAND_IN_NETWORKPOLICY_CRD)
 
 
+def _rbac_allows(namespace: str, rules: list[dict[str, Any]], attrs: dict[str, Any] | None) -> bool:
+    """Whether a namespaced Role's ``rules`` in ``namespace`` allow a request (RBAC's own matching: group,
+    resource or resource/subresource, verb; "*" for any). Non-resource requests (discovery) are allowed."""
+    if attrs is None:
+        return True
+    if attrs.get("namespace") != namespace:
+        return False
+    resource = attrs.get("resource", "")
+    if attrs.get("subresource"):
+        resource = f"{resource}/{attrs['subresource']}"
+    return any(
+        _matches(r.get("apiGroups", []), attrs.get("group", ""))
+        and _matches(r.get("resources", []), resource)
+        and _matches(r.get("verbs", []), attrs.get("verb", ""))
+        and (not r.get("resourceNames") or attrs.get("name") in r["resourceNames"])
+        for r in rules
+    )
+
+
+def _matches(allowed: list[str], value: str) -> bool:
+    return "*" in allowed or value in allowed
+
+
 class _AccessReviews(http.server.BaseHTTPRequestHandler):
     """STAND-IN for the cluster's authorizer (RBAC): the server's delegated authorization asks it, as a real
     apiextensions-apiserver asks kube-apiserver, with a SubjectAccessReview. Users in ``denied`` are refused
-    everything; system:masters never reaches it (the server allows that group itself)."""
+    everything; users in ``roles`` get exactly what their Role's rules allow in its namespace; everyone else
+    everything. system:masters never reaches it (the server allows that group itself)."""
 
     denied: ClassVar[set[str]] = set()
+    roles: ClassVar[dict[str, tuple[str, list[dict[str, Any]]]]] = {}  # user -> (namespace, Role rules)
 
     def do_POST(self) -> None:
         review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         user = review.get("spec", {}).get("user", "")
         allowed = user not in self.denied
+        if allowed and user in self.roles:
+            namespace, rules = self.roles[user]
+            allowed = _rbac_allows(namespace, rules, review["spec"].get("resourceAttributes"))
         review["status"] = {"allowed": allowed, "reason": "" if allowed else f"RBAC: {user} has no role here"}
         body = json.dumps(review).encode()
         self.send_response(201)
@@ -357,6 +385,11 @@ class CrdApiServer:
     def deny(self, user: str) -> None:
         """Make the stand-in authorizer refuse ``user`` (a client certificate's CN) everything."""
         _AccessReviews.denied.add(user)
+
+    def bind_role(self, user: str, namespace: str, rules: list[dict[str, Any]]) -> None:
+        """Make the stand-in authorizer allow ``user`` only what a Role with ``rules`` in ``namespace`` does.
+        The server caches its authorizer's answers (10 s allowed, 10 s denied); use a user of its own."""
+        _AccessReviews.roles[user] = (namespace, rules)
 
     def _authorizer(self) -> Path:
         """Start the stand-in authorizer once; return a kubeconfig that points the server at it."""

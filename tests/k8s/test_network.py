@@ -9,22 +9,24 @@ against the local egress stack's own decisions, by ``tests/unit/test_k8s_netpol.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from corral.client._async.sandbox import AsyncSandbox
 from corral.client._local import AsyncLocalBackend
-from corral.errors import Unsupported
+from corral.errors import RuntimeFailure, Unsupported
 from corral.ids import SandboxId
 from corral.netpolicy import NetworkPolicy
 from corral.runtimes import _k8s_objects as objects
 from corral.runtimes._k8s_netpol import NETPOL_API
-from corral.runtimes.base import OciImage, SandboxSpec
+from corral.runtimes.base import OciImage, RuntimeConfig, SandboxSpec
 from corral.runtimes.kubernetes import KubernetesRuntime
 
 from .apiserver import CrdApiServer, list_objects
-from .conftest import TEMPLATE
+from .conftest import TEMPLATE, k8s_config, k8s_settings
 from .standin import StandInController
 
 pytestmark = [pytest.mark.anyio, pytest.mark.root, pytest.mark.bwrap]
@@ -232,3 +234,64 @@ async def test_prune_deletes_orphans_only(
         await k8s_runtime.api().delete(NETPOL_API, "theirs")
     finally:
         await k8s_runtime.destroy(instance)
+
+
+# --- the shipped Role allows what the runtime does ---------------------------------------------------------
+ROLE = Path(__file__).resolve().parents[2] / "deploy" / "kustomize" / "base" / "rbac.yaml"
+
+
+def shipped_rules() -> list[dict[str, Any]]:
+    """deploy/'s Role rules, its core Secrets also granted on the tests' stand-in Secrets group."""
+    (role,) = [d for d in yaml.safe_load_all(ROLE.read_text()) if d and d["kind"] == "Role"]
+    rules: list[dict[str, Any]] = role["rules"]
+    stand_in = [{**r, "apiGroups": ["standin.corral.test"], "resources": ["secrets"]}
+                for r in rules if r["apiGroups"] == [""] and "secrets" in r["resources"]]  # fmt: skip
+    assert stand_in
+    return rules + stand_in
+
+
+def runtime_as(
+    k8s_api: CrdApiServer, namespace: str, local: RuntimeConfig, user: str, rules: list[dict[str, Any]]
+) -> KubernetesRuntime:
+    identity = k8s_api.identity(user, groups=("corral-servers",))
+    k8s_api.bind_role(user, namespace, rules)
+    settings = k8s_settings(k8s_api, namespace, kubeconfig=str(identity.kubeconfig))
+    return KubernetesRuntime(k8s_config(local), settings)
+
+
+async def test_the_shipped_role_allows_every_network_call(
+    k8s_api: CrdApiServer, k8s_namespace: str, standin: StandInController, local_runtime_config: RuntimeConfig
+) -> None:
+    runtime = runtime_as(
+        k8s_api, k8s_namespace, local_runtime_config, f"rbac-{k8s_namespace}", shipped_rules()
+    )
+    try:
+        await runtime.check()
+        s = spec(ADDRESSES)
+        instance = await runtime.create(s)
+        try:
+            await runtime.update_network(instance, NetworkPolicy.parse("internet"))  # patch
+            await runtime.update_network(instance, NetworkPolicy.parse("none"))  # delete
+            await runtime.update_network(instance, NetworkPolicy.parse(ADDRESSES))  # get the claim, create
+            assert policies(k8s_api, k8s_namespace) == [f"NetworkPolicy/{s.sandbox_id}"]
+        finally:
+            await runtime.destroy(instance)
+        assert policies(k8s_api, k8s_namespace) == []
+    finally:
+        await runtime.prune()  # lists NetworkPolicies too
+        await runtime.aclose()
+        await standin.settled()
+
+
+async def test_a_role_without_networkpolicies_is_refused_at_check_saying_so(
+    k8s_api: CrdApiServer, k8s_namespace: str, local_runtime_config: RuntimeConfig
+) -> None:
+    """The test above can fail: the same Role less its networking rule is refused, naming the resource."""
+    rules = [r for r in shipped_rules() if r["apiGroups"] != ["networking.k8s.io"]]
+    runtime = runtime_as(k8s_api, k8s_namespace, local_runtime_config, f"norbac-{k8s_namespace}", rules)
+    try:
+        with pytest.raises(RuntimeFailure, match=r"may not list networkpolicies\.networking\.k8s\.io"):
+            await runtime.check()
+    finally:
+        await runtime.aclose()
+    assert list_objects(k8s_api, k8s_namespace) == []
