@@ -99,9 +99,12 @@ def test_rbac_is_namespaced_and_minimal(rendered: tuple[str, list[dict[str, Any]
     role = one(docs, "Role", "corral-server")
     assert role["metadata"]["namespace"] == "corral-sandboxes"
     groups = {g for rule in role["rules"] for g in rule["apiGroups"]}
-    assert groups == {"agents.x-k8s.io", "extensions.agents.x-k8s.io", ""}
+    assert groups == {"agents.x-k8s.io", "extensions.agents.x-k8s.io", "", "networking.k8s.io"}
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+        if "networking.k8s.io" in rule["apiGroups"]:  # the per-sandbox egress policies, exactly what it calls
+            assert rule["apiGroups"] == ["networking.k8s.io"] and rule["resources"] == ["networkpolicies"]
+            assert set(rule["verbs"]) == {"get", "list", "create", "patch", "delete"}
         if "" in rule["apiGroups"]:
             assert set(rule["resources"]) <= {"secrets", "pods"}
             if "pods" in rule["resources"]:

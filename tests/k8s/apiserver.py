@@ -7,7 +7,8 @@ installs the agent-sandbox CRDs from ``../shared/agent-sandbox/crds`` (their con
 there is no webhook here, and only v1beta1 is used), and stops and removes everything on :meth:`stop`.
 
 What the server cannot do (it serves no core API: no Pods, Namespaces, Secrets) is listed in
-``../shared/research/kubernetes-testing.md``; :data:`STAND_IN_SECRETS_CRD` covers Secrets for the tests.
+``../shared/research/kubernetes-testing.md``; :data:`STAND_IN_SECRETS_CRD` covers Secrets for the tests,
+:data:`STAND_IN_NETWORKPOLICY_CRD` NetworkPolicies (stored and validated, enforced by nothing).
 """
 
 from __future__ import annotations
@@ -68,18 +69,150 @@ STAND_IN_SECRETS_CRD: dict[str, Any] = {
     },
 }
 
+_LABELS = {  # a label selector's matchLabels, values checked as kube-apiserver checks them
+    "type": "object",
+    "properties": {
+        "matchLabels": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "string",
+                "maxLength": 63,
+                "pattern": "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+            },
+        }
+    },
+}
+# Stands in for networking.k8s.io/v1 NetworkPolicy, which this CRD-only server does not serve: same group,
+# version and path, so the runtime's real calls land here; a small schema with the fields Corral writes and
+# some of kube-apiserver's checks (enums, label values, port ranges). Nothing enforces it: no CNI here.
+STAND_IN_NETWORKPOLICY_CRD: dict[str, Any] = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {
+        "name": "networkpolicies.networking.k8s.io",
+        # a *.k8s.io group needs this annotation; "unapproved" is accepted (and reported in a condition)
+        "annotations": {"api-approved.kubernetes.io": "unapproved, a test stand-in for the built-in API"},
+    },
+    "spec": {
+        "group": "networking.k8s.io",
+        "scope": "Namespaced",
+        "names": {"plural": "networkpolicies", "singular": "networkpolicy", "kind": "NetworkPolicy"},
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {
+                                "type": "object",
+                                "required": ["podSelector"],
+                                "properties": {
+                                    "podSelector": _LABELS,
+                                    "policyTypes": {
+                                        "type": "array",
+                                        "items": {"type": "string", "enum": ["Ingress", "Egress"]},
+                                    },
+                                    "egress": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "properties": {
+                                                "to": {
+                                                    "type": "array",
+                                                    "items": {
+                                                        "type": "object",
+                                                        "properties": {
+                                                            "ipBlock": {
+                                                                "type": "object",
+                                                                "required": ["cidr"],
+                                                                "properties": {
+                                                                    "cidr": {"type": "string"},
+                                                                    "except": {
+                                                                        "type": "array",
+                                                                        "items": {"type": "string"},
+                                                                    },
+                                                                },
+                                                            },
+                                                            "namespaceSelector": _LABELS,
+                                                            "podSelector": _LABELS,
+                                                        },
+                                                    },
+                                                },
+                                                "ports": {
+                                                    "type": "array",
+                                                    "items": {
+                                                        "type": "object",
+                                                        "properties": {
+                                                            "protocol": {
+                                                                "type": "string",
+                                                                "enum": ["TCP", "UDP", "SCTP"],
+                                                            },
+                                                            "port": {"x-kubernetes-int-or-string": True},
+                                                            "endPort": {
+                                                                "type": "integer",
+                                                                "minimum": 1,
+                                                                "maximum": 65535,
+                                                            },
+                                                        },
+                                                    },
+                                                },
+                                            },
+                                        },
+                                    },
+                                },
+                            }
+                        },
+                    }
+                },
+            }
+        ],
+    },
+}
+STAND_IN_CRDS = (STAND_IN_SECRETS_CRD, STAND_IN_NETWORKPOLICY_CRD)
+
+
+def _rbac_allows(namespace: str, rules: list[dict[str, Any]], attrs: dict[str, Any] | None) -> bool:
+    """Whether a namespaced Role's ``rules`` in ``namespace`` allow a request (RBAC's own matching: group,
+    resource or resource/subresource, verb; "*" for any). Non-resource requests (discovery) are allowed."""
+    if attrs is None:
+        return True
+    if attrs.get("namespace") != namespace:
+        return False
+    resource = attrs.get("resource", "")
+    if attrs.get("subresource"):
+        resource = f"{resource}/{attrs['subresource']}"
+    return any(
+        _matches(r.get("apiGroups", []), attrs.get("group", ""))
+        and _matches(r.get("resources", []), resource)
+        and _matches(r.get("verbs", []), attrs.get("verb", ""))
+        and (not r.get("resourceNames") or attrs.get("name") in r["resourceNames"])
+        for r in rules
+    )
+
+
+def _matches(allowed: list[str], value: str) -> bool:
+    return "*" in allowed or value in allowed
+
 
 class _AccessReviews(http.server.BaseHTTPRequestHandler):
     """STAND-IN for the cluster's authorizer (RBAC): the server's delegated authorization asks it, as a real
     apiextensions-apiserver asks kube-apiserver, with a SubjectAccessReview. Users in ``denied`` are refused
-    everything; system:masters never reaches it (the server allows that group itself)."""
+    everything; users in ``roles`` get exactly what their Role's rules allow in its namespace; everyone else
+    everything. system:masters never reaches it (the server allows that group itself)."""
 
     denied: ClassVar[set[str]] = set()
+    roles: ClassVar[dict[str, tuple[str, list[dict[str, Any]]]]] = {}  # user -> (namespace, Role rules)
 
     def do_POST(self) -> None:
         review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         user = review.get("spec", {}).get("user", "")
         allowed = user not in self.denied
+        if allowed and user in self.roles:
+            namespace, rules = self.roles[user]
+            allowed = _rbac_allows(namespace, rules, review["spec"].get("resourceAttributes"))
         review["status"] = {"allowed": allowed, "reason": "" if allowed else f"RBAC: {user} has no role here"}
         body = json.dumps(review).encode()
         self.send_response(201)
@@ -210,7 +343,7 @@ class CrdApiServer:
             self.port = free_port()
             self.url = f"https://127.0.0.1:{self.port}"
             self.start_apiserver()
-            self.install_crds([*agent_sandbox_crds(), STAND_IN_SECRETS_CRD])
+            self.install_crds([*agent_sandbox_crds(), *STAND_IN_CRDS])
         except BaseException:
             self.stop()
             raise
@@ -252,6 +385,11 @@ class CrdApiServer:
     def deny(self, user: str) -> None:
         """Make the stand-in authorizer refuse ``user`` (a client certificate's CN) everything."""
         _AccessReviews.denied.add(user)
+
+    def bind_role(self, user: str, namespace: str, rules: list[dict[str, Any]]) -> None:
+        """Make the stand-in authorizer allow ``user`` only what a Role with ``rules`` in ``namespace`` does.
+        The server caches its authorizer's answers (10 s allowed, 10 s denied); use a user of its own."""
+        _AccessReviews.roles[user] = (namespace, rules)
 
     def _authorizer(self) -> Path:
         """Start the stand-in authorizer once; return a kubeconfig that points the server at it."""
@@ -379,9 +517,10 @@ def _http_ok(url: str) -> bool:
 
 
 def list_objects(server: CrdApiServer, namespace: str) -> list[str]:
-    """Every agent-sandbox object and stand-in Secret in ``namespace`` ("kind/name"), for leak checks."""
+    """Every agent-sandbox object and stand-in Secret and NetworkPolicy in ``namespace`` ("kind/name"), for
+    leak checks."""
     found = []
-    for crd in [*agent_sandbox_crds(), STAND_IN_SECRETS_CRD]:
+    for crd in [*agent_sandbox_crds(), *STAND_IN_CRDS]:
         spec = crd["spec"]
         version = next(v["name"] for v in spec["versions"] if v.get("storage"))
         body = server.get(f"/apis/{spec['group']}/{version}/namespaces/{namespace}/{spec['names']['plural']}")

@@ -6,18 +6,24 @@ missing the tests skip with that command as the reason; with ``CI=true`` they fa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from corral.client._local import AsyncLocalBackend
+from corral.core.records import TemplateRecord
+from corral.core.settings import Settings
 from corral.images.rootfs import ensure_host_template
 from corral.runtimes.base import HostLayers, RuntimeConfig
 from corral.runtimes.kubernetes import KubernetesRuntime, KubernetesSettings
 from corral.runtimes.namespace import NamespaceRuntime
+from corral.wiring import open_service
 
 from .apiserver import CrdApiServer, find_binaries, list_objects
 from .standin import StandInController
@@ -113,3 +119,59 @@ async def k8s_runtime(
         await runtime.prune()
         await runtime.aclose()
         await standin.settled()
+
+
+TEMPLATE = "py"  # the SDK tests' template: an image with no steps, which the runtime pulls itself
+
+
+def sdk_settings(
+    server: CrdApiServer,
+    namespace: str,
+    data_dir: Path,
+    node: str,
+    *,
+    levels: tuple[str, ...] = ("kubernetes",),
+    **options: Any,
+) -> Settings:
+    """A Corral server's settings whose only runtime is kubernetes (serving ``levels``, the first the default),
+    on the test server and ``namespace``; ``options``: more of its ``[runtime.kubernetes]`` table."""
+    table = {k: v for k, v in k8s_settings(server, namespace).__dict__.items() if v is not None}
+    table.update(options)
+    return Settings(
+        data_dir=data_dir,
+        node=node,
+        enabled_runtimes=levels,
+        default_isolation=levels[0],
+        runtime_options={"kubernetes": table},
+    )
+
+
+@contextlib.asynccontextmanager
+async def sdk_backend(settings: Settings, standin: StandInController) -> AsyncIterator[AsyncLocalBackend]:
+    """The SDK's in-process backend on a Corral service made with ``settings`` (a kubernetes one); its
+    blueprints are pruned at the end."""
+    service = open_service(settings)
+    # a template made from an image with no steps offers that image to a runtime that pulls it itself
+    record = TemplateRecord(name=TEMPLATE, kind="image", rootfs="", created_at=time.time(),
+                            image="docker.io/library/python:3.12-slim")  # fmt: skip
+    await service.store.put_template(record, expect_version=None)
+    backend = AsyncLocalBackend(service)
+    try:
+        yield backend
+    finally:
+        runtime = service._runtime(settings.default_isolation)
+        await backend.aclose()
+        await runtime.prune()  # type: ignore[attr-defined]
+        await runtime.aclose()  # type: ignore[attr-defined]
+        await standin.settled()
+
+
+@pytest.fixture
+async def backend(
+    k8s_api: CrdApiServer, k8s_namespace: str, standin: StandInController, tmp_path: Path
+) -> AsyncIterator[AsyncLocalBackend]:
+    """The SDK's in-process backend on a Corral service whose sandboxes are agent-sandbox claims."""
+    async with sdk_backend(
+        sdk_settings(k8s_api, k8s_namespace, tmp_path / "a", "server-a"), standin
+    ) as backend:
+        yield backend

@@ -3,7 +3,6 @@ RuntimeClasses, so code that asks for ``isolation="kata-fc"`` runs unchanged aga
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,18 +12,14 @@ import pytest
 from corral.client._async.pools import AsyncPools
 from corral.client._async.sandbox import AsyncSandbox
 from corral.client._local import AsyncLocalBackend
-from corral.core.records import TemplateRecord
-from corral.core.settings import Settings
 from corral.errors import InvalidRequest
 from corral.runtimes import _k8s_objects as objects
-from corral.wiring import open_service
 
 from .apiserver import CrdApiServer, list_objects
-from .conftest import k8s_settings
+from .conftest import TEMPLATE, sdk_backend, sdk_settings
 from .standin import StandInController
 
 pytestmark = [pytest.mark.anyio, pytest.mark.root, pytest.mark.bwrap]
-TEMPLATE = "py"
 # a RuntimeClass per level, named apart from the level so the test sees which one each Pod got
 CLASSES = {"gvisor": "rc-gvisor", "kata-fc": "rc-kata-fc"}
 
@@ -33,25 +28,11 @@ CLASSES = {"gvisor": "rc-gvisor", "kata-fc": "rc-kata-fc"}
 async def backend(
     k8s_api: CrdApiServer, k8s_namespace: str, standin: StandInController, tmp_path: Path
 ) -> AsyncIterator[AsyncLocalBackend]:
-    options = {k: v for k, v in k8s_settings(k8s_api, k8s_namespace).__dict__.items() if v is not None}
-    options.update(runtime_classes=CLASSES, serves=["gvisor", "kata-fc"])
-    settings = Settings(
-        data_dir=tmp_path, node="server-a", enabled_runtimes=("gvisor", "kata-fc"), default_isolation="gvisor",
-        runtime_options={"kubernetes": options},
-    )  # fmt: skip
-    service = open_service(settings)
-    record = TemplateRecord(name=TEMPLATE, kind="image", rootfs="", created_at=time.time(),
-                            image="docker.io/library/python:3.12-slim")  # fmt: skip
-    await service.store.put_template(record, expect_version=None)
-    backend = AsyncLocalBackend(service)
-    try:
+    levels = ("gvisor", "kata-fc")  # the first is the server's default
+    settings = sdk_settings(k8s_api, k8s_namespace, tmp_path, "server-a", levels=levels,
+                            runtime_classes=CLASSES, serves=list(levels))  # fmt: skip
+    async with sdk_backend(settings, standin) as backend:
         yield backend
-    finally:
-        runtime = service._runtime("gvisor")
-        await backend.aclose()
-        await runtime.prune()  # type: ignore[attr-defined]
-        await runtime.aclose()  # type: ignore[attr-defined]
-        await standin.settled()
 
 
 def _runtime_class_of(k8s_api: CrdApiServer, namespace: str, sandbox_id: str) -> Any:

@@ -22,11 +22,11 @@ from corral.models import SandboxState, StopReason
 from corral.wiring import open_service
 
 from .apiserver import CrdApiServer, list_objects
+from .conftest import TEMPLATE
+from .conftest import sdk_settings as k8s_sdk_settings
 from .standin import StandInController
-from .test_sdk import _settings as k8s_sdk_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.root, pytest.mark.bwrap, pytest.mark.postgres]
-TEMPLATE = "py"
 
 
 @pytest.fixture

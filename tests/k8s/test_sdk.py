@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -12,49 +10,15 @@ import pytest
 from corral.client._async.pools import AsyncPools
 from corral.client._async.sandbox import AsyncSandbox
 from corral.client._local import AsyncLocalBackend
-from corral.core.records import TemplateRecord
-from corral.core.settings import Settings
 from corral.errors import Unsupported
 from corral.models import SandboxState, StopReason
 from corral.wiring import open_service
 
 from .apiserver import CrdApiServer, list_objects
-from .conftest import k8s_settings
+from .conftest import TEMPLATE, sdk_settings
 from .standin import Claim, Sandbox, StandInController
 
 pytestmark = [pytest.mark.anyio, pytest.mark.root, pytest.mark.bwrap]
-TEMPLATE = "py"
-
-
-def _settings(server: CrdApiServer, namespace: str, data_dir: Path, node: str) -> Settings:
-    options = {k: v for k, v in k8s_settings(server, namespace).__dict__.items() if v is not None}
-    return Settings(
-        data_dir=data_dir,
-        node=node,
-        enabled_runtimes=("kubernetes",),
-        default_isolation="kubernetes",
-        runtime_options={"kubernetes": options},
-    )
-
-
-@pytest.fixture
-async def backend(
-    k8s_api: CrdApiServer, k8s_namespace: str, standin: StandInController, tmp_path: Path
-) -> AsyncIterator[AsyncLocalBackend]:
-    service = open_service(_settings(k8s_api, k8s_namespace, tmp_path / "a", "server-a"))
-    # a template made from an image with no steps offers that image to a runtime that pulls it itself
-    record = TemplateRecord(name=TEMPLATE, kind="image", rootfs="", created_at=time.time(),
-                            image="docker.io/library/python:3.12-slim")  # fmt: skip
-    await service.store.put_template(record, expect_version=None)
-    backend = AsyncLocalBackend(service)
-    try:
-        yield backend
-    finally:
-        runtime = service._runtime("kubernetes")
-        await backend.aclose()
-        await runtime.prune()  # type: ignore[attr-defined]
-        await runtime.aclose()  # type: ignore[attr-defined]
-        await standin.settled()
 
 
 async def test_create_exec_files_kill(
@@ -95,7 +59,7 @@ async def test_a_restarted_server_reconnects(
     try:
         await sbx.commands.run("echo kept > /tmp/state")
         restarted = AsyncLocalBackend(
-            open_service(_settings(k8s_api, k8s_namespace, tmp_path / "a", "server-a"))
+            open_service(sdk_settings(k8s_api, k8s_namespace, tmp_path / "a", "server-a"))
         )
         try:
             again = await AsyncSandbox.connect(sbx.sandbox_id, backend=restarted)

@@ -39,6 +39,14 @@ def check_policy(value: object, runtime: Runtime, isolation: str, denied: list[I
             "egress policies (namespace, gvisor, microvm)",
             details={"isolation": isolation},
         )
+    names = [r.text for r in policy.rules if r.name is not None]
+    if policy.enabled and names and not runtime.capabilities.network_names:
+        raise Unsupported(
+            f"{isolation} sandboxes enforce egress by address only: host name rules ({', '.join(names[:5])})"
+            ' cannot be enforced; use CIDR rules (like "203.0.113.0/24:443"), "internet", or an isolation'
+            " that checks names (namespace, gvisor, microvm)",
+            details={"isolation": isolation, "rules": names[:20]},
+        )
     return policy
 
 

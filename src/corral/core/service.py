@@ -223,6 +223,12 @@ class SandboxService:
                 details={"isolation": isolation},
             )
         bindings = _secrets.bind(request.secrets, network, env)
+        if bindings and not runtime.capabilities.egress_secrets:
+            raise Unsupported(
+                f"{isolation} sandboxes cannot have secrets: their egress has no proxy to put them into requests;"
+                " pass the value in env instead, or use an isolation with an egress proxy (namespace, gvisor, microvm)",
+                details={"isolation": isolation},
+            )
         sealed = await self._seal(bindings)
         claimed = None
         # pool members have no network, and pool claims keep neither auto-pause nor an idempotency key

@@ -19,7 +19,10 @@ The Pod (see :func:`pod_template`):
 
 The template's NetworkPolicy (agent-sandbox manages one per template): ingress only from Corral's server Pods
 to the agent port, and no egress at all (no RFC 1918, no link-local/metadata, no cluster DNS, no internet):
-Corral's network mode ``none``.
+Corral's network mode ``none``. A sandbox with another policy gets its own NetworkPolicy on top
+(:mod:`._k8s_netpol`; NetworkPolicies only add allowed traffic), selecting its Pod by :data:`LABEL_SANDBOX`,
+which the claim asks agent-sandbox to put on the Pod (``additionalPodMetadata``: it labels an adopted warm
+Pod too, so no cold start).
 """
 
 from __future__ import annotations
@@ -274,8 +277,12 @@ def secret(
 def claim(
     name: str, bp: Blueprint, namespace: str, *, node: str, shutdown_time: str | None
 ) -> dict[str, Any]:
-    """A claim carries no env and no volumes: either would force agent-sandbox into a cold start."""
-    spec: dict[str, Any] = {"warmPoolRef": {"name": bp.name}}
+    """A claim carries no env and no volumes: either would force agent-sandbox into a cold start. Its Pod gets
+    the label :data:`LABEL_SANDBOX` (``additionalPodMetadata``), which the sandbox's NetworkPolicy selects."""
+    spec: dict[str, Any] = {
+        "warmPoolRef": {"name": bp.name},
+        "additionalPodMetadata": {"labels": {LABEL_SANDBOX: name}},
+    }
     if shutdown_time is not None:
         spec["lifecycle"] = {"shutdownTime": shutdown_time, "shutdownPolicy": "Delete"}
     meta = _meta(name, namespace, {LABEL_SANDBOX: name, LABEL_NODE: node, LABEL_BLUEPRINT: bp.name})

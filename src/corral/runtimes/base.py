@@ -228,6 +228,12 @@ class Capabilities:
     network_policy: bool = (
         False  # egress by policy (SandboxSpec.network); such a runtime is a NetworkController
     )
+    # with network_policy: host name and *.wildcard rules are enforced too (False: address rules only, and a
+    # policy naming hosts is refused, Unsupported)
+    network_names: bool = True
+    # with network_policy: secrets (SandboxSpec.egress_secrets) are put into requests by the egress proxy
+    # (False: a create with secrets is refused, Unsupported: their placeholders would reach the hosts as is)
+    egress_secrets: bool = True
     # with network (a policy but "none"): pause keeps it / snapshot and fork work (False: refused, Unsupported)
     pause_network: bool = True
     snapshot_network: bool = True

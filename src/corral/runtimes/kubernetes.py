@@ -16,6 +16,13 @@ Secret can recompute and that is never on the wire nor in the Pod spec.
 kill → delete the claim (agent-sandbox deletes the Sandbox and its Pod). pause → ``operatingMode: Suspended``,
 which deletes the Pod: processes, memory and the container's files are gone, and a resume starts a new Pod from
 the template. A claim or Sandbox deleted behind Corral's back is reported as missing.
+
+Egress: a sandbox whose policy is not ``none`` gets a NetworkPolicy of its own (:mod:`._k8s_netpol`), named
+after it, owned by its claim (the garbage collector deletes it with the claim, e.g. at the deadline), made
+right after the claim and before the wait, and deleted by destroy and by :meth:`KubernetesRuntime.prune`.
+Only address rules can be enforced this way; a policy with host names is refused before anything is made.
+A NetworkPolicy is enforced by the cluster's CNI (Calico, Cilium, the EKS VPC CNI's network policy agent):
+on a cluster whose CNI does not enforce them there is no egress control at all, and nothing here can tell.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from corral.protocol import auth
 from corral.runtimes import _k8s_objects as objects
 from corral.runtimes._agent_dial import auth_refused, dial_tcp
 from corral.runtimes._k8s_api import Api, Gone, KubeApi
+from corral.runtimes._k8s_netpol import NETPOL_API
+from corral.runtimes._k8s_network import KubernetesNetwork
 from corral.runtimes.base import (
     Capabilities,
     Instance,
@@ -97,6 +106,13 @@ class KubernetesSettings:
     server_namespace_labels: Mapping[str, str] | None = None  # set when Corral runs in another namespace
     secret_api: str = "/v1/Secret/secrets"  # noqa: S105 - a resource name; group/version/Kind/plural of the bootstrap Secrets
     ready_timeout: float = 300.0  # seconds for a claim to become Ready (image pulls on a cold node)
+    # the cluster's DNS Pods, which sandboxes with network "internet" may query on port 53 (as the local
+    # runtimes answer names under "internet" only). dns_pod_labels None: no DNS rule at all;
+    # dns_namespace_labels None: the DNS Pods are in the sandboxes' own namespace
+    dns_pod_labels: Mapping[str, str] | None = field(default_factory=lambda: {"k8s-app": "kube-dns"})
+    dns_namespace_labels: Mapping[str, str] | None = field(
+        default_factory=lambda: {"kubernetes.io/metadata.name": "kube-system"}
+    )
 
     def __post_init__(self) -> None:
         # with serves, ``isolation`` matters only if "kubernetes" is enabled too (checked at the first create)
@@ -134,11 +150,13 @@ def _is_true(obj: Mapping[str, Any] | None, kind: str) -> bool:
     return cond is not None and cond.get("status") == "True"
 
 
-class KubernetesRuntime:
+class KubernetesRuntime(KubernetesNetwork):
     name: ClassVar[str] = "kubernetes"
     # any Corral server with the cluster's credentials reaches any sandbox: not node-local
     capabilities: ClassVar[Capabilities] = Capabilities(
-        pause=False, pause_refusal=_PAUSE_REFUSAL, checkpoint=False, snapshot_fs=False, network_policy=False, resource_limits=True,
+        pause=False, pause_refusal=_PAUSE_REFUSAL, checkpoint=False, snapshot_fs=False, resource_limits=True,
+        network_policy=True, network_names=False,  # a NetworkPolicy per sandbox: addresses only
+        egress_secrets=False,  # no egress proxy to substitute them
         pids_limit=False,  # a Pod spec has no pids limit: that is the kubelet's --pod-max-pids, node-wide
         rootfs=(RootfsKind.OCI_IMAGE,), node_local=False,
     )  # fmt: skip
@@ -183,7 +201,13 @@ class KubernetesRuntime:
     # --- Runtime ---------------------------------------------------------------------------------------------
     async def check(self) -> None:
         api = self.api()
-        for resource in (objects.CLAIM_API, objects.TEMPLATE_API, objects.POOL_API, objects.SANDBOX_API):
+        for resource in (
+            objects.CLAIM_API,
+            objects.TEMPLATE_API,
+            objects.POOL_API,
+            objects.SANDBOX_API,
+            NETPOL_API,
+        ):
             await api.list(resource, {objects.LABEL_MANAGED: "corral", "corral.dev/probe": "none"})
 
     async def create(self, spec: SandboxSpec) -> Instance:
@@ -197,11 +221,15 @@ class KubernetesRuntime:
         # "kubernetes" (or a spec from older code, "") is the default entry; a served level is its own entry
         level = spec.isolation if spec.isolation in self.settings.serves else None
         bp = self.blueprint(image=image, limits=spec.limits, isolation=level)
+        name = str(spec.sandbox_id)
+        if spec.egress_secrets:
+            raise Unsupported("the kubernetes runtime has no egress proxy to put secrets into requests")
+        # refused (host names) before anything is made
+        self.egress_manifest(name, bp.name, spec.network, owner=None)
         api = self.api()
         await self.ensure_blueprint(bp)
-        name = str(spec.sandbox_id)
         shutdown = _rfc3339(spec.deadline) if spec.deadline is not None else None
-        await api.create(
+        claimed = await api.create(
             objects.CLAIM_API,
             objects.claim(name, bp, api.namespace, node=self.config.node, shutdown_time=shutdown),
         )
@@ -210,6 +238,9 @@ class KubernetesRuntime:
             extra={"claim": name, "blueprint": bp.name, "salt": auth.new_salt()},
         )  # fmt: skip
         try:
+            if spec.network.enabled:  # before the Pod can run: the sandbox has its egress when create returns
+                owner = objects.owner_reference(claimed)
+                await api.create(NETPOL_API, self.egress_manifest(name, bp.name, spec.network, owner=owner))
             sandbox_name, ip = await self._wait_bound(name)
             instance = dataclasses.replace(
                 instance, extra={**instance.extra, "sandbox": sandbox_name, "pod_ip": ip}
@@ -258,6 +289,8 @@ class KubernetesRuntime:
             sandbox = instance.extra.get("sandbox")
             if sandbox:  # a claim whose controller is gone would leave it; delete it ourselves too
                 await self.api().delete(objects.SANDBOX_API, sandbox)
+            # owned by the claim, so the garbage collector would delete it too; not waited for
+            await self.api().delete(NETPOL_API, claim)
 
     async def inspect(self, instance: Instance) -> Observed:
         api = self.api()
@@ -349,13 +382,19 @@ class KubernetesRuntime:
         return value
 
     async def prune(self) -> list[str]:
-        """Delete every blueprint (template, pool, Secret) no claim uses any more; returns their names."""
+        """Delete every blueprint (template, pool, Secret) no claim uses any more, and NetworkPolicies of
+        claims that are gone; returns the blueprints' names."""
         api = self.api()
         managed = {objects.LABEL_MANAGED: "corral"}
-        used = {
-            c["metadata"]["labels"].get(objects.LABEL_BLUEPRINT)
-            for c in await api.list(objects.CLAIM_API, managed)
-        }
+        # NetworkPolicies of claims that are gone (the garbage collector's job too). Listed before the claims,
+        # so one made (after its claim) while this runs is never taken for an orphan.
+        policies = await api.list(NETPOL_API, managed)
+        listed = await api.list(objects.CLAIM_API, managed)
+        used = {c["metadata"]["labels"].get(objects.LABEL_BLUEPRINT) for c in listed}
+        claims = {c["metadata"]["name"] for c in listed}
+        for pol in policies:
+            if pol["metadata"]["name"] not in claims:
+                await api.delete(NETPOL_API, pol["metadata"]["name"])
         pruned = []
         for tpl in await api.list(objects.TEMPLATE_API, managed):
             name = tpl["metadata"]["name"]
