@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import yaml
 
@@ -295,3 +296,29 @@ async def test_a_role_without_networkpolicies_is_refused_at_check_saying_so(
     finally:
         await runtime.aclose()
     assert list_objects(k8s_api, k8s_namespace) == []
+
+
+async def test_concurrent_updates_from_none_end_with_one_policy_and_no_error(
+    k8s_runtime: KubernetesRuntime, k8s_api: CrdApiServer, k8s_namespace: str
+) -> None:
+    """Two updates at once from ``none`` both find no policy to patch and both create: one loses the race
+    (409) and patches instead, so neither fails and the one NetworkPolicy holds one of the two policies."""
+    s = spec("none")
+    instance = await k8s_runtime.create(s)
+    name = str(s.sandbox_id)
+    try:
+        for _ in range(3):  # a race: a few rounds so the create/create interleaving is met, not just luck
+            wanted = [NetworkPolicy.parse("internet"), NetworkPolicy.parse(ADDRESSES)]
+            async with anyio.create_task_group() as tg:
+                for policy in wanted:
+                    tg.start_soon(k8s_runtime.update_network, instance, policy)
+            pol = netpol(k8s_api, k8s_namespace, name)
+            assert pol is not None and policies(k8s_api, k8s_namespace) == [f"NetworkPolicy/{name}"]
+            specs = [
+                k8s_runtime.egress_manifest(name, instance.extra["blueprint"], p, owner=None) for p in wanted
+            ]
+            assert pol["spec"] in [m["spec"] for m in specs]
+            await k8s_runtime.update_network(instance, NetworkPolicy.parse("none"))
+            assert netpol(k8s_api, k8s_namespace, name) is None
+    finally:
+        await k8s_runtime.destroy(instance)

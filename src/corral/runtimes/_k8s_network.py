@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from corral.errors import RuntimeFailure
+from corral.errors import Conflict, RuntimeFailure
 from corral.netpolicy import NetworkPolicy
 from corral.runtimes import _k8s_objects as objects
 from corral.runtimes._k8s_netpol import NETPOL_API, egress_policy
@@ -69,7 +69,10 @@ class KubernetesNetwork:
         if claim is None:
             raise RuntimeFailure(f"SandboxClaim {name} is gone; its sandbox has no network to change")
         manifest["metadata"]["ownerReferences"] = [objects.owner_reference(claim)]
-        await api.create(NETPOL_API, manifest)
+        try:
+            await api.create(NETPOL_API, manifest)
+        except Conflict:  # a concurrent update made it between the patch and here: replace it as above
+            await api.patch(NETPOL_API, name, {"spec": manifest["spec"]})
         return 0
 
     async def network_stats(self, instance: Instance) -> dict[str, Any]:
