@@ -265,7 +265,7 @@ async def update_network(
     try:
         await state.service.update_network(sandbox_id, policy, tenant=tenant)
     except Unsupported as exc:
-        if info.network != "none":
+        if info.network != "none" or "rules" in exc.details:  # rules: these rules, not "none", are refused
             raise
         raise Unsupported(f"sandbox {sandbox_id} has no network to change: {UPDATABLE_NONE}") from exc
     return Response(status_code=204)
