@@ -36,38 +36,41 @@ CRD_DIR_CANDIDATES = (REPO.parent / "shared" / "agent-sandbox" / "crds", REPO / 
 START_TIMEOUT = 60.0  # seconds for etcd and the server to answer; both take ~1 s on an idle machine
 ESTABLISH_TIMEOUT = 60.0  # a CRD is Established ~3.5 s after creation here
 
+
 # Stands in for core/v1 Secrets, which this CRD-only server does not serve: same fields (data, type), same
 # namespaced REST semantics, another group. The runtime's ``secret_api`` setting points at it in the tests.
-STAND_IN_SECRETS_CRD: dict[str, Any] = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "secrets.standin.corral.test"},
-    "spec": {
-        "group": "standin.corral.test",
-        "scope": "Namespaced",
-        "names": {"plural": "secrets", "singular": "secret", "kind": "Secret"},
-        "versions": [
-            {
-                "name": "v1",
-                "served": True,
-                "storage": True,
-                "schema": {
-                    "openAPIV3Schema": {
-                        "type": "object",
-                        "properties": {
-                            "type": {"type": "string"},
-                            "immutable": {"type": "boolean"},
-                            "data": {
-                                "type": "object",
-                                "additionalProperties": {"type": "string", "format": "byte"},
-                            },
-                        },
-                    }
-                },
-            }
-        ],
+def _stand_in_crd(
+    group: str, kind: str, properties: dict[str, Any], *, annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A namespaced CRD ``kind`` (plural: lower case + "s"; version v1) in ``group`` with top-level schema
+    ``properties``: the shape of every stand-in for a built-in API this server does not serve."""
+    plural = f"{kind.lower()}s" if not kind.endswith("y") else f"{kind.lower()[:-1]}ies"
+    metadata: dict[str, Any] = {"name": f"{plural}.{group}"}
+    if annotations:
+        metadata["annotations"] = annotations
+    schema = {"openAPIV3Schema": {"type": "object", "properties": properties}}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": metadata,
+        "spec": {
+            "group": group,
+            "scope": "Namespaced",
+            "names": {"plural": plural, "singular": kind.lower(), "kind": kind},
+            "versions": [{"name": "v1", "served": True, "storage": True, "schema": schema}],
+        },
+    }
+
+
+STAND_IN_SECRETS_CRD = _stand_in_crd(
+    "standin.corral.test",
+    "Secret",
+    {
+        "type": {"type": "string"},
+        "immutable": {"type": "boolean"},
+        "data": {"type": "object", "additionalProperties": {"type": "string", "format": "byte"}},
     },
-}
+)
 
 _LABELS = {  # a label selector's matchLabels, values checked as kube-apiserver checks them
     "type": "object",
@@ -85,92 +88,71 @@ _LABELS = {  # a label selector's matchLabels, values checked as kube-apiserver 
 # Stands in for networking.k8s.io/v1 NetworkPolicy, which this CRD-only server does not serve: same group,
 # version and path, so the runtime's real calls land here; a small schema with the fields Corral writes and
 # some of kube-apiserver's checks (enums, label values, port ranges). Nothing enforces it: no CNI here.
-STAND_IN_NETWORKPOLICY_CRD: dict[str, Any] = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {
-        "name": "networkpolicies.networking.k8s.io",
-        # a *.k8s.io group needs this annotation; "unapproved" is accepted (and reported in a condition)
-        "annotations": {"api-approved.kubernetes.io": "unapproved, a test stand-in for the built-in API"},
-    },
-    "spec": {
-        "group": "networking.k8s.io",
-        "scope": "Namespaced",
-        "names": {"plural": "networkpolicies", "singular": "networkpolicy", "kind": "NetworkPolicy"},
-        "versions": [
-            {
-                "name": "v1",
-                "served": True,
-                "storage": True,
-                "schema": {
-                    "openAPIV3Schema": {
-                        "type": "object",
-                        "properties": {
-                            "spec": {
-                                "type": "object",
-                                "required": ["podSelector"],
-                                "properties": {
-                                    "podSelector": _LABELS,
-                                    "policyTypes": {
-                                        "type": "array",
-                                        "items": {"type": "string", "enum": ["Ingress", "Egress"]},
-                                    },
-                                    "egress": {
-                                        "type": "array",
-                                        "items": {
-                                            "type": "object",
-                                            "properties": {
-                                                "to": {
-                                                    "type": "array",
-                                                    "items": {
-                                                        "type": "object",
-                                                        "properties": {
-                                                            "ipBlock": {
-                                                                "type": "object",
-                                                                "required": ["cidr"],
-                                                                "properties": {
-                                                                    "cidr": {"type": "string"},
-                                                                    "except": {
-                                                                        "type": "array",
-                                                                        "items": {"type": "string"},
-                                                                    },
-                                                                },
-                                                            },
-                                                            "namespaceSelector": _LABELS,
-                                                            "podSelector": _LABELS,
-                                                        },
-                                                    },
-                                                },
-                                                "ports": {
-                                                    "type": "array",
-                                                    "items": {
-                                                        "type": "object",
-                                                        "properties": {
-                                                            "protocol": {
-                                                                "type": "string",
-                                                                "enum": ["TCP", "UDP", "SCTP"],
-                                                            },
-                                                            "port": {"x-kubernetes-int-or-string": True},
-                                                            "endPort": {
-                                                                "type": "integer",
-                                                                "minimum": 1,
-                                                                "maximum": 65535,
-                                                            },
-                                                        },
-                                                    },
-                                                },
-                                            },
+_NETWORKPOLICY_SPEC: dict[str, Any] = {
+    "type": "object",
+    "required": ["podSelector"],
+    "properties": {
+        "podSelector": _LABELS,
+        "policyTypes": {
+            "type": "array",
+            "items": {"type": "string", "enum": ["Ingress", "Egress"]},
+        },
+        "egress": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "to": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "ipBlock": {
+                                    "type": "object",
+                                    "required": ["cidr"],
+                                    "properties": {
+                                        "cidr": {"type": "string"},
+                                        "except": {
+                                            "type": "array",
+                                            "items": {"type": "string"},
                                         },
                                     },
                                 },
-                            }
+                                "namespaceSelector": _LABELS,
+                                "podSelector": _LABELS,
+                            },
                         },
-                    }
+                    },
+                    "ports": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "protocol": {
+                                    "type": "string",
+                                    "enum": ["TCP", "UDP", "SCTP"],
+                                },
+                                "port": {"x-kubernetes-int-or-string": True},
+                                "endPort": {
+                                    "type": "integer",
+                                    "minimum": 1,
+                                    "maximum": 65535,
+                                },
+                            },
+                        },
+                    },
                 },
-            }
-        ],
+            },
+        },
     },
 }
+STAND_IN_NETWORKPOLICY_CRD = _stand_in_crd(
+    "networking.k8s.io",
+    "NetworkPolicy",
+    {"spec": _NETWORKPOLICY_SPEC},
+    # a *.k8s.io group needs this annotation; "unapproved" is accepted (and reported in a condition)
+    annotations={"api-approved.kubernetes.io": "unapproved, a test stand-in for the built-in API"},
+)
 STAND_IN_CRDS = (STAND_IN_SECRETS_CRD, STAND_IN_NETWORKPOLICY_CRD)
 
 
