@@ -7,7 +7,7 @@ The file (``--config``, ``CORRAL_CONFIG``, or ``$XDG_CONFIG_HOME/corral/config.t
 grouped by what each setting is about; :data:`FILE_KEYS` maps each ``[group] key`` to its Settings field::
 
     data_dir = "/var/lib/corral"
-    [server]  host, port, admin_key, sandbox_domain, max_request_bytes, tls_cert, tls_key
+    [server]  host, port, admin_key, sandbox_domain, max_request_bytes, tls_cert, tls_key, http2
     [e2b]     domain                                     (E2B's SDK with E2B_DOMAIN alone: api.{domain} and
                                                           {port}-{sandbox_id}.{domain}, wildcard DNS + TLS)
     [store]   database_url
@@ -86,6 +86,7 @@ FILE_KEYS: dict[tuple[str, str], str] = {
     ("server", "max_request_bytes"): "max_request_bytes",
     ("server", "tls_cert"): "tls_cert",
     ("server", "tls_key"): "tls_key",
+    ("server", "http2"): "http2",
     ("e2b", "domain"): "e2b_domain",
     ("store", "database_url"): "database_url",
     ("sandbox", "default_template"): "default_template",
@@ -131,6 +132,9 @@ class Settings:
     # CORRAL_TLS_CERT / CORRAL_TLS_KEY: PEM files; with both, corral serve speaks HTTPS only (server/tls.py)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # CORRAL_SERVER_HTTP2 / --http2: serve under hypercorn, HTTP/2 besides HTTP/1.1 on the same port (h2c by
+    # prior knowledge or Upgrade in the clear, ALPN h2 with TLS); False: uvicorn, HTTP/1.1 only (server/run.py)
+    http2: bool = False
     # CORRAL_E2B_DOMAIN: E2B's domain mode (E2B_DOMAIN on the client): the API at api.{domain}, envd and the
     # code interpreter at {port}-{sandbox_id}.{domain}; every name under it is E2B's (server/e2b/sandbox_host)
     e2b_domain: str | None = None
@@ -257,6 +261,8 @@ class Settings:
                     values[key] = float(env[name])
                 except ValueError as exc:
                     raise InvalidRequest(f"{name} must be a number of seconds, got {env[name]!r}") from exc
+        if env.get("CORRAL_SERVER_HTTP2"):
+            values["http2"] = _flag("CORRAL_SERVER_HTTP2", env)
         if env.get("CORRAL_E2B_INTERNET_BY_DEFAULT"):
             values["e2b_internet_by_default"] = _flag("CORRAL_E2B_INTERNET_BY_DEFAULT", env)
         egress = _egress_from_env(env, values.get("egress"))
