@@ -80,6 +80,12 @@ def _with_auth(fn: Callable[[_Admin], Awaitable[T]]) -> T:
     default=None,
     help="PEM private key of --tls-cert [default: [server] tls_key, or CORRAL_TLS_KEY].",
 )
+@click.option(
+    "--http2/--no-http2",
+    default=None,
+    help="Serve HTTP/2 besides HTTP/1.1 (hypercorn: h2c in the clear, ALPN h2 with TLS) "
+    "[default: [server] http2, or CORRAL_SERVER_HTTP2; off: uvicorn, HTTP/1.1].",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option(
     "--log-format",
@@ -97,16 +103,16 @@ def serve(
     runtime_option: tuple[str, ...],
     tls_cert: Path | None,
     tls_key: Path | None,
+    http2: bool | None,
     log_level: str,
     log_format: str,
     log_file: str | None,
 ) -> None:
     """Run the Corral API server (REST, NDJSON and WebSocket streams, /metrics, /healthz, /readyz)."""
-    import uvicorn
-
     from corral.server import tls
     from corral.server.app import create_app
     from corral.server.logs import configure_logging
+    from corral.server.run import run
 
     settings = Settings.load(
         config=config,
@@ -116,6 +122,7 @@ def serve(
         node=node,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        http2=http2,
         runtime_options=_runtime_options(runtime_option),
     )
     files = tls.check(settings)  # before anything starts: a bad file is a clear error, not a traceback
@@ -132,22 +139,14 @@ def serve(
     app = create_app(settings)
     scheme = "https" if files is not None else "http"
     err_console.print(
-        f"corral: serving on {scheme}://{settings.host}:{settings.port} (data: {settings.data_dir}); "
+        f"corral: serving on {scheme}://{settings.host}:{settings.port} "
+        + ("(HTTP/2 and HTTP/1.1; " if settings.http2 else "(")
+        + f"data: {settings.data_dir}); "
         "point clients at it with CORRAL_URL and CORRAL_API_KEY"
         + (f"; E2B's SDK with E2B_DOMAIN={settings.e2b_domain}" if settings.e2b_domain else "")
         + (f"; logs: {log_file}" if log_file else "")
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        ssl_certfile=files.cert if files is not None else None,
-        ssl_keyfile=files.key if files is not None else None,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-        ws_max_size=8 * 1024 * 1024,
-    )
+    run(app, settings, files)  # uvicorn, or hypercorn with http2 (server/run.py)
 
 
 def _runtime_options(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
