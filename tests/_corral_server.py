@@ -41,10 +41,13 @@ class Server:
         wrap: list[str] | None = None,
         host: str = "127.0.0.1",
         tls: ssl.SSLContext | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         """``wrap``: a command prefix the server runs under (``unshare …``); ``tls``: the client context that
-        trusts the server's certificate, when ``env`` makes it serve HTTPS (``CORRAL_TLS_CERT``/``_KEY``)."""
+        trusts the server's certificate, when ``env`` makes it serve HTTPS (``CORRAL_TLS_CERT``/``_KEY``);
+        ``args``: more ``corral serve`` options (``--http2``)."""
         self.env, self.log, self.wrap, self.host, self.tls = env, log, wrap or [], host, tls
+        self.args = args
         self.port = port if port is not None else free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -55,7 +58,7 @@ class Server:
     def start(self, timeout: float = 60) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*self.wrap, *CORRAL, "serve", "--host", self.host, "--port", str(self.port)],
+                [*self.wrap, *CORRAL, "serve", "--host", self.host, "--port", str(self.port), *self.args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
