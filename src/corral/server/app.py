@@ -198,7 +198,9 @@ class _Edge:
                     "method": method,
                     "route": route,
                     "status": status,
-                    "http_version": scope.get("http_version"),  # "2" under corral serve --http2 (server/run.py)
+                    "http_version": scope.get(
+                        "http_version"
+                    ),  # "2" under corral serve --http2 (server/run.py)
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                     "tenant_id": principal.tenant_id if principal else None,
                     "key_id": principal.key_id if principal else None,
