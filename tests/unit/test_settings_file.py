@@ -204,3 +204,18 @@ def test_levels_nobody_serves_are_refused_at_start(
     )
     with pytest.raises(InvalidRequest, match=match):
         runtime_loader(settings)
+
+
+def test_http2_file_env_then_flag(tmp_path: Path) -> None:
+    assert Settings.load(env={}).http2 is False  # uvicorn, HTTP/1.1, unless asked
+    path = _write(tmp_path, "[server]\nhttp2 = true\n")
+    assert Settings.load(env={}, config=path).http2 is True
+    env = {"CORRAL_CONFIG": str(path), "CORRAL_SERVER_HTTP2": "off"}
+    assert Settings.load(env=env).http2 is False  # the environment over the file
+    assert Settings.load(env=env, http2=True).http2 is True  # --http2 over both
+    assert Settings.load(env={"CORRAL_SERVER_HTTP2": "1"}, http2=False).http2 is False  # --no-http2
+    assert Settings.load(env={"CORRAL_SERVER_HTTP2": "yes"}, http2=None).http2 is True  # no flag given
+    with pytest.raises(InvalidRequest, match="must be a bool"):
+        Settings.load(env={}, config=_write(tmp_path, '[server]\nhttp2 = "on"\n'))
+    with pytest.raises(InvalidRequest, match="CORRAL_SERVER_HTTP2 must be true or false"):
+        Settings.load(env={"CORRAL_SERVER_HTTP2": "h2"})
