@@ -1,18 +1,18 @@
-"""envd over HTTP/2. ``corral serve`` runs uvicorn, which speaks HTTP/1.1 only (the SDK's choice on plaintext
-anyway: it negotiates HTTP/2 only by TLS ALPN). The same app under an ASGI server that speaks HTTP/2
-(hypercorn, cleartext h2 with prior knowledge here) serves envd's unary and streaming RPCs over HTTP/2, with the
-SDK's own Connect client (connectrpc on pyqwest, forced to HTTP/2) and both codecs."""
+"""envd over HTTP/2, under the real ``corral serve --http2`` (hypercorn, server/run.py), on the E2B server's store.
+
+The SDK's own Connect client (connectrpc on pyqwest, forced to HTTP/2: h2c by prior knowledge) runs envd's
+unary and streaming RPCs with both codecs; unchanged SDK code (``Sandbox.create``, ``commands.run``) works
+against it too (the SDK negotiates HTTP/2 only by TLS ALPN, so in the clear it speaks HTTP/1.1 to the same
+port). Without ``--http2`` (uvicorn), the forced-HTTP/2 client is refused: the flag is what makes it work.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from _e2b_server import E2BServer
 from connectrpc.errors import ConnectError
@@ -21,44 +21,25 @@ from e2b.envd.filesystem import filesystem_connect, filesystem_pb
 from e2b.envd.process import process_connect, process_pb
 from pyqwest import HTTPVersion, SyncClient, SyncHTTPTransport
 
-from _corral_server import free_port
+from _corral_server import Server
 from conftest import Box
-
-SERVE = """
-import asyncio, sys
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
-from corral.core.settings import Settings
-from corral.server.app import create_app
-config = Config()
-config.bind = [f"127.0.0.1:{sys.argv[1]}"]
-config.accesslog = "-"
-asyncio.run(serve(create_app(Settings.load(host="127.0.0.1", port=int(sys.argv[1]))), config))
-"""
+from e2b import Sandbox as E2BSandbox
 
 
 @pytest.fixture(scope="module")
 def h2_url(module_env: E2BServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A second server on the E2B server's store (a data directory may be shared by several servers)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("h2") / "hypercorn.log"
-    env = {**os.environ, "CORRAL_DATA_DIR": str(module_env.data_dir)}
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", SERVE, str(port)], env=env, stdout=out, stderr=out)
-    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("h2") / "server.log"
+    srv = Server({**os.environ, "CORRAL_DATA_DIR": str(module_env.data_dir)}, log, args=("--http2",))
+    srv.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url + "/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-                time.sleep(0.1)  # polling a port with a bound: nothing else says it listens
-        yield url, log
+        yield srv.url, log
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        srv.stop()
+
+
+def _records(log: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
 
 
 @pytest.mark.parametrize("codec", [None, ENVD_JSON_CODEC], ids=["proto", "json"])
@@ -78,4 +59,33 @@ def test_unary_and_streaming_rpcs_over_http2(box: Box, h2_url: tuple[str, Path],
     assert events[1].value.output.value == b"over-h2\n"
     with pytest.raises(ConnectError):
         fs.stat(filesystem_pb.StatRequest(path="/tmp"), headers={**headers, "X-Access-Token": "wrong"})
-    assert '"POST /process.Process/Start 2" 200' in log.read_text()  # HTTP/2, as the server saw it
+    envd = [r for r in _records(log) if r.get("message") == "e2b sandbox request"]
+    assert {r["route"]: r["http_version"] for r in envd}[
+        "/process.Process/Start"
+    ] == "2"  # as the server saw it
+
+
+def test_uvicorn_refuses_the_forced_http2_client(box: Box) -> None:
+    """The same call to the plain ``corral serve`` (uvicorn, HTTP/1.1 only) fails: the test above needs --http2."""
+    client = SyncClient(SyncHTTPTransport(http_version=HTTPVersion.HTTP2))
+    headers = {"E2b-Sandbox-Id": box.sandbox_id, "X-Access-Token": box.token}
+    fs = filesystem_connect.FilesystemClientSync(box.url, http_client=client)
+    with pytest.raises(ConnectError):
+        fs.stat(filesystem_pb.StatRequest(path="/tmp"), headers=headers)
+
+
+def test_unchanged_sdk_code_against_the_http2_server(module_env: E2BServer, h2_url: tuple[str, Path]) -> None:
+    url, log = h2_url
+    before = len(_records(log))
+    sandbox = E2BSandbox.create(timeout=300, api_url=url, sandbox_url=url)
+    try:
+        result = sandbox.commands.run("echo through-hypercorn; echo err >&2")
+        assert (result.exit_code, result.stdout, result.stderr) == (0, "through-hypercorn\n", "err\n")
+        sandbox.files.write("/tmp/h2.txt", "written")
+        assert sandbox.files.read("/tmp/h2.txt") == "written"
+    finally:
+        sandbox.kill()
+    served = [r for r in _records(log)[before:] if r.get("logger") == "corral.server.access"]
+    routes = {str(r["route"]) for r in served}
+    assert {"/v2/sandboxes", "/process.Process/Start"} <= routes, routes  # the API and envd, both through it
+    assert {r["http_version"] for r in served} == {"1.1"}, served  # the SDK's choice in the clear

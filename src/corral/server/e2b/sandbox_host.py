@@ -193,6 +193,7 @@ class E2BSandboxHost:
                     "sandbox_id": target.sandbox_id,
                     "port": target.port,
                     "status": status,
+                    "http_version": scope.get("http_version"),  # "2": HTTP/2 (corral serve --http2)
                     "tenant_id": tenant,
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                 },
