@@ -155,6 +155,7 @@ def test_config_is_what_the_server_loads_and_matches_the_manifests(
     }
     levels, classes = want[overlay]
     assert settings.enabled_runtimes == levels and settings.default_isolation == levels[0]
+    assert settings.http2  # corral serve runs hypercorn there: HTTP/2 and HTTP/1.1 (server/run.py)
     kube = runtime_for(levels[0])
     assert isinstance(kube, KubernetesRuntime) and all(runtime_for(level) is kube for level in levels)
     assert kube.settings.namespace == "corral-sandboxes" and kube.settings.kubeconfig is None  # in-cluster
