@@ -147,6 +147,13 @@ async def _serve(app: ASGIApp, config: Any, received: list[int]) -> None:
     except LifespanTimeoutError as exc:
         log.error("%s", exc)
         raise _StartupFailed from exc
+    except Exception:  # ExceptionGroup too
+        if not received:
+            raise
+        # Shutting down, after the grace period: hypercorn 0.18 cancels the streams still open, and one that is
+        # an HTTP/2 stream can raise out of serve() ("TaskGroup ... is shutting down"); the app's lifespan has
+        # shut down already. As uvicorn does, the stragglers are closed and the server ends.
+        log.warning("Open connections closed after the %g s grace period", GRACEFUL_SECONDS)
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
