@@ -148,6 +148,25 @@ def test_sigterm_ends_it_gracefully_with_the_lifecycle_lines(
 
 
 @pytest.mark.parametrize("http2", [False, True], ids=["uvicorn", "hypercorn"])
+def test_sigint_stops_it_gracefully_and_exits_0(tmp_path: Path, http2: bool) -> None:
+    """Ctrl-C: uvicorn.run swallows the KeyboardInterrupt it raises again after its shutdown; hypercorn's path
+    does the same."""
+    srv = Server(_env(tmp_path), tmp_path / "server.log", args=("--http2",) if http2 else ())
+    # the child gets SIG_DFL for SIGINT (a Python handler is reset at exec), whatever this process inherited
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        srv.start()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert srv.proc is not None
+    srv.proc.send_signal(signal.SIGINT)
+    assert srv.proc.wait(timeout=30) == 0
+    lines = [str(r["message"]) for r in _records(srv.log) if str(r["logger"]).endswith(".error")]
+    assert "Shutting down" in lines and lines[-1].startswith("Finished server process"), lines
+    assert "Traceback" not in srv.log.read_text()
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["uvicorn", "hypercorn"])
 def test_a_port_in_use_is_one_error_line_and_exit_3(tmp_path: Path, http2: bool) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

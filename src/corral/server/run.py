@@ -11,13 +11,15 @@ checks both): the same lifecycle log lines (``Started server process``, ``Applic
 ``Shutting down``, ``Application shutdown complete.``, ``Finished server process``; uvicorn's under
 ``uvicorn.error``, these under ``hypercorn.error``), SIGTERM and SIGINT end it gracefully (open connections
 get :data:`GRACEFUL_SECONDS` to finish, then the app's lifespan shuts down) and the signal is raised again
-once it has (uvicorn does that since 0.29: SIGTERM ends the process by SIGTERM, SIGINT exits 130 through the
-CLI's KeyboardInterrupt), and a port that cannot be bound is one error line and exit status 3.
+once it has, with the disposition it had before the server started (uvicorn does that since 0.29: SIGTERM
+ends the process by SIGTERM; the KeyboardInterrupt of SIGINT is swallowed, exit status 0), and a port that
+cannot be bound is one error line and exit status 3.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -88,10 +90,10 @@ def _hypercorn(app: ASGIApp, settings: Settings, files: TlsFiles | None) -> None
         log.error("Application startup failed. Exiting.")
         sys.exit(_STARTUP_FAILED)
     log.info("Finished server process [%d]", os.getpid())
-    for sig in reversed(
-        received
-    ):  # as uvicorn does: the default action of the signal, now that all is closed
-        signal.raise_signal(sig)
+    # as uvicorn does: the signal's own action, now that all is closed; uvicorn.run swallows KeyboardInterrupt
+    with contextlib.suppress(KeyboardInterrupt):
+        for sig in reversed(received):
+            signal.raise_signal(sig)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -138,6 +140,7 @@ async def _serve(app: ASGIApp, config: Any, received: list[int]) -> None:
         stop.set()
 
     signals = (signal.SIGINT, signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in signals}  # restored after: the re-raise does what it did
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
@@ -156,7 +159,9 @@ async def _serve(app: ASGIApp, config: Any, received: list[int]) -> None:
         log.warning("Open connections closed after the %g s grace period", GRACEFUL_SECONDS)
     finally:
         for sig in signals:
-            loop.remove_signal_handler(sig)
+            loop.remove_signal_handler(sig)  # (which installs Python's defaults, not what was there)
+            if before[sig] is not None:
+                signal.signal(sig, before[sig])
 
 
 class _LifespanLog:
