@@ -9,7 +9,7 @@ The setup, made by the test and removed after it:
   end holds the server's address, the namespace end the test's DNS server (``_dns_server.py``), which answers
   every name under ``sandbox.test`` with the server's address and NXDOMAIN for anything else;
   ``/etc/netns/<name>/resolv.conf`` points the namespace's resolver at it;
-- ``corral serve`` on the host end's address, port 443, with ``CORRAL_TLS_CERT``/``_KEY`` and
+- ``corral serve --http2`` on the host end's address, port 443, with ``CORRAL_TLS_CERT``/``_KEY`` and
   ``CORRAL_E2B_DOMAIN=sandbox.test``.
 
 The SDK scripts run inside the namespace with the CA in ``SSL_CERT_FILE`` (which the SDK's transport, pyqwest on
@@ -135,7 +135,8 @@ def domain_net(corral_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         key_b = new_key(env, "--tenant", "domain-b", "--e2b")
         health = ssl.create_default_context(cafile=str(certs.ca_cert))
         health.check_hostname = False  # /healthz by address; the chain is still verified
-        server = Server(env, work / "server.log", 443, host=server_ip, tls=health)
+        # --http2, as the deploy configs run it: over TLS the SDK may pick h2 by ALPN (what it picks is checked below)
+        server = Server(env, work / "server.log", 443, host=server_ip, tls=health, args=("--http2",))
         server.start()
         yield DomainNet(
             netns=netns, server_ip=server_ip, ca=certs.ca_cert, key_a=key_a, key_b=key_b, queries=queries,
@@ -169,6 +170,11 @@ def test_unchanged_sdk_code_runs_with_e2b_domain_alone(
     for sandbox_id in ids:
         assert {f"49983-{sandbox_id}.{DOMAIN}", f"49999-{sandbox_id}.{DOMAIN}"} <= names, names
     assert f"8080-{ids[0]}.{DOMAIN}" in names
+    # over TLS both SDK lines pick h2 by ALPN for the API and envd's Connect-RPC (the interpreter's client
+    # stays on HTTP/1.1): the server, run with --http2 as the deploy configs run it, saw each request so
+    seen = [json.loads(line) for line in domain_net.log.read_text().splitlines() if line.startswith("{")]
+    starts = [r for r in seen if r.get("route") == "/process.Process/Start" and r.get("sandbox_id") in ids]
+    assert starts and {r["http_version"] for r in starts} == {"2"}, starts
 
 
 def _venv_version() -> str:
