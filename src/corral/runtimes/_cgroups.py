@@ -296,6 +296,8 @@ class SandboxCgroup:
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
+                    if exc.errno == errno.ENODEV:  # cgroup v1: another rmdir of it is under way; it is going
+                        continue
                     if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
                         raise
                     busy = True
