@@ -90,3 +90,21 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def check_ws_process_stdin(base_url: str, sandbox_id: str, key: str) -> None:
+    """The interactive process WebSocket end to end: start a command reading stdin, send it a line, and check
+    it echoed the line and exited 0 (what every server flavour must carry, uvicorn or hypercorn)."""
+    import json
+
+    from websockets.sync.client import connect
+
+    url = base_url.replace("http", "ws", 1) + f"/v1/sandboxes/{sandbox_id}/processes/ws"
+    with connect(url, additional_headers={"X-API-Key": key}) as ws:
+        ws.send(json.dumps({"cmd": "read line; echo got:$line", "stdin": True}))
+        assert json.loads(ws.recv())["kind"] == "started"
+        ws.send(json.dumps({"stdin": "hello\n"}))
+        events = []
+        while (event := json.loads(ws.recv()))["kind"] != "exit":
+            events.append(event)
+        assert "".join(e.get("data", "") for e in events) == "got:hello\n" and event["exit_code"] == 0

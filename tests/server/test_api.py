@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from _corral_server import check_ws_process_stdin
+
 pytestmark = [pytest.mark.root, pytest.mark.bwrap]
 
 ISO = "namespace"
@@ -271,15 +273,8 @@ def test_a_client_that_leaves_mid_stream_stops_the_command(alice: Tenant, box: s
 def test_websocket_process_with_stdin(corral_server, alice: Tenant, box: str) -> None:  # type: ignore[no-untyped-def]
     from websockets.sync.client import connect
 
+    check_ws_process_stdin(corral_server.url, box, alice.http.headers["x-api-key"])
     url = corral_server.url.replace("http", "ws") + f"/v1/sandboxes/{box}/processes/ws"
-    with connect(url, additional_headers={"X-API-Key": alice.http.headers["x-api-key"]}) as ws:
-        ws.send(json.dumps({"cmd": "read line; echo got:$line", "stdin": True}))
-        assert json.loads(ws.recv())["kind"] == "started"
-        ws.send(json.dumps({"stdin": "hello\n"}))
-        events = []
-        while (event := json.loads(ws.recv()))["kind"] != "exit":
-            events.append(event)
-        assert "".join(e.get("data", "") for e in events) == "got:hello\n" and event["exit_code"] == 0
     with connect(url, additional_headers={"X-API-Key": "corral_bad"}) as ws:  # refused before it may start
         assert json.loads(ws.recv())["error"]["code"] == "unauthenticated"
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from _corral_server import Server, free_port, new_key
+from _corral_server import Server, check_ws_process_stdin, free_port, new_key
 from _sandbox_apps import wait_for_line
 from corral import Sandbox
 from corral.client._sync.remote import RemoteBackend
@@ -239,18 +239,7 @@ def test_sdk_sandbox_command_and_websockets_under_http2(tmp_path: Path, corral_d
                 assert set(versions) == {"HTTP/2"}, versions  # create, exec's NDJSON stream, the upload
 
                 # WebSockets (HTTP/1.1 Upgrade) under hypercorn: the interactive process endpoint ...
-                from websockets.sync.client import connect
-
-                ws_url = srv.url.replace("http", "ws") + f"/v1/sandboxes/{box.sandbox_id}/processes/ws"
-                with connect(ws_url, additional_headers={"X-API-Key": key}) as ws:
-                    ws.send(json.dumps({"cmd": "read line; echo got:$line", "stdin": True}))
-                    assert json.loads(ws.recv())["kind"] == "started"
-                    ws.send(json.dumps({"stdin": "hello\n"}))
-                    events = []
-                    while (event := json.loads(ws.recv()))["kind"] != "exit":
-                        events.append(event)
-                    assert "".join(e.get("data", "") for e in events) == "got:hello\n"
-                    assert event["exit_code"] == 0
+                check_ws_process_stdin(srv.url, box.sandbox_id, key)
 
                 # ... and port forwarding (a WebSocket per forwarded connection)
                 web = box.commands.start("python3 -u -m http.server 8000 --directory /tmp/www")
