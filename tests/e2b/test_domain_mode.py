@@ -148,6 +148,9 @@ def domain_net(corral_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         if dns is not None:
             dns.terminate()
             dns.wait(10)
+        # the host end first: deleting it takes its peer with it now, while a deleted netns's links go only
+        # when the kernel's cleanup work gets to it (CI saw the host end still there just after `netns del`)
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=15)
         subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=15)
         shutil.rmtree(etc, ignore_errors=True)
     assert netns not in _ip("netns", "list")

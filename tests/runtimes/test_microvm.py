@@ -66,7 +66,9 @@ async def test_boot_limits_memory_vcpus_pids_and_disk(microvm_sandbox: Any) -> N
 
 async def test_pause_stops_the_guest_and_resume_continues_it(microvm_sandbox: Any) -> None:
     sb = await microvm_sandbox()
-    await sb.run("(while :; do date +%s%N > /tmp/tick; sleep 0.05; done) >/dev/null 2>&1 &")
+    # each tick is renamed into place: a plain `>` truncates first, and a read in between sees '' (CI did)
+    ticker = "while :; do date +%s%N > /tmp/tick.new; mv /tmp/tick.new /tmp/tick; sleep 0.05; done"
+    await sb.run(f"({ticker}) >/dev/null 2>&1 &")
     await sb.run("sleep 0.5")
     await sb.runtime.pause(sb.instance)
     assert (await sb.runtime.inspect(sb.instance)).state is ObservedState.PAUSED
