@@ -158,6 +158,45 @@ async def test_deadline_kills_on_time_and_set_timeout_moves_it(
     assert state_dirs(settings) == []
 
 
+class CountingRuntime(FakeRuntime):
+    """Counts its teardowns; each one takes a moment, as a real one does, so concurrent callers overlap."""
+
+    destroys = 0
+
+    async def destroy(self, instance: Instance) -> None:
+        type(self).destroys += 1
+        await anyio.sleep(0.2)
+        await super().destroy(instance)
+
+
+async def test_an_expired_sandbox_is_stopped_once_however_many_callers_find_it(
+    settings: Settings, clock: Clock
+) -> None:
+    """The reaper, a read and a kill can all find a sandbox past its deadline at once (CI: the reaper and an
+    SDK's get_info tore the same sandbox down together, and one of them failed). One stops it; all succeed."""
+    svc = make_service(settings, clock, CountingRuntime)
+    try:
+        info = await svc.create(CreateParams(timeout=60), tenant=LOCAL_TENANT)
+        clock.now += 61
+        got: list[object] = []
+
+        async def call(fn: object) -> None:
+            got.append(await fn())  # type: ignore[operator]
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, svc.reap)
+            for _ in range(3):
+                tg.start_soon(call, lambda: svc.get(info.sandbox_id, tenant=LOCAL_TENANT))
+            tg.start_soon(call, lambda: svc.kill(info.sandbox_id, tenant=LOCAL_TENANT))
+        assert CountingRuntime.destroys == 1 and len(got) == 5
+        stopped = await svc.get(info.sandbox_id, tenant=LOCAL_TENANT)
+        assert stopped.state is SandboxState.STOPPED and stopped.stop_reason is StopReason.TIMEOUT
+        assert state_dirs(settings) == []
+    finally:
+        await svc.aclose()
+        await svc.store.aclose()
+
+
 async def test_a_dead_sandbox_is_noticed_and_cleaned(service: SandboxService, settings: Settings) -> None:
     info = await service.create(CreateParams(), tenant=LOCAL_TENANT)
     record = await service.store.get_sandbox(SandboxId(info.sandbox_id))

@@ -106,6 +106,7 @@ log = logging.getLogger("corral.core.service")
 _LIVE = frozenset({SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED})
 MIN_TIMEOUT = 1.0  # a sandbox's life in seconds; less could not even boot, so it is a mistake, not a request
 ABANDONED_CREATE_AFTER = 300.0  # a record still "creating" this long after creation lost its creator
+_TEARDOWN_RETRY_EVERY = 0.2  # seconds between the retries of finish_teardowns(wait=...)
 _IDEMPOTENCY_KEY = re.compile(r"[a-z0-9-]{1,255}")
 _NO_TOKEN = "-" * 43  # compared against when there is no sandbox, so both paths do the same work
 
@@ -146,6 +147,7 @@ class SandboxService:
         self.node = settings.node
         self._build_lock = anyio.Lock()
         self._pause_locks: dict[str, anyio.Lock] = {}
+        self._stop_locks: dict[str, anyio.Lock] = {}  # sandbox id -> held while it is being stopped
         self._idempotency_locks: dict[tuple[str, str], anyio.Lock] = {}
         self.pools = PoolManager(self)
         self.egress_decisions: _network.Tally = _network.Tally()  # copied into the audit log, for metrics
@@ -911,11 +913,21 @@ class SandboxService:
                 await _network.ingest_decisions(
                     self.store, self.audit, runtime, record, self.egress_decisions
                 )
-        # kills whose host clean-up the kernel held up; each runtime once (levels may share one: kubernetes)
-        for runtime in {id(r): r for r in map(self._runtime, self.settings.enabled_runtimes)}.values():
-            if isinstance(runtime, TeardownFinisher):
-                await runtime.finish_teardowns()
+        await self.finish_teardowns()
         return soonest
+
+    async def finish_teardowns(self, *, wait: float = 0.0) -> int:
+        """Retry the kills whose host clean-up the kernel held up, each runtime once (levels may share one:
+        kubernetes); with ``wait``, go on for up to that many seconds while any is left (a server stopping
+        finishes what it can). Returns how many are left for a later pass, or the next start."""
+        runtimes = {id(r): r for r in map(self._runtime, self.settings.enabled_runtimes)}.values()
+        finishers = [r for r in runtimes if isinstance(r, TeardownFinisher)]
+        deadline = time.monotonic() + wait
+        while True:
+            left = sum([await runtime.finish_teardowns() for runtime in finishers])
+            if not left or time.monotonic() >= deadline:
+                return left
+            await anyio.sleep(_TEARDOWN_RETRY_EVERY)
 
     async def run_reaper(self) -> None:
         """Reconcile forever: at each deadline and every ``reap_interval`` seconds. Run it in a task group."""
@@ -1003,6 +1015,21 @@ class SandboxService:
             return await self._stop(record, StopReason.TIMEOUT)
 
     async def _stop(self, record: SandboxRecord, reason: StopReason) -> SandboxRecord:
+        """Stop the sandbox once: a kill, the reaper and a read that finds it expired can all get here at the
+        same moment; the first tears it down and records why, the others get the stopped record."""
+        key = str(record.sandbox_id)
+        lock = self._stop_locks.setdefault(key, anyio.Lock())
+        try:
+            async with lock:
+                fresh = await self.store.get_sandbox(record.sandbox_id)
+                if fresh is None or fresh.state is SandboxState.STOPPED:
+                    return fresh or record
+                return await self._stop_once(fresh, reason)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._stop_locks.pop(key, None)
+
+    async def _stop_once(self, record: SandboxRecord, reason: StopReason) -> SandboxRecord:
         if reason is not StopReason.KILLED:  # a kill is recorded by kill(), with who asked
             await self.audit.record(
                 AuditAction.SANDBOX_EXPIRE if reason is StopReason.TIMEOUT else AuditAction.SANDBOX_CRASH,

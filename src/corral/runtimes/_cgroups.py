@@ -105,6 +105,19 @@ def detect_layout(mountinfo: str | None = None) -> CgroupLayout:
     )
 
 
+def _read(path: Path) -> str:
+    """A cgroup file's text; '' once the cgroup is gone, or going: v1 answers ENODEV while another rmdir of
+    it is under way (two teardowns of one sandbox at once, as the e2b tests saw: a second server, a race)."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            return ""
+        raise
+
+
 def _write(path: Path, value: str) -> None:
     with open(path, "w") as f:  # one write() per value: cgroupfs parses each write on its own
         f.write(value)
@@ -182,8 +195,8 @@ class SandboxCgroup:
         found: set[int] = set()
         for d in dict.fromkeys(self.dirs.values()):
             for sub in _walk_bottom_up(d):
-                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                    found.update(int(p) for p in (sub / "cgroup.procs").read_text().split())
+                with contextlib.suppress(ProcessLookupError):
+                    found.update(int(p) for p in _read(sub / "cgroup.procs").split())
         return found
 
     def freeze(self) -> None:
@@ -253,16 +266,13 @@ class SandboxCgroup:
         (``populated 0`` in ``cgroup.events``); v1 has no such flag, so its ``tasks`` files (every thread,
         where ``cgroup.procs`` lists only thread-group leaders) are read."""
         if self.version == 2:
-            try:
-                return "populated 0" in (self.dirs[""] / "cgroup.events").read_text()
-            except FileNotFoundError:
-                return True
-        for d in dict.fromkeys(self.dirs.values()):
-            for sub in _walk_bottom_up(d):
-                with contextlib.suppress(FileNotFoundError):
-                    if (sub / "tasks").read_text().strip():
-                        return False
-        return True
+            events = _read(self.dirs[""] / "cgroup.events")
+            return not events or "populated 0" in events
+        return not any(
+            _read(sub / "tasks").strip()
+            for d in dict.fromkeys(self.dirs.values())
+            for sub in _walk_bottom_up(d)
+        )
 
     def remove(self, timeout: float = REMOVE_TIMEOUT) -> None:
         """Kill every task, wait (bounded) until the kernel has let them all go, then remove the directories.

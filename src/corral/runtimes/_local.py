@@ -313,9 +313,10 @@ class LocalRuntime(Generic[HostT]):
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._teardown_or_defer, LocalSandbox.of(instance))
 
-    async def finish_teardowns(self) -> None:
+    async def finish_teardowns(self) -> int:
         """Finish the teardowns the kernel held up (:class:`~.base.TeardownFinisher`: the reaper calls it)."""
         await anyio.to_thread.run_sync(self._deferred.retry)
+        return len(await anyio.to_thread.run_sync(self._deferred.pending))
 
     def _teardown_or_defer(self, sandbox: LocalSandbox) -> None:
         """:meth:`_teardown`; one whose cgroup the kernel has not let go of yet is kept on disk and finished

@@ -400,7 +400,9 @@ class TeardownFinisher(Protocol):
     """Runtimes whose teardown can outlast a kill (the kernel still reaping the sandbox's tasks): they finish
     it later, and the reaper calls this on every pass so nothing stays behind."""
 
-    async def finish_teardowns(self) -> None: ...
+    async def finish_teardowns(self) -> int:
+        """Retry each pending teardown once; returns how many are still pending."""
+        ...
 
 
 @runtime_checkable
