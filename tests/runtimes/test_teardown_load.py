@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -145,3 +146,33 @@ async def test_many_kills_in_a_row_with_every_core_saturated(
             await backend.service.reap()
             await anyio.sleep(0.2)
     assert left == []
+
+
+@pytest.mark.anyio
+async def test_a_stopping_server_finishes_the_teardowns_the_kernel_held_up(
+    backend: AsyncLocalBackend,
+) -> None:
+    """A kill the kernel held up is finished by the reaper; a server stopping before the reaper's next pass
+    finishes it on the way out (CI once found a killed sandbox's state dir left after the E2B server stopped)."""
+    if detect_layout().version != 1:
+        pytest.skip("the stuck-task stand-in needs cgroup v1's separate freezer hierarchy (this host has v2)")
+    from corral.server.app import create_app
+
+    state_root = backend.service.settings.state_root
+    app = create_app(backend.service.settings, service=backend.service)
+    sbx = await AsyncSandbox.create(isolation="namespace", timeout=120, backend=backend)
+    stuck = _StuckTask(sbx.sandbox_id)
+    timer = threading.Timer(1.0, stuck.release)
+    try:
+        async with app.router.lifespan_context(app):
+            await sbx.kill()
+            assert _left_behind(sbx.sandbox_id, state_root), "the stuck task should still hold the cgroup"
+            # the server is told to stop; its task lets go a second later, while the shutdown waits for it
+            timer.start()
+        assert _left_behind(sbx.sandbox_id, state_root) == []
+    finally:
+        timer.cancel()
+        if timer.is_alive():
+            timer.join()
+        if stuck.proc.poll() is None:
+            stuck.release()

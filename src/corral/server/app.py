@@ -41,6 +41,7 @@ log = logging.getLogger("corral.server")
 access_log = logging.getLogger("corral.server.access")
 
 BOOTSTRAP_KEY_ID = KeyId("key-bootstrapadminaa")  # the principal of CORRAL_ADMIN_KEY
+SHUTDOWN_TEARDOWN_WAIT = 10.0  # seconds a stopping server spends finishing deferred teardowns
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,6 +261,11 @@ def create_app(
                 yield
             finally:
                 tg.cancel_scope.cancel()
+        if run_background:  # the reaper is gone: a stopping server finishes the teardowns the kernel held up
+            with anyio.CancelScope(shield=True):
+                left = await svc.finish_teardowns(wait=SHUTDOWN_TEARDOWN_WAIT)
+            if left:
+                log.warning("%d sandbox teardowns are still pending; the next start finishes them", left)
         if owned:
             await svc.aclose()
             await svc.store.aclose()
