@@ -32,6 +32,7 @@ pytestmark = pytest.mark.anyio
 TENANTLESS = {
     "aclose",
     "reap",
+    "finish_teardowns",  # the node's deferred teardowns (reaper and server shutdown), whoever owned them
     "run_reaper",
     "run_sampler",  # resource samples of every running sandbox of this node
     "usable_runtimes",
