@@ -460,12 +460,16 @@ def test_a_template_build_and_a_pool_fill_show_their_progress(
         tab.page.click("#pool-size ~ button[type=submit]")
         pool_row = tab.page.locator(f"#pool-rows tr[data-template='{name}']")
         pool_row.wait_for()
-        pool_row.locator("button:has-text('Fill now')").click()
+        fill_button = pool_row.locator("button:has-text('Fill now')").element_handle()
+        fill_button.click()
         wait_text(tab, "#messages", f"pool {name} filled")
         # the fill's progress ends once every member is ready or booting (the server's own reconciler may
         # have started some: those show as starting); the row then follows by server push, as members boot
         assert re.fullmatch(r"[0-2]/2 ready, [0-2] starting", tab.page.locator("#fill-line").inner_text())
         wait_text(tab, f"#pool-rows tr[data-template='{name}'] td:nth-child(4)", "2")
+        # pushes patched the row's counts in place: the button clicked is still the one on the page (CI lost a
+        # click when a push rebuilt the row between the press and the release)
+        assert fill_button.evaluate("b => b.isConnected")
         tab.shot("pools")
         pool_row.locator("button:has-text('Delete')").click()
         pool_row.wait_for(state="detached")

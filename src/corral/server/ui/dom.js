@@ -28,6 +28,23 @@ export function replace(el, ...children) {
   return el;
 }
 
+// Rows that carry data-key are patched, not rebuilt: a row, and each cell of it, stays the same element while
+// it renders the same. A server push then never swaps a button out from under the pointer (a press and a
+// release on two different elements is no click), nor drops the text a user is selecting.
+export function patchRows(tbody, rows) {
+  const old = new Map([...tbody.children].filter((tr) => tr.dataset.key).map((tr) => [tr.dataset.key, tr]));
+  const next = rows.map((tr) => {
+    const was = tr.dataset.key ? old.get(tr.dataset.key) : undefined;
+    if (!was || was.cells.length !== tr.cells.length) return tr;
+    [...tr.cells].forEach((cell, i) => { if (!cell.isEqualNode(was.cells[i])) was.cells[i].replaceWith(cell); });
+    return was;
+  });
+  const keep = new Set(next);
+  for (const tr of [...tbody.children]) if (!keep.has(tr)) tr.remove();
+  next.forEach((tr, i) => { if (tbody.children[i] !== tr) tbody.insertBefore(tr, tbody.children[i] || null); });
+  return tbody;
+}
+
 export function ago(seconds) {
   const s = Math.max(0, Math.round(seconds));
   if (s < 60) return `${s}s`;

@@ -1,7 +1,7 @@
 // Warm pools (target, ready, starting, fill progress) and templates (with builds and their progress).
 // Admin keys get pool changes pushed (GET /v1/events); tenant keys read the same numbers on demand.
 import { del, get, put, session, stream } from "../api.js";
-import { h, replace, when } from "../dom.js";
+import { h, patchRows, replace, when } from "../dom.js";
 import { attempt, liveEvents, messages } from "./common.js";
 
 export function poolsView(main) {
@@ -20,10 +20,10 @@ export function poolsView(main) {
       admin ? buildForm() : null));
 
   function renderPools(pools) {
-    replace(poolRows, pools.length ? pools.map((p) => {
+    patchRows(poolRows, pools.length ? pools.map((p) => {
       const ready = p.target ? Math.min(100, (100 * p.ready) / p.target) : 100;
       const starting = p.target ? Math.min(100 - ready, (100 * p.starting) / p.target) : 0;
-      return h("tr", { dataset: { template: p.template } },
+      return h("tr", { dataset: { template: p.template, key: `${p.template} ${p.isolation}` } },
         h("td", {}, p.template), h("td", {}, p.isolation), h("td", {}, p.target), h("td", {}, p.ready), h("td", {}, p.starting),
         h("td", {}, h("div", { class: "bar", title: `${p.ready}/${p.target} ready` },
           h("span", { class: "ready", dataset: { pct: ready } }), h("span", { class: "starting", dataset: { pct: starting } }))),
@@ -31,7 +31,7 @@ export function poolsView(main) {
         h("td", {}, admin ? h("div", { class: "row" },
           h("button", { onclick: () => fill(p) }, "Fill now"),
           h("button", { class: "danger", onclick: () => { if (confirm(`Delete the pool of ${p.template} (${p.isolation}) and kill its members?`)) attempt(msg, () => del(`/v1/pools/${encodeURIComponent(p.template)}`, { isolation: p.isolation }), "pool deleted").then(loadPools); } }, "Delete")) : null));
-    }) : h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No warm pools.")));
+    }) : [h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No warm pools."))]);
     // widths through the CSSOM: the policy allows no inline style attributes
     for (const span of poolRows.querySelectorAll(".bar span")) span.style.width = `${span.dataset.pct}%`;
   }

@@ -1,6 +1,6 @@
 // Sandboxes: the tenant's live list, pushed by the server (GET /v1/events), with filters and actions.
 import { del, get, post, sandboxPath } from "../api.js";
-import { ago, h, now, replace } from "../dom.js";
+import { ago, h, now, patchRows, replace } from "../dom.js";
 import { attempt, liveEvents, messages, stateBadge } from "./common.js";
 
 export function sandboxesView(main) {
@@ -63,7 +63,7 @@ export function sandboxesView(main) {
 
   function row(sb) {
     const left = sb.expires_at ? ago(sb.expires_at - now()) : sb.state === "paused" ? "paused" : "";
-    return h("tr", { class: "clickable", dataset: { id: sb.sandbox_id }, onclick: () => { location.hash = `#/sandbox/${sb.sandbox_id}`; } },
+    return h("tr", { class: "clickable", dataset: { id: sb.sandbox_id, key: sb.sandbox_id }, onclick: () => { location.hash = `#/sandbox/${sb.sandbox_id}`; } },
       h("td", {}, h("a", { href: `#/sandbox/${sb.sandbox_id}`, class: "mono" }, sb.sandbox_id), sb.from_pool ? h("span", { class: "meta" }, "pool") : null),
       h("td", {}, stateBadge(sb.state)),
       h("td", {}, sb.isolation),
@@ -82,8 +82,8 @@ export function sandboxesView(main) {
     replace(isoFilter, h("option", { value: "" }, "any isolation"), isolations.map((i) => h("option", { value: i }, i)));
     isoFilter.value = chosen;
     const shown = all.filter(matches);
-    replace(body, shown.length ? shown.map(row)
-      : h("tr", {}, h("td", { colspan: 9, class: "muted" }, all.length ? "No sandbox matches the filter." : "No sandboxes running.")));
+    patchRows(body, shown.length ? shown.map(row)
+      : [h("tr", {}, h("td", { colspan: 9, class: "muted" }, all.length ? "No sandbox matches the filter." : "No sandboxes running."))]);
     replace(count, `(${shown.length}${shown.length !== all.length ? ` of ${all.length}` : ""})`);
   }
 
