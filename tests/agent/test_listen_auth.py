@@ -190,6 +190,43 @@ def test_a_short_secret_is_refused_at_start(tmp_path: Path) -> None:
     assert "must be 32..1024 bytes" in log
 
 
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [
+        ("tcp:127.0.0.1:notaport", "--listen wants unix:PATH, tcp:HOST:PORT or vsock:PORT"),
+        ("tcp:127.0.0.1:70000", "cannot listen there: bind(): port must be 0-65535"),
+        ("tcp:192.0.2.1:7000", "cannot listen there: [Errno 99] Cannot assign requested address"),
+    ],
+)
+def test_an_address_it_cannot_listen_on_is_refused_at_start_without_a_traceback(
+    tmp_path: Path, address: str, says: str
+) -> None:
+    (tmp_path / "secret").write_bytes(SECRET)
+    proc = AgentProcess(tmp_path, "--listen", address, "--secret-file", str(tmp_path / "secret"))
+    assert proc.proc.wait(timeout=TIMEOUT) != 0
+    log = proc.log_text()
+    proc.stop()
+    assert says in log and "Traceback" not in log, log
+
+
+def test_a_port_in_use_is_refused_at_start(tmp_path: Path) -> None:
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    port = held.getsockname()[1]
+    (tmp_path / "secret").write_bytes(SECRET)
+    try:
+        proc = AgentProcess(
+            tmp_path, "--listen", f"tcp:127.0.0.1:{port}", "--secret-file", str(tmp_path / "secret")
+        )
+        assert proc.proc.wait(timeout=TIMEOUT) != 0
+        log = proc.log_text()
+        proc.stop()
+    finally:
+        held.close()
+    assert "cannot listen there: [Errno 98] Address already in use" in log and "Traceback" not in log, log
+
+
 @pytest.mark.root
 def test_an_agent_running_as_a_user_is_not_dumpable(tmp_path: Path) -> None:
     """Code of the same uid in the sandbox cannot read the secret from the agent's memory."""

@@ -57,13 +57,17 @@ def _listener(address: str) -> socket.socket:
             os.umask(old)
         sock.listen(64)
         os.rename(tmp, rest)  # replaces a stale socket from an earlier run
-    elif kind == "tcp" and rest:
+    elif kind == "tcp" and rest.rpartition(":")[2].isdigit():
         host, _, port = rest.rpartition(":")
         host = host.strip("[]")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, int(port)))
+        try:
+            sock.bind((host, int(port)))
+        except (OSError, OverflowError) as exc:  # in use, not an address of this host, or no such port
+            sock.close()
+            raise SystemExit(f"--listen {address}: cannot listen there: {exc}") from None
         sock.listen(64)
     elif kind == "vsock" and rest.isdigit():
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
