@@ -26,7 +26,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from lightkube.types import PatchType
 from corral.core import files
 from corral.core.agent_client import AgentClient
 from corral.core.ports import open_port
-from corral.core.processes import exec_stream
+from corral.core.processes import attach, exec_stream
 from corral.ids import SandboxId
 from corral.models import EventKind, ExecParams
 from corral.runtimes.base import HostLayers, Instance, Limits, Runtime, SandboxSpec
@@ -59,6 +59,7 @@ Secret = create_namespaced_resource("standin.corral.test", "v1", "Secret", "secr
 POOL_LABEL = "agents.x-k8s.io/warm-pool-sandbox"
 # "Pod IPs" 127.0.X.Y from a random start per session (sessions share the machine): see _pod_listener
 _ips = itertools.count(secrets.randbelow(250 * 250))
+POD_START_TIMEOUT = 60  # s: a start still going then is reported failed (where it stuck), not left hanging
 
 
 def _now() -> str:
@@ -108,11 +109,19 @@ async def _pod_listener(port: int) -> tuple[str, Any]:
 
 
 @dataclass
+class _Exit:
+    event: anyio.Event = field(default_factory=anyio.Event)
+    code: int | None = None
+    output: bytes = b""
+
+
+@dataclass
 class _Pod:
     instance: Instance
     client: AgentClient
     ip: str
-    cancel: anyio.CancelScope
+    cancel: anyio.CancelScope  # the relay's
+    watch: anyio.CancelScope = field(default_factory=anyio.CancelScope)  # the container watch's
 
 
 class StandInController:
@@ -127,6 +136,7 @@ class StandInController:
         self.pods: dict[str, _Pod] = {}
         self.starting: set[str] = set()
         self.doomed: set[str] = set()  # deleted while still starting
+        self.failed: set[str] = set()  # restartPolicy Never: a Pod that failed is not started again
         self.started = 0  # local sandboxes started, for tests that tell warm from cold
         self._tg: TaskGroup | None = None
         self._pool_lock = anyio.Lock()
@@ -242,6 +252,7 @@ class StandInController:
     # --- claims ----------------------------------------------------------------------------------------------
     async def _on_claim(self, event: str, claim: dict[str, Any]) -> None:
         name = claim["metadata"]["name"]
+        log.debug("stand-in: claim %s %s status=%s", name, event, claim.get("status"))
         if event == "DELETED":  # the garbage collector's part: the claim's Sandbox goes with it
             for sandbox in [s async for s in self.k8s.list(Sandbox)]:
                 if _owned_by(sandbox, "SandboxClaim") == name:
@@ -324,7 +335,9 @@ class StandInController:
     # --- sandboxes: the "kubelet" ----------------------------------------------------------------------------
     async def _on_sandbox(self, event: str, sandbox: dict[str, Any]) -> None:
         name = sandbox["metadata"]["name"]
+        log.debug("stand-in: sandbox %s %s", name, event)
         if event == "DELETED":
+            self.failed.discard(name)
             if name in self.starting:
                 self.doomed.add(name)
             await self._stop_pod(name)
@@ -332,57 +345,83 @@ class StandInController:
             if pool:
                 await self._fill(pool)
             return
-        if name not in self.pods and name not in self.starting:
+        if name not in self.pods and name not in self.starting and name not in self.failed:
             self.starting.add(name)
             assert self._tg is not None
             self._tg.start_soon(self._start_pod, sandbox)
 
     async def _start_pod(self, sandbox: dict[str, Any]) -> None:
         name = sandbox["metadata"]["name"]
+        steps = ["scheduled"]
         try:
-            await self._boot(sandbox)
+            with anyio.fail_after(POD_START_TIMEOUT):
+                await self._boot(sandbox, steps)
         except Exception as exc:  # a Pod that fails to start: what a kubelet reports, not a crash of ours
+            if isinstance(exc, TimeoutError):
+                exc = RuntimeError(f"the Pod did not start within {POD_START_TIMEOUT} s (stuck: {steps[-1]})")
             log.warning("stand-in: sandbox %s failed to start: %r", name, exc)
+            self.failed.add(name)
             self.starting.discard(name)
             await self._stop_pod(name)
-            current = await self._get(Sandbox, name)
-            if current is not None:
-                failed = [_cond("Ready", False, "PodFailed", repr(exc))]
-                await self._status(Sandbox, name, {"conditions": failed})
-                claim = _owned_by(current, "SandboxClaim")
-                if claim is not None:  # agent-sandbox mirrors the Sandbox's failure onto its claim
-                    await self._status(Claim, claim, {"conditions": failed})
+            try:
+                await self._report_failure(name, repr(exc))
+            except Exception:  # reporting must not take the whole controller down (its task group)
+                log.exception("stand-in: could not report sandbox %s's failure", name)
         if name in self.doomed:
             self.doomed.discard(name)
             await self._stop_pod(name)
 
-    async def _boot(self, sandbox: dict[str, Any]) -> None:
+    async def _report_failure(self, name: str, message: str) -> None:
+        current = await self._get(Sandbox, name)
+        if current is not None:
+            failed = [_cond("Ready", False, "PodFailed", message)]
+            await self._status(Sandbox, name, {"conditions": failed})
+            claim = _owned_by(current, "SandboxClaim")
+            if claim is not None:  # agent-sandbox mirrors the Sandbox's failure onto its claim
+                await self._status(Claim, claim, {"conditions": failed})
+
+    async def _boot(self, sandbox: dict[str, Any], steps: list[str]) -> None:
+        """Start the "Pod"; ``steps`` records how far it got (a start that hangs says where)."""
         name = sandbox["metadata"]["name"]
         pod = sandbox["spec"]["podTemplate"]["spec"]
         container = pod["containers"][0]
         limits = _limits(container.get("resources", {}).get("limits", {}))
+
+        def step(what: str) -> None:
+            steps.append(what)
+            log.debug("stand-in: %s: %s", name, what)
+
+        step("creating the local sandbox")
         instance = await self.runtime.create(
             SandboxSpec(sandbox_id=SandboxId.new(), rootfs=self.rootfs, limits=limits)
         )
         self.started += 1
+        step(f"connecting to local sandbox {instance.sandbox_id}'s agent")
         client = await AgentClient.open(
             await self.runtime.connect(instance), sandbox_id=str(instance.sandbox_id)
         )
         port = container["ports"][0]["containerPort"]
         ip, listener = await _pod_listener(port)
         scope = anyio.CancelScope()
-        self.pods[name] = _Pod(instance, client, ip, scope)
+        self.pods[name] = running = _Pod(instance, client, ip, scope)
         self.starting.discard(name)
+        step("the init container (bootstrap secret)")
         await self._init_container(client, pod, container)
+        step("starting the container's command")
         user = "user" if pod["securityContext"].get("runAsUser", 0) != 0 else "root"
+        process_id = None
         async for ev in exec_stream(
             client, ExecParams(argv=container["command"], user=user, background=True)
-        ):
-            if ev.kind in (EventKind.STARTED, EventKind.DETACHED):
-                break
+        ):  # read to the end (detached): a request left open holds frames meant for it
+            process_id = ev.process_id or process_id
+        assert process_id is not None, "the agent started no process"
+        exited = _Exit()
         assert self._tg is not None
+        self._tg.start_soon(self._watch_container, client, process_id, exited, name, running.watch)
         self._tg.start_soon(self._serve, listener, client, port, str(instance.sandbox_id), scope)
-        await self._readiness(client, port, str(instance.sandbox_id))
+        step(f"the readiness probe (tcp {port})")
+        await self._readiness(client, port, str(instance.sandbox_id), exited)
+        step(f"ready at {ip}")
         if await self._get(Sandbox, name) is None or name not in self.pods:
             return  # deleted while starting: _on_sandbox's DELETED stops it
         await self._status(
@@ -394,6 +433,23 @@ class StandInController:
         claim = _owned_by(current, "SandboxClaim") if current else None
         if claim is not None and current is not None:
             await self._claim_ready(claim, current)
+
+    async def _watch_container(
+        self, client: AgentClient, process_id: str, exited: _Exit, name: str, scope: anyio.CancelScope
+    ) -> None:
+        """What the kubelet knows of the container: its output and how it ended (for a failed start)."""
+        with scope:
+            try:
+                async for ev in attach(client, process_id):
+                    if ev.kind in (EventKind.STDOUT, EventKind.STDERR):
+                        exited.output = (exited.output + ev.data)[-2000:]
+                    elif ev.kind is EventKind.EXIT:
+                        exited.code = ev.exit_code if ev.signal is None else -ev.signal
+            except Exception as exc:  # the sandbox went (the Pod was deleted): nothing more to know
+                log.debug("stand-in: %s: container watch ended: %r", name, exc)
+                return
+            exited.event.set()
+            log.warning("stand-in: %s: container exited %s: %r", name, exited.code, bytes(exited.output))
 
     async def _init_container(
         self, client: AgentClient, pod: dict[str, Any], container: dict[str, Any]
@@ -417,9 +473,9 @@ class StandInController:
         out = await run_command(client, ExecParams(argv=["chown", "-R", f"{uid}:{uid}", parent], user="root"))
         assert out[2].exit_code == 0, out
 
-    async def _readiness(self, client: AgentClient, port: int, sandbox_id: str) -> None:
-        """The Pod's readiness probe (tcpSocket on the agent port)."""
-        while True:
+    async def _readiness(self, client: AgentClient, port: int, sandbox_id: str, exited: _Exit) -> None:
+        """The Pod's readiness probe (tcpSocket on the agent port), until the container exits."""
+        while not exited.event.is_set():
             try:
                 stream = await open_port(client, port, sandbox_id=sandbox_id, timeout=5)
             except Exception:
@@ -427,6 +483,9 @@ class StandInController:
                 continue
             await stream.aclose()
             return
+        raise RuntimeError(
+            f"the container exited ({exited.code}) before it listened: {bytes(exited.output)[-500:]!r}"
+        )
 
     async def _serve(
         self, listener: Any, client: AgentClient, port: int, sandbox_id: str, scope: anyio.CancelScope
@@ -463,6 +522,7 @@ class StandInController:
         pod = self.pods.pop(name, None)
         if pod is not None:
             pod.cancel.cancel()
+            pod.watch.cancel()
             with anyio.CancelScope(shield=True):
                 await pod.client.aclose()
                 await self.runtime.destroy(pod.instance)
