@@ -152,3 +152,25 @@ async def test_a_claim_deleted_behind_corrals_back_is_missing_not_expired(
         assert observed.state is ObservedState.MISSING and observed.reason == "missing"
     finally:
         await k8s_runtime.destroy(instance)
+
+
+@pytest.mark.root
+@pytest.mark.bwrap
+async def test_a_pod_whose_agent_exits_at_start_fails_the_create_with_what_it_said(
+    k8s_runtime: KubernetesRuntime, standin: StandInController, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The container ends before it listens (here: an agent told to listen on a port it cannot have): the
+    claim's PodFailed ends Corral's wait at once, with the container's own words, and nothing stays."""
+    real = objects.agent_command
+
+    def unusable_port(bp: objects.Blueprint) -> list[str]:
+        command = real(bp)
+        command[command.index("--listen") + 1] = "tcp:0.0.0.0:70000"
+        return command
+
+    monkeypatch.setattr(objects, "agent_command", unusable_port)
+    started = time.monotonic()
+    with pytest.raises(RuntimeFailure, match="PodFailed") as err:
+        await k8s_runtime.create(_spec())
+    assert "port must be 0-65535" in err.value.message, err.value.message
+    assert time.monotonic() - started < k8s_runtime.settings.ready_timeout

@@ -43,6 +43,14 @@ class Gone(Exception):
     """The object waited on was deleted (or never existed)."""
 
 
+class _Verdict(Exception):
+    """Carries the error an ``accept`` of :meth:`KubeApi.wait_for` raised past the watch's retries."""
+
+    def __init__(self, error: CorralError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 def _describe(api: Api, name: str | None) -> str:
     return f"{api[2]} {name}" if name else api[3]
 
@@ -233,7 +241,10 @@ class KubeApi:
                             last = obj
                             if event == "DELETED":
                                 raise Gone(name)
-                            result = accept(obj)
+                            try:
+                                result = accept(obj)
+                            except CorralError as exc:  # accept's verdict, not a failing watch: no retry
+                                raise _Verdict(exc) from exc
                             if result is not None:
                                 return result
                     except CorralError as exc:  # the server went away or refused mid-watch: look again
@@ -242,6 +253,8 @@ class KubeApi:
                         log.info("watch on %s/%s interrupted (%s); watching again", api[3], name, exc)
                         await anyio.sleep(RETRY_DELAYS[min(retries, len(RETRY_DELAYS) - 1)])
                         retries += 1
+        except _Verdict as verdict:
+            raise verdict.error from None
         except TimeoutError:
             raise Timeout(
                 f"{what} did not happen within {math.ceil(timeout)} s ({_conditions(last)})",
