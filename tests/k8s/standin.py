@@ -23,6 +23,7 @@ import base64
 import datetime as dt
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from corral.runtimes.base import HostLayers, Instance, Limits, Runtime, SandboxS
 from corral.testing import run_command
 
 log = logging.getLogger("tests.k8s.standin")
+log.setLevel(logging.DEBUG)  # a failing test's captured log shows how far each "Pod" got
 
 Sandbox = create_namespaced_resource("agents.x-k8s.io", "v1beta1", "Sandbox", "sandboxes")
 Template = create_namespaced_resource(
@@ -59,6 +61,7 @@ Secret = create_namespaced_resource("standin.corral.test", "v1", "Secret", "secr
 POOL_LABEL = "agents.x-k8s.io/warm-pool-sandbox"
 # "Pod IPs" 127.0.X.Y from a random start per session (sessions share the machine): see _pod_listener
 _ips = itertools.count(secrets.randbelow(250 * 250))
+RESYNC_EVERY = 5.0  # s: a relist, as an informer's resync period
 POD_START_TIMEOUT = 60  # s: a start still going then is reported failed (where it stuck), not left hanging
 
 
@@ -168,16 +171,37 @@ class StandInController:
         return _Running()
 
     async def _watch(self, res: Any, handler: Callable[[str, dict[str, Any]], Any]) -> None:
+        """An informer: the watch's events and a relist every RESYNC_EVERY s, handled one at a time in order
+        (a change a watch missed is still acted on; handlers look the object up again before they act)."""
+        send, receive = anyio.create_memory_object_stream[tuple[str, dict[str, Any]]](math.inf)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._events, res, send)
+            tg.start_soon(self._resync, res, send)
+            async for event, obj in receive:
+                try:
+                    await handler(event, obj)
+                except ApiError as exc:  # a conflict or a vanished object: the next event repairs it
+                    log.debug("stand-in: %s on %s", exc.status.code, res.__name__)
+                except Exception:
+                    log.exception("stand-in: handling %s %s failed", event, res.__name__)
+
+    async def _events(self, res: Any, send: Any) -> None:
         while True:  # a watch cut by an API server restart is simply opened again (list + watch)
             try:
                 async for event, obj in self.k8s.watch(res, namespace=self.namespace):
-                    try:
-                        await handler(event, dict(obj.to_dict()))
-                    except ApiError as exc:  # a conflict or a vanished object: the next event repairs it
-                        log.debug("stand-in: %s on %s", exc.status.code, res.__name__)
+                    send.send_nowait((event, dict(obj.to_dict())))
             except Exception as exc:
                 log.debug("stand-in: watch on %s ended (%s); again", res.__name__, exc)
                 await anyio.sleep(0.2)
+
+    async def _resync(self, res: Any, send: Any) -> None:
+        while True:
+            await anyio.sleep(RESYNC_EVERY)
+            try:
+                for obj in [o async for o in self.k8s.list(res, namespace=self.namespace)]:
+                    send.send_nowait(("SYNC", dict(obj.to_dict())))
+            except Exception as exc:
+                log.debug("stand-in: relist of %s failed (%s)", res.__name__, exc)
 
     async def _get(self, res: Any, name: str) -> dict[str, Any] | None:
         try:
@@ -219,13 +243,23 @@ class StandInController:
                         await self._changed.wait()
 
     async def settled(self, timeout: float = 60) -> None:
-        """Wait until no local sandbox runs or starts (after the objects that made them were deleted)."""
+        """Wait until no local sandbox runs or starts and no Sandbox outlives its owner (the garbage
+        collector's part, done on the owner's DELETED event, lands after the delete that caused it)."""
         with anyio.fail_after(timeout):
-            while self.pods or self.starting:
+            while self.pods or self.starting or await self._orphans():
                 # a change may land between the look and the wait: look again at least every second
                 with anyio.move_on_after(1):
                     async with self._changed:
                         await self._changed.wait()
+
+    async def _orphans(self) -> list[str]:
+        owners = {"SandboxClaim": Claim, "SandboxWarmPool": Pool}
+        found = []
+        for sandbox in [dict(s.to_dict()) async for s in self.k8s.list(Sandbox)]:
+            for ref in sandbox["metadata"].get("ownerReferences") or []:
+                if ref["kind"] in owners and await self._get(owners[ref["kind"]], ref["name"]) is None:
+                    found.append(sandbox["metadata"]["name"])
+        return found
 
     async def _fill(self, pool_name: str) -> None:
         async with self._pool_lock:
@@ -252,12 +286,17 @@ class StandInController:
     # --- claims ----------------------------------------------------------------------------------------------
     async def _on_claim(self, event: str, claim: dict[str, Any]) -> None:
         name = claim["metadata"]["name"]
-        log.debug("stand-in: claim %s %s status=%s", name, event, claim.get("status"))
+        if event != "SYNC":
+            log.debug("stand-in: claim %s %s status=%s", name, event, claim.get("status"))
         if event == "DELETED":  # the garbage collector's part: the claim's Sandbox goes with it
             for sandbox in [s async for s in self.k8s.list(Sandbox)]:
                 if _owned_by(sandbox, "SandboxClaim") == name:
                     await self._delete(Sandbox, sandbox["metadata"]["name"])
             return
+        current = await self._get(Claim, name)  # the event may be older than what was done since
+        if current is None:
+            return
+        claim = current
         if claim["metadata"].get("deletionTimestamp"):  # deleted, held by a finalizer: its Sandbox goes now
             for sandbox in [s async for s in self.k8s.list(Sandbox)]:
                 if _owned_by(sandbox, "SandboxClaim") == name:
@@ -335,7 +374,8 @@ class StandInController:
     # --- sandboxes: the "kubelet" ----------------------------------------------------------------------------
     async def _on_sandbox(self, event: str, sandbox: dict[str, Any]) -> None:
         name = sandbox["metadata"]["name"]
-        log.debug("stand-in: sandbox %s %s", name, event)
+        if event != "SYNC":
+            log.debug("stand-in: sandbox %s %s", name, event)
         if event == "DELETED":
             self.failed.discard(name)
             if name in self.starting:
@@ -346,6 +386,10 @@ class StandInController:
                 await self._fill(pool)
             return
         if name not in self.pods and name not in self.starting and name not in self.failed:
+            if await self._get(Sandbox, name) is None:  # an old event (a relist's) of one deleted since
+                return
+            if name in self.pods or name in self.starting:
+                return
             self.starting.add(name)
             assert self._tg is not None
             self._tg.start_soon(self._start_pod, sandbox)
