@@ -192,6 +192,26 @@ async def test_an_expired_sandbox_is_stopped_once_however_many_callers_find_it(
         stopped = await svc.get(info.sandbox_id, tenant=LOCAL_TENANT)
         assert stopped.state is SandboxState.STOPPED and stopped.stop_reason is StopReason.TIMEOUT
         assert state_dirs(settings) == []
+        audit = await svc.sandbox_audit(info.sandbox_id, tenant=LOCAL_TENANT)
+        assert [e.action for e in audit] == ["sandbox.create", "sandbox.expire"]  # the kill came too late
+    finally:
+        await svc.aclose()
+        await svc.store.aclose()
+
+
+async def test_concurrent_kills_stop_it_once_and_audit_one_kill(settings: Settings, clock: Clock) -> None:
+    svc = make_service(settings, clock, CountingRuntime)
+    CountingRuntime.destroys = 0
+    try:
+        info = await svc.create(CreateParams(), tenant=LOCAL_TENANT)
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(lambda: svc.kill(info.sandbox_id, tenant=LOCAL_TENANT))
+        assert CountingRuntime.destroys == 1
+        audit = await svc.sandbox_audit(info.sandbox_id, tenant=LOCAL_TENANT)
+        assert [e.action for e in audit] == ["sandbox.create", "sandbox.kill"]
+        assert (await svc.kill(info.sandbox_id, tenant=LOCAL_TENANT)).state is SandboxState.STOPPED
+        assert len(await svc.sandbox_audit(info.sandbox_id, tenant=LOCAL_TENANT)) == 2  # a no-op kill
     finally:
         await svc.aclose()
         await svc.store.aclose()

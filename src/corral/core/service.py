@@ -385,9 +385,7 @@ class SandboxService:
         record = await self._record(sandbox_id, tenant)
         if record.state is SandboxState.STOPPED:
             return record.info()
-        stopped = await self._stop(record, StopReason.KILLED)
-        await self.audit.record(AuditAction.SANDBOX_KILL, tenant_id=tenant, sandbox_id=record.sandbox_id)
-        return stopped.info()
+        return (await self._stop(record, StopReason.KILLED, killed_by=tenant)).info()
 
     # -- network ---------------------------------------------------------------------------------------------
     async def update_network(self, sandbox_id: str, network: object, *, tenant: TenantId) -> SandboxInfo:
@@ -1014,9 +1012,12 @@ class SandboxService:
             log.exception("auto-pause of sandbox %s failed; stopping it", record.sandbox_id)
             return await self._stop(record, StopReason.TIMEOUT)
 
-    async def _stop(self, record: SandboxRecord, reason: StopReason) -> SandboxRecord:
+    async def _stop(
+        self, record: SandboxRecord, reason: StopReason, *, killed_by: TenantId | None = None
+    ) -> SandboxRecord:
         """Stop the sandbox once: a kill, the reaper and a read that finds it expired can all get here at the
-        same moment; the first tears it down and records why, the others get the stopped record."""
+        same moment; the first tears it down and records why (a kill: who asked, when ``killed_by``), the
+        others get the stopped record and record nothing."""
         key = str(record.sandbox_id)
         lock = self._stop_locks.setdefault(key, anyio.Lock())
         try:
@@ -1024,17 +1025,23 @@ class SandboxService:
                 fresh = await self.store.get_sandbox(record.sandbox_id)
                 if fresh is None or fresh.state is SandboxState.STOPPED:
                     return fresh or record
-                return await self._stop_once(fresh, reason)
+                return await self._stop_once(fresh, reason, killed_by)
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._stop_locks.pop(key, None)
 
-    async def _stop_once(self, record: SandboxRecord, reason: StopReason) -> SandboxRecord:
-        if reason is not StopReason.KILLED:  # a kill is recorded by kill(), with who asked
+    async def _stop_once(
+        self, record: SandboxRecord, reason: StopReason, killed_by: TenantId | None
+    ) -> SandboxRecord:
+        if reason is not StopReason.KILLED:
             await self.audit.record(
                 AuditAction.SANDBOX_EXPIRE if reason is StopReason.TIMEOUT else AuditAction.SANDBOX_CRASH,
                 tenant_id=record.tenant_id,
                 sandbox_id=record.sandbox_id,
+            )
+        elif killed_by is not None:  # a pool discarding a member nobody saw is no one's kill
+            await self.audit.record(
+                AuditAction.SANDBOX_KILL, tenant_id=killed_by, sandbox_id=record.sandbox_id
             )
         runtime = self._require_reachable(record)
         await self._drop_agent(record.sandbox_id)
