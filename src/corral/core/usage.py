@@ -5,7 +5,9 @@ the disk that holds its writes, each as the sandbox sees them); this module turn
 :class:`~corral.models.ResourceSample` rows and keeps the recent ones in memory, per sandbox:
 
 - ``cpu_used_pct`` is the CPU time used between two readings as a share of the sandbox's CPU limit over that
-  time (0-100). A sandbox's first reading is compared with its start, so it is the average since then;
+  time (0-100). A sandbox's first reading is compared with its start, so it is the average since then; a
+  reading compares with the latest one at least :data:`MIN_SPAN` old, so a sample asked for just after the
+  periodic one is not the share of a few milliseconds (0 % right after a busy second, as E2B's SDK saw);
 - ``mem_total`` is the smaller of what the sandbox sees and its memory limit (a VM's kernel keeps some);
 - a server takes a reading of every running sandbox of its node each ``[sandbox] metrics_interval`` seconds
   (:meth:`UsageMeter.run`), and one more whenever metrics are asked for. The last :data:`HISTORY` samples of a
@@ -32,6 +34,7 @@ log = logging.getLogger("corral.core.usage")
 
 HISTORY = 720  # samples kept per sandbox: an hour at the default 5 s interval
 READ_TIMEOUT = 10.0
+MIN_SPAN = 1.0  # s: the shortest time a CPU share is taken over
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class UsageMeter:
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._samples: dict[str, deque[ResourceSample]] = {}
-        self._last: dict[str, _Reading] = {}
+        self._readings: dict[str, deque[_Reading]] = {}  # the recent ones, oldest first
 
     async def take(self, record: SandboxRecord, client: AgentClient) -> ResourceSample:
         """Read the sandbox's usage now, keep the sample, and return it."""
@@ -52,11 +55,14 @@ class UsageMeter:
         now = self._clock()
         key = str(record.sandbox_id)
         cpu = float(answer.get("cpu_seconds") or 0.0)
-        before = self._last.get(key, _Reading(at=record.created_at, cpu_seconds=0.0))
+        readings = self._readings.setdefault(
+            key, deque([_Reading(at=record.created_at, cpu_seconds=0.0)], maxlen=16)
+        )
+        before = next((r for r in reversed(readings) if now - r.at >= MIN_SPAN), readings[0])
         cpus = record.limits.cpus
         span = (now - before.at) * cpus
         pct = 0.0 if span <= 0 else min(100.0, max(0.0, (cpu - before.cpu_seconds) / span * 100.0))
-        self._last[key] = _Reading(at=now, cpu_seconds=cpu)
+        readings.append(_Reading(at=now, cpu_seconds=cpu))
         limit = record.limits.memory_mb * 1024 * 1024
         seen = answer.get("mem_total")
         sample = ResourceSample(
@@ -84,7 +90,7 @@ class UsageMeter:
 
     def forget(self, sandbox_id: str) -> None:
         self._samples.pop(sandbox_id, None)
-        self._last.pop(sandbox_id, None)
+        self._readings.pop(sandbox_id, None)
 
     async def run(
         self,
