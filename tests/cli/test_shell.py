@@ -99,7 +99,9 @@ def test_shell_is_interactive_follows_resizes_and_exits_with_the_shells_code(san
         term.resize(120, 40)  # the kernel sends SIGWINCH to the CLI, which resizes the remote terminal
         term.type("sleep 0.2; stty size\r")
         term.expect(rb"40 120\r\n")
-        term.type("echo sleeping; sleep 1000\r")
+        # the marker comes from the job itself: it runs once bash has made it the terminal's foreground group
+        # (an echo before it, from bash, could show before that, and a Ctrl-C then went to bash alone)
+        term.type("sh -c 'echo sleeping; exec sleep 1000'\r")
         term.expect(rb"sleeping\r\n")
         term.type("\x03")  # Ctrl-C reaches the remote foreground job, not the CLI
         term.expect(rb"sleeping\r\n(?s:.*)\$ ")  # a new prompt: the job was interrupted
@@ -114,6 +116,7 @@ def test_shell_is_interactive_follows_resizes_and_exits_with_the_shells_code(san
 
 
 def test_sigterm_restores_the_terminal_and_kills_the_remote_shell(sandbox_id: str) -> None:
+    before = _terminals_running(sandbox_id)  # another test's, if one failed: not this one's to judge
     term = Terminal("sandbox", "shell", sandbox_id)
     try:
         term.expect(rb"\$ ")
@@ -124,7 +127,7 @@ def test_sigterm_restores_the_terminal_and_kills_the_remote_shell(sandbox_id: st
         code = term.close()
     assert code == 128 + signal.SIGTERM
     assert term.restored
-    assert _terminals_running(sandbox_id) == []
+    assert _terminals_running(sandbox_id) == before
 
 
 def test_shell_without_a_terminal_is_a_clear_error(sandbox_id: str) -> None:
