@@ -162,11 +162,13 @@ class StandInController:
             async def __aexit__(self, *exc: object) -> None:
                 assert controller._tg is not None
                 controller._tg.cancel_scope.cancel()
-                await controller._tg.__aexit__(None, None, None)
-                with anyio.CancelScope(shield=True):
-                    for name in list(controller.pods):
-                        await controller._stop_pod(name)
-                    await controller.k8s.close()
+                try:
+                    await controller._tg.__aexit__(None, None, None)
+                finally:  # a task that failed must not leave its local sandboxes running
+                    with anyio.CancelScope(shield=True):
+                        for name in list(controller.pods):
+                            await controller._stop_pod(name)
+                        await controller.k8s.close()
 
         return _Running()
 
