@@ -163,6 +163,17 @@ def test_the_client_detects_an_agent_without_the_secret(tmp_path: Path) -> None:
         agent.close()
 
 
+@pytest.mark.parametrize("secret", [os.urandom(31) + b"\n", b"\n" * 32, os.urandom(1023) + b"\n"])
+def test_a_secret_is_its_raw_bytes_whatever_they_are(tmp_path: Path, secret: bytes) -> None:
+    """1 random secret in 256 ends in a newline byte; it is the secret like any other (CI: one such bootstrap
+    secret made a Kubernetes sandbox's agent refuse to start, "not 31" bytes)."""
+    agent = TcpAgent(tmp_path, secret=secret)
+    try:
+        agent.client(secret).ok("ping")
+    finally:
+        agent.close()
+
+
 def test_rekey_replaces_the_secret_for_every_later_connection(tcp_agent: TcpAgent) -> None:
     salt = auth.new_salt()
     tcp_agent.client(rekey=salt).ok("ping")
