@@ -182,22 +182,26 @@ def test_rekey_replaces_the_secret_for_every_later_connection(tcp_agent: TcpAgen
     tcp_agent.client(auth.derive(SECRET, salt)).ok("ping")
 
 
-def test_tcp_without_a_secret_file_does_not_start(tmp_path: Path) -> None:
-    proc = AgentProcess(tmp_path, "--listen", f"tcp:127.0.0.1:{_free_port()}")
+def _refused_at_start(tmp_path: Path, address: str, secret: bytes | None = SECRET) -> str:
+    """Start the agent listening on ``address``; it must exit non-zero at once. Returns what it said."""
+    args = ["--listen", address]
+    if secret is not None:
+        (tmp_path / "secret").write_bytes(secret)
+        args += ["--secret-file", str(tmp_path / "secret")]
+    proc = AgentProcess(tmp_path, *args)
     assert proc.proc.wait(timeout=TIMEOUT) != 0
     log = proc.log_text()
     proc.stop()
-    assert "needs --secret-file" in log
+    assert "Traceback" not in log, log
+    return log
+
+
+def test_tcp_without_a_secret_file_does_not_start(tmp_path: Path) -> None:
+    assert "needs --secret-file" in _refused_at_start(tmp_path, f"tcp:127.0.0.1:{_free_port()}", secret=None)
 
 
 def test_a_short_secret_is_refused_at_start(tmp_path: Path) -> None:
-    (tmp_path / "secret").write_bytes(b"short")
-    proc = AgentProcess(
-        tmp_path, "--listen", f"tcp:127.0.0.1:{_free_port()}", "--secret-file", str(tmp_path / "secret")
-    )
-    assert proc.proc.wait(timeout=TIMEOUT) != 0
-    log = proc.log_text()
-    proc.stop()
+    log = _refused_at_start(tmp_path, f"tcp:127.0.0.1:{_free_port()}", secret=b"short")
     assert "must be 32..1024 bytes" in log
 
 
@@ -212,30 +216,19 @@ def test_a_short_secret_is_refused_at_start(tmp_path: Path) -> None:
 def test_an_address_it_cannot_listen_on_is_refused_at_start_without_a_traceback(
     tmp_path: Path, address: str, says: str
 ) -> None:
-    (tmp_path / "secret").write_bytes(SECRET)
-    proc = AgentProcess(tmp_path, "--listen", address, "--secret-file", str(tmp_path / "secret"))
-    assert proc.proc.wait(timeout=TIMEOUT) != 0
-    log = proc.log_text()
-    proc.stop()
-    assert says in log and "Traceback" not in log, log
+    log = _refused_at_start(tmp_path, address)
+    assert says in log, log
 
 
 def test_a_port_in_use_is_refused_at_start(tmp_path: Path) -> None:
     held = socket.socket()
     held.bind(("127.0.0.1", 0))
     held.listen(1)
-    port = held.getsockname()[1]
-    (tmp_path / "secret").write_bytes(SECRET)
     try:
-        proc = AgentProcess(
-            tmp_path, "--listen", f"tcp:127.0.0.1:{port}", "--secret-file", str(tmp_path / "secret")
-        )
-        assert proc.proc.wait(timeout=TIMEOUT) != 0
-        log = proc.log_text()
-        proc.stop()
+        log = _refused_at_start(tmp_path, f"tcp:127.0.0.1:{held.getsockname()[1]}")
     finally:
         held.close()
-    assert "cannot listen there: [Errno 98] Address already in use" in log and "Traceback" not in log, log
+    assert "cannot listen there: [Errno 98] Address already in use" in log, log
 
 
 @pytest.mark.root

@@ -169,8 +169,6 @@ async def test_a_pod_whose_agent_exits_at_start_fails_the_create_with_what_it_sa
         return command
 
     monkeypatch.setattr(objects, "agent_command", unusable_port)
-    started = time.monotonic()
-    with pytest.raises(RuntimeFailure, match="PodFailed") as err:
+    with pytest.raises(RuntimeFailure, match="PodFailed") as err:  # not the Timeout of a wait run out
         await k8s_runtime.create(_spec())
     assert "port must be 0-65535" in err.value.message, err.value.message
-    assert time.monotonic() - started < k8s_runtime.settings.ready_timeout

@@ -30,7 +30,9 @@ export function replace(el, ...children) {
 
 // Rows that carry data-key are patched, not rebuilt: a row, and each cell of it, stays the same element while
 // it renders the same. A server push then never swaps a button out from under the pointer (a press and a
-// release on two different elements is no click), nor drops the text a user is selecting.
+// release on two different elements is no click), nor drops the text a user is selecting. A kept element keeps
+// its attributes and listeners, so a row's own attributes and handlers may depend on its key only, and a
+// cell's handlers only on what the cell shows.
 export function patchRows(tbody, rows) {
   const old = new Map([...tbody.children].filter((tr) => tr.dataset.key).map((tr) => [tr.dataset.key, tr]));
   const next = rows.map((tr) => {
